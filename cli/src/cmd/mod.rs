@@ -1,0 +1,44 @@
+//! The subcommands, one module each.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+mod id;
+mod init;
+mod price;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Create a data folder: a new identity (mode 0600) and the default config.
+    Init(init::InitArgs),
+    /// Print this node's peer id.
+    Id(id::IdArgs),
+    /// Print what a job costs under the metering function.
+    Price(price::PriceArgs),
+}
+
+pub(crate) fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Init(a) => init::run(a),
+        Command::Id(a) => id::run(a),
+        Command::Price(a) => price::run(a),
+    }
+}
+
+/// The `--data-dir` flag every stateful command takes.
+#[derive(Debug, Args)]
+pub(crate) struct DataDirArg {
+    /// The node's data folder [default: the platform's data folder, e.g. ~/.local/share/pixmarket]
+    #[arg(long, value_name = "DIR", env = "PIXMARKET_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+impl DataDirArg {
+    pub(crate) fn path(&self) -> anyhow::Result<PathBuf> {
+        match &self.data_dir {
+            Some(p) => Ok(p.clone()),
+            None => Ok(pixmarket_node::DataDir::default_path()?),
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! `pixmarket`: the command line. Each subcommand lives in its own module under `cmd/`, turns
+//! its arguments into a validated value, and calls the library crates; no business logic here.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod cmd;
+
+/// A peer-to-peer market for GPU image generation (Qwen-Image).
+#[derive(Debug, Parser)]
+#[command(name = "pixmarket", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: cmd::Command,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cmd::run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole cause chain on one line a person can act on.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! The node's configuration, `config.toml` in the data folder. Parsed strictly (an unknown key
+//! is an error naming it) and validated before anything starts.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Errors reading or validating `config.toml`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {message}")]
+    Parse { path: String, message: String },
+    #[error("config key `{key}` is invalid: got {got}; allowed: {allowed}")]
+    Invalid {
+        key: &'static str,
+        got: String,
+        allowed: String,
+    },
+}
+
+/// The whole node configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// libp2p multiaddresses to listen on.
+    pub listen: Vec<String>,
+    /// Peers to dial at start-up to join the network (multiaddresses ending in `/p2p/<peer-id>`).
+    pub bootstrap: Vec<String>,
+    /// Discover peers on the local network with mDNS.
+    pub mdns: bool,
+    pub provider: ProviderConfig,
+}
+
+/// Settings used when the node sells generation (`pixmarket node --provide`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderConfig {
+    /// A model folder in the diffusers layout, or `tiny` for the built-in tiny model.
+    pub model: String,
+    /// Multiplier on the base price, as a decimal string (no floats in money), e.g. "1.5".
+    pub price_factor: String,
+    /// Prompts shorter than this are billed as this many tokens.
+    pub min_prompt_tokens: u32,
+    /// Jobs waiting beyond this are refused with `Busy`.
+    pub max_queue: u32,
+    /// Compatible jobs run together in one transformer batch, up to this many.
+    pub max_batch: u32,
+    /// Credit granted to a peer with no deposit, in tokens (decimal string).
+    pub new_peer_credit: String,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/0".into(),
+                "/ip4/0.0.0.0/udp/0/quic-v1".into(),
+            ],
+            bootstrap: Vec::new(),
+            mdns: true,
+            provider: ProviderConfig::default(),
+        }
+    }
+}
+
+impl Default for ProviderConfig {
+    fn default() -> Self {
+        Self {
+            model: "tiny".into(),
+            price_factor: "1".into(),
+            min_prompt_tokens: 0,
+            // A queue of 16 images at ~20 s each is about five minutes of work.
+            max_queue: 16,
+            max_batch: 2,
+            new_peer_credit: "0".into(),
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let cfg: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            message: e.message().to_owned(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The default configuration as commented TOML.
+    pub fn default_toml() -> String {
+        let body = toml::to_string_pretty(&NodeConfig::default()).unwrap_or_default();
+        format!("# pixmarket node configuration. See README.md for every key.\n{body}")
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let p = &self.provider;
+        pixmarket_protocol::PriceSchedule::parse_factor(&p.price_factor).map_err(|e| {
+            ConfigError::Invalid {
+                key: "provider.price_factor",
+                got: format!("{:?}", p.price_factor),
+                allowed: e.to_string(),
+            }
+        })?;
+        p.new_peer_credit
+            .parse::<pixmarket_protocol::MicroTokens>()
+            .map_err(|e| ConfigError::Invalid {
+                key: "provider.new_peer_credit",
+                got: format!("{:?}", p.new_peer_credit),
+                allowed: e.to_string(),
+            })?;
+        if !(1..=1024).contains(&p.max_queue) {
+            return Err(ConfigError::Invalid {
+                key: "provider.max_queue",
+                got: p.max_queue.to_string(),
+                allowed: "1..=1024".into(),
+            });
+        }
+        if !(1..=8).contains(&p.max_batch) {
+            return Err(ConfigError::Invalid {
+                key: "provider.max_batch",
+                got: p.max_batch.to_string(),
+                allowed: "1..=8".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, NodeConfig::default_toml()).unwrap();
+        assert_eq!(NodeConfig::load(&path).unwrap(), NodeConfig::default());
+    }
+
+    #[test]
+    fn unknown_and_bad_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "listne = []\n").unwrap();
+        let err = NodeConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("listne"), "{err}");
+
+        std::fs::write(&path, "[provider]\nprice_factor = \"-2\"\n").unwrap();
+        let err = NodeConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("provider.price_factor"), "{err}");
+    }
+}

@@ -1,0 +1,587 @@
+//! Every message of the market, version 1 (the version is part of each message's signing
+//! domain). The job flow (DESIGN.md "A job, end to end"):
+//!
+//! provider ──[`CapacityAdvert`]──▶ everyone (gossip)
+//! requester ──[`QuoteRequest`]──▶ provider ──[`Quote`]──▶ requester
+//! requester ──[`JobRequest`]──▶ provider ──[`JobEvent`]s──▶ requester (accepted, progress,
+//!   completed with the images and a signed [`Receipt`], or failed/cancelled)
+//! requester ──[`ReceiptAck`]──▶ provider
+//! operator records a [`DepositNote`] in their own ledger when a peer prepays.
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{Hash, PublicKey};
+use crate::metering::{self, MeterError, MeteredUnits, MicroTokens, PriceSchedule};
+use crate::signed::{Message, Signed};
+use crate::validate::{self as v, ValidationError};
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        pub struct $name(pub [u8; 16]);
+
+        impl $name {
+            /// A fresh random id.
+            pub fn random() -> Self {
+                Self(rand::random())
+            }
+        }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&hex::encode(self.0))
+            }
+        }
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "{}({})", stringify!($name), hex::encode(&self.0[..4]))
+            }
+        }
+        impl std::str::FromStr for $name {
+            type Err = crate::identity::KeyError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                let mut b = [0u8; 16];
+                if s.len() != 32 {
+                    return Err(crate::identity::KeyError::Length { expected: 16, got: s.len() / 2 });
+                }
+                hex::decode_to_slice(s, &mut b).map_err(|_| crate::identity::KeyError::Hex)?;
+                Ok(Self(b))
+            }
+        }
+    };
+}
+
+id_type!(
+    /// A job's id: random, chosen by the requester and kept before sending, so a retry of the
+    /// same request is recognised as a duplicate rather than run twice.
+    JobId
+);
+id_type!(
+    /// A quote's id, echoed by the provider's answer.
+    QuoteId
+);
+
+/// What kind of generation a job asks for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Mode {
+    TextToImage,
+    /// Start from `init_image` (PNG or JPEG bytes), keeping `1 − strength` of it.
+    ImageToImage {
+        init_image: Vec<u8>,
+        strength_permille: u16,
+    },
+    /// Regenerate where `mask` (white = repaint) covers `init_image`.
+    Inpaint {
+        init_image: Vec<u8>,
+        mask: Vec<u8>,
+        strength_permille: u16,
+    },
+}
+
+impl Mode {
+    pub fn strength_permille(&self) -> Option<u16> {
+        match self {
+            Mode::TextToImage => None,
+            Mode::ImageToImage {
+                strength_permille, ..
+            }
+            | Mode::Inpaint {
+                strength_permille, ..
+            } => Some(*strength_permille),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::TextToImage => "text-to-image",
+            Mode::ImageToImage { .. } => "image-to-image",
+            Mode::Inpaint { .. } => "inpaint",
+        }
+    }
+
+    fn validate(&self) -> Result<(), ValidationError> {
+        let check_strength = |s: u16| {
+            v::range(
+                "strength",
+                u64::from(s),
+                1,
+                u64::from(v::MAX_STRENGTH_PERMILLE),
+            )
+        };
+        match self {
+            Mode::TextToImage => Ok(()),
+            Mode::ImageToImage {
+                init_image,
+                strength_permille,
+            } => {
+                v::bytes("init_image", init_image.len(), 1, v::MAX_INPUT_IMAGE_BYTES)?;
+                check_strength(*strength_permille)
+            }
+            Mode::Inpaint {
+                init_image,
+                mask,
+                strength_permille,
+            } => {
+                v::bytes("init_image", init_image.len(), 1, v::MAX_INPUT_IMAGE_BYTES)?;
+                v::bytes("mask", mask.len(), 1, v::MAX_INPUT_IMAGE_BYTES)?;
+                check_strength(*strength_permille)
+            }
+        }
+    }
+}
+
+/// Denoising steps actually run for `steps` at `strength` (per-mille): `⌈steps × strength⌉`,
+/// at least 1, as the reference image-to-image pipeline runs them.
+pub fn effective_steps(steps: u32, strength_permille: Option<u16>) -> u32 {
+    match strength_permille {
+        None => steps,
+        Some(s) => {
+            let run = (u64::from(steps) * u64::from(s)).div_ceil(1000);
+            u32::try_from(run).unwrap_or(steps).clamp(1, steps.max(1))
+        }
+    }
+}
+
+/// Everything that determines the picture.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobParams {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    /// True classifier-free guidance; 1.0 turns it off (one forward per step).
+    pub true_cfg_scale: f32,
+    pub seed: u64,
+    /// Number of images to generate, each with seed `seed + i`.
+    pub images: u32,
+    pub mode: Mode,
+}
+
+impl JobParams {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        v::text("prompt", &self.prompt, 1, v::MAX_PROMPT_CHARS)?;
+        if self.prompt.trim().is_empty() {
+            return Err(ValidationError::new(
+                "prompt",
+                "only whitespace",
+                "1..=2000 characters of text",
+            ));
+        }
+        v::text(
+            "negative_prompt",
+            &self.negative_prompt,
+            0,
+            v::MAX_PROMPT_CHARS,
+        )?;
+        v::dimension("width", self.width)?;
+        v::dimension("height", self.height)?;
+        v::range("steps", u64::from(self.steps), 1, u64::from(v::MAX_STEPS))?;
+        v::true_cfg_scale(self.true_cfg_scale)?;
+        v::range(
+            "images",
+            u64::from(self.images),
+            1,
+            u64::from(v::MAX_IMAGES),
+        )?;
+        self.mode.validate()
+    }
+
+    /// The units this job is billed on, given the prompt's token count in the model tokenizer.
+    pub fn metered_units(&self, prompt_tokens: u32) -> MeteredUnits {
+        MeteredUnits {
+            width: self.width,
+            height: self.height,
+            steps: effective_steps(self.steps, self.mode.strength_permille()),
+            prompt_tokens,
+            images: self.images,
+        }
+    }
+}
+
+/// A provider's signed statement of what it offers. Published on gossip every few seconds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CapacityAdvert {
+    /// Increases with every advert from this provider; older ones are dropped.
+    pub seq: u64,
+    pub issued_at_ms: u64,
+    pub listen_addrs: Vec<String>,
+    pub gpu_name: String,
+    pub gpu_memory_mib: u64,
+    pub model_id: String,
+    /// `f32`, `bf16` or `f16`.
+    pub precision: String,
+    pub supports_image_to_image: bool,
+    pub supports_inpaint: bool,
+    pub max_width: u32,
+    pub max_height: u32,
+    pub max_steps: u32,
+    pub max_images: u32,
+    pub schedule: PriceSchedule,
+    pub queue_depth: u32,
+    pub max_queue: u32,
+    /// Measured time for one standard image (1024², 50 steps), in milliseconds.
+    pub ms_per_standard_image: u64,
+}
+
+impl CapacityAdvert {
+    /// Checks the fields and that the advert is fresh at `now_ms`.
+    pub fn validate(&self, now_ms: u64) -> Result<(), ValidationError> {
+        if self.issued_at_ms > now_ms.saturating_add(v::MAX_CLOCK_SKEW_MS)
+            || self.issued_at_ms.saturating_add(v::ADVERT_TTL_MS) < now_ms
+        {
+            return Err(ValidationError::new(
+                "issued_at",
+                format!("{} ms (now is {now_ms} ms)", self.issued_at_ms),
+                format!("within the last {} s", v::ADVERT_TTL_MS / 1000),
+            ));
+        }
+        if self.listen_addrs.len() > v::MAX_LISTEN_ADDRS {
+            return Err(ValidationError::new(
+                "listen_addrs",
+                format!("{} addresses", self.listen_addrs.len()),
+                format!("at most {}", v::MAX_LISTEN_ADDRS),
+            ));
+        }
+        for a in &self.listen_addrs {
+            v::text("listen_addrs", a, 1, v::MAX_ADDR_CHARS)?;
+        }
+        v::text("gpu_name", &self.gpu_name, 1, v::MAX_LABEL_CHARS)?;
+        v::text("model_id", &self.model_id, 1, v::MAX_LABEL_CHARS)?;
+        if !matches!(self.precision.as_str(), "f32" | "bf16" | "f16") {
+            return Err(ValidationError::new(
+                "precision",
+                &self.precision,
+                "f32, bf16 or f16",
+            ));
+        }
+        v::dimension("max_width", self.max_width)?;
+        v::dimension("max_height", self.max_height)?;
+        v::range(
+            "max_steps",
+            u64::from(self.max_steps),
+            1,
+            u64::from(v::MAX_STEPS),
+        )?;
+        v::range(
+            "max_images",
+            u64::from(self.max_images),
+            1,
+            u64::from(v::MAX_IMAGES),
+        )?;
+        self.schedule.validate()
+    }
+}
+
+/// A requester asks a provider what a job would cost and when it would finish.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QuoteRequest {
+    pub quote_id: QuoteId,
+    pub provider: PublicKey,
+    pub prompt: String,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub images: u32,
+    /// For image-to-image and inpaint; `None` for text-to-image.
+    pub strength_permille: Option<u16>,
+}
+
+impl QuoteRequest {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        v::text("prompt", &self.prompt, 1, v::MAX_PROMPT_CHARS)?;
+        v::dimension("width", self.width)?;
+        v::dimension("height", self.height)?;
+        v::range("steps", u64::from(self.steps), 1, u64::from(v::MAX_STEPS))?;
+        v::range(
+            "images",
+            u64::from(self.images),
+            1,
+            u64::from(v::MAX_IMAGES),
+        )?;
+        if let Some(s) = self.strength_permille {
+            v::range(
+                "strength",
+                u64::from(s),
+                1,
+                u64::from(v::MAX_STRENGTH_PERMILLE),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A provider's signed price for a job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Quote {
+    pub quote_id: QuoteId,
+    pub requester: PublicKey,
+    pub units: MeteredUnits,
+    pub schedule: PriceSchedule,
+    pub cost: MicroTokens,
+    pub queue_position: u32,
+    pub eta_ms: u64,
+    pub valid_until_ms: u64,
+}
+
+impl Quote {
+    /// Checks the quoted cost against the metering function.
+    pub fn check_cost(&self) -> Result<(), CostMismatch> {
+        check_cost(&self.units, &self.schedule, self.cost)
+    }
+}
+
+/// A signed request to run a job on one named provider.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRequest {
+    pub job_id: JobId,
+    /// The provider this request is for; any other provider must refuse it.
+    pub provider: PublicKey,
+    pub params: JobParams,
+    /// The most the requester agrees to pay.
+    pub max_cost: MicroTokens,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub quote_id: Option<QuoteId>,
+}
+
+impl JobRequest {
+    pub fn validate(&self, now_ms: u64) -> Result<(), ValidationError> {
+        self.params.validate()?;
+        v::expiry("expires_at", self.expires_at_ms, now_ms)
+    }
+}
+
+/// Why a job did not complete. Admission rejections carry the numbers a person needs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum FailReason {
+    #[error("insufficient credit: the job needs up to {needed} tokens, {available} are available")]
+    InsufficientCredit {
+        needed: MicroTokens,
+        available: MicroTokens,
+    },
+    #[error("provider busy; retry after {retry_after_ms} ms")]
+    Busy { retry_after_ms: u64 },
+    #[error("invalid request: {0}")]
+    Invalid(ValidationErrorWire),
+    #[error("request expired")]
+    Expired,
+    #[error("duplicate job id")]
+    Duplicate,
+    #[error("request is addressed to another provider")]
+    WrongProvider,
+    #[error("the job's cost {cost} exceeds its max_cost {max_cost}")]
+    OverBudget {
+        cost: MicroTokens,
+        max_cost: MicroTokens,
+    },
+    #[error("request signature does not verify")]
+    BadSignature,
+    #[error("this provider does not support {0}")]
+    Unsupported(String),
+    #[error("generation failed: {0}")]
+    Engine(String),
+    #[error("provider is shutting down")]
+    ShuttingDown,
+}
+
+/// A [`ValidationError`] as it travels on the wire (owned field name).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValidationErrorWire {
+    pub field: String,
+    pub got: String,
+    pub allowed: String,
+}
+
+impl std::fmt::Display for ValidationErrorWire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "invalid {}: got {}; allowed: {}",
+            self.field, self.got, self.allowed
+        )
+    }
+}
+
+impl From<ValidationError> for ValidationErrorWire {
+    fn from(e: ValidationError) -> Self {
+        Self {
+            field: e.field.to_owned(),
+            got: e.got,
+            allowed: e.allowed,
+        }
+    }
+}
+
+/// What happened to a job, streamed from provider to requester. Each echoes the job id.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobEvent {
+    pub job_id: JobId,
+    pub kind: JobEventKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum JobEventKind {
+    Accepted {
+        queue_position: u32,
+        eta_ms: u64,
+    },
+    Progress {
+        step: u32,
+        of: u32,
+    },
+    /// The images (PNG) and the provider-signed receipt, sent only after the receipt is durable.
+    Completed {
+        images: Vec<Vec<u8>>,
+        receipt: Signed<Receipt>,
+    },
+    Failed {
+        reason: FailReason,
+    },
+    Cancelled,
+}
+
+impl JobEvent {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if let JobEventKind::Completed { images, .. } = &self.kind {
+            v::range("images", images.len() as u64, 1, u64::from(v::MAX_IMAGES))?;
+            for img in images {
+                v::bytes("image", img.len(), 1, v::MAX_OUTPUT_IMAGE_BYTES)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The provider's signed bill for one job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub job_id: JobId,
+    /// The digest of the signed [`JobRequest`] this receipt answers.
+    pub request_hash: Hash,
+    pub provider: PublicKey,
+    pub requester: PublicKey,
+    pub units: MeteredUnits,
+    pub schedule: PriceSchedule,
+    pub cost: MicroTokens,
+    /// blake3 of each PNG delivered, in order.
+    pub image_hashes: Vec<Hash>,
+    pub queued_ms: u64,
+    pub run_ms: u64,
+    /// Everything this provider has charged this requester, this receipt included.
+    pub cumulative_charged: MicroTokens,
+    /// The previous receipt between this pair (its signed digest), `None` for the first.
+    pub prev_receipt_hash: Option<Hash>,
+    pub issued_at_ms: u64,
+}
+
+/// A price that does not match the metering function.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CostMismatch {
+    #[error("charged {charged} tokens, the metering function gives {expected}")]
+    Wrong {
+        charged: MicroTokens,
+        expected: MicroTokens,
+    },
+    #[error(transparent)]
+    Meter(#[from] MeterError),
+}
+
+fn check_cost(
+    units: &MeteredUnits,
+    schedule: &PriceSchedule,
+    charged: MicroTokens,
+) -> Result<(), CostMismatch> {
+    let expected = metering::cost(units, schedule)?;
+    if expected == charged {
+        Ok(())
+    } else {
+        Err(CostMismatch::Wrong { charged, expected })
+    }
+}
+
+impl Receipt {
+    /// Checks the billed cost against the metering function.
+    pub fn check_cost(&self) -> Result<(), CostMismatch> {
+        check_cost(&self.units, &self.schedule, self.cost)
+    }
+
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        self.units.validate()?;
+        self.schedule.validate()?;
+        v::range(
+            "image_hashes",
+            self.image_hashes.len() as u64,
+            1,
+            u64::from(v::MAX_IMAGES),
+        )
+    }
+}
+
+/// The requester's signed acknowledgement of a receipt. With it, the receipt is doubly signed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptAck {
+    pub job_id: JobId,
+    /// The signed digest of the acknowledged receipt.
+    pub receipt_hash: Hash,
+    pub acked_at_ms: u64,
+}
+
+/// An operator's signed record that `account` prepaid `amount` to this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DepositNote {
+    /// Unique per operator, so the same deposit is never recorded twice.
+    pub deposit_id: [u8; 16],
+    pub account: PublicKey,
+    pub amount: MicroTokens,
+    pub memo: String,
+    pub recorded_at_ms: u64,
+}
+
+impl DepositNote {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.amount == MicroTokens::ZERO {
+            return Err(ValidationError::new("amount", "0", "more than 0 tokens"));
+        }
+        v::text("memo", &self.memo, 0, v::MAX_MEMO_CHARS)
+    }
+}
+
+const KIB: usize = 1024;
+/// Prompt text (2,000 chars × 4 bytes) twice, plus fixed fields.
+const JOB_TEXT_BUDGET: usize = 2 * 4 * v::MAX_PROMPT_CHARS + KIB;
+
+impl Message for CapacityAdvert {
+    const DOMAIN: &'static str = "pixmarket/v1/capacity-advert";
+    const MAX_ENCODED: usize = 4 * KIB;
+}
+impl Message for QuoteRequest {
+    const DOMAIN: &'static str = "pixmarket/v1/quote-request";
+    const MAX_ENCODED: usize = JOB_TEXT_BUDGET;
+}
+impl Message for Quote {
+    const DOMAIN: &'static str = "pixmarket/v1/quote";
+    const MAX_ENCODED: usize = KIB;
+}
+impl Message for JobRequest {
+    const DOMAIN: &'static str = "pixmarket/v1/job-request";
+    /// Two input images (init and mask) plus the texts.
+    const MAX_ENCODED: usize = 2 * (v::MAX_INPUT_IMAGE_BYTES + 8) + JOB_TEXT_BUDGET;
+}
+impl Message for Receipt {
+    const DOMAIN: &'static str = "pixmarket/v1/receipt";
+    const MAX_ENCODED: usize = 2 * KIB;
+}
+impl Message for JobEvent {
+    const DOMAIN: &'static str = "pixmarket/v1/job-event";
+    /// Up to four output images and the signed receipt.
+    const MAX_ENCODED: usize = (v::MAX_IMAGES as usize) * (v::MAX_OUTPUT_IMAGE_BYTES + 8) + 4 * KIB;
+}
+impl Message for ReceiptAck {
+    const DOMAIN: &'static str = "pixmarket/v1/receipt-ack";
+    const MAX_ENCODED: usize = 128;
+}
+impl Message for DepositNote {
+    const DOMAIN: &'static str = "pixmarket/v1/deposit-note";
+    const MAX_ENCODED: usize = 2 * KIB;
+}

@@ -1,0 +1,152 @@
+//! Validation limits: what a well-formed message may contain. Every check returns one typed
+//! [`ValidationError`] that names the field, what it held, and what is allowed.
+
+use std::fmt;
+
+/// Width and height: multiples of 16 (the VAE's 8× and the 2×2 patching).
+pub const DIMENSION_MULTIPLE: u32 = 16;
+pub const MIN_DIMENSION: u32 = 256;
+/// 2048² is 16,384 packed tokens: the largest size the 20B model serves on one 80 GB card.
+pub const MAX_DIMENSION: u32 = 2048;
+pub const MAX_STEPS: u32 = 100;
+pub const MIN_TRUE_CFG: f32 = 1.0;
+pub const MAX_TRUE_CFG: f32 = 20.0;
+pub const MAX_PROMPT_CHARS: usize = 2_000;
+/// A byte-level BPE yields at most one token per UTF-8 byte: 2,000 chars × 4 bytes, rounded up.
+pub const MAX_PROMPT_TOKENS: u32 = 10_000;
+pub const MAX_IMAGES: u32 = 4;
+/// Requests may be valid for at most an hour: long enough for a queue, short enough that a
+/// replayed request is soon refused as expired.
+pub const MAX_EXPIRY_AHEAD_MS: u64 = 60 * 60 * 1000;
+/// An input image (init image or mask) as PNG/JPEG bytes: a 2048² RGB PNG is at most ~12 MiB
+/// uncompressed; 16 MiB leaves room for PNG overhead.
+pub const MAX_INPUT_IMAGE_BYTES: usize = 16 * 1024 * 1024;
+/// A generated PNG at 2048² is under 12.6 MiB even incompressible.
+pub const MAX_OUTPUT_IMAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Price factors up to 1000×; keeps the metering arithmetic far inside u128.
+pub const MAX_PRICE_FACTOR_PPM: u64 = 1_000 * 1_000_000;
+/// Strength in per-mille: 1‰ ..= 1000‰ (1.0).
+pub const MAX_STRENGTH_PERMILLE: u16 = 1_000;
+/// Short text fields in adverts (GPU name, model id, precision) and notes.
+pub const MAX_LABEL_CHARS: usize = 128;
+pub const MAX_MEMO_CHARS: usize = 256;
+pub const MAX_LISTEN_ADDRS: usize = 8;
+pub const MAX_ADDR_CHARS: usize = 256;
+/// Adverts older than this are stale; a provider re-publishes every few seconds.
+pub const ADVERT_TTL_MS: u64 = 30_000;
+/// Allowed clock skew between peers for timestamps that must not be in the future.
+pub const MAX_CLOCK_SKEW_MS: u64 = 30_000;
+
+/// A field is outside what the protocol allows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field}: got {got}; allowed: {allowed}")]
+pub struct ValidationError {
+    pub field: &'static str,
+    pub got: String,
+    pub allowed: String,
+}
+
+impl ValidationError {
+    pub fn new(field: &'static str, got: impl fmt::Display, allowed: impl Into<String>) -> Self {
+        Self {
+            field,
+            got: got.to_string(),
+            allowed: allowed.into(),
+        }
+    }
+}
+
+pub fn range(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), ValidationError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(ValidationError::new(field, value, format!("{min}..={max}")))
+    }
+}
+
+pub fn dimension(field: &'static str, value: u32) -> Result<(), ValidationError> {
+    if (MIN_DIMENSION..=MAX_DIMENSION).contains(&value) && value % DIMENSION_MULTIPLE == 0 {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            field,
+            value,
+            format!("a multiple of {DIMENSION_MULTIPLE} in {MIN_DIMENSION}..={MAX_DIMENSION}"),
+        ))
+    }
+}
+
+pub fn true_cfg_scale(value: f32) -> Result<(), ValidationError> {
+    if value.is_finite() && (MIN_TRUE_CFG..=MAX_TRUE_CFG).contains(&value) {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            "true_cfg_scale",
+            value,
+            format!("a finite number in {MIN_TRUE_CFG:.1}..={MAX_TRUE_CFG:.1}"),
+        ))
+    }
+}
+
+pub fn text(
+    field: &'static str,
+    value: &str,
+    min_chars: usize,
+    max_chars: usize,
+) -> Result<(), ValidationError> {
+    let n = value.chars().count();
+    if n < min_chars || n > max_chars {
+        let allowed = if min_chars > 0 {
+            format!("{min_chars}..={max_chars} characters")
+        } else {
+            format!("at most {max_chars} characters")
+        };
+        return Err(ValidationError::new(
+            field,
+            format!("{n} characters"),
+            allowed,
+        ));
+    }
+    if value.chars().any(|c| c == '\0') {
+        return Err(ValidationError::new(
+            field,
+            "a NUL character",
+            "text without NUL characters",
+        ));
+    }
+    Ok(())
+}
+
+pub fn bytes(
+    field: &'static str,
+    len: usize,
+    min: usize,
+    max: usize,
+) -> Result<(), ValidationError> {
+    if (min..=max).contains(&len) {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            field,
+            format!("{len} bytes"),
+            format!("{min}..={max} bytes"),
+        ))
+    }
+}
+
+/// An expiry must be in the future and at most [`MAX_EXPIRY_AHEAD_MS`] ahead of `now_ms`.
+pub fn expiry(field: &'static str, expires_at_ms: u64, now_ms: u64) -> Result<(), ValidationError> {
+    let latest = now_ms.saturating_add(MAX_EXPIRY_AHEAD_MS);
+    if expires_at_ms > now_ms && expires_at_ms <= latest {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            field,
+            format!("{expires_at_ms} ms (now is {now_ms} ms)"),
+            format!(
+                "after now and at most {} minutes ahead",
+                MAX_EXPIRY_AHEAD_MS / 60_000
+            ),
+        ))
+    }
+}
