@@ -1,2 +1,9 @@
-//! Qwen-Image in candle (issues 4 and 5): config, weight loading from the diffusers layout,
-//! text encoder, MMDiT transformer, VAE, flow-match scheduler, pipelines and the tiny model.
+//! Qwen-Image in candle: config, weight loading from the diffusers layout, text encoder, MMDiT
+//! transformer, VAE, flow-match scheduler, pipelines and the built-in tiny model.
+//!
+//! Knows nothing of tokens or peers. Model code follows `../shared/reference/qwen-image-spec.md`
+//! and is proven against the PyTorch reference by the parity tests in `tests/`.
+
+// Tensor shape arithmetic converts between usize, u32 and f32/f64 constantly; every size is
+// validated against the config before it reaches a cast.
+#![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss, clippy::cast_sign_loss)]

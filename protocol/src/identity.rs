@@ -136,6 +136,12 @@ impl PublicKey {
         PeerId::from_public_key(&libp2p_identity::PublicKey::from(pk))
     }
 
+    /// Parses a peer id as text (`12D3KooW…`) into the identity it names.
+    pub fn from_peer_id_str(text: &str) -> Result<Self, KeyError> {
+        let peer: PeerId = text.trim().parse().map_err(|_| KeyError::NotEd25519PeerId)?;
+        Self::from_peer_id(&peer)
+    }
+
     /// The identity a peer id names. Ed25519 peer ids embed the key (identity multihash).
     pub fn from_peer_id(peer: &PeerId) -> Result<Self, KeyError> {
         let mh = peer.as_ref();
