@@ -6,4 +6,10 @@
 
 // Tensor shape arithmetic converts between usize, u32 and f32/f64 constantly; every size is
 // validated against the config before it reaches a cast.
-#![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss, clippy::cast_sign_loss)]
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_precision_loss,
+    clippy::cast_sign_loss
+)]
+
+pub mod weights;
