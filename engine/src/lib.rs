@@ -13,3 +13,4 @@
 )]
 
 pub mod weights;
+pub mod vae;
