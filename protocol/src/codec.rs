@@ -33,6 +33,8 @@ pub enum DecodeError {
     Malformed { what: &'static str, reason: String },
     #[error("{what} has {extra} trailing bytes after the message")]
     TrailingBytes { what: &'static str, extra: usize },
+    #[error("{what} is not in canonical form (e.g. an over-long integer encoding)")]
+    NonCanonical { what: &'static str },
 }
 
 /// Encodes `value`, refusing results longer than `max` bytes.
@@ -55,8 +57,10 @@ pub fn encode<T: Serialize>(
     Ok(bytes)
 }
 
-/// Decodes exactly one `T` from `bytes`, refusing inputs over `max` bytes or with trailing data.
-pub fn decode<T: DeserializeOwned>(
+/// Decodes exactly one `T` from `bytes`, refusing inputs over `max` bytes, with trailing data,
+/// or in a non-canonical form. postcard itself accepts over-long varints (`[0x80, 0x00]` reads
+/// as 0), so the value is re-encoded and compared: one value, one byte string.
+pub fn decode<T: Serialize + DeserializeOwned>(
     what: &'static str,
     bytes: &[u8],
     max: usize,
@@ -79,5 +83,8 @@ pub fn decode<T: DeserializeOwned>(
             extra: rest.len(),
         });
     }
-    Ok(value)
+    match postcard::to_stdvec(&value) {
+        Ok(again) if again == bytes => Ok(value),
+        _ => Err(DecodeError::NonCanonical { what }),
+    }
 }

@@ -138,7 +138,10 @@ impl PublicKey {
 
     /// Parses a peer id as text (`12D3KooW…`) into the identity it names.
     pub fn from_peer_id_str(text: &str) -> Result<Self, KeyError> {
-        let peer: PeerId = text.trim().parse().map_err(|_| KeyError::NotEd25519PeerId)?;
+        let peer: PeerId = text
+            .trim()
+            .parse()
+            .map_err(|_| KeyError::NotEd25519PeerId)?;
         Self::from_peer_id(&peer)
     }
 
@@ -401,10 +404,14 @@ mod tests {
 
     #[test]
     fn non_ed25519_peer_id_is_refused() {
-        let secp = libp2p_identity::Keypair::generate_ecdsa();
-        let peer = secp.public().to_peer_id();
+        // An identity-multihash peer id whose digest is not an encoded ed25519 key.
+        let peer = PeerId::from_bytes(&[0x00, 0x04, 1, 2, 3, 4]).unwrap();
         assert_eq!(
             PublicKey::from_peer_id(&peer),
+            Err(KeyError::NotEd25519PeerId)
+        );
+        assert_eq!(
+            PublicKey::from_peer_id_str("not-a-peer"),
             Err(KeyError::NotEd25519PeerId)
         );
     }

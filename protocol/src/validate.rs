@@ -65,7 +65,8 @@ pub fn range(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), 
 }
 
 pub fn dimension(field: &'static str, value: u32) -> Result<(), ValidationError> {
-    if (MIN_DIMENSION..=MAX_DIMENSION).contains(&value) && value % DIMENSION_MULTIPLE == 0 {
+    if (MIN_DIMENSION..=MAX_DIMENSION).contains(&value) && value.is_multiple_of(DIMENSION_MULTIPLE)
+    {
         Ok(())
     } else {
         Err(ValidationError::new(

@@ -1,0 +1,3 @@
+#![no_main]
+//! Fuzzes the `DepositNote` decoders (envelope and body).
+libfuzzer_sys::fuzz_target!(|data: &[u8]| pixmarket_fuzz::check::<pixmarket_protocol::DepositNote>(data));

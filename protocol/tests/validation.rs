@@ -1,0 +1,305 @@
+//! Validation: every limit names its field and the allowed range; nothing panics.
+
+// Test helpers outside #[test] fns may unwrap: a failure is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use pixmarket_protocol::messages::effective_steps;
+use pixmarket_protocol::{
+    CapacityAdvert, DepositNote, JobId, JobParams, JobRequest, MicroTokens, Mode, PriceSchedule,
+    SecretKey,
+};
+use proptest::prelude::*;
+
+const NOW: u64 = 1_800_000_000_000;
+
+fn params() -> JobParams {
+    JobParams {
+        prompt: "a red fox in the snow, 水墨画".into(),
+        negative_prompt: String::new(),
+        width: 1024,
+        height: 768,
+        steps: 30,
+        true_cfg_scale: 4.0,
+        seed: 42,
+        images: 1,
+        mode: Mode::TextToImage,
+    }
+}
+
+fn request(params: JobParams) -> JobRequest {
+    JobRequest {
+        job_id: JobId([3; 16]),
+        provider: SecretKey::from_seed(&[1; 32]).public(),
+        params,
+        max_cost: MicroTokens(100_000_000),
+        created_at_ms: NOW,
+        expires_at_ms: NOW + 60_000,
+        quote_id: None,
+    }
+}
+
+fn field_of(p: JobParams) -> (String, String) {
+    let e = p.validate().unwrap_err();
+    (e.field.to_owned(), e.to_string())
+}
+
+#[test]
+fn a_good_request_validates() {
+    request(params()).validate(NOW).unwrap();
+}
+
+#[test]
+fn each_bad_field_is_named_with_its_range() {
+    let cases: Vec<(JobParams, &str, &str)> = vec![
+        (
+            JobParams {
+                width: 1000,
+                ..params()
+            },
+            "width",
+            "multiple of 16 in 256..=2048",
+        ),
+        (
+            JobParams {
+                height: 240,
+                ..params()
+            },
+            "height",
+            "256..=2048",
+        ),
+        (
+            JobParams {
+                width: 2064,
+                ..params()
+            },
+            "width",
+            "256..=2048",
+        ),
+        (
+            JobParams {
+                steps: 0,
+                ..params()
+            },
+            "steps",
+            "1..=100",
+        ),
+        (
+            JobParams {
+                steps: 101,
+                ..params()
+            },
+            "steps",
+            "1..=100",
+        ),
+        (
+            JobParams {
+                true_cfg_scale: f32::NAN,
+                ..params()
+            },
+            "true_cfg_scale",
+            "finite",
+        ),
+        (
+            JobParams {
+                true_cfg_scale: 0.5,
+                ..params()
+            },
+            "true_cfg_scale",
+            "1.0..=20.0",
+        ),
+        (
+            JobParams {
+                true_cfg_scale: f32::INFINITY,
+                ..params()
+            },
+            "true_cfg_scale",
+            "finite",
+        ),
+        (
+            JobParams {
+                prompt: String::new(),
+                ..params()
+            },
+            "prompt",
+            "1..=2000",
+        ),
+        (
+            JobParams {
+                prompt: "   ".into(),
+                ..params()
+            },
+            "prompt",
+            "1..=2000",
+        ),
+        (
+            JobParams {
+                prompt: "x".repeat(2001),
+                ..params()
+            },
+            "prompt",
+            "1..=2000",
+        ),
+        (
+            JobParams {
+                images: 0,
+                ..params()
+            },
+            "images",
+            "1..=4",
+        ),
+        (
+            JobParams {
+                images: 5,
+                ..params()
+            },
+            "images",
+            "1..=4",
+        ),
+        (
+            JobParams {
+                mode: Mode::ImageToImage {
+                    init_image: vec![],
+                    strength_permille: 500,
+                },
+                ..params()
+            },
+            "init_image",
+            "bytes",
+        ),
+        (
+            JobParams {
+                mode: Mode::ImageToImage {
+                    init_image: vec![1],
+                    strength_permille: 1001,
+                },
+                ..params()
+            },
+            "strength",
+            "1..=1000",
+        ),
+    ];
+    for (p, field, allowed) in cases {
+        let (got_field, msg) = field_of(p);
+        assert_eq!(got_field, field, "{msg}");
+        assert!(msg.contains(allowed), "{msg} should mention {allowed}");
+    }
+}
+
+#[test]
+fn a_2000_character_chinese_prompt_is_allowed() {
+    // Characters, not bytes: 2,000 CJK characters are 6,000 UTF-8 bytes.
+    JobParams {
+        prompt: "山".repeat(2000),
+        ..params()
+    }
+    .validate()
+    .unwrap();
+}
+
+#[test]
+fn expiry_must_be_future_and_within_an_hour() {
+    let past = JobRequest {
+        expires_at_ms: NOW - 1,
+        ..request(params())
+    };
+    assert_eq!(past.validate(NOW).unwrap_err().field, "expires_at");
+    let now = JobRequest {
+        expires_at_ms: NOW,
+        ..request(params())
+    };
+    assert_eq!(now.validate(NOW).unwrap_err().field, "expires_at");
+    let far = JobRequest {
+        expires_at_ms: NOW + 3_600_001,
+        ..request(params())
+    };
+    let err = far.validate(NOW).unwrap_err();
+    assert_eq!(err.field, "expires_at");
+    assert!(err.to_string().contains("60 minutes"), "{err}");
+    JobRequest {
+        expires_at_ms: NOW + 3_600_000,
+        ..request(params())
+    }
+    .validate(NOW)
+    .unwrap();
+}
+
+#[test]
+fn strength_reduces_metered_steps_like_the_reference() {
+    assert_eq!(effective_steps(50, None), 50);
+    assert_eq!(effective_steps(50, Some(500)), 25);
+    assert_eq!(effective_steps(3, Some(500)), 2); // ⌈1.5⌉
+    assert_eq!(effective_steps(10, Some(1)), 1);
+    assert_eq!(effective_steps(10, Some(1000)), 10);
+}
+
+#[test]
+fn deposit_note_needs_an_amount() {
+    let note = DepositNote {
+        deposit_id: [0; 16],
+        account: SecretKey::from_seed(&[1; 32]).public(),
+        amount: MicroTokens::ZERO,
+        memo: String::new(),
+        recorded_at_ms: NOW,
+    };
+    assert_eq!(note.validate().unwrap_err().field, "amount");
+}
+
+fn advert() -> CapacityAdvert {
+    CapacityAdvert {
+        seq: 1,
+        issued_at_ms: NOW,
+        listen_addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
+        gpu_name: "NVIDIA H100 80GB HBM3".into(),
+        gpu_memory_mib: 81_559,
+        model_id: "Qwen/Qwen-Image".into(),
+        precision: "bf16".into(),
+        supports_image_to_image: true,
+        supports_inpaint: true,
+        max_width: 2048,
+        max_height: 2048,
+        max_steps: 100,
+        max_images: 4,
+        schedule: PriceSchedule::default(),
+        queue_depth: 0,
+        max_queue: 16,
+        ms_per_standard_image: 18_500,
+    }
+}
+
+#[test]
+fn adverts_expire_and_are_checked() {
+    advert().validate(NOW).unwrap();
+    assert_eq!(
+        advert().validate(NOW + 31_000).unwrap_err().field,
+        "issued_at"
+    );
+    assert_eq!(
+        advert().validate(NOW - 31_000).unwrap_err().field,
+        "issued_at"
+    );
+    let bad = CapacityAdvert {
+        precision: "fp8".into(),
+        ..advert()
+    };
+    assert_eq!(bad.validate(NOW).unwrap_err().field, "precision");
+    let many = CapacityAdvert {
+        listen_addrs: vec!["/ip4/1.2.3.4/tcp/1".into(); 9],
+        ..advert()
+    };
+    assert_eq!(many.validate(NOW).unwrap_err().field, "listen_addrs");
+}
+
+proptest! {
+    /// Validation never panics, whatever the fields hold.
+    #[test]
+    fn validation_never_panics(
+        w in any::<u32>(), h in any::<u32>(), s in any::<u32>(), c in any::<f32>(),
+        i in any::<u32>(), p in ".{0,50}", exp in any::<u64>(), now in any::<u64>(),
+    ) {
+        let r = JobRequest {
+            expires_at_ms: exp,
+            ..request(JobParams { width: w, height: h, steps: s, true_cfg_scale: c, images: i, prompt: p, ..params() })
+        };
+        let _ = r.validate(now);
+    }
+}
