@@ -1,0 +1,516 @@
+//! The ledger's operations one by one: what each accepts, what it refuses (with the typed
+//! error), opening checks, verify against tampering, and export/import.
+
+// Test helpers outside #[test] fns may unwrap: a failure is a test failure.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use pixmarket_ledger::{
+    Inconsistency, JobOutcome, Ledger, LedgerError, MemStore, OpenError, Role, TreeId, import,
+};
+use pixmarket_protocol::MicroTokens;
+
+fn open(dir: &std::path::Path) -> Ledger {
+    Ledger::open(&dir.join("ledger"), provider().public()).unwrap()
+}
+
+#[test]
+fn hold_settle_ack_moves_the_money_and_keeps_the_receipt() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = open(dir.path());
+    let (p, r) = (provider(), requester(0));
+    l.deposit(&deposit_note(&p, r.public(), 1, tokens(20)))
+        .unwrap();
+    l.hold(terms(job(1), r.public(), tokens(16)), 0).unwrap();
+    let a = l.account(Role::Provider, &r.public()).unwrap().unwrap();
+    assert_eq!((a.held, a.available()), (tokens(16), Some(tokens(4))));
+
+    let rc = receipt(&l, &p, r.public(), job(1), 30); // 15 tokens
+    l.settle(job(1), &rc).unwrap();
+    let a = l.account(Role::Provider, &r.public()).unwrap().unwrap();
+    assert_eq!(a.charged, tokens(15));
+    assert_eq!(a.held, MicroTokens::ZERO);
+    assert_eq!(a.available(), Some(tokens(5)));
+    assert_eq!(a.last_receipt, Some(rc.digest()));
+    assert!(matches!(
+        l.job(Role::Provider, job(1)).unwrap(),
+        Some(JobOutcome::Settled { index: 0, .. })
+    ));
+
+    l.attach_ack(job(1), &ack(&r, &rc)).unwrap();
+    let stored = l.receipt(Role::Provider, job(1)).unwrap().unwrap();
+    assert_eq!(stored.receipt, rc);
+    assert!(stored.ack.is_some());
+    assert!(matches!(
+        l.attach_ack(job(1), &ack(&r, &rc)),
+        Err(LedgerError::AlreadyAcked { .. })
+    ));
+    let report = l.verify().unwrap();
+    assert_eq!(
+        (report.entries, report.receipts, report.acked_receipts),
+        (4, 1, 1)
+    );
+}
+
+#[test]
+fn hold_refusals_are_typed() {
+    let l = Ledger::with_store(Arc::new(MemStore::new()), provider().public()).unwrap();
+    let r = requester(0).public();
+    l.set_credit_limit(r, tokens(10)).unwrap();
+    match l.hold(terms(job(1), r, tokens(11)), 0) {
+        Err(LedgerError::InsufficientCredit { needed, available }) => {
+            assert_eq!((needed, available), (tokens(11), tokens(10)));
+        }
+        other => panic!("{other:?}"),
+    }
+    l.hold(terms(job(1), r, tokens(6)), 0).unwrap();
+    assert!(matches!(
+        l.hold(terms(job(1), r, tokens(1)), 0),
+        Err(LedgerError::DuplicateJob { .. })
+    ));
+    // Voiding does not free the job id: accepted once, ever.
+    l.void(job(1), "engine failed").unwrap();
+    assert!(matches!(
+        l.hold(terms(job(1), r, tokens(1)), 0),
+        Err(LedgerError::DuplicateJob { .. })
+    ));
+    let mut expired = terms(job(2), r, tokens(1));
+    expired.expires_at_ms = 100;
+    assert!(matches!(
+        l.hold(expired, 100),
+        Err(LedgerError::Expired { .. })
+    ));
+    // An unknown peer gets the default credit, 0 unless set.
+    let stranger = requester(9).public();
+    assert!(matches!(
+        l.hold(terms(job(3), stranger, tokens(1)), 0),
+        Err(LedgerError::InsufficientCredit { available, .. }) if available == MicroTokens::ZERO
+    ));
+    l.set_default_credit(tokens(2)).unwrap();
+    l.hold(terms(job(3), stranger, tokens(2)), 0).unwrap();
+    l.verify().unwrap();
+}
+
+#[test]
+fn settle_refusals_are_typed_and_change_nothing() {
+    let l = Ledger::with_store(Arc::new(MemStore::new()), provider().public()).unwrap();
+    let (p, r) = (provider(), requester(0));
+    l.set_credit_limit(r.public(), tokens(100)).unwrap();
+    l.hold(terms(job(1), r.public(), tokens(10)), 0).unwrap();
+    let before = l.account(Role::Provider, &r.public()).unwrap();
+
+    // 30 steps = 15 tokens > 10 held.
+    let too_much = receipt(&l, &p, r.public(), job(1), 30);
+    assert!(matches!(
+        l.settle(job(1), &too_much),
+        Err(LedgerError::ChargeExceedsHold { .. })
+    ));
+    let wrong_job = receipt(&l, &p, r.public(), job(2), 10);
+    assert!(matches!(
+        l.settle(job(1), &wrong_job),
+        Err(LedgerError::Mismatch { .. })
+    ));
+    let forged = receipt(&l, &requester(5), r.public(), job(1), 10);
+    assert!(matches!(
+        l.settle(job(1), &forged),
+        Err(LedgerError::WrongSigner { .. })
+    ));
+    let bad_link = receipt_with(
+        &p,
+        r.public(),
+        job(1),
+        10,
+        pixmarket_ledger::ReceiptLink {
+            charged_so_far: tokens(1),
+            prev_receipt_hash: None,
+        },
+    );
+    assert!(matches!(
+        l.settle(job(1), &bad_link),
+        Err(LedgerError::CumulativeMismatch { .. })
+    ));
+    assert!(matches!(
+        l.settle(job(9), &receipt(&l, &p, r.public(), job(9), 10)),
+        Err(LedgerError::UnknownHold { .. })
+    ));
+    assert_eq!(l.account(Role::Provider, &r.public()).unwrap(), before);
+
+    let good = receipt(&l, &p, r.public(), job(1), 10);
+    l.settle(job(1), &good).unwrap();
+    // Settled once: a second settle, a void or an expiry of the same hold is refused.
+    assert!(matches!(
+        l.settle(job(1), &good),
+        Err(LedgerError::AlreadyFinished {
+            outcome: JobOutcome::Settled { .. },
+            ..
+        })
+    ));
+    assert!(matches!(
+        l.void(job(1), "late"),
+        Err(LedgerError::AlreadyFinished { .. })
+    ));
+    assert_eq!(l.expire_holds(FAR + 1).unwrap(), vec![]);
+    l.verify().unwrap();
+}
+
+#[test]
+fn deposits_route_by_signer_and_count_once() {
+    let l = Ledger::with_store(Arc::new(MemStore::new()), provider().public()).unwrap();
+    let (p, r) = (provider(), requester(0));
+    let note = deposit_note(&p, r.public(), 7, tokens(3));
+    l.deposit(&note).unwrap();
+    assert!(matches!(
+        l.deposit(&note),
+        Err(LedgerError::DuplicateDeposit { .. })
+    ));
+    // A note another provider signed for me is my mirror of what I prepaid there.
+    let other = requester(1);
+    l.deposit(&deposit_note(&other, p.public(), 7, tokens(5)))
+        .unwrap();
+    assert_eq!(
+        l.account(Role::Requester, &other.public())
+            .unwrap()
+            .unwrap()
+            .deposits,
+        tokens(5)
+    );
+    assert!(matches!(
+        l.deposit(&deposit_note(&other, r.public(), 8, tokens(5))),
+        Err(LedgerError::NotOurs { .. })
+    ));
+    l.hold(terms(job(1), r.public(), tokens(3)), 0).unwrap();
+    assert!(matches!(
+        l.set_credit_limit(r.public(), MicroTokens::ZERO),
+        Ok(())
+    ));
+    l.void(job(1), "").unwrap();
+    l.hold(terms(job(2), r.public(), tokens(2)), 0).unwrap();
+    l.settle(job(2), &receipt(&l, &p, r.public(), job(2), 4))
+        .unwrap(); // 2 tokens
+    // deposits 3, charged 2: a credit limit may not fall below what is used.
+    l.hold(terms(job(3), r.public(), tokens(1)), 0).unwrap();
+    l.set_credit_limit(r.public(), tokens(1)).unwrap();
+    l.hold(terms(job(4), r.public(), tokens(1)), 0).unwrap();
+    assert!(matches!(
+        l.set_credit_limit(r.public(), MicroTokens::ZERO),
+        Err(LedgerError::CreditBelowUse { .. })
+    ));
+    l.verify().unwrap();
+}
+
+#[test]
+fn requester_mirror_records_receipts_with_acks() {
+    // This node is the requester; the provider is someone else.
+    let me = requester(0);
+    let prov = provider();
+    let l = Ledger::with_store(Arc::new(MemStore::new()), me.public()).unwrap();
+    l.deposit(&deposit_note(&prov, me.public(), 1, tokens(50)))
+        .unwrap();
+    let mut link = pixmarket_ledger::ReceiptLink {
+        charged_so_far: MicroTokens::ZERO,
+        prev_receipt_hash: None,
+    };
+    for n in 0..3 {
+        let rc = receipt_with(&prov, me.public(), job(n), 20, link);
+        l.record_receipt(&rc, &ack(&me, &rc)).unwrap();
+        link = pixmarket_ledger::ReceiptLink {
+            charged_so_far: rc.verify().unwrap().cumulative_charged,
+            prev_receipt_hash: Some(rc.digest()),
+        };
+        assert!(matches!(
+            l.record_receipt(&rc, &ack(&me, &rc)),
+            Err(LedgerError::DuplicateJob { .. })
+        ));
+    }
+    let a = l.account(Role::Requester, &prov.public()).unwrap().unwrap();
+    assert_eq!(
+        (a.deposits, a.charged, a.receipts),
+        (tokens(50), tokens(30), 3)
+    );
+    assert_eq!(l.receipts(Some(&prov.public())).unwrap().len(), 3);
+    l.verify().unwrap();
+}
+
+#[test]
+fn expire_holds_releases_only_expired_holds() {
+    let l = Ledger::with_store(Arc::new(MemStore::new()), provider().public()).unwrap();
+    let r = requester(0).public();
+    l.set_credit_limit(r, tokens(10)).unwrap();
+    for (n, exp) in [(1, 100), (2, 200), (3, 300)] {
+        let mut t = terms(job(n), r, tokens(1));
+        t.expires_at_ms = exp;
+        l.hold(t, 50).unwrap();
+    }
+    assert_eq!(l.expire_holds(200).unwrap(), vec![job(1), job(2)]);
+    assert_eq!(l.holds().unwrap().len(), 1);
+    assert_eq!(
+        l.account(Role::Provider, &r).unwrap().unwrap().held,
+        tokens(1)
+    );
+    assert_eq!(
+        l.job(Role::Provider, job(1)).unwrap(),
+        Some(JobOutcome::Expired)
+    );
+    l.verify().unwrap();
+}
+
+#[test]
+fn reopen_keeps_everything_and_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, r) = (provider(), requester(0));
+    {
+        let l = open(dir.path());
+        l.set_credit_limit(r.public(), tokens(100)).unwrap();
+        for n in 0..5 {
+            l.hold(terms(job(n), r.public(), tokens(10)), 0).unwrap();
+            l.settle(job(n), &receipt(&l, &p, r.public(), job(n), 10))
+                .unwrap();
+        }
+    }
+    let l = open(dir.path());
+    let a = l.account(Role::Provider, &r.public()).unwrap().unwrap();
+    assert_eq!((a.charged, a.receipts), (tokens(25), 5));
+    assert_eq!(l.verify().unwrap().entries, 11);
+}
+
+#[test]
+fn open_refuses_locked_foreign_and_other_owners_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger");
+    let l = Ledger::open(&path, provider().public()).unwrap();
+    assert!(matches!(
+        Ledger::open(&path, provider().public()),
+        Err(OpenError::Locked { .. })
+    ));
+    drop(l);
+    assert!(matches!(
+        Ledger::open(&path, requester(0).public()),
+        Err(OpenError::OtherOwner { .. })
+    ));
+    // A folder with someone else's files.
+    let foreign = dir.path().join("photos");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("cat.jpg"), b"meow").unwrap();
+    assert!(matches!(
+        Ledger::open(&foreign, provider().public()),
+        Err(OpenError::Foreign { .. })
+    ));
+    assert_eq!(std::fs::read(foreign.join("cat.jpg")).unwrap(), b"meow");
+    // A sled database that is not a ledger.
+    let other_db = dir.path().join("other");
+    {
+        let db = sled::open(&other_db).unwrap();
+        db.insert(b"k", b"v").unwrap();
+        db.flush().unwrap();
+    }
+    assert!(matches!(
+        Ledger::open(&other_db, provider().public()),
+        Err(OpenError::Foreign { .. })
+    ));
+    assert_eq!(
+        sled::open(&other_db).unwrap().get(b"k").unwrap().unwrap(),
+        b"v"
+    );
+    // A file where the folder should be.
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    assert!(matches!(
+        Ledger::open(&file, provider().public()),
+        Err(OpenError::Foreign { .. })
+    ));
+}
+
+#[test]
+fn open_refuses_a_corrupt_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger");
+    {
+        let l = Ledger::open(&path, provider().public()).unwrap();
+        l.set_credit_limit(requester(0).public(), tokens(1))
+            .unwrap();
+    }
+    let garbage: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0])
+        .collect();
+    std::fs::write(path.join("db"), &garbage).unwrap();
+    for e in std::fs::read_dir(&path).unwrap() {
+        let e = e.unwrap();
+        if e.file_name().to_string_lossy().starts_with("snap.") {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    let err = Ledger::open(&path, provider().public()).unwrap_err();
+    assert!(
+        matches!(err, OpenError::Corrupt { .. } | OpenError::Foreign { .. }),
+        "{err:?}"
+    );
+}
+
+/// Closes the ledger and edits its sled trees directly, as an attacker or a bad disk would.
+fn tamper(path: &std::path::Path, f: impl FnOnce(&sled::Db)) {
+    let db = sled::open(path).unwrap();
+    f(&db);
+    db.flush().unwrap();
+}
+
+fn busy_ledger(path: &std::path::Path) {
+    let l = Ledger::open(path, provider().public()).unwrap();
+    let (p, r) = (provider(), requester(0));
+    l.set_credit_limit(r.public(), tokens(100)).unwrap();
+    for n in 0..4 {
+        l.hold(terms(job(n), r.public(), tokens(10)), 0).unwrap();
+        let rc = receipt(&l, &p, r.public(), job(n), 10);
+        l.settle(job(n), &rc).unwrap();
+        l.attach_ack(job(n), &ack(&r, &rc)).unwrap();
+    }
+}
+
+#[test]
+fn verify_names_the_first_tampered_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger");
+    busy_ledger(&path);
+    // Flip one byte near the end of entry 5 (inside a signed receipt).
+    tamper(&path, |db| {
+        let log = db.open_tree(TreeId::Log.name()).unwrap();
+        let key = 5u64.to_be_bytes();
+        let mut v = log.get(key).unwrap().unwrap().to_vec();
+        let i = v.len() - 10;
+        v[i] ^= 1;
+        log.insert(key, v).unwrap();
+    });
+    let l = Ledger::open(&path, provider().public()).unwrap();
+    let err = l.verify().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Inconsistency::Rejected { seq: 5, .. } | Inconsistency::Undecodable { seq: 5, .. }
+        ),
+        "{err}"
+    );
+    drop(l);
+
+    // Remove entry 3: the chain breaks there.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger");
+    busy_ledger(&path);
+    tamper(&path, |db| {
+        let log = db.open_tree(TreeId::Log.name()).unwrap();
+        log.remove(3u64.to_be_bytes()).unwrap();
+    });
+    let l = Ledger::open(&path, provider().public()).unwrap();
+    let err = l.verify().unwrap_err();
+    assert!(
+        matches!(err, Inconsistency::Sequence { seq: 3, found: 4 }),
+        "{err}"
+    );
+}
+
+#[test]
+fn verify_catches_a_balance_that_disagrees_with_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger");
+    busy_ledger(&path);
+    let r = requester(0).public();
+    tamper(&path, |db| {
+        let accts = db.open_tree(TreeId::ProviderAccounts.name()).unwrap();
+        let mut v = accts.get(r.as_bytes()).unwrap().unwrap().to_vec();
+        // The first field (deposits, a postcard varint 0) becomes 1 micro-token.
+        v[0] = 1;
+        accts.insert(r.as_bytes(), v).unwrap();
+    });
+    let l = Ledger::open(&path, provider().public()).unwrap();
+    let err = l.verify().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Inconsistency::State {
+                tree: TreeId::ProviderAccounts,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn export_then_import_recomputes_the_same_books() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger");
+    busy_ledger(&path);
+    let l = Ledger::open(&path, provider().public()).unwrap();
+    let (p, other) = (provider(), requester(1));
+    l.set_credit_limit(other.public(), tokens(5)).unwrap();
+    l.hold(terms(job(99), other.public(), tokens(5)), 0)
+        .unwrap();
+    l.void(job(99), "cancelled").unwrap();
+    let verified = l.verify().unwrap();
+
+    let mut whole = Vec::new();
+    let n = l.export(None, &mut whole).unwrap();
+    assert_eq!(n, verified.entries);
+    let imported = import(&mut whole.as_slice()).unwrap();
+    assert!(imported.complete_chain);
+    assert_eq!(imported.accounts, verified.accounts);
+    assert_eq!(imported.head, l.head().unwrap());
+
+    // One pair's history: only that pair's entries, its balances recomputed exactly.
+    let mut pair = Vec::new();
+    let n = l.export(Some(&requester(0).public()), &mut pair).unwrap();
+    assert_eq!(n, 1 + 4 * 3);
+    let audit = import(&mut pair.as_slice()).unwrap();
+    // This pair's entries happen to be the first 13: a contiguous prefix.
+    assert!(audit.complete_chain);
+    assert_eq!(audit.accounts.len(), 1);
+    assert_eq!(
+        Some(&audit.accounts[0].2),
+        l.account(Role::Provider, &requester(0).public())
+            .unwrap()
+            .as_ref()
+    );
+    assert_eq!(audit.acked_receipts, 4);
+    // The other pair's entries start at 13: links before them cannot be checked.
+    let mut pair = Vec::new();
+    assert_eq!(l.export(Some(&other.public()), &mut pair).unwrap(), 3);
+    let audit = import(&mut pair.as_slice()).unwrap();
+    assert!(!audit.complete_chain);
+    assert_eq!(audit.accounts[0].2.credit_limit, tokens(5));
+    let _ = p;
+
+    // Change one amount in the authoritative bytes: the entry hash no longer matches.
+    let text = String::from_utf8(whole).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let mut line: serde_json::Value = serde_json::from_str(&lines[3]).unwrap();
+    let entry = line["entry"].as_str().unwrap().to_owned();
+    let flipped = format!(
+        "{}{}",
+        &entry[..entry.len() - 2],
+        if entry.ends_with('0') { "01" } else { "00" }
+    );
+    line["entry"] = serde_json::Value::String(flipped);
+    lines[3] = line.to_string();
+    let err = import(&mut lines.join("\n").as_bytes()).unwrap_err();
+    assert!(
+        matches!(err, Inconsistency::EntryHash { seq: 2, .. }),
+        "{err}"
+    );
+    // Drop an entry from a whole-log export: the gap is found.
+    let text = String::from_utf8(text_of(&l)).unwrap();
+    let mut ok_lines: Vec<&str> = text.lines().collect();
+    ok_lines.remove(4);
+    let err = import(&mut ok_lines.join("\n").as_bytes()).unwrap_err();
+    assert!(
+        matches!(err, Inconsistency::Sequence { seq: 3, .. }),
+        "{err}"
+    );
+}
+
+fn text_of(l: &Ledger) -> Vec<u8> {
+    let mut v = Vec::new();
+    l.export(None, &mut v).unwrap();
+    v
+}
