@@ -12,5 +12,7 @@
     clippy::cast_sign_loss
 )]
 
-pub mod weights;
+pub mod text_encoder;
+pub mod tokenizer;
 pub mod vae;
+pub mod weights;
