@@ -87,3 +87,29 @@ fn shorter_max_sequence_length_cuts_after_the_prefix() -> Result<()> {
     assert_eq!(got.user_prompt_tokens, 16);
     Ok(())
 }
+
+/// With the real Qwen2 vocabulary the derived prefix length must be the reference's hard-coded
+/// 34. The vocabulary is too large to commit; point `PIXMARKET_QWEN_TOKENIZER_DIR` at a real
+/// `tokenizer/` folder (the Qwen-Image repo's, or one made by `tools/qwen_tiktoken_to_bpe.py`)
+/// to run this check; without it the test only says it was skipped.
+#[test]
+fn real_qwen_tokenizer_drops_34() -> Result<()> {
+    let Some(dir) = std::env::var_os("PIXMARKET_QWEN_TOKENIZER_DIR") else {
+        println!("PIXMARKET_QWEN_TOKENIZER_DIR unset: real-vocabulary check skipped");
+        return Ok(());
+    };
+    let tok = PromptTokenizer::from_dir(Path::new(&dir))?;
+    assert_eq!(
+        tok.drop_index(),
+        pixmarket_engine::tokenizer::QWEN_TEMPLATE_DROP_INDEX
+    );
+    let got = tok.encode_prompt("A red cat")?;
+    // Ids as transformers' Qwen2Tokenizer gives them: "A", " red", " cat", then the tail
+    // <|im_end|> \n <|im_start|> assistant \n.
+    assert_eq!(
+        got.ids[got.drop_index..],
+        [32, 2518, 8251, 151_645, 198, 151_644, 77_091, 198]
+    );
+    assert_eq!(got.user_prompt_tokens, 3);
+    Ok(())
+}
