@@ -12,7 +12,13 @@
     clippy::cast_sign_loss
 )]
 
+pub mod config;
+pub mod guidance;
+pub mod latents;
+pub mod rope;
+pub mod scheduler;
 pub mod text_encoder;
 pub mod tokenizer;
+pub mod transformer;
 pub mod vae;
 pub mod weights;
