@@ -87,12 +87,17 @@ fn timestep_embedding_bf16() {
 #[test]
 fn rope_tables_match_tiny_and_real_axes() {
     let r = reference();
-    let cases = [
-        ("tiny", [4, 6, 6], grid(), 5),
-        ("real", [16, 56, 56], (7, 5), 6),
-    ];
-    for (name, axes, hw, txt) in cases {
-        let t = RopeTables::new(axes, hw, txt, &Device::Cpu).unwrap();
+    let m = meta();
+    let n = |v: &serde_json::Value| v.as_u64().unwrap() as usize;
+    for name in ["tiny", "real"] {
+        let case = &m["rope_cases"][name];
+        let axes = [
+            n(&case["axes"][0]),
+            n(&case["axes"][1]),
+            n(&case["axes"][2]),
+        ];
+        let hw = (n(&case["grid"][0]), n(&case["grid"][1]));
+        let t = RopeTables::new(axes, hw, n(&case["txt_len"]), &Device::Cpu).unwrap();
         for (field, ours) in [
             ("img_cos", &t.img_cos),
             ("img_sin", &t.img_sin),

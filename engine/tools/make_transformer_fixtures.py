@@ -168,14 +168,16 @@ def model_tensors(model, dtype, tag):
     return out
 
 
+ROPE_CASES = {
+    "tiny": (TINY["axes_dims_rope"], (1, *GRID), TXT_LEN),
+    # The real axes on an odd, non-square grid.
+    "real": ((16, 56, 56), (1, 7, 5), 6),
+}
+
+
 def rope_tensors():
     out = {}
-    cases = {
-        "tiny": (TINY["axes_dims_rope"], (1, *GRID), TXT_LEN),
-        # The real axes on an odd, non-square grid.
-        "real": ((16, 56, 56), (1, 7, 5), 6),
-    }
-    for name, (axes, fhw, txt_len) in cases.items():
+    for name, (axes, fhw, txt_len) in ROPE_CASES.items():
         rope = QwenEmbedRope(theta=10000, axes_dim=list(axes), scale_rope=True)
         img_f, txt_f = rope([fhw], device=torch.device("cpu"), max_txt_seq_len=txt_len)
         out[f"rope.{name}.img_cos"] = img_f.real.contiguous()
@@ -287,6 +289,9 @@ def main():
         "scheduler_config": SCHEDULER,
         "schedules": scheduler_fixtures(),
         "cfg_step": cfg_meta,
+        "rope_cases": {
+            k: {"axes": list(a), "grid": list(fhw[1:]), "txt_len": n} for k, (a, fhw, n) in ROPE_CASES.items()
+        },
         "versions": {"torch": torch.__version__.split("+")[0], "diffusers": "0.42.1"},
     }
     (OUT / "reference.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
