@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod data_dir;
+pub mod network;
 
 pub use config::{ConfigError, NodeConfig};
 pub use data_dir::{DataDir, DataDirError};

@@ -1,0 +1,178 @@
+//! The composed libp2p behaviour: identify and ping for liveness and addresses, Kademlia for
+//! discovery through bootstrap peers, mDNS on a LAN (optional), gossipsub for adverts (every
+//! message validated by the application before it is forwarded), the RPC request-response
+//! protocol, and connection limits.
+
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::{
+    StreamProtocol, connection_limits, gossipsub, identify, kad, mdns, ping, request_response,
+};
+
+use super::codec::{RPC_PROTOCOL, RpcCodec};
+
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/pixmarket/kad/1.0.0");
+pub const IDENTIFY_PROTOCOL: &str = "/pixmarket/1.0.0";
+/// The gossip topic adverts travel on; the version matches the advert's signing domain.
+pub const ADVERT_TOPIC: &str = "pixmarket/adverts/v1";
+
+/// A signed advert is under 4 KiB of body; 8 KiB covers the envelope and gossipsub framing.
+pub const MAX_GOSSIP_BYTES: usize = 8 * 1024;
+/// Enough for a small market on one machine and a real one on a home connection; each
+/// connection costs a few buffers and a yamux session.
+pub const MAX_ESTABLISHED: u32 = 256;
+pub const MAX_PENDING: u32 = 64;
+pub const MAX_PER_PEER: u32 = 4;
+/// Jobs take seconds to minutes, but every RPC answers at once (progress travels as separate
+/// events), so a minute is generous even for a 64 MiB completed event on a slow link.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(60);
+/// Streams a peer may have open on the RPC protocol at once.
+pub const MAX_CONCURRENT_STREAMS: usize = 64;
+
+// Not every sub-behaviour implements Debug (gossipsub does not), so neither can this.
+#[allow(missing_debug_implementations)]
+#[derive(NetworkBehaviour)]
+#[behaviour(to_swarm = "BehaviourEvent")]
+pub struct Behaviour {
+    pub limits: connection_limits::Behaviour,
+    pub identify: identify::Behaviour,
+    pub ping: ping::Behaviour,
+    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
+    pub gossipsub: gossipsub::Behaviour,
+    pub rpc: request_response::Behaviour<RpcCodec>,
+}
+
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum BehaviourEvent {
+    Identify(Box<identify::Event>),
+    Ping(ping::Event),
+    Kad(kad::Event),
+    Mdns(mdns::Event),
+    Gossipsub(gossipsub::Event),
+    Rpc(request_response::Event<super::codec::Request, super::codec::Response>),
+}
+
+/// connection_limits emits no events; its event type is uninhabited.
+impl From<std::convert::Infallible> for BehaviourEvent {
+    fn from(v: std::convert::Infallible) -> Self {
+        match v {}
+    }
+}
+
+impl From<identify::Event> for BehaviourEvent {
+    fn from(e: identify::Event) -> Self {
+        Self::Identify(Box::new(e))
+    }
+}
+impl From<ping::Event> for BehaviourEvent {
+    fn from(e: ping::Event) -> Self {
+        Self::Ping(e)
+    }
+}
+impl From<kad::Event> for BehaviourEvent {
+    fn from(e: kad::Event) -> Self {
+        Self::Kad(e)
+    }
+}
+impl From<mdns::Event> for BehaviourEvent {
+    fn from(e: mdns::Event) -> Self {
+        Self::Mdns(e)
+    }
+}
+impl From<gossipsub::Event> for BehaviourEvent {
+    fn from(e: gossipsub::Event) -> Self {
+        Self::Gossipsub(e)
+    }
+}
+impl From<request_response::Event<super::codec::Request, super::codec::Response>>
+    for BehaviourEvent
+{
+    fn from(e: request_response::Event<super::codec::Request, super::codec::Response>) -> Self {
+        Self::Rpc(e)
+    }
+}
+
+/// Why the behaviour could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BehaviourError {
+    #[error("gossipsub configuration: {0}")]
+    Gossipsub(String),
+    #[error("mDNS could not start")]
+    Mdns(#[source] std::io::Error),
+}
+
+impl Behaviour {
+    pub fn new(key: &Keypair, enable_mdns: bool) -> Result<Self, BehaviourError> {
+        let peer_id = key.public().to_peer_id();
+        let limits = connection_limits::ConnectionLimits::default()
+            .with_max_established(Some(MAX_ESTABLISHED))
+            .with_max_pending_incoming(Some(MAX_PENDING))
+            .with_max_pending_outgoing(Some(MAX_PENDING))
+            .with_max_established_per_peer(Some(MAX_PER_PEER));
+
+        let gossip_config = gossipsub::ConfigBuilder::default()
+            .heartbeat_interval(Duration::from_secs(1))
+            .validation_mode(gossipsub::ValidationMode::Strict)
+            // The application checks each advert's signature and freshness, then reports.
+            .validate_messages()
+            .max_transmit_size(MAX_GOSSIP_BYTES)
+            // Identical adverts dedupe by content, not by sender sequence number.
+            .message_id_fn(|m: &gossipsub::Message| {
+                gossipsub::MessageId::from(blake3::hash(&m.data).as_bytes().to_vec())
+            })
+            .build()
+            .map_err(|e| BehaviourError::Gossipsub(e.to_string()))?;
+        let mut gossipsub = gossipsub::Behaviour::new(
+            gossipsub::MessageAuthenticity::Signed(key.clone()),
+            gossip_config,
+        )
+        .map_err(|e| BehaviourError::Gossipsub(e.to_string()))?;
+        // Peers that forward invalid adverts lose score and are eventually pruned.
+        gossipsub
+            .with_peer_score(
+                gossipsub::PeerScoreParams::default(),
+                gossipsub::PeerScoreThresholds::default(),
+            )
+            .map_err(BehaviourError::Gossipsub)?;
+
+        let mdns = if enable_mdns {
+            Some(
+                mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)
+                    .map_err(BehaviourError::Mdns)?,
+            )
+        } else {
+            None
+        };
+
+        let mut kad = kad::Behaviour::with_config(
+            peer_id,
+            kad::store::MemoryStore::new(peer_id),
+            kad::Config::new(KAD_PROTOCOL),
+        );
+        kad.set_mode(Some(kad::Mode::Server));
+
+        Ok(Self {
+            limits: connection_limits::Behaviour::new(limits),
+            identify: identify::Behaviour::new(identify::Config::new(
+                IDENTIFY_PROTOCOL.to_owned(),
+                key.public(),
+            )),
+            ping: ping::Behaviour::default(),
+            kad,
+            mdns: mdns.into(),
+            gossipsub,
+            rpc: request_response::Behaviour::with_codec(
+                RpcCodec,
+                [(RPC_PROTOCOL, request_response::ProtocolSupport::Full)],
+                request_response::Config::default()
+                    .with_request_timeout(RPC_TIMEOUT)
+                    .with_max_concurrent_streams(MAX_CONCURRENT_STREAMS),
+            ),
+        })
+    }
+}

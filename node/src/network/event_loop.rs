@@ -1,0 +1,421 @@
+//! The task that owns the `Swarm`. It turns commands into swarm calls, swarm events into
+//! [`NetEvent`]s and replies, validates every gossiped advert before gossipsub may forward it,
+//! and never blocks on the node's services: a full event queue makes it refuse, not wait.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use libp2p::metrics::{Metrics, Recorder};
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{
+    Multiaddr, PeerId, Swarm, SwarmBuilder, gossipsub, identify, mdns, noise, tcp, yamux,
+};
+use pixmarket_protocol::messages::FailReason;
+use pixmarket_protocol::{CapacityAdvert, PublicKey, SecretKey, Signed};
+use tokio::sync::{mpsc, oneshot};
+
+use super::behaviour::{ADVERT_TOPIC, Behaviour, BehaviourEvent, KAD_PROTOCOL};
+use super::codec::{Request, Response};
+use super::{Command, NetConfig, NetError, NetEvent};
+
+/// Highest advert sequence seen per provider, so a replayed older advert is ignored. Bounded:
+/// past this many providers the stalest entry is forgotten (it would be expired anyway).
+const MAX_TRACKED_PROVIDERS: usize = 10_000;
+/// Re-run the Kademlia bootstrap this often so the routing table stays fresh.
+const BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(60);
+/// What a refused inbound request tells the peer when our services are saturated.
+const BUSY_RETRY_MS: u64 = 1_000;
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Owns the swarm; run it with [`EventLoop::run`] on its own task.
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<NetEvent>,
+    pending: HashMap<OutboundRequestId, (PeerId, oneshot::Sender<Result<Response, NetError>>)>,
+    /// provider → (highest seq, issued_at) of the adverts accepted from it.
+    advert_seq: BTreeMap<PublicKey, (u64, u64)>,
+    topic: gossipsub::IdentTopic,
+    metrics: Metrics,
+    bootstrap: Vec<Multiaddr>,
+}
+
+impl std::fmt::Debug for EventLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLoop")
+            .field("peer", self.swarm.local_peer_id())
+            .finish()
+    }
+}
+
+impl EventLoop {
+    pub(super) fn new(
+        key: &SecretKey,
+        config: &NetConfig,
+        registry: Option<&mut prometheus_client::registry::Registry>,
+        commands: mpsc::Receiver<Command>,
+        events: mpsc::Sender<NetEvent>,
+    ) -> Result<Self, NetError> {
+        let mut scratch = prometheus_client::registry::Registry::default();
+        let registry = registry.unwrap_or(&mut scratch);
+        let mdns = config.mdns;
+        let transport = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
+        let mut swarm = SwarmBuilder::with_existing_identity(key.to_libp2p_keypair())
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| transport(&e))?
+            .with_quic()
+            .with_bandwidth_metrics(registry)
+            .with_behaviour(|k| {
+                Behaviour::new(k, mdns)
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            })
+            .map_err(|e| transport(&e))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout))
+            .build();
+        let metrics = Metrics::new(registry);
+        let topic = gossipsub::IdentTopic::new(ADVERT_TOPIC);
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(&topic)
+            .map_err(|e| NetError::Publish(e.to_string()))?;
+        for addr in &config.listen {
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| NetError::Listen {
+                    addr: addr.to_string(),
+                    reason: e.to_string(),
+                })?;
+        }
+        let mut this = Self {
+            swarm,
+            commands,
+            events,
+            pending: HashMap::new(),
+            advert_seq: BTreeMap::new(),
+            topic,
+            metrics,
+            bootstrap: config.bootstrap.clone(),
+        };
+        for addr in config.bootstrap.clone() {
+            this.dial(addr)?;
+        }
+        Ok(this)
+    }
+
+    /// Runs until a `Shutdown` command or until every [`super::Client`] is dropped.
+    pub async fn run(mut self) {
+        let mut bootstrap = tokio::time::interval(BOOTSTRAP_INTERVAL);
+        loop {
+            tokio::select! {
+                biased;
+                command = self.commands.recv() => match command {
+                    None | Some(Command::Shutdown) => break,
+                    Some(c) => self.on_command(c),
+                },
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                _ = bootstrap.tick(), if !self.bootstrap.is_empty() => {
+                    // Fails only when the routing table is empty; the next tick retries.
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                }
+            }
+        }
+        for (_, (peer, reply)) in self.pending.drain() {
+            let _ = reply.send(Err(NetError::Request {
+                peer,
+                reason: "node stopped".into(),
+            }));
+        }
+        tracing::debug!(peer = %self.swarm.local_peer_id(), "network event loop stopped");
+    }
+
+    fn dial(&mut self, addr: Multiaddr) -> Result<(), NetError> {
+        if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+            self.swarm.add_peer_address(peer, addr.clone());
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .add_address(&peer, addr.clone());
+        }
+        self.swarm.dial(addr.clone()).map_err(|e| NetError::Dial {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Listen { addr, reply } => {
+                let r =
+                    self.swarm
+                        .listen_on(addr.clone())
+                        .map(|_| ())
+                        .map_err(|e| NetError::Listen {
+                            addr: addr.to_string(),
+                            reason: e.to_string(),
+                        });
+                let _ = reply.send(r);
+            }
+            Command::Dial { addr, reply } => {
+                let _ = reply.send(self.dial(addr));
+            }
+            Command::Request {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = self.swarm.behaviour_mut().rpc.send_request(&peer, *request);
+                self.pending.insert(id, (peer, reply));
+            }
+            Command::Respond { channel, response } => {
+                // Fails only if the peer went away or the stream timed out: nothing to do.
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .rpc
+                    .send_response(channel, *response);
+            }
+            Command::Publish { advert, reply } => {
+                let r = match advert.to_bytes() {
+                    Ok(bytes) => match self
+                        .swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .publish(self.topic.clone(), bytes)
+                    {
+                        // Nobody to tell yet, or the same advert again: not an error.
+                        Ok(_)
+                        | Err(gossipsub::PublishError::NoPeersSubscribedToTopic)
+                        | Err(gossipsub::PublishError::Duplicate) => Ok(()),
+                        Err(e) => Err(NetError::Publish(e.to_string())),
+                    },
+                    Err(e) => Err(NetError::Publish(e.to_string())),
+                };
+                let _ = reply.send(r);
+            }
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::ConnectedPeers { reply } => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        self.metrics.record(&event);
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Rpc(e)) => self.on_rpc(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => {
+                self.metrics.record(&e);
+                if let gossipsub::Event::Message {
+                    propagation_source,
+                    message_id,
+                    message,
+                } = e
+                {
+                    self.on_gossip(propagation_source, message_id, message);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => {
+                self.metrics.record(&*e);
+                if let identify::Event::Received { peer_id, info, .. } = *e
+                    && info.protocols.contains(&KAD_PROTOCOL)
+                {
+                    for addr in info.listen_addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
+                    self.swarm.add_peer_address(peer, addr);
+                    if !self.swarm.is_connected(&peer) {
+                        let _ = self.swarm.dial(peer);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.metrics.record(&e),
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => self.metrics.record(&e),
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(_)) => {}
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                let _ = self.events.try_send(NetEvent::Listening(address));
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                num_established,
+                ..
+            } if num_established.get() == 1 => {
+                let _ = self.events.try_send(NetEvent::PeerConnected(peer_id));
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                let _ = self.events.try_send(NetEvent::PeerDisconnected(peer_id));
+            }
+            SwarmEvent::IncomingConnectionError {
+                error,
+                send_back_addr,
+                ..
+            } => {
+                tracing::debug!(%send_back_addr, %error, "incoming connection failed");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_rpc(&mut self, event: request_response::Event<Request, Response>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let event = NetEvent::Request {
+                        peer,
+                        request: Box::new(request),
+                        channel,
+                    };
+                    if let Err(e) = self.events.try_send(event) {
+                        let (reason, event) = match e {
+                            mpsc::error::TrySendError::Full(ev) => (
+                                FailReason::Busy {
+                                    retry_after_ms: BUSY_RETRY_MS,
+                                },
+                                ev,
+                            ),
+                            mpsc::error::TrySendError::Closed(ev) => (FailReason::ShuttingDown, ev),
+                        };
+                        if let NetEvent::Request {
+                            channel, request, ..
+                        } = event
+                        {
+                            tracing::warn!(%peer, kind = request.kind(), "refusing request: node saturated");
+                            let _ = self
+                                .swarm
+                                .behaviour_mut()
+                                .rpc
+                                .send_response(channel, Response::Refused(reason));
+                        }
+                    }
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some((_, reply)) = self.pending.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some((_, reply)) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Err(NetError::Request {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_gossip(&mut self, source: PeerId, id: gossipsub::MessageId, message: gossipsub::Message) {
+        let verdict = self.check_advert(&message.data);
+        let acceptance = match &verdict {
+            Ok(_) => gossipsub::MessageAcceptance::Accept,
+            Err(AdvertVerdict::Stale) => gossipsub::MessageAcceptance::Ignore,
+            Err(AdvertVerdict::Invalid(reason)) => {
+                tracing::warn!(%source, %reason, "rejecting invalid advert");
+                gossipsub::MessageAcceptance::Reject
+            }
+        };
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(&id, &source, acceptance);
+        if let Ok((signed, advert)) = verdict {
+            // Adverts repeat every few seconds: dropping one when the node is busy is harmless.
+            let _ = self.events.try_send(NetEvent::Advert {
+                advert: Box::new(advert),
+                signed: Box::new(signed),
+            });
+        }
+    }
+
+    fn check_advert(
+        &mut self,
+        data: &[u8],
+    ) -> Result<(Signed<CapacityAdvert>, CapacityAdvert), AdvertVerdict> {
+        let signed = Signed::<CapacityAdvert>::from_bytes(data)
+            .map_err(|e| AdvertVerdict::Invalid(e.to_string()))?;
+        let advert = signed
+            .verify()
+            .map_err(|e| AdvertVerdict::Invalid(e.to_string()))?;
+        let now = now_ms();
+        if let Err(e) = advert.validate(now) {
+            return Err(if e.field == "issued_at" {
+                AdvertVerdict::Stale
+            } else {
+                AdvertVerdict::Invalid(e.to_string())
+            });
+        }
+        let signer = signed.signer();
+        if let Some((seq, _)) = self.advert_seq.get(&signer)
+            && advert.seq <= *seq
+        {
+            return Err(AdvertVerdict::Stale);
+        }
+        if self.advert_seq.len() >= MAX_TRACKED_PROVIDERS && !self.advert_seq.contains_key(&signer)
+        {
+            let oldest = self
+                .advert_seq
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(k, _)| *k);
+            if let Some(k) = oldest {
+                self.advert_seq.remove(&k);
+            }
+        }
+        self.advert_seq
+            .insert(signer, (advert.seq, advert.issued_at_ms));
+        Ok((signed, advert))
+    }
+}
+
+enum AdvertVerdict {
+    /// Old, expired or already seen: not forwarded, but not the forwarder's fault.
+    Stale,
+    /// Badly signed or malformed: the forwarder is penalised.
+    Invalid(String),
+}

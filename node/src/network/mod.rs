@@ -1,0 +1,220 @@
+//! The network: one task (the [`EventLoop`]) owns the libp2p `Swarm`; everything else talks to it
+//! through a cloneable [`Client`] and hears from it through a bounded stream of [`NetEvent`]s.
+//!
+//! Data flow:
+//! - `Client::request` → `Command::Request` → swarm → remote; the response or the failure comes
+//!   back on the command's oneshot, matched by the libp2p request id.
+//! - inbound RPC → `NetEvent::Request { channel }` → the node's services → `Client::respond`.
+//! - gossip advert → verified (signature, freshness, sequence) in the loop → accepted and
+//!   forwarded to `NetEvent::Advert`, or rejected (the forwarding peer loses score).
+//!
+//! Every channel is bounded. When the node's services fall behind, inbound requests are refused
+//! with `Busy` by the loop itself rather than queued without limit.
+
+pub mod behaviour;
+pub mod codec;
+mod event_loop;
+
+use std::time::Duration;
+
+use libp2p::{Multiaddr, PeerId};
+use pixmarket_protocol::{CapacityAdvert, SecretKey, Signed};
+use tokio::sync::{mpsc, oneshot};
+
+pub use behaviour::{ADVERT_TOPIC, BehaviourError};
+pub use codec::{Request, Response};
+pub use event_loop::EventLoop;
+
+/// Commands waiting for the event loop. Callers wait when it is full (back-pressure).
+const COMMAND_QUEUE: usize = 256;
+/// Events waiting for the node's services. When full, inbound requests are refused as busy
+/// and adverts are dropped (the next one comes in seconds).
+const EVENT_QUEUE: usize = 256;
+
+/// Errors of network operations.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("the node has stopped")]
+    NodeStopped,
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: String, reason: String },
+    #[error("cannot dial {addr}: {reason}")]
+    Dial { addr: String, reason: String },
+    #[error("request to {peer} failed: {reason}")]
+    Request { peer: PeerId, reason: String },
+    #[error("cannot publish advert: {0}")]
+    Publish(String),
+    #[error("network transport could not be built: {0}")]
+    Transport(String),
+    #[error(transparent)]
+    Behaviour(#[from] BehaviourError),
+}
+
+/// An inbound request's reply handle.
+pub type ResponseChannel = libp2p::request_response::ResponseChannel<Response>;
+
+/// What the network tells the node.
+#[derive(Debug)]
+pub enum NetEvent {
+    /// A peer asks something; answer with [`Client::respond`].
+    Request {
+        peer: PeerId,
+        request: Box<Request>,
+        channel: ResponseChannel,
+    },
+    /// A verified, fresh advert from a provider.
+    Advert {
+        advert: Box<CapacityAdvert>,
+        signed: Box<Signed<CapacityAdvert>>,
+    },
+    PeerConnected(PeerId),
+    PeerDisconnected(PeerId),
+    Listening(Multiaddr),
+}
+
+#[derive(Debug)]
+enum Command {
+    Listen {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    Request {
+        peer: PeerId,
+        request: Box<Request>,
+        reply: oneshot::Sender<Result<Response, NetError>>,
+    },
+    Respond {
+        channel: ResponseChannel,
+        response: Box<Response>,
+    },
+    Publish {
+        advert: Box<Signed<CapacityAdvert>>,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    ConnectedPeers {
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    Shutdown,
+}
+
+/// A cloneable handle to the network.
+#[derive(Clone, Debug)]
+pub struct Client {
+    commands: mpsc::Sender<Command>,
+    local_peer_id: PeerId,
+}
+
+/// Network settings, already validated.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub mdns: bool,
+    /// Closes connections with no active streams after this long.
+    pub idle_timeout: Duration,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        Self {
+            listen: Vec::new(),
+            bootstrap: Vec::new(),
+            mdns: false,
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Builds the swarm. Returns the handle, the event stream, and the loop to spawn.
+pub fn new(
+    key: &SecretKey,
+    config: &NetConfig,
+    registry: Option<&mut prometheus_client::registry::Registry>,
+) -> Result<(Client, mpsc::Receiver<NetEvent>, EventLoop), NetError> {
+    let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
+    let event_loop = EventLoop::new(key, config, registry, command_rx, event_tx)?;
+    let client = Client {
+        commands: command_tx,
+        local_peer_id: key.public().to_peer_id(),
+    };
+    Ok((client, event_rx, event_loop))
+}
+
+impl Client {
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local_peer_id
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NetError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| NetError::NodeStopped)?;
+        rx.await.map_err(|_| NetError::NodeStopped)
+    }
+
+    pub async fn listen(&self, addr: Multiaddr) -> Result<(), NetError> {
+        self.call(|reply| Command::Listen { addr, reply }).await?
+    }
+
+    /// Dials an address; with a `/p2p/<peer>` suffix the peer is also added to Kademlia.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
+        self.call(|reply| Command::Dial { addr, reply }).await?
+    }
+
+    pub async fn request(&self, peer: PeerId, request: Request) -> Result<Response, NetError> {
+        self.call(|reply| Command::Request {
+            peer,
+            request: Box::new(request),
+            reply,
+        })
+        .await?
+    }
+
+    pub async fn respond(
+        &self,
+        channel: ResponseChannel,
+        response: Response,
+    ) -> Result<(), NetError> {
+        self.commands
+            .send(Command::Respond {
+                channel,
+                response: Box::new(response),
+            })
+            .await
+            .map_err(|_| NetError::NodeStopped)
+    }
+
+    pub async fn publish(&self, advert: Signed<CapacityAdvert>) -> Result<(), NetError> {
+        self.call(|reply| Command::Publish {
+            advert: Box::new(advert),
+            reply,
+        })
+        .await?
+    }
+
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
+        self.call(|reply| Command::ListenAddrs { reply }).await
+    }
+
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetError> {
+        self.call(|reply| Command::ConnectedPeers { reply }).await
+    }
+
+    /// Asks the loop to stop; it closes every connection and returns.
+    pub async fn shutdown(&self) {
+        let _ = self.commands.send(Command::Shutdown).await;
+    }
+}
