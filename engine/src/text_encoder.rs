@@ -489,9 +489,10 @@ impl QwenTextEncoder {
         let lengths = right_padded_lengths(mask)?;
         // Positions 0..L for every row: transformers 5 uses these for text-only input, and for
         // right padding they equal the older `cumsum(mask) - 1` on every real token.
-        let positions = Tensor::arange(0u32, l as u32, &self.device)?
-            .to_dtype(DType::F32)?
-            .unsqueeze(1)?;
+        // Built as f32 on the host: positions < 2^24 are exact, and no integer cast kernel is
+        // needed on the device.
+        let positions: Vec<f32> = (0..l).map(|p| p as f32).collect();
+        let positions = Tensor::from_vec(positions, (l, 1), &self.device)?;
         let angles = positions.broadcast_mul(&self.inv_freq)?; // [L, D/2], f32
         let cos = angles.cos()?.to_dtype(self.dtype)?;
         let sin = angles.sin()?.to_dtype(self.dtype)?;

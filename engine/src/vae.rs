@@ -12,6 +12,8 @@
 //! Data flow: decode = denormalise → `post_quant_conv` → decoder → clamp to [-1, 1];
 //! encode = encoder → `quant_conv` → [`LatentDistribution`] (raw VAE space; normalise with
 //! [`AutoencoderKLQwenImage::normalize_latents`]).
+//!
+//! Dtypes: f32 anywhere; bf16 on CUDA only (candle 0.11's CPU conv2d has no bf16 matmul).
 
 use std::path::{Path, PathBuf};
 

@@ -119,3 +119,23 @@ fn padded_batch_matches_reference() -> Result<()> {
     assert!(err <= TOLERANCE, "batch embeds: {err:e}");
     Ok(())
 }
+
+/// The production dtype: bf16 must run and stay near the f32 reference (loose bound; the RoPE
+/// table is formed in f32 either way).
+#[test]
+fn bf16_stays_close() -> Result<()> {
+    let exp = expected()?;
+    let te = QwenTextEncoder::load(
+        &fixtures().join("text_encoder/nested"),
+        DType::BF16,
+        &Device::Cpu,
+    )?;
+    let ids = get(&exp, "ids_2")?.to_dtype(DType::U32)?.unsqueeze(0)?;
+    let mask = Tensor::ones(ids.dims(), DType::U8, &Device::Cpu)?;
+    let hidden = te.encode(&ids, &mask)?;
+    assert_eq!(hidden.dtype(), DType::BF16);
+    let err = rel_err(&hidden.i(0)?.to_dtype(DType::F32)?, get(&exp, "hidden_2")?)?;
+    println!("text encoder bf16 vs f32 reference: {err:.3e}");
+    assert!(err <= 5e-2, "bf16 rel err {err:e}");
+    Ok(())
+}

@@ -101,3 +101,6 @@ fn missing_folder_is_a_typed_error() {
         Err(pixmarket_engine::vae::VaeLoadError::ConfigRead { .. })
     ));
 }
+
+// No bf16 check here: candle 0.11's CPU conv2d (im2col + gemm) has no bf16 matmul ("unsupported
+// dtype BF16 for op matmul"), so a bf16 VAE runs only on CUDA; on the CPU use f32.
