@@ -353,6 +353,13 @@ impl ComponentWeights {
     }
 }
 
+/// Wraps a loading error for candle without `Error::wrap`'s backtrace capture: the message
+/// already says which tensor and file, and a backtrace (captured under `RUST_BACKTRACE=1`) would
+/// be printed inside it.
+fn wrap(e: WeightsError) -> candle_core::Error {
+    candle_core::Error::Wrapped(Box::new(e))
+}
+
 impl SimpleBackend for ComponentWeights {
     fn get(
         &self,
@@ -362,13 +369,11 @@ impl SimpleBackend for ComponentWeights {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        self.load(name, Some(s.dims()), dtype, dev)
-            .map_err(candle_core::Error::wrap)
+        self.load(name, Some(s.dims()), dtype, dev).map_err(wrap)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.load(name, None, dtype, dev)
-            .map_err(candle_core::Error::wrap)
+        self.load(name, None, dtype, dev).map_err(wrap)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
