@@ -730,6 +730,51 @@ impl AutoencoderKLQwenImage {
     }
 }
 
+/// `VaeImageProcessor.postprocess(image, "pil")` without the PIL step: `(x·0.5 + 0.5)` clamped
+/// to [0, 1] *in the image's dtype* (in bf16 this rounding moves about one pixel in five by one
+/// level, so it is mirrored), then f32 ×255, rounded half to even as numpy does, to u8.
+/// `image [B, 3, H, W]` → one row-major RGB buffer (`H·W·3` bytes) per batch entry.
+pub fn image_to_rgb8(image: &Tensor) -> Result<Vec<Vec<u8>>> {
+    let (b, c, _, _) = image.dims4()?;
+    if c != 3 {
+        bail!("image_to_rgb8: {c} channels, expected 3")
+    }
+    let unit = image.affine(0.5, 0.0)?.affine(1.0, 0.5)?.clamp(0.0, 1.0)?;
+    // [B, 3, H, W] -> [B, H, W, 3]
+    let hwc = unit
+        .to_dtype(DType::F32)?
+        .permute((0, 2, 3, 1))?
+        .contiguous()?;
+    (0..b)
+        .map(|i| {
+            let v = hwc.get(i)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok(v.iter()
+                .map(|x| (x * 255.0).round_ties_even().clamp(0.0, 255.0) as u8)
+                .collect())
+        })
+        .collect()
+}
+
+/// `VaeImageProcessor.preprocess` after resizing: row-major RGB bytes (`H·W·3`) → `[1, 3, H, W]`
+/// f32 in [-1, 1] (`2·(v / 255) − 1`), ready for [`AutoencoderKLQwenImage::encode`].
+pub fn rgb8_to_image(rgb: &[u8], width: usize, height: usize, device: &Device) -> Result<Tensor> {
+    if rgb.len() != width * height * 3 {
+        bail!(
+            "rgb8_to_image: {} bytes for {width}x{height} RGB",
+            rgb.len()
+        )
+    }
+    let v: Vec<f32> = rgb
+        .iter()
+        .map(|b| 2.0 * (f32::from(*b) / 255.0) - 1.0)
+        .collect();
+    // [H, W, 3] -> [1, 3, H, W]
+    Tensor::from_vec(v, (height, width, 3), device)?
+        .permute((2, 0, 1))?
+        .unsqueeze(0)?
+        .contiguous()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -788,5 +833,45 @@ mod tests {
             .unwrap_or_default();
         assert_eq!(cfg, VaeConfig::default());
         assert_eq!(cfg.spatial_compression(), 8);
+    }
+
+    #[test]
+    fn rgb8_rounds_like_the_reference() -> Result<()> {
+        // Values and expected bytes from torch/numpy: bf16 `x*0.5+0.5` rounds before ×255.
+        let x = [
+            -0.00823974609375f32,
+            0.58984375,
+            -0.90625,
+            -0.80859375,
+            -0.423828125,
+            0.294921875,
+            -0.0218505859375,
+            0.87109375,
+            -0.09765625,
+            0.291015625,
+            -0.33203125,
+            -0.2158203125,
+            -1.0546875,
+            -0.7265625,
+            -0.453125,
+            0.040771484375,
+        ];
+        let bf16_bytes = [
+            127u8, 203, 12, 24, 74, 165, 125, 239, 115, 164, 85, 100, 0, 35, 70, 132,
+        ];
+        let f32_bytes = [
+            126u8, 203, 12, 24, 73, 165, 125, 239, 115, 165, 85, 100, 0, 35, 70, 133,
+        ];
+        // One 4x4 channel, replicated to RGB: [1, 3, 4, 4]
+        let t = Tensor::from_slice(&x, (1, 1, 4, 4), &Device::Cpu)?.repeat((1, 3, 1, 1))?;
+        let from_bf16 = image_to_rgb8(&t.to_dtype(DType::BF16)?)?;
+        let from_f32 = image_to_rgb8(&t)?;
+        let red = |v: &[u8]| v.iter().step_by(3).copied().collect::<Vec<u8>>();
+        assert_eq!(red(&from_bf16[0]), bf16_bytes);
+        assert_eq!(red(&from_f32[0]), f32_bytes);
+        let back = rgb8_to_image(&from_f32[0], 4, 4, &Device::Cpu)?;
+        assert_eq!(back.dims(), &[1, 3, 4, 4]);
+        assert_eq!(image_to_rgb8(&back)?, from_f32);
+        Ok(())
     }
 }
