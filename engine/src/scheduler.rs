@@ -239,6 +239,27 @@ impl FlowMatchEuler {
         self.sigmas.iter().take(self.len()).map(|s| s * k).collect()
     }
 
+    /// The transformer's `timestep` input for step `i`, `[batch]` in `dtype`: as the reference
+    /// pipeline forms it, `t = σ_i · 1000` cast to `dtype`, then divided by 1000 in `dtype` (so a
+    /// bf16 model sees sigma rounded twice).
+    pub fn model_timestep(
+        &self,
+        i: usize,
+        batch: usize,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<Tensor> {
+        let Some(&t) = self.timesteps().get(i) else {
+            bail!("step {i} is outside a schedule of {} steps", self.len());
+        };
+        let t = Tensor::full(t, batch, device)?
+            .to_dtype(dtype)?
+            .to_dtype(DType::F32)?;
+        // A true division (not × 0.001), evaluated in f32 and rounded once, as PyTorch does.
+        let k = Tensor::full(self.cfg.num_train_timesteps as f32, batch, device)?;
+        (t / k)?.to_dtype(dtype)
+    }
+
     /// Number of steps in the schedule.
     pub fn len(&self) -> usize {
         self.sigmas.len().saturating_sub(1)

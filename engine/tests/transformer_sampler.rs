@@ -99,6 +99,15 @@ fn cfg_step(tag: &str, tol: f64) {
         c["image_seq_len"].as_u64().unwrap() as usize,
     )
     .unwrap();
+    let dtype = k("model_timestep").dtype();
+    let i = c["step_index"].as_u64().unwrap() as usize;
+    let t = s.model_timestep(i, 2, dtype, &Device::Cpu).unwrap();
+    check(
+        &format!("{tag} model timestep"),
+        &t,
+        k("model_timestep"),
+        0.0,
+    );
     let next = s
         .step(
             &pred,

@@ -249,6 +249,10 @@ def cfg_step_tensors():
         out[f"cfg.{tag}.sample"] = x
         out[f"cfg.{tag}.pred"] = pred.contiguous()
         out[f"cfg.{tag}.next"] = nxt.contiguous()
+        # What the pipeline feeds the transformer at this step: t expanded to the batch, cast to
+        # the latents' dtype, then divided by 1000 in that dtype.
+        t = sched.timesteps[step_index]
+        out[f"cfg.{tag}.model_timestep"] = (t.expand(2).to(dtype) / 1000).contiguous()
     return out, {"scale": scale, "step_index": step_index, "steps": 50, "image_seq_len": 4096}
 
 
