@@ -13,12 +13,20 @@
 )]
 
 pub mod config;
+pub mod error;
 pub mod guidance;
+pub mod image_io;
 pub mod latents;
+pub mod noise;
+pub mod pipeline;
 pub mod rope;
 pub mod scheduler;
 pub mod text_encoder;
+pub mod tiny;
 pub mod tokenizer;
 pub mod transformer;
 pub mod vae;
 pub mod weights;
+
+pub use error::EngineError;
+pub use pipeline::{GenerateRequest, GeneratedImage, Mode, Progress, QwenImage};

@@ -1,0 +1,865 @@
+//! The Qwen-Image pipelines: a loaded model folder ([`QwenImage`]) and [`QwenImage::generate`]
+//! for text-to-image, image-to-image and inpainting, as diffusers' `QwenImagePipeline`,
+//! `QwenImageImg2ImgPipeline` and `QwenImageInpaintPipeline` run them (spec §2.5, §3).
+//!
+//! Data flow of one `generate` call:
+//! 1. validate every request (sizes, steps, strength, latents shape, decodable images);
+//! 2. group requests that share (size, steps, steps run, mode kind); each group runs together;
+//! 3. prompts → embeddings, one prompt at a time (B = 1, as the reference encodes them), through
+//!    a bounded cache keyed by the blake3 hash of the prompt;
+//! 4. noise `[1, 16, H/8, W/8]`: the given latents, or [`crate::noise::gaussian`] of the seed;
+//!    img2img / inpaint: image latents = the VAE posterior **mean**, normalised (diffusers
+//!    samples the posterior; the mean keeps one random stream and parity exact), and the start
+//!    `σ·noise + (1 − σ)·image` at the first step run;
+//! 5. every step: **one** transformer call over the whole group — all conditional rows, then the
+//!    unconditional rows of the requests with CFG — text right-padded with a key-padding mask
+//!    when lengths differ; true CFG with norm rescale per request; Euler step; inpaint re-imposes
+//!    the re-noised image outside the mask; the progress callback may cancel;
+//! 6. decode each image with the VAE, `(x/2 + 0.5)` clamped, ×255, rounded half to even to u8.
+//!
+//! Strength: steps run = `⌈steps × strength⌉` (at least 1) in exact integer per-mille
+//! arithmetic, the protocol's metering. diffusers computes `steps − int(steps − steps·strength)`
+//! in floating point, which runs one step more for a few inputs (e.g. 25 steps at 0.56: 15, not
+//! 14); see `tests/pipeline_parity.rs`.
+//!
+//! Dtypes: latents live in the model dtype between steps like the reference; the VAE runs in f32
+//! on the CPU whatever the requested dtype (candle 0.11's CPU conv2d has no bf16 path).
+
+use std::collections::{HashMap, VecDeque};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use crate::error::EngineError;
+use crate::guidance::true_cfg;
+use crate::image_io;
+use crate::latents::{pack, unpack};
+use crate::scheduler::FlowMatchEuler;
+use crate::text_encoder::QwenTextEncoder;
+use crate::tokenizer::PromptTokenizer;
+use crate::transformer::QwenImageTransformer;
+use crate::vae::{AutoencoderKLQwenImage, image_to_rgb8, rgb8_to_image};
+
+/// Pixels per packed token along each side (VAE factor 8 × patch 2); sizes must be multiples.
+pub const SIZE_MULTIPLE: u32 = 16;
+/// Largest width or height accepted: 256 patches per side keeps RoPE positions inside the
+/// reference's ±4096 table with room for 512 text tokens, and a 4096² latent batch in memory.
+pub const MAX_SIDE: u32 = 4096;
+/// Most steps accepted in one request (diffusers has no cap; 1000 is the training schedule).
+pub const MAX_STEPS: u32 = 1000;
+/// Prompt embeddings kept: ~0.7 MB each for the real model in bf16 at 100 tokens, so 64 entries
+/// cost < 50 MB of device memory while covering a provider's repeated prompts.
+pub const PROMPT_CACHE_ENTRIES: usize = 64;
+/// Latent channels the pipelines draw noise for (`in_channels / 4` of the transformer).
+pub const LATENT_CHANNELS: usize = 16;
+
+/// What to do with the request's image inputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// Start from noise.
+    TextToImage,
+    /// Start from `init_image` (PNG or JPEG bytes) noised to the first step run.
+    ImageToImage {
+        /// Encoded image; resized to the request size when it differs.
+        init_image: Vec<u8>,
+        /// Strength in per-mille (1..=1000), as the protocol carries it.
+        strength_permille: u16,
+    },
+    /// Repaint where `mask` is white (≥ 50 % grey), keep the rest of `init_image`.
+    /// Outpainting is this on a padded canvas with the padding masked white.
+    Inpaint {
+        /// Encoded image.
+        init_image: Vec<u8>,
+        /// Encoded mask, any colour type; converted to grey as PIL does.
+        mask: Vec<u8>,
+        /// Strength in per-mille (1..=1000).
+        strength_permille: u16,
+    },
+}
+
+impl Mode {
+    fn strength_permille(&self) -> Option<u16> {
+        match self {
+            Mode::TextToImage => None,
+            Mode::ImageToImage {
+                strength_permille, ..
+            }
+            | Mode::Inpaint {
+                strength_permille, ..
+            } => Some(*strength_permille),
+        }
+    }
+
+    /// `text-to-image`, `image-to-image` or `inpaint`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::TextToImage => "text-to-image",
+            Mode::ImageToImage { .. } => "image-to-image",
+            Mode::Inpaint { .. } => "inpaint",
+        }
+    }
+}
+
+/// Denoising steps run for `steps` at `strength_permille`: `⌈steps·strength⌉`, at least 1, in
+/// integer arithmetic (equal to the protocol's `effective_steps`).
+pub fn effective_steps(steps: u32, strength_permille: Option<u16>) -> u32 {
+    match strength_permille {
+        None => steps,
+        Some(s) => {
+            let run = (u64::from(steps) * u64::from(s)).div_ceil(1000);
+            u32::try_from(run).unwrap_or(steps).clamp(1, steps.max(1))
+        }
+    }
+}
+
+/// One image to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt; used only when `true_cfg_scale > 1`.
+    pub negative_prompt: String,
+    /// Width in pixels, a multiple of 16.
+    pub width: u32,
+    /// Height in pixels, a multiple of 16.
+    pub height: u32,
+    /// Denoising steps of the full schedule (img2img / inpaint run fewer, see strength).
+    pub steps: u32,
+    /// True CFG scale; at most 1 turns CFG off (one transformer row per step).
+    pub true_cfg_scale: f32,
+    /// Seed of the noise (ignored when `latents` is given).
+    pub seed: u64,
+    /// Initial noise `[1, 16, H/8, W/8]` (any float dtype, any device), as the reference draws
+    /// it before packing; see [`load_latents`].
+    pub latents: Option<Tensor>,
+    /// Text-to-image, image-to-image or inpaint.
+    pub mode: Mode,
+}
+
+impl GenerateRequest {
+    /// A text-to-image request with the given size and steps, CFG off, seed 0.
+    pub fn text_to_image(prompt: impl Into<String>, width: u32, height: u32, steps: u32) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            width,
+            height,
+            steps,
+            true_cfg_scale: 1.0,
+            seed: 0,
+            latents: None,
+            mode: Mode::TextToImage,
+        }
+    }
+
+    /// Steps actually run (see [`effective_steps`]).
+    pub fn effective_steps(&self) -> u32 {
+        effective_steps(self.steps, self.mode.strength_permille())
+    }
+
+    fn uses_cfg(&self) -> bool {
+        self.true_cfg_scale > 1.0
+    }
+
+    fn latent_hw(&self) -> (usize, usize) {
+        (self.height as usize / 8, self.width as usize / 8)
+    }
+}
+
+/// Progress of a `generate` call, reported after every denoising step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    /// Steps finished so far, over all groups of the call.
+    pub step: u32,
+    /// Steps the whole call runs.
+    pub total: u32,
+    /// Wall time of the step just finished (one batched transformer call + guidance + Euler).
+    pub step_time: Duration,
+}
+
+/// A finished image and the parameters that made it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratedImage {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Row-major 8-bit RGB, `3·width·height` bytes.
+    pub rgb: Vec<u8>,
+    /// The text chunks its PNG carries, in order.
+    pub params: Vec<(&'static str, String)>,
+}
+
+impl GeneratedImage {
+    /// The PNG file: the pixels plus one text chunk per generation parameter (prompt, negative
+    /// prompt, seed, steps, size, true CFG, mode, model).
+    pub fn png(&self) -> Result<Vec<u8>, EngineError> {
+        image_io::encode_png(&self.rgb, self.width, self.height, &self.params)
+    }
+}
+
+/// Reads an initial-latents file: a safetensors file with one tensor `latents` of shape
+/// `[1, 16, H/8, W/8]`, returned as f32 on the CPU. The shape is checked against the request in
+/// [`QwenImage::generate`].
+pub fn load_latents(path: &Path) -> Result<Tensor, EngineError> {
+    let bad = |reason: String| EngineError::BadLatents {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if !path.is_file() {
+        return Err(bad("no such file".into()));
+    }
+    let tensors =
+        candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| bad(format!("{e}")))?;
+    let t = tensors
+        .get("latents")
+        .ok_or_else(|| bad("no tensor named `latents`".into()))?;
+    let dims = t.dims();
+    if dims.len() != 4 || dims[0] != 1 || dims[1] != LATENT_CHANNELS {
+        return Err(bad(format!(
+            "`latents` has shape {dims:?}, expected [1, 16, H/8, W/8]"
+        )));
+    }
+    t.to_dtype(DType::F32).map_err(|e| bad(format!("{e}")))
+}
+
+/// `model_index.json`: the pipeline class and which components exist.
+#[derive(Debug, Deserialize)]
+struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    class_name: Option<String>,
+    #[serde(rename = "_name_or_path")]
+    name_or_path: Option<String>,
+    #[serde(flatten)]
+    components: HashMap<String, serde_json::Value>,
+}
+
+const COMPONENTS: [&str; 5] = [
+    "transformer",
+    "vae",
+    "text_encoder",
+    "tokenizer",
+    "scheduler",
+];
+
+/// Pipelines that share Qwen-Image's components (and so load here).
+const PIPELINE_CLASSES: [&str; 3] = [
+    "QwenImagePipeline",
+    "QwenImageImg2ImgPipeline",
+    "QwenImageInpaintPipeline",
+];
+
+/// Bounded map prompt hash → embeddings `[1, L, D]` (template prefix already dropped).
+#[derive(Debug, Default)]
+struct PromptCache {
+    map: HashMap<[u8; 32], Tensor>,
+    order: VecDeque<[u8; 32]>,
+}
+
+impl PromptCache {
+    fn get(&self, key: &[u8; 32]) -> Option<Tensor> {
+        self.map.get(key).cloned()
+    }
+
+    fn insert(&mut self, key: [u8; 32], value: Tensor) {
+        if self.map.insert(key, value).is_none() {
+            self.order.push_back(key);
+        }
+        while self.order.len() > PROMPT_CACHE_ENTRIES {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+}
+
+/// A loaded Qwen-Image model folder (the diffusers layout), ready to generate.
+#[derive(Debug)]
+pub struct QwenImage {
+    dir: PathBuf,
+    model_id: String,
+    tokenizer: PromptTokenizer,
+    text_encoder: QwenTextEncoder,
+    transformer: QwenImageTransformer,
+    vae: AutoencoderKLQwenImage,
+    scheduler: FlowMatchEuler,
+    dtype: DType,
+    device: Device,
+    prompt_cache: Mutex<PromptCache>,
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N` into a device; `cuda` without the `cuda` feature is an error.
+pub fn device_from_name(name: &str) -> Result<Device, EngineError> {
+    let err = |reason: String| EngineError::Device {
+        name: name.to_string(),
+        reason,
+    };
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        _ if name == "cuda" || name.starts_with("cuda:") => {
+            let ordinal = match name.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse::<usize>()
+                    .map_err(|_| err("the GPU index must be a number".into()))?,
+                None => 0,
+            };
+            if !candle_core::utils::cuda_is_available() {
+                return Err(err(
+                    "this build has no CUDA support (rebuild with `--features cuda`)".into(),
+                ));
+            }
+            Device::new_cuda(ordinal).map_err(|e| err(format!("{e}")))
+        }
+        _ => Err(err("expected cpu, cuda or cuda:N".into())),
+    }
+}
+
+/// Parses `f32`, `bf16` or `f16`.
+pub fn dtype_from_name(name: &str) -> Option<DType> {
+    match name {
+        "f32" => Some(DType::F32),
+        "bf16" => Some(DType::BF16),
+        "f16" => Some(DType::F16),
+        _ => None,
+    }
+}
+
+impl QwenImage {
+    /// Loads every component of a diffusers Qwen-Image folder (`model_index.json`, `transformer/`,
+    /// `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`), weights memory-mapped and converted
+    /// to `dtype` on `device`. The VAE runs in f32 on the CPU.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, EngineError> {
+        if !dir.is_dir() {
+            return Err(EngineError::ModelNotFound(dir.to_path_buf()));
+        }
+        let not_model = |reason: String| EngineError::NotAModel {
+            dir: dir.to_path_buf(),
+            reason,
+        };
+        let index_path = dir.join("model_index.json");
+        let text = std::fs::read_to_string(&index_path)
+            .map_err(|e| not_model(format!("cannot read model_index.json: {e}")))?;
+        let index: ModelIndex = serde_json::from_str(&text)
+            .map_err(|e| not_model(format!("bad model_index.json: {e}")))?;
+        match index.class_name.as_deref() {
+            Some(c) if PIPELINE_CLASSES.contains(&c) => {}
+            other => {
+                return Err(not_model(format!(
+                    "model_index.json names pipeline {other:?}, expected QwenImagePipeline"
+                )));
+            }
+        }
+        for c in COMPONENTS {
+            if !index.components.contains_key(c) || !dir.join(c).is_dir() {
+                return Err(not_model(format!("component {c}/ is missing")));
+            }
+        }
+        let tokenizer = PromptTokenizer::from_dir(&dir.join("tokenizer"))
+            .map_err(|e| EngineError::component("tokenizer", dir.join("tokenizer"), e))?;
+        let text_encoder = QwenTextEncoder::load(&dir.join("text_encoder"), dtype, device)
+            .map_err(|e| EngineError::component("text_encoder", dir.join("text_encoder"), e))?;
+        let transformer = QwenImageTransformer::load(&dir.join("transformer"), dtype, device)
+            .map_err(|e| EngineError::component("transformer", dir.join("transformer"), e))?;
+        let vae_dtype = if device.is_cpu() { DType::F32 } else { dtype };
+        let vae = AutoencoderKLQwenImage::load(&dir.join("vae"), vae_dtype, device)
+            .map_err(|e| EngineError::component("vae", dir.join("vae"), e))?;
+        let sched_path = dir.join("scheduler").join("scheduler_config.json");
+        let scheduler = FlowMatchEuler::from_file(&sched_path)
+            .map_err(|e| EngineError::component("scheduler", dir.join("scheduler"), e))?;
+
+        let tcfg = transformer.config();
+        if text_encoder.config().hidden_size != tcfg.joint_attention_dim {
+            return Err(EngineError::Mismatch(format!(
+                "text encoder width {} != transformer joint_attention_dim {}",
+                text_encoder.config().hidden_size,
+                tcfg.joint_attention_dim
+            )));
+        }
+        if tcfg.out_channels() != LATENT_CHANNELS
+            || vae.config().z_dim != LATENT_CHANNELS
+            || tcfg.patch_size != 2
+            || vae.config().spatial_compression() != 8
+        {
+            return Err(EngineError::Mismatch(format!(
+                "expected 16 latent channels, patch 2 and VAE factor 8; got transformer out \
+                 {} / patch {}, VAE z_dim {} / factor {}",
+                tcfg.out_channels(),
+                tcfg.patch_size,
+                vae.config().z_dim,
+                vae.config().spatial_compression()
+            )));
+        }
+        let model_id = index.name_or_path.unwrap_or_else(|| {
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "qwen-image".into())
+        });
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            model_id,
+            tokenizer,
+            text_encoder,
+            transformer,
+            vae,
+            scheduler,
+            dtype,
+            device: device.clone(),
+            prompt_cache: Mutex::new(PromptCache::default()),
+        })
+    }
+
+    /// The model's name: `_name_or_path` of `model_index.json`, else the folder's name.
+    pub fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    /// One line for logs and adverts: name, sizes, dtype and device.
+    pub fn description(&self) -> String {
+        let t = self.transformer.config();
+        format!(
+            "{} ({} blocks × width {}, text encoder {} layers × {}, {:?} on {:?}) from {}",
+            self.model_id,
+            t.num_layers,
+            t.inner_dim(),
+            self.text_encoder.config().num_hidden_layers,
+            self.text_encoder.config().hidden_size,
+            self.dtype,
+            self.device,
+            self.dir.display()
+        )
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Tokens of the user's prompt alone (no template), capped at the 512 the model sees: the
+    /// `prompt_tokens` of the metering formula. A prompt the tokenizer cannot encode (never seen
+    /// for valid UTF-8) counts its bytes, capped the same way.
+    pub fn count_prompt_tokens(&self, prompt: &str) -> u32 {
+        let max = self.tokenizer.max_sequence_length();
+        let n = self.tokenizer.count_tokens(prompt).unwrap_or(prompt.len());
+        u32::try_from(n.min(max)).unwrap_or(u32::MAX)
+    }
+
+    /// Prompt embeddings held in the cache.
+    pub fn cached_prompts(&self) -> usize {
+        self.prompt_cache.lock().map(|c| c.map.len()).unwrap_or(0)
+    }
+
+    /// Embeddings `[1, L, D]` of one prompt, from the cache or the text encoder (B = 1).
+    fn prompt_embeds(&self, prompt: &str) -> Result<Tensor, EngineError> {
+        let key = *blake3::hash(prompt.as_bytes()).as_bytes();
+        if let Some(t) = self.prompt_cache.lock().ok().and_then(|c| c.get(&key)) {
+            return Ok(t);
+        }
+        let tokens = self
+            .tokenizer
+            .encode_prompt(prompt)
+            .map_err(|e| EngineError::InvalidRequest(format!("cannot tokenize the prompt: {e}")))?;
+        let embeds = self.text_encoder.encode_prompts(&[tokens])?.embeds;
+        if let Ok(mut c) = self.prompt_cache.lock() {
+            c.insert(key, embeds.clone());
+        }
+        Ok(embeds)
+    }
+
+    fn validate(&self, i: usize, r: &GenerateRequest) -> Result<(), EngineError> {
+        let bad = |m: String| Err(EngineError::InvalidRequest(format!("request {i}: {m}")));
+        for (what, v) in [("width", r.width), ("height", r.height)] {
+            if v == 0 || v % SIZE_MULTIPLE != 0 || v > MAX_SIDE {
+                return bad(format!(
+                    "{what} {v} must be a positive multiple of {SIZE_MULTIPLE}, at most {MAX_SIDE}"
+                ));
+            }
+        }
+        if r.steps == 0 || r.steps > MAX_STEPS {
+            return bad(format!("steps {} must be in 1..={MAX_STEPS}", r.steps));
+        }
+        if !r.true_cfg_scale.is_finite() || r.true_cfg_scale < 0.0 {
+            return bad(format!(
+                "true CFG scale {} must be finite and ≥ 0",
+                r.true_cfg_scale
+            ));
+        }
+        if let Some(s) = r.mode.strength_permille()
+            && !(1..=1000).contains(&s)
+        {
+            return bad(format!("strength {} ‰ must be in 1..=1000", s));
+        }
+        if let Some(l) = &r.latents {
+            let (h, w) = r.latent_hw();
+            if l.dims() != [1, LATENT_CHANNELS, h, w] {
+                return bad(format!(
+                    "latents have shape {:?}, a {}×{} image needs [1, 16, {h}, {w}]",
+                    l.dims(),
+                    r.width,
+                    r.height
+                ));
+            }
+        }
+        match &r.mode {
+            Mode::TextToImage => {}
+            Mode::ImageToImage { init_image, .. } => {
+                image_io::image_size(init_image, "init image")?;
+            }
+            Mode::Inpaint {
+                init_image, mask, ..
+            } => {
+                image_io::image_size(init_image, "init image")?;
+                image_io::image_size(mask, "mask")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Generates one image per request, in request order. Requests with the same size, steps,
+    /// steps run and mode kind share every transformer call. `progress` is called after every
+    /// step; returning `Break` stops before the next one with [`EngineError::Cancelled`].
+    pub fn generate(
+        &self,
+        requests: &[GenerateRequest],
+        progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
+    ) -> Result<Vec<GeneratedImage>, EngineError> {
+        let latents = self.generate_latents(requests, progress)?;
+        requests
+            .iter()
+            .zip(latents)
+            .map(|(r, l)| {
+                let rgb = self.decode_to_rgb8(&l)?;
+                Ok(GeneratedImage {
+                    width: r.width,
+                    height: r.height,
+                    rgb,
+                    params: self.png_params(r),
+                })
+            })
+            .collect()
+    }
+
+    fn png_params(&self, r: &GenerateRequest) -> Vec<(&'static str, String)> {
+        let mut p = vec![
+            ("prompt", r.prompt.clone()),
+            ("negative_prompt", r.negative_prompt.clone()),
+            (
+                "seed",
+                if r.latents.is_some() {
+                    "given latents".to_string()
+                } else {
+                    r.seed.to_string()
+                },
+            ),
+            ("steps", r.steps.to_string()),
+            ("size", format!("{}x{}", r.width, r.height)),
+            ("true_cfg_scale", r.true_cfg_scale.to_string()),
+            ("mode", r.mode.name().to_string()),
+        ];
+        if let Some(s) = r.mode.strength_permille() {
+            p.push(("strength", format!("{}", f64::from(s) / 1000.0)));
+        }
+        p.push(("model", self.model_id.clone()));
+        p.push(("software", "pixmarket".to_string()));
+        p
+    }
+
+    /// Runs the denoising loops and returns the final latents of each request, unpacked,
+    /// `[1, 16, H/8, W/8]` in the model dtype. [`Self::generate`] decodes them.
+    pub fn generate_latents(
+        &self,
+        requests: &[GenerateRequest],
+        progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
+    ) -> Result<Vec<Tensor>, EngineError> {
+        for (i, r) in requests.iter().enumerate() {
+            self.validate(i, r)?;
+        }
+        // Groups in first-appearance order; BTreeMap-free so the order is the caller's.
+        let mut groups: Vec<(GroupKey, Vec<usize>)> = Vec::new();
+        for (i, r) in requests.iter().enumerate() {
+            let key = GroupKey {
+                width: r.width,
+                height: r.height,
+                steps: r.steps,
+                run: r.effective_steps(),
+                inpaint: matches!(r.mode, Mode::Inpaint { .. }),
+            };
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((key, vec![i])),
+            }
+        }
+        let total: u32 = groups.iter().map(|(k, _)| k.run).sum();
+        let mut done = 0u32;
+        let mut out: Vec<Option<Tensor>> = vec![None; requests.len()];
+        for (key, members) in &groups {
+            let reqs: Vec<&GenerateRequest> = members.iter().map(|&i| &requests[i]).collect();
+            let finals = self.run_group(key, &reqs, &mut |step_time| {
+                done += 1;
+                progress(Progress {
+                    step: done,
+                    total,
+                    step_time,
+                })
+            })?;
+            for (&i, l) in members.iter().zip(finals) {
+                out[i] = Some(l);
+            }
+        }
+        out.into_iter()
+            .map(|l| l.ok_or_else(|| EngineError::InvalidRequest("a request was not run".into())))
+            .collect()
+    }
+
+    /// Noise `[1, 16, h, w]` in the model dtype on the device.
+    fn noise(&self, r: &GenerateRequest) -> Result<Tensor, EngineError> {
+        let (h, w) = r.latent_hw();
+        let t = match &r.latents {
+            Some(l) => l.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
+            None => Tensor::from_vec(
+                crate::noise::gaussian(r.seed, LATENT_CHANNELS * h * w),
+                (1, LATENT_CHANNELS, h, w),
+                &Device::Cpu,
+            )?,
+        };
+        Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
+    }
+
+    /// Normalised image latents `[1, 16, h, w]` (posterior mean) in the model dtype.
+    fn image_latents(&self, r: &GenerateRequest, bytes: &[u8]) -> Result<Tensor, EngineError> {
+        let (w, h) = (r.width as usize, r.height as usize);
+        let rgb = image_io::init_image_rgb8(bytes, w, h)?;
+        let img = rgb8_to_image(&rgb, w, h, &self.device)?.to_dtype(self.vae.dtype())?;
+        let posterior = self.vae.encode(&img)?;
+        let z = self.vae.normalize_latents(&posterior.mean)?;
+        Ok(z.to_dtype(self.dtype)?)
+    }
+
+    /// Runs one group's denoising loop; returns the unpacked final latents per request.
+    fn run_group(
+        &self,
+        key: &GroupKey,
+        reqs: &[&GenerateRequest],
+        on_step: &mut dyn FnMut(Duration) -> ControlFlow<()>,
+    ) -> Result<Vec<Tensor>, EngineError> {
+        let n = reqs.len();
+        let (lat_h, lat_w) = reqs[0].latent_hw();
+        let grid = (lat_h / 2, lat_w / 2);
+        let seq = grid.0 * grid.1;
+        let mut sched = self.scheduler.clone();
+        sched.set_timesteps(key.steps as usize, seq)?;
+        let start = (key.steps - key.run) as usize;
+        let sigmas = sched.sigmas().to_vec();
+
+        // Text rows: every request's prompt, then the negative prompts of the CFG requests.
+        let cfg_rows: Vec<usize> = (0..n).filter(|&j| reqs[j].uses_cfg()).collect();
+        let mut texts = Vec::with_capacity(n + cfg_rows.len());
+        for r in reqs {
+            texts.push(self.prompt_embeds(&r.prompt)?);
+        }
+        for &j in &cfg_rows {
+            texts.push(self.prompt_embeds(&reqs[j].negative_prompt)?);
+        }
+        let (txt, txt_mask) = pad_text(&texts, &self.device)?;
+
+        // Starting latents, the noise and the image latents (packed) per request.
+        let mut noises = Vec::with_capacity(n);
+        let mut images = Vec::with_capacity(n);
+        let mut masks = Vec::with_capacity(n);
+        let mut xs = Vec::with_capacity(n);
+        for r in reqs {
+            let noise = pack(&self.noise(r)?)?;
+            let (image, mask) = match &r.mode {
+                Mode::TextToImage => (None, None),
+                Mode::ImageToImage { init_image, .. } => {
+                    (Some(pack(&self.image_latents(r, init_image)?)?), None)
+                }
+                Mode::Inpaint {
+                    init_image, mask, ..
+                } => {
+                    let m = image_io::mask_latent_data(
+                        mask,
+                        r.width as usize,
+                        r.height as usize,
+                        lat_w,
+                        lat_h,
+                    )?;
+                    let m = Tensor::from_vec(m, (1, 1, lat_h, lat_w), &Device::Cpu)?
+                        .repeat((1, LATENT_CHANNELS, 1, 1))?
+                        .to_dtype(self.dtype)?
+                        .to_device(&self.device)?;
+                    (
+                        Some(pack(&self.image_latents(r, init_image)?)?),
+                        Some(pack(&m)?),
+                    )
+                }
+            };
+            let x = match &image {
+                None => noise.clone(),
+                Some(z) => scale_noise(z, &noise, sigmas[start])?,
+            };
+            xs.push(x);
+            noises.push(noise);
+            images.push(image);
+            masks.push(mask);
+        }
+        let mut x = Tensor::cat(&xs, 0)?; // [n, S, 64]
+
+        let rows = n + cfg_rows.len();
+        for i in start..key.steps as usize {
+            let t0 = Instant::now();
+            let ts = sched.model_timestep(i, rows, self.dtype, &self.device)?;
+            let img_in = if cfg_rows.is_empty() {
+                x.clone()
+            } else {
+                let idx = Tensor::from_vec(
+                    cfg_rows.iter().map(|&j| j as u32).collect::<Vec<_>>(),
+                    cfg_rows.len(),
+                    &self.device,
+                )?;
+                Tensor::cat(&[x.clone(), x.index_select(&idx, 0)?], 0)?
+            };
+            let v = self
+                .transformer
+                .forward(&img_in, &txt, txt_mask.as_ref(), &ts, grid)?;
+            let mut preds = Vec::with_capacity(n);
+            for (j, r) in reqs.iter().enumerate() {
+                let cond = v.narrow(0, j, 1)?;
+                preds.push(match cfg_rows.iter().position(|&c| c == j) {
+                    Some(k) => {
+                        true_cfg(&cond, &v.narrow(0, n + k, 1)?, f64::from(r.true_cfg_scale))?
+                    }
+                    None => cond,
+                });
+            }
+            let pred = Tensor::cat(&preds, 0)?;
+            x = sched.step(&pred, &x, i)?;
+            if key.inpaint {
+                let mut blended = Vec::with_capacity(n);
+                for j in 0..n {
+                    let xj = x.narrow(0, j, 1)?;
+                    blended.push(match (&images[j], &masks[j]) {
+                        (Some(z), Some(m)) => {
+                            let proper = if i + 1 < key.steps as usize {
+                                scale_noise(z, &noises[j], sigmas[i + 1])?
+                            } else {
+                                z.clone()
+                            };
+                            // (1 − m)·proper + m·x, as the reference writes it.
+                            ((m.affine(-1.0, 1.0)? * proper)? + (m * xj)?)?
+                        }
+                        _ => xj,
+                    });
+                }
+                x = Tensor::cat(&blended, 0)?;
+            }
+            if on_step(t0.elapsed()).is_break() {
+                return Err(EngineError::Cancelled);
+            }
+        }
+        (0..n)
+            .map(|j| Ok(unpack(&x.narrow(0, j, 1)?, grid)?))
+            .collect()
+    }
+
+    /// Decodes final latents `[1, 16, H/8, W/8]` to `[H, W, 3]` f32 in [0, 1] on the host: the
+    /// reference's `postprocess` (`x·0.5 + 0.5` clamped, in the VAE's dtype) before the u8 step.
+    pub fn decode_to_unit(&self, latents: &Tensor) -> Result<Vec<f32>, EngineError> {
+        let img = self.vae.decode(latents)?; // [1, 3, H, W] in [-1, 1]
+        let unit = img.affine(0.5, 0.0)?.affine(1.0, 0.5)?.clamp(0.0, 1.0)?;
+        Ok(unit
+            .to_dtype(DType::F32)?
+            .squeeze(0)?
+            .permute((1, 2, 0))?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    }
+
+    /// Decodes final latents to 8-bit RGB (row-major), rounding as the reference does
+    /// ([`crate::vae::image_to_rgb8`]).
+    pub fn decode_to_rgb8(&self, latents: &Tensor) -> Result<Vec<u8>, EngineError> {
+        let img = self.vae.decode(latents)?;
+        image_to_rgb8(&img)?
+            .pop()
+            .ok_or_else(|| EngineError::InvalidRequest("the VAE returned no image".into()))
+    }
+}
+
+/// What requests must share to run in one batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct GroupKey {
+    width: u32,
+    height: u32,
+    steps: u32,
+    run: u32,
+    inpaint: bool,
+}
+
+/// The flow-matching forward process `σ·noise + (1 − σ)·sample` (diffusers `scale_noise`).
+fn scale_noise(sample: &Tensor, noise: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
+    (noise * f64::from(sigma))? + (sample * (1.0 - f64::from(sigma)))?
+}
+
+/// Right-pads `[1, L_i, D]` embeddings to `[B, L_max, D]`; the mask `[B, L_max]` (u8) only when
+/// lengths differ (the reference passes none when all tokens are real).
+fn pad_text(rows: &[Tensor], device: &Device) -> Result<(Tensor, Option<Tensor>), EngineError> {
+    let lens: Vec<usize> = rows.iter().map(|t| t.dim(1)).collect::<Result<_, _>>()?;
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    let padded = rows
+        .iter()
+        .zip(&lens)
+        .map(|(t, &l)| {
+            if l == longest {
+                Ok(t.clone())
+            } else {
+                t.pad_with_zeros(1, 0, longest - l)
+            }
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let txt = Tensor::cat(&padded, 0)?;
+    if lens.iter().all(|&l| l == longest) {
+        return Ok((txt, None));
+    }
+    let mask: Vec<u8> = lens
+        .iter()
+        .flat_map(|&l| (0..longest).map(move |k| u8::from(k < l)))
+        .collect();
+    Ok((
+        txt,
+        Some(Tensor::from_vec(mask, (rows.len(), longest), device)?),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn effective_steps_is_the_ceiling() {
+        assert_eq!(effective_steps(4, Some(600)), 3);
+        assert_eq!(effective_steps(4, Some(500)), 2);
+        assert_eq!(effective_steps(50, None), 50);
+        assert_eq!(effective_steps(3, Some(1)), 1);
+        assert_eq!(effective_steps(25, Some(560)), 14);
+    }
+
+    #[test]
+    fn devices_and_dtypes_parse() {
+        assert!(device_from_name("cpu").is_ok());
+        assert!(device_from_name("tpu").is_err());
+        if !candle_core::utils::cuda_is_available() {
+            let e = device_from_name("cuda").unwrap_err().to_string();
+            assert!(e.contains("--features cuda"), "{e}");
+        }
+        assert_eq!(dtype_from_name("bf16"), Some(DType::BF16));
+        assert_eq!(dtype_from_name("f64"), None);
+    }
+}
