@@ -342,6 +342,42 @@ def build_vae(out: Path):
     )
 
 
+def record_real_shapes(root: Path):
+    """Names and shapes of the full-size models, from meta-device instances (no memory): the Rust
+    tests build the real configs over a shapes-only backend and must ask for exactly these."""
+    from diffusers import AutoencoderKLQwenImage
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    with torch.device("meta"):
+        vae = AutoencoderKLQwenImage()  # the defaults are the shipped Qwen-Image config
+        te = Qwen2_5_VLForConditionalGeneration(
+            Qwen2_5_VLConfig(
+                text_config=dict(
+                    hidden_size=3584,
+                    intermediate_size=18944,
+                    num_hidden_layers=28,
+                    num_attention_heads=28,
+                    num_key_value_heads=4,
+                    vocab_size=152064,
+                    rms_norm_eps=1e-6,
+                    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+                    rope_theta=1e6,
+                ),
+                vision_config=dict(depth=1),  # the tower is never read; keep the meta model small
+            )
+        )
+    def write(path: Path, shapes: dict):  # one tensor per line, sorted, so diffs stay readable
+        lines = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(shapes.items())]
+        path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
+
+    write(root / "vae" / "real_shapes.json", {k: list(v.shape) for k, v in vae.state_dict().items()})
+    # transformers 5 holds the language model as `model.language_model.*` in memory, the layout of
+    # the Qwen-Image checkpoint.
+    lm = {k: list(v.shape) for k, v in te.state_dict().items() if k.startswith("model.language_model.")}
+    assert len(lm) == 2 + 28 * 12, len(lm)
+    write(root / "text_encoder" / "real_shapes.json", lm)
+
+
 def main():
     for sub in ("tokenizer", "text_encoder", "vae"):
         d = ROOT / sub
@@ -351,6 +387,7 @@ def main():
     tokenizer, drop_idx, vocab = build_tokenizer(ROOT / "tokenizer")
     build_text_encoder(ROOT / "text_encoder", tokenizer, drop_idx, vocab)
     build_vae(ROOT / "vae")
+    record_real_shapes(ROOT)
     total = sum(f.stat().st_size for sub in ("tokenizer", "text_encoder", "vae") for f in (ROOT / sub).rglob("*") if f.is_file())
     print(f"fixtures written under {ROOT}: {total / 1e6:.2f} MB, drop index {drop_idx}, vocab {vocab}")
 
