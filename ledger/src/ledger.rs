@@ -58,11 +58,50 @@ fn refused(e: Abort) -> LedgerError {
     }
 }
 
+/// Builds a new ledger for `owner` beside `path` and renames it into place.
+fn create(path: &Path, owner: PublicKey) -> Result<(), OpenError> {
+    let io = |source| OpenError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".creating");
+    let tmp = path.with_file_name(name);
+    if tmp.exists() {
+        // Only this function makes `<path>.creating`; one left behind is a creation that died.
+        std::fs::remove_dir_all(&tmp).map_err(io)?;
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    {
+        let (store, opened) = SledStore::open(&tmp)?;
+        // Writes the marker and makes it durable; the store is closed at the end of the block.
+        Ledger::from_store(Arc::new(store), owner, Some(tmp.clone()), opened)?;
+    }
+    // Renaming onto a missing path or an empty folder is atomic on POSIX file systems.
+    std::fs::rename(&tmp, path).map_err(io)?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    Ok(())
+}
+
 impl Ledger {
     /// Opens the ledger at `path` for the node `owner`, creating it if the folder is missing
     /// or empty. Refuses, changing nothing, a folder another process holds, a corrupt one, one
     /// that is not a pixmarket ledger, and another node's ledger.
+    ///
+    /// Creation is atomic: the new ledger is built and made durable in a sibling folder
+    /// `<path>.creating`, then renamed into place, so a process killed while creating leaves
+    /// either no ledger or a whole one (and a stale `.creating` folder that the next creation
+    /// removes).
     pub fn open(path: &Path, owner: PublicKey) -> Result<Self, OpenError> {
+        if crate::sled_store::is_new(path)? {
+            create(path, owner)?;
+        }
         let (store, opened) = SledStore::open(path)?;
         Self::from_store(Arc::new(store), owner, Some(path.to_owned()), opened)
     }

@@ -130,6 +130,11 @@ impl SledStore {
     }
 }
 
+/// Whether `path` is missing or an empty folder, so a ledger may be created there.
+pub(crate) fn is_new(path: &Path) -> Result<bool, OpenError> {
+    check_folder(path)
+}
+
 /// Returns whether `path` is a new ledger folder. Refuses files that sled would not have made.
 fn check_folder(path: &Path) -> Result<bool, OpenError> {
     match std::fs::metadata(path) {
