@@ -301,10 +301,15 @@ impl Attention {
         let k = repeat(k)?;
         let v = repeat(v)?;
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?; // [B, h, L, L]
+        // Scores and softmax in f32, probabilities back in the model dtype for the value product:
+        // what the reference's fused bf16 attention does. At <= ~550 tokens the f32 copies of q
+        // and k cost nothing next to the projections.
+        let q = q.to_dtype(DType::F32)?;
+        let k = k.to_dtype(DType::F32)?;
+        let scores = (q.matmul(&k.t()?)? * scale)?; // [B, h, L, L]
         let probs =
             candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?; // [B, h, L, D]
+        let out = probs.matmul(&v.contiguous()?)?; // [B, h, L, D]
         // [B, h, L, D] -> [B, L, h*D]
         let out = out.transpose(1, 2)?.reshape((b, l, h * d))?;
         self.o_proj.forward(&out)
@@ -487,21 +492,28 @@ impl QwenTextEncoder {
             )
         }
         let lengths = right_padded_lengths(mask)?;
-        // Positions 0..L for every row: transformers 5 uses these for text-only input, and for
-        // right padding they equal the older `cumsum(mask) - 1` on every real token.
-        // Built as f32 on the host: positions < 2^24 are exact, and no integer cast kernel is
-        // needed on the device.
-        let positions: Vec<f32> = (0..l).map(|p| p as f32).collect();
-        let positions = Tensor::from_vec(positions, (l, 1), &self.device)?;
-        let angles = positions.broadcast_mul(&self.inv_freq)?; // [L, D/2], f32
-        let cos = angles.cos()?.to_dtype(self.dtype)?;
-        let sin = angles.sin()?.to_dtype(self.dtype)?;
+        let (cos, sin) = self.rope_tables(l)?;
         let mask = attention_mask(&lengths, l, &self.device)?;
         let mut x = self.embed_tokens.forward(ids)?;
         for layer in &self.layers {
             x = layer.forward(&x, &cos, &sin, &mask)?;
         }
         self.norm.forward(&x)
+    }
+
+    /// RoPE `(cos, sin)`, each `[L, head_dim/2]` in the model dtype, for positions `0..L`:
+    /// transformers 5 uses these for text-only input, and for right padding they equal the older
+    /// `cumsum(mask) - 1` on every real token. Angles are `position · inv_freq` in f32 (positions
+    /// made on the host, exact below 2^24, so no integer cast kernel runs on the device) and only
+    /// cos/sin are cast.
+    pub fn rope_tables(&self, l: usize) -> Result<(Tensor, Tensor)> {
+        let positions: Vec<f32> = (0..l).map(|p| p as f32).collect();
+        let positions = Tensor::from_vec(positions, (l, 1), &self.device)?;
+        let angles = positions.broadcast_mul(&self.inv_freq)?; // [L, D/2], f32
+        Ok((
+            angles.cos()?.to_dtype(self.dtype)?,
+            angles.sin()?.to_dtype(self.dtype)?,
+        ))
     }
 
     /// Encodes tokenized prompts as `QwenImagePipeline.encode_prompt` does: right-pads the batch,
@@ -679,6 +691,32 @@ mod tests {
         );
         assert!(!out.is_unpadded());
         assert!(te.encode_prompts(&[p(3, 3)]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn bf16_rope_table_is_formed_in_f32() -> Result<()> {
+        let dev = Device::Cpu;
+        let cfg = TextEncoderConfig {
+            hidden_size: 32,
+            num_attention_heads: 2,
+            ..tiny()
+        };
+        let te = QwenTextEncoder::new(&cfg, VarBuilder::zeros(DType::BF16, &dev))?;
+        let (cos, _) = te.rope_tables(600)?;
+        let got = cos.to_dtype(DType::F32)?.i((599, 0))?.to_scalar::<f32>()?;
+        // Frequency 0 is 1 rad per position: cos(599) rounded once to bf16.
+        let to_bf16 = |v: f32| -> Result<f32> {
+            Tensor::new(v, &dev)?
+                .to_dtype(DType::BF16)?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()
+        };
+        let want = to_bf16(599f32.cos())?;
+        assert_eq!(got, want);
+        // What a table built in bf16 gives instead (599 is not a bf16 number: it rounds to 600).
+        let bf16_angle = to_bf16(599.0)?;
+        assert!((bf16_angle.cos() - want).abs() > 0.1);
         Ok(())
     }
 }

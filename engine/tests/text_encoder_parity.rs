@@ -120,10 +120,13 @@ fn padded_batch_matches_reference() -> Result<()> {
     Ok(())
 }
 
-/// The production dtype: bf16 must run and stay near the f32 reference (loose bound; the RoPE
-/// table is formed in f32 either way).
+/// The production dtype, as a smoke test: our bf16 run against the reference's bf16 run of the
+/// same model. On a 2-layer width-32 model, bf16 rounding noise dominates (the reference's own
+/// bf16 run is ~2e-2 from its f32 run), so the bound is that noise level, 5e-2; a table built
+/// in bf16 would not show here at positions ~100, which is why the f32 RoPE table has its own
+/// unit test (`text_encoder::tests::bf16_rope_table_is_formed_in_f32`).
 #[test]
-fn bf16_stays_close() -> Result<()> {
+fn bf16_matches_reference_bf16() -> Result<()> {
     let exp = expected()?;
     let te = QwenTextEncoder::load(
         &fixtures().join("text_encoder/nested"),
@@ -134,8 +137,13 @@ fn bf16_stays_close() -> Result<()> {
     let mask = Tensor::ones(ids.dims(), DType::U8, &Device::Cpu)?;
     let hidden = te.encode(&ids, &mask)?;
     assert_eq!(hidden.dtype(), DType::BF16);
-    let err = rel_err(&hidden.i(0)?.to_dtype(DType::F32)?, get(&exp, "hidden_2")?)?;
-    println!("text encoder bf16 vs f32 reference: {err:.3e}");
+    let hidden = hidden.i(0)?.to_dtype(DType::F32)?;
+    let err = rel_err(&hidden, get(&exp, "hidden_2_bf16")?)?;
+    let err_f32 = rel_err(&hidden, get(&exp, "hidden_2")?)?;
+    let ref_gap = rel_err(get(&exp, "hidden_2_bf16")?, get(&exp, "hidden_2")?)?;
+    println!(
+        "text encoder bf16: vs reference bf16 {err:.3e}; vs f32 {err_f32:.3e} (reference bf16 vs f32: {ref_gap:.3e})"
+    );
     assert!(err <= 5e-2, "bf16 rel err {err:e}");
     Ok(())
 }

@@ -272,6 +272,11 @@ def build_text_encoder(out: Path, tokenizer, drop_idx: int, vocab: int):
         expected["batch_attention_mask"] = toks.attention_mask.to(torch.int64)
         expected["batch_embeds"] = embeds
         expected["batch_mask"] = mask.to(torch.int64)
+        # The production dtype: the same model and prompt 2 run in bf16 by the reference.
+        model.to(torch.bfloat16)
+        _, hidden, _, _ = reference_prompt_embeds(tokenizer, model, PROMPTS[2:3], drop_idx)
+        expected["hidden_2_bf16"] = hidden[0].float()
+        model.to(torch.float32)
     save_file({k: v.contiguous() for k, v in expected.items()}, str(out / "expected.safetensors"))
     (out / "meta.json").write_text(json.dumps({"drop_index": drop_idx, "prompts": PROMPTS[:3]}, indent=1, ensure_ascii=False))
 
