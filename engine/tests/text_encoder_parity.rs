@@ -147,3 +147,23 @@ fn bf16_matches_reference_bf16() -> Result<()> {
     assert!(err <= 5e-2, "bf16 rel err {err:e}");
     Ok(())
 }
+
+/// A prompt past the limit: the reference encodes 1024 + drop tokens and keeps the first 512
+/// after the drop; we encode only drop + 512. The model is causal, so the two must agree.
+#[test]
+fn long_prompt_cut_at_512_matches_reference() -> Result<()> {
+    let exp = expected()?;
+    let te = load("nested")?;
+    let tok = PromptTokenizer::from_dir(&fixtures().join("tokenizer/json"))?;
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        fixtures().join("text_encoder/meta.json"),
+    )?)?;
+    let prompt = meta["long_prompt"].as_str().context("long_prompt")?;
+    let tokens = tok.encode_prompt(prompt)?;
+    assert_eq!(tokens.embedding_len(), 512);
+    let out = te.encode_prompts(&[tokens])?;
+    let err = rel_err(&out.embeds.i(0)?, get(&exp, "embeds_long")?)?;
+    println!("long prompt, 512 kept after the drop: embeddings rel err {err:.3e}");
+    assert!(err <= TOLERANCE, "long prompt: {err:e}");
+    Ok(())
+}

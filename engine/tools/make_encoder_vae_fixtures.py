@@ -266,6 +266,10 @@ def build_text_encoder(out: Path, tokenizer, drop_idx: int, vocab: int):
             expected[f"ids_{i}"] = toks.input_ids[0].to(torch.int64)
             expected[f"hidden_{i}"] = hidden[0]
             expected[f"embeds_{i}"] = embeds[0]
+        # The long prompt: the reference encodes 1024 + drop tokens and keeps the first 512 after
+        # the drop; the Rust side encodes only drop + 512 (equal, as the model is causal).
+        _, _, embeds, _ = reference_prompt_embeds(tokenizer, model, PROMPTS[-1:], drop_idx)
+        expected["embeds_long"] = embeds[0]
         # A padded batch of two prompts of different lengths.
         toks, hidden, embeds, mask = reference_prompt_embeds(tokenizer, model, PROMPTS[:2], drop_idx)
         expected["batch_ids"] = toks.input_ids.to(torch.int64)
@@ -278,7 +282,9 @@ def build_text_encoder(out: Path, tokenizer, drop_idx: int, vocab: int):
         expected["hidden_2_bf16"] = hidden[0].float()
         model.to(torch.float32)
     save_file({k: v.contiguous() for k, v in expected.items()}, str(out / "expected.safetensors"))
-    (out / "meta.json").write_text(json.dumps({"drop_index": drop_idx, "prompts": PROMPTS[:3]}, indent=1, ensure_ascii=False))
+    (out / "meta.json").write_text(
+        json.dumps({"drop_index": drop_idx, "prompts": PROMPTS[:3], "long_prompt": PROMPTS[-1]}, indent=1, ensure_ascii=False)
+    )
 
 
 # Latent statistics of the real Qwen-Image VAE (diffusers' defaults), so the (de)normalisation is
