@@ -6,6 +6,7 @@ use clap::{Args, Subcommand};
 
 mod id;
 mod init;
+mod ledger;
 mod price;
 
 #[derive(Debug, Subcommand)]
@@ -16,6 +17,8 @@ pub(crate) enum Command {
     Id(id::IdArgs),
     /// Print what a job costs under the metering function.
     Price(price::PriceArgs),
+    /// The books: balances, receipts, deposits, credit limits, verify, export and audit.
+    Ledger(ledger::LedgerArgs),
 }
 
 pub(crate) fn run(command: Command) -> anyhow::Result<()> {
@@ -23,6 +26,7 @@ pub(crate) fn run(command: Command) -> anyhow::Result<()> {
         Command::Init(a) => init::run(a),
         Command::Id(a) => id::run(a),
         Command::Price(a) => price::run(a),
+        Command::Ledger(a) => ledger::run(a),
     }
 }
 
