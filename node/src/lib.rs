@@ -1,9 +1,25 @@
-//! A pixmarket node: its data folder and configuration now; the libp2p swarm, the provider
-//! service and the requester client (issue 7) build on these.
+//! A pixmarket node: its data folder and configuration, the libp2p network, the provider
+//! service that sells generation, and the requester client that buys it.
 
 pub mod config;
 pub mod data_dir;
+pub mod engine_generator;
+pub mod generator;
+pub mod metrics;
 pub mod network;
+pub mod node;
+pub mod provider;
+pub mod requester;
+
+pub use node::{Node, NodeError, NodeOptions};
+
+/// Milliseconds since the Unix epoch: the protocol's clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
 
 pub use config::{ConfigError, NodeConfig};
 pub use data_dir::{DataDir, DataDirError};

@@ -3,7 +3,7 @@
 //! and never blocks on the node's services: a full event queue makes it refuse, not wait.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::metrics::{Metrics, Recorder};
@@ -29,12 +29,7 @@ const BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(60);
 /// What a refused inbound request tells the peer when our services are saturated.
 const BUSY_RETRY_MS: u64 = 1_000;
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
+use crate::now_ms;
 
 /// Owns the swarm; run it with [`EventLoop::run`] on its own task.
 pub struct EventLoop {

@@ -1,0 +1,135 @@
+//! [`Generator`] backed by the Qwen-Image engine: the real model, or the built-in tiny model
+//! (random weights in the same layout, loaded by the same code; its pictures are noise).
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use pixmarket_engine::pipeline::{self, GenerateRequest, QwenImage};
+use pixmarket_protocol::{JobParams, Mode};
+
+use crate::generator::{GenError, Generator, GeneratorInfo};
+
+/// Where `--model tiny` lives inside a data folder.
+pub fn tiny_model_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("models").join("tiny")
+}
+
+/// Resolves `tiny` to the data folder's tiny model (writing it on first use); any other value
+/// is a model folder in the diffusers layout.
+pub fn resolve_model(model: &str, data_dir: &Path) -> Result<PathBuf, GenError> {
+    if model == "tiny" {
+        let dir = tiny_model_dir(data_dir);
+        pixmarket_engine::tiny::ensure_tiny_model(&dir)
+            .map_err(|e| GenError::Failed(e.to_string()))?;
+        Ok(dir)
+    } else {
+        Ok(PathBuf::from(model))
+    }
+}
+
+/// The engine as a market generator.
+#[derive(Debug)]
+pub struct EngineGenerator {
+    model: QwenImage,
+    device_name: String,
+    precision: String,
+}
+
+impl EngineGenerator {
+    /// Loads a model folder on `device` (`cpu`, `cuda`, `cuda:N`) in `dtype` (`f32`, `bf16`, `f16`).
+    pub fn load(dir: &Path, dtype: &str, device: &str) -> Result<Self, GenError> {
+        let fail = |e: pixmarket_engine::error::EngineError| GenError::Failed(e.to_string());
+        let dt = pipeline::dtype_from_name(dtype).ok_or_else(|| {
+            GenError::Failed(format!("unknown dtype {dtype:?}; allowed: f32, bf16, f16"))
+        })?;
+        let dev = pipeline::device_from_name(device).map_err(fail)?;
+        let model = QwenImage::load(dir, dt, &dev).map_err(fail)?;
+        Ok(Self {
+            model,
+            device_name: device.to_owned(),
+            precision: dtype.to_owned(),
+        })
+    }
+}
+
+fn to_request(p: &JobParams, image: u32) -> GenerateRequest {
+    let mode = match &p.mode {
+        Mode::TextToImage => pipeline::Mode::TextToImage,
+        Mode::ImageToImage {
+            init_image,
+            strength_permille,
+        } => pipeline::Mode::ImageToImage {
+            init_image: init_image.clone(),
+            strength_permille: *strength_permille,
+        },
+        Mode::Inpaint {
+            init_image,
+            mask,
+            strength_permille,
+        } => pipeline::Mode::Inpaint {
+            init_image: init_image.clone(),
+            mask: mask.clone(),
+            strength_permille: *strength_permille,
+        },
+    };
+    GenerateRequest {
+        prompt: p.prompt.clone(),
+        negative_prompt: p.negative_prompt.clone(),
+        width: p.width,
+        height: p.height,
+        steps: p.steps,
+        true_cfg_scale: p.true_cfg_scale,
+        // Image i of a job uses seed + i, so a 4-image job is four distinct pictures.
+        seed: p.seed.wrapping_add(u64::from(image)),
+        latents: None,
+        mode,
+    }
+}
+
+impl Generator for EngineGenerator {
+    fn info(&self) -> GeneratorInfo {
+        GeneratorInfo {
+            model_id: self.model.model_id().chars().take(128).collect(),
+            precision: self.precision.clone(),
+            device_name: self.device_name.clone(),
+            device_memory_mib: 0,
+            supports_image_to_image: true,
+            supports_inpaint: true,
+        }
+    }
+
+    fn count_prompt_tokens(&self, prompt: &str) -> Result<u32, GenError> {
+        // A non-empty prompt is at least one token; metering needs 1..
+        Ok(self.model.count_prompt_tokens(prompt).max(1))
+    }
+
+    fn generate(
+        &self,
+        jobs: &[JobParams],
+        progress: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
+    ) -> Result<Vec<Vec<Vec<u8>>>, GenError> {
+        let mut requests = Vec::new();
+        let mut counts = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            counts.push(job.images as usize);
+            requests.extend((0..job.images).map(|i| to_request(job, i)));
+        }
+        let mut cb = |p: pipeline::Progress| progress(p.step, p.total);
+        let images = self
+            .model
+            .generate(&requests, &mut cb)
+            .map_err(|e| match e {
+                pixmarket_engine::error::EngineError::Cancelled => GenError::Cancelled,
+                other => GenError::Failed(other.to_string()),
+            })?;
+        let mut pngs = images
+            .iter()
+            .map(|img| img.png().map_err(|e| GenError::Failed(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter();
+        Ok(counts
+            .into_iter()
+            .map(|n| pngs.by_ref().take(n).collect())
+            .collect())
+    }
+}

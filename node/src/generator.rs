@@ -1,0 +1,44 @@
+//! The seam between the market and the model: what a provider needs from an image generator.
+//! The real implementation is the Qwen-Image engine ([`crate::engine_generator`]); the tiny
+//! model runs the same engine code, so tests exercise the real path.
+
+use std::ops::ControlFlow;
+
+use pixmarket_protocol::JobParams;
+
+/// A generator failed (the message is shown to the requester as `FailReason::Engine`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GenError {
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Facts a provider advertises about its model and hardware.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GeneratorInfo {
+    pub model_id: String,
+    /// `f32`, `bf16` or `f16`.
+    pub precision: String,
+    pub device_name: String,
+    pub device_memory_mib: u64,
+    pub supports_image_to_image: bool,
+    pub supports_inpaint: bool,
+}
+
+/// Runs jobs. Shared between the admission path (token counting) and the worker thread.
+pub trait Generator: Send + Sync + 'static {
+    fn info(&self) -> GeneratorInfo;
+
+    /// Tokens of the user's prompt in the model tokenizer: the metered prompt length.
+    fn count_prompt_tokens(&self, prompt: &str) -> Result<u32, GenError>;
+
+    /// Runs a batch of compatible jobs (same size, steps and mode) and returns, per job, its
+    /// PNG images. `progress(step, of)` is called after every step; `Break` cancels.
+    fn generate(
+        &self,
+        jobs: &[JobParams],
+        progress: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
+    ) -> Result<Vec<Vec<Vec<u8>>>, GenError>;
+}

@@ -1,0 +1,153 @@
+//! Node metrics in the Prometheus text format: jobs by outcome, queue length, GPU busy time,
+//! step time, tokens earned and spent, peers; plus libp2p's own metrics, registered by the
+//! network. Served by a minimal HTTP endpoint (`GET /metrics`) with a bounded number of
+//! concurrent connections.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pixmarket_protocol::MicroTokens;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
+
+/// Scrapers are few; more concurrent connections than this wait.
+const MAX_METRICS_CONNECTIONS: usize = 8;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: String,
+}
+
+/// The node's own metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    jobs: Family<Outcome, Counter>,
+    queue: Gauge,
+    busy_ms: Counter,
+    step_seconds: Histogram,
+    earned_micro: Counter,
+    spent_micro: Counter,
+    peers: Gauge,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            jobs: Family::default(),
+            queue: Gauge::default(),
+            busy_ms: Counter::default(),
+            // 10 ms .. ~40 s: a tiny-model step on a CPU up to a 2048² step on a small GPU.
+            step_seconds: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.01, 2.0, 13),
+            ),
+            earned_micro: Counter::default(),
+            spent_micro: Counter::default(),
+            peers: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("pixmarket");
+        r.register(
+            "jobs",
+            "Jobs by outcome (accepted, refused, completed, failed, cancelled, paid)",
+            m.jobs.clone(),
+        );
+        r.register("queue_length", "Jobs waiting for the GPU", m.queue.clone());
+        r.register(
+            "gpu_busy_milliseconds",
+            "Time the generator spent running batches; rate() is the busy fraction",
+            m.busy_ms.clone(),
+        );
+        r.register(
+            "step_seconds",
+            "Wall time of one denoising step",
+            m.step_seconds.clone(),
+        );
+        r.register(
+            "earned_microtokens",
+            "Micro-tokens charged to requesters",
+            m.earned_micro.clone(),
+        );
+        r.register(
+            "spent_microtokens",
+            "Micro-tokens paid to providers",
+            m.spent_micro.clone(),
+        );
+        r.register("peers", "Connected peers", m.peers.clone());
+        m
+    }
+
+    pub fn job(&self, outcome: &str) {
+        self.jobs
+            .get_or_create(&Outcome {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+    pub fn set_queue(&self, n: usize) {
+        self.queue.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    pub fn busy(&self, d: Duration) {
+        self.busy_ms
+            .inc_by(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    }
+    pub fn step(&self, d: Duration) {
+        self.step_seconds.observe(d.as_secs_f64());
+    }
+    pub fn earned(&self, amount: MicroTokens) {
+        self.earned_micro.inc_by(amount.0);
+    }
+    pub fn spent(&self, amount: MicroTokens) {
+        self.spent_micro.inc_by(amount.0);
+    }
+    pub fn set_peers(&self, n: usize) {
+        self.peers.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<std::sync::Mutex<Registry>>) {
+    let permits = Arc::new(Semaphore::new(MAX_METRICS_CONNECTIONS));
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut buf = [0u8; 1024];
+            // One read of the request line is enough: we answer the same page to any GET.
+            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await
+            {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let (status, body) = if buf[..n].starts_with(b"GET /metrics") {
+                let mut text = String::new();
+                let encoded = registry
+                    .lock()
+                    .map_err(|_| std::fmt::Error)
+                    .and_then(|r| prometheus_client::encoding::text::encode(&mut text, &r));
+                match encoded {
+                    Ok(()) => ("200 OK", text),
+                    Err(_) => ("500 Internal Server Error", String::new()),
+                }
+            } else {
+                ("404 Not Found", "try GET /metrics\n".to_owned())
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(body.as_bytes()).await;
+        });
+    }
+}

@@ -1,0 +1,704 @@
+//! The provider service: sells generation.
+//!
+//! Data flow:
+//! - `Request::Quote` → verify, validate, meter → signed `Quote`.
+//! - `Request::Job` → admission: signature, signer = connection peer, validation, addressee,
+//!   mode, metering (`cost ≤ max_cost`), queue room (`Busy`), then the ledger hold of `max_cost`
+//!   (duplicate job ids and insufficient credit refused there) → `Accepted { position, eta }`.
+//! - worker thread: takes the oldest job plus compatible ones (same size, steps, mode) up to
+//!   `max_batch`, runs the generator, streams `Progress`, then per job: sign the receipt, settle
+//!   it durably, and only then send `Completed` with the images; the requester's ack comes back
+//!   on that event's response and is stored. A failed or cancelled job's hold is voided.
+//! - `Request::Cancel` from the job's requester → removed from the queue, or stopped at the next
+//!   step when running.
+//! - adverts: a signed `CapacityAdvert` every [`ADVERT_INTERVAL`] and when the queue changes.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use pixmarket_ledger::{Ledger, LedgerError};
+use pixmarket_protocol::messages::{FailReason, JobEventKind, ValidationErrorWire};
+use pixmarket_protocol::{
+    CapacityAdvert, Hash, JobEvent, JobId, JobParams, JobRequest, MeteredUnits, MicroTokens, Mode,
+    PriceSchedule, PublicKey, Quote, QuoteRequest, Receipt, ReceiptAck, SecretKey, Signed,
+    metering, validate,
+};
+use tokio::sync::{Notify, mpsc};
+
+use crate::generator::{GenError, Generator};
+use crate::metrics::Metrics;
+use crate::network::{Client, Request, Response};
+use crate::now_ms;
+
+/// How often a provider re-publishes its advert (receivers expire them after 30 s).
+pub const ADVERT_INTERVAL: Duration = Duration::from_secs(3);
+/// Progress events waiting to be sent; when full, progress is dropped (the next step's follows).
+const PROGRESS_QUEUE: usize = 256;
+/// Delivering a completed job is retried this many times before the result is given up on.
+const DELIVERY_ATTEMPTS: u32 = 3;
+/// Quotes are good for this long.
+const QUOTE_VALIDITY_MS: u64 = 60_000;
+
+/// A provider's market settings, already validated.
+#[derive(Clone, Debug)]
+pub struct ProviderSettings {
+    pub schedule: PriceSchedule,
+    pub max_queue: u32,
+    pub max_batch: u32,
+    /// Starting estimate of one standard image (1024², 50 steps), refined by measurement.
+    pub ms_per_standard_image: u64,
+}
+
+struct QueuedJob {
+    job_id: JobId,
+    peer: PeerId,
+    requester: PublicKey,
+    request: Signed<JobRequest>,
+    params: JobParams,
+    units: MeteredUnits,
+    cost: MicroTokens,
+    queued_at: Instant,
+}
+
+impl QueuedJob {
+    fn compatible(&self, other: &QueuedJob) -> bool {
+        let (a, b) = (&self.params, &other.params);
+        a.width == b.width
+            && a.height == b.height
+            && a.steps == b.steps
+            && a.mode.name() == b.mode.name()
+            && a.mode.strength_permille() == b.mode.strength_permille()
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: VecDeque<QueuedJob>,
+    running: BTreeSet<JobId>,
+    cancelled: BTreeSet<JobId>,
+    stopping: bool,
+}
+
+/// Shared state of the provider; cheap to clone.
+#[derive(Clone)]
+pub struct Provider {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    key: Arc<SecretKey>,
+    ledger: Arc<Ledger>,
+    net: Client,
+    generator: Arc<dyn Generator>,
+    settings: ProviderSettings,
+    queue: Mutex<Queue>,
+    work: Condvar,
+    changed: Notify,
+    ms_per_standard: AtomicU64,
+    seq: AtomicU64,
+    metrics: Arc<Metrics>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider")
+            .field("peer", &self.inner.key.public().fmt_short())
+            .finish()
+    }
+}
+
+fn refuse(reason: FailReason) -> Response {
+    Response::Refused(reason)
+}
+
+/// Relative work of a job against a standard image, in parts per million.
+fn work_ppm(p: &JobParams) -> u64 {
+    let px = u64::from(p.width) * u64::from(p.height);
+    let steps = u64::from(pixmarket_protocol::effective_steps(
+        p.steps,
+        p.mode.strength_permille(),
+    ));
+    let cfg = if p.true_cfg_scale > 1.0 { 2 } else { 1 };
+    px * steps * u64::from(p.images) * cfg * 1_000_000 / (1024 * 1024 * 50)
+}
+
+impl Provider {
+    /// Starts the worker thread and the advert task. Call from within a tokio runtime.
+    pub fn start(
+        key: Arc<SecretKey>,
+        ledger: Arc<Ledger>,
+        net: Client,
+        generator: Arc<dyn Generator>,
+        settings: ProviderSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, LedgerError> {
+        // No job survives a restart: every hold left from before is released now.
+        let open: Vec<JobId> = ledger.holds()?.into_iter().map(|(j, _)| j).collect();
+        for job in open {
+            match ledger.void(job, "provider restarted") {
+                Ok(())
+                | Err(LedgerError::AlreadyFinished { .. } | LedgerError::UnknownHold { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let inner = Arc::new(Inner {
+            key,
+            ledger,
+            net,
+            generator,
+            ms_per_standard: AtomicU64::new(settings.ms_per_standard_image.max(1)),
+            settings,
+            queue: Mutex::new(Queue::default()),
+            work: Condvar::new(),
+            changed: Notify::new(),
+            seq: AtomicU64::new(now_ms()),
+            metrics,
+            runtime: tokio::runtime::Handle::current(),
+        });
+        let provider = Self { inner };
+        let worker = provider.clone();
+        std::thread::Builder::new()
+            .name("pixmarket-worker".into())
+            .spawn(move || worker.worker_loop())
+            .map_err(|e| LedgerError::Store(pixmarket_ledger::StoreError::Engine(e.to_string())))?;
+        let adverts = provider.clone();
+        tokio::spawn(async move { adverts.advert_loop().await });
+        Ok(provider)
+    }
+
+    /// Stops taking jobs; the worker finishes the batch it runs and exits.
+    pub fn stop(&self) {
+        if let Ok(mut q) = self.inner.queue.lock() {
+            q.stopping = true;
+        }
+        self.inner.work.notify_all();
+        self.inner.changed.notify_one();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // A panic while holding the lock would be a bug in this module; the queue stays usable.
+        self.inner
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn queue_eta_ms(&self, q: &Queue) -> u64 {
+        let per = self.inner.ms_per_standard.load(Ordering::Relaxed);
+        q.waiting
+            .iter()
+            .map(|j| work_ppm(&j.params) * per / 1_000_000)
+            .sum::<u64>()
+            + u64::try_from(q.running.len()).unwrap_or(0) * per
+    }
+
+    /// Handles one inbound request addressed to the provider side.
+    pub fn handle(&self, peer: PeerId, request: Request) -> Response {
+        match request {
+            Request::Quote(q) => self.quote(&q),
+            Request::Job(j) => {
+                let r = self.admit(peer, j);
+                let outcome = match &r {
+                    Response::Accepted { .. } => "accepted",
+                    _ => "refused",
+                };
+                self.inner.metrics.job(outcome);
+                r
+            }
+            Request::Cancel(job) => self.cancel(peer, job),
+            Request::Ack(ack) => match self.store_ack(&ack) {
+                Ok(()) => Response::Ok,
+                Err(reason) => refuse(reason),
+            },
+            Request::Event(_) => refuse(FailReason::Unsupported("job events to a provider".into())),
+        }
+    }
+
+    fn meter(
+        &self,
+        prompt: &str,
+        units_of: impl FnOnce(u32) -> MeteredUnits,
+    ) -> Result<(MeteredUnits, MicroTokens), FailReason> {
+        let tokens = self
+            .inner
+            .generator
+            .count_prompt_tokens(prompt)
+            .map_err(|e| FailReason::Engine(e.to_string()))?;
+        let units = units_of(tokens);
+        let cost = metering::cost(&units, &self.inner.settings.schedule).map_err(|e| {
+            FailReason::Invalid(ValidationErrorWire {
+                field: "units".into(),
+                got: e.to_string(),
+                allowed: "the metering range".into(),
+            })
+        })?;
+        Ok((units, cost))
+    }
+
+    fn quote(&self, signed: &Signed<QuoteRequest>) -> Response {
+        let Ok(q) = signed.verify() else {
+            return refuse(FailReason::BadSignature);
+        };
+        if q.provider != self.inner.key.public() {
+            return refuse(FailReason::WrongProvider);
+        }
+        if let Err(e) = q.validate() {
+            return refuse(FailReason::Invalid(e.into()));
+        }
+        let (units, cost) = match self.meter(&q.prompt, |prompt_tokens| MeteredUnits {
+            width: q.width,
+            height: q.height,
+            steps: pixmarket_protocol::effective_steps(q.steps, q.strength_permille),
+            prompt_tokens,
+            images: q.images,
+        }) {
+            Ok(x) => x,
+            Err(r) => return refuse(r),
+        };
+        let (position, eta_ms) = {
+            let q = self.lock();
+            (
+                u32::try_from(q.waiting.len()).unwrap_or(u32::MAX),
+                self.queue_eta_ms(&q),
+            )
+        };
+        let quote = Quote {
+            quote_id: q.quote_id,
+            requester: signed.signer(),
+            units,
+            schedule: self.inner.settings.schedule,
+            cost,
+            queue_position: position,
+            eta_ms,
+            valid_until_ms: now_ms() + QUOTE_VALIDITY_MS,
+        };
+        match Signed::sign(&self.inner.key, &quote) {
+            Ok(s) => Response::Quote(s),
+            Err(e) => refuse(FailReason::Engine(e.to_string())),
+        }
+    }
+
+    fn admit(&self, peer: PeerId, signed: Signed<JobRequest>) -> Response {
+        let Ok(req) = signed.verify() else {
+            tracing::warn!(%peer, "refused job: bad signature");
+            return refuse(FailReason::BadSignature);
+        };
+        // Events go back to the connection's peer, so it must be the signer.
+        if signed.signer().to_peer_id() != peer {
+            tracing::warn!(%peer, "refused job: relayed request (signer is not the sender)");
+            return refuse(FailReason::BadSignature);
+        }
+        let now = now_ms();
+        if let Err(e) = req.validate(now) {
+            tracing::warn!(%peer, error = %e, "refused job: invalid");
+            return refuse(if e.field == "expires_at" {
+                FailReason::Expired
+            } else {
+                FailReason::Invalid(e.into())
+            });
+        }
+        if req.provider != self.inner.key.public() {
+            return refuse(FailReason::WrongProvider);
+        }
+        let (units, cost) = match self.meter(&req.params.prompt, |t| req.params.metered_units(t)) {
+            Ok(x) => x,
+            Err(r) => return refuse(r),
+        };
+        if cost > req.max_cost {
+            return refuse(FailReason::OverBudget {
+                cost,
+                max_cost: req.max_cost,
+            });
+        }
+        let mut q = self.lock();
+        if q.stopping {
+            return refuse(FailReason::ShuttingDown);
+        }
+        if q.waiting.len() >= self.inner.settings.max_queue as usize {
+            let retry_after_ms = self.queue_eta_ms(&q).max(1000);
+            return refuse(FailReason::Busy { retry_after_ms });
+        }
+        // The hold is durable before the job can run; the ledger refuses duplicates ever seen.
+        if let Err(e) = self.inner.ledger.hold_request(&signed, now) {
+            tracing::warn!(%peer, error = %e, "refused job at the ledger");
+            return refuse(match e {
+                LedgerError::InsufficientCredit {
+                    needed, available, ..
+                } => FailReason::InsufficientCredit { needed, available },
+                LedgerError::DuplicateJob { .. } => FailReason::Duplicate,
+                LedgerError::Expired { .. } => FailReason::Expired,
+                other => FailReason::Engine(format!("ledger: {other}")),
+            });
+        }
+        let position = u32::try_from(q.waiting.len()).unwrap_or(u32::MAX);
+        let eta_ms = self.queue_eta_ms(&q)
+            + work_ppm(&req.params) * self.inner.ms_per_standard.load(Ordering::Relaxed)
+                / 1_000_000;
+        q.waiting.push_back(QueuedJob {
+            job_id: req.job_id,
+            peer,
+            requester: signed.signer(),
+            request: signed.clone(),
+            params: req.params,
+            units,
+            cost,
+            queued_at: Instant::now(),
+        });
+        self.inner.metrics.set_queue(q.waiting.len());
+        drop(q);
+        self.inner.work.notify_one();
+        self.inner.changed.notify_one();
+        Response::Accepted {
+            queue_position: position,
+            eta_ms,
+        }
+    }
+
+    fn cancel(&self, peer: PeerId, job: JobId) -> Response {
+        let mut q = self.lock();
+        if let Some(i) = q
+            .waiting
+            .iter()
+            .position(|j| j.job_id == job && j.peer == peer)
+        {
+            let Some(j) = q.waiting.remove(i) else {
+                return Response::Ok;
+            };
+            drop(q);
+            self.finish_failed(&j, None);
+            return Response::Ok;
+        }
+        if q.running.contains(&job) {
+            q.cancelled.insert(job);
+        }
+        Response::Ok
+    }
+
+    fn store_ack(&self, ack: &Signed<ReceiptAck>) -> Result<(), FailReason> {
+        let body = ack.verify().map_err(|_| FailReason::BadSignature)?;
+        self.inner
+            .ledger
+            .attach_ack(body.job_id, ack)
+            .map_err(|e| FailReason::Engine(format!("ledger: {e}")))
+    }
+
+    fn send_event(
+        &self,
+        peer: PeerId,
+        event: JobEvent,
+    ) -> Result<Response, crate::network::NetError> {
+        let net = self.inner.net.clone();
+        self.inner
+            .runtime
+            .block_on(async move { net.request(peer, Request::Event(event)).await })
+    }
+
+    /// Voids the hold and tells the requester: `reason` None means cancelled.
+    fn finish_failed(&self, job: &QueuedJob, reason: Option<FailReason>) {
+        let why = reason
+            .as_ref()
+            .map_or_else(|| "cancelled".to_owned(), ToString::to_string);
+        if let Err(e) = self.inner.ledger.void(job.job_id, &why) {
+            tracing::error!(job = %job.job_id, error = %e, "cannot void hold");
+        }
+        self.inner.metrics.job(if reason.is_some() {
+            "failed"
+        } else {
+            "cancelled"
+        });
+        let kind = match reason {
+            Some(reason) => JobEventKind::Failed { reason },
+            None => JobEventKind::Cancelled,
+        };
+        let net = self.inner.net.clone();
+        let (peer, event) = (
+            job.peer,
+            JobEvent {
+                job_id: job.job_id,
+                kind,
+            },
+        );
+        self.inner.runtime.spawn(async move {
+            let _ = net.request(peer, Request::Event(event)).await;
+        });
+    }
+
+    fn worker_loop(&self) {
+        let (progress_tx, mut progress_rx) = mpsc::channel::<(PeerId, JobEvent)>(PROGRESS_QUEUE);
+        let net = self.inner.net.clone();
+        self.inner.runtime.spawn(async move {
+            while let Some((peer, event)) = progress_rx.recv().await {
+                let _ = net.request(peer, Request::Event(event)).await;
+            }
+        });
+        loop {
+            let batch = {
+                let mut q = self.lock();
+                while q.waiting.is_empty() && !q.stopping {
+                    q = self
+                        .inner
+                        .work
+                        .wait(q)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                }
+                if q.stopping {
+                    break;
+                }
+                let mut batch = Vec::new();
+                if let Some(first) = q.waiting.pop_front() {
+                    let mut i = 0;
+                    while i < q.waiting.len()
+                        && batch.len() + 1 < self.inner.settings.max_batch as usize
+                    {
+                        if first.compatible(&q.waiting[i]) {
+                            if let Some(j) = q.waiting.remove(i) {
+                                batch.push(j);
+                            }
+                        } else {
+                            i += 1;
+                        }
+                    }
+                    batch.insert(0, first);
+                }
+                for j in &batch {
+                    q.running.insert(j.job_id);
+                }
+                self.inner.metrics.set_queue(q.waiting.len());
+                batch
+            };
+            self.inner.changed.notify_one();
+            self.run_batch(batch, &progress_tx);
+        }
+        // Jobs still queued at shutdown will not run: release their holds.
+        let left: Vec<QueuedJob> = self.lock().waiting.drain(..).collect();
+        for j in &left {
+            self.finish_failed(j, Some(FailReason::ShuttingDown));
+        }
+    }
+
+    fn run_batch(&self, batch: Vec<QueuedJob>, progress_tx: &mpsc::Sender<(PeerId, JobEvent)>) {
+        let started = Instant::now();
+        let params: Vec<JobParams> = batch.iter().map(|j| j.params.clone()).collect();
+        let ids: Vec<JobId> = batch.iter().map(|j| j.job_id).collect();
+        let mut last_step = Instant::now();
+        let mut progress = |step: u32, of: u32| {
+            self.inner.metrics.step(last_step.elapsed());
+            last_step = Instant::now();
+            let q = self.lock();
+            let all_cancelled = ids.iter().all(|id| q.cancelled.contains(id));
+            drop(q);
+            for j in &batch {
+                let ev = JobEvent {
+                    job_id: j.job_id,
+                    kind: JobEventKind::Progress { step, of },
+                };
+                let _ = progress_tx.try_send((j.peer, ev));
+            }
+            if all_cancelled {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        };
+        let result = self.inner.generator.generate(&params, &mut progress);
+        let elapsed = started.elapsed();
+        self.inner.metrics.busy(elapsed);
+        let cancelled: BTreeSet<JobId> = {
+            let mut q = self.lock();
+            for id in &ids {
+                q.running.remove(id);
+            }
+            ids.iter()
+                .filter(|id| q.cancelled.remove(id))
+                .copied()
+                .collect()
+        };
+        match result {
+            Ok(images) => {
+                let total_work: u64 = params.iter().map(work_ppm).sum::<u64>().max(1);
+                let measured =
+                    u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX) * 1_000_000 / total_work;
+                // Moving average, so one odd batch does not swing the advertised speed.
+                let old = self.inner.ms_per_standard.load(Ordering::Relaxed);
+                self.inner
+                    .ms_per_standard
+                    .store((old * 3 + measured.max(1)) / 4, Ordering::Relaxed);
+                let run_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+                for (job, pngs) in batch.iter().zip(images) {
+                    if cancelled.contains(&job.job_id) {
+                        self.finish_failed(job, None);
+                    } else {
+                        self.settle_and_deliver(job, pngs, run_ms);
+                    }
+                }
+            }
+            Err(GenError::Cancelled) => {
+                for job in &batch {
+                    self.finish_failed(job, None);
+                }
+            }
+            Err(GenError::Failed(msg)) => {
+                tracing::error!(error = %msg, "generation failed");
+                for job in &batch {
+                    self.finish_failed(job, Some(FailReason::Engine(msg.clone())));
+                }
+            }
+        }
+        self.inner.changed.notify_one();
+    }
+
+    /// Signs the receipt, settles it durably, then sends the images with it.
+    fn settle_and_deliver(&self, job: &QueuedJob, pngs: Vec<Vec<u8>>, run_ms: u64) {
+        let receipt = match self.make_receipt(job, &pngs, run_ms) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(job = %job.job_id, error = %e, "cannot settle");
+                self.finish_failed(
+                    job,
+                    Some(FailReason::Engine(format!("settlement failed: {e}"))),
+                );
+                return;
+            }
+        };
+        self.inner.metrics.job("completed");
+        self.inner.metrics.earned(job.cost);
+        let event = JobEvent {
+            job_id: job.job_id,
+            kind: JobEventKind::Completed {
+                images: pngs,
+                receipt: receipt.clone(),
+            },
+        };
+        for attempt in 1..=DELIVERY_ATTEMPTS {
+            match self.send_event(job.peer, event.clone()) {
+                Ok(Response::EventAck(Some(ack))) => {
+                    let ok = ack.signer() == job.requester
+                        && ack.verify().is_ok_and(|a| {
+                            a.job_id == job.job_id && a.receipt_hash == receipt.digest()
+                        });
+                    if ok {
+                        if let Err(e) = self.inner.ledger.attach_ack(job.job_id, &ack) {
+                            tracing::error!(job = %job.job_id, error = %e, "cannot store ack");
+                        }
+                    } else {
+                        tracing::warn!(job = %job.job_id, "requester sent an ack that does not match the receipt");
+                    }
+                    return;
+                }
+                Ok(other) => {
+                    tracing::warn!(job = %job.job_id, response = ?other, "requester did not acknowledge the receipt");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(job = %job.job_id, attempt, error = %e, "delivery failed");
+                    std::thread::sleep(Duration::from_millis(200 * u64::from(attempt)));
+                }
+            }
+        }
+    }
+
+    fn make_receipt(
+        &self,
+        job: &QueuedJob,
+        pngs: &[Vec<u8>],
+        run_ms: u64,
+    ) -> Result<Signed<Receipt>, String> {
+        let link = self
+            .inner
+            .ledger
+            .receipt_link(&job.requester)
+            .map_err(|e| e.to_string())?;
+        let receipt = Receipt {
+            job_id: job.job_id,
+            request_hash: job.request.digest(),
+            provider: self.inner.key.public(),
+            requester: job.requester,
+            units: job.units,
+            schedule: self.inner.settings.schedule,
+            cost: job.cost,
+            image_hashes: pngs.iter().map(|p| Hash::of(p)).collect(),
+            queued_ms: u64::try_from(job.queued_at.elapsed().as_millis())
+                .unwrap_or(u64::MAX)
+                .saturating_sub(run_ms),
+            run_ms,
+            cumulative_charged: link
+                .charged_so_far
+                .checked_add(job.cost)
+                .ok_or("cumulative total overflows")?,
+            prev_receipt_hash: link.prev_receipt_hash,
+            issued_at_ms: now_ms(),
+        };
+        let signed = Signed::sign(&self.inner.key, &receipt).map_err(|e| e.to_string())?;
+        self.inner
+            .ledger
+            .settle(job.job_id, &signed)
+            .map_err(|e| e.to_string())?;
+        Ok(signed)
+    }
+
+    fn advert(&self) -> CapacityAdvert {
+        let info = self.inner.generator.info();
+        let (depth, _) = {
+            let q = self.lock();
+            (q.waiting.len() + q.running.len(), ())
+        };
+        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+        CapacityAdvert {
+            seq,
+            issued_at_ms: now_ms(),
+            listen_addrs: Vec::new(),
+            gpu_name: info
+                .device_name
+                .chars()
+                .take(validate::MAX_LABEL_CHARS)
+                .collect(),
+            gpu_memory_mib: info.device_memory_mib,
+            model_id: info.model_id,
+            precision: info.precision,
+            supports_image_to_image: info.supports_image_to_image,
+            supports_inpaint: info.supports_inpaint,
+            max_width: validate::MAX_DIMENSION,
+            max_height: validate::MAX_DIMENSION,
+            max_steps: validate::MAX_STEPS,
+            max_images: validate::MAX_IMAGES,
+            schedule: self.inner.settings.schedule,
+            queue_depth: u32::try_from(depth).unwrap_or(u32::MAX),
+            max_queue: self.inner.settings.max_queue,
+            ms_per_standard_image: self.inner.ms_per_standard.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn advert_loop(&self) {
+        loop {
+            if self.lock().stopping {
+                return;
+            }
+            match Signed::sign(&self.inner.key, &self.advert()) {
+                Ok(signed) => {
+                    if let Err(e) = self.inner.net.publish(signed).await {
+                        if matches!(e, crate::network::NetError::NodeStopped) {
+                            return;
+                        }
+                        tracing::debug!(error = %e, "advert not published");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot sign advert"),
+            }
+            let _ = tokio::time::timeout(ADVERT_INTERVAL, self.inner.changed.notified()).await;
+        }
+    }
+}
+
+/// What the provider would charge: exported for the requester's cost check.
+pub fn job_mode_supported(mode: &Mode, info: &crate::generator::GeneratorInfo) -> bool {
+    match mode {
+        Mode::TextToImage => true,
+        Mode::ImageToImage { .. } => info.supports_image_to_image,
+        Mode::Inpaint { .. } => info.supports_inpaint,
+    }
+}

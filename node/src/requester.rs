@@ -1,0 +1,579 @@
+//! The requester client: buys generation.
+//!
+//! Data flow:
+//! - adverts from the network → the provider table (fresh ones only; failures remembered).
+//! - [`Requester::generate`]: candidates (a given peer, or the table ranked by estimated finish
+//!   time and cost, fewest failures first) → signed quote → signed request with a fresh job id
+//!   and `max_cost` = the quoted cost → events routed back by job id: progress to the caller,
+//!   then `Completed`: the receipt is checked (signatures, the request it answers, the units we
+//!   asked for, the price against the metering function, `cost ≤ max_cost`, the image hashes,
+//!   and the pair's chain), stored with our signed ack, and the ack returned on the event's
+//!   response. On a refusal, a failure, a bad receipt or a timeout, the job is cancelled and the
+//!   next provider is tried with a new job id. Only an acknowledged receipt is paid, so one
+//!   image is never paid twice.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use libp2p::PeerId;
+use pixmarket_ledger::Ledger;
+use pixmarket_protocol::messages::{FailReason, JobEventKind};
+use pixmarket_protocol::{
+    CapacityAdvert, Hash, JobEvent, JobId, JobParams, JobRequest, MicroTokens, PublicKey, Quote,
+    QuoteId, QuoteRequest, Receipt, ReceiptAck, SecretKey, Signed, validate,
+};
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+use crate::network::{Client, NetError, Request, Response, ResponseChannel};
+use crate::now_ms;
+
+/// Events in flight for one job; a provider sends one per step, and the caller drains them.
+const JOB_EVENT_QUEUE: usize = 64;
+/// How long a job may go without any event before it is given up on.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Requests are valid for ten minutes: long enough to wait in a queue.
+const REQUEST_VALIDITY_MS: u64 = 10 * 60 * 1000;
+/// Providers asked at most, in order, before giving up.
+const MAX_ATTEMPTS: usize = 3;
+/// Providers remembered; past this the stalest advert is forgotten.
+const MAX_PROVIDERS: usize = 10_000;
+
+/// One provider as the requester knows it.
+#[derive(Clone, Debug)]
+pub struct ProviderEntry {
+    pub key: PublicKey,
+    pub advert: CapacityAdvert,
+    pub failures: u32,
+}
+
+/// How a [`Requester::generate`] call may spend.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    /// Never pay more than this for the whole job.
+    pub max_cost: Option<MicroTokens>,
+    /// Use only this provider.
+    pub provider: Option<PeerId>,
+    pub idle_timeout: Duration,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_cost: None,
+            provider: None,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// What the caller sees while a job runs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum JobProgress {
+    Quoted {
+        provider: PeerId,
+        cost: MicroTokens,
+    },
+    Queued {
+        provider: PeerId,
+        position: u32,
+        eta_ms: u64,
+    },
+    Step {
+        step: u32,
+        of: u32,
+    },
+    FailingOver {
+        provider: PeerId,
+        reason: String,
+    },
+}
+
+/// A paid, verified result.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub provider: PeerId,
+    pub images: Vec<Vec<u8>>,
+    pub receipt: Signed<Receipt>,
+    pub ack: Signed<ReceiptAck>,
+    pub cost: MicroTokens,
+    /// Providers tried, this one included.
+    pub attempts: usize,
+}
+
+/// Why a `generate` call produced nothing (and paid nothing).
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("no provider is known; pass --peer or --bootstrap, or wait for adverts")]
+    NoProviders,
+    #[error("invalid request: {0}")]
+    Invalid(#[from] validate::ValidationError),
+    #[error("every provider failed: {}", .0.join("; "))]
+    AllFailed(Vec<String>),
+    #[error(transparent)]
+    Net(#[from] NetError),
+}
+
+/// Why a receipt was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReceiptProblem {
+    #[error("receipt signature does not verify")]
+    BadSignature,
+    #[error("receipt {field} does not match: expected {expected}, got {got}")]
+    Mismatch {
+        field: &'static str,
+        expected: String,
+        got: String,
+    },
+    #[error(transparent)]
+    Cost(#[from] pixmarket_protocol::CostMismatch),
+    #[error("charged {cost}, more than max_cost {max_cost}")]
+    OverMax {
+        cost: MicroTokens,
+        max_cost: MicroTokens,
+    },
+    #[error("image {index} does not match its hash in the receipt")]
+    ImageHash { index: usize },
+}
+
+fn mismatch<T: std::fmt::Debug>(field: &'static str, expected: T, got: T) -> ReceiptProblem {
+    ReceiptProblem::Mismatch {
+        field,
+        expected: format!("{expected:?}"),
+        got: format!("{got:?}"),
+    }
+}
+
+/// Checks a completed job's receipt and images against what was asked and quoted.
+pub fn check_receipt(
+    receipt: &Signed<Receipt>,
+    images: &[Vec<u8>],
+    request: &Signed<JobRequest>,
+    quote: &Quote,
+    provider: &PublicKey,
+) -> Result<Receipt, ReceiptProblem> {
+    let r = receipt.verify().map_err(|_| ReceiptProblem::BadSignature)?;
+    let req = request.verify().map_err(|_| ReceiptProblem::BadSignature)?;
+    let eq = |field, a: String, b: String| {
+        if a == b {
+            Ok(())
+        } else {
+            Err(mismatch(field, a, b))
+        }
+    };
+    eq("signer", provider.to_string(), receipt.signer().to_string())?;
+    eq("provider", provider.to_string(), r.provider.to_string())?;
+    eq(
+        "requester",
+        request.signer().to_string(),
+        r.requester.to_string(),
+    )?;
+    eq("job id", req.job_id.to_string(), r.job_id.to_string())?;
+    eq(
+        "request hash",
+        request.digest().to_string(),
+        r.request_hash.to_string(),
+    )?;
+    let want = req.params.metered_units(quote.units.prompt_tokens);
+    if r.units != want {
+        return Err(mismatch("metered units", want, r.units));
+    }
+    if r.schedule != quote.schedule {
+        return Err(mismatch("price schedule", quote.schedule, r.schedule));
+    }
+    r.check_cost()?;
+    if r.cost > req.max_cost {
+        return Err(ReceiptProblem::OverMax {
+            cost: r.cost,
+            max_cost: req.max_cost,
+        });
+    }
+    if r.image_hashes.len() != images.len() || images.len() != req.params.images as usize {
+        return Err(mismatch(
+            "image count",
+            req.params.images as usize,
+            images.len(),
+        ));
+    }
+    for (i, (img, h)) in images.iter().zip(&r.image_hashes).enumerate() {
+        if Hash::of(img) != *h {
+            return Err(ReceiptProblem::ImageHash { index: i });
+        }
+    }
+    Ok(r)
+}
+
+type Route = mpsc::Sender<(JobEvent, ResponseChannel)>;
+
+/// The requester side of a node; cheap to clone.
+#[derive(Clone)]
+pub struct Requester {
+    key: Arc<SecretKey>,
+    ledger: Arc<Ledger>,
+    net: Client,
+    providers: Arc<Mutex<BTreeMap<PublicKey, ProviderEntry>>>,
+    routes: Arc<Mutex<BTreeMap<JobId, (PeerId, Route)>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Requester {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Requester")
+            .field("peer", &self.key.public().fmt_short())
+            .finish()
+    }
+}
+
+impl Requester {
+    pub fn new(
+        key: Arc<SecretKey>,
+        ledger: Arc<Ledger>,
+        net: Client,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            key,
+            ledger,
+            net,
+            providers: Arc::default(),
+            routes: Arc::default(),
+            metrics,
+        }
+    }
+
+    /// Records a verified advert.
+    pub fn on_advert(&self, key: PublicKey, advert: CapacityAdvert) {
+        let Ok(mut table) = self.providers.lock() else {
+            return;
+        };
+        if table.len() >= MAX_PROVIDERS && !table.contains_key(&key) {
+            let stalest = table
+                .iter()
+                .min_by_key(|(_, e)| e.advert.issued_at_ms)
+                .map(|(k, _)| *k);
+            if let Some(k) = stalest {
+                table.remove(&k);
+            }
+        }
+        let failures = table.get(&key).map_or(0, |e| e.failures);
+        table.insert(
+            key,
+            ProviderEntry {
+                key,
+                advert,
+                failures,
+            },
+        );
+    }
+
+    /// Providers whose adverts are fresh, best first.
+    pub fn providers(&self) -> Vec<ProviderEntry> {
+        let now = now_ms();
+        let Ok(table) = self.providers.lock() else {
+            return Vec::new();
+        };
+        let mut list: Vec<ProviderEntry> = table
+            .values()
+            .filter(|e| e.advert.issued_at_ms + validate::ADVERT_TTL_MS >= now)
+            .cloned()
+            .collect();
+        // Estimated finish: queue ahead plus one standard image; then price; failures first.
+        list.sort_by_key(|e| {
+            let a = &e.advert;
+            let finish = a
+                .ms_per_standard_image
+                .saturating_mul(u64::from(a.queue_depth) + 1);
+            (e.failures, finish, a.schedule.price_factor_ppm)
+        });
+        list
+    }
+
+    fn note_failure(&self, key: &PublicKey) {
+        if let Ok(mut t) = self.providers.lock()
+            && let Some(e) = t.get_mut(key)
+        {
+            e.failures = e.failures.saturating_add(1);
+        }
+    }
+
+    /// Handles a job event from a provider: routes it to the waiting job, or refuses it.
+    pub async fn on_event(&self, peer: PeerId, event: JobEvent, channel: ResponseChannel) {
+        let route = self
+            .routes
+            .lock()
+            .ok()
+            .and_then(|r| r.get(&event.job_id).cloned());
+        match route {
+            Some((provider, tx)) if provider == peer => {
+                if let Err(
+                    mpsc::error::TrySendError::Full((_, channel))
+                    | mpsc::error::TrySendError::Closed((_, channel)),
+                ) = tx.try_send((event, channel))
+                {
+                    let _ = self.net.respond(channel, Response::EventAck(None)).await;
+                }
+            }
+            _ => {
+                tracing::warn!(%peer, job = %event.job_id, "event for a job we are not waiting on from this peer");
+                let reason =
+                    FailReason::Invalid(pixmarket_protocol::messages::ValidationErrorWire {
+                        field: "job_id".into(),
+                        got: event.job_id.to_string(),
+                        allowed: "a job this requester is waiting on, from its provider".into(),
+                    });
+                let _ = self.net.respond(channel, Response::Refused(reason)).await;
+            }
+        }
+    }
+
+    /// Generates through the market, failing over between providers. `progress` sees quotes,
+    /// queue positions, steps and failovers.
+    pub async fn generate(
+        &self,
+        params: JobParams,
+        options: GenerateOptions,
+        progress: &mut (dyn FnMut(JobProgress) + Send),
+    ) -> Result<Outcome, GenerateError> {
+        params.validate()?;
+        let candidates: Vec<PeerId> = match options.provider {
+            Some(p) => vec![p],
+            None => self
+                .providers()
+                .iter()
+                .map(|e| e.key.to_peer_id())
+                .collect(),
+        };
+        if candidates.is_empty() {
+            return Err(GenerateError::NoProviders);
+        }
+        let mut reasons = Vec::new();
+        for (attempt, peer) in candidates.into_iter().take(MAX_ATTEMPTS).enumerate() {
+            let Ok(key) = PublicKey::from_peer_id(&peer) else {
+                reasons.push(format!("{peer}: not an ed25519 peer id"));
+                continue;
+            };
+            match self
+                .try_provider(peer, key, &params, &options, progress)
+                .await
+            {
+                Ok(mut outcome) => {
+                    outcome.attempts = attempt + 1;
+                    self.metrics.job("paid");
+                    self.metrics.spent(outcome.cost);
+                    return Ok(outcome);
+                }
+                Err(reason) => {
+                    tracing::warn!(%peer, %reason, "provider failed; failing over");
+                    self.note_failure(&key);
+                    progress(JobProgress::FailingOver {
+                        provider: peer,
+                        reason: reason.clone(),
+                    });
+                    reasons.push(format!("{peer}: {reason}"));
+                }
+            }
+        }
+        Err(GenerateError::AllFailed(reasons))
+    }
+
+    async fn quote(
+        &self,
+        peer: PeerId,
+        key: PublicKey,
+        params: &JobParams,
+    ) -> Result<Quote, String> {
+        let qr = QuoteRequest {
+            quote_id: QuoteId::random(),
+            provider: key,
+            prompt: params.prompt.clone(),
+            width: params.width,
+            height: params.height,
+            steps: params.steps,
+            images: params.images,
+            strength_permille: params.mode.strength_permille(),
+        };
+        let signed = Signed::sign(&self.key, &qr).map_err(|e| e.to_string())?;
+        let quote = match self
+            .net
+            .request(peer, Request::Quote(signed))
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Response::Quote(q) if q.signer() == key => q.verify().map_err(|e| e.to_string())?,
+            Response::Refused(r) => return Err(format!("quote refused: {r}")),
+            other => return Err(format!("unexpected answer to a quote: {other:?}")),
+        };
+        if quote.quote_id != qr.quote_id || quote.requester != self.key.public() {
+            return Err("quote answers another request".into());
+        }
+        quote
+            .check_cost()
+            .map_err(|e| format!("quote price: {e}"))?;
+        let want = params.metered_units(quote.units.prompt_tokens);
+        if quote.units != want {
+            return Err(format!("quote meters {:?}, expected {want:?}", quote.units));
+        }
+        Ok(quote)
+    }
+
+    async fn try_provider(
+        &self,
+        peer: PeerId,
+        key: PublicKey,
+        params: &JobParams,
+        options: &GenerateOptions,
+        progress: &mut (dyn FnMut(JobProgress) + Send),
+    ) -> Result<Outcome, String> {
+        let quote = self.quote(peer, key, params).await?;
+        if let Some(max) = options.max_cost
+            && quote.cost > max
+        {
+            return Err(format!(
+                "quoted {} tokens, more than --max-cost {max}",
+                quote.cost
+            ));
+        }
+        progress(JobProgress::Quoted {
+            provider: peer,
+            cost: quote.cost,
+        });
+        let now = now_ms();
+        let request = JobRequest {
+            job_id: JobId::random(),
+            provider: key,
+            params: params.clone(),
+            max_cost: quote.cost,
+            created_at_ms: now,
+            expires_at_ms: now + REQUEST_VALIDITY_MS,
+            quote_id: Some(quote.quote_id),
+        };
+        let job_id = request.job_id;
+        let signed = Signed::sign(&self.key, &request).map_err(|e| e.to_string())?;
+        let (tx, mut rx) = mpsc::channel(JOB_EVENT_QUEUE);
+        if let Ok(mut r) = self.routes.lock() {
+            r.insert(job_id, (peer, tx));
+        }
+        let result = async {
+            match self
+                .net
+                .request(peer, Request::Job(signed.clone()))
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Response::Accepted {
+                    queue_position,
+                    eta_ms,
+                } => {
+                    progress(JobProgress::Queued {
+                        provider: peer,
+                        position: queue_position,
+                        eta_ms,
+                    });
+                }
+                Response::Refused(r) => return Err(format!("refused: {r}")),
+                other => return Err(format!("unexpected answer to a job: {other:?}")),
+            }
+            loop {
+                let Ok(Some((event, channel))) =
+                    tokio::time::timeout(options.idle_timeout, rx.recv()).await
+                else {
+                    let _ = self.net.request(peer, Request::Cancel(job_id)).await;
+                    return Err(format!("no word for {} s", options.idle_timeout.as_secs()));
+                };
+                match event.kind {
+                    JobEventKind::Accepted { .. } => {
+                        let _ = self.net.respond(channel, Response::EventAck(None)).await;
+                    }
+                    JobEventKind::Progress { step, of } => {
+                        let _ = self.net.respond(channel, Response::EventAck(None)).await;
+                        progress(JobProgress::Step { step, of });
+                    }
+                    JobEventKind::Failed { reason } => {
+                        let _ = self.net.respond(channel, Response::EventAck(None)).await;
+                        return Err(format!("failed: {reason}"));
+                    }
+                    JobEventKind::Cancelled => {
+                        let _ = self.net.respond(channel, Response::EventAck(None)).await;
+                        return Err("cancelled by the provider".into());
+                    }
+                    JobEventKind::Completed { images, receipt } => {
+                        return self
+                            .accept(peer, key, &signed, &quote, images, receipt, channel)
+                            .await;
+                    }
+                }
+            }
+        }
+        .await;
+        if let Ok(mut r) = self.routes.lock() {
+            r.remove(&job_id);
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn accept(
+        &self,
+        peer: PeerId,
+        key: PublicKey,
+        request: &Signed<JobRequest>,
+        quote: &Quote,
+        images: Vec<Vec<u8>>,
+        receipt: Signed<Receipt>,
+        channel: ResponseChannel,
+    ) -> Result<Outcome, String> {
+        let body = match check_receipt(&receipt, &images, request, quote, &key) {
+            Ok(b) => b,
+            Err(problem) => {
+                tracing::warn!(%peer, %problem, "refusing receipt");
+                let reason =
+                    FailReason::Invalid(pixmarket_protocol::messages::ValidationErrorWire {
+                        field: "receipt".into(),
+                        got: problem.to_string(),
+                        allowed:
+                            "a receipt matching the request, the quote and the metering function"
+                                .into(),
+                    });
+                let _ = self.net.respond(channel, Response::Refused(reason)).await;
+                return Err(format!("bad receipt: {problem}"));
+            }
+        };
+        let ack = ReceiptAck {
+            job_id: body.job_id,
+            receipt_hash: receipt.digest(),
+            acked_at_ms: now_ms(),
+        };
+        let ack = Signed::sign(&self.key, &ack).map_err(|e| e.to_string())?;
+        // Stored (durably) before the provider hears the ack.
+        let ledger = self.ledger.clone();
+        let (r2, a2) = (receipt.clone(), ack.clone());
+        let stored = tokio::task::spawn_blocking(move || ledger.record_receipt(&r2, &a2))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(e) = stored {
+            tracing::warn!(%peer, error = %e, "receipt does not fit our books; refusing it");
+            let _ = self
+                .net
+                .respond(
+                    channel,
+                    Response::Refused(FailReason::Engine(format!("receipt refused: {e}"))),
+                )
+                .await;
+            return Err(format!("receipt refused by the ledger: {e}"));
+        }
+        let _ = self
+            .net
+            .respond(channel, Response::EventAck(Some(ack.clone())))
+            .await;
+        Ok(Outcome {
+            provider: peer,
+            images,
+            cost: body.cost,
+            receipt,
+            ack,
+            attempts: 1,
+        })
+    }
+}
