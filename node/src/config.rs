@@ -34,6 +34,8 @@ pub struct NodeConfig {
     pub bootstrap: Vec<String>,
     /// Discover peers on the local network with mDNS.
     pub mdns: bool,
+    /// Serve Prometheus metrics on this `HOST:PORT` (e.g. "127.0.0.1:9464"); empty = off.
+    pub metrics: String,
     pub provider: ProviderConfig,
 }
 
@@ -43,6 +45,10 @@ pub struct NodeConfig {
 pub struct ProviderConfig {
     /// A model folder in the diffusers layout, or `tiny` for the built-in tiny model.
     pub model: String,
+    /// Compute precision: `f32`, `bf16` or `f16`.
+    pub dtype: String,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
     /// Multiplier on the base price, as a decimal string (no floats in money), e.g. "1.5".
     pub price_factor: String,
     /// Prompts shorter than this are billed as this many tokens.
@@ -64,6 +70,7 @@ impl Default for NodeConfig {
             ],
             bootstrap: Vec::new(),
             mdns: true,
+            metrics: String::new(),
             provider: ProviderConfig::default(),
         }
     }
@@ -73,6 +80,8 @@ impl Default for ProviderConfig {
     fn default() -> Self {
         Self {
             model: "tiny".into(),
+            dtype: "f32".into(),
+            device: "cpu".into(),
             price_factor: "1".into(),
             min_prompt_tokens: 0,
             // A queue of 16 images at ~20 s each is about five minutes of work.
@@ -105,7 +114,45 @@ impl NodeConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, list) in [("listen", &self.listen), ("bootstrap", &self.bootstrap)] {
+            for a in list {
+                a.parse::<libp2p::Multiaddr>()
+                    .map_err(|e| ConfigError::Invalid {
+                        key,
+                        got: format!("{a:?}"),
+                        allowed: format!(
+                            "libp2p multiaddresses such as /ip4/0.0.0.0/tcp/4001 ({e})"
+                        ),
+                    })?;
+            }
+        }
+        if !self.metrics.is_empty() && self.metrics.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::Invalid {
+                key: "metrics",
+                got: format!("{:?}", self.metrics),
+                allowed: "HOST:PORT such as 127.0.0.1:9464, or empty for off".into(),
+            });
+        }
         let p = &self.provider;
+        if !matches!(p.dtype.as_str(), "f32" | "bf16" | "f16") {
+            return Err(ConfigError::Invalid {
+                key: "provider.dtype",
+                got: format!("{:?}", p.dtype),
+                allowed: "f32, bf16 or f16".into(),
+            });
+        }
+        if !(p.device == "cpu"
+            || p.device == "cuda"
+            || p.device
+                .strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<u32>().is_ok()))
+        {
+            return Err(ConfigError::Invalid {
+                key: "provider.device",
+                got: format!("{:?}", p.device),
+                allowed: "cpu, cuda or cuda:N".into(),
+            });
+        }
         pixmarket_protocol::PriceSchedule::parse_factor(&p.price_factor).map_err(|e| {
             ConfigError::Invalid {
                 key: "provider.price_factor",
@@ -136,6 +183,29 @@ impl NodeConfig {
         }
         Ok(())
     }
+
+    /// The provider's price schedule from `price_factor` and `min_prompt_tokens`.
+    pub fn schedule(&self) -> Result<pixmarket_protocol::PriceSchedule, ConfigError> {
+        self.validate()?;
+        let price_factor_ppm = pixmarket_protocol::PriceSchedule::parse_factor(
+            &self.provider.price_factor,
+        )
+        .map_err(|e| ConfigError::Invalid {
+            key: "provider.price_factor",
+            got: self.provider.price_factor.clone(),
+            allowed: e.to_string(),
+        })?;
+        let schedule = pixmarket_protocol::PriceSchedule {
+            price_factor_ppm,
+            min_prompt_tokens: self.provider.min_prompt_tokens,
+        };
+        schedule.validate().map_err(|e| ConfigError::Invalid {
+            key: "provider.price_factor",
+            got: e.got,
+            allowed: e.allowed,
+        })?;
+        Ok(schedule)
+    }
 }
 
 #[cfg(test)]
@@ -161,5 +231,17 @@ mod tests {
         std::fs::write(&path, "[provider]\nprice_factor = \"-2\"\n").unwrap();
         let err = NodeConfig::load(&path).unwrap_err().to_string();
         assert!(err.contains("provider.price_factor"), "{err}");
+
+        for (text, key) in [
+            ("listen = [\"not an address\"]\n", "listen"),
+            ("metrics = \"localhost\"\n", "metrics"),
+            ("[provider]\ndtype = \"fp8\"\n", "provider.dtype"),
+            ("[provider]\ndevice = \"tpu\"\n", "provider.device"),
+            ("[provider]\nmax_queue = 0\n", "provider.max_queue"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = NodeConfig::load(&path).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 }

@@ -5,6 +5,7 @@ pub mod config;
 pub mod data_dir;
 pub mod engine_generator;
 pub mod generator;
+pub mod launch;
 pub mod metrics;
 pub mod network;
 pub mod node;

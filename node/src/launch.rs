@@ -1,0 +1,153 @@
+//! Starting a node from a data folder: identity, `config.toml`, the ledger, and the command
+//! line's overrides become validated [`NodeOptions`]. Everything is checked before anything
+//! starts; errors name the flag or config key.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use libp2p::Multiaddr;
+use pixmarket_ledger::Ledger;
+use pixmarket_protocol::MicroTokens;
+
+use crate::config::ConfigError;
+use crate::data_dir::{DataDir, DataDirError};
+use crate::engine_generator::{EngineGenerator, resolve_model};
+use crate::generator::{GenError, Generator};
+use crate::network::NetConfig;
+use crate::node::{Node, NodeError, NodeOptions};
+use crate::provider::ProviderSettings;
+
+/// What the command line may change for one run.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// Sell generation.
+    pub provide: bool,
+    /// Model folder or `tiny` (overrides `provider.model`).
+    pub model: Option<String>,
+    /// Listen addresses (replace `listen` when non-empty).
+    pub listen: Vec<String>,
+    /// Extra bootstrap peers (added to `bootstrap`).
+    pub bootstrap: Vec<String>,
+    /// `HOST:PORT` for metrics (overrides `metrics`).
+    pub metrics: Option<String>,
+    /// Turn mDNS off.
+    pub no_mdns: bool,
+    /// A short-lived client (e.g. one `generate`): listens nowhere.
+    pub client_only: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(
+        "{flag} {value:?} is not a libp2p multiaddress (e.g. /ip4/127.0.0.1/tcp/4001/p2p/12D3KooW…)"
+    )]
+    Addr { flag: &'static str, value: String },
+    #[error(
+        "cannot open the ledger in {path} (is another pixmarket process using this data folder?)"
+    )]
+    Ledger {
+        path: PathBuf,
+        #[source]
+        source: pixmarket_ledger::OpenError,
+    },
+    #[error("ledger")]
+    Books(#[from] pixmarket_ledger::LedgerError),
+    #[error("cannot load the model: {0}")]
+    Model(GenError),
+    #[error(transparent)]
+    Node(#[from] NodeError),
+}
+
+fn addrs(flag: &'static str, values: &[String]) -> Result<Vec<Multiaddr>, LaunchError> {
+    values
+        .iter()
+        .map(|v| {
+            v.parse().map_err(|_| LaunchError::Addr {
+                flag,
+                value: v.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Builds and starts a node for `dir` with `overrides`.
+pub async fn start(dir: &DataDir, overrides: &Overrides) -> Result<Node, LaunchError> {
+    let mut config = dir.config()?;
+    if let Some(m) = &overrides.model {
+        config.provider.model = m.clone();
+    }
+    if !overrides.listen.is_empty() {
+        config.listen = overrides.listen.clone();
+    }
+    if overrides.client_only {
+        config.listen.clear();
+    }
+    config.bootstrap.extend(overrides.bootstrap.iter().cloned());
+    if let Some(m) = &overrides.metrics {
+        config.metrics = m.clone();
+    }
+    if overrides.no_mdns || overrides.client_only {
+        config.mdns = false;
+    }
+    config.validate()?;
+    let schedule = config.schedule()?;
+    let listen = addrs("--listen", &config.listen)?;
+    let bootstrap = addrs("--bootstrap", &config.bootstrap)?;
+    let metrics = if config.metrics.is_empty() {
+        None
+    } else {
+        config.metrics.parse().ok()
+    };
+    let key = dir.identity()?;
+    let ledger_path = dir.ledger_path();
+    let ledger =
+        Ledger::open(&ledger_path, key.public()).map_err(|source| LaunchError::Ledger {
+            path: ledger_path.clone(),
+            source,
+        })?;
+    let provide = if overrides.provide {
+        let credit: MicroTokens = config.provider.new_peer_credit.parse().map_err(
+            |e: pixmarket_protocol::TokenAmountError| ConfigError::Invalid {
+                key: "provider.new_peer_credit",
+                got: config.provider.new_peer_credit.clone(),
+                allowed: e.to_string(),
+            },
+        )?;
+        if ledger.default_credit()? != credit {
+            ledger.set_default_credit(credit)?;
+        }
+        let model_dir =
+            resolve_model(&config.provider.model, dir.root()).map_err(LaunchError::Model)?;
+        let generator =
+            EngineGenerator::load(&model_dir, &config.provider.dtype, &config.provider.device)
+                .map_err(LaunchError::Model)?;
+        let generator: Arc<dyn Generator> = Arc::new(generator);
+        let settings = ProviderSettings {
+            schedule,
+            max_queue: config.provider.max_queue,
+            max_batch: config.provider.max_batch,
+            // A first guess for the tiny model on a CPU; replaced by measurement after one job.
+            ms_per_standard_image: 60_000,
+        };
+        Some((generator, settings))
+    } else {
+        None
+    };
+    let options = NodeOptions {
+        key,
+        ledger: Arc::new(ledger),
+        net: NetConfig {
+            listen,
+            bootstrap,
+            mdns: config.mdns,
+            ..NetConfig::default()
+        },
+        provide,
+        metrics,
+    };
+    Ok(Node::start(options).await?)
+}
