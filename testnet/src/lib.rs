@@ -1,2 +1,4 @@
-//! Many real pixmarket nodes on one machine (issue 8): scenarios, faults, adversaries and the
-//! report that checks every pair's books.
+//! Many real pixmarket nodes on one machine. [`demo`] is the small local market a newcomer runs
+//! first: real libp2p on loopback, real sled ledgers on disk, the real engine with the tiny model.
+
+pub mod demo;
