@@ -46,6 +46,8 @@ pub enum LaunchError {
         "{flag} {value:?} is not a libp2p multiaddress (e.g. /ip4/127.0.0.1/tcp/4001/p2p/12D3KooW…)"
     )]
     Addr { flag: &'static str, value: String },
+    #[error("{flag} {value} must end with /p2p/<peer id>, as `pixmarket node` prints it")]
+    NoPeerId { flag: &'static str, value: String },
     #[error(
         "cannot open the ledger in {path} (is another pixmarket process using this data folder?)"
     )]
@@ -60,6 +62,21 @@ pub enum LaunchError {
     Model(GenError),
     #[error(transparent)]
     Node(#[from] NodeError),
+}
+
+/// The peer id at the end of a provider's address (`…/p2p/12D3KooW…`).
+pub fn peer_id_of(flag: &'static str, addr: &str) -> Result<libp2p::PeerId, LaunchError> {
+    let ma: Multiaddr = addr.parse().map_err(|_| LaunchError::Addr {
+        flag,
+        value: addr.to_owned(),
+    })?;
+    match ma.iter().last() {
+        Some(libp2p::multiaddr::Protocol::P2p(peer)) => Ok(peer),
+        _ => Err(LaunchError::NoPeerId {
+            flag,
+            value: addr.to_owned(),
+        }),
+    }
 }
 
 fn addrs(flag: &'static str, values: &[String]) -> Result<Vec<Multiaddr>, LaunchError> {
