@@ -6,12 +6,13 @@
 //! transaction to its log in the file `db`. `Db::flush` writes the log buffers and calls
 //! `sync_file_range`, which starts and waits for write-back of those pages but neither flushes
 //! the drive's volatile write cache nor persists file metadata (a grown file size). After it we
-//! call `fdatasync` on `db` ourselves, which does both. The folder itself is fsynced once when
-//! the ledger is created, so the directory entries of `db` and `conf` are durable.
+//! call `fdatasync` on `db` ourselves, which does both, and then `fsync` on the folder, so the
+//! names of files sled created, renamed or removed since (its snapshots) are durable as well.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use sled::transaction::{
     ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
@@ -23,6 +24,13 @@ use crate::store::{Abort, ScanFn, Store, StoreError, TreeId, TxnBody};
 /// The files a sled 0.34 folder holds; anything else in the ledger folder makes it foreign.
 const SLED_FILES: [&str; 4] = ["conf", "db", "blobs", "snap."];
 
+/// How long opening waits for a lock to go. After the last handle in a process is dropped,
+/// sled's background threads (buffer writes, snapshots) can keep the database file, and so its
+/// lock, open for a few milliseconds; reopening in the same process must not fail on that. A
+/// lock held longer than this is another live process.
+const LOCK_GRACE: Duration = Duration::from_millis(500);
+const LOCK_POLL: Duration = Duration::from_millis(5);
+
 /// A sled database opened as a ledger store.
 #[derive(Debug)]
 pub struct SledStore {
@@ -31,6 +39,9 @@ pub struct SledStore {
     trees: Vec<sled::Tree>,
     /// A second handle on sled's log file, used only to fsync it.
     db_file: File,
+    /// The folder, fsynced at each barrier so that sled's snapshot renames and removals
+    /// (which sled does not fsync the folder for) are durable too.
+    dir: File,
     /// Set when a flush or fsync failed: after a failed fsync the kernel may have dropped the
     /// dirty pages, so nothing more is promised until the ledger is reopened.
     poisoned: AtomicBool,
@@ -58,10 +69,18 @@ impl SledStore {
     /// one sled finds corrupt ([`OpenError::Corrupt`]). The caller checks the ledger marker.
     pub fn open(path: &Path) -> Result<(Self, Opened), OpenError> {
         let fresh = check_folder(path)?;
-        let db = sled::Config::new()
-            .path(path)
-            .open()
-            .map_err(|e| map_open_error(path, e))?;
+        let started = Instant::now();
+        let db = loop {
+            match sled::Config::new().path(path).open() {
+                Ok(db) => break db,
+                Err(e) => match map_open_error(path, e) {
+                    OpenError::Locked { .. } if started.elapsed() < LOCK_GRACE => {
+                        std::thread::sleep(LOCK_POLL);
+                    }
+                    other => return Err(other),
+                },
+            }
+        };
         // A sled database that holds anything other than the ledger's trees is someone
         // else's: refuse it before creating a single tree in it.
         let ours: Vec<&str> = TreeId::ALL.iter().map(|t| t.name()).collect();
@@ -92,11 +111,10 @@ impl SledStore {
             );
         }
         let db_file = File::open(path.join("db")).map_err(io(path))?;
+        let dir = File::open(path).map_err(io(path))?;
         if fresh {
             // Make the new files' directory entries durable.
-            File::open(path)
-                .and_then(|d| d.sync_all())
-                .map_err(io(path))?;
+            dir.sync_all().map_err(io(path))?;
         }
         Ok((
             Self {
@@ -104,6 +122,7 @@ impl SledStore {
                 db,
                 trees,
                 db_file,
+                dir,
                 poisoned: AtomicBool::new(false),
             },
             if fresh {
@@ -281,7 +300,8 @@ impl Store for SledStore {
             .db
             .flush()
             .map_err(engine)
-            .and_then(|_| self.db_file.sync_data().map_err(StoreError::Io));
+            .and_then(|_| self.db_file.sync_data().map_err(StoreError::Io))
+            .and_then(|()| self.dir.sync_all().map_err(StoreError::Io));
         if result.is_err() {
             self.poisoned.store(true, Ordering::Release);
         }
