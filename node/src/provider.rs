@@ -171,10 +171,17 @@ impl Provider {
         Ok(provider)
     }
 
-    /// Stops taking jobs; the worker finishes the batch it runs and exits.
+    /// Stops taking jobs, and stops the batch that runs at its next step: the node stops its
+    /// network right after this, so a job finished now would be settled (charged in our books)
+    /// but never delivered or acknowledged. Those jobs' holds are voided instead; the worker
+    /// then exits.
     pub fn stop(&self) {
         if let Ok(mut q) = self.inner.queue.lock() {
             q.stopping = true;
+            let Queue {
+                running, cancelled, ..
+            } = &mut *q;
+            cancelled.extend(running.iter().copied());
         }
         self.inner.work.notify_all();
         self.inner.changed.notify_one();
