@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod evil;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
