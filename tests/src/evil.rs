@@ -59,6 +59,18 @@ async fn start_swarm(
     (client, events, full, task)
 }
 
+/// Polls `check` every 50 ms until it holds, or fails naming `what` after `limit`.
+pub async fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The units and cost an honest provider with `schedule` meters for `params`.
 pub fn honest_meter(
     generator: &dyn Generator,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use pixmarket_ledger::{Ledger, Role};
 use pixmarket_node::requester::{GenerateOptions, JobProgress};
 use pixmarket_protocol::{JobParams, MicroTokens, PriceSchedule};
-use pixmarket_tests::evil::honest_meter;
+use pixmarket_tests::evil::{honest_meter, wait_until};
 use pixmarket_tests::{TestNode, small_job, tiny_generator};
 use tokio::sync::mpsc;
 
@@ -19,18 +19,6 @@ use tokio::sync::mpsc;
 const SLOW_STEPS: u32 = 40;
 /// The requester's patience with a silent provider: short, so the test fails over quickly.
 const IDLE: Duration = Duration::from_secs(3);
-
-/// Polls `check` every 50 ms until it holds, or fails naming `what` after `limit`.
-async fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn slow_job() -> JobParams {
     JobParams {

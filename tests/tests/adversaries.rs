@@ -1,0 +1,337 @@
+//! Misbehaving peers against real nodes, over loopback TCP with the tiny engine.
+//!
+//! Against a provider (a raw requester client sends what an honest node never would): a request
+//! signed by one key and sent by another, a request with a changed byte, the same request twice,
+//! an expired request and one for another provider are each refused with their typed reason,
+//! and none leaves a hold or a charge; a replayed job is charged once.
+//!
+//! Against a requester (an evil provider meters honestly and then cheats on the receipt): an
+//! overcharge, a receipt changed after signing, and a wrong image hash are each refused, the
+//! requester's books do not change, and with an honest provider also on the market the
+//! requester fails over and pays the honest one exactly once.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use pixmarket_ledger::{Ledger, Role};
+use pixmarket_node::network::{Request, Response};
+use pixmarket_node::now_ms;
+use pixmarket_node::requester::{GenerateError, GenerateOptions, JobProgress, check_receipt};
+use pixmarket_protocol::messages::{FailReason, JobEventKind};
+use pixmarket_protocol::{
+    JobId, JobRequest, MicroTokens, PriceSchedule, ReceiptAck, SecretKey, Signed,
+};
+use pixmarket_tests::evil::{Cheat, EvilProvider, RawPeer, honest_meter, wait_until};
+use pixmarket_tests::{TestNode, small_job, tiny_generator};
+
+/// Nothing about `job` in the provider's books: never held, so never charged.
+fn untouched(ledger: &Ledger, job: JobId) {
+    assert_eq!(ledger.job(Role::Provider, job).unwrap(), None);
+    assert!(ledger.holds().unwrap().is_empty());
+    assert!(ledger.receipts(None).unwrap().is_empty());
+}
+
+fn refusal(r: Response) -> FailReason {
+    match r {
+        Response::Refused(reason) => reason,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_request_is_refused_and_holds_nothing() {
+    let provider = TestNode::start(41, vec![], Some(tiny_generator())).await;
+    let sender = RawPeer::start(42, vec![provider.addr.clone()]).await;
+    let victim = SecretKey::from_seed(&[43; 32]);
+    // Both have credit, so a refusal can only be about the signature.
+    provider.deposit_from(41, sender.public(), 100);
+    provider.deposit_from(41, victim.public(), 100);
+    let (_, cost) = honest_meter(
+        tiny_generator().as_ref(),
+        &small_job("a forged fox"),
+        &PriceSchedule::default(),
+    );
+    let head = provider.node.ledger().head().unwrap();
+
+    // Signed by the victim's key, sent over the sender's connection: a relayed request whose
+    // events (and bill) would go to someone else.
+    let req = RawPeer::job_request(provider.key, small_job("a forged fox"), cost);
+    let relayed = Signed::sign(&victim, &req).unwrap();
+    let r = sender
+        .request(provider.key.to_peer_id(), Request::Job(relayed))
+        .await
+        .unwrap();
+    assert_eq!(refusal(r), FailReason::BadSignature);
+    untouched(provider.node.ledger(), req.job_id);
+
+    // The sender's own signature, over a body with one byte changed after signing.
+    let req = RawPeer::job_request(provider.key, small_job("a forged fox"), cost);
+    let honest = Signed::sign(&sender.secret(), &req).unwrap();
+    let mut body = honest.body().to_vec();
+    let i = body.len() / 2;
+    body[i] ^= 0x20;
+    let flipped = Signed::<JobRequest>::from_parts(honest.signer(), body, honest.signature());
+    let r = sender
+        .request(provider.key.to_peer_id(), Request::Job(flipped))
+        .await
+        .unwrap();
+    assert_eq!(refusal(r), FailReason::BadSignature);
+    untouched(provider.node.ledger(), req.job_id);
+
+    // Nothing at all was written for either.
+    assert_eq!(provider.node.ledger().head().unwrap(), head);
+
+    sender.shutdown().await;
+    provider.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_request_is_refused_and_charged_once() {
+    let provider = TestNode::start(44, vec![], Some(tiny_generator())).await;
+    let mut requester = RawPeer::start(45, vec![provider.addr.clone()]).await;
+    provider.deposit_from(44, requester.public(), 100);
+    let params = small_job("a replayed heron");
+    let quote = requester.quote(provider.key, &params).await;
+    let req = RawPeer::job_request(provider.key, params, quote.cost);
+    let signed = Signed::sign(&requester.secret(), &req).unwrap();
+    let to = provider.key.to_peer_id();
+
+    let first = requester
+        .request(to, Request::Job(signed.clone()))
+        .await
+        .unwrap();
+    assert!(matches!(first, Response::Accepted { .. }), "{first:?}");
+    // The same bytes again while the first is queued or running.
+    let again = requester
+        .request(to, Request::Job(signed.clone()))
+        .await
+        .unwrap();
+    assert_eq!(refusal(again), FailReason::Duplicate);
+
+    // The first completes; the raw requester checks the receipt as a node would and acks it.
+    let (event, channel) = requester.next_event("the completed job").await;
+    assert_eq!(event.job_id, req.job_id);
+    let JobEventKind::Completed { images, receipt } = event.kind else {
+        panic!("expected Completed, got {:?}", event.kind)
+    };
+    let body = check_receipt(&receipt, &images, &signed, &quote, &provider.key).unwrap();
+    let ack = ReceiptAck {
+        job_id: req.job_id,
+        receipt_hash: receipt.digest(),
+        acked_at_ms: now_ms(),
+    };
+    let ack = Signed::sign(&requester.secret(), &ack).unwrap();
+    requester
+        .client
+        .respond(channel, Response::EventAck(Some(ack.clone())))
+        .await
+        .unwrap();
+
+    // And once more after it was paid for: a job id is accepted once, ever.
+    let late = requester
+        .request(to, Request::Job(signed.clone()))
+        .await
+        .unwrap();
+    assert_eq!(refusal(late), FailReason::Duplicate);
+
+    let books = provider.node.ledger();
+    wait_until(
+        Duration::from_secs(10),
+        "the ack in the provider's books",
+        || {
+            books
+                .receipt(Role::Provider, req.job_id)
+                .unwrap()
+                .is_some_and(|r| r.ack.is_some())
+        },
+    )
+    .await;
+    let receipts = books.receipts(None).unwrap();
+    assert_eq!(receipts.len(), 1);
+    assert_eq!(receipts[0].ack.as_ref(), Some(&ack));
+    let acct = books
+        .account(Role::Provider, &requester.public())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (acct.charged, acct.held, acct.receipts),
+        (body.cost, MicroTokens::ZERO, 1)
+    );
+    assert_eq!(body.cost, quote.cost);
+    assert!(books.holds().unwrap().is_empty());
+
+    requester.shutdown().await;
+    provider.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_and_misaddressed_requests_get_typed_refusals() {
+    let provider = TestNode::start(46, vec![], Some(tiny_generator())).await;
+    let sender = RawPeer::start(47, vec![provider.addr.clone()]).await;
+    provider.deposit_from(46, sender.public(), 100);
+    let params = small_job("a late owl");
+    let (_, cost) = honest_meter(
+        tiny_generator().as_ref(),
+        &params,
+        &PriceSchedule::default(),
+    );
+    let to = provider.key.to_peer_id();
+
+    let mut expired = RawPeer::job_request(provider.key, params.clone(), cost);
+    expired.created_at_ms -= 120_000;
+    expired.expires_at_ms = now_ms() - 60_000;
+    let r = sender
+        .request(
+            to,
+            Request::Job(Signed::sign(&sender.secret(), &expired).unwrap()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(refusal(r), FailReason::Expired);
+    untouched(provider.node.ledger(), expired.job_id);
+
+    let elsewhere = SecretKey::from_seed(&[48; 32]).public();
+    let misaddressed = RawPeer::job_request(elsewhere, params, cost);
+    let r = sender
+        .request(
+            to,
+            Request::Job(Signed::sign(&sender.secret(), &misaddressed).unwrap()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(refusal(r), FailReason::WrongProvider);
+    untouched(provider.node.ledger(), misaddressed.job_id);
+
+    sender.shutdown().await;
+    provider.node.shutdown().await;
+}
+
+/// A requester pinned to an evil provider refuses its receipt, tells it so, and records nothing.
+async fn pinned_requester_refuses(seed: u8, cheat: Cheat, expected: &str) {
+    let mut evil = EvilProvider::start(seed, cheat, tiny_generator()).await;
+    let requester = TestNode::start(seed + 1, vec![evil.addr.clone()], None).await;
+    let head = requester.node.ledger().head().unwrap();
+
+    let options = GenerateOptions {
+        provider: Some(evil.peer_id()),
+        ..GenerateOptions::default()
+    };
+    let err = requester
+        .node
+        .requester()
+        .generate(small_job("a crooked bill"), options, &mut |_| {})
+        .await
+        .unwrap_err();
+    let GenerateError::AllFailed(reasons) = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(reasons.len(), 1, "{err}");
+    assert!(reasons[0].contains("bad receipt"), "{cheat:?}: {err}");
+    assert!(reasons[0].contains(expected), "{cheat:?}: {err}");
+
+    // The evil provider heard a typed refusal of its receipt, not an ack.
+    match evil.next_answer().await.unwrap() {
+        Response::Refused(FailReason::Invalid(w)) => assert_eq!(w.field, "receipt", "{w}"),
+        other => panic!("{cheat:?}: the requester answered {other:?}"),
+    }
+    // The requester's books did not move.
+    let books = requester.node.ledger();
+    assert_eq!(books.head().unwrap(), head, "{cheat:?}");
+    assert!(books.receipts(None).unwrap().is_empty());
+    assert_eq!(books.account(Role::Requester, &evil.key).unwrap(), None);
+
+    requester.node.shutdown().await;
+    evil.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overcharging_receipt_is_refused() {
+    pinned_requester_refuses(50, Cheat::Overcharge, "the metering function gives").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_changed_after_signing_is_refused() {
+    pinned_requester_refuses(
+        52,
+        Cheat::TamperAfterSigning,
+        "receipt signature does not verify",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_with_the_wrong_image_hash_is_refused() {
+    pinned_requester_refuses(54, Cheat::WrongImageHash, "image 0 does not match its hash").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_overcharge_the_requester_fails_over_and_pays_the_honest_provider_once() {
+    let mut evil = EvilProvider::start(56, Cheat::Overcharge, tiny_generator()).await;
+    let honest = TestNode::start(57, vec![], Some(tiny_generator())).await;
+    let requester = TestNode::start(58, vec![evil.addr.clone(), honest.addr.clone()], None).await;
+    honest.deposit_from(57, requester.key, 100);
+
+    // The evil provider advertises itself as the fastest: the requester must try it first.
+    let client = requester.node.requester().clone();
+    wait_until(Duration::from_secs(15), "both providers' adverts", || {
+        let list = client.providers();
+        list.len() == 2 && list[0].key == evil.key
+    })
+    .await;
+
+    let params = small_job("an honest price");
+    let mut seen = Vec::new();
+    let outcome = client
+        .generate(params.clone(), GenerateOptions::default(), &mut |p| {
+            seen.push(p)
+        })
+        .await
+        .unwrap();
+    assert_eq!(outcome.provider, honest.key.to_peer_id());
+    assert_eq!(outcome.attempts, 2);
+    assert!(
+        seen.iter().any(|p| matches!(
+            p,
+            JobProgress::FailingOver { provider, reason }
+                if *provider == evil.peer_id() && reason.contains("bad receipt")
+        )),
+        "{seen:?}"
+    );
+    assert!(matches!(
+        evil.next_answer().await.unwrap(),
+        Response::Refused(FailReason::Invalid(_))
+    ));
+
+    // Paid once, to the honest provider, exactly the metered cost.
+    let (_, cost) = honest_meter(
+        tiny_generator().as_ref(),
+        &params,
+        &PriceSchedule::default(),
+    );
+    assert_eq!(outcome.cost, cost);
+    let books = requester.node.ledger();
+    let receipts = books.receipts(None).unwrap();
+    assert_eq!(receipts.len(), 1);
+    assert_eq!(receipts[0].receipt.signer(), honest.key);
+    assert_eq!(books.account(Role::Requester, &evil.key).unwrap(), None);
+    let mirror = books
+        .account(Role::Requester, &honest.key)
+        .unwrap()
+        .unwrap();
+    assert_eq!((mirror.charged, mirror.receipts), (cost, 1));
+    let acct = honest
+        .node
+        .ledger()
+        .account(Role::Provider, &requester.key)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (acct.charged, acct.held, acct.receipts),
+        (cost, MicroTokens::ZERO, 1)
+    );
+
+    requester.node.shutdown().await;
+    honest.node.shutdown().await;
+    evil.shutdown().await;
+}
