@@ -9,13 +9,21 @@
 //!   accepts the job, runs it on the real tiny engine, then delivers the images with a receipt
 //!   spoiled in one chosen way ([`Cheat`]). It advertises a very fast speed so an unpinned
 //!   requester tries it first, and reports how the requester answered each delivery.
+//! - [`send_verbatim_frames`]: a real libp2p peer (TCP, noise, yamux) that opens real
+//!   `/pixmarket/rpc/1` streams and writes bytes of the test's choosing on them (any length
+//!   prefix, any body), so the receiver's framing and size limits are what is tested.
 
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use libp2p::futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::multiaddr::Protocol;
-use libp2p::{Multiaddr, PeerId};
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, StreamProtocol, noise, tcp, yamux};
 use pixmarket_node::generator::Generator;
+use pixmarket_node::network::codec::{MAX_RESPONSE_BYTES, RPC_PROTOCOL};
 use pixmarket_node::network::{
     self, Client, NetConfig, NetError, NetEvent, Request, Response, ResponseChannel,
 };
@@ -450,4 +458,129 @@ impl Delivery {
         let answer = self.client.request(peer, Request::Event(event)).await;
         let _ = self.answers.send(answer).await;
     }
+}
+
+/// Writes each request's bytes verbatim (length prefix included) and closes the stream; reads
+/// whatever comes back, up to the response limit.
+#[derive(Clone, Copy, Debug, Default)]
+struct VerbatimCodec;
+
+impl request_response::Codec for VerbatimCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_all(io).await
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_all(io).await
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        io.write_all(&req).await?;
+        io.close().await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Vec<u8>,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        io.write_all(&res).await?;
+        io.close().await
+    }
+}
+
+async fn read_all<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    // Bounded like every other reader: an answer longer than a response frame is not one.
+    let limit = u64::try_from(MAX_RESPONSE_BYTES + 4).unwrap_or(u64::MAX);
+    io.take(limit).read_to_end(&mut buf).await?;
+    if buf.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "stream closed without an answer",
+        ));
+    }
+    Ok(buf)
+}
+
+/// Opens one real RPC stream per frame to `target` (an address ending in `/p2p/<peer>`), one
+/// after another, writes the frame's bytes verbatim and returns what came back on each stream
+/// (`Err` with the libp2p failure when nothing did).
+pub async fn send_verbatim_frames(
+    target: &Multiaddr,
+    seed: u8,
+    frames: Vec<Vec<u8>>,
+) -> Vec<Result<Vec<u8>, String>> {
+    let Some(Protocol::P2p(peer)) = target.iter().last() else {
+        panic!("{target} does not end in /p2p/<peer id>")
+    };
+    let key = SecretKey::from_seed(&[seed; 32]);
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key.to_libp2p_keypair())
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| {
+            request_response::Behaviour::with_codec(
+                VerbatimCodec,
+                [(RPC_PROTOCOL, ProtocolSupport::Outbound)],
+                request_response::Config::default().with_request_timeout(WAIT),
+            )
+        })
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(WAIT))
+        .build();
+    swarm.add_peer_address(peer, target.clone());
+    let mut answers = Vec::with_capacity(frames.len());
+    for frame in frames {
+        let id = swarm.behaviour_mut().send_request(&peer, frame);
+        let answer = loop {
+            let event = tokio::time::timeout(WAIT * 2, swarm.select_next_some())
+                .await
+                .unwrap_or_else(|_| panic!("no outcome for a verbatim frame within {WAIT:?}"));
+            match event {
+                SwarmEvent::Behaviour(request_response::Event::Message {
+                    message:
+                        request_response::Message::Response {
+                            request_id,
+                            response,
+                        },
+                    ..
+                }) if request_id == id => break Ok(response),
+                SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
+                    request_id,
+                    error,
+                    ..
+                }) if request_id == id => break Err(error.to_string()),
+                _ => {}
+            }
+        };
+        answers.push(answer);
+    }
+    answers
 }

@@ -9,20 +9,30 @@
 //! overcharge, a receipt changed after signing, and a wrong image hash are each refused, the
 //! requester's books do not change, and with an honest provider also on the market the
 //! requester fails over and pays the honest one exactly once.
+//!
+//! Against the RPC framing (a peer writing raw bytes on real `/pixmarket/rpc/1` streams): an
+//! absurd length prefix, one just past the limit, garbage of the stated length and a truncated
+//! body are each dropped without an answer, while a well-formed frame on the same connection is
+//! answered, and the provider keeps serving. A request too large to frame is refused by the
+//! sender's own codec before anything is written.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
 
 use pixmarket_ledger::{Ledger, Role};
-use pixmarket_node::network::{Request, Response};
+use pixmarket_node::network::codec::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES};
+use pixmarket_node::network::{NetError, Request, Response};
 use pixmarket_node::now_ms;
 use pixmarket_node::requester::{GenerateError, GenerateOptions, JobProgress, check_receipt};
 use pixmarket_protocol::messages::{FailReason, JobEventKind};
 use pixmarket_protocol::{
-    JobId, JobRequest, MicroTokens, PriceSchedule, ReceiptAck, SecretKey, Signed,
+    Hash, JobEvent, JobId, JobRequest, MicroTokens, PriceSchedule, Receipt, ReceiptAck, SecretKey,
+    Signed, codec,
 };
-use pixmarket_tests::evil::{Cheat, EvilProvider, RawPeer, honest_meter, wait_until};
+use pixmarket_tests::evil::{
+    Cheat, EvilProvider, RawPeer, honest_meter, send_verbatim_frames, wait_until,
+};
 use pixmarket_tests::{TestNode, small_job, tiny_generator};
 
 /// Nothing about `job` in the provider's books: never held, so never charged.
@@ -334,4 +344,104 @@ async fn after_an_overcharge_the_requester_fails_over_and_pays_the_honest_provid
     requester.node.shutdown().await;
     honest.node.shutdown().await;
     evil.shutdown().await;
+}
+
+/// A length prefix and a body, as the RPC codec frames them.
+fn frame(len: usize, body: &[u8]) -> Vec<u8> {
+    let mut f = u32::try_from(len)
+        .unwrap_or(u32::MAX)
+        .to_be_bytes()
+        .to_vec();
+    f.extend_from_slice(body);
+    f
+}
+
+/// The response a verbatim stream got back, if it is one.
+fn as_response(answer: &Result<Vec<u8>, String>) -> Option<Response> {
+    let bytes = answer.as_ref().ok()?;
+    let len = usize::try_from(u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?)).ok()?;
+    let body = bytes.get(4..)?;
+    (body.len() == len).then_some(())?;
+    codec::decode("rpc response", body, MAX_RESPONSE_BYTES).ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rpc_frames_are_dropped_and_the_provider_keeps_serving() {
+    let provider = TestNode::start(60, vec![], Some(tiny_generator())).await;
+    let cancel = codec::encode(
+        "rpc request",
+        &Request::Cancel(JobId([6; 16])),
+        MAX_REQUEST_BYTES,
+    )
+    .unwrap();
+    let frames = vec![
+        frame(u32::MAX as usize, &[0; 64]),
+        frame(MAX_REQUEST_BYTES + 1, &cancel),
+        frame(16, &[0xff; 16]),
+        frame(cancel.len() + 100, &cancel),
+        // The control: the same peer, the same protocol, a well-formed frame.
+        frame(cancel.len(), &cancel),
+    ];
+    let answers = send_verbatim_frames(&provider.addr, 61, frames).await;
+    for (i, answer) in answers[..4].iter().enumerate() {
+        assert_eq!(
+            as_response(answer),
+            None,
+            "bad frame {i} was answered: {answer:?}"
+        );
+    }
+    assert_eq!(
+        as_response(&answers[4]),
+        Some(Response::Ok),
+        "{:?}",
+        answers[4]
+    );
+
+    // A request whose encoding is over the limit never leaves the sender.
+    let sender = RawPeer::start(62, vec![provider.addr.clone()]).await;
+    let secret = sender.secret();
+    let receipt = Receipt {
+        job_id: JobId([7; 16]),
+        request_hash: Hash::ZERO,
+        provider: provider.key,
+        requester: secret.public(),
+        units: small_job("x").metered_units(1),
+        schedule: PriceSchedule::default(),
+        cost: MicroTokens(1),
+        image_hashes: vec![Hash::ZERO],
+        queued_ms: 0,
+        run_ms: 0,
+        cumulative_charged: MicroTokens(1),
+        prev_receipt_hash: None,
+        issued_at_ms: now_ms(),
+    };
+    let huge = Request::Event(JobEvent {
+        job_id: JobId([7; 16]),
+        kind: JobEventKind::Completed {
+            images: vec![vec![0; MAX_REQUEST_BYTES]],
+            receipt: Signed::sign(&secret, &receipt).unwrap(),
+        },
+    });
+    let err = sender
+        .request(provider.key.to_peer_id(), huge)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, NetError::Request { reason, .. } if reason.contains("the limit is")),
+        "{err}"
+    );
+
+    // The provider still quotes, at the metered price.
+    let params = small_job("still serving");
+    let quote = sender.quote(provider.key, &params).await;
+    let (_, cost) = honest_meter(
+        tiny_generator().as_ref(),
+        &params,
+        &PriceSchedule::default(),
+    );
+    assert_eq!(quote.cost, cost);
+    assert!(provider.node.ledger().holds().unwrap().is_empty());
+
+    sender.shutdown().await;
+    provider.node.shutdown().await;
 }
