@@ -310,6 +310,7 @@ impl Provider {
             });
         }
         if req.provider != self.inner.key.public() {
+            tracing::warn!(%peer, to = %req.provider.fmt_short(), "refused job: addressed to another provider");
             return refuse(FailReason::WrongProvider);
         }
         let (units, cost) = match self.meter(&req.params.prompt, |t| req.params.metered_units(t)) {
@@ -317,6 +318,7 @@ impl Provider {
             Err(r) => return refuse(r),
         };
         if cost > req.max_cost {
+            tracing::warn!(%peer, %cost, max_cost = %req.max_cost, "refused job: over its max_cost");
             return refuse(FailReason::OverBudget {
                 cost,
                 max_cost: req.max_cost,
