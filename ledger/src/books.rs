@@ -1,5 +1,5 @@
 //! The books: record types, key layouts, the logged operations ([`Op`]) and the one function
-//! that applies an operation to the state ([`apply`]).
+//! that applies an operation to the state (`apply`).
 //!
 //! `apply` is the only code that changes balances. Live operations run it inside a store
 //! transaction; `verify` and `import` run the very same function over the log into a fresh

@@ -537,3 +537,65 @@ fn reopen_right_after_close_in_the_same_process() {
     let l = Ledger::open(&path, p.public()).unwrap();
     assert_eq!(l.verify().unwrap().receipts, 300);
 }
+
+#[test]
+fn hold_request_checks_the_signed_request_and_binds_the_receipt_to_it() {
+    use pixmarket_protocol::{JobParams, JobRequest, Mode, Receipt, Signed};
+    let l = Ledger::with_store(Arc::new(MemStore::new()), provider().public()).unwrap();
+    let (p, r) = (provider(), requester(0));
+    l.set_credit_limit(r.public(), tokens(100)).unwrap();
+    let request = |job_id, to: pixmarket_protocol::PublicKey| {
+        Signed::sign(
+            &r,
+            &JobRequest {
+                job_id,
+                provider: to,
+                params: JobParams {
+                    prompt: "a red bicycle".into(),
+                    negative_prompt: String::new(),
+                    width: 512,
+                    height: 512,
+                    steps: 30,
+                    true_cfg_scale: 4.0,
+                    seed: 1,
+                    images: 1,
+                    mode: Mode::TextToImage,
+                },
+                max_cost: tokens(20),
+                created_at_ms: 0,
+                expires_at_ms: 10_000,
+                quote_id: None,
+            },
+        )
+        .unwrap()
+    };
+    // Addressed to someone else: refused.
+    assert!(matches!(
+        l.hold_request(&request(job(1), r.public()), 5),
+        Err(LedgerError::Mismatch {
+            field: "request provider",
+            ..
+        })
+    ));
+    let req = request(job(1), p.public());
+    assert!(matches!(
+        l.hold_request(&req, 10_000),
+        Err(LedgerError::Expired { .. })
+    ));
+    l.hold_request(&req, 5).unwrap();
+    assert_eq!(l.holds().unwrap()[0].1.request_hash, Some(req.digest()));
+    // A receipt naming another request is refused; one naming this request settles.
+    let wrong = receipt(&l, &p, r.public(), job(1), 10);
+    assert!(matches!(
+        l.settle(job(1), &wrong),
+        Err(LedgerError::Mismatch {
+            field: "receipt request hash",
+            ..
+        })
+    ));
+    let mut body: Receipt = wrong.verify().unwrap();
+    body.request_hash = req.digest();
+    let right = Signed::sign(&p, &body).unwrap();
+    l.settle(job(1), &right).unwrap();
+    l.verify().unwrap();
+}
