@@ -12,9 +12,13 @@
 //! - [`send_verbatim_frames`]: a real libp2p peer (TCP, noise, yamux) that opens real
 //!   `/pixmarket/rpc/1` streams and writes bytes of the test's choosing on them (any length
 //!   prefix, any body), so the receiver's framing and size limits are what is tested.
+//! - [`Warnings`]: every warning the nodes in this test process log, so a test can check that
+//!   a refusal was not only typed but also logged (a small `tracing` subscriber of its own:
+//!   the workspace has no `tracing-subscriber` built).
 
+use std::fmt::Write as _;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use libp2p::futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
@@ -583,4 +587,94 @@ pub async fn send_verbatim_frames(
         answers.push(answer);
     }
     answers
+}
+
+/// Warning lines kept per test process; past this the oldest are dropped.
+const MAX_WARNINGS: usize = 10_000;
+
+/// The warnings and errors logged in this test process, one formatted line each:
+/// `LEVEL target: message field=value ...`.
+#[derive(Clone, Debug)]
+pub struct Warnings(Arc<Mutex<std::collections::VecDeque<String>>>);
+
+impl Warnings {
+    /// Installs the process-wide capture on first use and returns it. Tests run in parallel
+    /// threads of one process, so checks name something unique to the test (a peer id).
+    pub fn capture() -> Self {
+        static CAPTURE: OnceLock<Warnings> = OnceLock::new();
+        CAPTURE
+            .get_or_init(|| {
+                let w = Warnings(Arc::default());
+                // Fails only if another subscriber was installed first; then nothing is captured
+                // and the checks say so.
+                let _ = tracing::subscriber::set_global_default(Capture(w.clone()));
+                w
+            })
+            .clone()
+    }
+
+    /// Whether some line contains every one of `parts`.
+    pub fn contain(&self, parts: &[&str]) -> bool {
+        let lines = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        lines.iter().any(|l| parts.iter().all(|p| l.contains(p)))
+    }
+
+    /// Waits (bounded) for a line containing every one of `parts`; the log is written from
+    /// other tasks, possibly just after the answer the test saw.
+    pub async fn expect(&self, parts: &[&str]) {
+        let what = format!("a warning containing {parts:?}");
+        let me = self.clone();
+        wait_until(WAIT, &what, || me.contain(parts)).await;
+    }
+}
+
+struct Capture(Warnings);
+
+struct Fields<'a>(&'a mut String);
+
+impl tracing::field::Visit for Fields<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        let _ = if field.name() == "message" {
+            write!(self.0, " {value:?}")
+        } else {
+            write!(self.0, " {}={value:?}", field.name())
+        };
+    }
+}
+
+impl tracing::Subscriber for Capture {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        // Levels order from ERROR (least verbose) up to TRACE.
+        *metadata.level() <= tracing::Level::WARN
+    }
+
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        // Spans are not kept; every span gets the same (valid, non-zero) id.
+        tracing::span::Id::from_u64(1)
+    }
+
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+
+    fn event(&self, event: &tracing::Event<'_>) {
+        let meta = event.metadata();
+        let mut line = format!("{} {}:", meta.level(), meta.target());
+        event.record(&mut Fields(&mut line));
+        let mut lines = (self.0)
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if lines.len() >= MAX_WARNINGS {
+            lines.pop_front();
+        }
+        lines.push_back(line);
+    }
+
+    fn enter(&self, _: &tracing::span::Id) {}
+
+    fn exit(&self, _: &tracing::span::Id) {}
 }

@@ -2,13 +2,14 @@
 //!
 //! Against a provider (a raw requester client sends what an honest node never would): a request
 //! signed by one key and sent by another, a request with a changed byte, the same request twice,
-//! an expired request and one for another provider are each refused with their typed reason,
+//! an expired request, one for another provider and one whose max_cost is under the metered
+//! cost are each refused with their typed reason, logged with the sender's peer id,
 //! and none leaves a hold or a charge; a replayed job is charged once.
 //!
 //! Against a requester (an evil provider meters honestly and then cheats on the receipt): an
-//! overcharge, a receipt changed after signing, and a wrong image hash are each refused, the
-//! requester's books do not change, and with an honest provider also on the market the
-//! requester fails over and pays the honest one exactly once.
+//! overcharge, a receipt changed after signing, and a wrong image hash are each refused and
+//! logged, the requester's books do not change, and with an honest provider also on the market
+//! the requester fails over and pays the honest one exactly once.
 //!
 //! Against the RPC framing (a peer writing raw bytes on real `/pixmarket/rpc/1` streams): an
 //! absurd length prefix, one just past the limit, garbage of the stated length and a truncated
@@ -31,7 +32,7 @@ use pixmarket_protocol::{
     Signed, codec,
 };
 use pixmarket_tests::evil::{
-    Cheat, EvilProvider, RawPeer, honest_meter, send_verbatim_frames, wait_until,
+    Cheat, EvilProvider, RawPeer, Warnings, honest_meter, send_verbatim_frames, wait_until,
 };
 use pixmarket_tests::{TestNode, small_job, tiny_generator};
 
@@ -51,6 +52,7 @@ fn refusal(r: Response) -> FailReason {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_request_is_refused_and_holds_nothing() {
+    let warnings = Warnings::capture();
     let provider = TestNode::start(41, vec![], Some(tiny_generator())).await;
     let sender = RawPeer::start(42, vec![provider.addr.clone()]).await;
     let victim = SecretKey::from_seed(&[43; 32]);
@@ -74,6 +76,10 @@ async fn a_forged_request_is_refused_and_holds_nothing() {
         .unwrap();
     assert_eq!(refusal(r), FailReason::BadSignature);
     untouched(provider.node.ledger(), req.job_id);
+    let sender_id = sender.peer_id().to_string();
+    warnings
+        .expect(&["refused job: relayed request", &sender_id])
+        .await;
 
     // The sender's own signature, over a body with one byte changed after signing.
     let req = RawPeer::job_request(provider.key, small_job("a forged fox"), cost);
@@ -88,6 +94,9 @@ async fn a_forged_request_is_refused_and_holds_nothing() {
         .unwrap();
     assert_eq!(refusal(r), FailReason::BadSignature);
     untouched(provider.node.ledger(), req.job_id);
+    warnings
+        .expect(&["refused job: bad signature", &sender_id])
+        .await;
 
     // Nothing at all was written for either.
     assert_eq!(provider.node.ledger().head().unwrap(), head);
@@ -98,6 +107,7 @@ async fn a_forged_request_is_refused_and_holds_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_request_is_refused_and_charged_once() {
+    let warnings = Warnings::capture();
     let provider = TestNode::start(44, vec![], Some(tiny_generator())).await;
     let mut requester = RawPeer::start(45, vec![provider.addr.clone()]).await;
     provider.deposit_from(44, requester.public(), 100);
@@ -118,6 +128,14 @@ async fn a_replayed_request_is_refused_and_charged_once() {
         .await
         .unwrap();
     assert_eq!(refusal(again), FailReason::Duplicate);
+    let requester_id = requester.peer_id().to_string();
+    warnings
+        .expect(&[
+            "refused job at the ledger",
+            &requester_id,
+            "accepted only once",
+        ])
+        .await;
 
     // The first completes; the raw requester checks the receipt as a node would and acks it.
     let (event, channel) = requester.next_event("the completed job").await;
@@ -176,7 +194,8 @@ async fn a_replayed_request_is_refused_and_charged_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_and_misaddressed_requests_get_typed_refusals() {
+async fn expired_misaddressed_and_underfunded_requests_get_typed_refusals() {
+    let warnings = Warnings::capture();
     let provider = TestNode::start(46, vec![], Some(tiny_generator())).await;
     let sender = RawPeer::start(47, vec![provider.addr.clone()]).await;
     provider.deposit_from(46, sender.public(), 100);
@@ -200,6 +219,10 @@ async fn expired_and_misaddressed_requests_get_typed_refusals() {
         .unwrap();
     assert_eq!(refusal(r), FailReason::Expired);
     untouched(provider.node.ledger(), expired.job_id);
+    let sender_id = sender.peer_id().to_string();
+    warnings
+        .expect(&["refused job: invalid", &sender_id, "expires_at"])
+        .await;
 
     let elsewhere = SecretKey::from_seed(&[48; 32]).public();
     let misaddressed = RawPeer::job_request(elsewhere, params, cost);
@@ -212,6 +235,31 @@ async fn expired_and_misaddressed_requests_get_typed_refusals() {
         .unwrap();
     assert_eq!(refusal(r), FailReason::WrongProvider);
     untouched(provider.node.ledger(), misaddressed.job_id);
+    warnings
+        .expect(&["refused job: addressed to another provider", &sender_id])
+        .await;
+
+    // A max_cost one micro-token under the metered cost: refused with both numbers.
+    let short = MicroTokens(cost.0 - 1);
+    let underfunded = RawPeer::job_request(provider.key, small_job("a late owl"), short);
+    let r = sender
+        .request(
+            to,
+            Request::Job(Signed::sign(&sender.secret(), &underfunded).unwrap()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        refusal(r),
+        FailReason::OverBudget {
+            cost,
+            max_cost: short
+        }
+    );
+    untouched(provider.node.ledger(), underfunded.job_id);
+    warnings
+        .expect(&["refused job: over its max_cost", &sender_id])
+        .await;
 
     sender.shutdown().await;
     provider.node.shutdown().await;
@@ -219,6 +267,7 @@ async fn expired_and_misaddressed_requests_get_typed_refusals() {
 
 /// A requester pinned to an evil provider refuses its receipt, tells it so, and records nothing.
 async fn pinned_requester_refuses(seed: u8, cheat: Cheat, expected: &str) {
+    let warnings = Warnings::capture();
     let mut evil = EvilProvider::start(seed, cheat, tiny_generator()).await;
     let requester = TestNode::start(seed + 1, vec![evil.addr.clone()], None).await;
     let head = requester.node.ledger().head().unwrap();
@@ -239,6 +288,10 @@ async fn pinned_requester_refuses(seed: u8, cheat: Cheat, expected: &str) {
     assert_eq!(reasons.len(), 1, "{err}");
     assert!(reasons[0].contains("bad receipt"), "{cheat:?}: {err}");
     assert!(reasons[0].contains(expected), "{cheat:?}: {err}");
+    let evil_id = evil.peer_id().to_string();
+    warnings
+        .expect(&["refusing receipt", &evil_id, expected])
+        .await;
 
     // The evil provider heard a typed refusal of its receipt, not an ack.
     match evil.next_answer().await.unwrap() {
@@ -277,6 +330,7 @@ async fn a_receipt_with_the_wrong_image_hash_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_an_overcharge_the_requester_fails_over_and_pays_the_honest_provider_once() {
+    let warnings = Warnings::capture();
     let mut evil = EvilProvider::start(56, Cheat::Overcharge, tiny_generator()).await;
     let honest = TestNode::start(57, vec![], Some(tiny_generator())).await;
     let requester = TestNode::start(58, vec![evil.addr.clone(), honest.addr.clone()], None).await;
@@ -312,6 +366,11 @@ async fn after_an_overcharge_the_requester_fails_over_and_pays_the_honest_provid
         evil.next_answer().await.unwrap(),
         Response::Refused(FailReason::Invalid(_))
     ));
+    let evil_id = evil.peer_id().to_string();
+    warnings.expect(&["refusing receipt", &evil_id]).await;
+    warnings
+        .expect(&["provider failed; failing over", &evil_id])
+        .await;
 
     // Paid once, to the honest provider, exactly the metered cost.
     let (_, cost) = honest_meter(

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use pixmarket_ledger::{Ledger, Role};
 use pixmarket_node::requester::{GenerateOptions, JobProgress};
 use pixmarket_protocol::{JobParams, MicroTokens, PriceSchedule};
-use pixmarket_tests::evil::{honest_meter, wait_until};
+use pixmarket_tests::evil::{Warnings, honest_meter, wait_until};
 use pixmarket_tests::{TestNode, small_job, tiny_generator};
 use tokio::sync::mpsc;
 
@@ -30,6 +30,7 @@ fn slow_job() -> JobParams {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_stopped_mid_job_fails_over_and_the_requester_pays_once() {
     let started = Instant::now();
+    let warnings = Warnings::capture();
     let p1 = TestNode::start(31, vec![], Some(tiny_generator())).await;
     let p2 = TestNode::start(32, vec![], Some(tiny_generator())).await;
     let requester = TestNode::start(33, vec![p1.addr.clone(), p2.addr.clone()], None).await;
@@ -112,6 +113,12 @@ async fn a_provider_stopped_mid_job_fails_over_and_the_requester_pays_once() {
         )),
         "{seen:?}"
     );
+    warnings
+        .expect(&[
+            "provider failed; failing over",
+            &killed_key.to_peer_id().to_string(),
+        ])
+        .await;
     let (units, cost) = honest_meter(tiny_generator().as_ref(), &job, &PriceSchedule::default());
     let receipt = outcome.receipt.verify().unwrap();
     assert_eq!(receipt.units, units);
