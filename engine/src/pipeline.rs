@@ -852,6 +852,13 @@ mod tests {
     }
 
     #[test]
+    fn the_model_can_be_shared_across_threads() {
+        fn shared<T: Send + Sync>() {}
+        shared::<QwenImage>();
+        shared::<GenerateRequest>();
+    }
+
+    #[test]
     fn devices_and_dtypes_parse() {
         assert!(device_from_name("cpu").is_ok());
         assert!(device_from_name("tpu").is_err());

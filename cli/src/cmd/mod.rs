@@ -4,9 +4,11 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
+mod generate;
 mod id;
 mod init;
 mod ledger;
+mod model;
 mod price;
 
 #[derive(Debug, Subcommand)]
@@ -19,6 +21,10 @@ pub(crate) enum Command {
     Price(price::PriceArgs),
     /// The books: balances, receipts, deposits, credit limits, verify, export and audit.
     Ledger(ledger::LedgerArgs),
+    /// Generate an image (`--local`: on this machine, with a model folder or `--model tiny`).
+    Generate(Box<generate::GenerateArgs>),
+    /// Model folders: `model tiny` writes the built-in tiny model (it draws noise).
+    Model(model::ModelArgs),
 }
 
 pub(crate) fn run(command: Command) -> anyhow::Result<()> {
@@ -27,6 +33,8 @@ pub(crate) fn run(command: Command) -> anyhow::Result<()> {
         Command::Id(a) => id::run(a),
         Command::Price(a) => price::run(a),
         Command::Ledger(a) => ledger::run(a),
+        Command::Generate(a) => generate::run(*a),
+        Command::Model(a) => model::run(a),
     }
 }
 

@@ -1,0 +1,251 @@
+//! `pixmarket model tiny` and `pixmarket generate --local` run as a person runs them: the real
+//! binary on temp folders. Bad input must give one clear line, a non-zero exit and no panic.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn pixmarket(data_dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pixmarket"))
+        .args(args)
+        .env("PIXMARKET_DATA_DIR", data_dir)
+        .output()
+        .expect("run pixmarket")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn engine_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../engine/tests/fixtures/pipeline")
+        .join(name)
+}
+
+/// One `error: ...` line on stderr, nothing like a panic.
+fn assert_one_line_error(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure, got success: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.starts_with("note:") && !l.starts_with("loaded "))
+        .collect();
+    assert_eq!(lines.len(), 1, "expected one line: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(lines[0].contains(needle), "{needle:?} not in {err}");
+}
+
+fn png_text(path: &Path) -> Vec<(String, String)> {
+    pixmarket_engine::image_io::png_text_chunks(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn model_tiny_then_generate_locally() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny");
+    let o = pixmarket(
+        tmp.path(),
+        &["model", "tiny", "--out", dir.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("noise"), "{}", stdout(&o));
+    assert!(dir.join("model_index.json").is_file());
+
+    let out = tmp.path().join("fox.png");
+    let args = [
+        "generate",
+        "a red fox in the snow",
+        "--local",
+        "--model",
+        dir.to_str().unwrap(),
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    let o = pixmarket(tmp.path(), &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("/step"), "{}", stdout(&o));
+    let text = png_text(&out);
+    assert!(text.contains(&("prompt".into(), "a red fox in the snow".into())));
+    assert!(text.contains(&("seed".into(), "3".into())));
+    assert!(text.contains(&("size".into(), "64x48".into())));
+    let first = std::fs::read(&out).unwrap();
+    // Same seed, same bytes.
+    let o = pixmarket(tmp.path(), &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&out).unwrap(), first);
+}
+
+#[test]
+fn model_tiny_is_created_in_the_data_dir_on_first_use() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("a.png");
+    let o = pixmarket(
+        tmp.path(),
+        &[
+            "generate",
+            "a cat",
+            "--local",
+            "--model",
+            "tiny",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--steps",
+            "1",
+            "--true-cfg-scale",
+            "1",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("noise"), "{}", stderr(&o));
+    assert!(tmp.path().join("models/tiny/model_index.json").is_file());
+    assert!(out.is_file());
+}
+
+#[test]
+fn the_diffusers_fixture_loads_with_given_latents_and_images() {
+    // A folder written by diffusers' QwenImagePipeline.save_pretrained, with the init image,
+    // the mask and a latents file of the parity fixtures: inpaint through the CLI.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("inpaint.png");
+    let o = pixmarket(
+        tmp.path(),
+        &[
+            "generate",
+            "A red cat",
+            "--local",
+            "--model",
+            engine_fixture("model").to_str().unwrap(),
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--steps",
+            "4",
+            "--strength",
+            "0.75",
+            "--true-cfg-scale",
+            "1",
+            "--init-image",
+            engine_fixture("init.png").to_str().unwrap(),
+            "--mask",
+            engine_fixture("mask.png").to_str().unwrap(),
+            "--latents",
+            engine_fixture("inpaint_latents.safetensors")
+                .to_str()
+                .unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = png_text(&out);
+    assert!(text.contains(&("mode".into(), "inpaint".into())));
+    assert!(text.contains(&("seed".into(), "given latents".into())));
+    assert!(stdout(&o).contains("3 steps"), "{}", stdout(&o));
+}
+
+#[test]
+fn bad_input_gives_one_clear_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = engine_fixture("model");
+    let model = model.to_str().unwrap();
+    let out = tmp.path().join("x.png");
+    let out = out.to_str().unwrap();
+    let not_image = tmp.path().join("not.png");
+    std::fs::write(&not_image, b"hello").unwrap();
+    let not_image = not_image.to_str().unwrap();
+    let latents = engine_fixture("t2i_2step_latents.safetensors");
+    let latents = latents.to_str().unwrap();
+    let base = |extra: &[&'static str]| {
+        let mut v = vec!["generate", "a cat", "--local", "--model"];
+        v.push(model);
+        v.extend_from_slice(&["-o", out]);
+        v.extend_from_slice(extra);
+        v
+    };
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (base(&["--width", "100"]), "multiple of 16"),
+        (
+            vec![
+                "generate",
+                "a cat",
+                "--local",
+                "--model",
+                "/nonexistent/qwen",
+                "-o",
+                out,
+            ],
+            "does not exist",
+        ),
+        (
+            vec!["generate", "a cat", "--model", model, "-o", out],
+            "pixmarket node",
+        ),
+        (
+            {
+                let mut v = base(&["--width", "64", "--height", "48", "--init-image"]);
+                v.push(not_image);
+                v
+            },
+            "not a readable PNG or JPEG",
+        ),
+        (
+            {
+                let mut v = base(&["--width", "128", "--height", "48", "--latents"]);
+                v.push(latents);
+                v
+            },
+            "needs [1, 16, 6, 16]",
+        ),
+        (
+            {
+                let mut v = base(&["--latents"]);
+                v.push(not_image);
+                v
+            },
+            "bad latents file",
+        ),
+        (base(&["--device", "cuda"]), "cuda"),
+        (
+            base(&["--strength", "0.5"]),
+            "--strength needs --init-image",
+        ),
+    ];
+    for (args, needle) in cases {
+        let o = pixmarket(tmp.path(), &args);
+        assert_one_line_error(&o, needle);
+    }
+    // A folder that is not a model.
+    let o = pixmarket(
+        tmp.path(),
+        &[
+            "generate",
+            "a cat",
+            "--local",
+            "--model",
+            tmp.path().to_str().unwrap(),
+            "-o",
+            out,
+        ],
+    );
+    assert_one_line_error(&o, "model_index.json");
+}
