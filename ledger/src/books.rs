@@ -30,8 +30,9 @@ use crate::store::{Abort, TreeId, Txn};
 /// data lives in the one log file that the durability barrier fsyncs.
 pub(crate) const MAX_RECORD: usize = 16 * 1024;
 
-/// The longest reason a void may carry, in characters.
-pub const MAX_REASON_CHARS: usize = 256;
+/// The longest reason a void may carry, in characters: the protocol's memo bound, room for an
+/// error message, and small enough that a log entry stays a few hundred bytes.
+pub const MAX_REASON_CHARS: usize = pixmarket_protocol::validate::MAX_MEMO_CHARS;
 
 /// Which side of a trade an account or job is on, from this node's point of view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

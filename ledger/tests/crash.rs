@@ -31,6 +31,8 @@ const RUN_ENV: &str = "PIXMARKET_LEDGER_CRASH_RUN";
 /// Kills per ledger folder. `verify` replays the whole log, so a folder is retired after this
 /// many kills to keep each check short; 20 still gives every folder many recoveries.
 const KILLS_PER_FOLDER: usize = 20;
+/// Two worker threads, as many as the machine's cores: enough for concurrent commits to share
+/// fsync rounds (group commit) at the moment of the kill.
 const THREADS: u64 = 2;
 
 /// A job id unique across runs: run number, thread, counter.
