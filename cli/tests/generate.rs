@@ -164,6 +164,100 @@ fn the_diffusers_fixture_loads_with_given_latents_and_images() {
 }
 
 #[test]
+fn outpaint_grows_the_canvas() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("wide.png");
+    let o = pixmarket(
+        tmp.path(),
+        &[
+            "generate",
+            "a cat",
+            "--local",
+            "--model",
+            engine_fixture("model").to_str().unwrap(),
+            "--init-image",
+            engine_fixture("init.png").to_str().unwrap(),
+            "--outpaint",
+            "16,0,0,16",
+            "--steps",
+            "2",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = png_text(&out);
+    assert!(text.contains(&("size".into(), "80x64".into())), "{text:?}");
+    assert!(text.contains(&("mode".into(), "inpaint".into())));
+    assert!(text.contains(&("strength".into(), "1".into())));
+    let o = pixmarket(
+        tmp.path(),
+        &[
+            "generate",
+            "a cat",
+            "--local",
+            "--model",
+            engine_fixture("model").to_str().unwrap(),
+            "--init-image",
+            engine_fixture("init.png").to_str().unwrap(),
+            "--outpaint",
+            "3,0,0,0",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_one_line_error(&o, "outpaint canvas is 67×48");
+}
+
+#[test]
+fn a_model_with_misshapen_weights_gives_one_clear_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    copy_dir(&engine_fixture("model"), &model);
+    // Another model's transformer weights under the right config: every tensor misshapen.
+    let t = model.join("transformer/diffusion_pytorch_model.safetensors");
+    std::fs::copy(
+        engine_fixture(
+            "../transformer/model_single_bf16/transformer/diffusion_pytorch_model.safetensors",
+        ),
+        &t,
+    )
+    .unwrap();
+    let out = tmp.path().join("x.png");
+    let o = pixmarket(
+        tmp.path(),
+        &[
+            "generate",
+            "a cat",
+            "--local",
+            "--model",
+            model.to_str().unwrap(),
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_one_line_error(&o, "has shape");
+    assert!(stderr(&o).contains("transformer"), "{}", stderr(&o));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let dest = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &dest);
+        } else {
+            std::fs::copy(&p, &dest).unwrap();
+        }
+    }
+}
+
+#[test]
 fn bad_input_gives_one_clear_line() {
     let tmp = tempfile::tempdir().unwrap();
     let model = engine_fixture("model");

@@ -85,6 +85,43 @@ pub fn image_size(bytes: &[u8], what: &'static str) -> Result<(u32, u32), Engine
     Ok(decode(bytes, what)?.dimensions())
 }
 
+/// Outpainting input: `init` (PNG or JPEG) on a larger canvas with `pad = [left, top, right,
+/// bottom]` pixels of mid-grey around it, and the mask that repaints exactly the padding.
+/// Returns `(canvas_png, mask_png, width, height)`; run it as an inpaint request.
+pub fn outpaint_canvas(
+    init: &[u8],
+    pad: [u32; 4],
+) -> Result<(Vec<u8>, Vec<u8>, u32, u32), EngineError> {
+    let img = decode(init, "init image")?.to_rgb8();
+    let [left, top, right, bottom] = pad;
+    let (w, h) = img.dimensions();
+    let (cw, ch) = (w + left + right, h + top + bottom);
+    let mut canvas = RgbImage::from_pixel(cw, ch, image::Rgb([128, 128, 128]));
+    image::imageops::replace(&mut canvas, &img, i64::from(left), i64::from(top));
+    let mask = image::GrayImage::from_fn(cw, ch, |x, y| {
+        let inside = x >= left && x < left + w && y >= top && y < top + h;
+        image::Luma([if inside { 0 } else { 255 }])
+    });
+    let png = |img: DynamicImage| -> Result<Vec<u8>, EngineError> {
+        let mut bytes = Vec::new();
+        img.write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .map_err(|source| EngineError::BadImage {
+            what: "outpaint canvas",
+            source,
+        })?;
+        Ok(bytes)
+    };
+    Ok((
+        png(DynamicImage::ImageRgb8(canvas))?,
+        png(DynamicImage::ImageLuma8(mask))?,
+        cw,
+        ch,
+    ))
+}
+
 /// Encodes 8-bit RGB pixels (row-major, `3·width·height` bytes) as a PNG with one text chunk per
 /// `(key, value)`. Keys must be 1–79 Latin-1 characters (PNG's rule).
 pub fn encode_png(
@@ -170,6 +207,21 @@ mod tests {
         let m = mask_latent_data(&bytes, 16, 8, 2, 1).unwrap();
         assert_eq!(m, vec![1.0, 0.0]);
         assert!(mask_latent_data(b"not an image", 16, 8, 2, 1).is_err());
+    }
+
+    #[test]
+    fn outpaint_canvas_masks_exactly_the_padding() {
+        let img = RgbImage::from_pixel(4, 2, image::Rgb([10, 20, 30]));
+        let (canvas, mask, w, h) =
+            outpaint_canvas(&png_of(DynamicImage::ImageRgb8(img)), [2, 1, 0, 3]).unwrap();
+        assert_eq!((w, h), (6, 6));
+        let canvas = image::load_from_memory(&canvas).unwrap().to_rgb8();
+        assert_eq!(canvas.get_pixel(2, 1).0, [10, 20, 30]);
+        assert_eq!(canvas.get_pixel(0, 0).0, [128, 128, 128]);
+        let m = mask_latent_data(&mask, 6, 6, 6, 6).unwrap();
+        let repaint: usize = m.iter().filter(|&&v| v == 1.0).count();
+        assert_eq!(repaint, 36 - 8);
+        assert_eq!(m[6 + 2], 0.0);
     }
 
     #[test]

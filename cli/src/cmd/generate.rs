@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use pixmarket_engine::image_io::outpaint_canvas;
 use pixmarket_engine::pipeline::{
     GenerateRequest, MAX_SIDE, Mode, QwenImage, SIZE_MULTIPLE, device_from_name, dtype_from_name,
     load_latents,
@@ -60,6 +61,11 @@ pub(crate) struct JobArgs {
     /// Inpaint: repaint where this mask (PNG or JPEG, same size as the image) is white.
     #[arg(long, value_name = "FILE", requires = "init_image")]
     pub(crate) mask: Option<PathBuf>,
+    /// Outpaint: grow --init-image by LEFT,TOP,RIGHT,BOTTOM pixels and paint only the new border
+    /// (inpaint on a padded canvas; the size defaults to the canvas).
+    #[arg(long, value_name = "L,T,R,B", requires = "init_image", conflicts_with = "mask",
+          value_parser = parse_padding)]
+    pub(crate) outpaint: Option<[u32; 4]>,
     /// Where to write the PNG (it carries the parameters as text chunks).
     #[arg(short, long, value_name = "FILE")]
     pub(crate) output: PathBuf,
@@ -104,6 +110,16 @@ struct Job {
     tiny: bool,
     request: GenerateRequest,
     output: PathBuf,
+}
+
+fn parse_padding(s: &str) -> Result<[u32; 4], String> {
+    let parts: Vec<u32> = s
+        .split(',')
+        .map(|p| p.trim().parse::<u32>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("expected LEFT,TOP,RIGHT,BOTTOM in pixels: {e}"))?;
+    <[u32; 4]>::try_from(parts)
+        .map_err(|p| format!("expected 4 numbers LEFT,TOP,RIGHT,BOTTOM, got {}", p.len()))
 }
 
 fn check_side(flag: &str, v: u32) -> anyhow::Result<u32> {
@@ -157,35 +173,32 @@ impl GenerateArgs {
         if !tiny && !model_dir.is_dir() {
             bail!("model folder {} does not exist", model_dir.display());
         }
-        let (side, steps) = if tiny {
-            (TINY_SIDE, TINY_STEPS)
-        } else {
-            (DEFAULT_SIDE, DEFAULT_STEPS)
-        };
-        let width = check_side("--width", job.width.unwrap_or(side))?;
-        let height = check_side("--height", job.height.unwrap_or(side))?;
-        let steps = job.steps.unwrap_or(steps);
-        if steps == 0 {
-            bail!("--steps must be at least 1");
-        }
-        if !job.true_cfg_scale.is_finite() || job.true_cfg_scale < 0.0 {
-            bail!(
-                "--true-cfg-scale {} must be a number ≥ 0",
-                job.true_cfg_scale
-            );
-        }
         if job.strength.is_some() && job.init_image.is_none() {
             bail!("--strength needs --init-image");
         }
         let strength_permille = match job.strength {
-            None => 600, // diffusers' image-to-image default, 0.6
+            // Outpainting repaints a blank border: all of it. Otherwise diffusers' default, 0.6.
+            None if job.outpaint.is_some() => 1000,
+            None => 600,
             // In (0, 1], so the per-mille value is in 0..=1000 and fits.
             #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
             Some(s) if s > 0.0 && s <= 1.0 => ((s * 1000.0).round() as u16).max(1),
             Some(s) => bail!("--strength {s} must be in (0, 1]"),
         };
+        let mut canvas = None;
         let mode = match (&job.init_image, &job.mask) {
             (None, _) => Mode::TextToImage,
+            (Some(img), None) if job.outpaint.is_some() => {
+                let pad = job.outpaint.unwrap_or_default();
+                let bytes = read_input("--init-image", img)?;
+                let (init_image, mask, w, h) = outpaint_canvas(&bytes, pad)?;
+                canvas = Some((w, h));
+                Mode::Inpaint {
+                    init_image,
+                    mask,
+                    strength_permille,
+                }
+            }
             (Some(img), None) => Mode::ImageToImage {
                 init_image: read_input("--init-image", img)?,
                 strength_permille,
@@ -196,6 +209,35 @@ impl GenerateArgs {
                 strength_permille,
             },
         };
+        let (side, steps) = if tiny {
+            (TINY_SIDE, TINY_STEPS)
+        } else {
+            (DEFAULT_SIDE, DEFAULT_STEPS)
+        };
+        if let Some((w, h)) = canvas
+            && (job.width.is_none() || job.height.is_none())
+            && (!w.is_multiple_of(SIZE_MULTIPLE) || !h.is_multiple_of(SIZE_MULTIPLE))
+        {
+            bail!(
+                "the outpaint canvas is {w}×{h}; choose padding that makes both sides multiples \
+                 of {SIZE_MULTIPLE}, or give --width and --height"
+            );
+        }
+        let width = check_side("--width", job.width.or(canvas.map(|c| c.0)).unwrap_or(side))?;
+        let height = check_side(
+            "--height",
+            job.height.or(canvas.map(|c| c.1)).unwrap_or(side),
+        )?;
+        let steps = job.steps.unwrap_or(steps);
+        if steps == 0 {
+            bail!("--steps must be at least 1");
+        }
+        if !job.true_cfg_scale.is_finite() || job.true_cfg_scale < 0.0 {
+            bail!(
+                "--true-cfg-scale {} must be a number ≥ 0",
+                job.true_cfg_scale
+            );
+        }
         let latents = match &local.latents {
             None => None,
             Some(p) => {
