@@ -121,15 +121,13 @@ fn bad_price_arguments_give_one_clear_line() {
                 "50",
                 "--prompt-tokens",
                 "100",
-                "--price-factor",
-                "-1",
+                "--price-factor=-1",
             ],
             "--price-factor",
         ),
         (
             vec![
-                "--width",
-                "-5",
+                "--width=-5",
                 "--height",
                 "1024",
                 "--steps",

@@ -203,7 +203,10 @@ pub async fn run(config: &DemoConfig, log: &mut dyn FnMut(String)) -> anyhow::Re
             memo: "demo prepayment".into(),
             recorded_at_ms: now_ms(),
         };
-        p.node.ledger().deposit(&Signed::sign(secret, &note)?)?;
+        let signed = Signed::sign(secret, &note)?;
+        p.node.ledger().deposit(&signed)?;
+        // The requester keeps the provider-signed note too: its mirror of what it prepaid.
+        requester.node.ledger().deposit(&signed)?;
     }
     log(format!(
         "requester prepaid {DEPOSIT_TOKENS} tokens to each provider"

@@ -33,6 +33,8 @@ async fn demo_market_buys_images_and_the_books_agree() {
             .find(|m| m.ledger == "requester" && m.peer == b.ledger)
             .unwrap();
         assert_eq!(b.charged, mirror.charged, "{} vs requester", b.ledger);
+        assert_eq!(b.deposits, mirror.deposits, "{} vs requester", b.ledger);
+        assert_eq!(b.available, mirror.available, "{} vs requester", b.ledger);
         assert_eq!(b.held, MicroTokens::ZERO);
     }
     let paid: u64 = report.jobs.iter().map(|j| j.cost.0).sum();

@@ -4,12 +4,15 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
+mod demo;
 mod generate;
 mod id;
 mod init;
 mod ledger;
 mod model;
+mod node;
 mod price;
+mod providers;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
@@ -25,6 +28,12 @@ pub(crate) enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Model folders: `model tiny` writes the built-in tiny model (it draws noise).
     Model(model::ModelArgs),
+    /// Run a node until Ctrl-C; with --provide it sells image generation.
+    Node(node::NodeArgs),
+    /// List the providers whose adverts reach this node.
+    Providers(providers::ProvidersArgs),
+    /// A small local market: three providers and a requester on this machine (tiny model).
+    Demo(demo::DemoArgs),
 }
 
 pub(crate) fn run(command: Command) -> anyhow::Result<()> {
@@ -35,6 +44,9 @@ pub(crate) fn run(command: Command) -> anyhow::Result<()> {
         Command::Ledger(a) => ledger::run(a),
         Command::Generate(a) => generate::run(*a),
         Command::Model(a) => model::run(a),
+        Command::Node(a) => node::run(a),
+        Command::Providers(a) => providers::run(a),
+        Command::Demo(a) => demo::run(a),
     }
 }
 
