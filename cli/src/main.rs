@@ -17,6 +17,13 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Warnings (refused jobs, bad receipts, failovers) by default; RUST_LOG=info or debug for more.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,libp2p_kad=error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     match cmd::run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -26,6 +26,8 @@ use crate::requester::Requester;
 /// Provider requests being handled at once; beyond this the network queue fills and the loop
 /// answers `Busy`. Each may wait on one fsync.
 const MAX_CONCURRENT_HANDLERS: usize = 64;
+/// How long shutdown waits for the network loop to deliver its last responses.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +72,8 @@ pub struct Node {
     requester: Requester,
     provider: Option<Provider>,
     ledger: Arc<Ledger>,
+    /// The swarm's task, awaited on shutdown so responses in flight are delivered.
+    network: tokio::task::JoinHandle<()>,
     tasks: JoinSet<()>,
     metrics_addr: Option<SocketAddr>,
 }
@@ -81,8 +85,8 @@ impl Node {
         let metrics = Arc::new(Metrics::new(&mut registry));
         let (client, events, event_loop) =
             network::new(&options.key, &options.net, Some(&mut registry))?;
+        let network = tokio::spawn(event_loop.run());
         let mut tasks = JoinSet::new();
-        tasks.spawn(event_loop.run());
         let key = Arc::new(options.key);
         let ledger = options.ledger;
         let requester =
@@ -121,6 +125,7 @@ impl Node {
             requester,
             provider,
             ledger,
+            network,
             tasks,
             metrics_addr,
         })
@@ -158,12 +163,20 @@ impl Node {
             .collect())
     }
 
-    /// Stops the provider, the network and the dispatcher, in that order.
+    /// Stops the provider, then the network (which first delivers the responses in flight, such
+    /// as the ack of a receipt just paid), then the dispatcher and the metrics endpoint.
     pub async fn shutdown(mut self) {
         if let Some(p) = &self.provider {
             p.stop();
         }
         self.client.shutdown().await;
+        // The loop drains for at most its own DRAIN_TIMEOUT; the margin covers a slow wake-up.
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut self.network)
+            .await
+            .is_err()
+        {
+            self.network.abort();
+        }
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
     }

@@ -388,12 +388,14 @@ impl Provider {
         Response::Ok
     }
 
+    /// Stores a requester's ack; the same ack arriving twice (on the event's response and as
+    /// an explicit `Ack`) is not an error.
     fn store_ack(&self, ack: &Signed<ReceiptAck>) -> Result<(), FailReason> {
         let body = ack.verify().map_err(|_| FailReason::BadSignature)?;
-        self.inner
-            .ledger
-            .attach_ack(body.job_id, ack)
-            .map_err(|e| FailReason::Engine(format!("ledger: {e}")))
+        match self.inner.ledger.attach_ack(body.job_id, ack) {
+            Ok(()) | Err(LedgerError::AlreadyAcked { .. }) => Ok(()),
+            Err(e) => Err(FailReason::Engine(format!("ledger: {e}"))),
+        }
     }
 
     fn send_event(
@@ -591,8 +593,8 @@ impl Provider {
                             a.job_id == job.job_id && a.receipt_hash == receipt.digest()
                         });
                     if ok {
-                        if let Err(e) = self.inner.ledger.attach_ack(job.job_id, &ack) {
-                            tracing::error!(job = %job.job_id, error = %e, "cannot store ack");
+                        if let Err(reason) = self.store_ack(&ack) {
+                            tracing::error!(job = %job.job_id, %reason, "cannot store ack");
                         }
                     } else {
                         tracing::warn!(job = %job.job_id, "requester sent an ack that does not match the receipt");
@@ -604,6 +606,18 @@ impl Provider {
                     return;
                 }
                 Err(e) => {
+                    // The requester may have acknowledged by an explicit `Ack` and gone away
+                    // before our request's response arrived: then the job is delivered.
+                    let acked = self
+                        .inner
+                        .ledger
+                        .receipt(pixmarket_ledger::Role::Provider, job.job_id)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|r| r.ack.is_some());
+                    if acked {
+                        return;
+                    }
                     tracing::warn!(job = %job.job_id, attempt, error = %e, "delivery failed");
                     std::thread::sleep(Duration::from_millis(200 * u64::from(attempt)));
                 }

@@ -35,6 +35,8 @@ const JOB_EVENT_QUEUE: usize = 64;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Requests are valid for ten minutes: long enough to wait in a queue.
 const REQUEST_VALIDITY_MS: u64 = 10 * 60 * 1000;
+/// How long to wait for a provider to confirm a receipt acknowledgement.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Providers asked at most, in order, before giving up.
 const MAX_ATTEMPTS: usize = 3;
 /// Providers remembered; past this the stalest advert is forgotten.
@@ -567,6 +569,19 @@ impl Requester {
             .net
             .respond(channel, Response::EventAck(Some(ack.clone())))
             .await;
+        // Also deliver the ack as a request of its own and wait for the provider's word, so it
+        // has arrived even if this node stops right after (a response in flight may not).
+        match tokio::time::timeout(
+            ACK_TIMEOUT,
+            self.net.request(peer, Request::Ack(ack.clone())),
+        )
+        .await
+        {
+            Ok(Ok(Response::Ok)) => {}
+            other => {
+                tracing::warn!(%peer, job = %body.job_id, outcome = ?other, "provider did not confirm the ack")
+            }
+        }
         Ok(Outcome {
             provider: peer,
             images,

@@ -74,8 +74,9 @@ pub(crate) struct JobArgs {
 /// How to run it on this machine.
 #[derive(Debug, Args)]
 pub(crate) struct LocalArgs {
-    /// Generate on this machine (required for now: the market form needs `pixmarket node`).
-    #[arg(long)]
+    /// Generate on this machine; without it, the image is bought on the market (--peer or
+    /// --bootstrap).
+    #[arg(long, conflicts_with_all = ["peer", "bootstrap", "max_cost"])]
     local: bool,
     /// A Qwen-Image folder saved by diffusers (`QwenImagePipeline.save_pretrained`), or `tiny`
     /// for the built-in tiny model (random weights: it draws noise; created on first use in
@@ -99,6 +100,8 @@ pub(crate) struct GenerateArgs {
     job: JobArgs,
     #[command(flatten)]
     local: LocalArgs,
+    #[command(flatten)]
+    market: super::market::MarketArgs,
     #[command(flatten)]
     data_dir: DataDirArg,
 }
@@ -154,13 +157,8 @@ impl GenerateArgs {
             job,
             local,
             data_dir,
+            market: _,
         } = self;
-        if !local.local {
-            bail!(
-                "generating through the market needs `pixmarket node`, which is not available \
-                 yet; add --local --model DIR|tiny to generate on this machine"
-            );
-        }
         let Some(model) = local.model else {
             bail!("--local needs --model DIR (a diffusers Qwen-Image folder) or --model tiny");
         };
@@ -274,6 +272,9 @@ impl GenerateArgs {
 }
 
 pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    if !args.local.local {
+        return super::market::run(&args.job, &args.market, args.data_dir.path()?);
+    }
     let dtype = dtype_from_name(&args.local.dtype)
         .with_context(|| format!("unknown --dtype {}", args.local.dtype))?;
     let device = device_from_name(&args.local.device)?;

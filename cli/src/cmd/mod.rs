@@ -9,6 +9,7 @@ mod generate;
 mod id;
 mod init;
 mod ledger;
+mod market;
 mod model;
 mod node;
 mod price;
@@ -54,7 +55,7 @@ pub(crate) fn run(command: Command) -> anyhow::Result<()> {
 #[derive(Debug, Args)]
 pub(crate) struct DataDirArg {
     /// The node's data folder [default: the platform's data folder, e.g. ~/.local/share/pixmarket]
-    #[arg(long, value_name = "DIR", env = "PIXMARKET_DATA_DIR")]
+    #[arg(long, value_name = "DIR", env = "PIXMARKET_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
 }
 

@@ -26,6 +26,9 @@ use super::{Command, NetConfig, NetError, NetEvent};
 const MAX_TRACKED_PROVIDERS: usize = 10_000;
 /// Re-run the Kademlia bootstrap this often so the routing table stays fresh.
 const BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(60);
+/// On shutdown, responses already handed to the swarm (a receipt's ack among them) get this
+/// long to reach their peers before the connections close.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// What a refused inbound request tells the peer when our services are saturated.
 const BUSY_RETRY_MS: u64 = 1_000;
 
@@ -42,6 +45,8 @@ pub struct EventLoop {
     topic: gossipsub::IdentTopic,
     metrics: Metrics,
     bootstrap: Vec<Multiaddr>,
+    /// Responses given to the swarm and not yet reported sent or failed.
+    responses_in_flight: usize,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -105,6 +110,7 @@ impl EventLoop {
             topic,
             metrics,
             bootstrap: config.bootstrap.clone(),
+            responses_in_flight: 0,
         };
         for addr in config.bootstrap.clone() {
             this.dial(addr)?;
@@ -112,7 +118,8 @@ impl EventLoop {
         Ok(this)
     }
 
-    /// Runs until a `Shutdown` command or until every [`super::Client`] is dropped.
+    /// Runs until a `Shutdown` command or until every [`super::Client`] is dropped; then lets the
+    /// responses in flight reach their peers (at most [`DRAIN_TIMEOUT`]) and closes.
     pub async fn run(mut self) {
         let mut bootstrap = tokio::time::interval(BOOTSTRAP_INTERVAL);
         loop {
@@ -127,6 +134,25 @@ impl EventLoop {
                     // Fails only when the routing table is empty; the next tick retries.
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        while self.responses_in_flight > 0 {
+            match tokio::time::timeout_at(deadline, self.swarm.select_next_some()).await {
+                Ok(event) => self.on_swarm_event(event),
+                Err(_) => break,
+            }
+        }
+        // Close connections gracefully so what was written is flushed to the peers; dropping
+        // the swarm would cut them with data still in the muxer's buffers.
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        while self.swarm.connected_peers().next().is_some() {
+            match tokio::time::timeout_at(deadline, self.swarm.select_next_some()).await {
+                Ok(event) => self.on_swarm_event(event),
+                Err(_) => break,
             }
         }
         for (_, (peer, reply)) in self.pending.drain() {
@@ -338,9 +364,13 @@ impl EventLoop {
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
+                // Also reported for a response that could not be sent; harmless otherwise.
+                self.responses_in_flight = self.responses_in_flight.saturating_sub(1);
                 tracing::debug!(%peer, %error, "inbound request failed");
             }
-            request_response::Event::ResponseSent { .. } => {}
+            request_response::Event::ResponseSent { .. } => {
+                self.responses_in_flight = self.responses_in_flight.saturating_sub(1);
+            }
         }
     }
 
