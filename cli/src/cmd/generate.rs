@@ -1,10 +1,10 @@
 //! `pixmarket generate`: one image from a prompt.
 //!
 //! `--local` runs the engine on this machine with a model folder (a diffusers Qwen-Image folder,
-//! or `tiny` for the built-in tiny model, which draws noise). The market form (no `--local`:
-//! buy the image from a provider through `pixmarket node`) is not available yet; the flags in
-//! [`JobArgs`] are the ones both forms share. Arguments become a validated [`Job`] before any
-//! model is loaded, so bad input fails fast with one line.
+//! or `tiny` for the built-in tiny model, which draws noise). Without `--local` the image is
+//! bought on the market (`super::market`); the flags in [`JobArgs`] are the ones both forms
+//! share. Arguments become a validated [`Job`] before any model is loaded, so bad input fails
+//! fast with one line.
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
