@@ -104,17 +104,9 @@ impl Mode {
     }
 }
 
-/// Denoising steps run for `steps` at `strength_permille`: `⌈steps·strength⌉`, at least 1, in
-/// integer arithmetic (equal to the protocol's `effective_steps`).
-pub fn effective_steps(steps: u32, strength_permille: Option<u16>) -> u32 {
-    match strength_permille {
-        None => steps,
-        Some(s) => {
-            let run = (u64::from(steps) * u64::from(s)).div_ceil(1000);
-            u32::try_from(run).unwrap_or(steps).clamp(1, steps.max(1))
-        }
-    }
-}
+/// Denoising steps run for `steps` at `strength_permille`: `⌈steps·strength⌉`, at least 1. The
+/// protocol's function, so the steps the engine runs are exactly the steps a job is billed for.
+pub use pixmarket_protocol::effective_steps;
 
 /// One image to generate.
 #[derive(Debug, Clone)]
