@@ -88,10 +88,11 @@ def inputs(cfg, size, b, text_len, dtype, device):
 
 
 def run(model, img, txt, t, hw):
+    # No text mask: QwenImagePipeline drops an all-ones mask (so SDPA gets no attn_mask and may
+    # use its flash backend), and the candle side also runs unmasked.
     b = img.shape[0]
-    mask = torch.ones(txt.shape[:2], device=txt.device, dtype=torch.int64)
     return model(
-        hidden_states=img, encoder_hidden_states=txt, encoder_hidden_states_mask=mask,
+        hidden_states=img, encoder_hidden_states=txt, encoder_hidden_states_mask=None,
         timestep=t, img_shapes=[[(1, hw[0], hw[1])]] * b, return_dict=False,
     )[0]
 
