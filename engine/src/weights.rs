@@ -482,3 +482,52 @@ mod tests {
         );
     }
 }
+
+/// A weights backend that allocates nothing: it records every tensor a model asks for (name →
+/// shape) and hands back a zero scalar broadcast to that shape. With it a model tree of any
+/// size — the real 20B transformer, the 7B text encoder — can be built to check its names and
+/// shapes against the reference without its weights. A name asked for twice is an error.
+#[derive(Debug, Default, Clone)]
+pub struct ShapeOnly {
+    seen: std::sync::Arc<std::sync::Mutex<BTreeMap<String, Vec<usize>>>>,
+}
+
+impl ShapeOnly {
+    /// A var builder over this backend; `self` keeps a handle on what it records.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.clone()), dtype, device.clone())
+    }
+
+    /// Every tensor asked for so far, with its shape.
+    pub fn seen(&self) -> BTreeMap<String, Vec<usize>> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl SimpleBackend for ShapeOnly {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut seen = self
+            .seen
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("shape map poisoned".into()))?;
+        if seen.insert(name.to_string(), s.dims().to_vec()).is_some() {
+            candle_core::bail!("{name} requested twice")
+        }
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("unchecked get of {name}: every tensor should have a known shape")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}

@@ -16,40 +16,13 @@
 mod transformer_support;
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 
-use candle_core::{DType, Device, Result, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Init, VarBuilder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use pixmarket_engine::config::TransformerConfig;
 use pixmarket_engine::transformer::QwenImageTransformer;
+use pixmarket_engine::weights::ShapeOnly;
 use transformer_support::fixtures;
-
-/// Records each request and returns a zero scalar broadcast to the requested shape.
-#[derive(Debug, Default)]
-struct ShapeOnly {
-    seen: Mutex<BTreeMap<String, Vec<usize>>>,
-}
-
-impl SimpleBackend for ShapeOnly {
-    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let previous = self
-            .seen
-            .lock()
-            .unwrap()
-            .insert(name.to_string(), s.dims().to_vec());
-        assert!(previous.is_none(), "{name} requested twice");
-        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
-        candle_core::bail!("unchecked get of {name}: every tensor should have a known shape")
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
 
 fn real() -> serde_json::Value {
     let text = std::fs::read_to_string(fixtures().join("real_20b.json")).unwrap();
@@ -79,20 +52,8 @@ fn preset_equals_the_shipped_config() {
 #[test]
 fn full_20b_tree_builds_from_shapes_only() {
     let cfg = TransformerConfig::qwen_image_20b();
-    let backend = std::sync::Arc::new(ShapeOnly::default());
-    struct Shared(std::sync::Arc<ShapeOnly>);
-    impl SimpleBackend for Shared {
-        fn get(&self, s: Shape, n: &str, h: Init, d: DType, dev: &Device) -> Result<Tensor> {
-            self.0.get(s, n, h, d, dev)
-        }
-        fn get_unchecked(&self, n: &str, d: DType, dev: &Device) -> Result<Tensor> {
-            self.0.get_unchecked(n, d, dev)
-        }
-        fn contains_tensor(&self, n: &str) -> bool {
-            self.0.contains_tensor(n)
-        }
-    }
-    let vb = VarBuilder::from_backend(Box::new(Shared(backend.clone())), DType::BF16, Device::Cpu);
+    let shapes = ShapeOnly::default();
+    let vb = shapes.var_builder(DType::BF16, &Device::Cpu);
     let model = QwenImageTransformer::new(&cfg, vb).unwrap();
     assert_eq!(model.blocks().len(), 60);
     #[cfg(target_os = "linux")]
@@ -102,7 +63,7 @@ fn full_20b_tree_builds_from_shapes_only() {
         resident_mib()
     );
 
-    let seen = backend.seen.lock().unwrap().clone();
+    let seen = shapes.seen();
     let total: u64 = seen
         .values()
         .map(|s| s.iter().map(|&d| d as u64).product::<u64>())
