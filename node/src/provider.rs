@@ -313,6 +313,10 @@ impl Provider {
             tracing::warn!(%peer, to = %req.provider.fmt_short(), "refused job: addressed to another provider");
             return refuse(FailReason::WrongProvider);
         }
+        if !mode_supported(&req.params.mode, &self.inner.generator.info()) {
+            tracing::warn!(%peer, mode = req.params.mode.name(), "refused job: mode not supported");
+            return refuse(FailReason::Unsupported(req.params.mode.name().to_owned()));
+        }
         let (units, cost) = match self.meter(&req.params.prompt, |t| req.params.metered_units(t)) {
             Ok(x) => x,
             Err(r) => return refuse(r),
@@ -666,9 +670,9 @@ impl Provider {
 
     fn advert(&self) -> CapacityAdvert {
         let info = self.inner.generator.info();
-        let (depth, _) = {
+        let depth = {
             let q = self.lock();
-            (q.waiting.len() + q.running.len(), ())
+            q.waiting.len() + q.running.len()
         };
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         CapacityAdvert {
@@ -717,11 +721,41 @@ impl Provider {
     }
 }
 
-/// What the provider would charge: exported for the requester's cost check.
-pub fn job_mode_supported(mode: &Mode, info: &crate::generator::GeneratorInfo) -> bool {
+/// Whether this provider's generator can run `mode` (as its advert says).
+fn mode_supported(mode: &Mode, info: &crate::generator::GeneratorInfo) -> bool {
     match mode {
         Mode::TextToImage => true,
         Mode::ImageToImage { .. } => info.supports_image_to_image,
         Mode::Inpaint { .. } => info.supports_inpaint,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generator::GeneratorInfo;
+
+    #[test]
+    fn only_advertised_modes_are_admitted() {
+        let info = GeneratorInfo {
+            model_id: "m".into(),
+            precision: "f32".into(),
+            device_name: "cpu".into(),
+            device_memory_mib: 0,
+            supports_image_to_image: true,
+            supports_inpaint: false,
+        };
+        let i2i = Mode::ImageToImage {
+            init_image: vec![1],
+            strength_permille: 500,
+        };
+        let inpaint = Mode::Inpaint {
+            init_image: vec![1],
+            mask: vec![1],
+            strength_permille: 500,
+        };
+        assert!(mode_supported(&Mode::TextToImage, &info));
+        assert!(mode_supported(&i2i, &info));
+        assert!(!mode_supported(&inpaint, &info));
     }
 }
