@@ -57,52 +57,10 @@ pub const PROMPT_CACHE_ENTRIES: usize = 64;
 /// Latent channels the pipelines draw noise for (`in_channels / 4` of the transformer).
 pub const LATENT_CHANNELS: usize = 16;
 
-/// What to do with the request's image inputs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Mode {
-    /// Start from noise.
-    TextToImage,
-    /// Start from `init_image` (PNG or JPEG bytes) noised to the first step run.
-    ImageToImage {
-        /// Encoded image; resized to the request size when it differs.
-        init_image: Vec<u8>,
-        /// Strength in per-mille (1..=1000), as the protocol carries it.
-        strength_permille: u16,
-    },
-    /// Repaint where `mask` is white (≥ 50 % grey), keep the rest of `init_image`.
-    /// Outpainting is this on a padded canvas with the padding masked white.
-    Inpaint {
-        /// Encoded image.
-        init_image: Vec<u8>,
-        /// Encoded mask, any colour type; converted to grey as PIL does.
-        mask: Vec<u8>,
-        /// Strength in per-mille (1..=1000).
-        strength_permille: u16,
-    },
-}
-
-impl Mode {
-    fn strength_permille(&self) -> Option<u16> {
-        match self {
-            Mode::TextToImage => None,
-            Mode::ImageToImage {
-                strength_permille, ..
-            }
-            | Mode::Inpaint {
-                strength_permille, ..
-            } => Some(*strength_permille),
-        }
-    }
-
-    /// `text-to-image`, `image-to-image` or `inpaint`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Mode::TextToImage => "text-to-image",
-            Mode::ImageToImage { .. } => "image-to-image",
-            Mode::Inpaint { .. } => "inpaint",
-        }
-    }
-}
+/// What to do with the request's image inputs: text-to-image, image-to-image (strength) or
+/// inpaint (mask, white = repaint). The protocol's type, so a job's mode reaches the engine
+/// unchanged; images are encoded PNG or JPEG bytes, strength is in per-mille (1..=1000).
+pub use pixmarket_protocol::Mode;
 
 /// Denoising steps run for `steps` at `strength_permille`: `⌈steps·strength⌉`, at least 1. The
 /// protocol's function, so the steps the engine runs are exactly the steps a job is billed for.

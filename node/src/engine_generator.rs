@@ -5,7 +5,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use pixmarket_engine::pipeline::{self, GenerateRequest, QwenImage};
-use pixmarket_protocol::{JobParams, Mode};
+use pixmarket_protocol::JobParams;
 
 use crate::generator::{GenError, Generator, GeneratorInfo};
 
@@ -53,25 +53,6 @@ impl EngineGenerator {
 }
 
 fn to_request(p: &JobParams, image: u32) -> GenerateRequest {
-    let mode = match &p.mode {
-        Mode::TextToImage => pipeline::Mode::TextToImage,
-        Mode::ImageToImage {
-            init_image,
-            strength_permille,
-        } => pipeline::Mode::ImageToImage {
-            init_image: init_image.clone(),
-            strength_permille: *strength_permille,
-        },
-        Mode::Inpaint {
-            init_image,
-            mask,
-            strength_permille,
-        } => pipeline::Mode::Inpaint {
-            init_image: init_image.clone(),
-            mask: mask.clone(),
-            strength_permille: *strength_permille,
-        },
-    };
     GenerateRequest {
         prompt: p.prompt.clone(),
         negative_prompt: p.negative_prompt.clone(),
@@ -82,7 +63,7 @@ fn to_request(p: &JobParams, image: u32) -> GenerateRequest {
         // Image i of a job uses seed + i, so a 4-image job is four distinct pictures.
         seed: p.seed.wrapping_add(u64::from(image)),
         latents: None,
-        mode,
+        mode: p.mode.clone(),
     }
 }
 
