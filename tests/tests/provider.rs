@@ -121,7 +121,16 @@ async fn cancelling_a_running_and_a_queued_job_charges_nothing() {
 async fn a_full_queue_answers_busy_and_holds_nothing_for_it() {
     let dir = tempfile::tempdir().unwrap();
     let node = provider_with(33, dir.path(), 1).await;
-    let addr = node.addresses().await.unwrap().into_iter().next().unwrap();
+    // The listener reports its bound address moments after start: poll for it (bounded).
+    let mut addr = None;
+    for _ in 0..500 {
+        addr = node.addresses().await.unwrap().into_iter().next();
+        if addr.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let addr = addr.expect("provider listening within 5 s");
     let provider = SecretKey::from_seed(&[33; 32]).public();
     let raw = RawPeer::start(34, vec![addr]).await;
     let note = pixmarket_protocol::DepositNote {
