@@ -2,3 +2,4 @@
 //! first: real libp2p on loopback, real sled ledgers on disk, the real engine with the tiny model.
 
 pub mod demo;
+pub mod record;
