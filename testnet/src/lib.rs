@@ -3,3 +3,5 @@
 
 pub mod demo;
 pub mod record;
+pub mod scenario;
+pub mod sim;
