@@ -1,6 +1,7 @@
 //! Many real pixmarket nodes on one machine. [`demo`] is the small local market a newcomer runs
 //! first: real libp2p on loopback, real sled ledgers on disk, the real engine with the tiny model.
 
+pub mod adversary;
 pub mod demo;
 pub mod record;
 pub mod scenario;

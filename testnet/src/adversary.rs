@@ -1,0 +1,1024 @@
+//! Cheating peers that run inside a market of honest real nodes and report what they tried and
+//! what they got ([`AdversaryRecord`]). Each is a real libp2p node built with
+//! [`pixmarket_node::network::new`]; it answers requests itself instead of running the node's
+//! honest provider or requester services.
+//!
+//! Provider-side (honest requesters find them through gossip and choose them on their own: they
+//! advertise an absurdly fast speed and an empty queue, re-published every
+//! [`ADVERT_EVERY`]):
+//! - [`AdversaryKind::Overcharger`] quotes honestly, accepts, runs the job on its generator and
+//!   delivers the images with a receipt charging more than the metering function gives.
+//! - [`AdversaryKind::Silent`] quotes honestly, answers `Accepted`, and never says anything
+//!   again: the requester must time out, cancel and fail over.
+//!
+//! Requester-side ([`Adversary::attack`] against one honest provider):
+//! - [`AdversaryKind::Replayer`] buys a job legitimately, then replays its signed request (while
+//!   it runs, re-signed with other parameters under the same job id, after it was paid) and its
+//!   receipt acknowledgement.
+//! - [`AdversaryKind::Forger`] sends requests signed by another key over its own connection,
+//!   requests with a corrupted signature, and requests addressed to another provider.
+//!
+//! Data flow of one adversary:
+//! - swarm events → [`spawn_event_pump`] (requester side: progress answered, other job events
+//!   to the router) or [`DishonestProvider`] (provider side: quotes, jobs, cancels, acks).
+//! - router → the waiting legitimate job (a oneshot), or the [`Tally`] when a job it never
+//!   bought legitimately was served (that is a gain).
+//! - every attempt and its outcome → the [`Tally`] → [`Adversary::record`].
+//!
+//! The building blocks (bare swarm, fast advert, honest quoting and metering, receipt spoiling,
+//! the event pump) are public so the end-to-end tests' misbehaving peers use the same code.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use pixmarket_node::generator::Generator;
+use pixmarket_node::network::{
+    self, Client, NetConfig, NetError, NetEvent, Request, Response, ResponseChannel,
+};
+use pixmarket_node::now_ms;
+use pixmarket_node::requester::check_receipt;
+use pixmarket_protocol::messages::{FailReason, JobEventKind};
+use pixmarket_protocol::{
+    CapacityAdvert, Hash, JobEvent, JobId, JobParams, JobRequest, MeteredUnits, MicroTokens, Mode,
+    PriceSchedule, PublicKey, Quote, QuoteId, QuoteRequest, Receipt, ReceiptAck, SecretKey,
+    Signature, Signed, effective_steps, metering, validate,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::record::AdversaryRecord;
+
+/// A provider-side adversary re-publishes its advert this often, so requesters learn it within
+/// a second of starting and never see it expire.
+pub const ADVERT_EVERY: Duration = Duration::from_millis(500);
+/// How long a bare swarm may take to report its first listen address (loopback: milliseconds).
+const LISTEN_WAIT: Duration = Duration::from_secs(10);
+/// Job events waiting for the router; a requester adversary has one legitimate job in flight
+/// and a few served cheats at most.
+const EVENT_QUEUE: usize = 64;
+/// How long a replayer waits for the job it bought legitimately: generous, since it queues
+/// behind the market's honest jobs.
+const LEGIT_JOB_WAIT: Duration = Duration::from_secs(300);
+/// Swallowed jobs a silent provider remembers to match cancels against; past this it still
+/// swallows and counts jobs but cannot credit their cancels (a bound on memory in long runs).
+const MAX_SWALLOWED: usize = 10_000;
+/// How long an accepted request stays valid: as long as an honest requester's.
+const REQUEST_VALIDITY_MS: u64 = 10 * 60 * 1000;
+
+/// The four cheats a testnet can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AdversaryKind {
+    /// A provider whose receipts charge more than the metering function gives.
+    Overcharger,
+    /// A requester that replays its signed requests and acknowledgements.
+    Replayer,
+    /// A requester that forges, corrupts and misaddresses requests.
+    Forger,
+    /// A provider that accepts jobs and then never answers.
+    Silent,
+}
+
+impl AdversaryKind {
+    pub const ALL: [AdversaryKind; 4] = [
+        AdversaryKind::Overcharger,
+        AdversaryKind::Replayer,
+        AdversaryKind::Forger,
+        AdversaryKind::Silent,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AdversaryKind::Overcharger => "overcharger",
+            AdversaryKind::Replayer => "replayer",
+            AdversaryKind::Forger => "forger",
+            AdversaryKind::Silent => "silent",
+        }
+    }
+
+    /// Whether it sells (honest requesters come to it) rather than buys (it attacks providers).
+    pub fn is_provider(self) -> bool {
+        matches!(self, AdversaryKind::Overcharger | AdversaryKind::Silent)
+    }
+}
+
+impl fmt::Display for AdversaryKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A name that is not an adversary kind.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown adversary {got:?}: expected one of overcharger, replayer, forger, silent")]
+pub struct UnknownAdversary {
+    pub got: String,
+}
+
+impl FromStr for AdversaryKind {
+    type Err = UnknownAdversary;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        AdversaryKind::ALL
+            .into_iter()
+            .find(|k| k.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| UnknownAdversary { got: s.to_owned() })
+    }
+}
+
+/// What an adversary tried and got, shared between its tasks.
+#[derive(Debug, Default)]
+pub struct Tally(Mutex<TallyInner>);
+
+#[derive(Debug, Default)]
+struct TallyInner {
+    attempts: u32,
+    refused: u32,
+    gained: u64,
+    /// How each attempt ended, by a short label, for the record's detail line.
+    outcomes: BTreeMap<String, u32>,
+}
+
+impl Tally {
+    fn with<T>(&self, f: impl FnOnce(&mut TallyInner) -> T) -> T {
+        f(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// One cheat tried; `refused` when the honest side refused it or routed around it.
+    pub fn attempt(&self, refused: bool, outcome: &str) {
+        self.with(|t| {
+            t.attempts = t.attempts.saturating_add(1);
+            if refused {
+                t.refused = t.refused.saturating_add(1);
+            }
+            *t.outcomes.entry(outcome.to_owned()).or_default() += 1;
+        });
+    }
+
+    /// An earlier attempt turned out refused (a silent provider's job was cancelled).
+    pub fn refused_later(&self, outcome: &str) {
+        self.with(|t| {
+            t.refused = t.refused.saturating_add(1).min(t.attempts);
+            *t.outcomes.entry(outcome.to_owned()).or_default() += 1;
+        });
+    }
+
+    /// Honest nodes paid a cheating provider, or charged a cheating request.
+    pub fn gained(&self, amount: MicroTokens, outcome: &str) {
+        self.with(|t| {
+            t.gained = t.gained.saturating_add(amount.0);
+            *t.outcomes.entry(outcome.to_owned()).or_default() += 1;
+        });
+    }
+
+    /// Something worth reporting that is not an attempt (an engine failure, a lost answer).
+    pub fn note(&self, outcome: &str) {
+        self.with(|t| *t.outcomes.entry(outcome.to_owned()).or_default() += 1);
+    }
+
+    pub fn record(&self, name: &str, kind: &str) -> AdversaryRecord {
+        self.with(|t| AdversaryRecord {
+            name: name.to_owned(),
+            kind: kind.to_owned(),
+            attempts: t.attempts,
+            refused: t.refused,
+            gained_micros: t.gained,
+            detail: t
+                .outcomes
+                .iter()
+                .map(|(what, n)| format!("{what}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+}
+
+/// A bare libp2p node: no provider or requester service behind it.
+#[derive(Debug)]
+pub struct BareNode {
+    pub client: Client,
+    pub events: mpsc::Receiver<NetEvent>,
+    /// Its first listen address, ending in `/p2p/<peer id>`.
+    pub addr: Multiaddr,
+    /// The event loop; aborted on shutdown.
+    pub task: JoinHandle<()>,
+}
+
+/// Starts a bare swarm on 127.0.0.1, dialing `bootstrap`, and waits for its first listen address.
+pub async fn start_bare(key: &SecretKey, bootstrap: Vec<Multiaddr>) -> anyhow::Result<BareNode> {
+    let cfg = NetConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+        bootstrap,
+        ..NetConfig::default()
+    };
+    let (client, mut events, event_loop) =
+        network::new(key, &cfg, None).context("cannot build a bare swarm")?;
+    let task = tokio::spawn(event_loop.run());
+    let addr = loop {
+        match tokio::time::timeout(LISTEN_WAIT, events.recv()).await {
+            Ok(Some(NetEvent::Listening(a))) => break a,
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => {
+                task.abort();
+                bail!("a bare swarm did not start listening within {LISTEN_WAIT:?}")
+            }
+        }
+    };
+    let addr = addr.with(Protocol::P2p(client.local_peer_id()));
+    Ok(BareNode {
+        client,
+        events,
+        addr,
+        task,
+    })
+}
+
+/// An advert that ranks first on estimated finish: an absurdly fast speed and an empty queue.
+pub fn fast_advert(seq: u64, schedule: PriceSchedule) -> CapacityAdvert {
+    CapacityAdvert {
+        seq,
+        issued_at_ms: now_ms(),
+        listen_addrs: Vec::new(),
+        gpu_name: "evil".into(),
+        gpu_memory_mib: 0,
+        model_id: "tiny".into(),
+        precision: "f32".into(),
+        supports_image_to_image: false,
+        supports_inpaint: false,
+        max_width: validate::MAX_DIMENSION,
+        max_height: validate::MAX_DIMENSION,
+        max_steps: validate::MAX_STEPS,
+        max_images: validate::MAX_IMAGES,
+        schedule,
+        queue_depth: 0,
+        max_queue: 8,
+        ms_per_standard_image: 1,
+    }
+}
+
+/// Publishes [`fast_advert`] every [`ADVERT_EVERY`] until the node stops.
+pub fn spawn_fast_adverts(
+    client: Client,
+    secret: Arc<SecretKey>,
+    schedule: PriceSchedule,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        for seq in 1.. {
+            let advert = fast_advert(seq, schedule);
+            match Signed::sign(&secret, &advert) {
+                Ok(signed) => {
+                    if let Err(NetError::NodeStopped) = client.publish(signed).await {
+                        return;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot sign a fast advert"),
+            }
+            tokio::time::sleep(ADVERT_EVERY).await;
+        }
+    })
+}
+
+/// The units and cost an honest provider with `schedule` meters for `params`.
+pub fn honest_meter(
+    generator: &dyn Generator,
+    params: &JobParams,
+    schedule: &PriceSchedule,
+) -> anyhow::Result<(MeteredUnits, MicroTokens)> {
+    let tokens = generator
+        .count_prompt_tokens(&params.prompt)
+        .map_err(|e| anyhow!("cannot count prompt tokens: {e}"))?;
+    let units = params.metered_units(tokens);
+    let cost = metering::cost(&units, schedule).context("cannot meter the job")?;
+    Ok((units, cost))
+}
+
+/// The quote an honest provider with `schedule` and an empty queue gives, or a typed refusal.
+pub fn honest_quote(
+    secret: &SecretKey,
+    generator: &dyn Generator,
+    signed: &Signed<QuoteRequest>,
+    schedule: PriceSchedule,
+) -> Response {
+    let Ok(q) = signed.verify() else {
+        return Response::Refused(FailReason::BadSignature);
+    };
+    let tokens = match generator.count_prompt_tokens(&q.prompt) {
+        Ok(t) => t,
+        Err(e) => return Response::Refused(FailReason::Engine(e.to_string())),
+    };
+    let units = MeteredUnits {
+        width: q.width,
+        height: q.height,
+        steps: effective_steps(q.steps, q.strength_permille),
+        prompt_tokens: tokens,
+        images: q.images,
+    };
+    let cost = match metering::cost(&units, &schedule) {
+        Ok(c) => c,
+        Err(e) => return Response::Refused(FailReason::Engine(e.to_string())),
+    };
+    let quote = Quote {
+        quote_id: q.quote_id,
+        requester: signed.signer(),
+        units,
+        schedule,
+        cost,
+        queue_position: 0,
+        eta_ms: 0,
+        valid_until_ms: now_ms() + 60_000,
+    };
+    match Signed::sign(secret, &quote) {
+        Ok(s) => Response::Quote(s),
+        Err(e) => Response::Refused(FailReason::Engine(e.to_string())),
+    }
+}
+
+/// How a dishonest provider spoils the receipt it delivers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cheat {
+    /// Charges more than the metering function gives for the quoted units, and signs that
+    /// consistently (cost and cumulative total both raised).
+    Overcharge,
+    /// Signs an honest receipt, then changes one byte of its body.
+    TamperAfterSigning,
+    /// Signs a receipt whose image hash is not the hash of the image delivered.
+    WrongImageHash,
+}
+
+/// Signs `receipt` (an honest one) spoiled by `cheat`.
+pub fn spoil_receipt(
+    secret: &SecretKey,
+    mut receipt: Receipt,
+    cheat: Cheat,
+) -> anyhow::Result<Signed<Receipt>> {
+    Ok(match cheat {
+        Cheat::Overcharge => {
+            // A tenth more, charged and totalled consistently.
+            let cost = receipt.cost.0;
+            receipt.cost = MicroTokens(cost.saturating_add(cost / 10 + 1));
+            receipt.cumulative_charged = MicroTokens(
+                receipt
+                    .cumulative_charged
+                    .0
+                    .saturating_add(receipt.cost.0 - cost),
+            );
+            Signed::sign(secret, &receipt)?
+        }
+        Cheat::WrongImageHash => {
+            receipt.image_hashes = vec![Hash::of(b"not the image that was delivered")];
+            Signed::sign(secret, &receipt)?
+        }
+        Cheat::TamperAfterSigning => {
+            let honest = Signed::sign(secret, &receipt)?;
+            let mut body = honest.body().to_vec();
+            // The last bytes encode `issued_at_ms`: still a well-formed receipt after the flip.
+            let last = body.last_mut().context("an empty receipt body")?;
+            *last ^= 0x01;
+            Signed::from_parts(honest.signer(), body, honest.signature())
+        }
+    })
+}
+
+/// What a dishonest provider does with the jobs it accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProviderPlay {
+    /// Runs the job for real and delivers it with a receipt spoiled by the cheat.
+    Deliver(Cheat),
+    /// Never says anything about the job again.
+    Swallow,
+}
+
+/// A provider that quotes honestly and then cheats; see [`ProviderPlay`].
+pub struct DishonestProvider {
+    pub client: Client,
+    pub secret: Arc<SecretKey>,
+    pub generator: Arc<dyn Generator>,
+    pub schedule: PriceSchedule,
+    pub play: ProviderPlay,
+    pub tally: Arc<Tally>,
+    /// The requester's answer to each delivery, for a test to inspect; dropped when full.
+    pub answers: Option<mpsc::Sender<Result<Response, NetError>>>,
+}
+
+impl fmt::Debug for DishonestProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DishonestProvider")
+            .field("peer", &self.secret.public().fmt_short())
+            .field("play", &self.play)
+            .finish()
+    }
+}
+
+impl DishonestProvider {
+    /// Serves `events` until the swarm stops.
+    pub fn spawn(self, mut events: mpsc::Receiver<NetEvent>) -> JoinHandle<()> {
+        let me = Arc::new(self);
+        tokio::spawn(async move {
+            // Swallowed jobs by id, with the peer that sent each: its cancel is the give-up.
+            let mut swallowed: BTreeMap<JobId, PeerId> = BTreeMap::new();
+            while let Some(ev) = events.recv().await {
+                let NetEvent::Request {
+                    peer,
+                    request,
+                    channel,
+                } = ev
+                else {
+                    continue;
+                };
+                let response = match *request {
+                    Request::Quote(q) => {
+                        honest_quote(&me.secret, me.generator.as_ref(), &q, me.schedule)
+                    }
+                    Request::Job(job) => match job.verify() {
+                        Err(_) => Response::Refused(FailReason::BadSignature),
+                        Ok(req) => {
+                            match me.play {
+                                ProviderPlay::Deliver(cheat) => {
+                                    tokio::spawn(me.clone().deliver(peer, job, req, cheat));
+                                }
+                                ProviderPlay::Swallow => {
+                                    me.tally.attempt(false, "jobs swallowed");
+                                    if swallowed.len() < MAX_SWALLOWED {
+                                        swallowed.insert(req.job_id, peer);
+                                    }
+                                }
+                            }
+                            Response::Accepted {
+                                queue_position: 0,
+                                eta_ms: 0,
+                            }
+                        }
+                    },
+                    Request::Cancel(job) => {
+                        if swallowed.get(&job) == Some(&peer) {
+                            swallowed.remove(&job);
+                            me.tally
+                                .refused_later("cancelled by the requester (gave up)");
+                        }
+                        Response::Ok
+                    }
+                    Request::Ack(_) => Response::Ok,
+                    Request::Event(_) => Response::Refused(FailReason::Unsupported(
+                        "job events to a provider".into(),
+                    )),
+                };
+                let _ = me.client.respond(channel, response).await;
+            }
+        })
+    }
+
+    async fn deliver(
+        self: Arc<Self>,
+        peer: PeerId,
+        signed: Signed<JobRequest>,
+        req: JobRequest,
+        cheat: Cheat,
+    ) {
+        let job_id = req.job_id;
+        let (event, cost) = match self.spoiled_delivery(&signed, req).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(job = %job_id, error = %e, "dishonest provider could not run a job");
+                self.tally.note("jobs it could not run");
+                let event = JobEvent {
+                    job_id,
+                    kind: JobEventKind::Failed {
+                        reason: FailReason::Engine(e.to_string()),
+                    },
+                };
+                let _ = self.client.request(peer, Request::Event(event)).await;
+                return;
+            }
+        };
+        let answer = self.client.request(peer, Request::Event(event)).await;
+        let what = format!("{cheat:?} deliveries").to_lowercase();
+        match &answer {
+            Ok(Response::EventAck(Some(_))) => {
+                self.tally.attempt(false, &format!("{what} acked"));
+                self.tally.gained(cost, "micro-tokens acked");
+            }
+            Ok(Response::Refused(_)) => self.tally.attempt(true, &format!("{what} refused")),
+            Ok(_) => self.tally.attempt(true, &format!("{what} not acked")),
+            Err(_) => self.tally.attempt(true, &format!("{what} unanswered")),
+        }
+        if let Some(tx) = &self.answers {
+            // Nobody reading (a long testnet run): the tally has it already.
+            let _ = tx.try_send(answer);
+        }
+    }
+
+    /// Runs the job for real and builds the `Completed` event with the spoiled receipt.
+    async fn spoiled_delivery(
+        &self,
+        signed: &Signed<JobRequest>,
+        req: JobRequest,
+    ) -> anyhow::Result<(JobEvent, MicroTokens)> {
+        let ProviderPlay::Deliver(cheat) = self.play else {
+            bail!("a swallowing provider delivers nothing");
+        };
+        let generator = self.generator.clone();
+        let params = req.params.clone();
+        let images = tokio::task::spawn_blocking(move || {
+            generator.generate(&[params], &mut |_, _| std::ops::ControlFlow::Continue(()))
+        })
+        .await?
+        .map_err(|e| anyhow!("generation failed: {e}"))?
+        .into_iter()
+        .next()
+        .context("the generator returned no job")?;
+        let (units, cost) = honest_meter(self.generator.as_ref(), &req.params, &self.schedule)?;
+        let receipt = Receipt {
+            job_id: req.job_id,
+            request_hash: signed.digest(),
+            provider: self.secret.public(),
+            requester: signed.signer(),
+            units,
+            schedule: self.schedule,
+            cost,
+            image_hashes: images.iter().map(|p| Hash::of(p)).collect(),
+            queued_ms: 0,
+            run_ms: 1,
+            cumulative_charged: cost,
+            prev_receipt_hash: None,
+            issued_at_ms: now_ms(),
+        };
+        let receipt = spoil_receipt(&self.secret, receipt, cheat)?;
+        let charged = receipt.verify().map_or(cost, |r| r.cost);
+        let event = JobEvent {
+            job_id: req.job_id,
+            kind: JobEventKind::Completed { images, receipt },
+        };
+        Ok((event, charged))
+    }
+}
+
+/// Answers a requester-side swarm's routine traffic: progress and acceptance events get an
+/// empty ack, requests a requester does not serve a typed refusal; every other job event goes
+/// to `out` with its reply channel (dropped unanswered when `out` is full or closed).
+pub fn spawn_event_pump(
+    client: Client,
+    mut events: mpsc::Receiver<NetEvent>,
+    out: mpsc::Sender<(JobEvent, ResponseChannel)>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            let NetEvent::Request {
+                request, channel, ..
+            } = ev
+            else {
+                continue;
+            };
+            match *request {
+                Request::Event(JobEvent {
+                    kind: JobEventKind::Progress { .. } | JobEventKind::Accepted { .. },
+                    ..
+                }) => {
+                    let _ = client.respond(channel, Response::EventAck(None)).await;
+                }
+                Request::Event(event) => {
+                    // A full queue means the reader stopped; the provider sees no answer.
+                    let _ = out.try_send((event, channel));
+                }
+                _ => {
+                    let refusal = Response::Refused(FailReason::Unsupported(
+                        "requests to a requester".into(),
+                    ));
+                    let _ = client.respond(channel, refusal).await;
+                }
+            }
+        }
+    })
+}
+
+/// A well-formed request for `provider`, valid for ten minutes, with a fresh job id.
+pub fn job_request(provider: PublicKey, params: JobParams, max_cost: MicroTokens) -> JobRequest {
+    let now = now_ms();
+    JobRequest {
+        job_id: JobId::random(),
+        provider,
+        params,
+        max_cost,
+        created_at_ms: now,
+        expires_at_ms: now + REQUEST_VALIDITY_MS,
+        quote_id: None,
+    }
+}
+
+/// Asks `provider` for a signed quote for `params` and checks who signed it.
+pub async fn fetch_quote(
+    client: &Client,
+    secret: &SecretKey,
+    provider: PublicKey,
+    params: &JobParams,
+) -> anyhow::Result<Quote> {
+    let qr = QuoteRequest {
+        quote_id: QuoteId::random(),
+        provider,
+        prompt: params.prompt.clone(),
+        width: params.width,
+        height: params.height,
+        steps: params.steps,
+        images: params.images,
+        strength_permille: params.mode.strength_permille(),
+    };
+    let signed = Signed::sign(secret, &qr)?;
+    match client
+        .request(provider.to_peer_id(), Request::Quote(signed))
+        .await
+        .with_context(|| format!("quote from {}", provider.fmt_short()))?
+    {
+        Response::Quote(q) if q.signer() == provider => Ok(q.verify()?),
+        other => bail!("expected a quote, got {other:?}"),
+    }
+}
+
+/// Waiting legitimate jobs of a requester adversary, by job id.
+type Waiters = Arc<Mutex<BTreeMap<JobId, oneshot::Sender<(JobEvent, ResponseChannel)>>>>;
+
+/// Hands each job event to its waiting legitimate job; an event for any other job means a
+/// cheating request was served, and a `Completed` one was charged: that is a gain.
+fn spawn_router(
+    client: Client,
+    mut events: mpsc::Receiver<(JobEvent, ResponseChannel)>,
+    waiters: Waiters,
+    tally: Arc<Tally>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some((event, channel)) = events.recv().await {
+            let waiter = waiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&event.job_id);
+            if let Some(w) = waiter {
+                if let Err((_, channel)) = w.send((event, channel)) {
+                    let _ = client.respond(channel, Response::EventAck(None)).await;
+                }
+                continue;
+            }
+            if let JobEventKind::Completed { receipt, .. } = &event.kind {
+                match receipt.verify() {
+                    Ok(r) => tally.gained(r.cost, "cheating requests served and charged"),
+                    Err(_) => tally.note("unverifiable receipts for cheating requests"),
+                }
+            }
+            // Never acknowledged: the cheat does not sign for what it should not have got.
+            let _ = client.respond(channel, Response::EventAck(None)).await;
+        }
+    })
+}
+
+/// A small job the tiny model runs in well under a second, for attacks given no parameters.
+pub fn small_job(prompt: &str) -> JobParams {
+    JobParams {
+        prompt: prompt.into(),
+        negative_prompt: String::new(),
+        width: 256,
+        height: 256,
+        steps: 2,
+        true_cfg_scale: 1.0,
+        seed: 7,
+        images: 1,
+        mode: Mode::TextToImage,
+    }
+}
+
+/// One cheating peer in a market of honest nodes.
+pub struct Adversary {
+    kind: AdversaryKind,
+    name: String,
+    secret: Arc<SecretKey>,
+    client: Client,
+    addr: Multiaddr,
+    tally: Arc<Tally>,
+    /// Requester side: legitimate jobs waiting for their outcome.
+    waiters: Waiters,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl fmt::Debug for Adversary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Adversary")
+            .field("kind", &self.kind)
+            .field("name", &self.name)
+            .field("peer", &self.secret.public().fmt_short())
+            .finish()
+    }
+}
+
+impl Adversary {
+    /// Starts the adversary on 127.0.0.1, dialing `bootstrap`. Provider kinds start advertising
+    /// and serving at once; requester kinds wait for [`Adversary::attack`]. `generator` runs
+    /// an overcharger's jobs (the others only count prompt tokens with it, or ignore it).
+    pub async fn start(
+        kind: AdversaryKind,
+        name: String,
+        key: SecretKey,
+        bootstrap: Vec<Multiaddr>,
+        generator: Arc<dyn Generator>,
+    ) -> anyhow::Result<Adversary> {
+        let secret = Arc::new(key);
+        let bare = start_bare(&secret, bootstrap)
+            .await
+            .with_context(|| format!("adversary {name}"))?;
+        let tally = Arc::new(Tally::default());
+        let waiters: Waiters = Arc::default();
+        let mut tasks = vec![bare.task];
+        match kind {
+            AdversaryKind::Overcharger | AdversaryKind::Silent => {
+                let schedule = PriceSchedule::default();
+                tasks.push(spawn_fast_adverts(
+                    bare.client.clone(),
+                    secret.clone(),
+                    schedule,
+                ));
+                let play = if kind == AdversaryKind::Silent {
+                    ProviderPlay::Swallow
+                } else {
+                    ProviderPlay::Deliver(Cheat::Overcharge)
+                };
+                let provider = DishonestProvider {
+                    client: bare.client.clone(),
+                    secret: secret.clone(),
+                    generator,
+                    schedule,
+                    play,
+                    tally: tally.clone(),
+                    answers: None,
+                };
+                tasks.push(provider.spawn(bare.events));
+            }
+            AdversaryKind::Replayer | AdversaryKind::Forger => {
+                let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+                tasks.push(spawn_event_pump(bare.client.clone(), bare.events, tx));
+                tasks.push(spawn_router(
+                    bare.client.clone(),
+                    rx,
+                    waiters.clone(),
+                    tally.clone(),
+                ));
+            }
+        }
+        Ok(Adversary {
+            kind,
+            name,
+            secret,
+            client: bare.client,
+            addr: bare.addr,
+            tally,
+            waiters,
+            tasks,
+        })
+    }
+
+    pub fn kind(&self) -> AdversaryKind {
+        self.kind
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn public(&self) -> PublicKey {
+        self.secret.public()
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.client.local_peer_id()
+    }
+
+    /// Its listen address, ending in `/p2p/<peer id>`.
+    pub fn addr(&self) -> &Multiaddr {
+        &self.addr
+    }
+
+    /// A snapshot of what it has tried and got so far.
+    pub fn record(&self) -> AdversaryRecord {
+        self.tally.record(&self.name, self.kind.name())
+    }
+
+    /// [`Adversary::attack_with`] with a small job.
+    pub async fn attack(&self, provider: PublicKey, rounds: u32) -> anyhow::Result<()> {
+        self.attack_with(provider, &small_job("an adversary's job"), rounds)
+            .await
+    }
+
+    /// Runs `rounds` rounds of a requester-side attack on `provider` with jobs of `params`:
+    /// a replayer buys one job per round legitimately and replays it four ways; a forger sends
+    /// three forged requests per round. Errors when the legitimate side of the attack fails
+    /// (no credit, the provider is gone), never because a cheat was refused.
+    pub async fn attack_with(
+        &self,
+        provider: PublicKey,
+        params: &JobParams,
+        rounds: u32,
+    ) -> anyhow::Result<()> {
+        for round in 0..rounds {
+            let r = match self.kind {
+                AdversaryKind::Replayer => self.replay_round(provider, params).await,
+                AdversaryKind::Forger => self.forge_round(provider, params).await,
+                AdversaryKind::Overcharger | AdversaryKind::Silent => bail!(
+                    "a {} cheats the requesters that choose it; it has no attack to launch",
+                    self.kind
+                ),
+            };
+            r.with_context(|| {
+                format!(
+                    "{} {} round {} against {}",
+                    self.kind,
+                    self.name,
+                    round + 1,
+                    provider.fmt_short()
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Sends one cheating job request and tallies the answer: only a typed refusal is refused.
+    async fn cheat(&self, to: PeerId, signed: Signed<JobRequest>, what: &str) {
+        self.cheat_request(to, Request::Job(signed), what, false)
+            .await;
+    }
+
+    /// Sends one cheating request and tallies the answer: a typed refusal is refused, and so
+    /// is `Ok` when `ok_is_noop` (an ack the provider already stored: it keeps the one it has).
+    async fn cheat_request(&self, to: PeerId, request: Request, what: &str, ok_is_noop: bool) {
+        match self.client.request(to, request).await {
+            Ok(Response::Refused(reason)) => self
+                .tally
+                .attempt(true, &format!("{what} refused ({reason})")),
+            Ok(Response::Ok) if ok_is_noop => {
+                // The provider keeps the ack it has; the same one again changes nothing.
+                self.tally
+                    .attempt(true, &format!("{what} ignored (already stored)"))
+            }
+            Ok(Response::Accepted { .. }) => self.tally.attempt(false, &format!("{what} accepted")),
+            Ok(other) => self
+                .tally
+                .attempt(false, &format!("{what} answered {}", answer_name(&other))),
+            Err(e) => {
+                tracing::warn!(adversary = %self.name, error = %e, "a cheating request got no answer");
+                self.tally.attempt(false, &format!("{what} unanswered"));
+            }
+        }
+    }
+
+    async fn replay_round(&self, provider: PublicKey, params: &JobParams) -> anyhow::Result<()> {
+        let to = provider.to_peer_id();
+        let quote = fetch_quote(&self.client, &self.secret, provider, params).await?;
+        let mut req = job_request(provider, params.clone(), quote.cost);
+        req.quote_id = Some(quote.quote_id);
+        let signed = Signed::sign(&self.secret, &req)?;
+        let (tx, rx) = oneshot::channel();
+        self.waiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(req.job_id, tx);
+        let forget = || {
+            self.waiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&req.job_id);
+        };
+        match self.client.request(to, Request::Job(signed.clone())).await {
+            Ok(Response::Accepted { .. }) => {}
+            Ok(other) => {
+                forget();
+                bail!(
+                    "the legitimate job was not accepted: {}",
+                    answer_name(&other)
+                )
+            }
+            Err(e) => {
+                forget();
+                return Err(e).context("the legitimate job");
+            }
+        }
+
+        // The same bytes while the job is queued or running.
+        self.cheat(to, signed.clone(), "replays while running")
+            .await;
+        // The same job id, re-signed over other parameters: a "new" job that reuses the id.
+        let mut variant = req.clone();
+        variant.params.seed = variant.params.seed.wrapping_add(1);
+        variant.created_at_ms = now_ms();
+        self.cheat(
+            to,
+            Signed::sign(&self.secret, &variant)?,
+            "re-signed replays",
+        )
+        .await;
+
+        let (event, channel) = match tokio::time::timeout(LEGIT_JOB_WAIT, rx).await {
+            Ok(Ok(e)) => e,
+            Ok(Err(_)) | Err(_) => {
+                forget();
+                bail!("the legitimate job did not finish within {LEGIT_JOB_WAIT:?}")
+            }
+        };
+        let JobEventKind::Completed { images, receipt } = event.kind else {
+            let _ = self.client.respond(channel, Response::EventAck(None)).await;
+            bail!("the legitimate job ended without images: {:?}", event.kind);
+        };
+        // Checked and acknowledged exactly as an honest requester does.
+        let body = match check_receipt(&receipt, &images, &signed, &quote, &provider) {
+            Ok(b) => b,
+            Err(problem) => {
+                let _ = self
+                    .client
+                    .respond(
+                        channel,
+                        Response::Refused(FailReason::Engine(format!("bad receipt: {problem}"))),
+                    )
+                    .await;
+                bail!("the honest provider's receipt does not check: {problem}");
+            }
+        };
+        let ack = Signed::sign(
+            &self.secret,
+            &ReceiptAck {
+                job_id: body.job_id,
+                receipt_hash: receipt.digest(),
+                acked_at_ms: now_ms(),
+            },
+        )?;
+        let _ = self
+            .client
+            .respond(channel, Response::EventAck(Some(ack.clone())))
+            .await;
+        match self.client.request(to, Request::Ack(ack.clone())).await {
+            Ok(Response::Ok) => {}
+            other => bail!("the provider did not confirm the legitimate ack: {other:?}"),
+        }
+
+        // The same bytes after the job was paid for, and its acknowledgement again.
+        self.cheat(to, signed, "replays after payment").await;
+        self.cheat_request(to, Request::Ack(ack), "ack replays", true)
+            .await;
+        Ok(())
+    }
+
+    async fn forge_round(&self, provider: PublicKey, params: &JobParams) -> anyhow::Result<()> {
+        let to = provider.to_peer_id();
+        // A real quote, so every forged request would be affordable and well-priced: a
+        // refusal can only be about who signed it and for whom.
+        let quote = fetch_quote(&self.client, &self.secret, provider, params).await?;
+
+        // Signed by someone else (a request it relays, as if it had intercepted it), sent over
+        // its own connection: the events and the bill would go to different peers.
+        let victim = SecretKey::generate();
+        let relayed = Signed::sign(&victim, &job_request(provider, params.clone(), quote.cost))?;
+        self.cheat(to, relayed, "requests signed by another key")
+            .await;
+
+        // Its own request with one bit of the signature flipped.
+        let honest = Signed::sign(
+            &self.secret,
+            &job_request(provider, params.clone(), quote.cost),
+        )?;
+        let mut sig = honest.signature().to_bytes();
+        sig[0] ^= 0x01;
+        let corrupted = Signed::from_parts(
+            honest.signer(),
+            honest.body().to_vec(),
+            Signature::from_bytes(&sig)?,
+        );
+        self.cheat(to, corrupted, "requests with a corrupted signature")
+            .await;
+
+        // Its own valid signature, over a request addressed to another provider.
+        let elsewhere = SecretKey::generate().public();
+        let misaddressed = Signed::sign(
+            &self.secret,
+            &job_request(elsewhere, params.clone(), quote.cost),
+        )?;
+        self.cheat(to, misaddressed, "requests for another provider")
+            .await;
+        Ok(())
+    }
+
+    /// Stops its swarm and every task.
+    pub async fn shutdown(self) {
+        self.client.shutdown().await;
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// A response's name for the record (quotes and acks carry signatures not worth printing).
+fn answer_name(r: &Response) -> String {
+    match r {
+        Response::Quote(_) => "a quote".into(),
+        Response::Accepted { .. } => "accepted".into(),
+        Response::EventAck(_) => "an event ack".into(),
+        Response::Ok => "ok".into(),
+        Response::Refused(reason) => format!("refused: {reason}"),
+    }
+}

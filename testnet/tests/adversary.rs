@@ -1,0 +1,329 @@
+//! The testnet's adversaries inside small real markets: honest nodes started with
+//! `Node::start` on loopback TCP, real sled ledgers in temporary folders, the tiny model.
+//!
+//! - An overcharger and a silent provider are chosen first (they advertise the fastest speed);
+//!   the honest requester refuses the overcharge or times out on the silence, fails over, and
+//!   gets its images from the honest provider, paying it once. Neither adversary gains anything.
+//! - A replayer buys jobs legitimately and replays them; every replay is refused and the honest
+//!   provider charges it exactly once per legitimate job.
+//! - A forger's relayed, corrupted and misaddressed requests are all refused with typed reasons
+//!   and leave nothing in the provider's books.
+//!
+//! Every adversary's record shows attempts > 0, refused == attempts and gained == 0, and every
+//! honest ledger verifies.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+use pixmarket_ledger::{Ledger, Role};
+use pixmarket_node::engine_generator::EngineGenerator;
+use pixmarket_node::generator::Generator;
+use pixmarket_node::network::NetConfig;
+use pixmarket_node::provider::ProviderSettings;
+use pixmarket_node::requester::{GenerateOptions, JobProgress};
+use pixmarket_node::{Node, NodeOptions, now_ms};
+use pixmarket_protocol::{
+    DepositNote, JobId, MicroTokens, PriceSchedule, PublicKey, SecretKey, Signed,
+};
+use pixmarket_testnet::adversary::{Adversary, AdversaryKind, honest_meter, small_job};
+use pixmarket_testnet::record::AdversaryRecord;
+
+/// How long a test waits for gossip or for an adversary's tally to catch up.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The tiny model, written once per test process and loaded once.
+fn tiny() -> Arc<dyn Generator> {
+    static DIR: OnceLock<(tempfile::TempDir, Arc<EngineGenerator>)> = OnceLock::new();
+    let (_, g) = DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("tiny");
+        pixmarket_engine::tiny::ensure_tiny_model(&model).unwrap();
+        let g = EngineGenerator::load(&model, "f32", "cpu").unwrap();
+        (dir, Arc::new(g))
+    });
+    g.clone()
+}
+
+fn key(seed: u8) -> SecretKey {
+    SecretKey::from_seed(&[seed; 32])
+}
+
+/// An honest node with its own ledger folder.
+struct Honest {
+    node: Node,
+    seed: u8,
+    key: PublicKey,
+    addr: Multiaddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Honest {
+    /// A provider when `provide`, else a requester.
+    async fn start(seed: u8, bootstrap: Vec<Multiaddr>, provide: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let public = key(seed).public();
+        let ledger = Arc::new(Ledger::open(&dir.path().join("ledger"), public).unwrap());
+        let settings = ProviderSettings {
+            schedule: PriceSchedule::default(),
+            max_queue: 8,
+            max_batch: 2,
+            ms_per_standard_image: 60_000,
+        };
+        let node = Node::start(NodeOptions {
+            key: key(seed),
+            ledger,
+            net: NetConfig {
+                listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+                bootstrap,
+                ..NetConfig::default()
+            },
+            provide: provide.then(|| (tiny(), settings)),
+            metrics: None,
+        })
+        .await
+        .unwrap();
+        let addr = loop {
+            if let Some(a) = node.addresses().await.unwrap().into_iter().next() {
+                break a;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        Self {
+            node,
+            seed,
+            key: public,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    /// Records on this provider that `peer` prepaid `tokens`.
+    fn deposit_from(&self, peer: PublicKey, tokens: u64) {
+        let note = DepositNote {
+            deposit_id: JobId::random().0,
+            account: peer,
+            amount: MicroTokens::from_tokens(tokens).unwrap(),
+            memo: "adversary test deposit".into(),
+            recorded_at_ms: now_ms(),
+        };
+        let signed = Signed::sign(&key(self.seed), &note).unwrap();
+        self.node.ledger().deposit(&signed).unwrap();
+    }
+}
+
+/// Polls until `check` holds, or fails naming `what`.
+async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The market held against it: it tried, every try was refused, and it got nothing.
+fn held(r: &AdversaryRecord, kind: AdversaryKind, attempts: u32) {
+    assert_eq!(r.kind, kind.name(), "{r:?}");
+    assert_eq!(r.attempts, attempts, "{r:?}");
+    assert_eq!(r.refused, r.attempts, "{r:?}");
+    assert_eq!(r.gained_micros, 0, "{r:?}");
+}
+
+/// A requester facing `kind` (a provider-side adversary that ranks first) and an honest
+/// provider still gets its images from the honest one, after trying the adversary.
+async fn requester_routes_around(kind: AdversaryKind, base: u8, options: GenerateOptions) {
+    let honest = Honest::start(base, vec![], true).await;
+    let adversary = Adversary::start(kind, format!("{kind}-1"), key(base + 1), vec![], tiny())
+        .await
+        .unwrap();
+    let requester = Honest::start(
+        base + 2,
+        vec![adversary.addr().clone(), honest.addr.clone()],
+        false,
+    )
+    .await;
+    honest.deposit_from(requester.key, 100);
+
+    let client = requester.node.requester().clone();
+    wait_until("both providers' adverts, the adversary first", || {
+        let list = client.providers();
+        list.len() == 2 && list[0].key == adversary.public()
+    })
+    .await;
+
+    let params = small_job("a fair deal");
+    let mut seen = Vec::new();
+    let outcome = client
+        .generate(params.clone(), options, &mut |p| seen.push(p))
+        .await
+        .unwrap();
+    assert_eq!(outcome.provider, honest.key.to_peer_id());
+    assert_eq!(outcome.attempts, 2);
+    assert_eq!(outcome.images.len(), 1);
+    assert!(
+        seen.iter().any(|p| matches!(
+            p,
+            JobProgress::FailingOver { provider, .. } if *provider == adversary.peer_id()
+        )),
+        "{seen:?}"
+    );
+
+    // The adversary hears the refusal (or the cancel) just after the requester moved on.
+    wait_until("the adversary's refused attempt", || {
+        let r = adversary.record();
+        r.attempts == 1 && r.refused == 1
+    })
+    .await;
+    held(&adversary.record(), kind, 1);
+
+    // Paid once, to the honest provider, exactly the metered cost; nothing to the adversary.
+    let (_, cost) = honest_meter(tiny().as_ref(), &params, &PriceSchedule::default()).unwrap();
+    assert_eq!(outcome.cost, cost);
+    let books = requester.node.ledger();
+    assert_eq!(
+        books.account(Role::Requester, &adversary.public()).unwrap(),
+        None
+    );
+    assert_eq!(books.receipts(None).unwrap().len(), 1);
+    let acct = honest
+        .node
+        .ledger()
+        .account(Role::Provider, &requester.key)
+        .unwrap()
+        .unwrap();
+    assert_eq!((acct.charged, acct.receipts), (cost, 1));
+    honest.node.ledger().verify().unwrap();
+    books.verify().unwrap();
+
+    // A provider-side adversary has no attack of its own to launch.
+    assert!(adversary.attack(honest.key, 1).await.is_err());
+
+    requester.node.shutdown().await;
+    honest.node.shutdown().await;
+    adversary.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overcharger_is_refused_and_the_requester_fails_over() {
+    requester_routes_around(AdversaryKind::Overcharger, 10, GenerateOptions::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_provider_is_timed_out_and_the_requester_fails_over() {
+    let options = GenerateOptions {
+        idle_timeout: Duration::from_secs(3),
+        ..GenerateOptions::default()
+    };
+    requester_routes_around(AdversaryKind::Silent, 20, options).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayer_is_refused_and_charged_once_per_job() {
+    let provider = Honest::start(30, vec![], true).await;
+    let replayer = Adversary::start(
+        AdversaryKind::Replayer,
+        "replayer-1".into(),
+        key(31),
+        vec![provider.addr.clone()],
+        tiny(),
+    )
+    .await
+    .unwrap();
+    provider.deposit_from(replayer.public(), 100);
+
+    let rounds = 2;
+    replayer.attack(provider.key, rounds).await.unwrap();
+    let record = replayer.record();
+    // Per round: a replay while running, a re-signed replay, a replay after payment, an ack.
+    held(&record, AdversaryKind::Replayer, 4 * rounds);
+    assert!(record.detail.contains("duplicate job id"), "{record:?}");
+    assert!(record.detail.contains("ack replays ignored"), "{record:?}");
+
+    // Charged exactly once per legitimate job, every receipt acknowledged, no hold left.
+    let (_, cost) = honest_meter(
+        tiny().as_ref(),
+        &small_job("an adversary's job"),
+        &PriceSchedule::default(),
+    )
+    .unwrap();
+    let books = provider.node.ledger();
+    let acct = books
+        .account(Role::Provider, &replayer.public())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (acct.charged, acct.held, acct.receipts),
+        (
+            MicroTokens(cost.0 * u64::from(rounds)),
+            MicroTokens::ZERO,
+            2
+        )
+    );
+    let receipts = books.receipts(None).unwrap();
+    assert_eq!(receipts.len(), 2);
+    assert!(receipts.iter().all(|r| r.ack.is_some()));
+    assert!(books.holds().unwrap().is_empty());
+    books.verify().unwrap();
+
+    replayer.shutdown().await;
+    provider.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgers_requests_are_refused_with_typed_reasons_and_leave_no_trace() {
+    let provider = Honest::start(40, vec![], true).await;
+    let forger = Adversary::start(
+        AdversaryKind::Forger,
+        "forger-1".into(),
+        key(41),
+        vec![provider.addr.clone()],
+        tiny(),
+    )
+    .await
+    .unwrap();
+    // It has credit, so a refusal can only be about who signed the request and for whom.
+    provider.deposit_from(forger.public(), 100);
+    let head = provider.node.ledger().head().unwrap();
+
+    forger.attack(provider.key, 2).await.unwrap();
+    let record = forger.record();
+    held(&record, AdversaryKind::Forger, 6);
+    for reason in [
+        "requests signed by another key refused (request signature does not verify): 2",
+        "requests with a corrupted signature refused (request signature does not verify): 2",
+        "requests for another provider refused (request is addressed to another provider): 2",
+    ] {
+        assert!(record.detail.contains(reason), "{reason} in {record:?}");
+    }
+
+    // Nothing was written: no hold, no charge, no receipt.
+    let books = provider.node.ledger();
+    assert_eq!(books.head().unwrap(), head);
+    assert!(books.holds().unwrap().is_empty());
+    assert!(books.receipts(None).unwrap().is_empty());
+    books.verify().unwrap();
+
+    forger.shutdown().await;
+    provider.node.shutdown().await;
+}
+
+#[test]
+fn kinds_parse_from_their_names_and_unknown_names_list_the_choices() {
+    for kind in AdversaryKind::ALL {
+        assert_eq!(kind.name().parse::<AdversaryKind>().unwrap(), kind);
+    }
+    assert_eq!(
+        " Silent ".parse::<AdversaryKind>().unwrap(),
+        AdversaryKind::Silent
+    );
+    let err = "liar".parse::<AdversaryKind>().unwrap_err().to_string();
+    assert!(
+        err.contains("liar") && err.contains("overcharger, replayer, forger, silent"),
+        "{err}"
+    );
+}
