@@ -1,6 +1,9 @@
 //! Misbehaving peers for the adversarial tests. Both are real libp2p nodes built with
 //! [`pixmarket_node::network::new`] on loopback TCP; they answer requests themselves instead of
-//! running the node's provider or requester services.
+//! running the node's provider or requester services. The parts they share with the testnet's
+//! long-running adversaries (the bare swarm, the fast advert, honest quoting and metering,
+//! receipt spoiling, the event pump) live in [`pixmarket_testnet::adversary`]; this module adds
+//! the test-only parts: panicking helpers, verbatim frames and the warning capture.
 //!
 //! - [`RawPeer`]: a bare network client. It sends whatever request a test builds (forged,
 //!   replayed, expired, misaddressed), answers progress events itself, and hands every other
@@ -28,15 +31,14 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, StreamProtocol, noise, tcp, yamux};
 use pixmarket_node::generator::Generator;
 use pixmarket_node::network::codec::{MAX_RESPONSE_BYTES, RPC_PROTOCOL};
-use pixmarket_node::network::{
-    self, Client, NetConfig, NetError, NetEvent, Request, Response, ResponseChannel,
-};
-use pixmarket_node::now_ms;
-use pixmarket_protocol::messages::{FailReason, JobEventKind};
+use pixmarket_node::network::{Client, NetError, Request, Response, ResponseChannel};
 use pixmarket_protocol::{
-    CapacityAdvert, Hash, JobEvent, JobId, JobParams, JobRequest, MeteredUnits, MicroTokens,
-    PriceSchedule, PublicKey, Quote, QuoteId, QuoteRequest, Receipt, SecretKey, Signed,
-    effective_steps, metering, validate,
+    JobEvent, JobParams, JobRequest, MeteredUnits, MicroTokens, PriceSchedule, PublicKey, Quote,
+    SecretKey,
+};
+pub use pixmarket_testnet::adversary::Cheat;
+use pixmarket_testnet::adversary::{
+    self, DishonestProvider, ProviderPlay, Tally, spawn_event_pump, spawn_fast_adverts, start_bare,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -45,31 +47,6 @@ use tokio::task::JoinHandle;
 const EVENT_QUEUE: usize = 64;
 /// How long a test waits for anything from the network before it fails with a message.
 pub const WAIT: Duration = Duration::from_secs(10);
-/// An evil provider re-publishes its advert this often, so a requester learns it quickly.
-const ADVERT_EVERY: Duration = Duration::from_millis(500);
-
-/// Starts a bare swarm on 127.0.0.1 and waits for its first listen address.
-async fn start_swarm(
-    key: &SecretKey,
-    bootstrap: Vec<Multiaddr>,
-) -> (Client, mpsc::Receiver<NetEvent>, Multiaddr, JoinHandle<()>) {
-    let cfg = NetConfig {
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-        bootstrap,
-        ..NetConfig::default()
-    };
-    let (client, mut events, event_loop) = network::new(key, &cfg, None).unwrap();
-    let task = tokio::spawn(event_loop.run());
-    let addr = loop {
-        match tokio::time::timeout(WAIT, events.recv()).await {
-            Ok(Some(NetEvent::Listening(a))) => break a,
-            Ok(Some(_)) => continue,
-            Ok(None) | Err(_) => panic!("swarm did not start listening within {WAIT:?}"),
-        }
-    };
-    let full = addr.with(Protocol::P2p(client.local_peer_id()));
-    (client, events, full, task)
-}
 
 /// Polls `check` every 50 ms until it holds, or fails naming `what` after `limit`.
 pub async fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
@@ -89,10 +66,7 @@ pub fn honest_meter(
     params: &JobParams,
     schedule: &PriceSchedule,
 ) -> (MeteredUnits, MicroTokens) {
-    let tokens = generator.count_prompt_tokens(&params.prompt).unwrap();
-    let units = params.metered_units(tokens);
-    let cost = metering::cost(&units, schedule).unwrap();
-    (units, cost)
+    adversary::honest_meter(generator, params, schedule).unwrap()
 }
 
 /// A bare requester-side network client driven by the test.
@@ -108,45 +82,17 @@ pub struct RawPeer {
 impl RawPeer {
     /// Starts a bare node with the key of `seed`, dialing `bootstrap`.
     pub async fn start(seed: u8, bootstrap: Vec<Multiaddr>) -> Self {
-        let (client, mut net_events, addr, event_loop) =
-            start_swarm(&SecretKey::from_seed(&[seed; 32]), bootstrap).await;
+        let bare = start_bare(&SecretKey::from_seed(&[seed; 32]), bootstrap)
+            .await
+            .unwrap();
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
-        let answer = client.clone();
-        let task = tokio::spawn(async move {
-            while let Some(ev) = net_events.recv().await {
-                let NetEvent::Request {
-                    request, channel, ..
-                } = ev
-                else {
-                    continue;
-                };
-                match *request {
-                    Request::Event(JobEvent {
-                        kind: JobEventKind::Progress { .. } | JobEventKind::Accepted { .. },
-                        ..
-                    }) => {
-                        let _ = answer.respond(channel, Response::EventAck(None)).await;
-                    }
-                    Request::Event(event) => {
-                        if tx.try_send((event, channel)).is_err() {
-                            // The test stopped listening; nothing else to do with it.
-                        }
-                    }
-                    _ => {
-                        let refusal = Response::Refused(FailReason::Unsupported(
-                            "requests to a raw test peer".into(),
-                        ));
-                        let _ = answer.respond(channel, refusal).await;
-                    }
-                }
-            }
-        });
+        let pump = spawn_event_pump(bare.client.clone(), bare.events, tx);
         Self {
             seed,
-            client,
-            addr,
+            client: bare.client,
+            addr: bare.addr,
             events: rx,
-            tasks: [event_loop, task],
+            tasks: [bare.task, pump],
         }
     }
 
@@ -169,25 +115,9 @@ impl RawPeer {
 
     /// Asks `provider` for a signed quote and checks its signer.
     pub async fn quote(&self, provider: PublicKey, params: &JobParams) -> Quote {
-        let qr = QuoteRequest {
-            quote_id: QuoteId::random(),
-            provider,
-            prompt: params.prompt.clone(),
-            width: params.width,
-            height: params.height,
-            steps: params.steps,
-            images: params.images,
-            strength_permille: params.mode.strength_permille(),
-        };
-        let signed = Signed::sign(&self.secret(), &qr).unwrap();
-        match self
-            .request(provider.to_peer_id(), Request::Quote(signed))
+        adversary::fetch_quote(&self.client, &self.secret(), provider, params)
             .await
             .unwrap()
-        {
-            Response::Quote(q) if q.signer() == provider => q.verify().unwrap(),
-            other => panic!("expected a quote, got {other:?}"),
-        }
     }
 
     /// A well-formed request for `provider`, valid for ten minutes, with a fresh job id.
@@ -196,16 +126,7 @@ impl RawPeer {
         params: JobParams,
         max_cost: MicroTokens,
     ) -> JobRequest {
-        let now = now_ms();
-        JobRequest {
-            job_id: JobId::random(),
-            provider,
-            params,
-            max_cost,
-            created_at_ms: now,
-            expires_at_ms: now + 10 * 60 * 1000,
-            quote_id: None,
-        }
+        adversary::job_request(provider, params, max_cost)
     }
 
     /// The next job event that is not progress, or a panic naming what was awaited.
@@ -225,19 +146,8 @@ impl RawPeer {
     }
 }
 
-/// How an [`EvilProvider`] spoils the receipt it delivers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Cheat {
-    /// Charges more than the metering function gives for the quoted units, and signs that
-    /// consistently (cost and cumulative total both raised).
-    Overcharge,
-    /// Signs an honest receipt, then changes one byte of its body.
-    TamperAfterSigning,
-    /// Signs a receipt whose image hash is not the hash of the image delivered.
-    WrongImageHash,
-}
-
-/// A provider that meters honestly and cheats on the receipt.
+/// A provider that meters honestly and cheats on the receipt: the testnet's
+/// [`DishonestProvider`] with the test reading how the requester answered each delivery.
 #[derive(Debug)]
 pub struct EvilProvider {
     pub key: PublicKey,
@@ -252,75 +162,26 @@ impl EvilProvider {
     pub async fn start(seed: u8, cheat: Cheat, generator: Arc<dyn Generator>) -> Self {
         let secret = Arc::new(SecretKey::from_seed(&[seed; 32]));
         let key = secret.public();
-        let (client, mut events, addr, event_loop) = start_swarm(&secret, vec![]).await;
+        let bare = start_bare(&secret, vec![]).await.unwrap();
         let schedule = PriceSchedule::default();
         let (answer_tx, answers) = mpsc::channel(EVENT_QUEUE);
-
-        let adverts = {
-            let (client, secret) = (client.clone(), secret.clone());
-            tokio::spawn(async move {
-                for seq in 1.. {
-                    let advert = fast_advert(seq, schedule);
-                    let signed = Signed::sign(&secret, &advert).unwrap();
-                    if let Err(NetError::NodeStopped) = client.publish(signed).await {
-                        return;
-                    }
-                    tokio::time::sleep(ADVERT_EVERY).await;
-                }
-            })
-        };
-
-        let serve = {
-            let client = client.clone();
-            tokio::spawn(async move {
-                while let Some(ev) = events.recv().await {
-                    let NetEvent::Request {
-                        peer,
-                        request,
-                        channel,
-                    } = ev
-                    else {
-                        continue;
-                    };
-                    let response = match *request {
-                        Request::Quote(q) => {
-                            honest_quote(&secret, generator.as_ref(), &q, schedule)
-                        }
-                        Request::Job(job) => {
-                            let Ok(req) = job.verify() else {
-                                let r = Response::Refused(FailReason::BadSignature);
-                                let _ = client.respond(channel, r).await;
-                                continue;
-                            };
-                            let run = Delivery {
-                                client: client.clone(),
-                                secret: secret.clone(),
-                                generator: generator.clone(),
-                                schedule,
-                                cheat,
-                                answers: answer_tx.clone(),
-                            };
-                            tokio::spawn(run.deliver(peer, job, req));
-                            Response::Accepted {
-                                queue_position: 0,
-                                eta_ms: 0,
-                            }
-                        }
-                        Request::Cancel(_) | Request::Ack(_) => Response::Ok,
-                        Request::Event(_) => Response::Refused(FailReason::Unsupported(
-                            "job events to a provider".into(),
-                        )),
-                    };
-                    let _ = client.respond(channel, response).await;
-                }
-            })
-        };
+        let adverts = spawn_fast_adverts(bare.client.clone(), secret.clone(), schedule);
+        let serve = DishonestProvider {
+            client: bare.client.clone(),
+            secret,
+            generator,
+            schedule,
+            play: ProviderPlay::Deliver(cheat),
+            tally: Arc::new(Tally::default()),
+            answers: Some(answer_tx),
+        }
+        .spawn(bare.events);
         Self {
             key,
-            addr,
-            client,
+            addr: bare.addr,
+            client: bare.client,
             answers,
-            tasks: vec![event_loop, adverts, serve],
+            tasks: vec![bare.task, adverts, serve],
         }
     }
 
@@ -342,125 +203,6 @@ impl EvilProvider {
         for t in self.tasks {
             t.abort();
         }
-    }
-}
-
-/// An advert that ranks first: an absurdly fast speed and an empty queue.
-fn fast_advert(seq: u64, schedule: PriceSchedule) -> CapacityAdvert {
-    CapacityAdvert {
-        seq,
-        issued_at_ms: now_ms(),
-        listen_addrs: Vec::new(),
-        gpu_name: "evil".into(),
-        gpu_memory_mib: 0,
-        model_id: "tiny".into(),
-        precision: "f32".into(),
-        supports_image_to_image: false,
-        supports_inpaint: false,
-        max_width: validate::MAX_DIMENSION,
-        max_height: validate::MAX_DIMENSION,
-        max_steps: validate::MAX_STEPS,
-        max_images: validate::MAX_IMAGES,
-        schedule,
-        queue_depth: 0,
-        max_queue: 8,
-        ms_per_standard_image: 1,
-    }
-}
-
-fn honest_quote(
-    secret: &SecretKey,
-    generator: &dyn Generator,
-    signed: &Signed<QuoteRequest>,
-    schedule: PriceSchedule,
-) -> Response {
-    let Ok(q) = signed.verify() else {
-        return Response::Refused(FailReason::BadSignature);
-    };
-    let tokens = generator.count_prompt_tokens(&q.prompt).unwrap();
-    let units = MeteredUnits {
-        width: q.width,
-        height: q.height,
-        steps: effective_steps(q.steps, q.strength_permille),
-        prompt_tokens: tokens,
-        images: q.images,
-    };
-    let quote = Quote {
-        quote_id: q.quote_id,
-        requester: signed.signer(),
-        units,
-        schedule,
-        cost: metering::cost(&units, &schedule).unwrap(),
-        queue_position: 0,
-        eta_ms: 0,
-        valid_until_ms: now_ms() + 60_000,
-    };
-    Response::Quote(Signed::sign(secret, &quote).unwrap())
-}
-
-/// One accepted job of an evil provider: run it for real, then deliver a spoiled receipt.
-struct Delivery {
-    client: Client,
-    secret: Arc<SecretKey>,
-    generator: Arc<dyn Generator>,
-    schedule: PriceSchedule,
-    cheat: Cheat,
-    answers: mpsc::Sender<Result<Response, NetError>>,
-}
-
-impl Delivery {
-    async fn deliver(self, peer: PeerId, signed: Signed<JobRequest>, req: JobRequest) {
-        let generator = self.generator.clone();
-        let params = req.params.clone();
-        let images = tokio::task::spawn_blocking(move || {
-            generator.generate(&[params], &mut |_, _| std::ops::ControlFlow::Continue(()))
-        })
-        .await
-        .unwrap()
-        .unwrap()
-        .remove(0);
-        let (units, cost) = honest_meter(self.generator.as_ref(), &req.params, &self.schedule);
-        let mut receipt = Receipt {
-            job_id: req.job_id,
-            request_hash: signed.digest(),
-            provider: self.secret.public(),
-            requester: signed.signer(),
-            units,
-            schedule: self.schedule,
-            cost,
-            image_hashes: images.iter().map(|p| Hash::of(p)).collect(),
-            queued_ms: 0,
-            run_ms: 1,
-            cumulative_charged: cost,
-            prev_receipt_hash: None,
-            issued_at_ms: now_ms(),
-        };
-        let receipt = match self.cheat {
-            Cheat::Overcharge => {
-                // A tenth more, charged and totalled consistently.
-                receipt.cost = MicroTokens(cost.0 + cost.0 / 10 + 1);
-                receipt.cumulative_charged = receipt.cost;
-                Signed::sign(&self.secret, &receipt).unwrap()
-            }
-            Cheat::WrongImageHash => {
-                receipt.image_hashes = vec![Hash::of(b"not the image that was delivered")];
-                Signed::sign(&self.secret, &receipt).unwrap()
-            }
-            Cheat::TamperAfterSigning => {
-                let honest = Signed::sign(&self.secret, &receipt).unwrap();
-                let mut body = honest.body().to_vec();
-                // The last bytes encode `issued_at_ms`: still a well-formed receipt after the flip.
-                let last = body.len() - 1;
-                body[last] ^= 0x01;
-                Signed::from_parts(honest.signer(), body, honest.signature())
-            }
-        };
-        let event = JobEvent {
-            job_id: req.job_id,
-            kind: JobEventKind::Completed { images, receipt },
-        };
-        let answer = self.client.request(peer, Request::Event(event)).await;
-        let _ = self.answers.send(answer).await;
     }
 }
 
