@@ -14,6 +14,7 @@ mod model;
 mod node;
 mod price;
 mod providers;
+mod testnet;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
@@ -35,6 +36,9 @@ pub(crate) enum Command {
     Providers(providers::ProvidersArgs),
     /// A small local market: three providers and a requester on this machine (tiny model).
     Demo(demo::DemoArgs),
+    /// Many nodes in one process: scenarios, faults, adversaries, and a report with the books
+    /// check (`--experiment`: the utilization experiment).
+    Testnet(Box<testnet::TestnetArgs>),
 }
 
 pub(crate) fn run(command: Command) -> anyhow::Result<()> {
@@ -48,6 +52,7 @@ pub(crate) fn run(command: Command) -> anyhow::Result<()> {
         Command::Node(a) => node::run(a),
         Command::Providers(a) => providers::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::Testnet(a) => testnet::run(*a),
     }
 }
 

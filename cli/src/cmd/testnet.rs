@@ -1,0 +1,208 @@
+//! `pixmarket testnet`: many real nodes in this process on loopback, a seeded plan of jobs,
+//! faults and adversaries, and a report (terminal table, JSON, PNG chart).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use pixmarket_testnet::adversary::AdversaryKind;
+use pixmarket_testnet::experiment::{self, ExperimentConfig};
+use pixmarket_testnet::report;
+use pixmarket_testnet::run::{self, EngineKind, SelectionRule, TestnetConfig};
+use pixmarket_testnet::scenario::{FaultSpec, Load};
+use pixmarket_testnet::sim;
+
+#[derive(Debug, Args)]
+pub(crate) struct TestnetArgs {
+    /// Where the report (report.txt, report.json, report.png) and the nodes' data folders go.
+    /// The folder's `nodes/` from an earlier run is replaced.
+    #[arg(long, value_name = "DIR", default_value = "pixmarket-testnet")]
+    out: PathBuf,
+    /// Provider nodes.
+    #[arg(long, default_value_t = 3)]
+    providers: usize,
+    /// Requester nodes.
+    #[arg(long, default_value_t = 2)]
+    requesters: usize,
+    /// `tiny` (the real model code with random tiny weights, on the CPU) or `simulated`
+    /// (GPU time from a timing model per GPU kind; labelled as simulation in the report).
+    #[arg(long, default_value = "tiny")]
+    engine: EngineKind,
+    /// `steady`, `daily` (a working day's curve with bursts) or `trace` (with --trace).
+    #[arg(long, default_value = "steady")]
+    scenario: String,
+    /// Jobs per model-time minute (steady), or at the peak (daily)
+    /// [default: 12 with the tiny engine; 0.4 per provider simulated].
+    #[arg(long)]
+    rate: Option<f64>,
+    /// A JSON-lines trace to replay (`{"at_s": 1.5, "requester": 0, "width": 1024, ...}`).
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+    /// Model-time length of the plan, in seconds [default: 60 tiny; 600 simulated;
+    /// 86400 for the daily scenario].
+    #[arg(long, value_name = "SECONDS")]
+    duration: Option<u64>,
+    /// Model seconds per wall second, simulated engine only [default: 10; 360 for daily].
+    #[arg(long)]
+    speedup: Option<f64>,
+    /// Fixes the plan: jobs, their times and sizes, faults, keys and random choices.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Providers to kill abruptly mid-run and restart from their data folder.
+    #[arg(long, default_value_t = 0)]
+    kill: u32,
+    /// Probability that an RPC message is lost, in parts per million (0..=1000000).
+    #[arg(long, value_name = "PPM", default_value_t = 0)]
+    drop: u32,
+    /// Hold every RPC message MIN-MAX milliseconds of model time, e.g. `50-200`.
+    #[arg(long, value_name = "MIN-MAX")]
+    delay: Option<String>,
+    /// Split the network in two for the middle fifth of the run.
+    #[arg(long)]
+    partition: bool,
+    /// Adversaries to add, comma-separated: overcharger, replayer, forger, silent.
+    #[arg(long, value_delimiter = ',')]
+    adversaries: Vec<AdversaryKind>,
+    /// How requesters choose: `finish` (estimated finish time, the market's rule) or `random`.
+    #[arg(long, default_value = "finish")]
+    selection: String,
+    /// A JSON list of GPU kinds `{name, memory_mib, ms_per_standard_image, source}` to use
+    /// instead of the built-in (derived, not measured) timing model.
+    #[arg(long, value_name = "FILE")]
+    gpu_table: Option<PathBuf>,
+    /// Seconds of wall time a job may go without word from its provider.
+    #[arg(long, default_value_t = 30)]
+    idle_timeout: u64,
+    /// Run the utilization experiment instead (one simulated day, three markets side by side).
+    #[arg(long)]
+    experiment: bool,
+}
+
+fn parse_delay(s: &str) -> anyhow::Result<(u64, u64)> {
+    let bad =
+        || anyhow::anyhow!("--delay {s:?}: expected MIN-MAX milliseconds, e.g. 50-200, MIN ≤ MAX");
+    let (lo, hi) = s.split_once('-').ok_or_else(bad)?;
+    let lo: u64 = lo.trim().parse().map_err(|_| bad())?;
+    let hi: u64 = hi.trim().parse().map_err(|_| bad())?;
+    if lo > hi || hi > 600_000 {
+        return Err(bad());
+    }
+    Ok((lo, hi))
+}
+
+pub(crate) fn run(a: TestnetArgs) -> anyhow::Result<()> {
+    let gpu_kinds = match &a.gpu_table {
+        Some(p) => sim::load_gpu_kinds(p)?,
+        None => sim::builtin_gpu_kinds(),
+    };
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    if a.experiment {
+        let config = ExperimentConfig {
+            out: a.out.clone(),
+            seed: a.seed,
+            speedup: a.speedup.unwrap_or(360.0),
+            shared_fleet: if a.providers == 3 { 6 } else { a.providers },
+            requesters: a.requesters.max(4),
+            duration_ms: a
+                .duration
+                .map_or(experiment::DEFAULT_DURATION_MS, |s| s * 1000),
+            gpu_kinds,
+            target_percent: 75,
+        };
+        let record = rt.block_on(experiment::run(&config, &mut |l| println!("  {l}")))?;
+        println!();
+        print!("{}", report::experiment_table(&record));
+        let written = report::write_experiment(&record, &a.out)?;
+        print_written(&written);
+        return Ok(());
+    }
+
+    let simulated = a.engine == EngineKind::Simulated;
+    let load = match a.scenario.as_str() {
+        "steady" => Load::Steady {
+            per_minute: a.rate.unwrap_or(if simulated {
+                0.4 * a.providers as f64
+            } else {
+                12.0
+            }),
+        },
+        "daily" => Load::Daily {
+            peak_per_minute: a.rate.unwrap_or(if simulated {
+                0.8 * a.providers as f64
+            } else {
+                6.0
+            }),
+        },
+        "trace" => Load::Trace {
+            path: a
+                .trace
+                .clone()
+                .context("--scenario trace needs --trace FILE")?,
+        },
+        other => anyhow::bail!("--scenario {other:?}: allowed are steady, daily and trace"),
+    };
+    let daily = matches!(load, Load::Daily { .. });
+    let mut config = TestnetConfig::new(a.out.clone());
+    config.name = a.scenario.clone();
+    config.providers = a.providers;
+    config.requesters = a.requesters;
+    config.engine = a.engine;
+    config.gpu_kinds = gpu_kinds;
+    config.load = load;
+    config.duration_ms = 1000
+        * a.duration.unwrap_or(match (simulated, daily) {
+            (_, true) => 86_400,
+            (true, false) => 600,
+            (false, false) => 60,
+        });
+    config.speedup = match (simulated, a.speedup) {
+        (true, s) => s.unwrap_or(if daily { 360.0 } else { 10.0 }),
+        (false, Some(s)) => s,
+        (false, None) => 1.0,
+    };
+    config.seed = a.seed;
+    config.faults = FaultSpec {
+        kills: a.kill,
+        drop_ppm: a.drop,
+        delay_ms: a.delay.as_deref().map(parse_delay).transpose()?,
+        partition: a.partition,
+    };
+    config.adversaries = a.adversaries.clone();
+    config.selection = match a.selection.as_str() {
+        "finish" => SelectionRule::EstimatedFinish,
+        "random" => SelectionRule::Random,
+        other => anyhow::bail!("--selection {other:?}: allowed are finish and random"),
+    };
+    config.idle_timeout = Duration::from_secs(a.idle_timeout.max(1));
+    if simulated {
+        config.max_batch = 1;
+        config.max_queue = 64;
+    }
+    let nodes = a.out.join("nodes");
+    if nodes.exists() {
+        std::fs::remove_dir_all(&nodes)
+            .with_context(|| format!("cannot clear {} from an earlier run", nodes.display()))?;
+    }
+    let record = rt.block_on(run::run(&config, &mut |l| println!("  {l}")))?;
+    println!();
+    print!("{}", report::table(&record));
+    let written = report::write_run(&record, &a.out)?;
+    print_written(&written);
+    if !record.books.ok() {
+        anyhow::bail!("the books check failed: see {}", written.text.display());
+    }
+    Ok(())
+}
+
+fn print_written(w: &report::Written) {
+    println!();
+    println!("report: {}", w.text.display());
+    println!("        {}", w.json.display());
+    println!("chart:  {}", w.chart.display());
+    if let Some(note) = &w.chart_note {
+        println!("        ({note})");
+    }
+}
