@@ -2,8 +2,9 @@
 //!
 //! Data flow:
 //! - adverts from the network → the provider table (fresh ones only; failures remembered).
-//! - [`Requester::generate`]: candidates (a given peer, or the table ranked by estimated finish
-//!   time and cost, fewest failures first) → signed quote → signed request with a fresh job id
+//! - [`Requester::generate`]: candidates (a given peer, or the fresh part of the table in the
+//!   order [`GenerateOptions::selection`] gives, at most [`GenerateOptions::max_attempts`] of
+//!   them) → signed quote → signed request with a fresh job id
 //!   and `max_cost` = the quoted cost → events routed back by job id: progress to the caller,
 //!   then `Completed`: the receipt is checked (signatures, the request it answers, the units we
 //!   asked for, the price against the metering function, `cost ≤ max_cost`, the image hashes,
@@ -11,6 +12,12 @@
 //!   response. On a refusal, a failure, a bad receipt or a timeout, the job is cancelled and the
 //!   next provider is tried with a new job id. Only an acknowledged receipt is paid, so one
 //!   image is never paid twice.
+//!
+//! Selection policies ([`Selection`]): `EstimatedFinish` (the default) ranks by past failures,
+//! then the advertised finish time of one standard image behind the advertised queue, then the
+//! price factor; `Random { seed }` shuffles the fresh providers (taken in public-key order) with
+//! a ChaCha8 generator seeded with `seed`, ignoring speed, queue, price and failures, so a given
+//! seed and provider table always give the same order (testnets use it as a naive baseline).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -23,6 +30,9 @@ use pixmarket_protocol::{
     CapacityAdvert, Hash, JobEvent, JobId, JobParams, JobRequest, MicroTokens, PublicKey, Quote,
     QuoteId, QuoteRequest, Receipt, ReceiptAck, SecretKey, Signed, validate,
 };
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
@@ -37,8 +47,10 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const REQUEST_VALIDITY_MS: u64 = 10 * 60 * 1000;
 /// How long to wait for a provider to confirm a receipt acknowledgement.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
-/// Providers asked at most, in order, before giving up.
-const MAX_ATTEMPTS: usize = 3;
+/// Providers asked at most, in order, before giving up: the default of
+/// [`GenerateOptions::max_attempts`]. Three survives two bad providers without making a caller
+/// with a hopeless job wait through the whole market.
+pub const DEFAULT_MAX_ATTEMPTS: usize = 3;
 /// Providers remembered; past this the stalest advert is forgotten.
 const MAX_PROVIDERS: usize = 10_000;
 
@@ -50,6 +62,17 @@ pub struct ProviderEntry {
     pub failures: u32,
 }
 
+/// How a requester orders the providers it knows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Selection {
+    /// Fewest failures, then soonest estimated finish (advertised speed × queue), then price.
+    #[default]
+    EstimatedFinish,
+    /// The fresh providers shuffled by a ChaCha8 generator seeded with `seed`: deterministic for
+    /// a given seed and provider table, blind to speed, queue, price and failures.
+    Random { seed: u64 },
+}
+
 /// How a [`Requester::generate`] call may spend.
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {
@@ -58,6 +81,10 @@ pub struct GenerateOptions {
     /// Use only this provider.
     pub provider: Option<PeerId>,
     pub idle_timeout: Duration,
+    /// How candidates are ordered when no `provider` is given.
+    pub selection: Selection,
+    /// Providers tried at most, in the selection's order; 0 counts as 1.
+    pub max_attempts: usize,
 }
 
 impl Default for GenerateOptions {
@@ -66,6 +93,8 @@ impl Default for GenerateOptions {
             max_cost: None,
             provider: None,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            selection: Selection::default(),
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
         }
     }
 }
@@ -269,25 +298,42 @@ impl Requester {
         );
     }
 
-    /// Providers whose adverts are fresh, best first.
+    /// Providers whose adverts are fresh, best first ([`Selection::EstimatedFinish`]).
     pub fn providers(&self) -> Vec<ProviderEntry> {
+        self.ranked(Selection::EstimatedFinish)
+    }
+
+    /// Providers whose adverts are fresh, in the order `selection` gives.
+    pub fn ranked(&self, selection: Selection) -> Vec<ProviderEntry> {
         let now = now_ms();
         let Ok(table) = self.providers.lock() else {
             return Vec::new();
         };
+        // The table is a BTreeMap: this list is in public-key order, which Random relies on.
         let mut list: Vec<ProviderEntry> = table
             .values()
-            .filter(|e| e.advert.issued_at_ms + validate::ADVERT_TTL_MS >= now)
+            .filter(|e| {
+                e.advert
+                    .issued_at_ms
+                    .saturating_add(validate::ADVERT_TTL_MS)
+                    >= now
+            })
             .cloned()
             .collect();
-        // Estimated finish: queue ahead plus one standard image; then price; failures first.
-        list.sort_by_key(|e| {
-            let a = &e.advert;
-            let finish = a
-                .ms_per_standard_image
-                .saturating_mul(u64::from(a.queue_depth) + 1);
-            (e.failures, finish, a.schedule.price_factor_ppm)
-        });
+        drop(table);
+        match selection {
+            Selection::EstimatedFinish => {
+                // Estimated finish: queue ahead plus one standard image; then price; failures first.
+                list.sort_by_key(|e| {
+                    let a = &e.advert;
+                    let finish = a
+                        .ms_per_standard_image
+                        .saturating_mul(u64::from(a.queue_depth).saturating_add(1));
+                    (e.failures, finish, a.schedule.price_factor_ppm)
+                });
+            }
+            Selection::Random { seed } => list.shuffle(&mut ChaCha8Rng::seed_from_u64(seed)),
+        }
         list
     }
 
@@ -341,7 +387,7 @@ impl Requester {
         let candidates: Vec<PeerId> = match options.provider {
             Some(p) => vec![p],
             None => self
-                .providers()
+                .ranked(options.selection)
                 .iter()
                 .map(|e| e.key.to_peer_id())
                 .collect(),
@@ -350,7 +396,11 @@ impl Requester {
             return Err(GenerateError::NoProviders);
         }
         let mut reasons = Vec::new();
-        for (attempt, peer) in candidates.into_iter().take(MAX_ATTEMPTS).enumerate() {
+        for (attempt, peer) in candidates
+            .into_iter()
+            .take(options.max_attempts.max(1))
+            .enumerate()
+        {
             let Ok(key) = PublicKey::from_peer_id(&peer) else {
                 reasons.push(format!("{peer}: not an ed25519 peer id"));
                 continue;
