@@ -1,7 +1,8 @@
 //! The composed libp2p behaviour: identify and ping for liveness and addresses, Kademlia for
 //! discovery through bootstrap peers, mDNS on a LAN (optional), gossipsub for adverts (every
 //! message validated by the application before it is forwarded), the RPC request-response
-//! protocol, and connection limits.
+//! protocol, connection limits, and a block list (empty unless fault injection partitions the
+//! network; see [`super::faults`]).
 
 use std::time::Duration;
 
@@ -9,7 +10,8 @@ use libp2p::identity::Keypair;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    StreamProtocol, connection_limits, gossipsub, identify, kad, mdns, ping, request_response,
+    StreamProtocol, allow_block_list, connection_limits, gossipsub, identify, kad, mdns, ping,
+    request_response,
 };
 
 use super::codec::{RPC_PROTOCOL, RpcCodec};
@@ -27,7 +29,8 @@ pub const MAX_ESTABLISHED: u32 = 256;
 pub const MAX_PENDING: u32 = 64;
 pub const MAX_PER_PEER: u32 = 4;
 /// Jobs take seconds to minutes, but every RPC answers at once (progress travels as separate
-/// events), so a minute is generous even for a 64 MiB completed event on a slow link.
+/// events), so a minute is generous even for a 64 MiB completed event on a slow link. The
+/// default of [`super::NetConfig::request_timeout`]; testnets shorten it.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(60);
 /// Streams a peer may have open on the RPC protocol at once.
 pub const MAX_CONCURRENT_STREAMS: usize = 64;
@@ -37,6 +40,8 @@ pub const MAX_CONCURRENT_STREAMS: usize = 64;
 #[derive(NetworkBehaviour)]
 #[behaviour(to_swarm = "BehaviourEvent")]
 pub struct Behaviour {
+    /// First, so a blocked peer is denied before any other behaviour sees the connection.
+    pub blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     pub limits: connection_limits::Behaviour,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
@@ -107,7 +112,11 @@ pub enum BehaviourError {
 }
 
 impl Behaviour {
-    pub fn new(key: &Keypair, enable_mdns: bool) -> Result<Self, BehaviourError> {
+    pub fn new(
+        key: &Keypair,
+        enable_mdns: bool,
+        request_timeout: Duration,
+    ) -> Result<Self, BehaviourError> {
         let peer_id = key.public().to_peer_id();
         let limits = connection_limits::ConnectionLimits::default()
             .with_max_established(Some(MAX_ESTABLISHED))
@@ -157,6 +166,7 @@ impl Behaviour {
         kad.set_mode(Some(kad::Mode::Server));
 
         Ok(Self {
+            blocked: allow_block_list::Behaviour::default(),
             limits: connection_limits::Behaviour::new(limits),
             identify: identify::Behaviour::new(identify::Config::new(
                 IDENTIFY_PROTOCOL.to_owned(),
@@ -170,7 +180,7 @@ impl Behaviour {
                 RpcCodec,
                 [(RPC_PROTOCOL, request_response::ProtocolSupport::Full)],
                 request_response::Config::default()
-                    .with_request_timeout(RPC_TIMEOUT)
+                    .with_request_timeout(request_timeout)
                     .with_max_concurrent_streams(MAX_CONCURRENT_STREAMS),
             ),
         })

@@ -1,22 +1,27 @@
 //! The task that owns the `Swarm`. It turns commands into swarm calls, swarm events into
 //! [`NetEvent`]s and replies, validates every gossiped advert before gossipsub may forward it,
 //! and never blocks on the node's services: a full event queue makes it refuse, not wait.
+//! Under fault injection it also keeps the swarm's block list equal to the peers the current
+//! partition cuts this node off from (closing their connections, denying new ones), and redials
+//! them when the partition heals.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::metrics::{Metrics, Recorder};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId};
-use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::{ConnectionDenied, DialError, ListenError, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, Swarm, SwarmBuilder, gossipsub, identify, mdns, noise, tcp, yamux,
+    Multiaddr, PeerId, Swarm, SwarmBuilder, allow_block_list, gossipsub, identify, mdns, noise,
+    tcp, yamux,
 };
 use pixmarket_protocol::messages::FailReason;
 use pixmarket_protocol::{CapacityAdvert, PublicKey, SecretKey, Signed};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
+use super::LinkFaults;
 use super::behaviour::{ADVERT_TOPIC, Behaviour, BehaviourEvent, KAD_PROTOCOL};
 use super::codec::{Request, Response};
 use super::{Command, NetConfig, NetError, NetEvent};
@@ -47,6 +52,9 @@ pub struct EventLoop {
     bootstrap: Vec<Multiaddr>,
     /// Responses given to the swarm and not yet reported sent or failed.
     responses_in_flight: usize,
+    faults: Option<LinkFaults>,
+    /// Peers the current partition cuts this node off from (the swarm's block list).
+    cut_off: BTreeSet<PeerId>,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -68,6 +76,7 @@ impl EventLoop {
         let mut scratch = prometheus_client::registry::Registry::default();
         let registry = registry.unwrap_or(&mut scratch);
         let mdns = config.mdns;
+        let request_timeout = config.request_timeout;
         let transport = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
         let mut swarm = SwarmBuilder::with_existing_identity(key.to_libp2p_keypair())
             .with_tokio()
@@ -80,7 +89,7 @@ impl EventLoop {
             .with_quic()
             .with_bandwidth_metrics(registry)
             .with_behaviour(|k| {
-                Behaviour::new(k, mdns)
+                Behaviour::new(k, mdns, request_timeout)
                     .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
             })
             .map_err(|e| transport(&e))?
@@ -111,6 +120,8 @@ impl EventLoop {
             metrics,
             bootstrap: config.bootstrap.clone(),
             responses_in_flight: 0,
+            faults: config.faults.clone(),
+            cut_off: BTreeSet::new(),
         };
         for addr in config.bootstrap.clone() {
             this.dial(addr)?;
@@ -122,6 +133,8 @@ impl EventLoop {
     /// responses in flight reach their peers (at most [`DRAIN_TIMEOUT`]) and closes.
     pub async fn run(mut self) {
         let mut bootstrap = tokio::time::interval(BOOTSTRAP_INTERVAL);
+        let mut partition = self.faults.as_ref().map(LinkFaults::subscribe);
+        self.apply_partition();
         loop {
             tokio::select! {
                 biased;
@@ -129,6 +142,7 @@ impl EventLoop {
                     None | Some(Command::Shutdown) => break,
                     Some(c) => self.on_command(c),
                 },
+                Some(()) = partition_changed(&mut partition) => self.apply_partition(),
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 _ = bootstrap.tick(), if !self.bootstrap.is_empty() => {
                     // Fails only when the routing table is empty; the next tick retries.
@@ -164,6 +178,38 @@ impl EventLoop {
         tracing::debug!(peer = %self.swarm.local_peer_id(), "network event loop stopped");
     }
 
+    /// Makes the block list match the partition: newly cut-off peers are blocked (the block
+    /// list closes their connections), reachable-again peers are unblocked and redialled.
+    fn apply_partition(&mut self) {
+        let Some(faults) = &self.faults else {
+            return;
+        };
+        let local = *self.swarm.local_peer_id();
+        let now = faults.cut_off_from(&local);
+        for peer in now.difference(&self.cut_off) {
+            if self.swarm.is_connected(peer) {
+                faults.count_closed_connection();
+            }
+            self.swarm.behaviour_mut().blocked.block_peer(*peer);
+        }
+        let healed: Vec<PeerId> = self.cut_off.difference(&now).copied().collect();
+        for peer in healed {
+            self.swarm.behaviour_mut().blocked.unblock_peer(peer);
+            // Uses the addresses Kademlia and identify know; fails harmlessly without any.
+            let _ = self.swarm.dial(peer);
+        }
+        self.cut_off = now;
+    }
+
+    /// Counts a connection the partition's block list denied.
+    fn note_denied(&self, cause: &ConnectionDenied) {
+        if let Some(faults) = &self.faults
+            && cause.downcast_ref::<allow_block_list::Blocked>().is_some()
+        {
+            faults.count_refused_connection();
+        }
+    }
+
     fn dial(&mut self, addr: Multiaddr) -> Result<(), NetError> {
         if let Some(Protocol::P2p(peer)) = addr.iter().last() {
             self.swarm.add_peer_address(peer, addr.clone());
@@ -172,9 +218,14 @@ impl EventLoop {
                 .kad
                 .add_address(&peer, addr.clone());
         }
-        self.swarm.dial(addr.clone()).map_err(|e| NetError::Dial {
-            addr: addr.to_string(),
-            reason: e.to_string(),
+        self.swarm.dial(addr.clone()).map_err(|e| {
+            if let DialError::Denied { cause } = &e {
+                self.note_denied(cause);
+            }
+            NetError::Dial {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            }
         })
     }
 
@@ -199,6 +250,14 @@ impl EventLoop {
                 request,
                 reply,
             } => {
+                // The client checks too; this covers a partition set while the command queued.
+                if self.cut_off.contains(&peer) {
+                    let _ = reply.send(Err(NetError::Request {
+                        peer,
+                        reason: "peer unreachable: cut off by a network partition".into(),
+                    }));
+                    return;
+                }
                 let id = self.swarm.behaviour_mut().rpc.send_request(&peer, *request);
                 self.pending.insert(id, (peer, reply));
             }
@@ -301,8 +360,15 @@ impl EventLoop {
                 send_back_addr,
                 ..
             } => {
+                if let ListenError::Denied { cause } = &error {
+                    self.note_denied(cause);
+                }
                 tracing::debug!(%send_back_addr, %error, "incoming connection failed");
             }
+            SwarmEvent::OutgoingConnectionError {
+                error: DialError::Denied { cause },
+                ..
+            } => self.note_denied(&cause),
             _ => {}
         }
     }
@@ -435,6 +501,15 @@ impl EventLoop {
         self.advert_seq
             .insert(signer, (advert.seq, advert.issued_at_ms));
         Ok((signed, advert))
+    }
+}
+
+/// Resolves when the partition changes; never, without fault injection (or once the handle's
+/// sender is gone), so the `select!` branch is then disabled.
+async fn partition_changed(rx: &mut Option<watch::Receiver<u64>>) -> Option<()> {
+    match rx {
+        Some(rx) => rx.changed().await.ok(),
+        None => None,
     }
 }
 

@@ -8,22 +8,30 @@
 //! - gossip advert → verified (signature, freshness, sequence) in the loop → accepted and
 //!   forwarded to `NetEvent::Advert`, or rejected (the forwarding peer loses score).
 //!
+//! - with [`NetConfig::faults`] (testnets only): outgoing requests and responses may be lost or
+//!   delayed, and partitions cut peers off; see [`faults`].
+//!
 //! Every channel is bounded. When the node's services fall behind, inbound requests are refused
 //! with `Busy` by the loop itself rather than queued without limit.
 
 pub mod behaviour;
 pub mod codec;
 mod event_loop;
+pub mod faults;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::{Multiaddr, PeerId};
 use pixmarket_protocol::{CapacityAdvert, SecretKey, Signed};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
-pub use behaviour::{ADVERT_TOPIC, BehaviourError};
+pub use behaviour::{ADVERT_TOPIC, BehaviourError, RPC_TIMEOUT};
 pub use codec::{Request, Response};
 pub use event_loop::EventLoop;
+pub use faults::{FaultError, FaultStats, LinkFaults};
+
+use faults::Fate;
 
 /// Commands waiting for the event loop. Callers wait when it is full (back-pressure).
 const COMMAND_QUEUE: usize = 256;
@@ -46,6 +54,8 @@ pub enum NetError {
     Publish(String),
     #[error("network transport could not be built: {0}")]
     Transport(String),
+    #[error("invalid network setting {field}: {reason}")]
+    InvalidConfig { field: &'static str, reason: String },
     #[error(transparent)]
     Behaviour(#[from] BehaviourError),
 }
@@ -109,6 +119,10 @@ enum Command {
 pub struct Client {
     commands: mpsc::Sender<Command>,
     local_peer_id: PeerId,
+    request_timeout: Duration,
+    faults: Option<LinkFaults>,
+    /// Responses held back by fault injection (delayed or lost) at once, node-wide.
+    held_responses: Arc<Semaphore>,
 }
 
 /// Network settings, already validated.
@@ -119,6 +133,10 @@ pub struct NetConfig {
     pub mdns: bool,
     /// Closes connections with no active streams after this long.
     pub idle_timeout: Duration,
+    /// An RPC request with no response after this long fails. Must be more than zero.
+    pub request_timeout: Duration,
+    /// Fault injection shared by a testnet's nodes; `None` (production): no faults.
+    pub faults: Option<LinkFaults>,
 }
 
 impl Default for NetConfig {
@@ -128,6 +146,8 @@ impl Default for NetConfig {
             bootstrap: Vec::new(),
             mdns: false,
             idle_timeout: Duration::from_secs(60),
+            request_timeout: RPC_TIMEOUT,
+            faults: None,
         }
     }
 }
@@ -138,12 +158,21 @@ pub fn new(
     config: &NetConfig,
     registry: Option<&mut prometheus_client::registry::Registry>,
 ) -> Result<(Client, mpsc::Receiver<NetEvent>, EventLoop), NetError> {
+    if config.request_timeout.is_zero() {
+        return Err(NetError::InvalidConfig {
+            field: "request_timeout",
+            reason: "must be more than zero".into(),
+        });
+    }
     let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE);
     let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
     let event_loop = EventLoop::new(key, config, registry, command_rx, event_tx)?;
     let client = Client {
         commands: command_tx,
         local_peer_id: key.public().to_peer_id(),
+        request_timeout: config.request_timeout,
+        faults: config.faults.clone(),
+        held_responses: Arc::new(Semaphore::new(faults::MAX_HELD_RESPONSES)),
     };
     Ok((client, event_rx, event_loop))
 }
@@ -174,7 +203,35 @@ impl Client {
         self.call(|reply| Command::Dial { addr, reply }).await?
     }
 
+    /// Sends a request and waits for its response (at most the configured request timeout).
+    /// Under fault injection the request may first wait its delay, fail at once (peer across a
+    /// partition), or be lost (then this fails after the request timeout, as a lost one would).
     pub async fn request(&self, peer: PeerId, request: Request) -> Result<Response, NetError> {
+        if let Some(faults) = &self.faults {
+            if self.commands.is_closed() {
+                return Err(NetError::NodeStopped);
+            }
+            if faults.separated(&self.local_peer_id, &peer) {
+                faults.count_refused_request();
+                return Err(NetError::Request {
+                    peer,
+                    reason: "peer unreachable: cut off by a network partition".into(),
+                });
+            }
+            match faults.fate(false) {
+                Fate::Drop => {
+                    tokio::time::sleep(self.request_timeout).await;
+                    return Err(NetError::Request {
+                        peer,
+                        reason: "timed out waiting for a response (the request was lost to \
+                                 fault injection)"
+                            .into(),
+                    });
+                }
+                Fate::Send(delay) if !delay.is_zero() => tokio::time::sleep(delay).await,
+                Fate::Send(_) => {}
+            }
+        }
         self.call(|reply| Command::Request {
             peer,
             request: Box::new(request),
@@ -183,7 +240,44 @@ impl Client {
         .await?
     }
 
+    /// Hands a response to the swarm. Under fault injection a delayed or lost response is held
+    /// in a spawned task (bounded), so the caller never waits for the delay.
     pub async fn respond(
+        &self,
+        channel: ResponseChannel,
+        response: Response,
+    ) -> Result<(), NetError> {
+        if let Some(faults) = &self.faults {
+            let fate = faults.fate(true);
+            if fate != Fate::Send(Duration::ZERO) {
+                match self.held_responses.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let this = self.clone();
+                        tokio::spawn(async move {
+                            match fate {
+                                // Held until the asker's own timeout has passed, so it sees a
+                                // timeout rather than a stream closed early.
+                                Fate::Drop => {
+                                    tokio::time::sleep(this.request_timeout).await;
+                                    drop(channel);
+                                }
+                                Fate::Send(delay) => {
+                                    tokio::time::sleep(delay).await;
+                                    let _ = this.send_response(channel, response).await;
+                                }
+                            }
+                            drop(permit);
+                        });
+                        return Ok(());
+                    }
+                    Err(_) => faults.count_unheld_response(),
+                }
+            }
+        }
+        self.send_response(channel, response).await
+    }
+
+    async fn send_response(
         &self,
         channel: ResponseChannel,
         response: Response,
