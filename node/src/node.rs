@@ -5,6 +5,12 @@
 //! (they touch the ledger, which fsyncs) under a semaphore; job events → the requester's routes;
 //! adverts → the requester's provider table. Shutdown is explicit: stop the provider, stop the
 //! network loop, wait for the dispatcher.
+//!
+//! [`Node::crash`] is the other way out, for testnets: a process kill emulated inside one
+//! process. The network task is aborted (no responses drained, connections cut), the dispatcher
+//! and the advert task are aborted, the provider's worker abandons its batch at the next step
+//! without touching the ledger, and the call returns once every task and thread of the node that
+//! holds the ledger has let go, so the same ledger folder can be reopened for a restarted node.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -25,7 +31,10 @@ use crate::requester::Requester;
 
 /// Provider requests being handled at once; beyond this the network queue fills and the loop
 /// answers `Busy`. Each may wait on one fsync.
-const MAX_CONCURRENT_HANDLERS: usize = 64;
+const MAX_CONCURRENT_HANDLERS: u32 = 64;
+/// How long [`Node::crash`] waits for the node's threads to let go of the ledger: a model step
+/// (the worker stops at the next one) or a ledger write on the blocking pool, with margin.
+const CRASH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long shutdown waits for the network loop to deliver its last responses.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
@@ -44,6 +53,8 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the node's {what} still ran {} s after the crash; the ledger may still be open", CRASH_WAIT.as_secs())]
+    StillRunning { what: &'static str },
 }
 
 /// What a node needs to start.
@@ -75,6 +86,8 @@ pub struct Node {
     /// The swarm's task, awaited on shutdown so responses in flight are delivered.
     network: tokio::task::JoinHandle<()>,
     tasks: JoinSet<()>,
+    /// One permit per provider request being handled (each holds the ledger until it returns).
+    handlers: Arc<Semaphore>,
     metrics_addr: Option<SocketAddr>,
 }
 
@@ -113,12 +126,16 @@ impl Node {
                 Arc::new(std::sync::Mutex::new(registry)),
             ));
         }
+        let handlers = Arc::new(Semaphore::new(
+            usize::try_from(MAX_CONCURRENT_HANDLERS).unwrap_or(usize::MAX),
+        ));
         tasks.spawn(dispatch(
             events,
             client.clone(),
             requester.clone(),
             provider.clone(),
             metrics,
+            handlers.clone(),
         ));
         Ok(Self {
             client,
@@ -127,6 +144,7 @@ impl Node {
             ledger,
             network,
             tasks,
+            handlers,
             metrics_addr,
         })
     }
@@ -180,6 +198,48 @@ impl Node {
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
     }
+
+    /// Stops the node as a process kill would, as closely as one process allows: the network
+    /// task is aborted without delivering the responses in flight, the dispatcher and the
+    /// metrics endpoint are aborted, and the provider (if any) abandons its running batch at the
+    /// next step without settling, voiding or reporting it, leaving its queue as it is.
+    ///
+    /// Returns once the node's own holders of the ledger (the worker thread, the advert task,
+    /// the dispatcher, provider requests on the blocking pool) have let go, or `StillRunning`
+    /// after about 10 s. The caller may then drop its `Arc<Ledger>` and reopen the folder for a
+    /// node with the same key, whose provider voids the holds left open. Clones of
+    /// [`Node::requester`] the caller kept, and `generate` calls it is still running, hold the
+    /// ledger until the caller drops them.
+    pub async fn crash(mut self) -> Result<(), NodeError> {
+        let deadline = tokio::time::Instant::now() + CRASH_WAIT;
+        // First the network: nothing more comes in and nothing more goes out.
+        self.network.abort();
+        let _ = (&mut self.network).await;
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        if let Some(p) = &self.provider {
+            p.crash(deadline)
+                .await
+                .map_err(|e| NodeError::StillRunning { what: e.0 })?;
+        }
+        // Every handler returns its permit when its ledger work is done.
+        match tokio::time::timeout_at(
+            deadline,
+            self.handlers.acquire_many(MAX_CONCURRENT_HANDLERS),
+        )
+        .await
+        {
+            Ok(Ok(permits)) => drop(permits),
+            Ok(Err(_)) => {}
+            Err(_) => {
+                return Err(NodeError::StillRunning {
+                    what: "provider request handlers",
+                });
+            }
+        }
+        tracing::debug!(peer = %self.client.local_peer_id(), "node crashed (emulated kill)");
+        Ok(())
+    }
 }
 
 async fn dispatch(
@@ -188,8 +248,8 @@ async fn dispatch(
     requester: Requester,
     provider: Option<Provider>,
     metrics: Arc<Metrics>,
+    permits: Arc<Semaphore>,
 ) {
-    let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDLERS));
     let mut peers = BTreeSet::new();
     while let Some(event) = events.recv().await {
         match event {
@@ -212,12 +272,17 @@ async fn dispatch(
                     };
                     let client = client.clone();
                     tokio::spawn(async move {
-                        let answer =
-                            tokio::task::spawn_blocking(move || provider.handle(peer, request))
-                                .await
-                                .unwrap_or(Response::Refused(FailReason::ShuttingDown));
+                        // The permit lives as long as the ledger work, even if this task is
+                        // cancelled: `Node::crash` waits for every permit.
+                        let answer = tokio::task::spawn_blocking(move || {
+                            let answer = provider.handle(peer, request);
+                            drop(provider);
+                            drop(permit);
+                            answer
+                        })
+                        .await
+                        .unwrap_or(Response::Refused(FailReason::ShuttingDown));
                         let _ = client.respond(channel, answer).await;
-                        drop(permit);
                     });
                 }
             },

@@ -12,10 +12,15 @@
 //! - `Request::Cancel` from the job's requester → removed from the queue, or stopped at the next
 //!   step when running.
 //! - adverts: a signed `CapacityAdvert` every [`ADVERT_INTERVAL`] and when the queue changes.
+//!
+//! Two ways to stop: [`Provider::stop`] (orderly: running and queued jobs are voided and their
+//! requesters told) and [`Provider::crash`] (a process kill, emulated: the worker abandons its
+//! batch at the next step and exits without touching the ledger or sending anything, the queue
+//! is left as it is, and open holds stay open for the next [`Provider::start`] to void).
 
 use std::collections::{BTreeSet, VecDeque};
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,6 +47,15 @@ const PROGRESS_QUEUE: usize = 256;
 const DELIVERY_ATTEMPTS: u32 = 3;
 /// Quotes are good for this long.
 const QUOTE_VALIDITY_MS: u64 = 60_000;
+/// How often [`Provider::crash`] looks whether the worker thread has exited: a step of the
+/// model takes longer, so finer polling would not return sooner.
+const CRASH_POLL: Duration = Duration::from_millis(10);
+
+/// A part of the provider did not stop by the deadline [`Provider::crash`] was given; it may
+/// still hold the ledger.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the provider's {0} did not stop in time")]
+pub struct StillRunning(pub &'static str);
 
 /// A provider's market settings, already validated.
 #[derive(Clone, Debug)]
@@ -102,6 +116,17 @@ struct Inner {
     seq: AtomicU64,
     metrics: Arc<Metrics>,
     runtime: tokio::runtime::Handle,
+    /// Set by [`Provider::crash`]: from then on nothing touches the ledger or the network.
+    crashed: AtomicBool,
+    threads: Mutex<Threads>,
+}
+
+/// The provider's own thread and task, kept so a crash can wait for them to let go of the
+/// ledger. (They hold an `Arc<Inner>`, not this struct's owner: no cycle once they exit.)
+#[derive(Default)]
+struct Threads {
+    worker: Option<std::thread::JoinHandle<()>>,
+    adverts: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Provider {
@@ -159,16 +184,61 @@ impl Provider {
             seq: AtomicU64::new(now_ms()),
             metrics,
             runtime: tokio::runtime::Handle::current(),
+            crashed: AtomicBool::new(false),
+            threads: Mutex::new(Threads::default()),
         });
         let provider = Self { inner };
         let worker = provider.clone();
-        std::thread::Builder::new()
+        let worker = std::thread::Builder::new()
             .name("pixmarket-worker".into())
             .spawn(move || worker.worker_loop())
             .map_err(|e| LedgerError::Store(pixmarket_ledger::StoreError::Engine(e.to_string())))?;
         let adverts = provider.clone();
-        tokio::spawn(async move { adverts.advert_loop().await });
+        let adverts = tokio::spawn(async move { adverts.advert_loop().await });
+        if let Ok(mut t) = provider.inner.threads.lock() {
+            t.worker = Some(worker);
+            t.adverts = Some(adverts);
+        }
         Ok(provider)
+    }
+
+    fn crashed(&self) -> bool {
+        self.inner.crashed.load(Ordering::SeqCst)
+    }
+
+    /// Emulates a kill: the advert task is aborted, the worker abandons its batch at the next
+    /// step and exits without settling, voiding or telling anyone, queued jobs stay where they
+    /// are, and inbound requests are refused without touching the ledger. Returns once the
+    /// worker thread and the advert task have exited, or `StillRunning` at `deadline` (a
+    /// generator step longer than the time left). Holds left open are voided by the next
+    /// [`Provider::start`] on the same ledger.
+    pub async fn crash(&self, deadline: tokio::time::Instant) -> Result<(), StillRunning> {
+        self.inner.crashed.store(true, Ordering::SeqCst);
+        if let Ok(mut q) = self.inner.queue.lock() {
+            q.stopping = true;
+        }
+        self.inner.work.notify_all();
+        let (worker, adverts) = match self.inner.threads.lock() {
+            Ok(mut t) => (t.worker.take(), t.adverts.take()),
+            Err(_) => (None, None),
+        };
+        if let Some(adverts) = adverts {
+            adverts.abort();
+            if tokio::time::timeout_at(deadline, adverts).await.is_err() {
+                return Err(StillRunning("advert task"));
+            }
+        }
+        if let Some(worker) = worker {
+            while !worker.is_finished() {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(StillRunning("worker thread"));
+                }
+                tokio::time::sleep(CRASH_POLL).await;
+            }
+            // Finished: joining does not block. A panic in it is already over and logged.
+            let _ = worker.join();
+        }
+        Ok(())
     }
 
     /// Stops taking jobs, and stops the batch that runs at its next step: the node stops its
@@ -206,6 +276,9 @@ impl Provider {
 
     /// Handles one inbound request addressed to the provider side.
     pub fn handle(&self, peer: PeerId, request: Request) -> Response {
+        if self.crashed() {
+            return refuse(FailReason::ShuttingDown);
+        }
         match request {
             Request::Quote(q) => self.quote(&q),
             Request::Job(j) => {
@@ -415,6 +488,9 @@ impl Provider {
 
     /// Voids the hold and tells the requester: `reason` None means cancelled.
     fn finish_failed(&self, job: &QueuedJob, reason: Option<FailReason>) {
+        if self.crashed() {
+            return;
+        }
         let why = reason
             .as_ref()
             .map_or_else(|| "cancelled".to_owned(), ToString::to_string);
@@ -489,6 +565,10 @@ impl Provider {
             self.inner.changed.notify_one();
             self.run_batch(batch, &progress_tx);
         }
+        if self.crashed() {
+            // A killed process releases nothing: the next start voids the open holds.
+            return;
+        }
         // Jobs still queued at shutdown will not run: release their holds.
         let left: Vec<QueuedJob> = self.lock().waiting.drain(..).collect();
         for j in &left {
@@ -502,6 +582,9 @@ impl Provider {
         let ids: Vec<JobId> = batch.iter().map(|j| j.job_id).collect();
         let mut last_step = Instant::now();
         let mut progress = |step: u32, of: u32| {
+            if self.crashed() {
+                return ControlFlow::Break(());
+            }
             self.inner.metrics.step(last_step.elapsed());
             last_step = Instant::now();
             let q = self.lock();
@@ -521,6 +604,10 @@ impl Provider {
             }
         };
         let result = self.inner.generator.generate(&params, &mut progress);
+        if self.crashed() {
+            // The batch is abandoned as a killed process would abandon it.
+            return;
+        }
         let elapsed = started.elapsed();
         self.inner.metrics.busy(elapsed);
         let cancelled: BTreeSet<JobId> = {
@@ -569,6 +656,9 @@ impl Provider {
 
     /// Signs the receipt, settles it durably, then sends the images with it.
     fn settle_and_deliver(&self, job: &QueuedJob, pngs: Vec<Vec<u8>>, run_ms: u64) {
+        if self.crashed() {
+            return;
+        }
         let receipt = match self.make_receipt(job, &pngs, run_ms) {
             Ok(r) => r,
             Err(e) => {
@@ -590,6 +680,9 @@ impl Provider {
             },
         };
         for attempt in 1..=DELIVERY_ATTEMPTS {
+            if self.crashed() {
+                return;
+            }
             match self.send_event(job.peer, event.clone()) {
                 Ok(Response::EventAck(Some(ack))) => {
                     let ok = ack.signer() == job.requester

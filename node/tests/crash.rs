@@ -1,0 +1,280 @@
+//! `Node::crash` over loopback TCP with real sled ledgers: a provider killed (emulated) in the
+//! middle of a job leaves its ledger untouched (the hold still open, nothing settled), the
+//! requester gives up on it and pays nothing, and the provider restarted from the same folder
+//! and key voids the old hold, passes `verify`, and serves a new job.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libp2p::Multiaddr;
+use pixmarket_ledger::{Ledger, LedgerError, Role};
+use pixmarket_node::generator::{GenError, Generator, GeneratorInfo};
+use pixmarket_node::network::NetConfig;
+use pixmarket_node::provider::ProviderSettings;
+use pixmarket_node::requester::{GenerateError, GenerateOptions, JobProgress};
+use pixmarket_node::{Node, NodeOptions};
+use pixmarket_protocol::{
+    DepositNote, JobId, JobParams, MicroTokens, Mode, PriceSchedule, SecretKey, Signed,
+};
+use tokio::sync::mpsc;
+
+/// A generator that sleeps `step` per step and returns a few bytes per image.
+struct SlowGenerator {
+    step: Duration,
+}
+
+impl Generator for SlowGenerator {
+    fn info(&self) -> GeneratorInfo {
+        GeneratorInfo {
+            model_id: "slow-test".into(),
+            precision: "f32".into(),
+            device_name: "test".into(),
+            device_memory_mib: 0,
+            supports_image_to_image: false,
+            supports_inpaint: false,
+        }
+    }
+
+    fn count_prompt_tokens(&self, prompt: &str) -> Result<u32, GenError> {
+        Ok(u32::try_from(prompt.split_whitespace().count()).unwrap())
+    }
+
+    fn generate(
+        &self,
+        jobs: &[JobParams],
+        progress: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
+    ) -> Result<Vec<Vec<Vec<u8>>>, GenError> {
+        let steps = jobs[0].steps;
+        for step in 1..=steps {
+            std::thread::sleep(self.step);
+            if progress(step, steps).is_break() {
+                return Err(GenError::Cancelled);
+            }
+        }
+        Ok(jobs
+            .iter()
+            .map(|j| {
+                (0..j.images)
+                    .map(|i| format!("{} #{i}", j.prompt).into_bytes())
+                    .collect()
+            })
+            .collect())
+    }
+}
+
+fn job(prompt: &str, steps: u32) -> JobParams {
+    JobParams {
+        prompt: prompt.into(),
+        negative_prompt: String::new(),
+        width: 256,
+        height: 256,
+        steps,
+        true_cfg_scale: 1.0,
+        seed: 7,
+        images: 1,
+        mode: Mode::TextToImage,
+    }
+}
+
+async fn start(
+    seed: u8,
+    ledger: Arc<Ledger>,
+    bootstrap: Vec<Multiaddr>,
+    generator: Option<Arc<dyn Generator>>,
+) -> (Node, Multiaddr) {
+    let options = NodeOptions {
+        key: SecretKey::from_seed(&[seed; 32]),
+        ledger,
+        net: NetConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            bootstrap,
+            ..NetConfig::default()
+        },
+        provide: generator.map(|g| {
+            (
+                g,
+                ProviderSettings {
+                    schedule: PriceSchedule::default(),
+                    max_queue: 8,
+                    max_batch: 1,
+                    ms_per_standard_image: 60_000,
+                },
+            )
+        }),
+        metrics: None,
+    };
+    let node = Node::start(options).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let addr = loop {
+        if let Some(a) = node.addresses().await.unwrap().into_iter().next() {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "no listen address");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    (node, addr)
+}
+
+/// Opens a ledger, waiting (bounded) for sled to release a lock a just-dropped handle held.
+async fn open_ledger(path: &Path, seed: u8) -> Ledger {
+    let owner = SecretKey::from_seed(&[seed; 32]).public();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Ledger::open(path, owner) {
+            Ok(l) => return l,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("ledger at {} stayed locked: {e}", path.display()),
+        }
+    }
+}
+
+const PROVIDER: u8 = 61;
+const REQUESTER: u8 = 62;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_provider_settles_nothing_and_restarts_from_its_folder() {
+    let pdir = tempfile::tempdir().unwrap();
+    let rdir = tempfile::tempdir().unwrap();
+    let ppath = pdir.path().join("ledger");
+    let pkey = SecretKey::from_seed(&[PROVIDER; 32]);
+    let rkey = SecretKey::from_seed(&[REQUESTER; 32]).public();
+    let generator: Arc<dyn Generator> = Arc::new(SlowGenerator {
+        step: Duration::from_millis(100),
+    });
+
+    let (provider, paddr) = start(
+        PROVIDER,
+        Arc::new(open_ledger(&ppath, PROVIDER).await),
+        vec![],
+        Some(generator.clone()),
+    )
+    .await;
+    let peer = provider.client().local_peer_id();
+    let note = DepositNote {
+        deposit_id: [1; 16],
+        account: rkey,
+        amount: MicroTokens::from_tokens(100).unwrap(),
+        memo: "test deposit".into(),
+        recorded_at_ms: pixmarket_node::now_ms(),
+    };
+    provider
+        .ledger()
+        .deposit(&Signed::sign(&pkey, &note).unwrap())
+        .unwrap();
+    let rledger = Arc::new(open_ledger(&rdir.path().join("ledger"), REQUESTER).await);
+    let (requester, raddr) = start(REQUESTER, rledger, vec![paddr], None).await;
+
+    // A 60-step job (6 s at 100 ms a step); the requester gives up after 3 s of silence.
+    let (tx, mut progress) = mpsc::channel(1024);
+    let client = requester.requester().clone();
+    let options = GenerateOptions {
+        provider: Some(peer),
+        idle_timeout: Duration::from_secs(3),
+        ..GenerateOptions::default()
+    };
+    let run = tokio::spawn(async move {
+        client
+            .generate(job("a lighthouse in a storm", 60), options, &mut |p| {
+                let _ = tx.try_send(p);
+            })
+            .await
+    });
+    loop {
+        let p = tokio::time::timeout(Duration::from_secs(15), progress.recv())
+            .await
+            .expect("a step within 15 s")
+            .expect("generate still running");
+        if let JobProgress::Step { .. } = p {
+            break;
+        }
+    }
+
+    let crashed_at = Instant::now();
+    provider.crash().await.unwrap();
+    let crash_took = crashed_at.elapsed();
+    assert!(
+        crash_took < Duration::from_secs(2),
+        "crash took {crash_took:?}"
+    );
+
+    // The killed provider's books as it left them: the job's hold open, nothing settled.
+    let left = open_ledger(&ppath, PROVIDER).await;
+    let holds = left.holds().unwrap();
+    assert_eq!(holds.len(), 1, "{holds:?}");
+    let old_job: JobId = holds[0].0;
+    assert!(left.receipts(None).unwrap().is_empty());
+    let acct = left.account(Role::Provider, &rkey).unwrap().unwrap();
+    assert_eq!(acct.charged, MicroTokens::ZERO);
+    assert!(acct.held > MicroTokens::ZERO);
+    drop(left);
+
+    // The requester hears nothing more, gives up, and has paid nothing.
+    let err = tokio::time::timeout(Duration::from_secs(15), run)
+        .await
+        .expect("generate gave up within 15 s")
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, GenerateError::AllFailed(_)), "{err}");
+    let books = requester.ledger();
+    assert!(books.receipts(None).unwrap().is_empty());
+    let pkey_pub = pkey.public();
+    assert!(
+        books
+            .account(Role::Requester, &pkey_pub)
+            .unwrap()
+            .is_none_or(|a| a.charged == MicroTokens::ZERO && a.receipts == 0)
+    );
+
+    // Restarted from the same folder and key: the old hold is voided, the books verify.
+    let (provider, _) = start(
+        PROVIDER,
+        Arc::new(open_ledger(&ppath, PROVIDER).await),
+        vec![raddr],
+        Some(generator),
+    )
+    .await;
+    assert_eq!(provider.client().local_peer_id(), peer);
+    let books = provider.ledger();
+    assert!(books.holds().unwrap().is_empty());
+    assert!(matches!(
+        books.void(old_job, "again"),
+        Err(LedgerError::AlreadyFinished { .. })
+    ));
+    let acct = books.account(Role::Provider, &rkey).unwrap().unwrap();
+    assert_eq!(
+        (acct.charged, acct.held, acct.receipts),
+        (MicroTokens::ZERO, MicroTokens::ZERO, 0)
+    );
+    let report = books.verify().unwrap();
+    assert_eq!(report.open_holds, 0);
+
+    // And it serves a new job.
+    let options = GenerateOptions {
+        provider: Some(peer),
+        idle_timeout: Duration::from_secs(10),
+        ..GenerateOptions::default()
+    };
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(30),
+        requester
+            .requester()
+            .generate(job("a calm harbour", 2), options, &mut |_| {}),
+    )
+    .await
+    .expect("the new job finished within 30 s")
+    .unwrap();
+    assert_eq!(outcome.provider, peer);
+    let acct = books.account(Role::Provider, &rkey).unwrap().unwrap();
+    assert_eq!((acct.charged, acct.receipts), (outcome.cost, 1));
+    books.verify().unwrap();
+
+    requester.shutdown().await;
+    provider.shutdown().await;
+    eprintln!("crash returned in {crash_took:?}");
+}
