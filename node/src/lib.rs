@@ -1,5 +1,10 @@
 //! A pixmarket node: its data folder and configuration, the libp2p network, the provider
 //! service that sells generation, and the requester client that buys it.
+//!
+//! Hooks for testnets (never used by a production node): a provider selection policy
+//! ([`requester::Selection`], [`requester::GenerateOptions::max_attempts`]), fault injection on
+//! the network ([`network::LinkFaults`] in [`network::NetConfig::faults`]), and an emulated
+//! process kill ([`Node::crash`]).
 
 pub mod config;
 pub mod data_dir;

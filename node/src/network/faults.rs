@@ -81,7 +81,6 @@ pub(crate) enum Fate {
     Drop,
 }
 
-#[derive(Debug)]
 struct Settings {
     rng: ChaCha8Rng,
     drop_ppm: u32,
@@ -100,7 +99,6 @@ struct Counters {
     unheld_responses: AtomicU64,
 }
 
-#[derive(Debug)]
 struct Shared {
     settings: Mutex<Settings>,
     counters: Counters,
@@ -109,9 +107,20 @@ struct Shared {
 }
 
 /// A shared, cloneable fault-injection handle; see the module docs.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct LinkFaults {
     shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for LinkFaults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.settings();
+        f.debug_struct("LinkFaults")
+            .field("drop_ppm", &s.drop_ppm)
+            .field("delay", &s.delay)
+            .field("groups", &s.groups.len())
+            .finish_non_exhaustive()
+    }
 }
 
 fn bump(counter: &AtomicU64) {

@@ -218,9 +218,13 @@ impl Client {
                     reason: "peer unreachable: cut off by a network partition".into(),
                 });
             }
+            // Both waits end early if the node stops, as a real request's would.
             match faults.fate(false) {
                 Fate::Drop => {
-                    tokio::time::sleep(self.request_timeout).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(self.request_timeout) => {}
+                        () = self.commands.closed() => return Err(NetError::NodeStopped),
+                    }
                     return Err(NetError::Request {
                         peer,
                         reason: "timed out waiting for a response (the request was lost to \
@@ -228,7 +232,12 @@ impl Client {
                             .into(),
                     });
                 }
-                Fate::Send(delay) if !delay.is_zero() => tokio::time::sleep(delay).await,
+                Fate::Send(delay) if !delay.is_zero() => {
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = self.commands.closed() => return Err(NetError::NodeStopped),
+                    }
+                }
                 Fate::Send(_) => {}
             }
         }
