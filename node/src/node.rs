@@ -183,11 +183,13 @@ impl Node {
 
     /// Stops the provider, then the network (which first delivers the responses in flight, such
     /// as the ack of a receipt just paid), then the dispatcher and the metrics endpoint.
+    /// `generate` calls still waiting on a provider end with an error.
     pub async fn shutdown(mut self) {
         if let Some(p) = &self.provider {
             p.stop();
         }
         self.client.shutdown().await;
+        self.requester.stop();
         // The loop drains for at most its own DRAIN_TIMEOUT; the margin covers a slow wake-up.
         if tokio::time::timeout(SHUTDOWN_GRACE, &mut self.network)
             .await
@@ -207,14 +209,15 @@ impl Node {
     /// Returns once the node's own holders of the ledger (the worker thread, the advert task,
     /// the dispatcher, provider requests on the blocking pool) have let go, or `StillRunning`
     /// after about 10 s. The caller may then drop its `Arc<Ledger>` and reopen the folder for a
-    /// node with the same key, whose provider voids the holds left open. Clones of
-    /// [`Node::requester`] the caller kept, and `generate` calls it is still running, hold the
-    /// ledger until the caller drops them.
+    /// node with the same key, whose provider voids the holds left open. `generate` calls still
+    /// running on this node end at once with an error, having paid nothing more; clones of
+    /// [`Node::requester`] the caller kept hold the ledger until the caller drops them.
     pub async fn crash(mut self) -> Result<(), NodeError> {
         let deadline = tokio::time::Instant::now() + CRASH_WAIT;
         // First the network: nothing more comes in and nothing more goes out.
         self.network.abort();
         let _ = (&mut self.network).await;
+        self.requester.stop();
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
         if let Some(p) = &self.provider {

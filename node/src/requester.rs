@@ -273,6 +273,14 @@ impl Requester {
         }
     }
 
+    /// Ends the jobs this requester waits on, as its node stops: their `generate` calls return
+    /// an error at once instead of waiting out their idle timeout.
+    pub(crate) fn stop(&self) {
+        if let Ok(mut routes) = self.routes.lock() {
+            routes.clear();
+        }
+    }
+
     /// Records a verified advert.
     pub fn on_advert(&self, key: PublicKey, advert: CapacityAdvert) {
         let Ok(mut table) = self.providers.lock() else {
@@ -527,11 +535,16 @@ impl Requester {
                 other => return Err(format!("unexpected answer to a job: {other:?}")),
             }
             loop {
-                let Ok(Some((event, channel))) =
-                    tokio::time::timeout(options.idle_timeout, rx.recv()).await
-                else {
-                    let _ = self.net.request(peer, Request::Cancel(job_id)).await;
-                    return Err(format!("no word for {} s", options.idle_timeout.as_secs()));
+                let (event, channel) = match tokio::time::timeout(options.idle_timeout, rx.recv())
+                    .await
+                {
+                    Ok(Some(e)) => e,
+                    // Our route was dropped: this node stopped (see `Requester::stop`).
+                    Ok(None) => return Err("this node stopped".into()),
+                    Err(_) => {
+                        let _ = self.net.request(peer, Request::Cancel(job_id)).await;
+                        return Err(format!("no word for {} s", options.idle_timeout.as_secs()));
+                    }
                 };
                 match event.kind {
                     JobEventKind::Accepted { .. } => {

@@ -1,7 +1,8 @@
 //! `Node::crash` over loopback TCP with real sled ledgers: a provider killed (emulated) in the
 //! middle of a job leaves its ledger untouched (the hold still open, nothing settled), the
 //! requester gives up on it and pays nothing, and the provider restarted from the same folder
-//! and key voids the old hold, passes `verify`, and serves a new job.
+//! and key voids the old hold, passes `verify`, and serves a new job. A crash does not wait
+//! out a message lost to fault injection.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use libp2p::Multiaddr;
 use pixmarket_ledger::{Ledger, LedgerError, Role};
 use pixmarket_node::generator::{GenError, Generator, GeneratorInfo};
-use pixmarket_node::network::NetConfig;
+use pixmarket_node::network::{LinkFaults, NetConfig};
 use pixmarket_node::provider::ProviderSettings;
 use pixmarket_node::requester::{GenerateError, GenerateOptions, JobProgress};
 use pixmarket_node::{Node, NodeOptions};
@@ -86,13 +87,23 @@ async fn start(
     bootstrap: Vec<Multiaddr>,
     generator: Option<Arc<dyn Generator>>,
 ) -> (Node, Multiaddr) {
+    start_with(seed, ledger, bootstrap, generator, NetConfig::default()).await
+}
+
+async fn start_with(
+    seed: u8,
+    ledger: Arc<Ledger>,
+    bootstrap: Vec<Multiaddr>,
+    generator: Option<Arc<dyn Generator>>,
+    net: NetConfig,
+) -> (Node, Multiaddr) {
     let options = NodeOptions {
         key: SecretKey::from_seed(&[seed; 32]),
         ledger,
         net: NetConfig {
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
             bootstrap,
-            ..NetConfig::default()
+            ..net
         },
         provide: generator.map(|g| {
             (
@@ -119,7 +130,8 @@ async fn start(
     (node, addr)
 }
 
-/// Opens a ledger, waiting (bounded) for sled to release a lock a just-dropped handle held.
+/// Opens a ledger, waiting (bounded) for sled to release a lock a just-dropped handle held
+/// (used only where the test itself dropped a handle).
 async fn open_ledger(path: &Path, seed: u8) -> Ledger {
     let owner = SecretKey::from_seed(&[seed; 32]).public();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -203,8 +215,9 @@ async fn a_crashed_provider_settles_nothing_and_restarts_from_its_folder() {
         "crash took {crash_took:?}"
     );
 
-    // The killed provider's books as it left them: the job's hold open, nothing settled.
-    let left = open_ledger(&ppath, PROVIDER).await;
+    // The killed provider's books as it left them: the job's hold open, nothing settled. They
+    // open at once: `crash` returned only after the node let go of them.
+    let left = Ledger::open(&ppath, pkey.public()).unwrap();
     let holds = left.holds().unwrap();
     assert_eq!(holds.len(), 1, "{holds:?}");
     let old_job: JobId = holds[0].0;
@@ -254,7 +267,21 @@ async fn a_crashed_provider_settles_nothing_and_restarts_from_its_folder() {
     let report = books.verify().unwrap();
     assert_eq!(report.open_holds, 0);
 
-    // And it serves a new job.
+    // And it serves a new job, once it has dialled the requester (its old address is dead).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !requester
+        .client()
+        .connected_peers()
+        .await
+        .unwrap()
+        .contains(&peer)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted provider did not connect"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let options = GenerateOptions {
         provider: Some(peer),
         idle_timeout: Duration::from_secs(10),
@@ -274,7 +301,113 @@ async fn a_crashed_provider_settles_nothing_and_restarts_from_its_folder() {
     assert_eq!((acct.charged, acct.receipts), (outcome.cost, 1));
     books.verify().unwrap();
 
-    requester.shutdown().await;
-    provider.shutdown().await;
-    eprintln!("crash returned in {crash_took:?}");
+    // Idle nodes crash at once too, and let go of their books.
+    let rpath = rdir.path().join("ledger");
+    tokio::time::timeout(Duration::from_secs(5), requester.crash())
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), provider.crash())
+        .await
+        .unwrap()
+        .unwrap();
+    let reopened_at = Instant::now();
+    Ledger::open(&rpath, rkey).unwrap().verify().unwrap();
+    Ledger::open(&ppath, pkey.public())
+        .unwrap()
+        .verify()
+        .unwrap();
+    eprintln!(
+        "crash returned in {crash_took:?}; idle ledgers reopened in {:?}",
+        reopened_at.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_does_not_wait_out_a_lost_message() {
+    const P: u8 = 63;
+    const R: u8 = 64;
+    let faults = LinkFaults::new(5);
+    // Long enough that waiting it out would overrun the crash's own 10 s bound.
+    let net = NetConfig {
+        request_timeout: Duration::from_secs(30),
+        faults: Some(faults.clone()),
+        ..NetConfig::default()
+    };
+    let (pdir, rdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let pkey = SecretKey::from_seed(&[P; 32]);
+    let rkey = SecretKey::from_seed(&[R; 32]).public();
+    let ppath = pdir.path().join("ledger");
+    let generator: Arc<dyn Generator> = Arc::new(SlowGenerator {
+        step: Duration::from_millis(50),
+    });
+    let (provider, paddr) = start_with(
+        P,
+        Arc::new(open_ledger(&ppath, P).await),
+        vec![],
+        Some(generator),
+        net.clone(),
+    )
+    .await;
+    let note = DepositNote {
+        deposit_id: [2; 16],
+        account: rkey,
+        amount: MicroTokens::from_tokens(100).unwrap(),
+        memo: "test deposit".into(),
+        recorded_at_ms: pixmarket_node::now_ms(),
+    };
+    provider
+        .ledger()
+        .deposit(&Signed::sign(&pkey, &note).unwrap())
+        .unwrap();
+    let rledger = Arc::new(open_ledger(&rdir.path().join("ledger"), R).await);
+    let (requester, _) = start_with(R, rledger, vec![paddr], None, net).await;
+
+    let (tx, mut progress) = mpsc::channel(1024);
+    let client = requester.requester().clone();
+    let options = GenerateOptions {
+        provider: Some(pkey.public().to_peer_id()),
+        idle_timeout: Duration::from_secs(60),
+        ..GenerateOptions::default()
+    };
+    let run = tokio::spawn(async move {
+        client
+            .generate(job("lost in transit", 4), options, &mut |p| {
+                let _ = tx.try_send(p);
+            })
+            .await
+    });
+    loop {
+        let p = tokio::time::timeout(Duration::from_secs(15), progress.recv())
+            .await
+            .expect("queued within 15 s")
+            .expect("generate still running");
+        if let JobProgress::Queued { .. } = p {
+            break;
+        }
+    }
+    // Everything from now on is lost: the provider's worker ends up waiting on a lost delivery.
+    faults.set_drop_ppm(1_000_000).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while faults.stats().dropped_requests == 0 {
+        assert!(Instant::now() < deadline, "nothing was lost");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let t = Instant::now();
+    provider.crash().await.unwrap();
+    requester.crash().await.unwrap();
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(3), "crashing took {took:?}");
+    // The caller's generate call ends too, without a result.
+    let r = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("generate ended with its node")
+        .unwrap();
+    assert!(r.is_err(), "{r:?}");
+    Ledger::open(&ppath, pkey.public())
+        .unwrap()
+        .verify()
+        .unwrap();
 }
