@@ -48,9 +48,12 @@ pub struct AuditReport {
     /// Every account, recomputed from the log.
     pub accounts: Vec<(Role, PublicKey, Account)>,
     pub open_holds: usize,
+    /// Receipts stored, refunded ones included.
     pub receipts: usize,
     /// Receipts that carry the requester's signed ack.
     pub acked_receipts: usize,
+    /// Receipts the provider refunded as undelivered (kept, but no longer charging).
+    pub refunded_receipts: usize,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -190,6 +193,13 @@ impl Replay {
                 acked_receipts += 1;
             }
         }
+        let mut refunded_receipts = 0;
+        for (k, v) in self.mem.entries(TreeId::Jobs) {
+            let outcome: JobOutcome = decode(TreeId::Jobs, &k, &v).map_err(Inconsistency::Read)?;
+            if matches!(outcome, JobOutcome::Refunded { .. }) {
+                refunded_receipts += 1;
+            }
+        }
         Ok(AuditReport {
             owner: self.owner,
             entries: self.entries,
@@ -199,6 +209,7 @@ impl Replay {
             open_holds: self.mem.entries(TreeId::Holds).len(),
             receipts,
             acked_receipts,
+            refunded_receipts,
         })
     }
 }
@@ -324,7 +335,7 @@ impl Ledger {
             head_hash: head.hash,
         };
         write_json(out, &header)?;
-        // Job → peer, from holds and receipts, to place voids, expiries and acks.
+        // Job → peer, from holds and receipts, to place voids, expiries, acks and refunds.
         let mut job_peer: BTreeMap<JobId, PublicKey> = BTreeMap::new();
         let mut written = 0u64;
         let mut failure: Option<ExportError> = None;
@@ -402,6 +413,7 @@ fn summary(op: &Op, peers: &[PublicKey]) -> OpSummary {
         Op::Void { .. } => ("void", None),
         Op::Expire { .. } => ("expire", None),
         Op::Ack { .. } => ("ack", None),
+        Op::Refund { .. } => ("refund-undelivered", None),
         Op::RecordReceipt { receipt, .. } => {
             ("record-receipt", receipt.verify().ok().map(|r| r.cost))
         }

@@ -6,6 +6,10 @@
 //! in-memory store, so what is checked is what was done. It reads nothing but its arguments
 //! and the transaction (no clock, no randomness, no `HashMap` order), so a replay is exact.
 //!
+//! [`Op::Refund`] is the one operation that lowers `charged`: it undoes the settle of the
+//! pair's latest, unacknowledged receipt whose image never reached the requester, rewinding
+//! `last_receipt` to that receipt's `prev_receipt_hash` (see `Ledger::refund_undelivered`).
+//!
 //! Key layouts (all integers big-endian, so a scan runs in numeric order):
 //! - accounts: peer key (32 bytes), one tree per [`Role`]
 //! - holds: job id (16)
@@ -30,8 +34,8 @@ use crate::store::{Abort, TreeId, Txn};
 /// data lives in the one log file that the durability barrier fsyncs.
 pub(crate) const MAX_RECORD: usize = 16 * 1024;
 
-/// The longest reason a void may carry, in characters: the protocol's memo bound, room for an
-/// error message, and small enough that a log entry stays a few hundred bytes.
+/// The longest reason a void or a refund may carry, in characters: the protocol's memo bound,
+/// room for an error message, and small enough that a log entry stays a few hundred bytes.
 pub const MAX_REASON_CHARS: usize = pixmarket_protocol::validate::MAX_MEMO_CHARS;
 
 /// Which side of a trade an account or job is on, from this node's point of view.
@@ -44,7 +48,7 @@ pub enum Role {
 }
 
 impl Role {
-    fn byte(self) -> u8 {
+    pub(crate) fn byte(self) -> u8 {
         match self {
             Role::Provider => 0,
             Role::Requester => 1,
@@ -68,21 +72,25 @@ impl fmt::Display for Role {
     }
 }
 
-/// One counterparty's figures. Amounts only grow except `held` (and `credit_limit`, which the
-/// operator sets); `charged` is also the pair's cumulative total that receipts carry.
+/// One counterparty's figures. Amounts only grow except `held`, `credit_limit` (which the
+/// operator sets) and `charged`, which a refund of an undelivered receipt lowers again;
+/// `charged` is also the pair's cumulative total that receipts carry.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Account {
     /// Everything the peer prepaid (as provider) or I prepaid (as requester).
     pub deposits: MicroTokens,
     /// What the peer may owe beyond its deposits.
     pub credit_limit: MicroTokens,
-    /// Everything charged by settled receipts: the pair's cumulative total.
+    /// Everything charged by settled receipts, less refunded ones: the pair's cumulative
+    /// total.
     pub charged: MicroTokens,
     /// The sum of open holds.
     pub held: MicroTokens,
-    /// Number of receipts between the pair.
+    /// Number of receipts stored for the pair, refunded ones included (it is also the next
+    /// receipt's index, so a refunded receipt keeps its place).
     pub receipts: u64,
-    /// The signed digest of the pair's last receipt.
+    /// The signed digest of the pair's last receipt that still charges: a refund moves it
+    /// back to the refunded receipt's `prev_receipt_hash`.
     pub last_receipt: Option<Hash>,
 }
 
@@ -118,9 +126,32 @@ pub struct Hold {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JobOutcome {
     Held,
-    Settled { peer: PublicKey, index: u64 },
+    Settled {
+        peer: PublicKey,
+        index: u64,
+    },
     Voided,
     Expired,
+    /// Settled, then refunded by the provider because the image never reached the requester
+    /// (`Ledger::refund_undelivered`). The receipt stays at `index` for audit but no longer
+    /// charges. (Last, so the postcard encoding of the older variants is unchanged.)
+    Refunded {
+        peer: PublicKey,
+        index: u64,
+        reason: String,
+    },
+}
+
+impl JobOutcome {
+    /// Where the job's receipt is stored, for a settled or refunded job.
+    pub fn receipt_at(&self) -> Option<(PublicKey, u64)> {
+        match self {
+            JobOutcome::Settled { peer, index } | JobOutcome::Refunded { peer, index, .. } => {
+                Some((*peer, *index))
+            }
+            JobOutcome::Held | JobOutcome::Voided | JobOutcome::Expired => None,
+        }
+    }
 }
 
 impl fmt::Display for JobOutcome {
@@ -130,6 +161,7 @@ impl fmt::Display for JobOutcome {
             JobOutcome::Settled { .. } => "settled",
             JobOutcome::Voided => "voided",
             JobOutcome::Expired => "expired",
+            JobOutcome::Refunded { .. } => "refunded as undelivered",
         })
     }
 }
@@ -140,6 +172,12 @@ pub struct StoredReceipt {
     pub role: Role,
     pub receipt: Signed<Receipt>,
     pub ack: Option<Signed<ReceiptAck>>,
+    /// `Some(reason)` when the provider refunded this receipt as undelivered: it is kept for
+    /// audit but no longer charges. Not part of the stored record (whose bytes are unchanged
+    /// by a refund); the readers (`Ledger::receipt`, `Ledger::receipts`) fill it in from the
+    /// job's [`JobOutcome::Refunded`].
+    #[serde(skip)]
+    pub refunded: Option<String>,
 }
 
 /// The terms of a hold, as the provider admits a job.
@@ -194,6 +232,12 @@ pub enum Op {
         receipt: Signed<Receipt>,
         ack: Signed<ReceiptAck>,
     },
+    /// As provider: undoes the charge of a settled, unacknowledged receipt whose image never
+    /// reached the requester. (Last, so older entries keep their encoding.)
+    Refund {
+        job: JobId,
+        reason: String,
+    },
 }
 
 impl Op {
@@ -215,8 +259,9 @@ impl Op {
                 .map(|r| vec![r.requester])
                 .unwrap_or_default(),
             Op::RecordReceipt { receipt, .. } => vec![receipt.signer()],
-            // Void, expire and ack name a job; the export resolves its peer from the hold.
-            Op::Void { .. } | Op::Expire { .. } | Op::Ack { .. } => Vec::new(),
+            // Void, expire, ack and refund name a job; the export resolves its peer from the
+            // hold.
+            Op::Void { .. } | Op::Expire { .. } | Op::Ack { .. } | Op::Refund { .. } => Vec::new(),
         }
     }
 
@@ -227,7 +272,8 @@ impl Op {
             Op::Settle { job, .. }
             | Op::Void { job, .. }
             | Op::Expire { job, .. }
-            | Op::Ack { job, .. } => Some(*job),
+            | Op::Ack { job, .. }
+            | Op::Refund { job, .. } => Some(*job),
             Op::RecordReceipt { ack, .. } => ack.verify().ok().map(|a| a.job_id),
             Op::SetDefaultCredit { .. } | Op::Deposit { .. } | Op::SetCreditLimit { .. } => None,
         }
@@ -404,6 +450,44 @@ fn finished(txn: &dyn Txn, role: Role, job: JobId) -> Result<LedgerError, Abort>
     )
 }
 
+fn check_reason(what: &'static str, reason: &str) -> Result<(), LedgerError> {
+    let n = reason.chars().count();
+    if n > MAX_REASON_CHARS {
+        return Err(LedgerError::Invalid {
+            what,
+            source: ValidationError::new(
+                "reason",
+                format!("{n} characters"),
+                format!("at most {MAX_REASON_CHARS}"),
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Where a provider-side settled job's receipt is: refused with `Refunded` for a refunded
+/// job and `NotSettled` for any other (unknown, held, voided, expired).
+fn settled(txn: &dyn Txn, job: JobId) -> Result<(PublicKey, u64), Abort> {
+    match get::<JobOutcome>(txn, TreeId::Jobs, &job_key(Role::Provider, job))? {
+        Some(JobOutcome::Settled { peer, index }) => Ok((peer, index)),
+        Some(JobOutcome::Refunded { reason, .. }) => {
+            Err(LedgerError::Refunded { job, reason }.into())
+        }
+        _ => Err(LedgerError::NotSettled { job }.into()),
+    }
+}
+
+fn stored_receipt(txn: &dyn Txn, rkey: &[u8]) -> Result<StoredReceipt, Abort> {
+    get::<StoredReceipt>(txn, TreeId::Receipts, rkey)?.ok_or_else(|| {
+        LedgerError::CorruptRecord {
+            tree: TreeId::Receipts,
+            key: hex::encode(rkey),
+            reason: "a settled job's receipt is missing".into(),
+        }
+        .into()
+    })
+}
+
 /// Releases an open hold, returning it.
 fn release(txn: &dyn Txn, job: JobId) -> Result<Hold, Abort> {
     let Some(hold) = get::<Hold>(txn, TreeId::Holds, &job.0)? else {
@@ -563,6 +647,7 @@ pub(crate) fn apply(txn: &dyn Txn, owner: &PublicKey, op: &Op) -> Result<(), Abo
                     role: Role::Provider,
                     receipt: receipt.clone(),
                     ack: None,
+                    refunded: None,
                 },
             )?;
             put(
@@ -577,17 +662,7 @@ pub(crate) fn apply(txn: &dyn Txn, owner: &PublicKey, op: &Op) -> Result<(), Abo
         }
 
         Op::Void { job, reason } => {
-            if reason.chars().count() > MAX_REASON_CHARS {
-                return Err(LedgerError::Invalid {
-                    what: "void",
-                    source: ValidationError::new(
-                        "reason",
-                        format!("{} characters", reason.chars().count()),
-                        format!("at most {MAX_REASON_CHARS}"),
-                    ),
-                }
-                .into());
-            }
+            check_reason("void", reason)?;
             release(txn, *job)?;
             put(
                 txn,
@@ -618,20 +693,9 @@ pub(crate) fn apply(txn: &dyn Txn, owner: &PublicKey, op: &Op) -> Result<(), Abo
         }
 
         Op::Ack { job, ack } => {
-            let Some(JobOutcome::Settled { peer, index }) =
-                get::<JobOutcome>(txn, TreeId::Jobs, &job_key(Role::Provider, *job))?
-            else {
-                return Err(LedgerError::NotSettled { job: *job }.into());
-            };
+            let (peer, index) = settled(txn, *job)?;
             let rkey = receipt_key(Role::Provider, &peer, index);
-            let Some(mut stored) = get::<StoredReceipt>(txn, TreeId::Receipts, &rkey)? else {
-                return Err(LedgerError::CorruptRecord {
-                    tree: TreeId::Receipts,
-                    key: hex::encode(rkey),
-                    reason: "a settled job's receipt is missing".into(),
-                }
-                .into());
-            };
+            let mut stored = stored_receipt(txn, &rkey)?;
             if stored.ack.is_some() {
                 return Err(LedgerError::AlreadyAcked { job: *job }.into());
             }
@@ -680,6 +744,7 @@ pub(crate) fn apply(txn: &dyn Txn, owner: &PublicKey, op: &Op) -> Result<(), Abo
                     role: Role::Requester,
                     receipt: receipt.clone(),
                     ack: Some(ack.clone()),
+                    refunded: None,
                 },
             )?;
             put(
@@ -689,6 +754,50 @@ pub(crate) fn apply(txn: &dyn Txn, owner: &PublicKey, op: &Op) -> Result<(), Abo
                 &JobOutcome::Settled {
                     peer: provider,
                     index,
+                },
+            )
+        }
+
+        Op::Refund { job, reason } => {
+            check_reason("refund", reason)?;
+            let (peer, index) = settled(txn, *job)?;
+            let rkey = receipt_key(Role::Provider, &peer, index);
+            let stored = stored_receipt(txn, &rkey)?;
+            // An acknowledged receipt was delivered: it is paid, not refunded.
+            if stored.ack.is_some() {
+                return Err(LedgerError::AlreadyAcked { job: *job }.into());
+            }
+            let digest = stored.receipt.digest();
+            let mut acct = account(txn, Role::Provider, &peer)?;
+            // Only the pair's latest receipt: the chain is then rewound by exactly one link, to
+            // what the requester (who never stored this receipt) still holds. The provider
+            // settles one job per requester at a time, so this holds in practice.
+            if acct.last_receipt != Some(digest) {
+                return Err(LedgerError::NotLatestReceipt {
+                    job: *job,
+                    receipt: digest,
+                    latest: acct.last_receipt,
+                }
+                .into());
+            }
+            let body = verify("receipt", &stored.receipt)?;
+            expect_eq(
+                "the refunded receipt's cumulative total",
+                acct.charged,
+                body.cumulative_charged,
+            )?;
+            acct.charged = sub(acct.charged, body.cost, "the charged total")?;
+            acct.last_receipt = body.prev_receipt_hash;
+            put_account(txn, Role::Provider, &peer, &acct)?;
+            // The receipt record itself stays byte for byte: the outcome marks it refunded.
+            put(
+                txn,
+                TreeId::Jobs,
+                &job_key(Role::Provider, *job),
+                &JobOutcome::Refunded {
+                    peer,
+                    index,
+                    reason: reason.clone(),
                 },
             )
         }

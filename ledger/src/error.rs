@@ -75,10 +75,23 @@ pub enum LedgerError {
         expected: Option<Hash>,
         got: Option<Hash>,
     },
-    #[error("job {job} has no settled receipt to acknowledge")]
+    #[error("job {job} has no settled receipt (it is unknown, held, voided or expired)")]
     NotSettled { job: JobId },
     #[error("the receipt for job {job} is already acknowledged")]
     AlreadyAcked { job: JobId },
+    /// The job's receipt was refunded as undelivered: it cannot be acknowledged (the requester
+    /// gave up on it) or refunded again.
+    #[error("the receipt for job {job} was refunded as undelivered ({reason})")]
+    Refunded { job: JobId, reason: String },
+    /// A refund must undo the pair's latest receipt, so that the chain rewinds by one link.
+    #[error(
+        "the receipt for job {job} ({receipt:?}) is not this pair's latest receipt ({latest:?}); only the latest can be refunded"
+    )]
+    NotLatestReceipt {
+        job: JobId,
+        receipt: Hash,
+        latest: Option<Hash>,
+    },
     #[error("deposit note {deposit_id} from {signer} was already recorded")]
     DuplicateDeposit { signer: String, deposit_id: String },
     #[error(

@@ -3,6 +3,7 @@
 //! followed by the group-commit durability barrier; when a method returns `Ok`, the change is
 //! durable (see `ledger/README.md` for exactly what that means).
 
+use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -360,7 +361,32 @@ impl Ledger {
         })
     }
 
-    /// Stores the requester's signed acknowledgement of a settled receipt.
+    /// As provider: undoes the charge of a settled job whose image never reached the requester
+    /// (it was unreachable, partitioned, or refused the late delivery), so that only
+    /// acknowledged receipts stay paid and the pair's two ledgers agree again.
+    ///
+    /// In one transaction: the pair's `charged` goes down by the receipt's cost,
+    /// `last_receipt` goes back to the receipt's `prev_receipt_hash` (so the next
+    /// [`Ledger::receipt_link`] is what the requester, who never stored this receipt, expects),
+    /// and the job becomes [`JobOutcome::Refunded`] with `reason`; the receipt is kept for audit
+    /// (read back with `refunded: Some(reason)`). Durable when it returns `Ok`, like
+    /// [`Ledger::settle`].
+    ///
+    /// Refused, changing nothing: [`LedgerError::NotSettled`] (unknown, held, voided or
+    /// expired job), [`LedgerError::AlreadyAcked`] (it was delivered),
+    /// [`LedgerError::NotLatestReceipt`] (a later receipt for the pair exists),
+    /// [`LedgerError::Refunded`] (refunded already), [`LedgerError::Invalid`] (a reason longer
+    /// than [`books::MAX_REASON_CHARS`]). After a refund, [`Ledger::attach_ack`] for the job is
+    /// refused with [`LedgerError::Refunded`].
+    pub fn refund_undelivered(&self, job: JobId, reason: &str) -> Result<(), LedgerError> {
+        self.commit(&Op::Refund {
+            job,
+            reason: reason.to_owned(),
+        })
+    }
+
+    /// Stores the requester's signed acknowledgement of a settled receipt. Refused for a
+    /// refunded one ([`LedgerError::Refunded`]).
     pub fn attach_ack(&self, job: JobId, ack: &Signed<ReceiptAck>) -> Result<(), LedgerError> {
         self.commit(&Op::Ack {
             job,
@@ -485,20 +511,62 @@ impl Ledger {
         }
     }
 
-    /// The stored receipt of a settled job.
+    /// The stored receipt of a settled job, or of a refunded one (then with
+    /// `refunded: Some(reason)`).
     pub fn receipt(&self, role: Role, job: JobId) -> Result<Option<StoredReceipt>, LedgerError> {
-        let Some(JobOutcome::Settled { peer, index }) = self.job(role, job)? else {
+        let Some(outcome) = self.job(role, job)? else {
+            return Ok(None);
+        };
+        let Some((peer, index)) = outcome.receipt_at() else {
             return Ok(None);
         };
         let key = books::receipt_key(role, &peer, index);
         match self.store.get(TreeId::Receipts, &key)? {
             None => Ok(None),
-            Some(b) => Ok(Some(decode(TreeId::Receipts, &key, &b)?)),
+            Some(b) => {
+                let mut stored: StoredReceipt = decode(TreeId::Receipts, &key, &b)?;
+                if let JobOutcome::Refunded { reason, .. } = outcome {
+                    stored.refunded = Some(reason);
+                }
+                Ok(Some(stored))
+            }
         }
     }
 
-    /// Receipts in order: all of them, or one pair's (on both sides).
+    /// Refunded receipts, by receipt key, with their reasons.
+    fn refunds(&self) -> Result<BTreeMap<Vec<u8>, String>, LedgerError> {
+        let mut out = BTreeMap::new();
+        let mut err = None;
+        self.store.scan(TreeId::Jobs, &[], &mut |k, v| {
+            match decode::<JobOutcome>(TreeId::Jobs, k, v) {
+                Ok(JobOutcome::Refunded {
+                    peer,
+                    index,
+                    reason,
+                }) => {
+                    // Only the provider side refunds; the key's first byte is the role.
+                    let role = if k.first() == Some(&Role::Provider.byte()) {
+                        Role::Provider
+                    } else {
+                        Role::Requester
+                    };
+                    out.insert(books::receipt_key(role, &peer, index).to_vec(), reason);
+                    ControlFlow::Continue(())
+                }
+                Ok(_) => ControlFlow::Continue(()),
+                Err(e) => {
+                    err = Some(e);
+                    ControlFlow::Break(())
+                }
+            }
+        })?;
+        err.map_or(Ok(out), Err)
+    }
+
+    /// Receipts in order: all of them, or one pair's (on both sides). Refunded receipts are
+    /// included, with `refunded: Some(reason)`.
     pub fn receipts(&self, peer: Option<&PublicKey>) -> Result<Vec<StoredReceipt>, LedgerError> {
+        let mut refunds = self.refunds()?;
         let mut prefixes = Vec::new();
         match peer {
             None => prefixes.push(Vec::new()),
@@ -515,7 +583,8 @@ impl Ledger {
                 TreeId::Receipts,
                 &prefix,
                 &mut |k, v| match decode::<StoredReceipt>(TreeId::Receipts, k, v) {
-                    Ok(r) => {
+                    Ok(mut r) => {
+                        r.refunded = refunds.remove(k);
                         out.push(r);
                         ControlFlow::Continue(())
                     }

@@ -1,8 +1,14 @@
 //! The node's books (issue 3): per-counterparty deposits, credit limits, holds and charges,
 //! doubly signed receipts, and a hash-chained log that `verify` replays, stored in sled.
 //!
-//! - [`Ledger`]: the typed API (open, deposit, hold, settle, void, ack, expire, read, verify,
-//!   export); every operation is one transaction, durable when it returns.
+//! - [`Ledger`]: the typed API (open, deposit, hold, settle, void, ack, expire, refund an
+//!   undelivered receipt, read, verify, export); every operation is one transaction, durable
+//!   when it returns.
+//!
+//! A provider settles a job durably *before* it sends the image (DESIGN.md "A job, end to
+//! end"). If the delivery then fails for good, [`Ledger::refund_undelivered`] undoes that
+//! charge: only an acknowledged receipt stays paid, and the pair's chain is rewound to what the
+//! requester holds, so the two ledgers of the pair agree again.
 //! - [`books`]: records, key layouts, the logged operations and the one function that applies
 //!   them (shared by live operations and replay).
 //! - [`log`]: the hash chain.

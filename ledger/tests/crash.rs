@@ -1,7 +1,8 @@
-//! Crash test (STYLE.md "Storage"): a child process runs holds, settles, voids and acks in a
-//! loop from two threads and prints each job id after its call returns; the parent SIGKILLs it
-//! at a random moment, reopens the ledger, runs `verify`, and checks that every job the child
-//! reported is there in the state reported, and that no hold is half-settled.
+//! Crash test (STYLE.md "Storage"): a child process runs holds, settles, voids, acks and
+//! refunds of undelivered receipts in a loop from two threads and prints each job id after its
+//! call returns; the parent SIGKILLs it at a random moment, reopens the ledger, runs `verify`,
+//! and checks that every job the child reported is there in the state reported, and that no
+//! hold is half-settled and no refund half-done.
 //!
 //! The child is this test binary itself, re-run with `PIXMARKET_LEDGER_CRASH_CHILD` set and
 //! filtered to `crash_child`, which does nothing in a normal run.
@@ -76,6 +77,10 @@ fn child(dir: &Path, run: u64) {
                             if i % 4 == 0 {
                                 ledger.attach_ack(j, &ack(&rk, &rc)).unwrap();
                                 writeln!(out.lock(), "A {j}").unwrap();
+                            } else if i % 8 == 5 {
+                                // Never delivered: the pair's latest receipt, refunded.
+                                ledger.refund_undelivered(j, "crash test").unwrap();
+                                writeln!(out.lock(), "R {j}").unwrap();
                             }
                         }
                         2 => {
@@ -101,7 +106,7 @@ fn crash_child() {
 
 #[derive(Default)]
 struct Expect {
-    /// job → strongest state the child reported: H < S|V, and A on top of S.
+    /// job → strongest state the child reported: H < S|V, and A or R on top of S.
     jobs: BTreeMap<JobId, char>,
 }
 
@@ -160,7 +165,7 @@ fn kill_loop(kills: usize, seed: u64) {
             let Some((tag, id)) = line.split_once(' ') else {
                 continue;
             };
-            let Some(tag) = tag.chars().next().filter(|c| "HSVA".contains(*c)) else {
+            let Some(tag) = tag.chars().next().filter(|c| "HSVAR".contains(*c)) else {
                 continue;
             };
             let job: JobId = id.parse().unwrap();
@@ -196,7 +201,10 @@ fn check(dir: &Path, expect: &Expect, kill: usize) {
             (tag, &got),
             ('H', Some(_))
                 | ('S' | 'A', Some(JobOutcome::Settled { .. }))
+                // Refunded after it was reported settled, killed before it said so.
+                | ('S', Some(JobOutcome::Refunded { .. }))
                 | ('V', Some(JobOutcome::Voided))
+                | ('R', Some(JobOutcome::Refunded { .. }))
         );
         assert!(
             ok,
@@ -205,6 +213,13 @@ fn check(dir: &Path, expect: &Expect, kill: usize) {
         if *tag == 'A' {
             let r = l.receipt(Role::Provider, *job).unwrap().unwrap();
             assert!(r.ack.is_some(), "kill {kill}: job {job} lost its ack");
+        }
+        if *tag == 'R' {
+            let r = l.receipt(Role::Provider, *job).unwrap().unwrap();
+            assert!(
+                r.refunded.is_some(),
+                "kill {kill}: job {job} lost its refund"
+            );
         }
     }
     // No hold is half-settled: every open hold is a job in state Held, every Held job has its
@@ -228,6 +243,24 @@ fn check(dir: &Path, expect: &Expect, kill: usize) {
     for (peer, a) in l.accounts(Role::Provider).unwrap() {
         assert_eq!(a.held.0, held_sum.get(&peer).copied().unwrap_or(0));
         assert!(a.available().is_some());
+        // No refund is half-done: charged is the sum of the receipts that still charge, and
+        // the chain head is the last of them.
+        let charging: Vec<_> = l
+            .receipts(Some(&peer))
+            .unwrap()
+            .into_iter()
+            .filter(|s| s.role == Role::Provider && s.refunded.is_none())
+            .collect();
+        let sum: u64 = charging
+            .iter()
+            .map(|s| s.receipt.verify().unwrap().cost.0)
+            .sum();
+        assert_eq!(a.charged.0, sum, "kill {kill}: charged");
+        assert_eq!(
+            a.last_receipt,
+            charging.last().map(|s| s.receipt.digest()),
+            "kill {kill}: last receipt"
+        );
     }
     assert_eq!(report.open_holds, holds.len());
 }

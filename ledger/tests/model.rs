@@ -1,7 +1,9 @@
 //! Model test (STYLE.md "Storage"): random sequences of operations, with close-and-reopen,
 //! run against the sled ledger and against a plain `BTreeMap` model of the rules. After every
 //! step both agree on each result and each balance, and on the provider side
-//! `available = deposits + credit − charged − held ≥ 0`. At the end `verify` replays the log.
+//! `available = deposits + credit − charged − held ≥ 0`, and each pair's `last_receipt` is the
+//! latest receipt that still charges (refunds of undelivered receipts rewind it). At the end
+//! `verify` replays the log.
 
 // Test helpers outside #[test] fns may unwrap: a failure is a test failure.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -67,6 +69,19 @@ enum Step {
     AckSettled {
         pick: usize,
     },
+    /// Refund a job as undelivered.
+    Refund {
+        job: u64,
+    },
+    /// Refund the `pick`-th pair's latest charging receipt (resolved against the model), the
+    /// one a refund may undo.
+    RefundLatest {
+        pick: usize,
+    },
+    /// Refund the `pick`-th settled job: often not the pair's latest.
+    RefundSettled {
+        pick: usize,
+    },
 }
 
 impl Step {
@@ -90,6 +105,19 @@ impl Step {
             Step::AckSettled { pick } => Step::Ack {
                 job: nth(&settled, pick),
             },
+            Step::RefundSettled { pick } => Step::Refund {
+                job: nth(&settled, pick),
+            },
+            Step::RefundLatest { pick } => {
+                let latest: Vec<u64> = m
+                    .chains
+                    .values()
+                    .filter_map(|c| c.last().copied())
+                    .collect();
+                Step::Refund {
+                    job: nth(&latest, pick),
+                }
+            }
             other => other,
         }
     }
@@ -112,6 +140,9 @@ fn step() -> impl Strategy<Value = Step> {
         6 => (0..8usize, 1..14u32).prop_map(|(pick, steps)| Step::SettleOpen { pick, steps }),
         2 => (0..8usize).prop_map(|pick| Step::VoidOpen { pick }),
         3 => (0..8usize).prop_map(|pick| Step::AckSettled { pick }),
+        2 => (0..JOBS).prop_map(|job| Step::Refund { job }),
+        3 => (0..8usize).prop_map(|pick| Step::RefundLatest { pick }),
+        2 => (0..8usize).prop_map(|pick| Step::RefundSettled { pick }),
     ]
 }
 
@@ -127,6 +158,7 @@ struct Acct {
 enum Outcome {
     Held,
     Settled { acked: bool },
+    Refunded,
     Done,
 }
 
@@ -137,6 +169,11 @@ struct Model {
     /// job → (peer, max, expires_at)
     holds: BTreeMap<u64, (u8, u64, u64)>,
     jobs: BTreeMap<u64, Outcome>,
+    /// Settled jobs: job → (peer, cost).
+    settled: BTreeMap<u64, (u8, u64)>,
+    /// Per peer, the settled jobs whose receipts still charge, oldest first: the last is the
+    /// pair's `last_receipt`.
+    chains: BTreeMap<u8, Vec<u64>>,
     clock: u64,
     next_deposit: u8,
     entries: u64,
@@ -222,6 +259,8 @@ impl Model {
                 a.charged += cost;
                 self.holds.remove(&job);
                 self.jobs.insert(job, Outcome::Settled { acked: false });
+                self.settled.insert(job, (peer, cost));
+                self.chains.entry(peer).or_default().push(job);
             }
             Step::Void { job } => {
                 let Some((peer, max, _)) = self.holds.remove(&job) else {
@@ -239,6 +278,22 @@ impl Model {
                     self.jobs.insert(job, Outcome::Settled { acked: true });
                 }
                 Some(Outcome::Settled { acked: true }) => return Err("AlreadyAcked"),
+                Some(Outcome::Refunded) => return Err("Refunded"),
+                _ => return Err("NotSettled"),
+            },
+            Step::Refund { job } => match self.jobs.get(&job) {
+                Some(Outcome::Settled { acked: false }) => {
+                    let (peer, cost) = self.settled[&job];
+                    let chain = self.chains.entry(peer).or_default();
+                    if chain.last() != Some(&job) {
+                        return Err("NotLatestReceipt");
+                    }
+                    chain.pop();
+                    self.acct(peer).charged -= cost;
+                    self.jobs.insert(job, Outcome::Refunded);
+                }
+                Some(Outcome::Settled { acked: true }) => return Err("AlreadyAcked"),
+                Some(Outcome::Refunded) => return Err("Refunded"),
                 _ => return Err("NotSettled"),
             },
             Step::Expire { now } => {
@@ -258,7 +313,11 @@ impl Model {
                 return Ok(());
             }
             Step::Reopen => return Ok(()),
-            Step::SettleOpen { .. } | Step::VoidOpen { .. } | Step::AckSettled { .. } => {
+            Step::SettleOpen { .. }
+            | Step::VoidOpen { .. }
+            | Step::AckSettled { .. }
+            | Step::RefundLatest { .. }
+            | Step::RefundSettled { .. } => {
                 unreachable!("resolved before use")
             }
         }
@@ -280,6 +339,8 @@ fn kind(e: &LedgerError) -> &'static str {
         LedgerError::DuplicateDeposit { .. } => "DuplicateDeposit",
         LedgerError::CreditBelowUse { .. } => "CreditBelowUse",
         LedgerError::Invalid { .. } => "Invalid",
+        LedgerError::Refunded { .. } => "Refunded",
+        LedgerError::NotLatestReceipt { .. } => "NotLatestReceipt",
         other => panic!("unexpected error {other}"),
     }
 }
@@ -373,7 +434,12 @@ impl Harness {
                 self.ledger = Some(Ledger::open(&self.path(), self.provider.public()).unwrap());
                 Ok(())
             }
-            Step::SettleOpen { .. } | Step::VoidOpen { .. } | Step::AckSettled { .. } => {
+            Step::Refund { job: j } => self.l().refund_undelivered(job(j), "never delivered"),
+            Step::SettleOpen { .. }
+            | Step::VoidOpen { .. }
+            | Step::AckSettled { .. }
+            | Step::RefundLatest { .. }
+            | Step::RefundSettled { .. } => {
                 unreachable!("resolved before use")
             }
         };
@@ -401,6 +467,13 @@ fn check(h: &Harness, m: &Model) {
                 );
                 // The invariant: available = deposits + credit − charged − held ≥ 0.
                 assert!(got.available().is_some(), "peer {i} overdrawn: {got:?}");
+                // The chain head is the latest receipt that still charges.
+                let last = m
+                    .chains
+                    .get(&i)
+                    .and_then(|c| c.last())
+                    .map(|j| h.receipts[j].digest());
+                assert_eq!(got.last_receipt, last, "peer {i}'s last receipt");
             }
             (want, got) => panic!("peer {i}: model {want:?}, ledger {got:?}"),
         }
