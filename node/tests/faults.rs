@@ -232,6 +232,8 @@ async fn a_partition_fails_jobs_at_once_and_heals() {
         "{:?}",
         faults.stats()
     );
+    // An advert received just before the cut may still be on its way through the dispatcher.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let heard = advert_heard(&requester, p);
     // Longer than the provider's advert interval (3 s).
     tokio::time::sleep(Duration::from_secs(4)).await;
