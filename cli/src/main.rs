@@ -18,8 +18,15 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Warnings (refused jobs, bad receipts, failovers) by default; RUST_LOG=info or debug for more.
+    // A testnet provokes refusals and failovers on purpose, by the hundred, and reports them
+    // itself: only errors are logged there unless RUST_LOG asks for more.
+    let default = if matches!(cli.command, cmd::Command::Testnet(_)) {
+        "error"
+    } else {
+        "warn,libp2p_kad=error"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,libp2p_kad=error"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

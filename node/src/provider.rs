@@ -522,8 +522,14 @@ impl Provider {
     fn worker_loop(&self) {
         let (progress_tx, mut progress_rx) = mpsc::channel::<(PeerId, JobEvent)>(PROGRESS_QUEUE);
         let net = self.inner.net.clone();
+        let me = self.clone();
         self.inner.runtime.spawn(async move {
             while let Some((peer, event)) = progress_rx.recv().await {
+                // Progress of a job that has ended since is stale: its requester has its
+                // result (or gave up), and would only refuse it.
+                if !me.lock().running.contains(&event.job_id) {
+                    continue;
+                }
                 let _ = net.request(peer, Request::Event(event)).await;
             }
         });
@@ -700,6 +706,7 @@ impl Provider {
                 }
                 Ok(other) => {
                     tracing::warn!(job = %job.job_id, response = ?other, "requester did not acknowledge the receipt");
+                    self.refund(job, "the requester refused the delivery");
                     return;
                 }
                 Err(e) => {
@@ -718,6 +725,23 @@ impl Provider {
                     tracing::warn!(job = %job.job_id, attempt, error = %e, "delivery failed");
                     std::thread::sleep(Duration::from_millis(200 * u64::from(attempt)));
                 }
+            }
+        }
+        self.refund(job, "the result could not be delivered");
+    }
+
+    /// Takes back the charge of a settled job whose result the requester never accepted: only
+    /// an acknowledged receipt is paid. An ack that arrived meanwhile wins (the ledger refuses
+    /// to refund an acknowledged receipt).
+    fn refund(&self, job: &QueuedJob, why: &str) {
+        match self.inner.ledger.refund_undelivered(job.job_id, why) {
+            Ok(()) => {
+                tracing::warn!(job = %job.job_id, reason = why, "charge refunded: result not delivered");
+                self.inner.metrics.job("refunded");
+            }
+            Err(LedgerError::AlreadyAcked { .. }) => {}
+            Err(e) => {
+                tracing::error!(job = %job.job_id, error = %e, "cannot refund an undelivered result")
             }
         }
     }

@@ -237,6 +237,20 @@ pub fn check_receipt(
 
 type Route = mpsc::Sender<(JobEvent, ResponseChannel)>;
 
+/// Removes a job's route when dropped.
+struct RouteGuard<'a> {
+    routes: &'a Mutex<BTreeMap<JobId, (PeerId, Route)>>,
+    job: JobId,
+}
+
+impl Drop for RouteGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.routes.lock() {
+            r.remove(&self.job);
+        }
+    }
+}
+
 /// The requester side of a node; cheap to clone.
 #[derive(Clone)]
 pub struct Requester {
@@ -331,13 +345,32 @@ impl Requester {
         drop(table);
         match selection {
             Selection::EstimatedFinish => {
+                // Jobs this node has sent each provider and not seen end: fresher than an
+                // advert's queue depth when several jobs go out between two adverts.
+                let mut mine: BTreeMap<PeerId, u32> = BTreeMap::new();
+                if let Ok(routes) = self.routes.lock() {
+                    for (peer, _) in routes.values() {
+                        *mine.entry(*peer).or_default() += 1;
+                    }
+                }
+                // Equal estimates are broken at random, so requesters that see the same table
+                // (or one requester sending a burst) do not all pile onto one provider.
+                let mut rng = rand::thread_rng();
                 // Estimated finish: queue ahead plus one standard image; then price; failures first.
-                list.sort_by_key(|e| {
+                list.sort_by_cached_key(|e| {
                     let a = &e.advert;
+                    let depth = a
+                        .queue_depth
+                        .max(mine.get(&e.key.to_peer_id()).copied().unwrap_or(0));
                     let finish = a
                         .ms_per_standard_image
-                        .saturating_mul(u64::from(a.queue_depth).saturating_add(1));
-                    (e.failures, finish, a.schedule.price_factor_ppm)
+                        .saturating_mul(u64::from(depth).saturating_add(1));
+                    (
+                        e.failures,
+                        finish,
+                        a.schedule.price_factor_ppm,
+                        rand::Rng::r#gen::<u64>(&mut rng),
+                    )
                 });
             }
             Selection::Random { seed } => list.shuffle(&mut ChaCha8Rng::seed_from_u64(seed)),
@@ -371,7 +404,12 @@ impl Requester {
                 }
             }
             _ => {
-                tracing::warn!(%peer, job = %event.job_id, "event for a job we are not waiting on from this peer");
+                if matches!(event.kind, JobEventKind::Progress { .. }) {
+                    // Late progress of a job that ended or failed over: expected, not suspicious.
+                    tracing::debug!(%peer, job = %event.job_id, "progress for a job we are not waiting on");
+                } else {
+                    tracing::warn!(%peer, job = %event.job_id, "event for a job we are not waiting on from this peer");
+                }
                 let reason =
                     FailReason::Invalid(pixmarket_protocol::messages::ValidationErrorWire {
                         field: "job_id".into(),
@@ -514,6 +552,12 @@ impl Requester {
         if let Ok(mut r) = self.routes.lock() {
             r.insert(job_id, (peer, tx));
         }
+        // The route goes when this call ends, also when the caller drops it midway (a timeout,
+        // Ctrl-C): a late result is then refused, and the provider refunds it.
+        let _route = RouteGuard {
+            routes: &self.routes,
+            job: job_id,
+        };
         let result = async {
             match self
                 .net
@@ -571,9 +615,6 @@ impl Requester {
             }
         }
         .await;
-        if let Ok(mut r) = self.routes.lock() {
-            r.remove(&job_id);
-        }
         result
     }
 

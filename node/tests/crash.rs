@@ -411,3 +411,85 @@ async fn a_crash_does_not_wait_out_a_lost_message() {
         .verify()
         .unwrap();
 }
+
+/// A requester that stops waiting (its call dropped mid-job) refuses the late result; the
+/// provider then refunds the charge it had settled, so both books agree and a later job chains
+/// from the last delivered receipt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_the_requester_gave_up_on_is_refunded() {
+    const P: u8 = 71;
+    const R: u8 = 72;
+    let pdir = tempfile::tempdir().unwrap();
+    let rdir = tempfile::tempdir().unwrap();
+    let pkey = SecretKey::from_seed(&[P; 32]);
+    let rkey = SecretKey::from_seed(&[R; 32]).public();
+    let generator: Arc<dyn Generator> = Arc::new(SlowGenerator {
+        step: Duration::from_millis(50),
+    });
+    let pledger = Arc::new(open_ledger(&pdir.path().join("ledger"), P).await);
+    let (provider, paddr) = start(P, pledger.clone(), vec![], Some(generator)).await;
+    let peer = provider.client().local_peer_id();
+    let note = DepositNote {
+        deposit_id: [3; 16],
+        account: rkey,
+        amount: MicroTokens::from_tokens(100).unwrap(),
+        memo: "test deposit".into(),
+        recorded_at_ms: pixmarket_node::now_ms(),
+    };
+    pledger
+        .deposit(&Signed::sign(&pkey, &note).unwrap())
+        .unwrap();
+    let rledger = Arc::new(open_ledger(&rdir.path().join("ledger"), R).await);
+    let (requester, _) = start(R, rledger.clone(), vec![paddr], None).await;
+    let options = GenerateOptions {
+        provider: Some(peer),
+        ..GenerateOptions::default()
+    };
+
+    // 40 steps of 50 ms; the caller gives up after 0.5 s.
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(500),
+        requester
+            .requester()
+            .generate(job("given up on", 40), options.clone(), &mut |_| {}),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the job should still have been running");
+
+    // The provider finishes, settles, delivers, is refused, and refunds.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let refunded = pledger
+            .receipts(None)
+            .unwrap()
+            .iter()
+            .any(|r| r.refunded.is_some());
+        if refunded {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no refund within 15 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let account = pledger.account(Role::Provider, &rkey).unwrap().unwrap();
+    assert_eq!(account.charged, MicroTokens::ZERO);
+    assert_eq!(account.held, MicroTokens::ZERO);
+    assert!(rledger.receipts(None).unwrap().is_empty());
+
+    // The next job is delivered, and both books agree on it.
+    let outcome = requester
+        .requester()
+        .generate(job("delivered", 2), options, &mut |_| {})
+        .await
+        .unwrap();
+    let theirs = pledger.account(Role::Provider, &rkey).unwrap().unwrap();
+    let ours = rledger
+        .account(Role::Requester, &pkey.public())
+        .unwrap()
+        .unwrap();
+    assert_eq!(theirs.charged, outcome.cost);
+    assert_eq!(ours.charged, outcome.cost);
+    assert_eq!(theirs.last_receipt, ours.last_receipt);
+    assert!(pledger.verify().is_ok() && rledger.verify().is_ok());
+    requester.shutdown().await;
+    provider.shutdown().await;
+}

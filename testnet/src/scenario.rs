@@ -147,8 +147,8 @@ pub enum PlanError {
 
 /// The daily curve's relative rate for each hour (peak = 1.0), and the model's day.
 const HOURLY: [f64; 24] = [
-    0.06, 0.04, 0.03, 0.03, 0.04, 0.06, 0.12, 0.25, 0.50, 0.78, 0.95, 1.00, 0.85, 0.80, 0.92,
-    0.97, 0.88, 0.70, 0.50, 0.38, 0.30, 0.22, 0.14, 0.09,
+    0.06, 0.04, 0.03, 0.03, 0.04, 0.06, 0.12, 0.25, 0.50, 0.78, 0.95, 1.00, 0.85, 0.80, 0.92, 0.97,
+    0.88, 0.70, 0.50, 0.38, 0.30, 0.22, 0.14, 0.09,
 ];
 pub const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 /// Bursts per day, each lasting this long at twice the peak rate on top of the curve.
@@ -402,7 +402,9 @@ fn read_trace(path: &Path, requesters: usize) -> Result<Vec<(u64, usize, JobPara
         }
         let index = out.len();
         let params = JobParams {
-            prompt: t.prompt.unwrap_or_else(|| PROMPTS[index % PROMPTS.len()].into()),
+            prompt: t
+                .prompt
+                .unwrap_or_else(|| PROMPTS[index % PROMPTS.len()].into()),
             negative_prompt: String::new(),
             width: t.width.unwrap_or(1024),
             height: t.height.unwrap_or(1024),
@@ -466,12 +468,7 @@ mod tests {
             peak_per_minute: 2.0,
         }))
         .unwrap();
-        let per_hour = |h: u64| {
-            p.jobs
-                .iter()
-                .filter(|j| j.at_ms / 3_600_000 == h)
-                .count()
-        };
+        let per_hour = |h: u64| p.jobs.iter().filter(|j| j.at_ms / 3_600_000 == h).count();
         let night: usize = (0..5).map(per_hour).sum();
         let noon: usize = (10..15).map(per_hour).sum();
         assert!(noon > 5 * night, "night {night}, noon {noon}");

@@ -174,7 +174,10 @@ pub(crate) fn to_ms(v: f64) -> u64 {
 /// Model-time milliseconds `params` take on a GPU doing one standard image in `standard_ms`.
 pub fn job_ms(params: &JobParams, standard_ms: u64) -> u64 {
     let px = u128::from(params.width) * u128::from(params.height);
-    let steps = u128::from(effective_steps(params.steps, params.mode.strength_permille()));
+    let steps = u128::from(effective_steps(
+        params.steps,
+        params.mode.strength_permille(),
+    ));
     let cfg = if params.true_cfg_scale > 1.0 { 2 } else { 1 };
     let work = px * steps * u128::from(params.images) * cfg;
     let standard = 1024 * 1024 * 50 * 2;

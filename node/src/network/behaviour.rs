@@ -4,6 +4,7 @@
 //! protocol, connection limits, and a block list (empty unless fault injection partitions the
 //! network; see [`super::faults`]).
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use libp2p::identity::Keypair;
@@ -142,11 +143,16 @@ impl Behaviour {
         )
         .map_err(|e| BehaviourError::Gossipsub(e.to_string()))?;
         // Peers that forward invalid adverts lose score and are eventually pruned.
+        // Many peers behind one address are penalised as a likely Sybil, except on loopback:
+        // there they are nodes of one machine (a testnet, a lab), and past ten of them the
+        // penalty would silence every advert.
+        let mut score_params = gossipsub::PeerScoreParams::default();
+        score_params.ip_colocation_factor_whitelist.extend([
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ]);
         gossipsub
-            .with_peer_score(
-                gossipsub::PeerScoreParams::default(),
-                gossipsub::PeerScoreThresholds::default(),
-            )
+            .with_peer_score(score_params, gossipsub::PeerScoreThresholds::default())
             .map_err(BehaviourError::Gossipsub)?;
 
         let mdns = if enable_mdns {
