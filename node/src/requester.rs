@@ -558,7 +558,7 @@ impl Requester {
             routes: &self.routes,
             job: job_id,
         };
-        let result = async {
+        async {
             match self
                 .net
                 .request(peer, Request::Job(signed.clone()))
@@ -614,8 +614,7 @@ impl Requester {
                 }
             }
         }
-        .await;
-        result
+        .await
     }
 
     #[allow(clippy::too_many_arguments)]
