@@ -144,6 +144,7 @@ pub async fn start(dir: &DataDir, overrides: &Overrides) -> Result<Node, LaunchE
                 .map_err(LaunchError::Model)?;
         let generator: Arc<dyn Generator> = Arc::new(generator);
         let settings = ProviderSettings {
+            advert_interval: crate::provider::ADVERT_INTERVAL,
             schedule,
             max_queue: config.provider.max_queue,
             max_batch: config.provider.max_batch,

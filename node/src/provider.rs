@@ -41,6 +41,8 @@ use crate::now_ms;
 
 /// How often a provider re-publishes its advert (receivers expire them after 30 s).
 pub const ADVERT_INTERVAL: Duration = Duration::from_secs(3);
+/// The least time between two adverts of one provider.
+pub const MIN_ADVERT_GAP: Duration = Duration::from_millis(500);
 /// Progress events waiting to be sent; when full, progress is dropped (the next step's follows).
 const PROGRESS_QUEUE: usize = 256;
 /// Delivering a completed job is retried this many times before the result is given up on.
@@ -65,6 +67,10 @@ pub struct ProviderSettings {
     pub max_batch: u32,
     /// Starting estimate of one standard image (1024², 50 steps), refined by measurement.
     pub ms_per_standard_image: u64,
+    /// How often the advert is re-published when nothing changes ([`ADVERT_INTERVAL`] by
+    /// default; at most a third of the advert lifetime, so two adverts can be lost). A large
+    /// market on one machine publishes less often to keep gossip affordable.
+    pub advert_interval: Duration,
 }
 
 struct QueuedJob {
@@ -833,7 +839,19 @@ impl Provider {
                 }
                 Err(e) => tracing::error!(error = %e, "cannot sign advert"),
             }
-            let _ = tokio::time::timeout(ADVERT_INTERVAL, self.inner.changed.notified()).await;
+            // On a change the advert goes out again at once, but never more than once per
+            // MIN_ADVERT_GAP: a busy queue changes many times a second, and every advert is
+            // gossiped to the whole market.
+            let interval = self.inner.settings.advert_interval.clamp(
+                MIN_ADVERT_GAP,
+                Duration::from_millis(validate::ADVERT_TTL_MS / 3),
+            );
+            tokio::time::sleep(MIN_ADVERT_GAP).await;
+            let _ = tokio::time::timeout(
+                interval.saturating_sub(MIN_ADVERT_GAP),
+                self.inner.changed.notified(),
+            )
+            .await;
         }
     }
 }

@@ -109,6 +109,7 @@ async fn start_with(
             (
                 g,
                 ProviderSettings {
+                    advert_interval: pixmarket_node::provider::ADVERT_INTERVAL,
                     schedule: PriceSchedule::default(),
                     max_queue: 8,
                     max_batch: 1,

@@ -110,6 +110,7 @@ async fn start_node(
             (
                 generator,
                 ProviderSettings {
+                    advert_interval: pixmarket_node::provider::ADVERT_INTERVAL,
                     schedule: PriceSchedule::default(),
                     max_queue: 8,
                     max_batch: 1,

@@ -164,6 +164,7 @@ pub async fn run(config: &DemoConfig, log: &mut dyn FnMut(String)) -> anyhow::Re
             EngineGenerator::load(&model, "f32", "cpu").map_err(|e| anyhow::anyhow!("{e}"))?,
         );
         let settings = ProviderSettings {
+            advert_interval: pixmarket_node::provider::ADVERT_INTERVAL,
             schedule: PriceSchedule {
                 price_factor_ppm: *ppm,
                 min_prompt_tokens: 0,

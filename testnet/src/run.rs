@@ -341,6 +341,13 @@ async fn start_market(
             },
             max_queue: config.max_queue,
             max_batch: config.max_batch,
+            // Gossip grows with providers × nodes: a big market on one machine publishes less
+            // often (the advert lifetime is 30 s, so 10 s still leaves room for a lost one).
+            advert_interval: if config.providers > 20 {
+                Duration::from_secs(10)
+            } else {
+                pixmarket_node::provider::ADVERT_INTERVAL
+            },
             // The provider measures wall time; it starts from the model's figure.
             ms_per_standard_image: (u64::try_from(clock.wall(model_ms).as_millis())
                 .unwrap_or(u64::MAX))
@@ -847,6 +854,7 @@ pub async fn run(
     let mut jobs = JoinSet::new();
     let mut last_note = Instant::now();
     let total = plan.jobs.len();
+    let mut runs = Vec::with_capacity(total);
     for (n, job) in plan.jobs.iter().cloned().enumerate() {
         tokio::time::sleep_until(clock.instant_at(t0 + job.at_ms).into()).await;
         let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -859,16 +867,22 @@ pub async fn run(
             drop(permit);
             r
         });
+        while let Some(done) = jobs.try_join_next() {
+            match done {
+                Ok(r) => runs.push(r),
+                Err(e) => log(format!("a job task failed: {e}")),
+            }
+        }
         if last_note.elapsed() > Duration::from_secs(5) {
             last_note = Instant::now();
             log(format!(
-                "t = {} s (model): {n} of {total} jobs submitted, {} running",
+                "t = {} s (model): {} of {total} jobs submitted, {} ended",
                 clock.now_ms().saturating_sub(t0) / 1000,
-                jobs.len()
+                n + 1,
+                runs.len()
             ));
         }
     }
-    let mut runs = Vec::with_capacity(total);
     let drain_until = clock.instant_at(t0 + plan.duration_ms) + config.drain_limit;
     let drain_until = drain_until.max(Instant::now() + Duration::from_secs(5));
     loop {
@@ -934,17 +948,23 @@ async fn finish(
             a.shutdown().await;
         }
     }
+    // Nodes stop side by side: each may wait a few seconds for its last responses to go out.
+    let mut stopping = JoinSet::new();
     let mut requester_books = Vec::new();
     for (name, key, node) in requesters {
-        let ledger = node.ledger().clone();
-        node.shutdown().await;
-        requester_books.push(Books { name, key, ledger });
+        requester_books.push(Books {
+            name,
+            key,
+            ledger: node.ledger().clone(),
+        });
+        stopping.spawn(node.shutdown());
     }
+    while stopping.join_next().await.is_some() {}
     let mut provider_books = Vec::new();
     for slot in &providers {
         let mut s = slot.lock().await;
         if let Some(node) = s.node.take() {
-            node.shutdown().await;
+            stopping.spawn(node.shutdown());
         }
         if let Some(ledger) = s.ledger.clone() {
             provider_books.push(Books {
@@ -954,6 +974,7 @@ async fn finish(
             });
         }
     }
+    while stopping.join_next().await.is_some() {}
     let stats = link_faults.stats();
     let mut faults = faults;
     if plan.drop_ppm > 0 || plan.delay_ms.is_some() || !plan.faults.is_empty() {
@@ -1029,7 +1050,7 @@ async fn finish(
             simulated,
             note: if simulated {
                 format!(
-                    "GPU time from a timing model per GPU kind ({}); images are flat stand-ins",
+                    "{}; images are flat stand-ins",
                     config
                         .gpu_kinds
                         .first()

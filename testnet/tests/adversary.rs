@@ -67,6 +67,7 @@ impl Honest {
         let public = key(seed).public();
         let ledger = Arc::new(Ledger::open(&dir.path().join("ledger"), public).unwrap());
         let settings = ProviderSettings {
+            advert_interval: pixmarket_node::provider::ADVERT_INTERVAL,
             schedule: PriceSchedule::default(),
             max_queue: 8,
             max_batch: 2,

@@ -66,6 +66,7 @@ impl TestNode {
         let public = key.public();
         let ledger = Arc::new(Ledger::open(&Self::ledger_path(dir.path()), public).unwrap());
         let settings = ProviderSettings {
+            advert_interval: pixmarket_node::provider::ADVERT_INTERVAL,
             schedule,
             max_queue: 8,
             max_batch: 2,

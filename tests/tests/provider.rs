@@ -38,6 +38,7 @@ async fn provider_with(seed: u8, dir: &std::path::Path, max_queue: u32) -> Node 
         provide: Some((
             tiny_generator(),
             ProviderSettings {
+                advert_interval: pixmarket_node::provider::ADVERT_INTERVAL,
                 schedule: PriceSchedule::default(),
                 max_queue,
                 max_batch: 1,

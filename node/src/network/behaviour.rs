@@ -131,6 +131,10 @@ impl Behaviour {
             // The application checks each advert's signature and freshness, then reports.
             .validate_messages()
             .max_transmit_size(MAX_GOSSIP_BYTES)
+            // An advert goes to the mesh (about six peers), which carries it on; flooding it
+            // to every connected peer costs a send per connection per advert, and a market of
+            // a hundred providers on one machine spent most of its time doing that.
+            .flood_publish(false)
             // Identical adverts dedupe by content, not by sender sequence number.
             .message_id_fn(|m: &gossipsub::Message| {
                 gossipsub::MessageId::from(blake3::hash(&m.data).as_bytes().to_vec())
