@@ -199,6 +199,15 @@ impl Node {
         }
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
+        // The worker voids the holds of the jobs it will not run; the books are final only
+        // once it has.
+        if let Some(p) = &self.provider
+            && let Err(e) = p
+                .wait_stopped(tokio::time::Instant::now() + SHUTDOWN_GRACE)
+                .await
+        {
+            tracing::warn!(still = e.0, "provider did not stop in time");
+        }
     }
 
     /// Stops the node as a process kill would, as closely as one process allows: the network

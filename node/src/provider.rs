@@ -43,6 +43,8 @@ use crate::now_ms;
 pub const ADVERT_INTERVAL: Duration = Duration::from_secs(3);
 /// The least time between two adverts of one provider.
 pub const MIN_ADVERT_GAP: Duration = Duration::from_millis(500);
+/// Progress events of one batch are sent at most this often (plus the first and last step).
+const PROGRESS_MIN_GAP: Duration = Duration::from_millis(250);
 /// Progress events waiting to be sent; when full, progress is dropped (the next step's follows).
 const PROGRESS_QUEUE: usize = 256;
 /// Delivering a completed job is retried this many times before the result is given up on.
@@ -235,16 +237,22 @@ impl Provider {
             }
         }
         if let Some(worker) = worker {
-            while !worker.is_finished() {
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(StillRunning("worker thread"));
-                }
-                tokio::time::sleep(CRASH_POLL).await;
-            }
-            // Finished: joining does not block. A panic in it is already over and logged.
-            let _ = worker.join();
+            wait_for(worker, deadline).await?;
         }
         Ok(())
+    }
+
+    /// After [`Provider::stop`]: waits until the worker has voided the holds it still had and
+    /// exited, or returns `StillRunning` at `deadline`.
+    pub async fn wait_stopped(&self, deadline: tokio::time::Instant) -> Result<(), StillRunning> {
+        let worker = match self.inner.threads.lock() {
+            Ok(mut t) => t.worker.take(),
+            Err(_) => None,
+        };
+        match worker {
+            Some(w) => wait_for(w, deadline).await,
+            None => Ok(()),
+        }
     }
 
     /// Stops taking jobs, and stops the batch that runs at its next step: the node stops its
@@ -593,6 +601,7 @@ impl Provider {
         let params: Vec<JobParams> = batch.iter().map(|j| j.params.clone()).collect();
         let ids: Vec<JobId> = batch.iter().map(|j| j.job_id).collect();
         let mut last_step = Instant::now();
+        let mut last_sent = Instant::now();
         let mut progress = |step: u32, of: u32| {
             if self.crashed() {
                 return ControlFlow::Break(());
@@ -602,6 +611,17 @@ impl Provider {
             let q = self.lock();
             let all_cancelled = ids.iter().all(|id| q.cancelled.contains(id));
             drop(q);
+            // The first step (the job has started), the last, and in between at most one per
+            // PROGRESS_MIN_GAP: fast steps would otherwise cost a message each.
+            let due = step <= 1 || step >= of || last_sent.elapsed() >= PROGRESS_MIN_GAP;
+            if !due {
+                return if all_cancelled {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                };
+            }
+            last_sent = Instant::now();
             for j in &batch {
                 let ev = JobEvent {
                     job_id: j.job_id,
@@ -854,6 +874,22 @@ impl Provider {
             .await;
         }
     }
+}
+
+/// Polls until `worker` has exited (a std thread can't be awaited), then joins it.
+async fn wait_for(
+    worker: std::thread::JoinHandle<()>,
+    deadline: tokio::time::Instant,
+) -> Result<(), StillRunning> {
+    while !worker.is_finished() {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(StillRunning("worker thread"));
+        }
+        tokio::time::sleep(CRASH_POLL).await;
+    }
+    // Finished: joining does not block. A panic in it is already over and logged.
+    let _ = worker.join();
+    Ok(())
 }
 
 /// Whether this provider's generator can run `mode` (as its advert says).

@@ -14,8 +14,9 @@
 //!   image is never paid twice.
 //!
 //! Selection policies ([`Selection`]): `EstimatedFinish` (the default) ranks by past failures,
-//! then the advertised finish time of one standard image behind the advertised queue, then the
-//! price factor; `Random { seed }` shuffles the fresh providers (taken in public-key order) with
+//! then the finish time of one standard image behind the queue (the advertised depth, or the
+//! jobs this node has in flight there if more), in steps of half the fastest standard image,
+//! then the price factor, then at random; `Random { seed }` shuffles the fresh providers (taken in public-key order) with
 //! a ChaCha8 generator seeded with `seed`, ignoring speed, queue, price and failures, so a given
 //! seed and provider table always give the same order (testnets use it as a naive baseline).
 
@@ -353,8 +354,16 @@ impl Requester {
                         *mine.entry(*peer).or_default() += 1;
                     }
                 }
-                // Equal estimates are broken at random, so requesters that see the same table
-                // (or one requester sending a burst) do not all pile onto one provider.
+                // Estimates within half a standard image of each other count as equal: adverts
+                // are seconds old, and every requester reading the same table would otherwise
+                // send its next job to the same provider. Equals go by price, then at random.
+                let grain = list
+                    .iter()
+                    .map(|e| e.advert.ms_per_standard_image)
+                    .min()
+                    .unwrap_or(1)
+                    .div_ceil(2)
+                    .max(1);
                 let mut rng = rand::thread_rng();
                 // Estimated finish: queue ahead plus one standard image; then price; failures first.
                 list.sort_by_cached_key(|e| {
@@ -367,7 +376,7 @@ impl Requester {
                         .saturating_mul(u64::from(depth).saturating_add(1));
                     (
                         e.failures,
-                        finish,
+                        finish / grain,
                         a.schedule.price_factor_ppm,
                         rand::Rng::r#gen::<u64>(&mut rng),
                     )

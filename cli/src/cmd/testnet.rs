@@ -19,12 +19,12 @@ pub(crate) struct TestnetArgs {
     /// The folder's `nodes/` from an earlier run is replaced.
     #[arg(long, value_name = "DIR", default_value = "pixmarket-testnet")]
     out: PathBuf,
-    /// Provider nodes.
-    #[arg(long, default_value_t = 3)]
-    providers: usize,
-    /// Requester nodes.
-    #[arg(long, default_value_t = 2)]
-    requesters: usize,
+    /// Provider nodes [default: 3; with --experiment, 6: the shared fleet].
+    #[arg(long)]
+    providers: Option<usize>,
+    /// Requester nodes [default: 2; with --experiment, 4].
+    #[arg(long)]
+    requesters: Option<usize>,
     /// `tiny` (the real model code with random tiny weights, on the CPU) or `simulated`
     /// (GPU time from a timing model per GPU kind; labelled as simulation in the report).
     #[arg(long, default_value = "tiny")]
@@ -104,8 +104,8 @@ pub(crate) fn run(a: TestnetArgs) -> anyhow::Result<()> {
             out: a.out.clone(),
             seed: a.seed,
             speedup: a.speedup.unwrap_or(360.0),
-            shared_fleet: if a.providers == 3 { 6 } else { a.providers },
-            requesters: a.requesters.max(4),
+            shared_fleet: a.providers.unwrap_or(6),
+            requesters: a.requesters.unwrap_or(4),
             duration_ms: a
                 .duration
                 .map_or(experiment::DEFAULT_DURATION_MS, |s| s * 1000),
@@ -121,17 +121,18 @@ pub(crate) fn run(a: TestnetArgs) -> anyhow::Result<()> {
     }
 
     let simulated = a.engine == EngineKind::Simulated;
+    let providers = a.providers.unwrap_or(3);
     let load = match a.scenario.as_str() {
         "steady" => Load::Steady {
             per_minute: a.rate.unwrap_or(if simulated {
-                0.4 * a.providers as f64
+                0.4 * providers as f64
             } else {
                 12.0
             }),
         },
         "daily" => Load::Daily {
             peak_per_minute: a.rate.unwrap_or(if simulated {
-                0.8 * a.providers as f64
+                0.8 * providers as f64
             } else {
                 6.0
             }),
@@ -147,8 +148,8 @@ pub(crate) fn run(a: TestnetArgs) -> anyhow::Result<()> {
     let daily = matches!(load, Load::Daily { .. });
     let mut config = TestnetConfig::new(a.out.clone());
     config.name = a.scenario.clone();
-    config.providers = a.providers;
-    config.requesters = a.requesters;
+    config.providers = providers;
+    config.requesters = a.requesters.unwrap_or(2);
     config.engine = a.engine;
     config.gpu_kinds = gpu_kinds;
     config.load = load;

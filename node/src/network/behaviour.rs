@@ -127,7 +127,10 @@ impl Behaviour {
 
         let gossip_config = gossipsub::ConfigBuilder::default()
             .heartbeat_interval(Duration::from_secs(1))
-            .validation_mode(gossipsub::ValidationMode::Strict)
+            // Adverts carry their provider's own signature, checked by the node before they are
+            // accepted or forwarded; a second gossipsub signature per message would double the
+            // verification work of every node for no added assurance.
+            .validation_mode(gossipsub::ValidationMode::Anonymous)
             // The application checks each advert's signature and freshness, then reports.
             .validate_messages()
             .max_transmit_size(MAX_GOSSIP_BYTES)
@@ -141,11 +144,9 @@ impl Behaviour {
             })
             .build()
             .map_err(|e| BehaviourError::Gossipsub(e.to_string()))?;
-        let mut gossipsub = gossipsub::Behaviour::new(
-            gossipsub::MessageAuthenticity::Signed(key.clone()),
-            gossip_config,
-        )
-        .map_err(|e| BehaviourError::Gossipsub(e.to_string()))?;
+        let mut gossipsub =
+            gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_config)
+                .map_err(|e| BehaviourError::Gossipsub(e.to_string()))?;
         // Peers that forward invalid adverts lose score and are eventually pruned.
         // Many peers behind one address are penalised as a likely Sybil, except on loopback:
         // there they are nodes of one machine (a testnet, a lab), and past ten of them the
