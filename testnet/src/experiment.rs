@@ -3,8 +3,13 @@
 //! run plays one bursty simulated day of demand, with the same seed and so the same jobs, on
 //! three markets side by side (concurrently, so they share the machine's conditions):
 //!
-//! 1. **peak-sized fleet**: enough heterogeneous simulated GPUs for the day's highest rate
-//!    (a burst on top of the peak hour), market selection by estimated finish;
+//! The requesters are customers in `zones` time zones (3 by default, 8 hours apart), each
+//! with its own working day and bursts; that is what sharing buys: one customer's night is
+//! another's afternoon.
+//!
+//! 1. **peak-sized fleet**: what customers buying their own GPUs need: for every zone, enough
+//!    heterogeneous simulated GPUs for its highest rate (a burst on top of its peak hour),
+//!    summed over the zones (run as one market; selection by estimated finish);
 //! 2. **shared fleet, estimated finish**: a fleet sized for the day's *mean* demand at 75 %
 //!    busy, requesters choosing by the market's estimated finish time;
 //! 3. **shared fleet, random**: the same fleet, requesters choosing uniformly at random.
@@ -35,6 +40,8 @@ pub struct ExperimentConfig {
     pub gpu_kinds: Vec<GpuKind>,
     /// The shared fleet's target mean utilization, percent.
     pub target_percent: u32,
+    /// Time zones the requesters are spread over (each its own daily curve, shifted).
+    pub zones: u32,
 }
 
 /// Mean model-time ms of a job of the production mix on `kind`, estimated from a sample plan.
@@ -110,6 +117,7 @@ pub async fn run(
         c.gpu_kinds = config.gpu_kinds.clone();
         c.load = Load::Daily {
             peak_per_minute: peak,
+            zones: config.zones,
         };
         c.duration_ms = config.duration_ms;
         c.speedup = config.speedup;
@@ -168,11 +176,12 @@ pub async fn run(
     let offered = offered_load(&records, config.duration_ms);
     Ok(ExperimentRecord {
         note: format!(
-            "One simulated day ({} h) of bursty demand, the same jobs (seed {}) on three \
-             markets run side by side. Simulation: GPU time is a timing model per GPU kind \
+            "One simulated day ({} h) of bursty demand from customers in {} time zones, the \
+             same jobs (seed {}) on three markets run side by side. Simulation: GPU time is a timing model per GPU kind \
              ({}); times are model time at {}x wall time. Utilization = busy GPU time / \
              (GPUs × duration).",
             config.duration_ms / 3_600_000,
+            config.zones,
             config.seed,
             config
                 .gpu_kinds

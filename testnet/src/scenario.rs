@@ -39,8 +39,10 @@ pub const PROMPTS: [&str; 8] = [
 pub enum Load {
     /// Poisson arrivals, this many jobs per model-time minute.
     Steady { per_minute: f64 },
-    /// The daily curve, peaking at this many jobs per model-time minute.
-    Daily { peak_per_minute: f64 },
+    /// The daily curve, peaking at this many jobs per model-time minute. With `zones` > 1
+    /// the requesters are spread over that many time zones, evenly apart: each zone's curve
+    /// peaks at `peak_per_minute / zones`, shifted by `24 h / zones` from the last.
+    Daily { peak_per_minute: f64, zones: u32 },
     /// Jobs replayed from a JSON-lines file.
     Trace { path: PathBuf },
 }
@@ -256,23 +258,44 @@ pub fn plan(spec: &PlanSpec) -> Result<Plan, PlanError> {
                 push_job(&mut jobs, &mut rng, spec, at);
             }
         }
-        Load::Daily { peak_per_minute } => {
+        Load::Daily {
+            peak_per_minute,
+            zones,
+        } => {
             check_rate(*peak_per_minute)?;
+            let zones = *zones;
+            if zones == 0 || usize::try_from(zones).unwrap_or(usize::MAX) > spec.requesters {
+                return Err(PlanError::Invalid(format!(
+                    "{zones} time zones: allowed is 1 to the number of requesters ({})",
+                    spec.requesters
+                )));
+            }
             let days = spec.duration_ms.div_ceil(DAY_MS).max(1);
-            let bursts: Vec<u64> = (0..days * u64::from(BURSTS_PER_DAY))
-                .map(|i| {
-                    // Bursts fall in working hours (8:00–18:00) of their day.
-                    let day = i / u64::from(BURSTS_PER_DAY);
-                    day * DAY_MS + rng.gen_range(8 * 3_600_000..18 * 3_600_000)
-                })
-                .collect();
-            let peak = *peak_per_minute;
-            let rate = |t: u64| {
-                let burst = bursts.iter().any(|b| (*b..b + BURST_MS).contains(&t));
-                peak * (daily_shape(t) + if burst { 2.0 } else { 0.0 })
-            };
-            for at in arrivals(&mut rng, spec.duration_ms, peak * 3.0, rate) {
-                push_job(&mut jobs, &mut rng, spec, at);
+            let peak = *peak_per_minute / f64::from(zones);
+            let mut timed = Vec::new();
+            for zone in 0..zones {
+                let shift = DAY_MS / u64::from(zones) * u64::from(zone);
+                let bursts: Vec<u64> = (0..days * u64::from(BURSTS_PER_DAY))
+                    .map(|i| {
+                        // Bursts fall in working hours (8:00–18:00) of the zone's day.
+                        let day = i / u64::from(BURSTS_PER_DAY);
+                        day * DAY_MS + rng.gen_range(8 * 3_600_000..18 * 3_600_000)
+                    })
+                    .collect();
+                let rate = |t: u64| {
+                    let local = t + shift;
+                    let burst = bursts
+                        .iter()
+                        .any(|b| (*b..b + BURST_MS).contains(&(local % (days * DAY_MS))));
+                    peak * (daily_shape(local) + if burst { 2.0 } else { 0.0 })
+                };
+                for at in arrivals(&mut rng, spec.duration_ms, peak * 3.0, rate) {
+                    timed.push((at, zone));
+                }
+            }
+            timed.sort_unstable();
+            for (at, zone) in timed {
+                push_job_in_zone(&mut jobs, &mut rng, spec, at, zone, zones);
             }
         }
         Load::Trace { path } => {
@@ -334,8 +357,23 @@ fn check_rate(r: f64) -> Result<(), PlanError> {
 }
 
 fn push_job(jobs: &mut Vec<PlannedJob>, rng: &mut ChaCha8Rng, spec: &PlanSpec, at: u64) {
+    push_job_in_zone(jobs, rng, spec, at, 0, 1);
+}
+
+/// A job from a requester of `zone` (the requesters `r` with `r % zones == zone`).
+fn push_job_in_zone(
+    jobs: &mut Vec<PlannedJob>,
+    rng: &mut ChaCha8Rng,
+    spec: &PlanSpec,
+    at: u64,
+    zone: u32,
+    zones: u32,
+) {
     let index = jobs.len();
-    let requester = rng.gen_range(0..spec.requesters);
+    let zones = usize::try_from(zones).unwrap_or(1).max(1);
+    let zone = usize::try_from(zone).unwrap_or(0);
+    let in_zone = spec.requesters.saturating_sub(zone).div_ceil(zones).max(1);
+    let requester = (zone + zones * rng.gen_range(0..in_zone)).min(spec.requesters - 1);
     let params = random_params(rng, spec.mix, index);
     jobs.push(PlannedJob {
         index,
@@ -446,15 +484,18 @@ mod tests {
     fn one_seed_gives_one_plan_and_another_seed_another() {
         let a = plan(&spec(Load::Daily {
             peak_per_minute: 2.0,
+            zones: 1,
         }))
         .unwrap();
         let b = plan(&spec(Load::Daily {
             peak_per_minute: 2.0,
+            zones: 1,
         }))
         .unwrap();
         assert_eq!(a.hash(), b.hash());
         let mut other = spec(Load::Daily {
             peak_per_minute: 2.0,
+            zones: 1,
         });
         other.seed = 8;
         assert_ne!(plan(&other).unwrap().hash(), a.hash());
@@ -466,6 +507,7 @@ mod tests {
     fn the_daily_curve_is_bursty_with_a_quiet_night() {
         let p = plan(&spec(Load::Daily {
             peak_per_minute: 2.0,
+            zones: 1,
         }))
         .unwrap();
         let per_hour = |h: u64| p.jobs.iter().filter(|j| j.at_ms / 3_600_000 == h).count();
@@ -476,6 +518,28 @@ mod tests {
         let total = p.jobs.len();
         assert!((1_100..1_900).contains(&total), "{total} jobs");
         assert!(daily_mean() < 0.5);
+    }
+
+    #[test]
+    fn time_zones_flatten_the_day_and_keep_requesters_in_their_zone() {
+        let mut s = spec(Load::Daily {
+            peak_per_minute: 3.0,
+            zones: 3,
+        });
+        s.requesters = 6;
+        let p = plan(&s).unwrap();
+        let per_hour: Vec<usize> = (0..24)
+            .map(|h| p.jobs.iter().filter(|j| j.at_ms / 3_600_000 == h).count())
+            .collect();
+        let (lo, hi) = (
+            per_hour.iter().min().copied().unwrap(),
+            per_hour.iter().max().copied().unwrap(),
+        );
+        // One zone: nights are nearly empty; three zones 8 h apart: no hour is.
+        assert!(lo * 6 > hi, "hours {per_hour:?}");
+        assert!(p.jobs.iter().all(|j| j.requester < 6));
+        s.requesters = 2;
+        assert!(plan(&s).unwrap_err().to_string().contains("time zones"));
     }
 
     #[test]

@@ -179,6 +179,7 @@ async fn the_utilization_experiment_compares_three_markets_in_one_run() {
         duration_ms: 6 * 3_600_000,
         gpu_kinds: sim::builtin_gpu_kinds(),
         target_percent: 75,
+        zones: 1,
     };
     let r = experiment::run(&config, &mut |_| {}).await.unwrap();
     assert_eq!(r.arms.len(), 3);

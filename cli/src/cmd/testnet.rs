@@ -22,7 +22,7 @@ pub(crate) struct TestnetArgs {
     /// Provider nodes [default: 3; with --experiment, 6: the shared fleet].
     #[arg(long)]
     providers: Option<usize>,
-    /// Requester nodes [default: 2; with --experiment, 4].
+    /// Requester nodes [default: 2; with --experiment, 6].
     #[arg(long)]
     requesters: Option<usize>,
     /// `tiny` (the real model code with random tiny weights, on the CPU) or `simulated`
@@ -74,6 +74,10 @@ pub(crate) struct TestnetArgs {
     /// Seconds of wall time a job may go without word from its provider.
     #[arg(long, default_value_t = 30)]
     idle_timeout: u64,
+    /// Daily scenario: spread the requesters over this many time zones, evenly apart
+    /// [default: 1; with --experiment, 3].
+    #[arg(long)]
+    zones: Option<u32>,
     /// Run the utilization experiment instead (one simulated day, three markets side by side).
     #[arg(long)]
     experiment: bool,
@@ -105,12 +109,13 @@ pub(crate) fn run(a: TestnetArgs) -> anyhow::Result<()> {
             seed: a.seed,
             speedup: a.speedup.unwrap_or(360.0),
             shared_fleet: a.providers.unwrap_or(6),
-            requesters: a.requesters.unwrap_or(4),
+            requesters: a.requesters.unwrap_or(6),
             duration_ms: a
                 .duration
                 .map_or(experiment::DEFAULT_DURATION_MS, |s| s * 1000),
             gpu_kinds,
             target_percent: 75,
+            zones: a.zones.unwrap_or(3),
         };
         let record = rt.block_on(experiment::run(&config, &mut |l| println!("  {l}")))?;
         println!();
@@ -136,6 +141,7 @@ pub(crate) fn run(a: TestnetArgs) -> anyhow::Result<()> {
             } else {
                 6.0
             }),
+            zones: a.zones.unwrap_or(1),
         },
         "trace" => Load::Trace {
             path: a
