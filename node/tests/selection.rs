@@ -5,78 +5,25 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
 use pixmarket_ledger::Ledger;
-use pixmarket_node::generator::{GenError, Generator, GeneratorInfo};
+use pixmarket_node::generator::Generator;
 use pixmarket_node::network::NetConfig;
 use pixmarket_node::provider::ProviderSettings;
 use pixmarket_node::requester::{GenerateError, GenerateOptions, Selection};
 use pixmarket_node::{Node, NodeOptions};
-use pixmarket_protocol::{
-    DepositNote, JobParams, MicroTokens, Mode, PriceSchedule, SecretKey, Signed,
-};
+use pixmarket_protocol::{DepositNote, JobParams, MicroTokens, PriceSchedule, SecretKey, Signed};
 
-/// A generator that sleeps `step` per step and returns a few bytes per image.
-struct SlowGenerator {
-    step: Duration,
-}
-
-impl Generator for SlowGenerator {
-    fn info(&self) -> GeneratorInfo {
-        GeneratorInfo {
-            model_id: "slow-test".into(),
-            precision: "f32".into(),
-            device_name: "test".into(),
-            device_memory_mib: 0,
-            supports_image_to_image: false,
-            supports_inpaint: false,
-        }
-    }
-
-    fn count_prompt_tokens(&self, prompt: &str) -> Result<u32, GenError> {
-        Ok(u32::try_from(prompt.split_whitespace().count()).unwrap())
-    }
-
-    fn generate(
-        &self,
-        jobs: &[JobParams],
-        progress: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
-    ) -> Result<Vec<Vec<Vec<u8>>>, GenError> {
-        let steps = jobs[0].steps;
-        for step in 1..=steps {
-            std::thread::sleep(self.step);
-            if progress(step, steps).is_break() {
-                return Err(GenError::Cancelled);
-            }
-        }
-        Ok(jobs
-            .iter()
-            .map(|j| {
-                (0..j.images)
-                    .map(|i| format!("{} #{i}", j.prompt).into_bytes())
-                    .collect()
-            })
-            .collect())
-    }
-}
+use common::{SlowGenerator, job_with_steps};
 
 fn job(prompt: &str) -> JobParams {
-    JobParams {
-        prompt: prompt.into(),
-        negative_prompt: String::new(),
-        width: 256,
-        height: 256,
-        steps: 2,
-        true_cfg_scale: 1.0,
-        seed: 7,
-        images: 1,
-        mode: Mode::TextToImage,
-    }
+    job_with_steps(prompt, 2)
 }
 
 /// A node on 127.0.0.1 with its ledger in `dir`; a provider advertising `ms_per_standard`

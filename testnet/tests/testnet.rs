@@ -92,14 +92,14 @@ async fn one_seed_is_one_plan_and_one_set_of_identities() {
             (y.width, y.height, y.steps, y.images)
         );
     }
-    assert!(ra.engine.simulated && ra.engine.note.contains("timing model"));
+    assert!(ra.engine.simulated && ra.engine.note.contains("not measured"));
     assert!(report::table(&ra).contains("SIMULATION"));
     assert_books_ok(&ra);
     assert_books_ok(&rb);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_provider_killed_mid_run_restarts_and_nothing_is_lost() {
+async fn a_provider_killed_mid_run_with_delayed_messages_restarts_and_nothing_is_lost() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = TestnetConfig::new(dir.path().to_owned());
     c.engine = EngineKind::Simulated;
@@ -111,6 +111,8 @@ async fn a_provider_killed_mid_run_restarts_and_nothing_is_lost() {
     c.seed = 5;
     c.faults = FaultSpec {
         kills: 1,
+        // Every message held 0.1–1 model seconds as well.
+        delay_ms: Some((100, 1_000)),
         ..FaultSpec::default()
     };
     c.idle_timeout = Duration::from_secs(5);
@@ -120,6 +122,7 @@ async fn a_provider_killed_mid_run_restarts_and_nothing_is_lost() {
         kinds.contains(&"kill") && kinds.contains(&"restart"),
         "{kinds:?}"
     );
+    assert!(r.faults.iter().any(|f| f.kind == "delay"));
     let restart = r.faults.iter().find(|f| f.kind == "restart").unwrap();
     assert!(restart.detail.contains("restarted"), "{}", restart.detail);
     assert_eq!(completed(&r), r.jobs.len(), "{}", report::table(&r));
