@@ -26,7 +26,8 @@ pub(crate) struct LedgerArgs {
 enum LedgerCommand {
     /// Print each counterparty's deposits, credit, charges, holds and what is available.
     Balance,
-    /// List receipts in order, with their cumulative totals and whether they are acknowledged.
+    /// List receipts in order, with their cumulative totals, whether they are acknowledged,
+    /// and whether an undelivered one was refunded.
     Receipts {
         /// Only this peer's receipts.
         #[arg(long, value_name = "PEER-ID")]
@@ -292,6 +293,9 @@ fn receipts(l: &Ledger, peer: Option<&PublicKey>) -> anyhow::Result<()> {
             r.cumulative_charged.to_string(),
             if stored.ack.is_some() { "yes" } else { "no" }
         );
+        if let Some(why) = &stored.refunded {
+            println!("          refunded, not charged: {why}");
+        }
     }
     Ok(())
 }
