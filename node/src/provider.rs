@@ -11,7 +11,9 @@
 //!   on that event's response and is stored. A failed or cancelled job's hold is voided.
 //! - `Request::Cancel` from the job's requester → removed from the queue, or stopped at the next
 //!   step when running.
-//! - adverts: a signed `CapacityAdvert` every [`ADVERT_INTERVAL`] and when the queue changes.
+//! - adverts: a signed `CapacityAdvert` every [`ADVERT_INTERVAL`] and when the queue changes
+//!   (at most every [`MIN_ADVERT_GAP`]); every [`QUEUE_HEARTBEAT`], each waiting job's
+//!   requester hears its position and estimated wait, so silence means trouble.
 //!
 //! Two ways to stop: [`Provider::stop`] (orderly: running and queued jobs are voided and their
 //! requesters told) and [`Provider::crash`] (a process kill, emulated: the worker abandons its
@@ -41,6 +43,8 @@ use crate::now_ms;
 
 /// How often a provider re-publishes its advert (receivers expire them after 30 s).
 pub const ADVERT_INTERVAL: Duration = Duration::from_secs(3);
+/// How often a queued job's requester hears where its job stands.
+pub const QUEUE_HEARTBEAT: Duration = Duration::from_secs(2);
 /// The least time between two adverts of one provider.
 pub const MIN_ADVERT_GAP: Duration = Duration::from_millis(500);
 /// Progress events of one batch are sent at most this often (plus the first and last step).
@@ -202,7 +206,10 @@ impl Provider {
             .spawn(move || worker.worker_loop())
             .map_err(|e| LedgerError::Store(pixmarket_ledger::StoreError::Engine(e.to_string())))?;
         let adverts = provider.clone();
-        let adverts = tokio::spawn(async move { adverts.advert_loop().await });
+        // One task for the adverts and the queue's heartbeats, so a crash aborts both at once.
+        let adverts = tokio::spawn(async move {
+            tokio::join!(adverts.advert_loop(), adverts.queue_heartbeat_loop());
+        });
         if let Ok(mut t) = provider.inner.threads.lock() {
             t.worker = Some(worker);
             t.adverts = Some(adverts);
@@ -840,6 +847,50 @@ impl Provider {
             queue_depth: u32::try_from(depth).unwrap_or(u32::MAX),
             max_queue: self.inner.settings.max_queue,
             ms_per_standard_image: self.inner.ms_per_standard.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Tells every waiting job's requester, every [`QUEUE_HEARTBEAT`], where its job stands
+    /// (`Accepted { position, eta }`): a queued job would otherwise hear nothing until it
+    /// starts, and its requester could not tell a long queue from a provider gone silent.
+    async fn queue_heartbeat_loop(&self) {
+        loop {
+            tokio::time::sleep(QUEUE_HEARTBEAT).await;
+            if self.crashed() || self.lock().stopping {
+                return;
+            }
+            let events: Vec<(PeerId, JobEvent)> = {
+                let q = self.lock();
+                let per = self.inner.ms_per_standard.load(Ordering::Relaxed);
+                let mut eta = u64::try_from(q.running.len()).unwrap_or(0) * per;
+                q.waiting
+                    .iter()
+                    .enumerate()
+                    .map(|(i, j)| {
+                        eta += work_ppm(&j.params) * per / 1_000_000;
+                        let kind = JobEventKind::Accepted {
+                            queue_position: u32::try_from(i).unwrap_or(u32::MAX),
+                            eta_ms: eta,
+                        };
+                        (
+                            j.peer,
+                            JobEvent {
+                                job_id: j.job_id,
+                                kind,
+                            },
+                        )
+                    })
+                    .collect()
+            };
+            // At most `max_queue` at once, and each waits at most the request timeout.
+            let mut sends = tokio::task::JoinSet::new();
+            for (peer, event) in events {
+                let net = self.inner.net.clone();
+                sends.spawn(async move {
+                    let _ = net.request(peer, Request::Event(event)).await;
+                });
+            }
+            while sends.join_next().await.is_some() {}
         }
     }
 

@@ -413,9 +413,12 @@ impl Requester {
                 }
             }
             _ => {
-                if matches!(event.kind, JobEventKind::Progress { .. }) {
-                    // Late progress of a job that ended or failed over: expected, not suspicious.
-                    tracing::debug!(%peer, job = %event.job_id, "progress for a job we are not waiting on");
+                if matches!(
+                    event.kind,
+                    JobEventKind::Progress { .. } | JobEventKind::Accepted { .. }
+                ) {
+                    // Late progress or queue news of a job that ended or failed over: expected.
+                    tracing::debug!(%peer, job = %event.job_id, "news of a job we are not waiting on");
                 } else {
                     tracing::warn!(%peer, job = %event.job_id, "event for a job we are not waiting on from this peer");
                 }
@@ -600,8 +603,17 @@ impl Requester {
                     }
                 };
                 match event.kind {
-                    JobEventKind::Accepted { .. } => {
+                    JobEventKind::Accepted {
+                        queue_position,
+                        eta_ms,
+                    } => {
+                        // The provider's heartbeat while the job waits in its queue.
                         let _ = self.net.respond(channel, Response::EventAck(None)).await;
+                        progress(JobProgress::Queued {
+                            provider: peer,
+                            position: queue_position,
+                            eta_ms,
+                        });
                     }
                     JobEventKind::Progress { step, of } => {
                         let _ = self.net.respond(channel, Response::EventAck(None)).await;

@@ -437,3 +437,63 @@ async fn a_result_the_requester_gave_up_on_is_refunded() {
     requester.shutdown().await;
     provider.shutdown().await;
 }
+
+/// A job waiting behind a long one hears its position every couple of seconds, so a requester
+/// whose idle timeout is shorter than the wait keeps waiting instead of giving up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_job_hears_from_its_provider_while_it_waits() {
+    const P: u8 = 73;
+    const R: u8 = 74;
+    let pdir = tempfile::tempdir().unwrap();
+    let rdir = tempfile::tempdir().unwrap();
+    let pkey = SecretKey::from_seed(&[P; 32]);
+    let rkey = SecretKey::from_seed(&[R; 32]).public();
+    let generator: Arc<dyn Generator> = Arc::new(SlowGenerator {
+        step: Duration::from_millis(100),
+    });
+    let pledger = Arc::new(open_ledger(&pdir.path().join("ledger"), P).await);
+    let (provider, paddr) = start(P, pledger.clone(), vec![], Some(generator)).await;
+    let peer = provider.client().local_peer_id();
+    let note = DepositNote {
+        deposit_id: [4; 16],
+        account: rkey,
+        amount: MicroTokens::from_tokens(100).unwrap(),
+        memo: "test deposit".into(),
+        recorded_at_ms: pixmarket_node::now_ms(),
+    };
+    pledger.deposit(&Signed::sign(&pkey, &note).unwrap()).unwrap();
+    let rledger = Arc::new(open_ledger(&rdir.path().join("ledger"), R).await);
+    let (requester, _) = start(R, rledger, vec![paddr], None).await;
+    let options = GenerateOptions {
+        provider: Some(peer),
+        // Shorter than the wait behind the first job (about 7 s), longer than a heartbeat.
+        idle_timeout: Duration::from_secs(3),
+        max_attempts: 1,
+        ..GenerateOptions::default()
+    };
+    let first = {
+        let client = requester.requester().clone();
+        let options = options.clone();
+        tokio::spawn(async move {
+            client
+                .generate(job("long", 70), options, &mut |_| {})
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut queued = 0;
+    let second = requester
+        .requester()
+        .generate(job("behind it", 2), options, &mut |p| {
+            if matches!(p, JobProgress::Queued { .. }) {
+                queued += 1;
+            }
+        })
+        .await;
+    assert!(second.is_ok(), "{second:?}");
+    assert!(first.await.unwrap().is_ok());
+    // The answer to the request, then at least two heartbeats.
+    assert!(queued >= 3, "{queued} queue updates");
+    requester.shutdown().await;
+    provider.shutdown().await;
+}
