@@ -461,7 +461,9 @@ async fn a_queued_job_hears_from_its_provider_while_it_waits() {
         memo: "test deposit".into(),
         recorded_at_ms: pixmarket_node::now_ms(),
     };
-    pledger.deposit(&Signed::sign(&pkey, &note).unwrap()).unwrap();
+    pledger
+        .deposit(&Signed::sign(&pkey, &note).unwrap())
+        .unwrap();
     let rledger = Arc::new(open_ledger(&rdir.path().join("ledger"), R).await);
     let (requester, _) = start(R, rledger, vec![paddr], None).await;
     let options = GenerateOptions {
@@ -474,11 +476,7 @@ async fn a_queued_job_hears_from_its_provider_while_it_waits() {
     let first = {
         let client = requester.requester().clone();
         let options = options.clone();
-        tokio::spawn(async move {
-            client
-                .generate(job("long", 70), options, &mut |_| {})
-                .await
-        })
+        tokio::spawn(async move { client.generate(job("long", 70), options, &mut |_| {}).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut queued = 0;
