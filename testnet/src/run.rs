@@ -481,20 +481,10 @@ fn lock_opt(m: &Mutex<Option<u64>>) -> Option<u64> {
     *m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Runs one planned job to its end: generate through the market, and when every provider
-/// tried failed or was busy, submit again later, up to the configured limits.
-async fn run_job(
-    job: PlannedJob,
-    requester: Requester,
-    clock: ModelClock,
-    t0: u64,
-    config: Arc<TestnetConfig>,
-) -> JobRun {
-    let submitted_ms = clock.now_ms().saturating_sub(t0);
-    let mut attempts = 0u32;
-    let mut resubmissions = 0u32;
-    let started: Arc<Mutex<Option<u64>>> = Arc::default();
-    let mut record = JobRecord {
+/// The record of `job` before anything happened to it: submitted at `submitted_ms`, failed
+/// for `reason` unless something better is learnt.
+fn unfinished(job: &PlannedJob, submitted_ms: u64, reason: &str) -> JobRecord {
+    JobRecord {
         index: job.index,
         requester: job.requester,
         submitted_ms,
@@ -509,9 +499,25 @@ async fn run_job(
         height: job.params.height,
         steps: job.params.steps,
         outcome: JobOutcome::Failed {
-            reason: String::new(),
+            reason: reason.to_owned(),
         },
-    };
+    }
+}
+
+/// Runs one planned job to its end: generate through the market, and when every provider
+/// tried failed or was busy, submit again later, up to the configured limits.
+async fn run_job(
+    job: PlannedJob,
+    requester: Requester,
+    clock: ModelClock,
+    t0: u64,
+    config: Arc<TestnetConfig>,
+) -> JobRun {
+    let submitted_ms = clock.now_ms().saturating_sub(t0);
+    let mut attempts = 0u32;
+    let mut resubmissions = 0u32;
+    let started: Arc<Mutex<Option<u64>>> = Arc::default();
+    let mut record = unfinished(&job, submitted_ms, "");
     let job_seed = u64::try_from(job.index)
         .unwrap_or(0)
         .wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -985,24 +991,7 @@ async fn finish(
     let seen: BTreeSet<usize> = runs.iter().map(|r| r.record.index).collect();
     for job in plan.jobs.iter().filter(|j| !seen.contains(&j.index)) {
         runs.push(JobRun {
-            record: JobRecord {
-                index: job.index,
-                requester: job.requester,
-                submitted_ms: job.at_ms,
-                started_ms: None,
-                finished_ms: None,
-                provider: None,
-                attempts: 0,
-                resubmissions: 0,
-                cost_micros: 0,
-                images: job.params.images,
-                width: job.params.width,
-                height: job.params.height,
-                steps: job.params.steps,
-                outcome: JobOutcome::Failed {
-                    reason: "still running when the run ended".into(),
-                },
-            },
+            record: unfinished(job, job.at_ms, "still running when the run ended"),
             paid: None,
             images: Vec::new(),
         });
