@@ -356,33 +356,43 @@ async fn a_crash_does_not_wait_out_a_lost_message() {
         .unwrap();
 }
 
+/// A provider (key seed `p`) with a slow generator taking `step` per step, whose books hold a
+/// 100-token deposit from the requester of key seed `r`.
+async fn funded_provider(
+    dir: &tempfile::TempDir,
+    p: u8,
+    r: u8,
+    step: Duration,
+) -> (Node, Multiaddr, Arc<Ledger>) {
+    let generator: Arc<dyn Generator> = Arc::new(SlowGenerator { step });
+    let ledger = Arc::new(open_ledger(&dir.path().join("ledger"), p).await);
+    let (provider, addr) = start(p, ledger.clone(), vec![], Some(generator)).await;
+    let note = DepositNote {
+        deposit_id: [p; 16],
+        account: SecretKey::from_seed(&[r; 32]).public(),
+        amount: MicroTokens::from_tokens(100).unwrap(),
+        memo: "test deposit".into(),
+        recorded_at_ms: pixmarket_node::now_ms(),
+    };
+    let signed = Signed::sign(&SecretKey::from_seed(&[p; 32]), &note).unwrap();
+    ledger.deposit(&signed).unwrap();
+    (provider, addr, ledger)
+}
+
 /// A requester that stops waiting (its call dropped mid-job) refuses the late result; the
 /// provider then refunds the charge it had settled, so both books agree and a later job chains
 /// from the last delivered receipt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_the_requester_gave_up_on_is_refunded() {
-    const P: u8 = 71;
-    const R: u8 = 72;
-    let pdir = tempfile::tempdir().unwrap();
-    let rdir = tempfile::tempdir().unwrap();
-    let pkey = SecretKey::from_seed(&[P; 32]);
-    let rkey = SecretKey::from_seed(&[R; 32]).public();
-    let generator: Arc<dyn Generator> = Arc::new(SlowGenerator {
-        step: Duration::from_millis(50),
-    });
-    let pledger = Arc::new(open_ledger(&pdir.path().join("ledger"), P).await);
-    let (provider, paddr) = start(P, pledger.clone(), vec![], Some(generator)).await;
+    let (pdir, rdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (pkey, rkey) = (
+        SecretKey::from_seed(&[71; 32]),
+        SecretKey::from_seed(&[72; 32]).public(),
+    );
+    let (provider, paddr, pledger) =
+        funded_provider(&pdir, 71, 72, Duration::from_millis(50)).await;
     let peer = provider.client().local_peer_id();
-    let note = DepositNote {
-        deposit_id: [3; 16],
-        account: rkey,
-        amount: MicroTokens::from_tokens(100).unwrap(),
-        memo: "test deposit".into(),
-        recorded_at_ms: pixmarket_node::now_ms(),
-    };
-    pledger
-        .deposit(&Signed::sign(&pkey, &note).unwrap())
-        .unwrap();
+    const R: u8 = 72;
     let rledger = Arc::new(open_ledger(&rdir.path().join("ledger"), R).await);
     let (requester, _) = start(R, rledger.clone(), vec![paddr], None).await;
     let options = GenerateOptions {
@@ -442,28 +452,10 @@ async fn a_result_the_requester_gave_up_on_is_refunded() {
 /// whose idle timeout is shorter than the wait keeps waiting instead of giving up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_job_hears_from_its_provider_while_it_waits() {
-    const P: u8 = 73;
-    const R: u8 = 74;
-    let pdir = tempfile::tempdir().unwrap();
-    let rdir = tempfile::tempdir().unwrap();
-    let pkey = SecretKey::from_seed(&[P; 32]);
-    let rkey = SecretKey::from_seed(&[R; 32]).public();
-    let generator: Arc<dyn Generator> = Arc::new(SlowGenerator {
-        step: Duration::from_millis(100),
-    });
-    let pledger = Arc::new(open_ledger(&pdir.path().join("ledger"), P).await);
-    let (provider, paddr) = start(P, pledger.clone(), vec![], Some(generator)).await;
+    let (pdir, rdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (provider, paddr, _) = funded_provider(&pdir, 73, 74, Duration::from_millis(100)).await;
     let peer = provider.client().local_peer_id();
-    let note = DepositNote {
-        deposit_id: [4; 16],
-        account: rkey,
-        amount: MicroTokens::from_tokens(100).unwrap(),
-        memo: "test deposit".into(),
-        recorded_at_ms: pixmarket_node::now_ms(),
-    };
-    pledger
-        .deposit(&Signed::sign(&pkey, &note).unwrap())
-        .unwrap();
+    const R: u8 = 74;
     let rledger = Arc::new(open_ledger(&rdir.path().join("ledger"), R).await);
     let (requester, _) = start(R, rledger, vec![paddr], None).await;
     let options = GenerateOptions {
