@@ -23,6 +23,26 @@ fn assert_books_ok(r: &RunRecord) {
     );
 }
 
+/// A simulated market of `providers` and `requesters` under a steady load of `per_minute`
+/// jobs for `duration_ms` of model time, at `speedup`.
+fn simulated(
+    dir: std::path::PathBuf,
+    providers: usize,
+    requesters: usize,
+    duration_ms: u64,
+    speedup: f64,
+    per_minute: f64,
+) -> TestnetConfig {
+    let mut c = TestnetConfig::new(dir);
+    c.engine = EngineKind::Simulated;
+    c.speedup = speedup;
+    c.providers = providers;
+    c.requesters = requesters;
+    c.duration_ms = duration_ms;
+    c.load = Load::Steady { per_minute };
+    c
+}
+
 fn completed(r: &RunRecord) -> usize {
     r.jobs
         .iter()
@@ -71,13 +91,7 @@ async fn one_seed_is_one_plan_and_one_set_of_identities() {
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
     let mk = |dir: &std::path::Path| {
-        let mut c = TestnetConfig::new(dir.to_owned());
-        c.engine = EngineKind::Simulated;
-        c.speedup = 50.0;
-        c.providers = 2;
-        c.requesters = 1;
-        c.duration_ms = 60_000;
-        c.load = Load::Steady { per_minute: 3.0 };
+        let mut c = simulated(dir.to_owned(), 2, 1, 60_000, 50.0, 3.0);
         c.seed = 11;
         c
     };
@@ -101,13 +115,7 @@ async fn one_seed_is_one_plan_and_one_set_of_identities() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_killed_mid_run_with_delayed_messages_restarts_and_nothing_is_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = TestnetConfig::new(dir.path().to_owned());
-    c.engine = EngineKind::Simulated;
-    c.speedup = 20.0;
-    c.providers = 3;
-    c.requesters = 2;
-    c.duration_ms = 400_000;
-    c.load = Load::Steady { per_minute: 4.0 };
+    let mut c = simulated(dir.path().to_owned(), 3, 2, 400_000, 20.0, 4.0);
     c.seed = 5;
     c.faults = FaultSpec {
         kills: 1,
@@ -132,13 +140,7 @@ async fn a_provider_killed_mid_run_with_delayed_messages_restarts_and_nothing_is
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adversaries_partitions_and_lost_messages_cost_honest_nodes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = TestnetConfig::new(dir.path().to_owned());
-    c.engine = EngineKind::Simulated;
-    c.speedup = 20.0;
-    c.providers = 4;
-    c.requesters = 2;
-    c.duration_ms = 400_000;
-    c.load = Load::Steady { per_minute: 4.0 };
+    let mut c = simulated(dir.path().to_owned(), 4, 2, 400_000, 20.0, 4.0);
     c.seed = 9;
     c.faults = FaultSpec {
         drop_ppm: 20_000,
@@ -214,16 +216,10 @@ async fn the_utilization_experiment_compares_three_markets_in_one_run() {
 
 /// The scale run of the issue: 100 simulated providers and 20 requesters in this process.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "a large testnet: about two minutes; run with --ignored"]
+#[ignore = "a large testnet: about three minutes; run with --ignored"]
 async fn a_hundred_providers_and_twenty_requesters_run_in_one_process() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = TestnetConfig::new(dir.path().to_owned());
-    c.engine = EngineKind::Simulated;
-    c.speedup = 10.0;
-    c.providers = 100;
-    c.requesters = 20;
-    c.duration_ms = 600_000;
-    c.load = Load::Steady { per_minute: 40.0 };
+    let mut c = simulated(dir.path().to_owned(), 100, 20, 600_000, 10.0, 40.0);
     c.max_batch = 1;
     c.max_queue = 64;
     c.selection = SelectionRule::EstimatedFinish;
