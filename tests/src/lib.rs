@@ -15,9 +15,7 @@ use pixmarket_node::generator::Generator;
 use pixmarket_node::network::NetConfig;
 use pixmarket_node::provider::ProviderSettings;
 use pixmarket_node::{Node, NodeOptions};
-use pixmarket_protocol::{
-    DepositNote, JobParams, MicroTokens, Mode, PriceSchedule, PublicKey, SecretKey, Signed,
-};
+use pixmarket_protocol::{DepositNote, MicroTokens, PriceSchedule, PublicKey, SecretKey, Signed};
 
 /// The tiny model, written once per test process and loaded once.
 pub fn tiny_generator() -> Arc<dyn Generator> {
@@ -119,17 +117,5 @@ fn rand_id() -> [u8; 16] {
     pixmarket_protocol::JobId::random().0
 }
 
-/// A small text-to-image job the tiny model runs in well under a second.
-pub fn small_job(prompt: &str) -> JobParams {
-    JobParams {
-        prompt: prompt.into(),
-        negative_prompt: String::new(),
-        width: 256,
-        height: 256,
-        steps: 2,
-        true_cfg_scale: 1.0,
-        seed: 7,
-        images: 1,
-        mode: Mode::TextToImage,
-    }
-}
+/// A small text-to-image job the tiny model runs in well under a second (the testnet's own).
+pub use pixmarket_testnet::adversary::small_job;
