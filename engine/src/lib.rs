@@ -13,17 +13,21 @@
 )]
 
 pub mod config;
+pub mod drawn;
 pub mod error;
 pub mod guidance;
 pub mod image_io;
 pub mod latents;
 pub mod noise;
+mod ops;
 pub mod pipeline;
 pub mod rope;
+pub mod scenes;
 pub mod scheduler;
 pub mod text_encoder;
 pub mod tiny;
 pub mod tokenizer;
+pub mod train;
 pub mod transformer;
 pub mod vae;
 pub mod weights;

@@ -407,8 +407,13 @@ impl QwenImage {
         self.prompt_cache.lock().map(|c| c.map.len()).unwrap_or(0)
     }
 
+    /// The VAE (training the drawn tiny model encodes its scenes with it).
+    pub(crate) fn vae(&self) -> &AutoencoderKLQwenImage {
+        &self.vae
+    }
+
     /// Embeddings `[1, L, D]` of one prompt, from the cache or the text encoder (B = 1).
-    fn prompt_embeds(&self, prompt: &str) -> Result<Tensor, EngineError> {
+    pub(crate) fn prompt_embeds(&self, prompt: &str) -> Result<Tensor, EngineError> {
         let key = *blake3::hash(prompt.as_bytes()).as_bytes();
         if let Some(t) = self.prompt_cache.lock().ok().and_then(|c| c.get(&key)) {
             return Ok(t);
@@ -760,7 +765,7 @@ fn scale_noise(sample: &Tensor, noise: &Tensor, sigma: f32) -> candle_core::Resu
 
 /// Right-pads `[1, L_i, D]` embeddings to `[B, L_max, D]`; the mask `[B, L_max]` (u8) only when
 /// lengths differ (the reference passes none when all tokens are real).
-fn pad_text(rows: &[Tensor], device: &Device) -> Result<(Tensor, Option<Tensor>), EngineError> {
+pub(crate) fn pad_text(rows: &[Tensor], device: &Device) -> Result<(Tensor, Option<Tensor>), EngineError> {
     let lens: Vec<usize> = rows.iter().map(|t| t.dim(1)).collect::<Result<_, _>>()?;
     let longest = lens.iter().copied().max().unwrap_or(0);
     let padded = rows

@@ -125,7 +125,7 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
     // rope_i needs a contiguous [B, H, S, D] input.
     let x32 = x.to_dtype(DType::F32)?.contiguous()?;
-    candle_nn::rotary_emb::rope_i(&x32, cos, sin)?.to_dtype(dtype)
+    crate::ops::rope_i(&x32, cos, sin)?.to_dtype(dtype)
 }
 
 #[cfg(test)]

@@ -268,7 +268,7 @@ impl JointAttention {
         if let Some(bias) = bias {
             scores = scores.broadcast_add(bias)?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = crate::ops::softmax_last_dim(&scores)?;
         // [B, H, S, Dh] -> [B, S, H, Dh] -> [B, S, H·Dh]
         let out = probs
             .matmul(&v)?

@@ -346,7 +346,7 @@ impl Module for AttentionBlock {
         while start < tokens {
             let len = ATTENTION_QUERY_CHUNK.min(tokens - start);
             let scores = (q.narrow(1, start, len)?.matmul(&k_t)? * scale)?; // [B, len, HW]
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let probs = crate::ops::softmax_last_dim(&scores)?;
             outs.push(probs.matmul(&v)?); // [B, len, C]
             start += len;
         }
@@ -684,11 +684,17 @@ impl AutoencoderKLQwenImage {
 
     /// Decodes raw VAE latents (already denormalised) to `[B, 3, H, W]` in [-1, 1].
     pub fn decode_raw(&self, z: &Tensor) -> Result<Tensor> {
+        self.decode_unclamped(z)?.clamp(-1.0, 1.0)
+    }
+
+    /// [`Self::decode_raw`] before the clamp to [-1, 1]: what training compares with the
+    /// image, since the clamp passes no gradient to pixels outside the range.
+    pub(crate) fn decode_unclamped(&self, z: &Tensor) -> Result<Tensor> {
         let z = self
             .single_frame(z, self.cfg.z_dim, "latents")?
             .to_dtype(self.dtype())?;
         let x = self.post_quant_conv.forward(&z)?;
-        self.decoder.forward(&x)?.clamp(-1.0, 1.0)
+        self.decoder.forward(&x)
     }
 
     /// Encodes an image `[B, 3, H, W]` in [-1, 1] (H, W multiples of 8) to its posterior in raw
