@@ -1,7 +1,10 @@
-//! The built-in tiny model: a deterministic, randomly initialised Qwen-Image in the full diffusers
-//! layout, so the demo, the testnet and the tests run anywhere. **Its pictures are noise.**
+//! The random tiny model: a deterministic, randomly initialised Qwen-Image in the full diffusers
+//! layout, for the parity and stress tests that need random weights. **Its pictures are noise.**
+//! What `--model tiny` loads is the drawn model ([`crate::drawn`], installed by
+//! [`ensure_tiny_model`]); it starts from this module's initialisation and tokenizer format.
 //!
-//! Owns the small configs and [`write_tiny_model`]. The folder is loaded by exactly the code that
+//! Owns the small configs, [`write_tiny_model`], [`ensure_random_tiny_model`] and installing a
+//! model folder atomically. The folder is loaded by exactly the code that
 //! loads real weights ([`crate::pipeline::QwenImage::load`]):
 //! - `model_index.json` (`QwenImagePipeline`, `_name_or_path` [`TINY_MODEL_ID`]);
 //! - `transformer/`: 2 blocks, 2 heads × 32 (RoPE axes 8 + 12 + 12), joint width 32;
@@ -164,6 +167,17 @@ impl SimpleBackend for Recorder {
     }
 }
 
+/// The deterministic initial tensors (see the module doc) of every weight a component's
+/// constructor asks for, by checkpoint name: the random tiny model's weights, and the starting
+/// point of training the drawn one.
+pub(crate) fn initial_tensors(
+    build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<()>,
+) -> Result<BTreeMap<String, Tensor>, EngineError> {
+    let (vb, rec) = recorder_vb();
+    build(vb)?;
+    Ok(rec.take())
+}
+
 fn recorder_vb() -> (VarBuilder<'static>, Recorder) {
     let rec = Recorder::default();
     let backend: Box<dyn SimpleBackend> = Box::new(rec.clone());
@@ -173,16 +187,16 @@ fn recorder_vb() -> (VarBuilder<'static>, Recorder) {
     )
 }
 
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), EngineError> {
+pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), EngineError> {
     let text = serde_json::to_string_pretty(value).unwrap_or_default();
     std::fs::write(path, text + "\n").map_err(|e| EngineError::io(path, e))
 }
 
-fn mkdir(path: &Path) -> Result<(), EngineError> {
+pub(crate) fn mkdir(path: &Path) -> Result<(), EngineError> {
     std::fs::create_dir_all(path).map_err(|e| EngineError::io(path, e))
 }
 
-fn save(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<(), EngineError> {
+pub(crate) fn save(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<(), EngineError> {
     let map: std::collections::HashMap<String, Tensor> = tensors
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
@@ -212,16 +226,40 @@ fn byte_symbols() -> Vec<char> {
 
 /// The tokenizer.json of a byte-level BPE with no merges and the Qwen special tokens.
 fn tokenizer_json() -> serde_json::Value {
-    let vocab: serde_json::Map<String, serde_json::Value> = byte_symbols()
+    bpe_tokenizer_json(&[])
+}
+
+/// Symbols of byte-level BPE for `text`: one printable character per UTF-8 byte.
+pub(crate) fn byte_level(text: &str) -> String {
+    let symbols = byte_symbols();
+    text.bytes().map(|b| symbols[usize::from(b)]).collect()
+}
+
+/// Ids of the byte-level vocabulary: 256 byte symbols, then one per merge (its result), then
+/// the Qwen special tokens; the vocabulary's size is `256 + merges + 14`.
+pub(crate) fn bpe_vocab_size(merges: usize) -> usize {
+    256 + merges + SPECIAL_TOKENS.len()
+}
+
+/// The tokenizer.json of a byte-level BPE with `merges` (pairs of byte-level symbol strings, in
+/// rank order; each result is the next id after the 256 byte symbols) and the Qwen special tokens.
+pub(crate) fn bpe_tokenizer_json(merges: &[(String, String)]) -> serde_json::Value {
+    let mut vocab: serde_json::Map<String, serde_json::Value> = byte_symbols()
         .into_iter()
         .enumerate()
         .map(|(i, c)| (c.to_string(), json!(i)))
         .collect();
+    for (i, (a, b)) in merges.iter().enumerate() {
+        vocab.insert(format!("{a}{b}"), json!(256 + i));
+    }
+    let base = 256 + merges.len();
+    let merge_list: Vec<serde_json::Value> =
+        merges.iter().map(|(a, b)| json!(format!("{a} {b}"))).collect();
     let added: Vec<serde_json::Value> = SPECIAL_TOKENS
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            json!({"id": 256 + i, "content": t, "single_word": false, "lstrip": false,
+            json!({"id": base + i, "content": t, "single_word": false, "lstrip": false,
                    "rstrip": false, "normalized": false, "special": true})
         })
         .collect();
@@ -239,7 +277,7 @@ fn tokenizer_json() -> serde_json::Value {
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
                   "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false,
-                  "ignore_merges": false, "vocab": vocab, "merges": []}
+                  "ignore_merges": false, "vocab": vocab, "merges": merge_list}
     })
 }
 
@@ -347,8 +385,18 @@ pub fn write_tiny_model(dir: &Path) -> Result<(), EngineError> {
     // Scheduler: the shipped Qwen-Image config.
     let s = dir.join("scheduler");
     mkdir(&s)?;
+    write_scheduler_config(&s.join("scheduler_config.json"))?;
+    std::fs::write(
+        dir.join("README.txt"),
+        format!("{note}.\nRegenerate with `pixmarket model tiny --out DIR`.\n"),
+    )
+    .map_err(|e| EngineError::io(dir.join("README.txt"), e))
+}
+
+/// Writes the shipped Qwen-Image `scheduler_config.json` to `path`.
+pub(crate) fn write_scheduler_config(path: &Path) -> Result<(), EngineError> {
     write_json(
-        &s.join("scheduler_config.json"),
+        path,
         &json!({
             "_class_name": "FlowMatchEulerDiscreteScheduler",
             "_diffusers_version": "0.42.1",
@@ -359,12 +407,7 @@ pub fn write_tiny_model(dir: &Path) -> Result<(), EngineError> {
             "stochastic_sampling": false, "use_karras_sigmas": false,
             "use_exponential_sigmas": false, "use_beta_sigmas": false,
         }),
-    )?;
-    std::fs::write(
-        dir.join("README.txt"),
-        format!("{note}.\nRegenerate with `pixmarket model tiny --out DIR`.\n"),
     )
-    .map_err(|e| EngineError::io(dir.join("README.txt"), e))
 }
 
 /// Whether `dir` holds a complete model folder (all components present); used to create the
@@ -383,13 +426,30 @@ pub fn looks_complete(dir: &Path) -> bool {
         && dir.join("scheduler/scheduler_config.json").is_file()
 }
 
-/// Writes the tiny model into `dir` unless a complete model is already there. The files are
-/// written into a sibling temporary folder and renamed into place, so an interrupted first use
-/// leaves no half-written model behind.
+/// What `--model tiny` loads: installs the **drawn** tiny model ([`crate::drawn`], trained, it
+/// draws what it is asked) into `dir` unless it is already there. A random tiny model or an
+/// older drawn one in `dir` is replaced.
 pub fn ensure_tiny_model(dir: &Path) -> Result<(), EngineError> {
+    crate::drawn::install_drawn_model(dir)
+}
+
+/// Writes the random tiny model ([`write_tiny_model`]) into `dir` unless a complete model is
+/// already there: for the parity and stress tests that need random weights.
+pub fn ensure_random_tiny_model(dir: &Path) -> Result<(), EngineError> {
     if looks_complete(dir) {
         return Ok(());
     }
+    install_atomically(dir, write_tiny_model, looks_complete)
+}
+
+/// Writes a model with `write` into a sibling temporary folder of `dir` and renames it into
+/// place, so an interrupted first use leaves no half-written model behind; `complete` tells
+/// whether a concurrent writer already finished.
+pub(crate) fn install_atomically(
+    dir: &Path,
+    write: fn(&Path) -> Result<(), EngineError>,
+    complete: fn(&Path) -> bool,
+) -> Result<(), EngineError> {
     let parent = dir.parent().unwrap_or(Path::new("."));
     mkdir(parent)?;
     let name = dir
@@ -400,15 +460,15 @@ pub fn ensure_tiny_model(dir: &Path) -> Result<(), EngineError> {
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
     }
-    write_tiny_model(&tmp)?;
+    write(&tmp)?;
     if dir.exists() {
-        // An incomplete earlier attempt.
+        // An incomplete earlier attempt, or another model to replace.
         std::fs::remove_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
     }
     match std::fs::rename(&tmp, dir) {
         Ok(()) => Ok(()),
         // Another process finished first: keep its copy.
-        Err(_) if looks_complete(dir) => {
+        Err(_) if complete(dir) => {
             let _ = std::fs::remove_dir_all(&tmp);
             Ok(())
         }

@@ -1,4 +1,4 @@
-//! The built-in tiny model: written deterministically in the diffusers layout, loaded by the same
+//! The random tiny model: written deterministically in the diffusers layout, loaded by the same
 //! code as real weights, and generating a 256² PNG with its parameters as text chunks; the same
 //! seed gives the same bytes.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -15,7 +15,7 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use pixmarket_engine::image_io::png_text_chunks;
 use pixmarket_engine::pipeline::{GenerateRequest, Mode, QwenImage};
-use pixmarket_engine::tiny::{TINY_MODEL_ID, ensure_tiny_model, write_tiny_model};
+use pixmarket_engine::tiny::{TINY_MODEL_ID, ensure_random_tiny_model, write_tiny_model};
 use pixmarket_engine::weights::ComponentWeights;
 
 fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
@@ -41,7 +41,7 @@ fn tiny_model_is_deterministic_loads_and_draws_a_png() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     write_tiny_model(&a).unwrap();
-    ensure_tiny_model(&b).unwrap();
+    ensure_random_tiny_model(&b).unwrap();
     let (fa, fb) = (files(&a), files(&b));
     assert_eq!(fa, fb, "two writes differ");
     let names: Vec<&str> = fa.iter().map(|(n, _)| n.as_str()).collect();

@@ -1,0 +1,485 @@
+//! Training the drawn tiny model ([`crate::drawn`]) with candle's autograd and AdamW, on the
+//! scenes of [`crate::scenes`]; what `pixmarket model train-tiny` runs.
+//!
+//! Data flow of [`train`]:
+//! 1. the folder gets everything but trained weights ([`crate::drawn::write_untrained_model`])
+//!    and the transformer's initial weights, so it loads as a model from the start;
+//! 2. **VAE**: an autoencoder on freshly drawn scenes — loss `MSE(decode(mean), image)` plus
+//!    `1e-3 · mean²` to keep the latents small — from the random tiny model's initialisation;
+//!    then per-channel `latents_mean` / `latents_std` measured on encoded scenes go into
+//!    `vae/config.json`;
+//! 3. **transformer**: a pool of training scenes is encoded once (VAE posterior mean,
+//!    normalised; the English and Chinese caption through the frozen text encoder), then flow
+//!    matching as the scheduler samples it: `x_σ = σ·noise + (1 − σ)·x₀`, σ uniform in (0, 1),
+//!    target velocity `noise − x₀`, MSE; one caption in ten is replaced by the empty prompt so
+//!    true CFG with an empty negative prompt has an unconditional model to push against;
+//! 4. every `checkpoint_every` steps and at the end of each phase the weights go into the
+//!    folder and `train_state.json` records the steps done; `resume` continues from there
+//!    (weights and step; AdamW's moments restart, which costs a few noisy steps) with the options
+//!    given to it, so a run can be lengthened.
+//!
+//! Learning rates: AdamW, linear warm-up over the first 5 % of a phase, then cosine decay to a
+//! tenth; no weight decay (the model is far smaller than its endless data).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+use crate::drawn::{self, DRAWN_SIDE};
+use crate::error::EngineError;
+use crate::latents::pack;
+use crate::noise::{SplitMix64, gaussian};
+use crate::pipeline::{QwenImage, pad_text};
+use crate::scenes::{Lang, Scene};
+use crate::tiny::{initial_tensors, save, write_json};
+use crate::transformer::QwenImageTransformer;
+use crate::vae::{AutoencoderKLQwenImage, rgb8_to_image};
+
+/// How long and how hard to train.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainOptions {
+    /// VAE optimiser steps.
+    pub vae_steps: usize,
+    /// Scenes per VAE step.
+    pub vae_batch: usize,
+    /// Side of the random square window of each scene the VAE trains on (a multiple of 8, at
+    /// most the scene's side): convolutions do not care where the window is, and the
+    /// back-propagation cost grows with the pixels.
+    pub vae_crop: usize,
+    /// Peak VAE learning rate.
+    pub vae_lr: f64,
+    /// Transformer optimiser steps.
+    pub transformer_steps: usize,
+    /// Latents per transformer step.
+    pub transformer_batch: usize,
+    /// Peak transformer learning rate.
+    pub transformer_lr: f64,
+    /// Training scenes encoded once for the transformer phase.
+    pub pool: usize,
+    /// Seed of every scene, noise and σ drawn.
+    pub seed: u64,
+    /// Steps between checkpoints.
+    pub checkpoint_every: usize,
+}
+
+impl Default for TrainOptions {
+    /// The run that made the shipped model (engine README, "The drawn tiny model").
+    fn default() -> Self {
+        Self {
+            vae_steps: 600,
+            vae_batch: 8,
+            vae_crop: 32,
+            vae_lr: 3e-3,
+            transformer_steps: 3000,
+            transformer_batch: 32,
+            transformer_lr: 1e-3,
+            pool: 4000,
+            seed: 19,
+            checkpoint_every: 200,
+        }
+    }
+}
+
+/// Which phase a progress report is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// The VAE as an autoencoder.
+    Vae,
+    /// Encoding the transformer's training pool (step = scenes encoded).
+    Pool,
+    /// The transformer with flow matching.
+    Transformer,
+}
+
+/// One progress report, after every step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainProgress {
+    /// The phase.
+    pub phase: Phase,
+    /// Steps of the phase done.
+    pub step: usize,
+    /// Steps the phase runs.
+    pub of: usize,
+    /// The step's loss (0 for [`Phase::Pool`]).
+    pub loss: f32,
+    /// Wall time of the phase so far.
+    pub elapsed: Duration,
+}
+
+/// Why training stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Writing or loading the model folder failed.
+    #[error("model folder")]
+    Engine(#[from] EngineError),
+    /// A tensor computation failed.
+    #[error("training computation failed")]
+    Compute(#[from] candle_core::Error),
+    /// `train_state.json` could not be read.
+    #[error("cannot resume from {}", path.display())]
+    State {
+        /// The state file.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// `train_state.json`: the options and the steps done per phase.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct TrainState {
+    options: TrainOptions,
+    vae_steps_done: usize,
+    latent_stats: Option<(Vec<f32>, Vec<f32>)>,
+    transformer_steps_done: usize,
+}
+
+const STATE_FILE: &str = "train_state.json";
+const VAE_WEIGHTS: &str = "vae/diffusion_pytorch_model.safetensors";
+const TRANSFORMER_WEIGHTS: &str = "transformer/diffusion_pytorch_model.safetensors";
+/// Scenes encoded to measure the latent statistics: enough that each channel's mean and std
+/// are stable to about 1 % (512 images × 64 latent cells).
+const STATS_SCENES: usize = 512;
+/// Share of captions replaced by the empty prompt (the unconditional model for true CFG).
+const CAPTION_DROPOUT: f64 = 0.1;
+
+fn lr_at(peak: f64, step: usize, total: usize) -> f64 {
+    let warm = (total / 20).max(1);
+    if step < warm {
+        return peak * (step + 1) as f64 / warm as f64;
+    }
+    let t = (step - warm) as f64 / (total - warm).max(1) as f64;
+    peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()))
+}
+
+fn varmap_from(tensors: BTreeMap<String, Tensor>) -> Result<VarMap, TrainError> {
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::msg("var map lock poisoned"))?;
+        for (name, t) in tensors {
+            data.insert(name, Var::from_tensor(&t)?);
+        }
+    }
+    Ok(varmap)
+}
+
+/// `tensors` with those whose name satisfies `zero` replaced by zeros.
+fn zero_where(
+    tensors: BTreeMap<String, Tensor>,
+    zero: impl Fn(&str) -> bool,
+) -> Result<BTreeMap<String, Tensor>, TrainError> {
+    tensors
+        .into_iter()
+        .map(|(n, t)| {
+            let t = if zero(&n) { t.zeros_like()? } else { t };
+            Ok((n, t))
+        })
+        .collect()
+}
+
+fn save_vars(varmap: &VarMap, path: &Path) -> Result<(), TrainError> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::msg("var map lock poisoned"))?;
+    let tensors: BTreeMap<String, Tensor> = data
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    drop(data);
+    // Write then rename, so an interrupted checkpoint never leaves a torn file.
+    let tmp = path.with_extension("partial");
+    save(&tensors, &tmp)?;
+    std::fs::rename(&tmp, path).map_err(|e| EngineError::io(path, e))?;
+    Ok(())
+}
+
+fn write_state(dir: &Path, state: &TrainState) -> Result<(), TrainError> {
+    let value = serde_json::to_value(state).map_err(|e| TrainError::State {
+        path: dir.join(STATE_FILE),
+        source: Box::new(e),
+    })?;
+    write_json(&dir.join(STATE_FILE), &value)?;
+    Ok(())
+}
+
+fn read_state(dir: &Path) -> Result<Option<TrainState>, TrainError> {
+    let path = dir.join(STATE_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let bad = |e: Box<dyn std::error::Error + Send + Sync>| TrainError::State {
+        path: path.clone(),
+        source: e,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| bad(Box::new(e)))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| bad(Box::new(e)))
+}
+
+/// A batch of scenes as an image tensor `[B, 3, side, side]` in [-1, 1].
+fn scene_images(scenes: &[Scene], side: u32) -> Result<Tensor, TrainError> {
+    let s = side as usize;
+    let imgs = scenes
+        .iter()
+        .map(|sc| rgb8_to_image(&sc.render(side), s, s, &Device::Cpu))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&imgs, 0)?)
+}
+
+/// The same random window of side `side` (rounded down to a multiple of 8) from every image of
+/// `x: [B, 3, H, W]`.
+fn crop(x: &Tensor, side: usize, rng: &mut SplitMix64) -> Result<Tensor, TrainError> {
+    let (_, _, h, w) = x.dims4()?;
+    let side = (side / 8 * 8).clamp(8, h.min(w));
+    let y0 = (rng.next_u64() % (h - side + 1) as u64) as usize;
+    let x0 = (rng.next_u64() % (w - side + 1) as u64) as usize;
+    Ok(x.narrow(2, y0, side)?.narrow(3, x0, side)?.contiguous()?)
+}
+
+/// Trains the drawn tiny model into `out` (a diffusers folder that loads at every checkpoint).
+/// `resume` continues the run recorded in `out/train_state.json`; otherwise training starts
+/// afresh and overwrites `out`. `progress` is called after every step.
+pub fn train(
+    out: &Path,
+    opts: &TrainOptions,
+    resume: bool,
+    progress: &mut dyn FnMut(&TrainProgress),
+) -> Result<(), TrainError> {
+    let mut state = match (resume, read_state(out)?) {
+        (true, Some(mut st)) => {
+            // The run goes on with the options given now (e.g. more transformer steps); the
+            // steps done and the measured latent statistics are kept.
+            st.options = opts.clone();
+            st
+        }
+        _ => {
+            drawn::write_untrained_model(out, &[0.0; 16], &[1.0; 16])?;
+            let tc = drawn::transformer_config();
+            let init = initial_tensors(|vb| QwenImageTransformer::new(&tc, vb).map(drop))?;
+            save(&init, &out.join(TRANSFORMER_WEIGHTS))?;
+            let st = TrainState {
+                options: opts.clone(),
+                vae_steps_done: 0,
+                latent_stats: None,
+                transformer_steps_done: 0,
+            };
+            write_state(out, &st)?;
+            st
+        }
+    };
+    if state.vae_steps_done < opts.vae_steps || state.latent_stats.is_none() {
+        train_vae(out, opts, &mut state, progress)?;
+    }
+    if state.transformer_steps_done < opts.transformer_steps {
+        train_transformer(out, opts, &mut state, progress)?;
+    }
+    Ok(())
+}
+
+fn train_vae(
+    out: &Path,
+    opts: &TrainOptions,
+    state: &mut TrainState,
+    progress: &mut dyn FnMut(&TrainProgress),
+) -> Result<(), TrainError> {
+    let vc = drawn::vae_config();
+    let init = initial_tensors(|vb| AutoencoderKLQwenImage::new(&vc, vb).map(drop))?;
+    // Residual branches start at zero (their last conv, and the attention's output projection),
+    // so the untrained VAE is a shallow network and every block starts as the identity: a deep
+    // random stack learned measurably slower.
+    let mut varmap = varmap_from(zero_where(init, |n| {
+        n.contains(".conv2.") || (n.contains("attentions.") && n.contains(".proj."))
+    })?)?;
+    if state.vae_steps_done > 0 {
+        varmap.load(out.join(VAE_WEIGHTS))?;
+    }
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let mut opt = AdamW::new(
+        varmap.all_vars(),
+        ParamsAdamW {
+            lr: opts.vae_lr,
+            weight_decay: 0.0,
+            ..ParamsAdamW::default()
+        },
+    )?;
+    let t0 = Instant::now();
+    for step in state.vae_steps_done..opts.vae_steps {
+        opt.set_learning_rate(lr_at(opts.vae_lr, step, opts.vae_steps));
+        let mut rng = SplitMix64::new(opts.seed ^ (step as u64).wrapping_mul(0x9E37_79B9));
+        let scenes: Vec<Scene> = (0..opts.vae_batch)
+            .map(|_| Scene::random_train(&mut rng))
+            .collect();
+        let x = crop(&scene_images(&scenes, DRAWN_SIDE)?, opts.vae_crop, &mut rng)?;
+        // Built anew every step: constructors derive some weights from the variables (the
+        // conv's temporal tap, transposed projections) as copies, which would otherwise keep
+        // the values they had when the model was built.
+        let vae = AutoencoderKLQwenImage::new(&vc, vb.clone())?;
+        let post = vae.encode(&x)?;
+        let rec = vae.decode_unclamped(&post.mean)?;
+        let loss = ((&rec - &x)?.sqr()?.mean_all()? + (post.mean.sqr()?.mean_all()? * 1e-3)?)?;
+        opt.backward_step(&loss)?;
+        let done = step + 1;
+        progress(&TrainProgress {
+            phase: Phase::Vae,
+            step: done,
+            of: opts.vae_steps,
+            loss: loss.to_scalar::<f32>()?,
+            elapsed: t0.elapsed(),
+        });
+        if done % opts.checkpoint_every == 0 || done == opts.vae_steps {
+            save_vars(&varmap, &out.join(VAE_WEIGHTS))?;
+            state.vae_steps_done = done;
+            write_state(out, state)?;
+        }
+    }
+    // Latent statistics of the trained encoder, per channel over scenes and cells.
+    let vae = AutoencoderKLQwenImage::new(&vc, vb)?;
+    let mut rng = SplitMix64::new(opts.seed ^ 0x5747_4154);
+    let mut sums = [0f64; 16];
+    let mut sq = [0f64; 16];
+    let mut count = 0f64;
+    for chunk in 0..STATS_SCENES.div_ceil(64) {
+        let n = 64.min(STATS_SCENES - chunk * 64);
+        let scenes: Vec<Scene> = (0..n).map(|_| Scene::random_train(&mut rng)).collect();
+        let mean = vae.encode(&scene_images(&scenes, DRAWN_SIDE)?)?.mean.detach();
+        // [B, 16, h, w] -> [16, B·h·w]
+        let per_channel = mean.transpose(0, 1)?.flatten_from(1)?.to_vec2::<f32>()?;
+        for (c, vals) in per_channel.iter().enumerate() {
+            for &v in vals {
+                sums[c] += f64::from(v);
+                sq[c] += f64::from(v) * f64::from(v);
+            }
+        }
+        count += per_channel.first().map_or(0, Vec::len) as f64;
+    }
+    let means: Vec<f32> = sums.iter().map(|s| (s / count) as f32).collect();
+    let stds: Vec<f32> = sq
+        .iter()
+        .zip(&sums)
+        .map(|(q, s)| ((q / count - (s / count).powi(2)).max(1e-8).sqrt()) as f32)
+        .collect();
+    drawn::write_untrained_model(out, &means, &stds)?;
+    state.latent_stats = Some((means, stds));
+    write_state(out, state)?;
+    Ok(())
+}
+
+/// One training example of the transformer: packed latents and both captions' embeddings.
+struct Example {
+    latents: Tensor,
+    en: Tensor,
+    zh: Tensor,
+}
+
+fn train_transformer(
+    out: &Path,
+    opts: &TrainOptions,
+    state: &mut TrainState,
+    progress: &mut dyn FnMut(&TrainProgress),
+) -> Result<(), TrainError> {
+    let model = QwenImage::load(out, DType::F32, &Device::Cpu)?;
+    let t0 = Instant::now();
+    let mut rng = SplitMix64::new(opts.seed ^ 0x504f_4f4c);
+    let mut pool = Vec::with_capacity(opts.pool);
+    while pool.len() < opts.pool {
+        let n = 64.min(opts.pool - pool.len());
+        let scenes: Vec<Scene> = (0..n).map(|_| Scene::random_train(&mut rng)).collect();
+        let img = scene_images(&scenes, DRAWN_SIDE)?;
+        let z = model
+            .vae()
+            .normalize_latents(&model.vae().encode(&img)?.mean)?;
+        let packed = pack(&z)?; // [n, S, 64]
+        for (k, sc) in scenes.iter().enumerate() {
+            pool.push(Example {
+                latents: packed.narrow(0, k, 1)?,
+                en: model.prompt_embeds(&sc.caption(Lang::En))?,
+                zh: model.prompt_embeds(&sc.caption(Lang::Zh))?,
+            });
+        }
+        progress(&TrainProgress {
+            phase: Phase::Pool,
+            step: pool.len(),
+            of: opts.pool,
+            loss: 0.0,
+            elapsed: t0.elapsed(),
+        });
+    }
+    let empty = model.prompt_embeds("")?;
+    let grid = (DRAWN_SIDE as usize / 16, DRAWN_SIDE as usize / 16);
+
+    let tc = drawn::transformer_config();
+    let init = initial_tensors(|vb| QwenImageTransformer::new(&tc, vb).map(drop))?;
+    // adaLN-Zero (DiT): the modulations start at zero, so every block's gates are closed and
+    // each block starts as the identity.
+    let mut varmap = varmap_from(zero_where(init, |n| n.contains("_mod."))?)?;
+    if state.transformer_steps_done > 0 {
+        varmap.load(out.join(TRANSFORMER_WEIGHTS))?;
+    }
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let mut opt = AdamW::new(
+        varmap.all_vars(),
+        ParamsAdamW {
+            lr: opts.transformer_lr,
+            weight_decay: 0.0,
+            ..ParamsAdamW::default()
+        },
+    )?;
+    let t0 = Instant::now();
+    let b = opts.transformer_batch;
+    for step in state.transformer_steps_done..opts.transformer_steps {
+        opt.set_learning_rate(lr_at(opts.transformer_lr, step, opts.transformer_steps));
+        let mut rng = SplitMix64::new(opts.seed ^ (step as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+        let mut lats = Vec::with_capacity(b);
+        let mut texts = Vec::with_capacity(b);
+        let mut sigmas = Vec::with_capacity(b);
+        for _ in 0..b {
+            let ex = &pool[(rng.next_u64() % pool.len() as u64) as usize];
+            lats.push(ex.latents.clone());
+            texts.push(if rng.next_f64() < CAPTION_DROPOUT {
+                empty.clone()
+            } else if rng.next_u64().is_multiple_of(2) {
+                ex.en.clone()
+            } else {
+                ex.zh.clone()
+            });
+            // σ in (0.001, 0.999): both ends of the schedule, never exactly clean or pure noise.
+            sigmas.push((0.001 + 0.998 * rng.next_f64()) as f32);
+        }
+        let x0 = Tensor::cat(&lats, 0)?; // [B, S, 64]
+        let noise = Tensor::from_vec(gaussian(rng.next_u64(), x0.elem_count()), x0.shape(), &Device::Cpu)?;
+        let sigma = Tensor::from_vec(sigmas, b, &Device::Cpu)?;
+        let s3 = sigma.reshape((b, 1, 1))?;
+        let xt = (noise.broadcast_mul(&s3)? + x0.broadcast_mul(&s3.affine(-1.0, 1.0)?)?)?;
+        let target = (&noise - &x0)?;
+        let (txt, mask) = pad_text(&texts, &Device::Cpu)?;
+        // Built anew every step, as the VAE is (derived weights are copies).
+        let transformer = QwenImageTransformer::new(&tc, vb.clone())?;
+        let pred = transformer.forward(&xt, &txt, mask.as_ref(), &sigma, grid)?;
+        let loss = (pred - target)?.sqr()?.mean_all()?;
+        opt.backward_step(&loss)?;
+        let done = step + 1;
+        progress(&TrainProgress {
+            phase: Phase::Transformer,
+            step: done,
+            of: opts.transformer_steps,
+            loss: loss.to_scalar::<f32>()?,
+            elapsed: t0.elapsed(),
+        });
+        if done % opts.checkpoint_every == 0 || done == opts.transformer_steps {
+            save_vars(&varmap, &out.join(TRANSFORMER_WEIGHTS))?;
+            state.transformer_steps_done = done;
+            write_state(out, state)?;
+        }
+    }
+    Ok(())
+}
