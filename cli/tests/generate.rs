@@ -55,8 +55,25 @@ fn model_tiny_then_generate_locally() {
         &["model", "tiny", "--out", dir.to_str().unwrap()],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("noise"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("tiny-qwen-image-drawn"),
+        "{}",
+        stdout(&o)
+    );
     assert!(dir.join("model_index.json").is_file());
+    let random = tmp.path().join("random");
+    let o = pixmarket(
+        tmp.path(),
+        &[
+            "model",
+            "tiny",
+            "--random",
+            "--out",
+            random.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("noise"), "{}", stdout(&o));
 
     let out = tmp.path().join("fox.png");
     let args = [
@@ -115,7 +132,11 @@ fn model_tiny_is_created_in_the_data_dir_on_first_use() {
         ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("noise"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("draws one or two shapes"),
+        "{}",
+        stderr(&o)
+    );
     assert!(tmp.path().join("models/tiny/model_index.json").is_file());
     assert!(out.is_file());
 }

@@ -29,12 +29,13 @@ const DEPOSIT_TOKENS: u64 = 20;
 /// How long to wait for every provider's advert to reach the requester.
 const ADVERT_WAIT: Duration = Duration::from_secs(20);
 
-/// The prompts the demo buys, Chinese included.
+/// The prompts the demo buys, Chinese included: sentences of the drawn tiny model's grammar
+/// (engine/src/scenes.rs), so its pictures show what was asked.
 pub const PROMPTS: [&str; 4] = [
-    "a lighthouse on a cliff at dusk, oil painting",
-    "一只在雪地里的红狐狸，水墨画",
-    "isometric pixel-art coffee shop, warm light",
-    "a paper boat on a rainy street, macro photo",
+    "a large red circle on the left on a yellow background",
+    "蓝色背景上，一个白色大星星在中间",
+    "a large green square at the top on a black background",
+    "紫色背景上，一个橙色大三角形在右边",
 ];
 
 /// What to run.
@@ -152,7 +153,7 @@ pub async fn run(config: &DemoConfig, log: &mut dyn FnMut(String)) -> anyhow::Re
     let model = tiny_model_dir(&config.out);
     pixmarket_engine::tiny::ensure_tiny_model(&model).context("cannot write the tiny model")?;
     log(format!(
-        "tiny model ready in {} (random weights: it draws noise)",
+        "tiny model ready in {} (trained on drawn scenes)",
         model.display()
     ));
 
@@ -241,7 +242,7 @@ pub async fn run(config: &DemoConfig, log: &mut dyn FnMut(String)) -> anyhow::Re
             width: config.width,
             height: config.height,
             steps: config.steps,
-            true_cfg_scale: 1.0,
+            true_cfg_scale: pixmarket_engine::drawn::DRAWN_CFG,
             seed: i as u64,
             images: 1,
             mode: Mode::TextToImage,
@@ -262,7 +263,7 @@ pub async fn run(config: &DemoConfig, log: &mut dyn FnMut(String)) -> anyhow::Re
             .map_or_else(|| outcome.provider.to_string(), |p| p.name.clone());
         let receipt = outcome.receipt.verify()?;
         log(format!(
-            "job {}: {provider} charged {} tokens in {seconds:.1} s → {}",
+            "job {}: {provider} drew “{prompt}”, charged {} tokens in {seconds:.1} s → {}",
             i + 1,
             outcome.cost,
             image.display()

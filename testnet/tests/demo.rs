@@ -12,8 +12,8 @@ async fn demo_market_buys_images_and_the_books_agree() {
     let config = DemoConfig {
         out: dir.path().to_owned(),
         jobs: 2,
-        width: 256,
-        height: 256,
+        width: 64,
+        height: 64,
         steps: 2,
     };
     let mut lines = Vec::new();
@@ -49,5 +49,13 @@ async fn demo_market_buys_images_and_the_books_agree() {
     for (name, r) in &report.verified {
         assert!(r.is_ok(), "{name}: {r:?}");
     }
-    assert!(lines.iter().any(|l| l.contains("noise")), "{lines:?}");
+    // Each job's line says which prompt it drew.
+    for (i, job) in report.jobs.iter().enumerate() {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&format!("job {}:", i + 1)) && l.contains(&job.prompt)),
+            "{lines:?}"
+        );
+    }
 }

@@ -15,8 +15,8 @@ pub(crate) struct DemoArgs {
     /// Images to buy (1..=16).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=16))]
     jobs: u16,
-    /// Denoising steps per image (1..=50).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=50))]
+    /// Denoising steps per image (1..=50) [default: the drawn tiny model's measured default].
+    #[arg(long, default_value_t = pixmarket_engine::drawn::DRAWN_STEPS, value_parser = clap::value_parser!(u32).range(1..=50))]
     steps: u32,
 }
 
@@ -24,8 +24,9 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
     let config = DemoConfig {
         out: a.out,
         jobs: usize::from(a.jobs),
-        width: 256,
-        height: 256,
+        // The size the drawn tiny model was trained at.
+        width: pixmarket_engine::drawn::DRAWN_SIDE,
+        height: pixmarket_engine::drawn::DRAWN_SIDE,
         steps: a.steps,
     };
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

@@ -1,7 +1,7 @@
 //! `pixmarket generate`: one image from a prompt.
 //!
 //! `--local` runs the engine on this machine with a model folder (a diffusers Qwen-Image folder,
-//! or `tiny` for the built-in tiny model, which draws noise). Without `--local` the image is
+//! or `tiny` for the built-in tiny model, trained on drawn scenes). Without `--local` the image is
 //! bought on the market (`super::market`); the flags in [`JobArgs`] are the ones both forms
 //! share. Arguments become a validated [`Job`] before any model is loaded, so bad input fails
 //! fast with one line.
@@ -13,21 +13,22 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use pixmarket_engine::drawn::DRAWN_MODEL_ID;
 use pixmarket_engine::image_io::outpaint_canvas;
 use pixmarket_engine::pipeline::{
     GenerateRequest, MAX_SIDE, Mode, QwenImage, SIZE_MULTIPLE, device_from_name, dtype_from_name,
     load_latents,
 };
-use pixmarket_engine::tiny::{TINY_MODEL_ID, ensure_tiny_model};
+use pixmarket_engine::tiny::ensure_tiny_model;
 
 use super::DataDirArg;
 
 /// Defaults for real weights: the reference pipeline's (1024², 50 steps).
 const DEFAULT_SIDE: u32 = 1024;
 const DEFAULT_STEPS: u32 = 50;
-/// Defaults for the tiny model: a 256² 4-step picture takes seconds on a laptop CPU.
-const TINY_SIDE: u32 = 256;
-const TINY_STEPS: u32 = 4;
+/// Defaults for the tiny model: the size it was trained at and the steps measured to draw well.
+const TINY_SIDE: u32 = pixmarket_engine::drawn::DRAWN_SIDE;
+const TINY_STEPS: u32 = pixmarket_engine::drawn::DRAWN_STEPS;
 
 /// What the picture is: the flags the local and the market forms share.
 #[derive(Debug, Args)]
@@ -37,13 +38,13 @@ pub(crate) struct JobArgs {
     /// What the picture should not show (used when --true-cfg-scale > 1).
     #[arg(long, default_value = " ")]
     pub(crate) negative_prompt: String,
-    /// Width in pixels, a multiple of 16 [default: 1024, or 256 with --model tiny].
+    /// Width in pixels, a multiple of 16 [default: 1024, or 64 with --model tiny].
     #[arg(long)]
     pub(crate) width: Option<u32>,
-    /// Height in pixels, a multiple of 16 [default: 1024, or 256 with --model tiny].
+    /// Height in pixels, a multiple of 16 [default: 1024, or 64 with --model tiny].
     #[arg(long)]
     pub(crate) height: Option<u32>,
-    /// Denoising steps [default: 50, or 4 with --model tiny].
+    /// Denoising steps [default: 50, or 20 with --model tiny].
     #[arg(long)]
     pub(crate) steps: Option<u32>,
     /// True classifier-free guidance scale; 1 turns it off (half the work per step).
@@ -79,8 +80,8 @@ pub(crate) struct LocalArgs {
     #[arg(long, conflicts_with_all = ["peer", "bootstrap", "max_cost"])]
     local: bool,
     /// A Qwen-Image folder saved by diffusers (`QwenImagePipeline.save_pretrained`), or `tiny`
-    /// for the built-in tiny model (random weights: it draws noise; created on first use in
-    /// <data-dir>/models/tiny). Use `./tiny` for a folder named tiny.
+    /// for the built-in tiny model (trained on drawn scenes, see the engine README for what it
+    /// can draw; installed on first use in <data-dir>/models/tiny). Use `./tiny` for a folder named tiny.
     #[arg(long, value_name = "DIR|tiny")]
     model: Option<String>,
     /// Initial noise: a safetensors file with a tensor `latents` of shape [1, 16, H/8, W/8].
@@ -282,8 +283,8 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if job.tiny {
         ensure_tiny_model(&job.model_dir).context("cannot create the tiny model")?;
         eprintln!(
-            "note: {TINY_MODEL_ID} has random weights; its pictures are noise. Point --model at \
-             a Qwen-Image folder for real images."
+            "note: {DRAWN_MODEL_ID} draws one or two shapes on a background (the grammar is in \
+             the engine README). Point --model at a Qwen-Image folder for real images."
         );
     }
     let t_load = Instant::now();

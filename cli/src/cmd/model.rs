@@ -1,11 +1,15 @@
-//! `pixmarket model`: model folders. `model tiny` writes the built-in tiny model (random
-//! weights: it draws noise) in the diffusers layout.
+//! `pixmarket model`: model folders. `model tiny` writes the built-in tiny model (the drawn one
+//! that `--model tiny` loads, or with `--random` the random-weights one the parity and stress
+//! tests use) in the diffusers layout; `model train-tiny` trains the drawn one from scratch.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use pixmarket_engine::drawn::{DRAWN_MODEL_ID, write_drawn_model};
 use pixmarket_engine::tiny::{TINY_MODEL_ID, write_tiny_model};
+use pixmarket_engine::train::{Phase, TrainOptions, train};
 
 use super::DataDirArg;
 
@@ -17,9 +21,12 @@ pub(crate) struct ModelArgs {
 
 #[derive(Debug, Subcommand)]
 enum ModelCommand {
-    /// Write the built-in tiny model (deterministic random weights; its pictures are noise) in
-    /// the diffusers Qwen-Image layout.
+    /// Write the built-in tiny model (trained on drawn scenes: it draws what the grammar in
+    /// the engine README asks for) in the diffusers Qwen-Image layout.
     Tiny(TinyArgs),
+    /// Train the drawn tiny model from scratch on procedurally drawn scenes (CPU; about
+    /// 40 minutes on two cores), writing a loadable model folder at every checkpoint.
+    TrainTiny(TrainTinyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -27,8 +34,27 @@ struct TinyArgs {
     /// The folder to write [default: <data-dir>/models/tiny, what `--model tiny` uses].
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// Write the random-weights tiny model instead (its pictures are noise).
+    #[arg(long)]
+    random: bool,
     #[command(flatten)]
     data_dir: DataDirArg,
+}
+
+#[derive(Debug, Args)]
+struct TrainTinyArgs {
+    /// The model folder to train into (loadable with `--model DIR` after every checkpoint).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Continue the run recorded in DIR/train_state.json instead of starting afresh.
+    #[arg(long)]
+    resume: bool,
+    /// VAE optimiser steps [default: the shipped model's run].
+    #[arg(long)]
+    vae_steps: Option<usize>,
+    /// Transformer optimiser steps [default: the shipped model's run].
+    #[arg(long)]
+    transformer_steps: Option<usize>,
 }
 
 pub(crate) fn run(args: ModelArgs) -> anyhow::Result<()> {
@@ -38,13 +64,71 @@ pub(crate) fn run(args: ModelArgs) -> anyhow::Result<()> {
                 Some(p) => p,
                 None => a.data_dir.path()?.join("models").join("tiny"),
             };
-            write_tiny_model(&out)
-                .with_context(|| format!("cannot write the tiny model to {}", out.display()))?;
-            println!(
-                "wrote {TINY_MODEL_ID} to {} (random weights: it draws noise)",
-                out.display()
-            );
+            if a.random {
+                write_tiny_model(&out)
+            } else {
+                write_drawn_model(&out)
+            }
+            .with_context(|| format!("cannot write the tiny model to {}", out.display()))?;
+            if a.random {
+                println!(
+                    "wrote {TINY_MODEL_ID} to {} (random weights: it draws noise)",
+                    out.display()
+                );
+            } else {
+                println!("wrote {DRAWN_MODEL_ID} to {}", out.display());
+            }
             Ok(())
         }
+        ModelCommand::TrainTiny(a) => train_tiny(a),
     }
+}
+
+fn train_tiny(a: TrainTinyArgs) -> anyhow::Result<()> {
+    let mut opts = TrainOptions::default();
+    if let Some(n) = a.vae_steps {
+        opts.vae_steps = n;
+    }
+    if let Some(n) = a.transformer_steps {
+        opts.transformer_steps = n;
+    }
+    let style = ProgressStyle::with_template(
+        "{prefix:>12} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    let mut bar: Option<(Phase, ProgressBar)> = None;
+    let started = std::time::Instant::now();
+    train(&a.out, &opts, a.resume, &mut |p| {
+        if bar.as_ref().is_none_or(|(phase, _)| *phase != p.phase) {
+            if let Some((_, b)) = bar.take() {
+                b.finish();
+            }
+            let b = ProgressBar::new(p.of as u64).with_style(style.clone());
+            b.set_prefix(match p.phase {
+                Phase::Vae => "vae",
+                Phase::Decoder => "decoder",
+                Phase::Pool => "encode pool",
+                Phase::Transformer => "transformer",
+            });
+            bar = Some((p.phase, b));
+        }
+        if let Some((_, b)) = &bar {
+            b.set_position(p.step as u64);
+            if p.phase != Phase::Pool {
+                b.set_message(format!("loss {:.4}", p.loss));
+            }
+        }
+    })
+    .with_context(|| format!("training into {} failed", a.out.display()))?;
+    if let Some((_, b)) = bar.take() {
+        b.finish();
+    }
+    println!(
+        "trained {DRAWN_MODEL_ID} into {} in {:.1} min; load it with --model {}",
+        a.out.display(),
+        started.elapsed().as_secs_f64() / 60.0,
+        a.out.display()
+    );
+    Ok(())
 }
