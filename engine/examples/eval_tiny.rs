@@ -13,16 +13,32 @@ use pixmarket_engine::{GenerateRequest, QwenImage};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let dir = PathBuf::from(args.first().map_or("engine/assets/tiny-drawn", String::as_str));
+    let dir = PathBuf::from(
+        args.first()
+            .map_or("engine/assets/tiny-drawn", String::as_str),
+    );
     let n: usize = args.get(1).map_or(Ok(50), |s| s.parse())?;
     let list = |i: usize, d: &str| -> Vec<String> {
-        args.get(i).map_or(d, String::as_str).split(',').map(String::from).collect()
+        args.get(i)
+            .map_or(d, String::as_str)
+            .split(',')
+            .map(String::from)
+            .collect()
     };
-    let steps: Vec<u32> = list(2, "20").iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
-    let cfgs: Vec<f32> = list(3, "3").iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
+    let steps: Vec<u32> = list(2, "20")
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<_, _>>()?;
+    let cfgs: Vec<f32> = list(3, "3")
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<_, _>>()?;
     let png_dir = args.get(4).map(PathBuf::from);
     let model = QwenImage::load(&dir, DType::F32, &Device::Cpu)?;
     let scenes = held_out_set(0x4845_4c44, n);
+    for s in scenes.iter().take(5) {
+        println!("{}", s.caption(Lang::En));
+    }
     for &st in &steps {
         for &cfg in &cfgs {
             for lang in [Lang::En, Lang::Zh] {

@@ -765,7 +765,10 @@ fn scale_noise(sample: &Tensor, noise: &Tensor, sigma: f32) -> candle_core::Resu
 
 /// Right-pads `[1, L_i, D]` embeddings to `[B, L_max, D]`; the mask `[B, L_max]` (u8) only when
 /// lengths differ (the reference passes none when all tokens are real).
-pub(crate) fn pad_text(rows: &[Tensor], device: &Device) -> Result<(Tensor, Option<Tensor>), EngineError> {
+pub(crate) fn pad_text(
+    rows: &[Tensor],
+    device: &Device,
+) -> Result<(Tensor, Option<Tensor>), EngineError> {
     let lens: Vec<usize> = rows.iter().map(|t| t.dim(1)).collect::<Result<_, _>>()?;
     let longest = lens.iter().copied().max().unwrap_or(0);
     let padded = rows

@@ -454,7 +454,12 @@ pub fn check_adherence(scene: &Scene, rgb: &[u8], side: u32) -> Adherence {
     let corner = (s / 8).max(1);
     let mut background_ok = rgb.len() == 3 * s * s;
     if background_ok {
-        for (cx, cy) in [(0, 0), (s - corner, 0), (0, s - corner), (s - corner, s - corner)] {
+        for (cx, cy) in [
+            (0, 0),
+            (s - corner, 0),
+            (0, s - corner),
+            (s - corner, s - corner),
+        ] {
             let mut counts = [0usize; COLORS.len()];
             for y in cy..cy + corner {
                 for x in cx..cx + corner {

@@ -253,8 +253,10 @@ pub(crate) fn bpe_tokenizer_json(merges: &[(String, String)]) -> serde_json::Val
         vocab.insert(format!("{a}{b}"), json!(256 + i));
     }
     let base = 256 + merges.len();
-    let merge_list: Vec<serde_json::Value> =
-        merges.iter().map(|(a, b)| json!(format!("{a} {b}"))).collect();
+    let merge_list: Vec<serde_json::Value> = merges
+        .iter()
+        .map(|(a, b)| json!(format!("{a} {b}")))
+        .collect();
     let added: Vec<serde_json::Value> = SPECIAL_TOKENS
         .iter()
         .enumerate()

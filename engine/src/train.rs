@@ -4,10 +4,12 @@
 //! Data flow of [`train`]:
 //! 1. the folder gets everything but trained weights ([`crate::drawn::write_untrained_model`])
 //!    and the transformer's initial weights, so it loads as a model from the start;
-//! 2. **VAE**: an autoencoder on freshly drawn scenes — loss `MSE(decode(mean), image)` plus
-//!    `1e-3 · mean²` to keep the latents small — from the random tiny model's initialisation;
-//!    then per-channel `latents_mean` / `latents_std` measured on encoded scenes go into
-//!    `vae/config.json`;
+//! 2. **VAE**: an autoencoder on random 32×32 windows of freshly drawn scenes — loss
+//!    `MSE(decode(mean), image)` plus `1e-3 · mean²` to keep the latents small — from the random
+//!    tiny model's initialisation with residual branches at zero; per-channel `latents_mean` /
+//!    `latents_std` measured on encoded scenes go into `vae/config.json`; then, when
+//!    `decoder_steps` > 0, the **decoder** alone on whole 64×64 scenes (the encoder, and so every latent, stays as it is), which
+//!    removes what the windows left (blur from borders and a smaller attention field);
 //! 3. **transformer**: a pool of training scenes is encoded once (VAE posterior mean,
 //!    normalised; the English and Chinese caption through the frozen text encoder), then flow
 //!    matching as the scheduler samples it: `x_σ = σ·noise + (1 − σ)·x₀`, σ uniform in (0, 1),
@@ -52,6 +54,14 @@ pub struct TrainOptions {
     pub vae_crop: usize,
     /// Peak VAE learning rate.
     pub vae_lr: f64,
+    /// Decoder optimiser steps after the VAE phase: whole scenes (no windows), encoder frozen,
+    /// so the latents — and so the transformer's training data — do not change. 0 for the
+    /// shipped model: at ≈ 4 s a step on this machine it did not fit the training budget.
+    #[serde(default)]
+    pub decoder_steps: usize,
+    /// Scenes per decoder step.
+    #[serde(default = "default_decoder_batch")]
+    pub decoder_batch: usize,
     /// Transformer optimiser steps.
     pub transformer_steps: usize,
     /// Latents per transformer step.
@@ -70,18 +80,24 @@ impl Default for TrainOptions {
     /// The run that made the shipped model (engine README, "The drawn tiny model").
     fn default() -> Self {
         Self {
-            vae_steps: 600,
+            vae_steps: 700,
             vae_batch: 8,
             vae_crop: 32,
+            decoder_steps: 0,
+            decoder_batch: 4,
             vae_lr: 3e-3,
-            transformer_steps: 3000,
-            transformer_batch: 32,
+            transformer_steps: 1500,
+            transformer_batch: 16,
             transformer_lr: 1e-3,
             pool: 4000,
             seed: 19,
-            checkpoint_every: 200,
+            checkpoint_every: 100,
         }
     }
+}
+
+fn default_decoder_batch() -> usize {
+    4
 }
 
 /// Which phase a progress report is about.
@@ -89,6 +105,8 @@ impl Default for TrainOptions {
 pub enum Phase {
     /// The VAE as an autoencoder.
     Vae,
+    /// The VAE's decoder on whole scenes, encoder frozen.
+    Decoder,
     /// Encoding the transformer's training pool (step = scenes encoded).
     Pool,
     /// The transformer with flow matching.
@@ -135,6 +153,8 @@ pub enum TrainError {
 struct TrainState {
     options: TrainOptions,
     vae_steps_done: usize,
+    #[serde(default)]
+    decoder_steps_done: usize,
     latent_stats: Option<(Vec<f32>, Vec<f32>)>,
     transformer_steps_done: usize,
 }
@@ -270,6 +290,7 @@ pub fn train(
             let st = TrainState {
                 options: opts.clone(),
                 vae_steps_done: 0,
+                decoder_steps_done: 0,
                 latent_stats: None,
                 transformer_steps_done: 0,
             };
@@ -279,6 +300,9 @@ pub fn train(
     };
     if state.vae_steps_done < opts.vae_steps || state.latent_stats.is_none() {
         train_vae(out, opts, &mut state, progress)?;
+    }
+    if state.decoder_steps_done < opts.decoder_steps {
+        train_decoder(out, opts, &mut state, progress)?;
     }
     if state.transformer_steps_done < opts.transformer_steps {
         train_transformer(out, opts, &mut state, progress)?;
@@ -351,7 +375,10 @@ fn train_vae(
     for chunk in 0..STATS_SCENES.div_ceil(64) {
         let n = 64.min(STATS_SCENES - chunk * 64);
         let scenes: Vec<Scene> = (0..n).map(|_| Scene::random_train(&mut rng)).collect();
-        let mean = vae.encode(&scene_images(&scenes, DRAWN_SIDE)?)?.mean.detach();
+        let mean = vae
+            .encode(&scene_images(&scenes, DRAWN_SIDE)?)?
+            .mean
+            .detach();
         // [B, 16, h, w] -> [16, B·h·w]
         let per_channel = mean.transpose(0, 1)?.flatten_from(1)?.to_vec2::<f32>()?;
         for (c, vals) in per_channel.iter().enumerate() {
@@ -371,6 +398,65 @@ fn train_vae(
     drawn::write_untrained_model(out, &means, &stds)?;
     state.latent_stats = Some((means, stds));
     write_state(out, state)?;
+    Ok(())
+}
+
+fn train_decoder(
+    out: &Path,
+    opts: &TrainOptions,
+    state: &mut TrainState,
+    progress: &mut dyn FnMut(&TrainProgress),
+) -> Result<(), TrainError> {
+    let vc = drawn::vae_config();
+    let init = initial_tensors(|vb| AutoencoderKLQwenImage::new(&vc, vb).map(drop))?;
+    let mut varmap = varmap_from(init)?;
+    varmap.load(out.join(VAE_WEIGHTS))?;
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let vars = {
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::msg("var map lock poisoned"))?;
+        data.iter()
+            .filter(|(n, _)| n.starts_with("decoder.") || n.starts_with("post_quant_conv."))
+            .map(|(_, v)| v.clone())
+            .collect::<Vec<_>>()
+    };
+    let mut opt = AdamW::new(
+        vars,
+        ParamsAdamW {
+            lr: opts.vae_lr / 3.0,
+            weight_decay: 0.0,
+            ..ParamsAdamW::default()
+        },
+    )?;
+    let t0 = Instant::now();
+    for step in state.decoder_steps_done..opts.decoder_steps {
+        opt.set_learning_rate(lr_at(opts.vae_lr / 3.0, step, opts.decoder_steps));
+        let mut rng = SplitMix64::new(opts.seed ^ 0xDEC0 ^ (step as u64).wrapping_mul(0x9E37_79B9));
+        let scenes: Vec<Scene> = (0..opts.decoder_batch)
+            .map(|_| Scene::random_train(&mut rng))
+            .collect();
+        let x = scene_images(&scenes, DRAWN_SIDE)?;
+        let vae = AutoencoderKLQwenImage::new(&vc, vb.clone())?;
+        let z = vae.encode(&x)?.mean.detach();
+        let rec = vae.decode_unclamped(&z)?;
+        let loss = (&rec - &x)?.sqr()?.mean_all()?;
+        opt.backward_step(&loss)?;
+        let done = step + 1;
+        progress(&TrainProgress {
+            phase: Phase::Decoder,
+            step: done,
+            of: opts.decoder_steps,
+            loss: loss.to_scalar::<f32>()?,
+            elapsed: t0.elapsed(),
+        });
+        if done % opts.checkpoint_every == 0 || done == opts.decoder_steps {
+            save_vars(&varmap, &out.join(VAE_WEIGHTS))?;
+            state.decoder_steps_done = done;
+            write_state(out, state)?;
+        }
+    }
     Ok(())
 }
 
@@ -438,7 +524,8 @@ fn train_transformer(
     let b = opts.transformer_batch;
     for step in state.transformer_steps_done..opts.transformer_steps {
         opt.set_learning_rate(lr_at(opts.transformer_lr, step, opts.transformer_steps));
-        let mut rng = SplitMix64::new(opts.seed ^ (step as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+        let mut rng =
+            SplitMix64::new(opts.seed ^ (step as u64).wrapping_mul(0xA24B_AED4_963E_E407));
         let mut lats = Vec::with_capacity(b);
         let mut texts = Vec::with_capacity(b);
         let mut sigmas = Vec::with_capacity(b);
@@ -456,7 +543,11 @@ fn train_transformer(
             sigmas.push((0.001 + 0.998 * rng.next_f64()) as f32);
         }
         let x0 = Tensor::cat(&lats, 0)?; // [B, S, 64]
-        let noise = Tensor::from_vec(gaussian(rng.next_u64(), x0.elem_count()), x0.shape(), &Device::Cpu)?;
+        let noise = Tensor::from_vec(
+            gaussian(rng.next_u64(), x0.elem_count()),
+            x0.shape(),
+            &Device::Cpu,
+        )?;
         let sigma = Tensor::from_vec(sigmas, b, &Device::Cpu)?;
         let s3 = sigma.reshape((b, 1, 1))?;
         let xt = (noise.broadcast_mul(&s3)? + x0.broadcast_mul(&s3.affine(-1.0, 1.0)?)?)?;

@@ -84,7 +84,10 @@ fn held_out_prompts_are_drawn_in_english_and_chinese() {
         let correct = N - failed.len();
         println!("{lang}: {correct}/{N} held-out prompts drawn correctly");
         // ≥ 90 %: the bar.
-        assert!(correct * 10 >= N * 9, "{lang}: {correct}/{N}; failed: {failed:#?}");
+        assert!(
+            correct * 10 >= N * 9,
+            "{lang}: {correct}/{N}; failed: {failed:#?}"
+        );
     }
 }
 
