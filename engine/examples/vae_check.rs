@@ -29,7 +29,10 @@ fn main() -> anyhow::Result<()> {
     let x = Tensor::cat(&imgs, 0)?;
     // NOISE=k adds k·(latent std) of Gaussian noise to every latent before decoding: how
     // forgiving the decoder is of a transformer's small errors.
-    let k: f64 = std::env::var("NOISE").ok().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let k: f64 = std::env::var("NOISE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
     let mean = vae.encode(&x)?.mean;
     let z = if k > 0.0 {
         let n = Tensor::from_vec(
