@@ -25,7 +25,7 @@ enum ModelCommand {
     /// the engine README asks for) in the diffusers Qwen-Image layout.
     Tiny(TinyArgs),
     /// Train the drawn tiny model from scratch on procedurally drawn scenes (CPU; about
-    /// 40 minutes on two cores), writing a loadable model folder at every checkpoint.
+    /// an hour on two cores), writing a loadable model folder at every checkpoint.
     TrainTiny(TrainTinyArgs),
 }
 
