@@ -5,7 +5,8 @@ use std::fmt;
 
 /// Width and height: multiples of 16 (the VAE's 8× and the 2×2 patching).
 pub const DIMENSION_MULTIPLE: u32 = 16;
-pub const MIN_DIMENSION: u32 = 256;
+/// 64² is the size the built-in drawn tiny model was trained at (engine `drawn::DRAWN_SIDE`).
+pub const MIN_DIMENSION: u32 = 64;
 /// 2048² is 16,384 packed tokens: the largest size the 20B model serves on one 80 GB card.
 pub const MAX_DIMENSION: u32 = 2048;
 pub const MAX_STEPS: u32 = 100;

@@ -57,15 +57,15 @@ fn each_bad_field_is_named_with_its_range() {
                 ..params()
             },
             "width",
-            "multiple of 16 in 256..=2048",
+            "multiple of 16 in 64..=2048",
         ),
         (
             JobParams {
-                height: 240,
+                height: 48,
                 ..params()
             },
             "height",
-            "256..=2048",
+            "64..=2048",
         ),
         (
             JobParams {
@@ -73,7 +73,7 @@ fn each_bad_field_is_named_with_its_range() {
                 ..params()
             },
             "width",
-            "256..=2048",
+            "64..=2048",
         ),
         (
             JobParams {

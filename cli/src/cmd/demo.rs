@@ -80,7 +80,8 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
     println!("images: {}", config.out.join("images").display());
     println!("done in {:.1} s", report.total_seconds);
     println!(
-        "The tiny model has random weights, so the images are noise; the market around it is real.\n\
+        "The tiny model is trained on drawn scenes: it gets backgrounds right, shapes rarely yet\n\
+         (engine/README.md has the figures); the market around it is real.\n\
          For real pictures, run a provider with Qwen-Image weights saved by diffusers:\n\
          pixmarket node --provide --model /path/to/Qwen-Image (see README.md)."
     );

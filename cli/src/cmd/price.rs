@@ -6,10 +6,10 @@ use pixmarket_protocol::{MeteredUnits, PriceSchedule, metering};
 
 #[derive(Debug, Args)]
 pub(crate) struct PriceArgs {
-    /// Image width in pixels (a multiple of 16 in 256..=2048).
+    /// Image width in pixels (a multiple of 16 in 64..=2048).
     #[arg(long)]
     width: u32,
-    /// Image height in pixels (a multiple of 16 in 256..=2048).
+    /// Image height in pixels (a multiple of 16 in 64..=2048).
     #[arg(long)]
     height: u32,
     /// Denoising steps (1..=100).
