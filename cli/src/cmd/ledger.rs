@@ -258,7 +258,7 @@ fn balance(l: &Ledger) -> anyhow::Result<()> {
                 a.charged.to_string(),
                 a.held.to_string(),
                 available,
-                a.receipts
+                a.entries
             );
         }
     }
@@ -326,7 +326,7 @@ fn import(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
             a.credit_limit,
             a.charged,
             a.held,
-            a.receipts
+            a.entries
         );
     }
     // Reconcile with my own books where the export's owner is my counterparty: their side of
@@ -348,18 +348,18 @@ fn import(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
             .ledger
             .account(my_role, &report.owner)?
             .unwrap_or_default();
-        if mine.charged == theirs.charged && mine.last_receipt == theirs.last_receipt {
+        if mine.charged == theirs.charged && mine.last_entry == theirs.last_entry {
             println!(
-                "reconciled: my books agree with theirs on our pair ({} charged over {} receipts)",
-                mine.charged, mine.receipts
+                "reconciled: my books agree with theirs on our pair ({} charged over {} chain entries)",
+                mine.charged, mine.entries
             );
         } else {
             bail!(
-                "my books disagree with theirs on our pair: I have {} charged over {} receipts, they have {} over {}",
+                "my books disagree with theirs on our pair: I have {} charged over {} chain entries, they have {} over {}",
                 mine.charged,
-                mine.receipts,
+                mine.entries,
                 theirs.charged,
-                theirs.receipts
+                theirs.entries
             );
         }
     }
