@@ -19,6 +19,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use pixmarket_ledger::{Ledger, Role};
@@ -577,4 +578,47 @@ async fn bad_rpc_frames_are_dropped_and_the_provider_keeps_serving() {
 
     sender.shutdown().await;
     provider.node.shutdown().await;
+}
+
+/// The requester counts the prompt's tokens itself: a provider whose quote meters more prompt
+/// tokens than the requester's own tokenizer counts is refused before anything is held. Here
+/// the requester's counter says the prompt is 1 token, so the honest tiny provider's (longer)
+/// count stands in for an inflated one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quote_that_inflates_the_prompt_tokens_is_refused() {
+    let provider = TestNode::start(90, vec![], Some(tiny_generator())).await;
+    let requester = TestNode::start(91, vec![provider.addr.clone()], None).await;
+    provider.deposit_from(90, requester.key, 100);
+    let client = requester.node.requester().clone();
+    wait_until(Duration::from_secs(15), "the provider's advert", || {
+        !client.providers().is_empty()
+    })
+    .await;
+    let model = client.providers()[0].advert.model_id.clone();
+    client.count_tokens_with(model, Arc::new(|_: &str| Some(1)));
+    let options = GenerateOptions {
+        provider: Some(provider.key.to_peer_id()),
+        ..GenerateOptions::default()
+    };
+    let err = client
+        .generate(
+            small_job("a prompt of several tokens"),
+            options,
+            &mut |_| {},
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("our own tokenizer counts 1"),
+        "{err}"
+    );
+    // Refused at the quote: nothing was held or charged.
+    untouched_books(provider.node.ledger());
+    requester.node.shutdown().await;
+    provider.node.shutdown().await;
+}
+
+fn untouched_books(ledger: &Ledger) {
+    assert!(ledger.holds().unwrap().is_empty());
+    assert!(ledger.receipts(None).unwrap().is_empty());
 }

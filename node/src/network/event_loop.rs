@@ -428,10 +428,14 @@ impl EventLoop {
                 ..
             } => {
                 if let Some((_, reply)) = self.pending.remove(&request_id) {
-                    let _ = reply.send(Err(NetError::Request {
-                        peer,
-                        reason: error.to_string(),
-                    }));
+                    let reason = error.to_string();
+                    let _ = reply.send(Err(
+                        if matches!(error, request_response::OutboundFailure::Timeout) {
+                            NetError::Timeout { peer, reason }
+                        } else {
+                            NetError::Request { peer, reason }
+                        },
+                    ));
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {

@@ -50,6 +50,9 @@ pub enum NetError {
     Dial { addr: String, reason: String },
     #[error("request to {peer} failed: {reason}")]
     Request { peer: PeerId, reason: String },
+    /// No answer within the request timeout: it is not known whether the request arrived.
+    #[error("request to {peer} timed out: {reason}")]
+    Timeout { peer: PeerId, reason: String },
     #[error("cannot publish advert: {0}")]
     Publish(String),
     #[error("network transport could not be built: {0}")]
@@ -230,11 +233,9 @@ impl Client {
                         () = tokio::time::sleep(self.request_timeout) => {}
                         () = self.commands.closed() => return Err(NetError::NodeStopped),
                     }
-                    return Err(NetError::Request {
+                    return Err(NetError::Timeout {
                         peer,
-                        reason: "timed out waiting for a response (the request was lost to \
-                                 fault injection)"
-                            .into(),
+                        reason: "no response (the request was lost to fault injection)".into(),
                     });
                 }
                 Fate::Send(delay) if !delay.is_zero() => {

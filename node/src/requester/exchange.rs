@@ -229,7 +229,12 @@ impl Requester {
                 Ok(Err(crate::network::NetError::NodeStopped)) => {
                     return Err("this node stopped".into());
                 }
-                Ok(Err(e)) if !persist => return Err(e.to_string()),
+                // Refused, partitioned, no route: not a lost message. A timeout is retried.
+                Ok(Err(e))
+                    if !persist && !matches!(e, crate::network::NetError::Timeout { .. }) =>
+                {
+                    return Err(e.to_string());
+                }
                 Ok(Err(e)) => {
                     last = e.to_string();
                     backoff
@@ -281,6 +286,15 @@ impl Requester {
         let want = params.metered_units(quote.units.prompt_tokens);
         if quote.units != want {
             return Err(format!("quote meters {:?}, expected {want:?}", quote.units));
+        }
+        // The receipt must meter what the quote did, so checking the quote's count covers it.
+        if let Some(mine) = self.own_token_count(&key, &params.prompt)
+            && quote.units.prompt_tokens > mine
+        {
+            return Err(format!(
+                "quote meters {} prompt tokens; our own tokenizer counts {mine}",
+                quote.units.prompt_tokens
+            ));
         }
         Ok(quote)
     }

@@ -48,6 +48,11 @@ use crate::now_ms;
 
 pub use check::{ReceiptProblem, check_images, check_receipt};
 
+/// Counts a prompt's tokens in one model's tokenizer: the requester's own count, against which
+/// a quote (and so the receipt, which must meter what the quote did) may not inflate the
+/// metered prompt length. `None` when it cannot count this prompt.
+pub type TokenCounter = Arc<dyn Fn(&str) -> Option<u32> + Send + Sync>;
+
 /// Events in flight for one job; a provider sends one per step, and the caller drains them.
 const JOB_EVENT_QUEUE: usize = 64;
 /// How long a job may go without any event before its provider is asked for its status.
@@ -197,6 +202,8 @@ pub struct Requester {
     routes: Arc<Mutex<BTreeMap<JobId, (PeerId, Route)>>>,
     /// Per provider: results it was paid for and did not deliver (from the ledger).
     undelivered: Arc<Mutex<BTreeMap<PublicKey, u32>>>,
+    /// This node's own token counters, by the model id providers advertise.
+    counters: Arc<Mutex<BTreeMap<String, TokenCounter>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -231,8 +238,32 @@ impl Requester {
             providers: Arc::default(),
             routes: Arc::default(),
             undelivered: Arc::new(Mutex::new(undelivered)),
+            counters: Arc::default(),
             metrics,
         }
+    }
+
+    /// Counts prompts with `counter` for providers that advertise `model_id`: their quotes
+    /// may not meter more prompt tokens than it counts. Providers of other models (or known
+    /// only by address, with no advert yet) are not checked.
+    pub fn count_tokens_with(&self, model_id: impl Into<String>, counter: TokenCounter) {
+        if let Ok(mut c) = self.counters.lock() {
+            c.insert(model_id.into(), counter);
+        }
+    }
+
+    /// Our own count of `prompt`'s tokens in the tokenizer of `provider`'s advertised model.
+    pub(crate) fn own_token_count(&self, provider: &PublicKey, prompt: &str) -> Option<u32> {
+        let model = self
+            .providers
+            .lock()
+            .ok()?
+            .get(provider)?
+            .advert
+            .model_id
+            .clone();
+        let counter = self.counters.lock().ok()?.get(&model)?.clone();
+        counter(prompt)
     }
 
     /// Results `provider` was paid for and did not deliver, as this node's books record.
