@@ -134,8 +134,14 @@ pub async fn start(dir: &DataDir, overrides: &Overrides) -> Result<Node, LaunchE
                 allowed: e.to_string(),
             },
         )?;
-        if ledger.default_credit()? != credit {
-            ledger.set_default_credit(credit)?;
+        // The config's value wins only when it changed since the ledger last followed it, so
+        // `ledger default-credit` is not undone by an unchanged config at the next start.
+        let value = config.provider.new_peer_credit.trim();
+        if dir.applied_peer_credit().as_deref() != Some(value) {
+            if ledger.default_credit()? != credit {
+                ledger.set_default_credit(credit)?;
+            }
+            dir.set_applied_peer_credit(value)?;
         }
         let model_dir =
             resolve_model(&config.provider.model, dir.root()).map_err(LaunchError::Model)?;
