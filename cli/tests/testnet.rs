@@ -57,11 +57,19 @@ fn a_small_simulated_testnet_writes_its_report_and_the_books_agree() {
 
 #[test]
 fn bad_testnet_flags_get_one_clear_error() {
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 9] = [
         (&["--engine", "gpu"], "allowed are tiny"),
         (
             &["--scenario", "weekly"],
-            "allowed are steady, daily and trace",
+            "possible values: steady, daily, trace",
+        ),
+        // The help's range is the parser's (issue 22).
+        (&["--drop", "2000000"], "2000000 is not in 0..=1000000"),
+        (&["--drop", "-1"], "-1 is not in 0..=1000000"),
+        // --trace implies the trace scenario: the file is read, not ignored.
+        (
+            &["--trace", "/nonexistent/plan.jsonl"],
+            "/nonexistent/plan.jsonl",
         ),
         (&["--scenario", "trace"], "--trace FILE"),
         (&["--delay", "200"], "MIN-MAX"),

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use crate::usage::out;
 use anyhow::Context;
 use clap::Args;
 use pixmarket_testnet::demo::{self, DemoConfig};
@@ -30,31 +31,41 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
     };
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let report = rt
-        .block_on(demo::run(&config, &mut |line| println!("  {line}")))
+        .block_on(demo::run(&config, &mut |line| {
+            let _ = out!("  {line}");
+        }))
         .context("demo failed")?;
 
-    println!();
-    println!(
+    out!()?;
+    out!(
         "{:<4} {:<12} {:>12} {:>8}  prompt",
-        "job", "provider", "cost", "seconds"
-    );
+        "job",
+        "provider",
+        "cost",
+        "seconds"
+    )?;
     for (i, j) in report.jobs.iter().enumerate() {
-        println!(
+        out!(
             "{:<4} {:<12} {:>12} {:>8.1}  {}",
             i + 1,
             j.provider,
             j.cost.to_string(),
             j.seconds,
             j.prompt
-        );
+        )?;
     }
-    println!();
-    println!(
+    out!()?;
+    out!(
         "{:<12} {:<12} {:>12} {:>12} {:>12} {:>12}",
-        "ledger of", "account", "deposits", "charged", "held", "available"
-    );
+        "ledger of",
+        "account",
+        "deposits",
+        "charged",
+        "held",
+        "available"
+    )?;
     for b in &report.balances {
-        println!(
+        out!(
             "{:<12} {:<12} {:>12} {:>12} {:>12} {:>12}",
             b.ledger,
             b.peer,
@@ -62,27 +73,29 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
             b.charged.to_string(),
             b.held.to_string(),
             b.available.to_string()
-        );
+        )?;
     }
-    println!();
+    out!()?;
     let mut all_ok = true;
     for (name, r) in &report.verified {
         match r {
-            Ok(s) => println!("verify {name}: {s}"),
+            Ok(s) => {
+                let _ = out!("verify {name}: {s}");
+            }
             Err(e) => {
                 all_ok = false;
-                println!("verify {name}: FAILED: {e}");
+                out!("verify {name}: FAILED: {e}")?;
             }
         }
     }
-    println!();
-    println!("images: {}", config.out.join("images").display());
-    println!("done in {:.1} s", report.total_seconds);
-    println!(
+    out!()?;
+    out!("images: {}", config.out.join("images").display())?;
+    out!("done in {:.1} s", report.total_seconds)?;
+    out!(
         "The tiny model has random weights, so the images are noise; the market around it is real.\n\
          For real pictures, run a provider with Qwen-Image weights saved by diffusers:\n\
          pixmarket node --provide --model /path/to/Qwen-Image (see README.md)."
-    );
+    )?;
     anyhow::ensure!(all_ok, "a ledger did not verify");
     Ok(())
 }

@@ -13,6 +13,7 @@ use pixmarket_node::DataDir;
 use pixmarket_protocol::{DepositNote, MicroTokens, PublicKey, Signed};
 
 use super::DataDirArg;
+use crate::usage::out;
 
 #[derive(Debug, Args)]
 pub(crate) struct LedgerArgs {
@@ -127,18 +128,18 @@ pub(crate) fn run(args: LedgerArgs) -> anyhow::Result<()> {
         LedgerCommand::Verify => {
             let o = open(&data_dir)?;
             let r = o.ledger.verify().context("the ledger does not verify")?;
-            println!(
+            out!(
                 "ok: {} log entries, chain intact to {}, every signature valid, balances match",
                 r.entries,
                 hex::encode(r.head.hash.as_bytes())
-            );
-            println!(
+            )?;
+            out!(
                 "{} accounts, {} receipts ({} acknowledged), {} open holds",
                 r.accounts.len(),
                 r.receipts,
                 r.acked_receipts,
                 r.open_holds
-            );
+            )?;
             Ok(())
         }
         LedgerCommand::Export { peer, output } => {
@@ -191,11 +192,11 @@ pub(crate) fn run(args: LedgerArgs) -> anyhow::Result<()> {
             let signed = Signed::sign(&o.key, &note)?;
             o.ledger.deposit(&signed).context("deposit refused")?;
             let a = o.ledger.account(Role::Provider, &peer)?.unwrap_or_default();
-            println!(
+            out!(
                 "recorded a deposit of {amount} tokens from {}; they now have {} available",
                 show_peer(&peer),
                 a.available().unwrap_or_default()
-            );
+            )?;
             Ok(())
         }
         LedgerCommand::CreditLimit { peer, tokens } => {
@@ -205,52 +206,64 @@ pub(crate) fn run(args: LedgerArgs) -> anyhow::Result<()> {
             o.ledger
                 .set_credit_limit(peer, amount)
                 .context("credit limit refused")?;
-            println!(
+            out!(
                 "credit limit of {} set to {amount} tokens",
                 show_peer(&peer)
-            );
+            )?;
             Ok(())
         }
         LedgerCommand::DefaultCredit { tokens } => {
             let amount = parse_tokens(&tokens)?;
             let o = open(&data_dir)?;
             o.ledger.set_default_credit(amount)?;
-            println!("peers seen from now on get {amount} tokens of credit");
+            // The config's `new_peer_credit` must not undo this at the next start: record its
+            // current value as dealt with (editing the config later still takes effect).
+            let dir = DataDir::open(&data_dir)?;
+            if let Ok(config) = dir.config() {
+                dir.set_applied_peer_credit(&config.provider.new_peer_credit)?;
+            }
+            out!("peers seen from now on get {amount} tokens of credit")?;
             Ok(())
         }
     }
 }
 
 fn balance(l: &Ledger) -> anyhow::Result<()> {
-    println!(
+    out!(
         "default credit for new peers: {} tokens",
         l.default_credit()?
-    );
+    )?;
     for role in [Role::Provider, Role::Requester] {
         let accounts = l.accounts(role)?;
-        println!();
+        out!()?;
         match role {
             Role::Provider => {
-                println!("as provider (what requesters deposited with me and owe me):")
+                let _ = out!("as provider (what requesters deposited with me and owe me):");
             }
             Role::Requester => {
-                println!("as requester (what I deposited at and was charged by providers):")
+                let _ = out!("as requester (what I deposited at and was charged by providers):");
             }
         }
         if accounts.is_empty() {
-            println!("  (none)");
+            out!("  (none)")?;
             continue;
         }
-        println!(
+        out!(
             "  {:<52} {:>18} {:>18} {:>18} {:>18} {:>18} {:>8}",
-            "PEER", "DEPOSITS", "CREDIT", "CHARGED", "HELD", "AVAILABLE", "RECEIPTS"
-        );
+            "PEER",
+            "DEPOSITS",
+            "CREDIT",
+            "CHARGED",
+            "HELD",
+            "AVAILABLE",
+            "RECEIPTS"
+        )?;
         for (peer, a) in accounts {
             let available = match a.available() {
                 Some(v) => v.to_string(),
                 None => "overdrawn".to_owned(),
             };
-            println!(
+            out!(
                 "  {:<52} {:>18} {:>18} {:>18} {:>18} {:>18} {:>8}",
                 show_peer(&peer),
                 a.deposits.to_string(),
@@ -259,7 +272,7 @@ fn balance(l: &Ledger) -> anyhow::Result<()> {
                 a.held.to_string(),
                 available,
                 a.receipts
-            );
+            )?;
         }
     }
     Ok(())
@@ -268,13 +281,18 @@ fn balance(l: &Ledger) -> anyhow::Result<()> {
 fn receipts(l: &Ledger, peer: Option<&PublicKey>) -> anyhow::Result<()> {
     let all = l.receipts(peer)?;
     if all.is_empty() {
-        println!("no receipts");
+        out!("no receipts")?;
         return Ok(());
     }
-    println!(
+    out!(
         "{:<9} {:<32} {:<52} {:>16} {:>18} {:<5}",
-        "ROLE", "JOB", "PEER", "COST", "CUMULATIVE", "ACKED"
-    );
+        "ROLE",
+        "JOB",
+        "PEER",
+        "COST",
+        "CUMULATIVE",
+        "ACKED"
+    )?;
     for stored in all {
         let r = stored
             .receipt
@@ -284,7 +302,7 @@ fn receipts(l: &Ledger, peer: Option<&PublicKey>) -> anyhow::Result<()> {
             Role::Provider => r.requester,
             Role::Requester => r.provider,
         };
-        println!(
+        out!(
             "{:<9} {:<32} {:<52} {:>16} {:>18} {:<5}",
             stored.role.to_string(),
             r.job_id.to_string(),
@@ -292,9 +310,9 @@ fn receipts(l: &Ledger, peer: Option<&PublicKey>) -> anyhow::Result<()> {
             r.cost.to_string(),
             r.cumulative_charged.to_string(),
             if stored.ack.is_some() { "yes" } else { "no" }
-        );
+        )?;
         if let Some(why) = &stored.refunded {
-            println!("          refunded, not charged: {why}");
+            out!("          refunded, not charged: {why}")?;
         }
     }
     Ok(())
@@ -304,7 +322,7 @@ fn import(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
     let f = File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
     let report = pixmarket_ledger::import(&mut BufReader::new(f))
         .with_context(|| format!("{} does not verify", file.display()))?;
-    println!(
+    out!(
         "ok: {} entries of {}'s ledger verify ({}), every signature valid",
         report.entries,
         show_peer(&report.owner),
@@ -313,13 +331,15 @@ fn import(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
         } else {
             "one pair's entries; links between non-adjacent entries are not checked"
         }
-    );
-    println!(
+    )?;
+    out!(
         "{} receipts ({} acknowledged), {} open holds",
-        report.receipts, report.acked_receipts, report.open_holds
-    );
+        report.receipts,
+        report.acked_receipts,
+        report.open_holds
+    )?;
     for (role, peer, a) in &report.accounts {
-        println!(
+        out!(
             "  as {role} with {}: deposits {}, credit {}, charged {}, held {}, {} receipts",
             show_peer(peer),
             a.deposits,
@@ -327,7 +347,7 @@ fn import(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
             a.charged,
             a.held,
             a.receipts
-        );
+        )?;
     }
     // Reconcile with my own books where the export's owner is my counterparty: their side of
     // our pair must equal my mirror of it (same cumulative total, same last receipt).
@@ -349,10 +369,11 @@ fn import(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
             .account(my_role, &report.owner)?
             .unwrap_or_default();
         if mine.charged == theirs.charged && mine.last_receipt == theirs.last_receipt {
-            println!(
+            out!(
                 "reconciled: my books agree with theirs on our pair ({} charged over {} receipts)",
-                mine.charged, mine.receipts
-            );
+                mine.charged,
+                mine.receipts
+            )?;
         } else {
             bail!(
                 "my books disagree with theirs on our pair: I have {} charged over {} receipts, they have {} over {}",

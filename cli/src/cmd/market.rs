@@ -1,25 +1,30 @@
 //! The market form of `pixmarket generate` (without `--local`): start a short-lived requester on
 //! the data folder's identity and ledger, reach a provider (`--peer`) or the network
 //! (`--bootstrap`), buy the image, and write it with the provider, cost and receipt id printed.
+//! The params come from the one job builder and the output is proven writable before anything
+//! is bought; should the final write still fail, the paid image is kept in the data folder.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use pixmarket_node::DataDir;
 use pixmarket_node::launch::{self, Overrides};
 use pixmarket_node::requester::{GenerateOptions, JobProgress};
-use pixmarket_protocol::{JobParams, MicroTokens, Mode};
+use pixmarket_protocol::{JobParams, MicroTokens};
 
-use super::generate::JobArgs;
+use super::output::Output;
+use crate::usage::{out, usage};
 
-/// Defaults when buying: the reference pipeline's.
-const MARKET_SIDE: u32 = 1024;
-const MARKET_STEPS: u32 = 50;
-/// How long to wait for provider adverts when no `--peer` is given.
+/// How long to wait for provider adverts when no `--peer` is given: providers publish every
+/// 3 s, so two rounds and some gossip latency.
 const ADVERT_WAIT: Duration = Duration::from_secs(8);
+/// How often to look for adverts while waiting for the first one.
+const ADVERT_POLL: Duration = Duration::from_millis(100);
+/// Where a paid image goes, inside the data folder, when `-o` cannot be written after all.
+const KEPT_IMAGES: &str = "images";
 
 /// How to buy it.
 #[derive(Debug, Args)]
@@ -35,60 +40,53 @@ pub(crate) struct MarketArgs {
     max_cost: Option<String>,
 }
 
-fn params(job: &JobArgs) -> anyhow::Result<JobParams> {
-    let read = |flag: &str, p: &PathBuf| {
-        std::fs::read(p).with_context(|| format!("cannot read {flag} {}", p.display()))
-    };
-    // In (0, 1] × 1000, rounded: 0..=1000 fits u16 without loss of sign or range.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let strength_permille = match job.strength {
-        None => 1000,
-        Some(s) if s.is_finite() && s > 0.0 && s <= 1.0 => ((s * 1000.0).round() as u16).max(1),
-        Some(s) => bail!("--strength {s} must be in (0, 1]"),
-    };
-    let mode = match (&job.init_image, &job.mask) {
-        (None, _) => Mode::TextToImage,
-        (Some(i), None) => Mode::ImageToImage {
-            init_image: read("--init-image", i)?,
-            strength_permille,
-        },
-        (Some(i), Some(m)) => Mode::Inpaint {
-            init_image: read("--init-image", i)?,
-            mask: read("--mask", m)?,
-            strength_permille,
-        },
-    };
-    let p = JobParams {
-        prompt: job.prompt.clone(),
-        negative_prompt: job.negative_prompt.clone(),
-        width: job.width.unwrap_or(MARKET_SIDE),
-        height: job.height.unwrap_or(MARKET_SIDE),
-        steps: job.steps.unwrap_or(MARKET_STEPS),
-        true_cfg_scale: job.true_cfg_scale,
-        seed: job.seed.unwrap_or_else(rand::random),
-        images: 1,
-        mode,
-    };
-    p.validate()?;
-    Ok(p)
+/// Writes the paid image to `output`, or, if that fails now, into the data folder, and says
+/// where it is.
+fn keep(output: Output, png: &[u8], data_dir: &Path, job: &str) -> anyhow::Result<PathBuf> {
+    let wanted = output.path().to_path_buf();
+    match output.commit(png) {
+        Ok(p) => Ok(p),
+        Err(e) => {
+            let dir = data_dir.join(KEPT_IMAGES);
+            let kept = dir.join(format!("{job}.png"));
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::write(&kept, png))
+                .with_context(|| format!("{e:#}; and cannot keep it in {}", kept.display()))?;
+            Err(e.context(format!(
+                "the paid image is kept in {} instead of {}",
+                kept.display(),
+                wanted.display()
+            )))
+        }
+    }
 }
 
-pub(crate) fn run(job: &JobArgs, market: &MarketArgs, data_dir: PathBuf) -> anyhow::Result<()> {
-    let params = params(job)?;
+pub(crate) fn run(
+    params: JobParams,
+    output: &Path,
+    market: &MarketArgs,
+    json: bool,
+    data_dir: PathBuf,
+) -> anyhow::Result<()> {
     let max_cost = match &market.max_cost {
-        Some(t) => Some(t.parse::<MicroTokens>().context("invalid --max-cost")?),
+        Some(t) => Some(
+            t.parse::<MicroTokens>()
+                .map_err(|e| usage!("invalid --max-cost: {e}"))?,
+        ),
         None => None,
     };
     let provider = match &market.peer {
-        Some(addr) => Some(launch::peer_id_of("--peer", addr)?),
+        Some(addr) => Some(launch::peer_id_of("--peer", addr).map_err(|e| usage!("{e}"))?),
         None if market.bootstrap.is_empty() => {
-            bail!(
-                "say where to buy: --peer MULTIADDR (a provider) or --bootstrap MULTIADDR (the network), or --local"
-            )
+            return Err(usage!(
+                "say where to buy: --peer MULTIADDR (a provider) or --bootstrap MULTIADDR (the \
+                 network), or --local"
+            ));
         }
         None => None,
     };
     let dir = DataDir::open(&data_dir)?;
+    let output = Output::prepare(output)?;
     let mut bootstrap = market.bootstrap.clone();
     bootstrap.extend(market.peer.clone());
     let overrides = Overrides {
@@ -96,6 +94,7 @@ pub(crate) fn run(job: &JobArgs, market: &MarketArgs, data_dir: PathBuf) -> anyh
         client_only: true,
         ..Overrides::default()
     };
+    let quiet = super::quiet() || json;
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async {
         let node = launch::start(&dir, &overrides)
@@ -104,10 +103,14 @@ pub(crate) fn run(job: &JobArgs, market: &MarketArgs, data_dir: PathBuf) -> anyh
         if provider.is_none() {
             let until = tokio::time::Instant::now() + ADVERT_WAIT;
             while node.requester().providers().is_empty() && tokio::time::Instant::now() < until {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(ADVERT_POLL).await;
             }
         }
-        let bar = ProgressBar::new(u64::from(params.steps));
+        let bar = if quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(u64::from(params.steps))
+        };
         bar.set_style(
             ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -124,7 +127,9 @@ pub(crate) fn run(job: &JobArgs, market: &MarketArgs, data_dir: PathBuf) -> anyh
                 bar.set_message("generating");
             }
             JobProgress::FailingOver { reason, .. } => {
-                bar.println(format!("provider failed ({reason}); trying another"))
+                if !quiet {
+                    bar.println(format!("provider failed ({reason}); trying another"));
+                }
             }
         };
         let options = GenerateOptions {
@@ -140,16 +145,30 @@ pub(crate) fn run(job: &JobArgs, market: &MarketArgs, data_dir: PathBuf) -> anyh
         node.shutdown().await;
         let outcome = result?;
         let receipt = outcome.receipt.verify()?;
-        std::fs::write(&job.output, &outcome.images[0])
-            .with_context(|| format!("cannot write {}", job.output.display()))?;
-        println!("wrote {}", job.output.display());
-        println!("provider: {}", outcome.provider);
-        println!("cost: {} tokens", outcome.cost);
-        println!(
-            "receipt: job {} (receipt {})",
-            receipt.job_id,
-            outcome.receipt.digest()
-        );
+        let png = outcome
+            .images
+            .first()
+            .context("the provider delivered no image")?;
+        let job = receipt.job_id.to_string();
+        let written = keep(output, png, dir.root(), &job)?;
+        if json {
+            out!(
+                "{}",
+                serde_json::json!({
+                    "output": written.display().to_string(),
+                    "provider": outcome.provider.to_string(),
+                    "cost": outcome.cost.to_string(),
+                    "cost_micro": outcome.cost.0,
+                    "job": job,
+                    "receipt": outcome.receipt.digest().to_string(),
+                })
+            )?;
+        } else {
+            out!("wrote {}", written.display())?;
+            out!("provider: {}", outcome.provider)?;
+            out!("cost: {} tokens", outcome.cost)?;
+            out!("receipt: job {job} (receipt {})", outcome.receipt.digest())?;
+        }
         anyhow::Ok(())
     })
 }

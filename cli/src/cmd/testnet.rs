@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::usage::{out, out_text, usage};
 use anyhow::Context;
 use clap::Args;
 use pixmarket_testnet::adversary::AdversaryKind;
@@ -12,6 +13,11 @@ use pixmarket_testnet::report;
 use pixmarket_testnet::run::{self, EngineKind, SelectionRule, TestnetConfig};
 use pixmarket_testnet::scenario::{FaultSpec, Load};
 use pixmarket_testnet::sim;
+
+/// `--drop` is a probability in parts per million: at most all of them.
+const PPM_MAX: u32 = 1_000_000;
+/// `--delay` at most ten minutes of model time: longer is a partition, which `--partition` models.
+const MAX_DELAY_MS: u64 = 600_000;
 
 #[derive(Debug, Args)]
 pub(crate) struct TestnetArgs {
@@ -29,14 +35,16 @@ pub(crate) struct TestnetArgs {
     /// (GPU time from a timing model per GPU kind; labelled as simulation in the report).
     #[arg(long, default_value = "tiny")]
     engine: EngineKind,
-    /// `steady`, `daily` (a working day's curve with bursts) or `trace` (with --trace).
-    #[arg(long, default_value = "steady")]
-    scenario: String,
+    /// `steady`, `daily` (a working day's curve with bursts) or `trace` (with --trace)
+    /// [default: trace with --trace, else steady].
+    #[arg(long, value_parser = ["steady", "daily", "trace"])]
+    scenario: Option<String>,
     /// Jobs per model-time minute (steady), or at the peak (daily)
     /// [default: 12 with the tiny engine; 0.4 per provider simulated].
     #[arg(long)]
     rate: Option<f64>,
-    /// A JSON-lines trace to replay (`{"at_s": 1.5, "requester": 0, "width": 1024, ...}`).
+    /// A JSON-lines trace to replay (`{"at_s": 1.5, "requester": 0, "width": 1024, ...}`);
+    /// implies --scenario trace.
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
     /// Model-time length of the plan, in seconds [default: 60 tiny; 600 simulated;
@@ -53,7 +61,8 @@ pub(crate) struct TestnetArgs {
     #[arg(long, default_value_t = 0)]
     kill: u32,
     /// Probability that an RPC message is lost, in parts per million (0..=1000000).
-    #[arg(long, value_name = "PPM", default_value_t = 0)]
+    #[arg(long, value_name = "PPM", default_value_t = 0, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(PPM_MAX)))]
     drop: u32,
     /// Hold every RPC message MIN-MAX milliseconds of model time, e.g. `50-200`.
     #[arg(long, value_name = "MIN-MAX")]
@@ -84,12 +93,15 @@ pub(crate) struct TestnetArgs {
 }
 
 fn parse_delay(s: &str) -> anyhow::Result<(u64, u64)> {
-    let bad =
-        || anyhow::anyhow!("--delay {s:?}: expected MIN-MAX milliseconds, e.g. 50-200, MIN ≤ MAX");
+    let bad = || {
+        usage!(
+            "--delay {s:?}: expected MIN-MAX milliseconds, e.g. 50-200, MIN ≤ MAX ≤ {MAX_DELAY_MS}"
+        )
+    };
     let (lo, hi) = s.split_once('-').ok_or_else(bad)?;
     let lo: u64 = lo.trim().parse().map_err(|_| bad())?;
     let hi: u64 = hi.trim().parse().map_err(|_| bad())?;
-    if lo > hi || hi > 600_000 {
+    if lo > hi || hi > MAX_DELAY_MS {
         return Err(bad());
     }
     Ok((lo, hi))
@@ -117,17 +129,29 @@ pub(crate) fn run(a: TestnetArgs) -> anyhow::Result<()> {
             target_percent: 75,
             zones: a.zones.unwrap_or(3),
         };
-        let record = rt.block_on(experiment::run(&config, &mut |l| println!("  {l}")))?;
-        println!();
-        print!("{}", report::experiment_table(&record));
+        let record = rt.block_on(experiment::run(&config, &mut |l| {
+            let _ = out!("  {l}");
+        }))?;
+        out!()?;
+        out_text!("{}", report::experiment_table(&record))?;
         let written = report::write_experiment(&record, &a.out)?;
-        print_written(&written);
+        print_written(&written)?;
         return Ok(());
     }
 
     let simulated = a.engine == EngineKind::Simulated;
     let providers = a.providers.unwrap_or(3);
-    let load = match a.scenario.as_str() {
+    let scenario = match (&a.scenario, &a.trace) {
+        (Some(s), _) => s.clone(),
+        (None, Some(_)) => "trace".to_owned(),
+        (None, None) => "steady".to_owned(),
+    };
+    if a.trace.is_some() && scenario != "trace" {
+        return Err(usage!(
+            "--trace replays a trace: it goes with --scenario trace, not --scenario {scenario}"
+        ));
+    }
+    let load = match scenario.as_str() {
         "steady" => Load::Steady {
             per_minute: a.rate.unwrap_or(if simulated {
                 0.4 * providers as f64
@@ -147,13 +171,17 @@ pub(crate) fn run(a: TestnetArgs) -> anyhow::Result<()> {
             path: a
                 .trace
                 .clone()
-                .context("--scenario trace needs --trace FILE")?,
+                .ok_or_else(|| usage!("--scenario trace needs --trace FILE"))?,
         },
-        other => anyhow::bail!("--scenario {other:?}: allowed are steady, daily and trace"),
+        other => {
+            return Err(usage!(
+                "--scenario {other:?}: allowed are steady, daily and trace"
+            ));
+        }
     };
     let daily = matches!(load, Load::Daily { .. });
     let mut config = TestnetConfig::new(a.out.clone());
-    config.name = a.scenario.clone();
+    config.name = scenario.clone();
     config.providers = providers;
     config.requesters = a.requesters.unwrap_or(2);
     config.engine = a.engine;
@@ -181,7 +209,11 @@ pub(crate) fn run(a: TestnetArgs) -> anyhow::Result<()> {
     config.selection = match a.selection.as_str() {
         "finish" => SelectionRule::EstimatedFinish,
         "random" => SelectionRule::Random,
-        other => anyhow::bail!("--selection {other:?}: allowed are finish and random"),
+        other => {
+            return Err(usage!(
+                "--selection {other:?}: allowed are finish and random"
+            ));
+        }
     };
     config.idle_timeout = Duration::from_secs(a.idle_timeout.max(1));
     if simulated {
@@ -193,23 +225,26 @@ pub(crate) fn run(a: TestnetArgs) -> anyhow::Result<()> {
         std::fs::remove_dir_all(&nodes)
             .with_context(|| format!("cannot clear {} from an earlier run", nodes.display()))?;
     }
-    let record = rt.block_on(run::run(&config, &mut |l| println!("  {l}")))?;
-    println!();
-    print!("{}", report::table(&record));
+    let record = rt.block_on(run::run(&config, &mut |l| {
+        let _ = out!("  {l}");
+    }))?;
+    out!()?;
+    out_text!("{}", report::table(&record))?;
     let written = report::write_run(&record, &a.out)?;
-    print_written(&written);
+    print_written(&written)?;
     if !record.books.ok() {
         anyhow::bail!("the books check failed: see {}", written.text.display());
     }
     Ok(())
 }
 
-fn print_written(w: &report::Written) {
-    println!();
-    println!("report: {}", w.text.display());
-    println!("        {}", w.json.display());
-    println!("chart:  {}", w.chart.display());
+fn print_written(w: &report::Written) -> std::io::Result<()> {
+    out!()?;
+    out!("report: {}", w.text.display())?;
+    out!("        {}", w.json.display())?;
+    out!("chart:  {}", w.chart.display())?;
     if let Some(note) = &w.chart_note {
-        println!("        ({note})");
+        out!("        ({note})")?;
     }
+    Ok(())
 }
