@@ -26,13 +26,20 @@ pub(crate) struct LedgerArgs {
 #[derive(Debug, Subcommand)]
 enum LedgerCommand {
     /// Print each counterparty's deposits, credit, charges, holds and what is available.
-    Balance,
+    Balance {
+        /// Print one JSON object on stdout (amounts as token strings and as micro-tokens).
+        #[arg(long)]
+        json: bool,
+    },
     /// List receipts in order, with their cumulative totals, whether they are acknowledged,
     /// and whether an undelivered one was refunded.
     Receipts {
         /// Only this peer's receipts.
         #[arg(long, value_name = "PEER-ID")]
         peer: Option<String>,
+        /// Print one JSON object per receipt, one per line, on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Replay the whole log: check every link and signature and recompute every balance.
     Verify,
@@ -120,10 +127,11 @@ fn show_peer(p: &PublicKey) -> String {
 pub(crate) fn run(args: LedgerArgs) -> anyhow::Result<()> {
     let data_dir = args.data_dir.path()?;
     match args.command {
-        LedgerCommand::Balance => balance(&open(&data_dir)?.ledger),
-        LedgerCommand::Receipts { peer } => {
+        LedgerCommand::Balance { json: false } => balance(&open(&data_dir)?.ledger),
+        LedgerCommand::Balance { json: true } => balance_json(&open(&data_dir)?.ledger),
+        LedgerCommand::Receipts { peer, json } => {
             let peer = peer.as_deref().map(parse_peer).transpose()?;
-            receipts(&open(&data_dir)?.ledger, peer.as_ref())
+            receipts(&open(&data_dir)?.ledger, peer.as_ref(), json)
         }
         LedgerCommand::Verify => {
             let o = open(&data_dir)?;
@@ -278,8 +286,70 @@ fn balance(l: &Ledger) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn receipts(l: &Ledger, peer: Option<&PublicKey>) -> anyhow::Result<()> {
+/// An amount for JSON: the token string people read and the exact micro-tokens scripts add.
+fn amount(m: MicroTokens) -> serde_json::Value {
+    serde_json::json!({ "tokens": m.to_string(), "micro": m.0 })
+}
+
+fn balance_json(l: &Ledger) -> anyhow::Result<()> {
+    let mut roles = serde_json::Map::new();
+    for role in [Role::Provider, Role::Requester] {
+        let accounts: Vec<_> = l
+            .accounts(role)?
+            .into_iter()
+            .map(|(peer, a)| {
+                serde_json::json!({
+                    "peer": show_peer(&peer),
+                    "deposits": amount(a.deposits),
+                    "credit_limit": amount(a.credit_limit),
+                    "charged": amount(a.charged),
+                    "held": amount(a.held),
+                    // null when overdrawn (a requester's mirror of credit it did not record).
+                    "available": a.available().map(amount),
+                    "receipts": a.receipts,
+                })
+            })
+            .collect();
+        roles.insert(role.to_string(), serde_json::Value::Array(accounts));
+    }
+    out!(
+        "{}",
+        serde_json::json!({
+            "default_credit": amount(l.default_credit()?),
+            "accounts": roles,
+        })
+    )?;
+    Ok(())
+}
+
+fn receipts(l: &Ledger, peer: Option<&PublicKey>, json: bool) -> anyhow::Result<()> {
     let all = l.receipts(peer)?;
+    if json {
+        for stored in all {
+            let r = stored
+                .receipt
+                .verify()
+                .context("a stored receipt does not verify; run `pixmarket ledger verify`")?;
+            let other = match stored.role {
+                Role::Provider => r.requester,
+                Role::Requester => r.provider,
+            };
+            out!(
+                "{}",
+                serde_json::json!({
+                    "role": stored.role.to_string(),
+                    "job": r.job_id.to_string(),
+                    "peer": show_peer(&other),
+                    "cost": amount(r.cost),
+                    "cumulative": amount(r.cumulative_charged),
+                    "acked": stored.ack.is_some(),
+                    "refunded": stored.refunded,
+                    "receipt": stored.receipt.digest().to_string(),
+                })
+            )?;
+        }
+        return Ok(());
+    }
     if all.is_empty() {
         out!("no receipts")?;
         return Ok(());

@@ -23,6 +23,13 @@ use crate::usage::{out, usage};
 const ADVERT_WAIT: Duration = Duration::from_secs(8);
 /// How often to look for adverts while waiting for the first one.
 const ADVERT_POLL: Duration = Duration::from_millis(100);
+/// How long to wait for the `--peer` provider's connection before saying why it failed: a
+/// dial on loopback or a LAN connects in milliseconds, over the internet in about a second.
+const CONNECT_WAIT: Duration = Duration::from_secs(5);
+/// How often to look for that connection.
+const CONNECT_POLL: Duration = Duration::from_millis(50);
+/// How long the plain TCP probe of a failed `--peer` address may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Where a paid image goes, inside the data folder, when `-o` cannot be written after all.
 const KEPT_IMAGES: &str = "images";
 
@@ -61,6 +68,44 @@ fn keep(output: Output, png: &[u8], data_dir: &Path, job: &str) -> anyhow::Resul
     }
 }
 
+/// What a plain TCP connect to a `--peer` address found.
+#[derive(Debug)]
+enum Probe {
+    /// Nothing listens there: a dead address (the reason is the OS's).
+    Dead(String),
+    /// Something listens: if libp2p then fails to reach the peer, the peer id is wrong.
+    Listening,
+    /// Not a TCP address (QUIC, DNS): nothing to tell apart.
+    Unknown,
+}
+
+fn probe(addr: &str) -> Probe {
+    use libp2p::multiaddr::Protocol;
+    let Ok(ma) = addr.parse::<libp2p::Multiaddr>() else {
+        return Probe::Unknown;
+    };
+    let mut ip = None;
+    let mut tcp = None;
+    for p in ma.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
+            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::V6(a)),
+            Protocol::Tcp(port) => tcp = Some(port),
+            _ => {}
+        }
+    }
+    let (Some(ip), Some(port)) = (ip, tcp) else {
+        return Probe::Unknown;
+    };
+    match std::net::TcpStream::connect_timeout(&(ip, port).into(), PROBE_TIMEOUT) {
+        Ok(_) => Probe::Listening,
+        Err(e) => Probe::Dead(format!(
+            "nothing answers at {ip}:{port} ({e}): is the provider running, and is the address \
+             right? Nothing was bought"
+        )),
+    }
+}
+
 pub(crate) fn run(
     params: JobParams,
     output: &Path,
@@ -87,6 +132,11 @@ pub(crate) fn run(
     };
     let dir = DataDir::open(&data_dir)?;
     let output = Output::prepare(output)?;
+    // A dead address fails here at once; a live one that is another node, after the dial.
+    let probed = market.peer.as_deref().map(probe);
+    if let Some(Probe::Dead(reason)) = &probed {
+        anyhow::bail!("{reason}");
+    }
     let mut bootstrap = market.bootstrap.clone();
     bootstrap.extend(market.peer.clone());
     let overrides = Overrides {
@@ -100,6 +150,30 @@ pub(crate) fn run(
         let node = launch::start(&dir, &overrides)
             .await
             .context("node failed to start")?;
+        if let (Some(peer), Some(addr)) = (provider, &market.peer) {
+            let until = tokio::time::Instant::now() + CONNECT_WAIT;
+            loop {
+                let connected = node.client().connected_peers().await.unwrap_or_default();
+                if connected.contains(&peer) {
+                    break;
+                }
+                if tokio::time::Instant::now() >= until {
+                    node.shutdown().await;
+                    if matches!(probed, Some(Probe::Listening)) {
+                        anyhow::bail!(
+                            "a node answers at {addr} but it is not {peer}: check the peer id \
+                             after /p2p/ (`pixmarket id --data-dir <provider's folder>` prints \
+                             it). Nothing was bought"
+                        );
+                    }
+                    anyhow::bail!(
+                        "cannot reach provider {peer} at {addr}: is it running, and is the \
+                         address right? Nothing was bought"
+                    );
+                }
+                tokio::time::sleep(CONNECT_POLL).await;
+            }
+        }
         if provider.is_none() {
             let until = tokio::time::Instant::now() + ADVERT_WAIT;
             while node.requester().providers().is_empty() && tokio::time::Instant::now() < until {
@@ -142,8 +216,21 @@ pub(crate) fn run(
             .generate(params, options, &mut on_progress)
             .await;
         bar.finish_and_clear();
+        let outcome = match result {
+            Ok(o) => o,
+            Err(e) => {
+                let unreached = super::node::unreached_bootstrap(&node, &market.bootstrap).await;
+                node.shutdown().await;
+                if unreached.is_empty() {
+                    return Err(e.into());
+                }
+                return Err(anyhow::Error::new(e).context(format!(
+                    "bootstrap peer {} is not reachable",
+                    unreached.join(", ")
+                )));
+            }
+        };
         node.shutdown().await;
-        let outcome = result?;
         let receipt = outcome.receipt.verify()?;
         let png = outcome
             .images

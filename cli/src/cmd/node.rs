@@ -68,6 +68,24 @@ pub(crate) async fn report_unreached_bootstrap(node: &Node, bootstrap: &[String]
     }
 }
 
+/// Ctrl-C, listened for from the moment this returns (`tokio::signal::ctrl_c` installs its
+/// handler only when first polled, so a signal before that would kill the process).
+#[cfg(unix)]
+fn interrupt() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sig = signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?;
+    Ok(async move {
+        sig.recv().await;
+    })
+}
+
+#[cfg(not(unix))]
+fn interrupt() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+}
+
 pub(crate) fn run(a: NodeArgs) -> anyhow::Result<()> {
     let dir = DataDir::open(&a.data_dir.path()?)?;
     let mut config_bootstrap = dir.config().map(|c| c.bootstrap).unwrap_or_default();
@@ -83,6 +101,9 @@ pub(crate) fn run(a: NodeArgs) -> anyhow::Result<()> {
     };
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async {
+        // Listen for Ctrl-C before anything is printed: a signal that comes once the node has
+        // said "listening" stops it in order instead of killing it.
+        let stop = interrupt()?;
         let node = launch::start(&dir, &overrides)
             .await
             .context("node failed to start")?;
@@ -105,13 +126,12 @@ pub(crate) fn run(a: NodeArgs) -> anyhow::Result<()> {
             out!("metrics on http://{m}/metrics")?;
         }
         let bootstrap = config_bootstrap;
-        let stop = tokio::signal::ctrl_c();
         tokio::pin!(stop);
         tokio::select! {
-            r = &mut stop => r.context("cannot wait for Ctrl-C")?,
+            () = &mut stop => {}
             () = tokio::time::sleep(BOOTSTRAP_GRACE) => {
                 report_unreached_bootstrap(&node, &bootstrap).await;
-                stop.await.context("cannot wait for Ctrl-C")?;
+                stop.await;
             }
         }
         out!("stopping")?;
