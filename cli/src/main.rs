@@ -40,10 +40,13 @@ fn main() -> ExitCode {
     // Warnings (refused jobs, bad receipts, failovers) by default; RUST_LOG=info or debug for more.
     // A testnet provokes refusals and failovers on purpose, by the hundred, and reports them
     // itself: only errors are logged there unless RUST_LOG asks for more.
-    let default = if cli.quiet || matches!(cli.command, cmd::Command::Testnet(_)) {
-        "error"
-    } else {
-        "warn,libp2p_kad=error"
+    // A running node logs the node crate's info lines too (one per job sold, issue 22), which
+    // is what an operator watching it wants to see.
+    let default = match &cli.command {
+        _ if cli.quiet => "error",
+        cmd::Command::Testnet(_) => "error",
+        cmd::Command::Node(_) => "warn,pixmarket_node=info,libp2p_kad=error",
+        _ => "warn,libp2p_kad=error",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));

@@ -223,6 +223,12 @@ fn ranges_are_checked_by_the_parser_with_the_range_in_the_message() {
         ]);
         fails(&o, USAGE, "prompt");
     }
+    // How to run it here is not silently ignored when buying.
+    fails(
+        &market(&["--device", "cuda"]),
+        USAGE,
+        "--device needs --local",
+    );
     // The market job has no field for starting noise: said, not silently dropped.
     fails(
         &market(&["--latents", &fixture("t2i_2step_latents.safetensors")]),

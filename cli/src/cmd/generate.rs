@@ -26,6 +26,10 @@ use super::job::{self, Form};
 use super::output::Output;
 use crate::usage::{out, usage};
 
+/// Local runs default to full precision on the CPU: they work on every machine.
+const DEFAULT_DTYPE: &str = "f32";
+const DEFAULT_DEVICE: &str = "cpu";
+
 /// What the picture is: the flags the local and the market forms share. Ranges are the local
 /// ones; the market's narrower ones are checked before anything is bought.
 #[derive(Debug, Args)]
@@ -101,12 +105,12 @@ pub(crate) struct LocalArgs {
     /// Local only: the market's job message has no field for it.
     #[arg(long, value_name = "FILE")]
     latents: Option<PathBuf>,
-    /// Compute precision: f32, bf16 or f16 (the VAE runs in f32 on the CPU).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
-    dtype: String,
-    /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// Compute precision: f32, bf16 or f16 (the VAE runs in f32 on the CPU) [default: f32].
+    #[arg(long, value_parser = ["f32", "bf16", "f16"])]
+    dtype: Option<String>,
+    /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`) [default: cpu].
+    #[arg(long)]
+    device: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -182,6 +186,21 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ));
     }
     if !args.local.local {
+        // How to run it here means nothing to a bought image: say so rather than ignore it.
+        for (flag, given) in [
+            ("--model", args.local.model.is_some()),
+            ("--dtype", args.local.dtype.is_some()),
+            ("--device", args.local.device.is_some()),
+        ] {
+            if given {
+                return Err(usage!(
+                    "{flag} needs --local: add --local to run it on this machine, or drop {flag} \
+                     and buy it with --peer or --bootstrap"
+                ));
+            }
+        }
+    }
+    if !args.local.local {
         let params = job::build(&args.job, Form::Market)?;
         return super::market::run(
             params,
@@ -198,9 +217,11 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
         json,
         market: _,
     } = args;
-    let dtype = dtype_from_name(&local.dtype)
-        .ok_or_else(|| usage!("unknown --dtype {}; allowed: f32, bf16, f16", local.dtype))?;
-    let device = device_from_name(&local.device).map_err(|e| usage!("{e}"))?;
+    let dtype_name = local.dtype.as_deref().unwrap_or(DEFAULT_DTYPE);
+    let dtype = dtype_from_name(dtype_name)
+        .ok_or_else(|| usage!("unknown --dtype {dtype_name}; allowed: f32, bf16, f16"))?;
+    let device = device_from_name(local.device.as_deref().unwrap_or(DEFAULT_DEVICE))
+        .map_err(|e| usage!("{e}"))?;
     let Some(model) = local.model else {
         return Err(usage!(
             "--local needs --model DIR (a diffusers Qwen-Image folder) or --model tiny"

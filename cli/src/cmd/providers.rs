@@ -127,8 +127,14 @@ pub(crate) fn run(a: ProvidersArgs) -> anyhow::Result<()> {
         out!("no provider advertised within {} s", a.wait)?;
         return Ok(());
     }
+    let model_w = rows
+        .iter()
+        .map(|(p, _, _)| p.advert.model_id.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max("MODEL".len());
     out!(
-        "{:<22} {:>7} {:>13} {:>8} {:>6}  ADDRESS (paste after --peer)",
+        "{:<model_w$} {:>7} {:>13} {:>8} {:>6}  ADDRESS (paste after --peer)",
         "MODEL",
         "DTYPE",
         "STANDARD IMG",
@@ -140,7 +146,7 @@ pub(crate) fn run(a: ProvidersArgs) -> anyhow::Result<()> {
         #[allow(clippy::cast_precision_loss)]
         let seconds = ad.ms_per_standard_image as f64 / 1000.0;
         out!(
-            "{:<22} {:>7} {:>13} {:>8} {:>6.1}  {}",
+            "{:<model_w$} {:>7} {:>13} {:>8} {:>6.1}  {}",
             ad.model_id,
             ad.precision,
             standard.map_or_else(|| "-".to_owned(), |c| c.to_string()),
