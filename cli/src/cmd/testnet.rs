@@ -11,7 +11,7 @@ use pixmarket_testnet::adversary::AdversaryKind;
 use pixmarket_testnet::experiment::{self, ExperimentConfig};
 use pixmarket_testnet::report;
 use pixmarket_testnet::run::{self, EngineKind, SelectionRule, TestnetConfig};
-use pixmarket_testnet::scenario::{FaultSpec, Load};
+use pixmarket_testnet::scenario::{self, FaultSpec, Load};
 use pixmarket_testnet::sim;
 
 /// `--drop` is a probability in parts per million: at most all of them.
@@ -26,10 +26,10 @@ pub(crate) struct TestnetArgs {
     #[arg(long, value_name = "DIR", default_value = "pixmarket-testnet")]
     out: PathBuf,
     /// Provider nodes [default: 3; with --experiment, 6: the shared fleet].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     providers: Option<usize>,
     /// Requester nodes [default: 2; with --experiment, 6].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     requesters: Option<usize>,
     /// `tiny` (the real model code with random tiny weights, on the CPU) or `simulated`
     /// (GPU time from a timing model per GPU kind; labelled as simulation in the report).
@@ -41,7 +41,7 @@ pub(crate) struct TestnetArgs {
     scenario: Option<String>,
     /// Jobs per model-time minute (steady), or at the peak (daily)
     /// [default: 12 with the tiny engine; 0.4 per provider simulated].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     rate: Option<f64>,
     /// A JSON-lines trace to replay (`{"at_s": 1.5, "requester": 0, "width": 1024, ...}`);
     /// implies --scenario trace.
@@ -49,16 +49,16 @@ pub(crate) struct TestnetArgs {
     trace: Option<PathBuf>,
     /// Model-time length of the plan, in seconds [default: 60 tiny; 600 simulated;
     /// 86400 for the daily scenario].
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, allow_negative_numbers = true, value_name = "SECONDS")]
     duration: Option<u64>,
     /// Model seconds per wall second, simulated engine only [default: 10; 360 for daily].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     speedup: Option<f64>,
     /// Fixes the plan: jobs, their times and sizes, faults, keys and random choices.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1)]
     seed: u64,
     /// Providers to kill abruptly mid-run and restart from their data folder.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     kill: u32,
     /// Probability that an RPC message is lost, in parts per million (0..=1000000).
     #[arg(long, value_name = "PPM", default_value_t = 0, allow_negative_numbers = true,
@@ -81,11 +81,11 @@ pub(crate) struct TestnetArgs {
     #[arg(long, value_name = "FILE")]
     gpu_table: Option<PathBuf>,
     /// Seconds of wall time a job may go without word from its provider.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 30)]
     idle_timeout: u64,
     /// Daily scenario: spread the requesters over this many time zones, evenly apart
     /// [default: 1; with --experiment, 3].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     zones: Option<u32>,
     /// Run the utilization experiment instead (one simulated day, three markets side by side).
     #[arg(long)]
@@ -220,6 +220,10 @@ pub(crate) fn run(a: TestnetArgs) -> anyhow::Result<()> {
         config.max_batch = 1;
         config.max_queue = 64;
     }
+    // Settings out of range and a plan that cannot be made (a rate, duration or trace out of
+    // bounds) are the command line's to fix: exit 2, before any node starts. The run plans again from the same spec.
+    config.validate().map_err(|e| usage!("{e:#}"))?;
+    scenario::plan(&config.plan_spec()).map_err(|e| usage!("{e}"))?;
     let nodes = a.out.join("nodes");
     if nodes.exists() {
         std::fs::remove_dir_all(&nodes)
