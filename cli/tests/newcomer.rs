@@ -648,3 +648,51 @@ fn price_bills_the_steps_that_run() {
         "{half}"
     );
 }
+
+#[test]
+fn outlandish_input_is_an_error_not_a_crash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = init(tmp.path(), "n");
+    let out = tmp.path().join("x.png");
+    let out = out.to_str().unwrap();
+    let init_image = fixture("init.png");
+    let outpaint = |pad: &str| {
+        run(&[
+            "generate",
+            "a cat",
+            "--local",
+            "--model",
+            "tiny",
+            "--init-image",
+            &init_image,
+            "--outpaint",
+            pad,
+            "--data-dir",
+            &d,
+            "-o",
+            out,
+        ])
+    };
+    // Once an allocation abort (rc 134) and an overflow panic (rc 101).
+    fails(
+        &outpaint("99999,99999,99999,99999"),
+        USAGE,
+        "larger than 4096×4096",
+    );
+    fails(
+        &outpaint("4294967295,1,1,1"),
+        USAGE,
+        "larger than 4096×4096",
+    );
+    fails(&outpaint("0,0,0,0"), USAGE, "no border");
+    fails(
+        &run(&["ledger", "deposit", "notapeer", "5", "--data-dir", &d]),
+        USAGE,
+        "is not a peer id",
+    );
+    fails(
+        &run(&["ledger", "credit-limit", "notapeer", "-5", "--data-dir", &d]),
+        USAGE,
+        "is not a peer id",
+    );
+}

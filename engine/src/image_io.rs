@@ -95,7 +95,21 @@ pub fn outpaint_canvas(
     let img = decode(init, "init image")?.to_rgb8();
     let [left, top, right, bottom] = pad;
     let (w, h) = img.dimensions();
-    let (cw, ch) = (w + left + right, h + top + bottom);
+    let side = |a: u32, b: u32, c: u32| a.checked_add(b)?.checked_add(c);
+    let (cw, ch) = match (side(w, left, right), side(h, top, bottom)) {
+        (Some(cw), Some(ch))
+            if cw <= crate::pipeline::MAX_SIDE && ch <= crate::pipeline::MAX_SIDE =>
+        {
+            (cw, ch)
+        }
+        _ => {
+            return Err(EngineError::InvalidRequest(format!(
+                "outpainting a {w}×{h} image by {left},{top},{right},{bottom} makes a canvas \
+                 larger than {0}×{0}",
+                crate::pipeline::MAX_SIDE
+            )));
+        }
+    };
     let mut canvas = RgbImage::from_pixel(cw, ch, image::Rgb([128, 128, 128]));
     image::imageops::replace(&mut canvas, &img, i64::from(left), i64::from(top));
     let mask = image::GrayImage::from_fn(cw, ch, |x, y| {

@@ -96,8 +96,13 @@ pub(crate) fn build(job: &JobArgs, form: Form) -> anyhow::Result<JobParams> {
         (None, _, _) => Mode::TextToImage,
         (Some(img), None, Some(pad)) => {
             let (bytes, _) = read_image("--init-image", img)?;
-            let (init_image, mask, w, h) = outpaint_canvas(&bytes, pad)
-                .with_context(|| format!("cannot outpaint {}", img.display()))?;
+            if pad == [0; 4] {
+                return Err(usage!(
+                    "--outpaint 0,0,0,0 adds no border to paint; give the pixels to add on each side"
+                ));
+            }
+            let (init_image, mask, w, h) =
+                outpaint_canvas(&bytes, pad).map_err(|e| usage!("{e}"))?;
             if (job.width.is_none() || job.height.is_none())
                 && (!w.is_multiple_of(v::DIMENSION_MULTIPLE)
                     || !h.is_multiple_of(v::DIMENSION_MULTIPLE))

@@ -13,7 +13,7 @@ use pixmarket_node::DataDir;
 use pixmarket_protocol::{DepositNote, MicroTokens, PublicKey, Signed};
 
 use super::DataDirArg;
-use crate::usage::out;
+use crate::usage::{out, usage};
 
 #[derive(Debug, Args)]
 pub(crate) struct LedgerArgs {
@@ -89,15 +89,17 @@ enum LedgerCommand {
 fn parse_peer(text: &str) -> anyhow::Result<PublicKey> {
     PublicKey::from_peer_id_str(text)
         .or_else(|_| text.parse::<PublicKey>())
-        .with_context(|| format!("'{text}' is not a peer id (expected 12D3KooW...)"))
+        .map_err(|e| usage!("'{text}' is not a peer id (expected 12D3KooW...): {e}"))
 }
 
 fn parse_tokens(text: &str) -> anyhow::Result<MicroTokens> {
     if text.trim_start().starts_with('-') {
-        bail!("'{text}' is negative; amounts are tokens of 0 or more");
+        return Err(usage!(
+            "'{text}' is negative; amounts are tokens of 0 or more"
+        ));
     }
     text.parse::<MicroTokens>()
-        .with_context(|| format!("invalid amount '{text}'"))
+        .map_err(|e| usage!("invalid amount '{text}': {e}"))
 }
 
 fn now_ms() -> u64 {
