@@ -33,7 +33,12 @@ pub(crate) use usage;
 
 /// The exit status for an error: [`EXIT_USAGE`] if a [`UsageError`] is anywhere in its chain.
 pub(crate) fn exit_code(e: &anyhow::Error) -> u8 {
-    if e.chain().any(|c| c.is::<UsageError>()) {
+    let flag = |c: &(dyn std::error::Error + 'static)| {
+        c.is::<UsageError>()
+            || c.downcast_ref::<pixmarket_node::launch::LaunchError>()
+                .is_some_and(pixmarket_node::launch::LaunchError::is_flag_error)
+    };
+    if e.chain().any(flag) {
         EXIT_USAGE
     } else {
         EXIT_FAILURE

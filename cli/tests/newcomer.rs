@@ -189,6 +189,7 @@ fn ranges_are_checked_by_the_parser_with_the_range_in_the_message() {
     fails(&local(&["--width", "-16"]), USAGE, "not in 16..=4096");
     fails(&local(&["--true-cfg-scale", "-1"]), USAGE, "1.0..=20.0");
     fails(&local(&["--strength", "-0.5"]), USAGE, "(0, 1]");
+    fails(&local(&["--seed", "-1"]), USAGE, "a whole number in 0..=");
     // One set of limits: the market's narrower ones, before anything is dialled.
     let peer = format!(
         "/ip4/127.0.0.1/tcp/{}/p2p/{}",
@@ -223,6 +224,7 @@ fn ranges_are_checked_by_the_parser_with_the_range_in_the_message() {
         ]);
         fails(&o, USAGE, "prompt");
     }
+    fails(&market(&["--max-cost", "-1"]), USAGE, "non-negative");
     // How to run it here is not silently ignored when buying.
     fails(
         &market(&["--device", "cuda"]),
@@ -685,6 +687,17 @@ fn outlandish_input_is_an_error_not_a_crash() {
         "larger than 4096×4096",
     );
     fails(&outpaint("0,0,0,0"), USAGE, "no border");
+    // Flags of `node` are named as flags, not as config keys.
+    fails(
+        &run(&["node", "--data-dir", &d, "--metrics", "nonsense"]),
+        USAGE,
+        "--metrics \"nonsense\" is not HOST:PORT",
+    );
+    fails(
+        &run(&["node", "--data-dir", &d, "--listen", "garbage"]),
+        USAGE,
+        "--listen \"garbage\"",
+    );
     fails(
         &run(&["ledger", "deposit", "notapeer", "5", "--data-dir", &d]),
         USAGE,

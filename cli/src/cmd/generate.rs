@@ -61,7 +61,7 @@ pub(crate) struct JobArgs {
           value_parser = parse_true_cfg)]
     pub(crate) true_cfg_scale: f32,
     /// Seed of the starting noise [default: a fresh one, printed].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_seed)]
     pub(crate) seed: Option<u64>,
     /// Start from this image (PNG or JPEG): image-to-image, or inpaint with --mask. The picture
     /// takes its size unless --width/--height say otherwise (then --resize is needed).
@@ -136,6 +136,15 @@ fn parse_padding(s: &str) -> Result<[u32; 4], String> {
         .map_err(|e| format!("expected LEFT,TOP,RIGHT,BOTTOM in pixels: {e}"))?;
     <[u32; 4]>::try_from(parts)
         .map_err(|p| format!("expected 4 numbers LEFT,TOP,RIGHT,BOTTOM, got {}", p.len()))
+}
+
+fn parse_seed(s: &str) -> Result<u64, String> {
+    s.trim().parse().map_err(|_| {
+        format!(
+            "{s} is not a seed; allowed: a whole number in 0..={}",
+            u64::MAX
+        )
+    })
 }
 
 /// Strength in (0, 1] as per-mille, rounded, at least 1‰.

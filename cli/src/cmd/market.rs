@@ -43,7 +43,7 @@ pub(crate) struct MarketArgs {
     #[arg(long, value_name = "MULTIADDR")]
     bootstrap: Vec<String>,
     /// The most to pay for the job, in tokens (e.g. 15 or 2.5).
-    #[arg(long, value_name = "TOKENS")]
+    #[arg(long, value_name = "TOKENS", allow_hyphen_values = true)]
     max_cost: Option<String>,
 }
 

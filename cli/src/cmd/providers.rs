@@ -25,7 +25,7 @@ const STANDARD: MeteredUnits = MeteredUnits {
     images: 1,
 };
 /// Longest `--wait`: two minutes is 40 advert rounds; anything longer is a `node`'s job.
-const MAX_WAIT_S: u64 = 120;
+const MAX_WAIT_S: u32 = 120;
 
 #[derive(Debug, Args)]
 pub(crate) struct ProvidersArgs {
@@ -36,8 +36,8 @@ pub(crate) struct ProvidersArgs {
     bootstrap: Vec<String>,
     /// Seconds to listen for adverts (providers publish every 3 s).
     #[arg(long, default_value_t = 5, allow_negative_numbers = true,
-          value_parser = clap::value_parser!(u64).range(1..=MAX_WAIT_S))]
-    wait: u64,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_WAIT_S)))]
+    wait: u32,
     /// Print the list as a JSON array on stdout.
     #[arg(long)]
     json: bool,
@@ -86,7 +86,7 @@ pub(crate) fn run(a: ProvidersArgs) -> anyhow::Result<()> {
         let node = launch::start(&dir, &overrides)
             .await
             .context("node failed to start")?;
-        tokio::time::sleep(Duration::from_secs(a.wait)).await;
+        tokio::time::sleep(Duration::from_secs(u64::from(a.wait))).await;
         let list = node.requester().providers();
         super::node::report_unreached_bootstrap(&node, &a.bootstrap).await;
         node.shutdown().await;
