@@ -343,6 +343,7 @@ fn buying_checks_the_output_first_and_says_which_peer_failed() {
         assert!(o.status.success(), "{}", stderr(&o));
         o
     }));
+    assert_eq!(t2i["seed"], 1, "{t2i}");
     let init = fixture("init.png");
     let i2i = buy(&[
         "--json",

@@ -145,6 +145,8 @@ pub(crate) fn run(
         ..Overrides::default()
     };
     let quiet = super::quiet() || json;
+    // Printed with the result, so the same picture can be bought (or made locally) again.
+    let seed = params.seed;
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async {
         let node = launch::start(&dir, &overrides)
@@ -247,6 +249,7 @@ pub(crate) fn run(
                     "cost": outcome.cost.to_string(),
                     "cost_micro": outcome.cost.0,
                     "job": job,
+                    "seed": seed,
                     "receipt": outcome.receipt.digest().to_string(),
                 })
             )?;
@@ -254,6 +257,7 @@ pub(crate) fn run(
             out!("wrote {}", written.display())?;
             out!("provider: {}", outcome.provider)?;
             out!("cost: {} tokens", outcome.cost)?;
+            out!("seed: {seed}")?;
             out!("receipt: job {job} (receipt {})", outcome.receipt.digest())?;
         }
         anyhow::Ok(())
