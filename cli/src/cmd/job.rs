@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use pixmarket_engine::image_io::{image_size, outpaint_canvas};
+use pixmarket_engine::image_io::{image_size, outpaint_canvas, resize_png};
 use pixmarket_protocol::validate::{self as v, Limits};
 use pixmarket_protocol::{JobParams, Mode};
 
@@ -65,6 +65,32 @@ fn read_image(flag: &str, path: &Path) -> anyhow::Result<(Vec<u8>, (u32, u32))> 
     Ok((bytes, size))
 }
 
+/// The mode with its init image and mask stretched to `width × height`.
+fn resized(mode: Mode, width: u32, height: u32) -> anyhow::Result<Mode> {
+    let image = |b: &[u8]| {
+        resize_png(b, width, height, "init image", false).context("cannot resize --init-image")
+    };
+    Ok(match mode {
+        Mode::TextToImage => Mode::TextToImage,
+        Mode::ImageToImage {
+            init_image,
+            strength_permille,
+        } => Mode::ImageToImage {
+            init_image: image(&init_image)?,
+            strength_permille,
+        },
+        Mode::Inpaint {
+            init_image,
+            mask,
+            strength_permille,
+        } => Mode::Inpaint {
+            init_image: image(&init_image)?,
+            mask: resize_png(&mask, width, height, "mask", true).context("cannot resize --mask")?,
+            strength_permille,
+        },
+    })
+}
+
 /// Builds the job the flags describe for `form`, or says which flag is wrong and what is allowed
 /// (a [`UsageError`]).
 pub(crate) fn build(job: &JobArgs, form: Form) -> anyhow::Result<JobParams> {
@@ -114,6 +140,7 @@ pub(crate) fn build(job: &JobArgs, form: Form) -> anyhow::Result<JobParams> {
                 ));
             }
             implied = Some((w, h));
+            inputs.push(("the outpaint canvas", (w, h)));
             Mode::Inpaint {
                 init_image,
                 mask,
@@ -150,7 +177,10 @@ pub(crate) fn build(job: &JobArgs, form: Form) -> anyhow::Result<JobParams> {
     limits.dimension("height", height).map_err(invalid)?;
     let steps = job.steps.unwrap_or(default_steps);
     limits.steps(steps).map_err(invalid)?;
-    if !job.resize {
+    let mode = if job.resize {
+        // Stretched here, so the job carries exactly the size it is billed and run at.
+        resized(mode, width, height)?
+    } else {
         for (flag, (w, h)) in inputs {
             if (w, h) != (width, height) {
                 return Err(usage!(
@@ -159,7 +189,8 @@ pub(crate) fn build(job: &JobArgs, form: Form) -> anyhow::Result<JobParams> {
                 ));
             }
         }
-    }
+        mode
+    };
     let params = JobParams {
         prompt: job.prompt.clone(),
         negative_prompt: job.negative_prompt.clone(),
@@ -261,6 +292,32 @@ mod tests {
                 "{extra:?}"
             );
         }
+    }
+
+    #[test]
+    fn resize_sends_images_of_the_pictures_size() {
+        let init = fixture("init.png");
+        let mask = fixture("mask.png");
+        let job = flags(&[
+            "--init-image",
+            &init,
+            "--mask",
+            &mask,
+            "--resize",
+            "--width",
+            "256",
+            "--height",
+            "256",
+        ]);
+        let p = build(&job, Form::Market).unwrap();
+        let Mode::Inpaint {
+            init_image, mask, ..
+        } = &p.mode
+        else {
+            panic!("expected inpaint");
+        };
+        assert_eq!(image_size(init_image, "init").unwrap(), (256, 256));
+        assert_eq!(image_size(mask, "mask").unwrap(), (256, 256));
     }
 
     #[test]
