@@ -421,7 +421,8 @@ fn buying_checks_the_output_first_and_says_which_peer_failed() {
     ]);
     fails(&o, FAILURE, "nothing answers");
 
-    // The providers table: a pasteable address and the price of a standard image.
+    // The providers table: a pasteable address and the price of a standard image. It returns
+    // as soon as the advert arrives (--expect), not after a fixed wait.
     let list = ok(&[
         "providers",
         "--data-dir",
@@ -429,7 +430,9 @@ fn buying_checks_the_output_first_and_says_which_peer_failed() {
         "--bootstrap",
         &addr,
         "--wait",
-        "6",
+        "120",
+        "--expect",
+        "1",
         "--json",
     ]);
     let list = json(&list);

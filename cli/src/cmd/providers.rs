@@ -24,6 +24,8 @@ const STANDARD: MeteredUnits = MeteredUnits {
     prompt_tokens: 100,
     images: 1,
 };
+/// How often `--expect` looks at the adverts heard so far.
+const ADVERT_POLL: Duration = Duration::from_millis(100);
 /// Longest `--wait`: two minutes is 40 advert rounds; anything longer is a `node`'s job.
 const MAX_WAIT_S: u32 = 120;
 
@@ -38,6 +40,11 @@ pub(crate) struct ProvidersArgs {
     #[arg(long, default_value_t = 5, allow_negative_numbers = true,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_WAIT_S)))]
     wait: u32,
+    /// Stop listening as soon as this many providers have advertised (still at most --wait
+    /// seconds): for scripts that know how many to expect.
+    #[arg(long, value_name = "N", allow_negative_numbers = true,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    expect: Option<u32>,
     /// Print the list as a JSON array on stdout.
     #[arg(long)]
     json: bool,
@@ -86,7 +93,18 @@ pub(crate) fn run(a: ProvidersArgs) -> anyhow::Result<()> {
         let node = launch::start(&dir, &overrides)
             .await
             .context("node failed to start")?;
-        tokio::time::sleep(Duration::from_secs(u64::from(a.wait))).await;
+        let until = tokio::time::Instant::now() + Duration::from_secs(u64::from(a.wait));
+        match a.expect {
+            None => tokio::time::sleep_until(until).await,
+            Some(n) => {
+                let enough = usize::try_from(n).unwrap_or(usize::MAX);
+                while node.requester().providers().len() < enough
+                    && tokio::time::Instant::now() < until
+                {
+                    tokio::time::sleep(ADVERT_POLL).await;
+                }
+            }
+        }
         let list = node.requester().providers();
         super::node::report_unreached_bootstrap(&node, &a.bootstrap).await;
         node.shutdown().await;
