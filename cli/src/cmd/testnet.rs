@@ -132,9 +132,10 @@ pub(crate) fn run(a: TestnetArgs) -> anyhow::Result<()> {
         let record = rt.block_on(experiment::run(&config, &mut |l| {
             let _ = out!("  {l}");
         }))?;
+        // The report files first: a closed stdout must not cost the run its report.
+        let written = report::write_experiment(&record, &a.out)?;
         out!()?;
         out_text!("{}", report::experiment_table(&record))?;
-        let written = report::write_experiment(&record, &a.out)?;
         print_written(&written)?;
         return Ok(());
     }
@@ -232,13 +233,16 @@ pub(crate) fn run(a: TestnetArgs) -> anyhow::Result<()> {
     let record = rt.block_on(run::run(&config, &mut |l| {
         let _ = out!("  {l}");
     }))?;
-    out!()?;
-    out_text!("{}", report::table(&record))?;
+    // The report files first, and the books' verdict whatever stdout does: a closed pipe
+    // (`| head`) must neither lose the report nor hide a failed check.
     let written = report::write_run(&record, &a.out)?;
-    print_written(&written)?;
+    let printed = out!()
+        .and_then(|()| out_text!("{}", report::table(&record)))
+        .and_then(|()| print_written(&written));
     if !record.books.ok() {
         anyhow::bail!("the books check failed: see {}", written.text.display());
     }
+    printed?;
     Ok(())
 }
 
