@@ -222,7 +222,7 @@ fn a_pair_export_reconciles_with_the_other_sides_books() {
                     queued_ms: 0,
                     run_ms: 0,
                     cumulative_charged: link.charged_so_far.checked_add(cost).unwrap(),
-                    prev_receipt_hash: link.prev_receipt_hash,
+                    prev_entry_hash: link.prev_entry_hash,
                     issued_at_ms: 0,
                 },
             )
@@ -245,7 +245,7 @@ fn a_pair_export_reconciles_with_the_other_sides_books() {
                 .account(Role::Requester, &p.public())
                 .unwrap()
                 .unwrap()
-                .receipts,
+                .entries,
             3
         );
     }
@@ -265,6 +265,6 @@ fn a_pair_export_reconciles_with_the_other_sides_books() {
         ],
     );
     let out = ok(&ra, &["import", file.to_str().unwrap()]);
-    assert!(out.contains("3 receipts (3 acknowledged)"), "{out}");
+    assert!(out.contains("3 receipts (3 acknowledged,"), "{out}");
     assert!(out.contains("reconciled"), "{out}");
 }

@@ -175,6 +175,7 @@ pub async fn start(dir: &DataDir, overrides: &Overrides) -> Result<Node, LaunchE
         let generator: Arc<dyn Generator> = Arc::new(generator);
         let settings = ProviderSettings {
             advert_interval: crate::provider::ADVERT_INTERVAL,
+            ack_deadline: crate::provider::ACK_DEADLINE,
             schedule,
             max_queue: config.provider.max_queue,
             max_batch: config.provider.max_batch,

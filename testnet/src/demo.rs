@@ -165,6 +165,7 @@ pub async fn run(config: &DemoConfig, log: &mut dyn FnMut(String)) -> anyhow::Re
         );
         let settings = ProviderSettings {
             advert_interval: pixmarket_node::provider::ADVERT_INTERVAL,
+            ack_deadline: pixmarket_node::provider::ACK_DEADLINE,
             schedule: PriceSchedule {
                 price_factor_ppm: *ppm,
                 min_prompt_tokens: 0,

@@ -68,6 +68,7 @@ impl Honest {
         let ledger = Arc::new(Ledger::open(&dir.path().join("ledger"), public).unwrap());
         let settings = ProviderSettings {
             advert_interval: pixmarket_node::provider::ADVERT_INTERVAL,
+            ack_deadline: pixmarket_node::provider::ACK_DEADLINE,
             schedule: PriceSchedule::default(),
             max_queue: 8,
             max_batch: 2,
@@ -197,7 +198,7 @@ async fn requester_routes_around(kind: AdversaryKind, base: u8, options: Generat
         .account(Role::Provider, &requester.key)
         .unwrap()
         .unwrap();
-    assert_eq!((acct.charged, acct.receipts), (cost, 1));
+    assert_eq!((acct.charged, acct.entries), (cost, 1));
     honest.node.ledger().verify().unwrap();
     books.verify().unwrap();
 
@@ -216,8 +217,11 @@ async fn an_overcharger_is_refused_and_the_requester_fails_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_provider_is_timed_out_and_the_requester_fails_over() {
+    // Silence is asked about after 3 s; the silent provider never answers, so the requester
+    // fails over once its request (valid for 8 s) has expired and can no longer be settled.
     let options = GenerateOptions {
         idle_timeout: Duration::from_secs(3),
+        request_validity: Duration::from_secs(8),
         ..GenerateOptions::default()
     };
     requester_routes_around(AdversaryKind::Silent, 20, options).await;
@@ -240,10 +244,13 @@ async fn a_replayer_is_refused_and_charged_once_per_job() {
     let rounds = 2;
     replayer.attack(provider.key, rounds).await.unwrap();
     let record = replayer.record();
-    // Per round: a replay while running, a re-signed replay, a replay after payment, an ack.
-    held(&record, AdversaryKind::Replayer, 4 * rounds);
+    // Per round: a replay while running, a re-signed replay, a replay after payment.
+    held(&record, AdversaryKind::Replayer, 3 * rounds);
     assert!(record.detail.contains("duplicate job id"), "{record:?}");
-    assert!(record.detail.contains("ack replays ignored"), "{record:?}");
+    assert!(
+        record.detail.contains("answered with the job's status"),
+        "{record:?}"
+    );
 
     // Charged exactly once per legitimate job, every receipt acknowledged, no hold left.
     let (_, cost) = honest_meter(
@@ -258,7 +265,7 @@ async fn a_replayer_is_refused_and_charged_once_per_job() {
         .unwrap()
         .unwrap();
     assert_eq!(
-        (acct.charged, acct.held, acct.receipts),
+        (acct.charged, acct.held, acct.entries),
         (
             MicroTokens(cost.0 * u64::from(rounds)),
             MicroTokens::ZERO,

@@ -144,10 +144,13 @@ pub(crate) fn run(args: LedgerArgs) -> anyhow::Result<()> {
                 hex::encode(r.head.hash.as_bytes())
             )?;
             out!(
-                "{} accounts, {} receipts ({} acknowledged), {} open holds",
+                "{} accounts, {} receipts ({} acknowledged, {} credited back by {} credit notes, {} paid but undelivered), {} open holds",
                 r.accounts.len(),
                 r.receipts,
                 r.acked_receipts,
+                r.refunded_receipts,
+                r.credit_notes,
+                r.undelivered_receipts,
                 r.open_holds
             )?;
             Ok(())
@@ -281,7 +284,7 @@ fn balance(l: &Ledger) -> anyhow::Result<()> {
                 a.charged.to_string(),
                 a.held.to_string(),
                 available,
-                a.receipts
+                a.entries
             )?;
         }
     }
@@ -308,7 +311,7 @@ fn balance_json(l: &Ledger) -> anyhow::Result<()> {
                     "held": amount(a.held),
                     // null when overdrawn (a requester's mirror of credit it did not record).
                     "available": a.available().map(amount),
-                    "receipts": a.receipts,
+                    "chain_entries": a.entries,
                 })
             })
             .collect();
@@ -418,7 +421,7 @@ fn import(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
             a.credit_limit,
             a.charged,
             a.held,
-            a.receipts
+            a.entries
         )?;
     }
     // Reconcile with my own books where the export's owner is my counterparty: their side of
@@ -440,19 +443,19 @@ fn import(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
             .ledger
             .account(my_role, &report.owner)?
             .unwrap_or_default();
-        if mine.charged == theirs.charged && mine.last_receipt == theirs.last_receipt {
+        if mine.charged == theirs.charged && mine.last_entry == theirs.last_entry {
             out!(
-                "reconciled: my books agree with theirs on our pair ({} charged over {} receipts)",
+                "reconciled: my books agree with theirs on our pair ({} charged over {} chain entries)",
                 mine.charged,
-                mine.receipts
+                mine.entries
             )?;
         } else {
             bail!(
-                "my books disagree with theirs on our pair: I have {} charged over {} receipts, they have {} over {}",
+                "my books disagree with theirs on our pair: I have {} charged over {} chain entries, they have {} over {}",
                 mine.charged,
-                mine.receipts,
+                mine.entries,
                 theirs.charged,
-                theirs.receipts
+                theirs.entries
             );
         }
     }

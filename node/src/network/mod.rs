@@ -234,6 +234,11 @@ impl Client {
         self.local_peer_id
     }
 
+    /// Whether the event loop has stopped (every request would fail with `NodeStopped`).
+    pub fn is_stopped(&self) -> bool {
+        self.commands.is_closed()
+    }
+
     async fn call<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
