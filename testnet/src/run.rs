@@ -144,7 +144,9 @@ impl TestnetConfig {
         }
     }
 
-    fn validate(&self) -> anyhow::Result<()> {
+    /// Checks every setting before anything starts (also done by [`run`]); the errors name the
+    /// command-line flag.
+    pub fn validate(&self) -> anyhow::Result<()> {
         if !(1..=1000).contains(&self.providers) {
             bail!("--providers {}: allowed is 1..=1000", self.providers);
         }

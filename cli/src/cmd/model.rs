@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 use pixmarket_engine::tiny::{TINY_MODEL_ID, write_tiny_model};
 
 use super::DataDirArg;
+use crate::usage::out;
 
 #[derive(Debug, Args)]
 pub(crate) struct ModelArgs {
@@ -40,10 +41,10 @@ pub(crate) fn run(args: ModelArgs) -> anyhow::Result<()> {
             };
             write_tiny_model(&out)
                 .with_context(|| format!("cannot write the tiny model to {}", out.display()))?;
-            println!(
+            out!(
                 "wrote {TINY_MODEL_ID} to {} (random weights: it draws noise)",
                 out.display()
-            );
+            )?;
             Ok(())
         }
     }

@@ -167,6 +167,7 @@ pub fn new(
             reason: "must be more than zero".into(),
         });
     }
+    check_listen_addrs(&config.listen)?;
     let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE);
     let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
     let event_loop = EventLoop::new(key, config, registry, command_rx, event_tx)?;
@@ -178,6 +179,57 @@ pub fn new(
         held_responses: Arc::new(Semaphore::new(faults::MAX_HELD_RESPONSES)),
     };
     Ok((client, event_rx, event_loop))
+}
+
+/// Refuses a listen address whose fixed port is taken, with the operating system's reason.
+///
+/// libp2p's TCP listeners set `SO_REUSEPORT`, so a second node told to listen on a port a running
+/// node holds would bind it too, report "listening", and silently take part of the first one's
+/// connections. A plain socket (no `SO_REUSEPORT`) bound here and closed again cannot share the
+/// port, so it fails exactly when the port is held. Port 0 (any free port) and DNS names are not
+/// checked. Between this check and the real bind another process could take the port; that
+/// window is microseconds at start-up.
+pub fn check_listen_addrs(addrs: &[Multiaddr]) -> Result<(), NetError> {
+    use libp2p::multiaddr::Protocol;
+    for addr in addrs {
+        let mut ip = None;
+        let mut tcp = None;
+        let mut udp = None;
+        for p in addr.iter() {
+            match p {
+                Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
+                Protocol::Ip6(a) => ip = Some(std::net::IpAddr::V6(a)),
+                Protocol::Tcp(port) => tcp = Some(port),
+                Protocol::Udp(port) => udp = Some(port),
+                _ => {}
+            }
+        }
+        let Some(ip) = ip else { continue };
+        let result = match (tcp, udp) {
+            (Some(port), _) if port != 0 => std::net::TcpListener::bind((ip, port)).map(drop),
+            (_, Some(port)) if port != 0 => std::net::UdpSocket::bind((ip, port)).map(drop),
+            _ => Ok(()),
+        };
+        result.map_err(|e| NetError::Listen {
+            addr: addr.to_string(),
+            reason: listen_reason(&e),
+        })?;
+    }
+    Ok(())
+}
+
+/// The operating system's reason, with what it usually means for a node.
+fn listen_reason(e: &std::io::Error) -> String {
+    let hint = match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            " (another process listens there, perhaps another pixmarket node; choose another \
+             port, or /tcp/0 for any free one)"
+        }
+        std::io::ErrorKind::AddrNotAvailable => " (no network interface of this machine has it)",
+        std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges)",
+        _ => "",
+    };
+    format!("{e}{hint}")
 }
 
 impl Client {
