@@ -216,9 +216,10 @@ const PROVIDER_STOP_GRACE: Duration = Duration::from_secs(3);
 /// A provider credits an unacknowledged receipt after this many requester idle timeouts: the
 /// requester asks a silent job's status after each, so several lost messages fit.
 const ACK_DEADLINE_IDLE_TIMEOUTS: u32 = 6;
-/// A request stays valid for this many idle timeouts: long enough for a queue under a burst,
-/// and the longest a silent provider keeps a requester from failing over.
-const REQUEST_VALIDITY_IDLE_TIMEOUTS: u32 = 24;
+/// A request stays valid for this many idle timeouts: long enough for a queue under a burst
+/// and for lost messages, and the longest a silent provider keeps a requester from failing
+/// over.
+const REQUEST_VALIDITY_IDLE_TIMEOUTS: u32 = 60;
 
 struct ProviderSlot {
     name: String,
@@ -726,6 +727,19 @@ async fn inject_faults(
             Err(e) => push(fault(0, "drop", format!("not set: {e}"))),
         }
     }
+    if plan.ack_drop_ppm > 0 {
+        match faults.set_ack_drop_ppm(plan.ack_drop_ppm) {
+            Ok(()) => push(fault(
+                0,
+                "lose-acks",
+                format!(
+                    "every message carrying a receipt ack lost with probability {} ppm",
+                    plan.ack_drop_ppm
+                ),
+            )),
+            Err(e) => push(fault(0, "lose-acks", format!("not set: {e}"))),
+        }
+    }
     if let Some((lo, hi)) = plan.delay_ms {
         // Delays are given in model time and applied on the wall clock.
         match faults.set_delay(clock.wall(lo), clock.wall(hi)) {
@@ -822,7 +836,10 @@ pub async fn run(
         &plan.hash()[..16],
         plan.jobs.len(),
         plan.duration_ms / 1000,
-        plan.faults.len() + usize::from(plan.drop_ppm > 0) + usize::from(plan.delay_ms.is_some()),
+        plan.faults.len()
+            + usize::from(plan.drop_ppm > 0)
+            + usize::from(plan.ack_drop_ppm > 0)
+            + usize::from(plan.delay_ms.is_some()),
         plan.adversaries.len(),
         plan.seed
     ));
@@ -1019,7 +1036,11 @@ async fn finish(
     while stopping.join_next().await.is_some() {}
     let stats = link_faults.stats();
     let mut faults = faults;
-    if plan.drop_ppm > 0 || plan.delay_ms.is_some() || !plan.faults.is_empty() {
+    if plan.drop_ppm > 0
+        || plan.ack_drop_ppm > 0
+        || plan.delay_ms.is_some()
+        || !plan.faults.is_empty()
+    {
         faults.push(fault(end_ms, "network", format!("{stats:?}")));
     }
 

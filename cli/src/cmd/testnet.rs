@@ -64,13 +64,19 @@ pub(crate) struct TestnetArgs {
     #[arg(long, value_name = "PPM", default_value_t = 0, allow_negative_numbers = true,
           value_parser = clap::value_parser!(u32).range(0..=i64::from(PPM_MAX)))]
     drop: u32,
+    /// Probability that a message carrying a receipt acknowledgement (the answer to a receipt,
+    /// and the fetch of the images that carries it again) is lost, in parts per million
+    /// (0..=1000000), on top of `--drop`.
+    #[arg(long, value_name = "PPM", default_value_t = 0, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(PPM_MAX)))]
+    lose_acks: u32,
     /// Hold every RPC message MIN-MAX milliseconds of model time, e.g. `50-200`.
     #[arg(long, value_name = "MIN-MAX")]
     delay: Option<String>,
     /// Split the network in two for the middle fifth of the run.
     #[arg(long)]
     partition: bool,
-    /// Adversaries to add, comma-separated: overcharger, replayer, forger, silent.
+    /// Adversaries to add, comma-separated: overcharger, replayer, forger, silent, freerider.
     #[arg(long, value_delimiter = ',')]
     adversaries: Vec<AdversaryKind>,
     /// How requesters choose: `finish` (estimated finish time, the market's rule) or `random`.
@@ -203,6 +209,7 @@ pub(crate) fn run(a: TestnetArgs) -> anyhow::Result<()> {
     config.faults = FaultSpec {
         kills: a.kill,
         drop_ppm: a.drop,
+        ack_drop_ppm: a.lose_acks,
         delay_ms: a.delay.as_deref().map(parse_delay).transpose()?,
         partition: a.partition,
     };

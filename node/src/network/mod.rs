@@ -279,7 +279,7 @@ impl Client {
                 });
             }
             // Both waits end early if the node stops, as a real request's would.
-            match faults.fate(false) {
+            match faults.fate(false, matches!(request, Request::Fetch(_))) {
                 Fate::Drop => {
                     tokio::select! {
                         () = tokio::time::sleep(self.request_timeout) => {}
@@ -315,7 +315,7 @@ impl Client {
         response: Response,
     ) -> Result<(), NetError> {
         if let Some(faults) = &self.faults {
-            let fate = faults.fate(true);
+            let fate = faults.fate(true, matches!(response, Response::EventAck(Some(_))));
             if fate != Fate::Send(Duration::ZERO) {
                 match self.held_responses.clone().try_acquire_owned() {
                     Ok(permit) => {

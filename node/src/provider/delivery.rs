@@ -49,9 +49,11 @@ const MAX_OFFER_BACKOFF: Duration = Duration::from_secs(5);
 /// The longest `Busy` hint obeyed before re-sending; a longer one is capped (the deadline
 /// still bounds the whole offer).
 const MAX_BUSY_WAIT: Duration = Duration::from_secs(10);
-/// One offer waits this long for its answer: the network's own timeout is longer, and a lost
-/// message should cost a retry, not a minute.
-const OFFER_TIMEOUT: Duration = Duration::from_secs(10);
+/// One offer waits this long for its answer before it is re-sent. An offer is a receipt of
+/// about 1 KiB and its answer an ack: a round trip takes milliseconds, so a lost one should cost
+/// a re-send soon (an offer is idempotent), not the network's whole timeout; and while it
+/// waits, the requester's other results wait in its lane.
+const OFFER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A result kept for re-delivery.
 struct Kept {
@@ -496,8 +498,9 @@ impl Provider {
         }
     }
 
-    /// After a stop: lets the deliveries in flight finish until `deadline`, then credits every
-    /// receipt still waiting for its ack (its images go with this process).
+    /// After a stop: lets the deliveries in flight finish until `deadline`, then voids the holds
+    /// of results never settled and credits every receipt still waiting for its ack (its
+    /// images go with this process).
     pub(super) async fn finish_deliveries(&self, deadline: tokio::time::Instant) {
         if self.crashed() {
             return;
@@ -505,6 +508,16 @@ impl Provider {
         self.inner.deliveries.drain(deadline).await;
         let me = self.clone();
         let _ = tokio::task::spawn_blocking(move || {
+            // Results still waiting for their turn in a lane were never settled: their holds
+            // are released, as the next start would.
+            if let Ok(holds) = me.inner.ledger.holds() {
+                for (job, _) in holds {
+                    let _ = me
+                        .inner
+                        .ledger
+                        .void(job, "the provider stopped before settling the job");
+                }
+            }
             let Ok(open) = me.inner.ledger.unacknowledged() else {
                 return;
             };

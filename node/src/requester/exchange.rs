@@ -29,9 +29,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// The longest `Busy` hint obeyed at once; a longer wait is the provider's queue, and the
 /// caller is better served elsewhere.
 const MAX_BUSY_WAIT: Duration = Duration::from_secs(10);
-/// One request waits this long for its answer before it is re-sent: a lost message costs a
-/// retry, not the network's whole timeout.
+/// A request that carries or fetches images (`Job`, `Fetch`) waits this long for its answer
+/// before it is re-sent: up to 32 MiB in or 64 MiB out must fit on an ordinary link.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A small request (`Quote`, `Status`, `Chain`) waits this long: its round trip takes
+/// milliseconds, so a lost one is re-sent soon rather than after the network's whole timeout.
+const SMALL_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the images are asked for after our ack before the result counts as undelivered:
 /// the provider keeps them for ten minutes, and a lost answer is simply asked again.
 const FETCH_DEADLINE: Duration = Duration::from_secs(120);
@@ -213,37 +216,37 @@ impl Requester {
             if self.net.is_stopped() {
                 return Err("this node stopped".into());
             }
-            let wait = match tokio::time::timeout(
-                ATTEMPT_TIMEOUT,
-                self.net.request(peer, request.clone()),
-            )
-            .await
-            {
-                Ok(Ok(Response::Refused(FailReason::Busy { retry_after_ms })))
-                    if Duration::from_millis(retry_after_ms) <= MAX_BUSY_WAIT =>
-                {
-                    last = format!("busy (retry after {retry_after_ms} ms)");
-                    Duration::from_millis(retry_after_ms)
-                }
-                Ok(Ok(answer)) => return Ok(answer),
-                Ok(Err(crate::network::NetError::NodeStopped)) => {
-                    return Err("this node stopped".into());
-                }
-                // Refused, partitioned, no route: not a lost message. A timeout is retried.
-                Ok(Err(e))
-                    if !persist && !matches!(e, crate::network::NetError::Timeout { .. }) =>
-                {
-                    return Err(e.to_string());
-                }
-                Ok(Err(e)) => {
-                    last = e.to_string();
-                    backoff
-                }
-                Err(_) => {
-                    last = format!("no answer within {} s", ATTEMPT_TIMEOUT.as_secs());
-                    backoff
-                }
+            let limit = match request {
+                Request::Job(_) | Request::Fetch(_) => ATTEMPT_TIMEOUT,
+                _ => SMALL_ATTEMPT_TIMEOUT,
             };
+            let wait =
+                match tokio::time::timeout(limit, self.net.request(peer, request.clone())).await {
+                    Ok(Ok(Response::Refused(FailReason::Busy { retry_after_ms })))
+                        if Duration::from_millis(retry_after_ms) <= MAX_BUSY_WAIT =>
+                    {
+                        last = format!("busy (retry after {retry_after_ms} ms)");
+                        Duration::from_millis(retry_after_ms)
+                    }
+                    Ok(Ok(answer)) => return Ok(answer),
+                    Ok(Err(crate::network::NetError::NodeStopped)) => {
+                        return Err("this node stopped".into());
+                    }
+                    // Refused, partitioned, no route: not a lost message. A timeout is retried.
+                    Ok(Err(e))
+                        if !persist && !matches!(e, crate::network::NetError::Timeout { .. }) =>
+                    {
+                        return Err(e.to_string());
+                    }
+                    Ok(Err(e)) => {
+                        last = e.to_string();
+                        backoff
+                    }
+                    Err(_) => {
+                        last = format!("no answer within {} s", limit.as_secs());
+                        backoff
+                    }
+                };
             tokio::time::sleep(wait).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
