@@ -265,6 +265,6 @@ fn a_pair_export_reconciles_with_the_other_sides_books() {
         ],
     );
     let out = ok(&ra, &["import", file.to_str().unwrap()]);
-    assert!(out.contains("3 receipts (3 acknowledged,"), "{out}");
+    assert!(out.contains("3 receipts (3 acknowledged)"), "{out}");
     assert!(out.contains("reconciled"), "{out}");
 }

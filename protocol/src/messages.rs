@@ -190,6 +190,15 @@ impl JobParams {
         self.mode.validate()
     }
 
+    /// The job's work against one standard image (1024², 50 steps, one image, no true CFG), in
+    /// parts per million: for estimates of time, never for prices.
+    pub fn standard_work_ppm(&self) -> u64 {
+        let px = u64::from(self.width) * u64::from(self.height);
+        let steps = u64::from(effective_steps(self.steps, self.mode.strength_permille()));
+        let cfg = if self.true_cfg_scale > 1.0 { 2 } else { 1 };
+        px * steps * u64::from(self.images) * cfg * 1_000_000 / (1024 * 1024 * 50)
+    }
+
     /// The units this job is billed on, given the prompt's token count in the model tokenizer.
     pub fn metered_units(&self, prompt_tokens: u32) -> MeteredUnits {
         MeteredUnits {

@@ -216,10 +216,10 @@ const PROVIDER_STOP_GRACE: Duration = Duration::from_secs(3);
 /// A provider credits an unacknowledged receipt after this many requester idle timeouts: the
 /// requester asks a silent job's status after each, so several lost messages fit.
 const ACK_DEADLINE_IDLE_TIMEOUTS: u32 = 6;
-/// A request stays valid for this many idle timeouts: long enough for a queue under a burst
-/// and for lost messages, and the longest a silent provider keeps a requester from failing
-/// over.
-const REQUEST_VALIDITY_IDLE_TIMEOUTS: u32 = 60;
+/// A request stays valid for at least this many idle timeouts (more when the quoted queue is
+/// long): room for lost messages, and about the longest a silent provider keeps a requester
+/// from failing over.
+const REQUEST_VALIDITY_IDLE_TIMEOUTS: u32 = 24;
 
 struct ProviderSlot {
     name: String,

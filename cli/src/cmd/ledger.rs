@@ -415,7 +415,7 @@ fn import(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
     )?;
     for (role, peer, a) in &report.accounts {
         out!(
-            "  as {role} with {}: deposits {}, credit {}, charged {}, held {}, {} receipts",
+            "  as {role} with {}: deposits {}, credit {}, charged {}, held {}, {} chain entries",
             show_peer(peer),
             a.deposits,
             a.credit_limit,

@@ -55,13 +55,7 @@ pub(super) struct Queue {
 
 /// Relative work of a job against a standard image, in parts per million.
 pub(super) fn work_ppm(p: &JobParams) -> u64 {
-    let px = u64::from(p.width) * u64::from(p.height);
-    let steps = u64::from(pixmarket_protocol::effective_steps(
-        p.steps,
-        p.mode.strength_permille(),
-    ));
-    let cfg = if p.true_cfg_scale > 1.0 { 2 } else { 1 };
-    px * steps * u64::from(p.images) * cfg * 1_000_000 / (1024 * 1024 * 50)
+    p.standard_work_ppm()
 }
 
 impl Queue {

@@ -40,6 +40,11 @@ const SMALL_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 const FETCH_DEADLINE: Duration = Duration::from_secs(120);
 /// Chain answers followed at most in one sync (each holds up to 64 entries).
 const MAX_CHAIN_PAGES: usize = 64;
+/// A request is valid for at least this many times the provider's expected wait and run.
+const VALIDITY_PER_EXPECTED: u64 = 4;
+/// The longest validity asked for: the protocol allows an hour ahead; a minute is left for
+/// clock skew.
+const MAX_VALIDITY_MS: u64 = pixmarket_protocol::validate::MAX_EXPIRY_AHEAD_MS - 60_000;
 /// Clock skew allowed before a request counts as expired on the provider's side too.
 const EXPIRY_MARGIN_MS: u64 = 5_000;
 
@@ -327,7 +332,17 @@ impl Requester {
             cost: quote.cost,
         });
         let now = now_ms();
-        let validity = u64::try_from(options.request_validity.as_millis()).unwrap_or(u64::MAX);
+        // Long enough for the wait the provider quoted and the job itself, with room for lost
+        // messages; a provider that quotes an empty queue and then goes silent is left soon.
+        let work = params.standard_work_ppm();
+        let own_ms = self
+            .advertised_ms_per_standard(&key)
+            .map_or(0, |ms| ms.saturating_mul(work) / 1_000_000);
+        let expected = quote.eta_ms.saturating_add(own_ms);
+        let validity = u64::try_from(options.request_validity.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(expected.saturating_mul(VALIDITY_PER_EXPECTED))
+            .min(MAX_VALIDITY_MS);
         let request = JobRequest {
             job_id: JobId::random(),
             provider: key,

@@ -57,9 +57,10 @@ pub type TokenCounter = Arc<dyn Fn(&str) -> Option<u32> + Send + Sync>;
 const JOB_EVENT_QUEUE: usize = 64;
 /// How long a job may go without any event before its provider is asked for its status.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Requests are valid for ten minutes by default: long enough to wait in a queue, and the
-/// longest a silent provider can keep a job from failing over.
-pub const DEFAULT_REQUEST_VALIDITY: Duration = Duration::from_secs(10 * 60);
+/// A request is valid at least this long by default (more when the provider's quoted queue is
+/// long, see [`GenerateOptions::request_validity`]): a job on a consumer card with a few lost
+/// messages fits, and it is about the longest a silent provider keeps a job from failing over.
+pub const DEFAULT_REQUEST_VALIDITY: Duration = Duration::from_secs(3 * 60);
 /// An undelivered result (our ack taken, no images) weighs this many failures in ranking.
 const UNDELIVERED_WEIGHT: u32 = 100;
 /// Providers asked at most, in order, before giving up: the default of
@@ -100,8 +101,10 @@ pub struct GenerateOptions {
     pub selection: Selection,
     /// Providers tried at most, in the selection's order; 0 counts as 1.
     pub max_attempts: usize,
-    /// How long each request stays valid (its `expires_at`): a provider can settle it until
-    /// then, so a silent provider is failed over from only after it.
+    /// The least time each request stays valid (its `expires_at`); it is longer when the
+    /// provider's quote expects a long wait: four times the quoted queue wait plus the job's
+    /// own time at the advertised speed, at most the protocol's hour. A provider can settle the
+    /// job until then, so a silent provider is failed over from only after it.
     pub request_validity: Duration,
 }
 
@@ -250,6 +253,18 @@ impl Requester {
         if let Ok(mut c) = self.counters.lock() {
             c.insert(model_id.into(), counter);
         }
+    }
+
+    /// The advertised time of one standard image at `provider`, if it has advertised.
+    pub(crate) fn advertised_ms_per_standard(&self, provider: &PublicKey) -> Option<u64> {
+        Some(
+            self.providers
+                .lock()
+                .ok()?
+                .get(provider)?
+                .advert
+                .ms_per_standard_image,
+        )
     }
 
     /// Our own count of `prompt`'s tokens in the tokenizer of `provider`'s advertised model.
