@@ -313,7 +313,7 @@ fn bad_input_gives_one_clear_line() {
         ),
         (
             vec!["generate", "a cat", "--model", model, "-o", out],
-            "or --local",
+            "--model needs --local",
         ),
         (
             {

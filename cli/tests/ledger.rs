@@ -222,7 +222,7 @@ fn a_pair_export_reconciles_with_the_other_sides_books() {
                     queued_ms: 0,
                     run_ms: 0,
                     cumulative_charged: link.charged_so_far.checked_add(cost).unwrap(),
-                    prev_receipt_hash: link.prev_receipt_hash,
+                    prev_entry_hash: link.prev_entry_hash,
                     issued_at_ms: 0,
                 },
             )
@@ -245,7 +245,7 @@ fn a_pair_export_reconciles_with_the_other_sides_books() {
                 .account(Role::Requester, &p.public())
                 .unwrap()
                 .unwrap()
-                .receipts,
+                .entries,
             3
         );
     }

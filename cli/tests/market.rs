@@ -149,7 +149,7 @@ fn a_provider_and_a_requester_in_two_processes() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(
-        verified.contains("1 receipts (1 acknowledged)"),
+        verified.contains("1 receipts (1 acknowledged,"),
         "{verified}"
     );
 }

@@ -57,11 +57,21 @@ fn a_small_simulated_testnet_writes_its_report_and_the_books_agree() {
 
 #[test]
 fn bad_testnet_flags_get_one_clear_error() {
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 11] = [
         (&["--engine", "gpu"], "allowed are tiny"),
         (
             &["--scenario", "weekly"],
-            "allowed are steady, daily and trace",
+            "possible values: steady, daily, trace",
+        ),
+        // The help's range is the parser's (issue 22).
+        (&["--drop", "2000000"], "2000000 is not in 0..=1000000"),
+        (&["--drop", "-1"], "-1 is not in 0..=1000000"),
+        (&["--rate", "-1"], "allowed is more than 0"),
+        (&["--providers", "0"], "allowed is 1..=1000"),
+        // --trace implies the trace scenario: the file is read, not ignored.
+        (
+            &["--trace", "/nonexistent/plan.jsonl"],
+            "/nonexistent/plan.jsonl",
         ),
         (&["--scenario", "trace"], "--trace FILE"),
         (&["--delay", "200"], "MIN-MAX"),
@@ -73,7 +83,8 @@ fn bad_testnet_flags_get_one_clear_error() {
         let mut all = vec!["testnet", "--out", dir.path().to_str().unwrap()];
         all.extend_from_slice(args);
         let o = pixmarket(&all);
-        assert!(!o.status.success(), "{args:?} succeeded");
+        // A wrong command line, found before any node starts (README "Exit codes").
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
         let t = text(&o);
         assert!(t.contains(expected), "{args:?}: {t}");
         assert!(!t.contains("panicked"), "{args:?}: {t}");

@@ -6,6 +6,9 @@ use std::path::PathBuf;
 
 type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// Bytes per MiB, for messages.
+const MIB: u64 = 1024 * 1024;
+
 /// Why a model could not be loaded or a generation could not finish.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -45,6 +48,24 @@ pub enum EngineError {
     /// A request's parameters are out of range or inconsistent.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// The requests need more working memory than the device has free: refused before any of it
+    /// is allocated (an allocation failure would abort the process).
+    #[error(
+        "a {width}×{height} image needs about {} MiB of working memory; {} MiB are available \
+         (choose a smaller size, or a device with more memory)",
+        needed / MIB,
+        available / MIB
+    )]
+    TooLarge {
+        /// The largest request's width.
+        width: u32,
+        /// The largest request's height.
+        height: u32,
+        /// The estimate, in bytes ([`crate::pipeline::QwenImage::memory_estimate`]).
+        needed: u64,
+        /// What the device reports free, in bytes.
+        available: u64,
+    },
     /// A latents file could not be read or holds the wrong tensor.
     #[error("bad latents file {}: {reason}", path.display())]
     BadLatents {

@@ -37,6 +37,34 @@ fn resize_rgb(img: RgbImage, width: usize, height: usize) -> RgbImage {
     }
 }
 
+/// Re-encodes an image (PNG or JPEG) as a PNG of `width × height`, stretched as the pipelines
+/// would stretch it: Lanczos for an init image, nearest-neighbour for a mask (`sharp`), so its
+/// edges stay black and white. Lets a caller send exactly the size it asks for.
+pub fn resize_png(
+    bytes: &[u8],
+    width: u32,
+    height: u32,
+    what: &'static str,
+    sharp: bool,
+) -> Result<Vec<u8>, EngineError> {
+    let img = decode(bytes, what)?.to_rgb8();
+    let filter = if sharp {
+        FilterType::Nearest
+    } else {
+        FilterType::Lanczos3
+    };
+    let img = if img.dimensions() == (width, height) {
+        img
+    } else {
+        image::imageops::resize(&img, width, height, filter)
+    };
+    let mut out = Vec::new();
+    DynamicImage::ImageRgb8(img)
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .map_err(|source| EngineError::BadImage { what, source })?;
+    Ok(out)
+}
+
 /// PIL's `convert("L")` for one RGB pixel.
 fn pil_luma(r: u8, g: u8, b: u8) -> u8 {
     ((u32::from(r) * 19595 + u32::from(g) * 38470 + u32::from(b) * 7471 + 0x8000) >> 16) as u8
@@ -95,7 +123,21 @@ pub fn outpaint_canvas(
     let img = decode(init, "init image")?.to_rgb8();
     let [left, top, right, bottom] = pad;
     let (w, h) = img.dimensions();
-    let (cw, ch) = (w + left + right, h + top + bottom);
+    let side = |a: u32, b: u32, c: u32| a.checked_add(b)?.checked_add(c);
+    let (cw, ch) = match (side(w, left, right), side(h, top, bottom)) {
+        (Some(cw), Some(ch))
+            if cw <= crate::pipeline::MAX_SIDE && ch <= crate::pipeline::MAX_SIDE =>
+        {
+            (cw, ch)
+        }
+        _ => {
+            return Err(EngineError::InvalidRequest(format!(
+                "outpainting a {w}×{h} image by {left},{top},{right},{bottom} makes a canvas \
+                 larger than {0}×{0}",
+                crate::pipeline::MAX_SIDE
+            )));
+        }
+    };
     let mut canvas = RgbImage::from_pixel(cw, ch, image::Rgb([128, 128, 128]));
     image::imageops::replace(&mut canvas, &img, i64::from(left), i64::from(top));
     let mask = image::GrayImage::from_fn(cw, ch, |x, y| {

@@ -44,13 +44,33 @@ use crate::tokenizer::PromptTokenizer;
 use crate::transformer::QwenImageTransformer;
 use crate::vae::{AutoencoderKLQwenImage, image_to_rgb8, rgb8_to_image};
 
+/// Bytes of one f32: attention and the VAE run in f32 whatever the model dtype.
+const F32_BYTES: u128 = 4;
+/// Full-resolution tensors the VAE decoder holds at once (input, conv output, norm, residual).
+const VAE_LIVE_TENSORS: u128 = 4;
+
+/// Memory the device can give a generation now, in bytes: `MemAvailable` of `/proc/meminfo` for
+/// the CPU; `None` (no check) where it cannot be known, e.g. on CUDA, whose allocator fails with
+/// an error rather than aborting.
+pub fn available_memory(device: &Device) -> Option<u64> {
+    if !device.is_cpu() {
+        return None;
+    }
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 /// Pixels per packed token along each side (VAE factor 8 × patch 2); sizes must be multiples.
 pub const SIZE_MULTIPLE: u32 = 16;
-/// Largest width or height accepted: 256 patches per side keeps RoPE positions inside the
-/// reference's ±4096 table with room for 512 text tokens, and a 4096² latent batch in memory.
-pub const MAX_SIDE: u32 = 4096;
-/// Most steps accepted in one request (diffusers has no cap; 1000 is the training schedule).
-pub const MAX_STEPS: u32 = 1000;
+/// Largest width or height accepted: the protocol's local limit (256 patches per side keeps
+/// RoPE positions inside the reference's ±4096 table with room for 512 text tokens). Whether a
+/// size fits the device is [`QwenImage::memory_estimate`]'s question.
+pub const MAX_SIDE: u32 = pixmarket_protocol::validate::LOCAL_MAX_DIMENSION;
+/// Most steps accepted in one request: the protocol's local limit (diffusers has no cap; 1000
+/// is the training schedule).
+pub const MAX_STEPS: u32 = pixmarket_protocol::validate::LOCAL_MAX_STEPS;
 /// Prompt embeddings kept: ~0.7 MB each for the real model in bf16 at 100 tokens, so 64 entries
 /// cost < 50 MB of device memory while covering a provider's repeated prompts.
 pub const PROMPT_CACHE_ENTRIES: usize = 64;
@@ -478,6 +498,54 @@ impl QwenImage {
         Ok(())
     }
 
+    /// Working memory, in bytes, that generating `requests` in one call peaks at beyond the
+    /// weights: an upper estimate of the larger of the transformer's attention (scores and
+    /// probabilities in f32, `[rows, heads, S, S]` each, with `S` the image tokens plus the
+    /// longest text) and the VAE's decode at full resolution. Weights are mmapped and counted by
+    /// the loader, not here.
+    pub fn memory_estimate(&self, requests: &[GenerateRequest]) -> u64 {
+        let tcfg = self.transformer.config();
+        let heads = tcfg.num_attention_heads as u128;
+        let head_dim = tcfg.attention_head_dim as u128;
+        let text = self.tokenizer.max_sequence_length() as u128;
+        let patch = u128::from(SIZE_MULTIPLE);
+        let mut attention: u128 = 0;
+        let mut decode: u128 = 0;
+        for r in requests {
+            let rows: u128 = if r.uses_cfg() { 2 } else { 1 };
+            let pixels = u128::from(r.width) * u128::from(r.height);
+            let s = pixels / (patch * patch) + text;
+            // Scores and probabilities alive together, plus q, k, v and the output.
+            let a = rows * heads * (2 * s * s + 4 * s * head_dim) * F32_BYTES;
+            attention = attention.saturating_add(a);
+            // The decoder's last levels run at full resolution with up to twice the base width;
+            // VAE_LIVE_TENSORS of them are alive at once (input, conv output, norm, residual).
+            let v = pixels * 2 * self.vae.config().base_dim as u128 * VAE_LIVE_TENSORS * F32_BYTES;
+            decode = decode.max(v);
+        }
+        u64::try_from(attention.max(decode)).unwrap_or(u64::MAX)
+    }
+
+    /// Refuses requests whose [`Self::memory_estimate`] exceeds what the device has free.
+    fn check_memory(&self, requests: &[GenerateRequest]) -> Result<(), EngineError> {
+        let Some(available) = available_memory(&self.device) else {
+            return Ok(());
+        };
+        let needed = self.memory_estimate(requests);
+        if needed > available {
+            let largest = requests
+                .iter()
+                .max_by_key(|r| u64::from(r.width) * u64::from(r.height));
+            return Err(EngineError::TooLarge {
+                width: largest.map_or(0, |r| r.width),
+                height: largest.map_or(0, |r| r.height),
+                needed,
+                available,
+            });
+        }
+        Ok(())
+    }
+
     /// Generates one image per request, in request order. Requests with the same size, steps,
     /// steps run and mode kind share every transformer call. `progress` is called after every
     /// step; returning `Break` stops before the next one with [`EngineError::Cancelled`].
@@ -537,6 +605,7 @@ impl QwenImage {
         for (i, r) in requests.iter().enumerate() {
             self.validate(i, r)?;
         }
+        self.check_memory(requests)?;
         // Groups in first-appearance order; BTreeMap-free so the order is the caller's.
         let mut groups: Vec<(GroupKey, Vec<usize>)> = Vec::new();
         for (i, r) in requests.iter().enumerate() {

@@ -1,7 +1,10 @@
 //! Durable settles per second (`cargo bench -p pixmarket-ledger`): one at a time, grouped
-//! (8 threads settling at once share flush + fsync rounds), beside raw sled insert + flush
-//! (what sled alone promises, which is not power-loss safe) and raw insert + flush + the
-//! ledger's own barrier (fdatasync of `db`, fsync of the folder) in the same run. Holds and receipts are prepared outside the timed part.
+//! (8 threads settling at once share flush + fsync rounds), `settle_with` from 8 threads for
+//! one requester (the link read inside the transaction, so the threads contend for one
+//! account), beside raw sled insert + flush (what sled alone promises, which is not power-loss
+//! safe) and raw insert + flush + the ledger's own barrier (fdatasync of `db`, fsync of the
+//! folder) in the same run. Holds and receipts are prepared outside the timed part (for
+//! `settle_with`, only the holds: its receipts are built and signed inside).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
@@ -49,7 +52,7 @@ impl Bench {
             links: vec![
                 ReceiptLink {
                     charged_so_far: MicroTokens::ZERO,
-                    prev_receipt_hash: None
+                    prev_entry_hash: None
                 };
                 usize::try_from(THREADS).unwrap()
             ],
@@ -68,7 +71,7 @@ impl Bench {
             let rc = receipt_with(&self.provider, r, j, 10, *link);
             *link = ReceiptLink {
                 charged_so_far: rc.verify().unwrap().cumulative_charged,
-                prev_receipt_hash: Some(rc.digest()),
+                prev_entry_hash: Some(rc.digest()),
             };
             out.push((j, rc));
         }
@@ -148,6 +151,41 @@ fn settles(c: &mut Criterion) {
             settled += per * THREADS;
             // Report per requested iteration; a few extra settles round up the split.
             elapsed.mul_f64(iters as f64 / (per * THREADS) as f64)
+        })
+    });
+
+    let mut bench = Bench::new();
+    g.bench_function("ledger settle_with, one requester (8 threads)", |b| {
+        b.iter_custom(|iters| {
+            let per = iters.div_ceil(THREADS);
+            let r = requester(0).public();
+            let work: Vec<Vec<JobId>> = (0..THREADS)
+                .map(|_| {
+                    (0..per)
+                        .map(|_| {
+                            let j = job(bench.next_job);
+                            bench.next_job += 1;
+                            bench.ledger.hold(terms(j, r, tokens(10)), 0).unwrap();
+                            j
+                        })
+                        .collect()
+                })
+                .collect();
+            let start = Instant::now();
+            std::thread::scope(|s| {
+                for w in &work {
+                    let (l, p) = (&bench.ledger, &bench.provider);
+                    s.spawn(move || {
+                        for j in w {
+                            l.settle_with(*j, p, |link| receipt_body(p.public(), r, *j, 10, link))
+                                .unwrap();
+                        }
+                    });
+                }
+            });
+            start
+                .elapsed()
+                .mul_f64(iters as f64 / (per * THREADS) as f64)
         })
     });
     g.finish();

@@ -52,8 +52,13 @@ pub struct AuditReport {
     pub receipts: usize,
     /// Receipts that carry the requester's signed ack.
     pub acked_receipts: usize,
-    /// Receipts the provider refunded as undelivered (kept, but no longer charging).
+    /// Receipts credited back by a credit note, or refunded by a legacy rewind (kept, but no
+    /// longer charging).
     pub refunded_receipts: usize,
+    /// Credit notes in the chains.
+    pub credit_notes: usize,
+    /// As requester: acknowledged receipts whose images never came.
+    pub undelivered_receipts: usize,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -194,12 +199,16 @@ impl Replay {
             }
         }
         let mut refunded_receipts = 0;
+        let mut undelivered_receipts = 0;
         for (k, v) in self.mem.entries(TreeId::Jobs) {
             let outcome: JobOutcome = decode(TreeId::Jobs, &k, &v).map_err(Inconsistency::Read)?;
-            if matches!(outcome, JobOutcome::Refunded { .. }) {
-                refunded_receipts += 1;
+            match outcome {
+                JobOutcome::Refunded { .. } | JobOutcome::Credited { .. } => refunded_receipts += 1,
+                JobOutcome::Undelivered { .. } => undelivered_receipts += 1,
+                _ => {}
             }
         }
+        let credit_notes = self.mem.entries(TreeId::Credits).len();
         Ok(AuditReport {
             owner: self.owner,
             entries: self.entries,
@@ -210,6 +219,8 @@ impl Replay {
             receipts,
             acked_receipts,
             refunded_receipts,
+            credit_notes,
+            undelivered_receipts,
         })
     }
 }
@@ -335,7 +346,8 @@ impl Ledger {
             head_hash: head.hash,
         };
         write_json(out, &header)?;
-        // Job → peer, from holds and receipts, to place voids, expiries, acks and refunds.
+        // Job → peer, from holds and receipts, to place voids, expiries, acks, refunds and
+        // undelivered marks.
         let mut job_peer: BTreeMap<JobId, PublicKey> = BTreeMap::new();
         let mut written = 0u64;
         let mut failure: Option<ExportError> = None;
@@ -414,6 +426,11 @@ fn summary(op: &Op, peers: &[PublicKey]) -> OpSummary {
         Op::Expire { .. } => ("expire", None),
         Op::Ack { .. } => ("ack", None),
         Op::Refund { .. } => ("refund-undelivered", None),
+        Op::Credit { note } => ("credit-note", note.verify().ok().map(|n| n.amount)),
+        Op::RecordCredit { note, .. } => {
+            ("record-credit-note", note.verify().ok().map(|n| n.amount))
+        }
+        Op::Undelivered { .. } => ("undelivered", None),
         Op::RecordReceipt { receipt, .. } => {
             ("record-receipt", receipt.verify().ok().map(|r| r.cost))
         }

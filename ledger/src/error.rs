@@ -62,14 +62,14 @@ pub enum LedgerError {
         source: ValidationError,
     },
     #[error(
-        "the receipt's cumulative total is {got} tokens; this pair's books say it must be {expected}"
+        "the chain entry's cumulative total is {got} tokens; this pair's books say it must be {expected}"
     )]
     CumulativeMismatch {
         expected: MicroTokens,
         got: MicroTokens,
     },
     #[error(
-        "the receipt links to previous receipt {got:?}; this pair's last receipt is {expected:?}"
+        "the chain entry links to previous entry {got:?}; this pair's last entry is {expected:?}"
     )]
     PrevReceiptMismatch {
         expected: Option<Hash>,
@@ -79,11 +79,26 @@ pub enum LedgerError {
     NotSettled { job: JobId },
     #[error("the receipt for job {job} is already acknowledged")]
     AlreadyAcked { job: JobId },
-    /// The job's receipt was refunded as undelivered: it cannot be acknowledged (the requester
-    /// gave up on it) or refunded again.
-    #[error("the receipt for job {job} was refunded as undelivered ({reason})")]
+    /// The job's receipt was credited back (or refunded by a legacy rewind): it cannot be
+    /// acknowledged or credited again.
+    #[error("the receipt for job {job} was credited back ({reason})")]
     Refunded { job: JobId, reason: String },
-    /// A refund must undo the pair's latest receipt, so that the chain rewinds by one link.
+    /// A receipt issued after its hold expired: the requester may already have failed over.
+    #[error(
+        "the receipt for job {job} is issued at {issued_at_ms} ms, after its hold expired at {expires_at_ms} ms"
+    )]
+    HoldExpired {
+        job: JobId,
+        expires_at_ms: u64,
+        issued_at_ms: u64,
+    },
+    /// A chain read that starts after an entry the pair's chain does not hold.
+    #[error("this pair's chain has no entry {after}")]
+    UnknownEntry { after: Hash },
+    /// A credit note needs the signing key of the ledger's owner.
+    #[error("the key given is not this ledger's owner")]
+    NotOwnerKey,
+    /// Legacy: a refund had to undo the pair's latest receipt, so the chain rewound one link.
     #[error(
         "the receipt for job {job} ({receipt:?}) is not this pair's latest receipt ({latest:?}); only the latest can be refunded"
     )]

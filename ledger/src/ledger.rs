@@ -8,12 +8,15 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use pixmarket_protocol::exchange::MAX_CHAIN_ENTRIES;
 use pixmarket_protocol::{
-    DepositNote, Hash, JobId, JobRequest, MicroTokens, PublicKey, Receipt, ReceiptAck, Signed,
+    ChainEntry, CreditNote, DepositNote, Hash, JobId, JobRequest, MicroTokens, PublicKey, Receipt,
+    ReceiptAck, SecretKey, Signed,
 };
 
 use crate::books::{
-    self, Account, DEFAULT_CREDIT_KEY, Hold, HoldTerms, JobOutcome, Op, Role, StoredReceipt, decode,
+    self, Account, DEFAULT_CREDIT_KEY, Hold, HoldTerms, JobOutcome, Op, Role, StoredCredit,
+    StoredReceipt, decode,
 };
 use crate::error::{LedgerError, OpenError};
 use crate::group_commit::GroupCommit;
@@ -29,14 +32,17 @@ const OWNER_KEY: &[u8] = b"owner";
 /// The on-disk format this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
 
-/// What the next receipt between this node (as provider) and a requester must carry.
+/// What the next chain entry between this node (as provider) and a requester must carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReceiptLink {
     /// Everything charged so far; the next receipt's `cumulative_charged` is this plus its cost.
     pub charged_so_far: MicroTokens,
-    /// The digest of the pair's last receipt, the next one's `prev_receipt_hash`.
-    pub prev_receipt_hash: Option<Hash>,
+    /// The digest of the pair's last chain entry, the next one's `prev_entry_hash`.
+    pub prev_entry_hash: Option<Hash>,
 }
+
+/// Why a stored receipt no longer charges, and why it was never delivered, by reader.
+type ReceiptMarks = (Option<String>, Option<String>);
 
 /// A node's books. Cheap to share: wrap it in an `Arc`; every method takes `&self` and is safe
 /// to call from many threads at once.
@@ -241,6 +247,24 @@ impl Ledger {
         &*self.store
     }
 
+    /// Builds an operation from the state inside one transaction (so what it reads cannot
+    /// change before it is applied), applies it, appends it to the log, and waits until it is
+    /// durable. `build` may run more than once if the store retries a conflict.
+    fn commit_built<R>(
+        &self,
+        build: impl Fn(&dyn store::Txn) -> Result<(Op, R), Abort>,
+    ) -> Result<R, LedgerError> {
+        let out = store::transact(&*self.store, |txn| {
+            let (op, out) = build(txn)?;
+            books::apply(txn, &self.owner, &op)?;
+            log::append(txn, &self.owner, &op)?;
+            Ok(out)
+        })
+        .map_err(refused)?;
+        self.commit.wait_durable(&*self.store)?;
+        Ok(out)
+    }
+
     /// Applies `op`, appends it to the log, and waits until it is durable.
     fn commit(&self, op: &Op) -> Result<(), LedgerError> {
         store::transact(&*self.store, |txn| {
@@ -338,8 +362,255 @@ impl Ledger {
         let a = self.account(Role::Provider, requester)?.unwrap_or_default();
         Ok(ReceiptLink {
             charged_so_far: a.charged,
-            prev_receipt_hash: a.last_receipt,
+            prev_entry_hash: a.last_entry,
         })
+    }
+
+    /// Settles a held job with a receipt built from the pair's link *inside* the settle
+    /// transaction, so concurrent settles for one requester cannot both link to the same
+    /// head: `build` gets the link and returns the receipt body, which is signed with `key`
+    /// (this ledger's owner) and settled as [`Ledger::settle`] does. Returns the signed
+    /// receipt, durable.
+    pub fn settle_with(
+        &self,
+        job: JobId,
+        key: &SecretKey,
+        build: impl Fn(ReceiptLink) -> Receipt,
+    ) -> Result<Signed<Receipt>, LedgerError> {
+        if key.public() != self.owner {
+            return Err(LedgerError::NotOwnerKey);
+        }
+        self.commit_built(|txn| {
+            let Some(hold) = books::get::<Hold>(txn, TreeId::Holds, &job.0)? else {
+                // As `settle` answers: what became of the job, so a retry can tell.
+                let outcome = books::get::<JobOutcome>(
+                    txn,
+                    TreeId::Jobs,
+                    &books::job_key(Role::Provider, job),
+                )?;
+                return Err(match outcome {
+                    Some(outcome) => LedgerError::AlreadyFinished { job, outcome },
+                    None => LedgerError::UnknownHold { job },
+                }
+                .into());
+            };
+            let a = books::account(txn, Role::Provider, &hold.requester)?;
+            let receipt = build(ReceiptLink {
+                charged_so_far: a.charged,
+                prev_entry_hash: a.last_entry,
+            });
+            let signed = Signed::sign(key, &receipt).map_err(LedgerError::Encode)?;
+            Ok((
+                Op::Settle {
+                    job,
+                    receipt: signed.clone(),
+                },
+                signed,
+            ))
+        })
+    }
+
+    /// As provider: takes back the charge of a settled receipt that was never acknowledged,
+    /// with a credit note signed by `key` (this ledger's owner) that extends the pair's chain.
+    /// Refused, changing nothing, for an acknowledged receipt ([`LedgerError::AlreadyAcked`]),
+    /// one credited already ([`LedgerError::Refunded`]) and a job not settled
+    /// ([`LedgerError::NotSettled`]). Returns the signed note, durable.
+    pub fn credit(
+        &self,
+        job: JobId,
+        key: &SecretKey,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<Signed<CreditNote>, LedgerError> {
+        if key.public() != self.owner {
+            return Err(LedgerError::NotOwnerKey);
+        }
+        let reason: String = reason.chars().take(books::MAX_REASON_CHARS).collect();
+        self.commit_built(|txn| {
+            let outcome =
+                books::get::<JobOutcome>(txn, TreeId::Jobs, &books::job_key(Role::Provider, job))?;
+            let Some(JobOutcome::Settled { peer, index }) = outcome else {
+                return Err(match outcome {
+                    Some(
+                        JobOutcome::Credited { reason, .. } | JobOutcome::Refunded { reason, .. },
+                    ) => LedgerError::Refunded { job, reason },
+                    _ => LedgerError::NotSettled { job },
+                }
+                .into());
+            };
+            let rkey = books::receipt_key(Role::Provider, &peer, index);
+            let stored = books::get::<StoredReceipt>(txn, TreeId::Receipts, &rkey)?
+                .ok_or(LedgerError::NotSettled { job })?;
+            let body = stored
+                .receipt
+                .verify()
+                .map_err(|source| LedgerError::BadSignature {
+                    what: "receipt",
+                    source,
+                })?;
+            let a = books::account(txn, Role::Provider, &peer)?;
+            let note = CreditNote {
+                job_id: job,
+                receipt_hash: stored.receipt.digest(),
+                provider: self.owner,
+                requester: peer,
+                amount: body.cost,
+                cumulative_charged: a.charged.checked_sub(body.cost).ok_or(
+                    LedgerError::Overflow {
+                        what: "the charged total",
+                    },
+                )?,
+                prev_entry_hash: a.last_entry,
+                reason: reason.clone(),
+                issued_at_ms: now_ms,
+            };
+            let signed = Signed::sign(key, &note).map_err(LedgerError::Encode)?;
+            Ok((
+                Op::Credit {
+                    note: signed.clone(),
+                },
+                signed,
+            ))
+        })
+    }
+
+    /// As requester: records a provider's credit note, with the receipt it credits when this
+    /// ledger never stored that receipt. The note must extend the pair's chain here too.
+    pub fn record_credit(
+        &self,
+        receipt: Option<&Signed<Receipt>>,
+        note: &Signed<CreditNote>,
+    ) -> Result<(), LedgerError> {
+        self.commit(&Op::RecordCredit {
+            receipt: receipt.cloned(),
+            note: note.clone(),
+        })
+    }
+
+    /// As requester: records that the provider took my acknowledgement for `job` and did not
+    /// deliver its images (a signed record against it: its receipt and my ack).
+    pub fn mark_undelivered(&self, job: JobId, reason: &str) -> Result<(), LedgerError> {
+        self.commit(&Op::Undelivered {
+            job,
+            reason: reason.chars().take(books::MAX_REASON_CHARS).collect(),
+        })
+    }
+
+    /// The credit note that took back a credited job's charge, on `role`'s side.
+    pub fn credit_note(
+        &self,
+        role: Role,
+        job: JobId,
+    ) -> Result<Option<Signed<CreditNote>>, LedgerError> {
+        let Some(JobOutcome::Credited {
+            peer, note_index, ..
+        }) = self.job(role, job)?
+        else {
+            return Ok(None);
+        };
+        let key = books::credit_key(role, &peer, note_index);
+        match self.store.get(TreeId::Credits, &key)? {
+            None => Ok(None),
+            Some(b) => Ok(Some(
+                decode::<StoredCredit>(TreeId::Credits, &key, &b)?.note,
+            )),
+        }
+    }
+
+    /// Settled receipts on the provider side that hold no acknowledgement and were not
+    /// credited: results whose delivery had not finished (e.g. when the node died).
+    pub fn unacknowledged(&self) -> Result<Vec<JobId>, LedgerError> {
+        let mut out = Vec::new();
+        for r in self.receipts(None)? {
+            if r.role == Role::Provider
+                && r.ack.is_none()
+                && r.refunded.is_none()
+                && let Ok(body) = r.receipt.verify()
+            {
+                out.push(body.job_id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The digest of the last chain entry between this node (in `role`) and `peer`.
+    pub fn chain_head(&self, role: Role, peer: &PublicKey) -> Result<Option<Hash>, LedgerError> {
+        Ok(self.account(role, peer)?.and_then(|a| a.last_entry))
+    }
+
+    /// The pair's chain entries (receipts and credit notes) after the entry `after` (from the
+    /// start for `None`), in order, at most [`MAX_CHAIN_ENTRIES`]. Refused with
+    /// [`LedgerError::UnknownEntry`] when `after` is not in the chain.
+    pub fn chain(
+        &self,
+        role: Role,
+        peer: &PublicKey,
+        after: Option<Hash>,
+    ) -> Result<Vec<ChainEntry>, LedgerError> {
+        let prefix = books::receipt_prefix(role, peer);
+        let mut all: BTreeMap<Vec<u8>, ChainEntry> = BTreeMap::new();
+        let mut err = None;
+        self.store.scan(
+            TreeId::Receipts,
+            &prefix,
+            &mut |k, v| match decode::<StoredReceipt>(TreeId::Receipts, k, v) {
+                Ok(r) => {
+                    all.insert(k.to_vec(), ChainEntry::Receipt(r.receipt));
+                    ControlFlow::Continue(())
+                }
+                Err(e) => {
+                    err = Some(e);
+                    ControlFlow::Break(())
+                }
+            },
+        )?;
+        self.store.scan(
+            TreeId::Credits,
+            &prefix,
+            &mut |k, v| match decode::<StoredCredit>(TreeId::Credits, k, v) {
+                Ok(c) => {
+                    all.insert(k.to_vec(), ChainEntry::Credit(c.note));
+                    ControlFlow::Continue(())
+                }
+                Err(e) => {
+                    err = Some(e);
+                    ControlFlow::Break(())
+                }
+            },
+        )?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        // The two trees are read one after the other, not in one transaction: an entry
+        // appended between the reads may be seen without the one before it. Entries take
+        // consecutive indexes, so the answer stops at the first missing one (a consistent
+        // prefix; the requester asks again from there).
+        let mut entries: Vec<ChainEntry> = Vec::with_capacity(all.len());
+        for (i, (k, e)) in all.into_iter().enumerate() {
+            let index = k
+                .get(33..41)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes);
+            if index != u64::try_from(i).ok() {
+                break;
+            }
+            entries.push(e);
+        }
+        let start = match after {
+            None => 0,
+            Some(h) => {
+                entries
+                    .iter()
+                    .position(|e| e.digest() == h)
+                    .ok_or(LedgerError::UnknownEntry { after: h })?
+                    + 1
+            }
+        };
+        Ok(entries
+            .into_iter()
+            .skip(start)
+            .take(MAX_CHAIN_ENTRIES)
+            .collect())
     }
 
     /// Settles a held job with this node's signed receipt: charges `cost` (≤ the hold),
@@ -361,32 +632,8 @@ impl Ledger {
         })
     }
 
-    /// As provider: undoes the charge of a settled job whose image never reached the requester
-    /// (it was unreachable, partitioned, or refused the late delivery), so that only
-    /// acknowledged receipts stay paid and the pair's two ledgers agree again.
-    ///
-    /// In one transaction: the pair's `charged` goes down by the receipt's cost,
-    /// `last_receipt` goes back to the receipt's `prev_receipt_hash` (so the next
-    /// [`Ledger::receipt_link`] is what the requester, who never stored this receipt, expects),
-    /// and the job becomes [`JobOutcome::Refunded`] with `reason`; the receipt is kept for audit
-    /// (read back with `refunded: Some(reason)`). Durable when it returns `Ok`, like
-    /// [`Ledger::settle`].
-    ///
-    /// Refused, changing nothing: [`LedgerError::NotSettled`] (unknown, held, voided or
-    /// expired job), [`LedgerError::AlreadyAcked`] (it was delivered),
-    /// [`LedgerError::NotLatestReceipt`] (a later receipt for the pair exists),
-    /// [`LedgerError::Refunded`] (refunded already), [`LedgerError::Invalid`] (a reason longer
-    /// than [`books::MAX_REASON_CHARS`]). After a refund, [`Ledger::attach_ack`] for the job is
-    /// refused with [`LedgerError::Refunded`].
-    pub fn refund_undelivered(&self, job: JobId, reason: &str) -> Result<(), LedgerError> {
-        self.commit(&Op::Refund {
-            job,
-            reason: reason.to_owned(),
-        })
-    }
-
     /// Stores the requester's signed acknowledgement of a settled receipt. Refused for a
-    /// refunded one ([`LedgerError::Refunded`]).
+    /// credited one ([`LedgerError::Refunded`]).
     pub fn attach_ack(&self, job: JobId, ack: &Signed<ReceiptAck>) -> Result<(), LedgerError> {
         self.commit(&Op::Ack {
             job,
@@ -525,32 +772,59 @@ impl Ledger {
             None => Ok(None),
             Some(b) => {
                 let mut stored: StoredReceipt = decode(TreeId::Receipts, &key, &b)?;
-                if let JobOutcome::Refunded { reason, .. } = outcome {
-                    stored.refunded = Some(reason);
+                match outcome {
+                    JobOutcome::Refunded { reason, .. } | JobOutcome::Credited { reason, .. } => {
+                        stored.refunded = Some(reason);
+                    }
+                    JobOutcome::Undelivered { reason, .. } => stored.undelivered = Some(reason),
+                    _ => {}
                 }
                 Ok(Some(stored))
             }
         }
     }
 
-    /// Refunded receipts, by receipt key, with their reasons.
-    fn refunds(&self) -> Result<BTreeMap<Vec<u8>, String>, LedgerError> {
+    /// Receipts that no longer charge (credited, or refunded by a legacy rewind) or were never
+    /// delivered, by receipt key: `(refunded, undelivered)` reasons.
+    fn refunds(&self) -> Result<BTreeMap<Vec<u8>, ReceiptMarks>, LedgerError> {
         let mut out = BTreeMap::new();
         let mut err = None;
         self.store.scan(TreeId::Jobs, &[], &mut |k, v| {
+            // The key's first byte is the role.
+            let role = if k.first() == Some(&Role::Provider.byte()) {
+                Role::Provider
+            } else {
+                Role::Requester
+            };
             match decode::<JobOutcome>(TreeId::Jobs, k, v) {
-                Ok(JobOutcome::Refunded {
+                Ok(
+                    JobOutcome::Refunded {
+                        peer,
+                        index,
+                        reason,
+                    }
+                    | JobOutcome::Credited {
+                        peer,
+                        index,
+                        reason,
+                        ..
+                    },
+                ) => {
+                    out.insert(
+                        books::receipt_key(role, &peer, index).to_vec(),
+                        (Some(reason), None),
+                    );
+                    ControlFlow::Continue(())
+                }
+                Ok(JobOutcome::Undelivered {
                     peer,
                     index,
                     reason,
                 }) => {
-                    // Only the provider side refunds; the key's first byte is the role.
-                    let role = if k.first() == Some(&Role::Provider.byte()) {
-                        Role::Provider
-                    } else {
-                        Role::Requester
-                    };
-                    out.insert(books::receipt_key(role, &peer, index).to_vec(), reason);
+                    out.insert(
+                        books::receipt_key(role, &peer, index).to_vec(),
+                        (None, Some(reason)),
+                    );
                     ControlFlow::Continue(())
                 }
                 Ok(_) => ControlFlow::Continue(()),
@@ -563,8 +837,8 @@ impl Ledger {
         err.map_or(Ok(out), Err)
     }
 
-    /// Receipts in order: all of them, or one pair's (on both sides). Refunded receipts are
-    /// included, with `refunded: Some(reason)`.
+    /// Receipts in order: all of them, or one pair's (on both sides). Credited receipts are
+    /// included, with `refunded: Some(reason)`; undelivered ones with `undelivered`.
     pub fn receipts(&self, peer: Option<&PublicKey>) -> Result<Vec<StoredReceipt>, LedgerError> {
         let mut refunds = self.refunds()?;
         let mut prefixes = Vec::new();
@@ -584,7 +858,10 @@ impl Ledger {
                 &prefix,
                 &mut |k, v| match decode::<StoredReceipt>(TreeId::Receipts, k, v) {
                     Ok(mut r) => {
-                        r.refunded = refunds.remove(k);
+                        if let Some((refunded, undelivered)) = refunds.remove(k) {
+                            r.refunded = refunded;
+                            r.undelivered = undelivered;
+                        }
                         out.push(r);
                         ControlFlow::Continue(())
                     }

@@ -1,14 +1,14 @@
 //! The node's books (issue 3): per-counterparty deposits, credit limits, holds and charges,
 //! doubly signed receipts, and a hash-chained log that `verify` replays, stored in sled.
 //!
-//! - [`Ledger`]: the typed API (open, deposit, hold, settle, void, ack, expire, refund an
-//!   undelivered receipt, read, verify, export); every operation is one transaction, durable
-//!   when it returns.
+//! - [`Ledger`]: the typed API (open, deposit, hold, settle, void, ack, expire, credit, read,
+//!   verify, export); every operation is one transaction, durable when it returns.
 //!
-//! A provider settles a job durably *before* it sends the image (DESIGN.md "A job, end to
-//! end"). If the delivery then fails for good, [`Ledger::refund_undelivered`] undoes that
-//! charge: only an acknowledged receipt stays paid, and the pair's chain is rewound to what the
-//! requester holds, so the two ledgers of the pair agree again.
+//! A provider settles a job durably *before* it sends the receipt (DESIGN.md "A job, end to
+//! end"), and releases the images only once the requester's signed ack is stored. If no ack
+//! comes, [`Ledger::credit`] takes the charge back with a signed credit note that extends the
+//! pair's chain: the books are append-only on both sides, and a requester that learns the note
+//! ([`Ledger::record_credit`]) has the same chain head as its provider.
 //! - [`books`]: records, key layouts, the logged operations and the one function that applies
 //!   them (shared by live operations and replay).
 //! - [`log`]: the hash chain.
@@ -27,7 +27,7 @@ pub mod sled_store;
 pub mod store;
 
 pub use audit::{AuditReport, ExportError, import};
-pub use books::{Account, Hold, HoldTerms, JobOutcome, Op, Role, StoredReceipt};
+pub use books::{Account, Hold, HoldTerms, JobOutcome, Op, Role, StoredCredit, StoredReceipt};
 pub use error::{Inconsistency, LedgerError, OpenError};
 pub use ledger::{FORMAT_VERSION, Ledger, ReceiptLink};
 pub use log::{Head, LogEntry};

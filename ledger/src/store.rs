@@ -31,13 +31,15 @@ pub enum TreeId {
     Receipts,
     /// Deposit notes seen (signer ‖ deposit id), so none is counted twice.
     Deposits,
+    /// Credit notes by role ‖ peer ‖ index: the same index space as the receipts (one chain).
+    Credits,
     /// The hash-chained log: sequence number (big-endian) → entry bytes.
     Log,
 }
 
 impl TreeId {
     /// Every tree, in a fixed order.
-    pub const ALL: [TreeId; 9] = [
+    pub const ALL: [TreeId; 10] = [
         TreeId::Meta,
         TreeId::Settings,
         TreeId::ProviderAccounts,
@@ -47,10 +49,11 @@ impl TreeId {
         TreeId::Receipts,
         TreeId::Deposits,
         TreeId::Log,
+        TreeId::Credits,
     ];
 
     /// The trees that are a pure function of the log, which `verify` recomputes and compares.
-    pub const DERIVED: [TreeId; 7] = [
+    pub const DERIVED: [TreeId; 8] = [
         TreeId::Settings,
         TreeId::ProviderAccounts,
         TreeId::RequesterAccounts,
@@ -58,6 +61,7 @@ impl TreeId {
         TreeId::Jobs,
         TreeId::Receipts,
         TreeId::Deposits,
+        TreeId::Credits,
     ];
 
     /// The tree's name on disk.
@@ -72,6 +76,7 @@ impl TreeId {
             TreeId::Receipts => "pixmarket/receipts",
             TreeId::Deposits => "pixmarket/deposits",
             TreeId::Log => "pixmarket/log",
+            TreeId::Credits => "pixmarket/credits",
         }
     }
 
@@ -86,6 +91,7 @@ impl TreeId {
             TreeId::Receipts => 6,
             TreeId::Deposits => 7,
             TreeId::Log => 8,
+            TreeId::Credits => 9,
         }
     }
 }

@@ -1,8 +1,9 @@
-//! Crash test (STYLE.md "Storage"): a child process runs holds, settles, voids, acks and
-//! refunds of undelivered receipts in a loop from two threads and prints each job id after its
-//! call returns; the parent SIGKILLs it at a random moment, reopens the ledger, runs `verify`,
-//! and checks that every job the child reported is there in the state reported, and that no
-//! hold is half-settled and no refund half-done.
+//! Crash test (STYLE.md "Storage"): a child process runs holds, settles (`settle` and
+//! `settle_with`), voids, acks and credit notes for unacknowledged receipts in a loop from two
+//! threads and prints each job id after its call returns; the parent SIGKILLs it at a random
+//! moment, reopens the ledger, runs `verify`, and checks that every job the child reported is
+//! there in the state reported, that no hold is half-settled and no credit half-done, and that
+//! each pair's chain is linear.
 //!
 //! The child is this test binary itself, re-run with `PIXMARKET_LEDGER_CRASH_CHILD` set and
 //! filtered to `crash_child`, which does nothing in a normal run.
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use pixmarket_ledger::{JobOutcome, Ledger, Role};
-use pixmarket_protocol::JobId;
+use pixmarket_protocol::{ChainEntry, JobId};
 use rand::{Rng, SeedableRng};
 
 const CHILD_ENV: &str = "PIXMARKET_LEDGER_CRASH_CHILD";
@@ -69,18 +70,26 @@ fn child(dir: &Path, run: u64) {
                     ledger.hold(terms(j, r, tokens(10)), 0).unwrap();
                     writeln!(out.lock(), "H {j}").unwrap();
                     match i % 4 {
-                        0 | 1 => {
+                        0 => {
                             // Settles for one requester come from one thread, one at a time.
                             let rc = receipt(&ledger, &p, r, j, 1 + u32::try_from(i % 19).unwrap());
                             ledger.settle(j, &rc).unwrap();
                             writeln!(out.lock(), "S {j}").unwrap();
-                            if i % 4 == 0 {
-                                ledger.attach_ack(j, &ack(&rk, &rc)).unwrap();
-                                writeln!(out.lock(), "A {j}").unwrap();
-                            } else if i % 8 == 5 {
-                                // Never delivered: the pair's latest receipt, refunded.
-                                ledger.refund_undelivered(j, "crash test").unwrap();
-                                writeln!(out.lock(), "R {j}").unwrap();
+                            ledger.attach_ack(j, &ack(&rk, &rc)).unwrap();
+                            writeln!(out.lock(), "A {j}").unwrap();
+                        }
+                        1 => {
+                            let steps = 1 + u32::try_from(i % 19).unwrap();
+                            ledger
+                                .settle_with(j, &p, |link| {
+                                    receipt_body(p.public(), r, j, steps, link)
+                                })
+                                .unwrap();
+                            writeln!(out.lock(), "S {j}").unwrap();
+                            if i % 8 == 5 {
+                                // Never acknowledged: credited back by a new chain entry.
+                                ledger.credit(j, &p, "crash test", 2_000).unwrap();
+                                writeln!(out.lock(), "C {j}").unwrap();
                             }
                         }
                         2 => {
@@ -106,7 +115,7 @@ fn crash_child() {
 
 #[derive(Default)]
 struct Expect {
-    /// job → strongest state the child reported: H < S|V, and A or R on top of S.
+    /// job → strongest state the child reported: H < S|V, and A or C on top of S.
     jobs: BTreeMap<JobId, char>,
 }
 
@@ -165,7 +174,7 @@ fn kill_loop(kills: usize, seed: u64) {
             let Some((tag, id)) = line.split_once(' ') else {
                 continue;
             };
-            let Some(tag) = tag.chars().next().filter(|c| "HSVAR".contains(*c)) else {
+            let Some(tag) = tag.chars().next().filter(|c| "HSVAC".contains(*c)) else {
                 continue;
             };
             let job: JobId = id.parse().unwrap();
@@ -201,10 +210,10 @@ fn check(dir: &Path, expect: &Expect, kill: usize) {
             (tag, &got),
             ('H', Some(_))
                 | ('S' | 'A', Some(JobOutcome::Settled { .. }))
-                // Refunded after it was reported settled, killed before it said so.
-                | ('S', Some(JobOutcome::Refunded { .. }))
+                // Credited after it was reported settled, killed before it said so.
+                | ('S', Some(JobOutcome::Credited { .. }))
                 | ('V', Some(JobOutcome::Voided))
-                | ('R', Some(JobOutcome::Refunded { .. }))
+                | ('C', Some(JobOutcome::Credited { .. }))
         );
         assert!(
             ok,
@@ -214,11 +223,11 @@ fn check(dir: &Path, expect: &Expect, kill: usize) {
             let r = l.receipt(Role::Provider, *job).unwrap().unwrap();
             assert!(r.ack.is_some(), "kill {kill}: job {job} lost its ack");
         }
-        if *tag == 'R' {
+        if *tag == 'C' {
             let r = l.receipt(Role::Provider, *job).unwrap().unwrap();
             assert!(
                 r.refunded.is_some(),
-                "kill {kill}: job {job} lost its refund"
+                "kill {kill}: job {job} lost its credit note"
             );
         }
     }
@@ -243,23 +252,36 @@ fn check(dir: &Path, expect: &Expect, kill: usize) {
     for (peer, a) in l.accounts(Role::Provider).unwrap() {
         assert_eq!(a.held.0, held_sum.get(&peer).copied().unwrap_or(0));
         assert!(a.available().is_some());
-        // No refund is half-done: charged is the sum of the receipts that still charge, and
-        // the chain head is the last of them.
-        let charging: Vec<_> = l
+        // No credit is half-done: charged is the sum of the receipts that still charge, and
+        // the pair's chain is linear, ends at the account's head and holds one entry per
+        // receipt and per credit note.
+        let receipts: Vec<_> = l
             .receipts(Some(&peer))
             .unwrap()
             .into_iter()
-            .filter(|s| s.role == Role::Provider && s.refunded.is_none())
+            .filter(|s| s.role == Role::Provider)
             .collect();
-        let sum: u64 = charging
+        let sum: u64 = receipts
             .iter()
+            .filter(|s| s.refunded.is_none())
             .map(|s| s.receipt.verify().unwrap().cost.0)
             .sum();
         assert_eq!(a.charged.0, sum, "kill {kill}: charged");
+        let chain = full_chain(&l, Role::Provider, &peer);
+        assert_eq!(assert_linear(&chain), a.charged, "kill {kill}: chain total");
         assert_eq!(
-            a.last_receipt,
-            charging.last().map(|s| s.receipt.digest()),
-            "kill {kill}: last receipt"
+            a.last_entry,
+            chain.last().map(ChainEntry::digest),
+            "kill {kill}: chain head"
+        );
+        let credited = receipts.iter().filter(|s| s.refunded.is_some()).count();
+        assert_eq!(
+            (chain.len(), a.entries),
+            (
+                receipts.len() + credited,
+                u64::try_from(chain.len()).unwrap()
+            ),
+            "kill {kill}: chain length"
         );
     }
     assert_eq!(report.open_holds, holds.len());

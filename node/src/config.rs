@@ -16,6 +16,14 @@ pub enum ConfigError {
     },
     #[error("config file {path} is invalid: {message}")]
     Parse { path: String, message: String },
+    /// A key's value is wrong; `line` is where the file sets it.
+    #[error("config file {path}, line {line}")]
+    Located {
+        path: String,
+        line: usize,
+        #[source]
+        source: Box<ConfigError>,
+    },
     #[error("config key `{key}` is invalid: got {got}; allowed: {allowed}")]
     Invalid {
         key: &'static str,
@@ -99,11 +107,31 @@ impl NodeConfig {
             path: path.display().to_string(),
             source,
         })?;
-        let cfg: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.display().to_string(),
-            message: e.message().to_owned(),
+        let shown = path.display().to_string();
+        let cfg: NodeConfig = toml::from_str(&text).map_err(|e| {
+            let at = e.span().map(|span| {
+                let (line, column) = line_column(&text, span.start);
+                match section_at(&text, span.start) {
+                    Some(section) => format!(" at line {line}, column {column} (in [{section}])"),
+                    None => format!(" at line {line}, column {column}"),
+                }
+            });
+            ConfigError::Parse {
+                path: shown.clone(),
+                message: format!("{}{}", e.message().trim_end(), at.unwrap_or_default()),
+            }
         })?;
-        cfg.validate()?;
+        cfg.validate().map_err(|e| match &e {
+            ConfigError::Invalid { key, .. } => match key_line(&text, key) {
+                Some(line) => ConfigError::Located {
+                    path: shown.clone(),
+                    line,
+                    source: Box::new(e),
+                },
+                None => e,
+            },
+            _ => e,
+        })?;
         Ok(cfg)
     }
 
@@ -208,6 +236,51 @@ impl NodeConfig {
     }
 }
 
+/// 1-based line and column of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// The `[section]` that byte `offset` of `text` is in, if any.
+fn section_at(text: &str, offset: usize) -> Option<String> {
+    let before = text.get(..offset).unwrap_or(text);
+    before
+        .lines()
+        .rev()
+        .find_map(|l| section_header(l.trim()))
+        .map(str::to_owned)
+}
+
+fn section_header(line: &str) -> Option<&str> {
+    line.strip_prefix('[')?.split(']').next().map(str::trim)
+}
+
+/// The 1-based line that sets `key` (`name` or `section.name`), if the file sets it.
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    let (section, name) = match key.rsplit_once('.') {
+        Some((s, n)) => (Some(s), n),
+        None => (None, key),
+    };
+    let mut current: Option<&str> = None;
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if let Some(h) = section_header(line) {
+            current = Some(h);
+            continue;
+        }
+        let sets = line
+            .split_once('=')
+            .is_some_and(|(k, _)| k.trim().trim_matches('"') == name);
+        if sets && current == section {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,8 +302,9 @@ mod tests {
         assert!(err.contains("listne"), "{err}");
 
         std::fs::write(&path, "[provider]\nprice_factor = \"-2\"\n").unwrap();
-        let err = NodeConfig::load(&path).unwrap_err().to_string();
-        assert!(err.contains("provider.price_factor"), "{err}");
+        let err = NodeConfig::load(&path).unwrap_err();
+        let source = std::error::Error::source(&err).unwrap().to_string();
+        assert!(source.contains("provider.price_factor"), "{source}");
 
         for (text, key) in [
             ("listen = [\"not an address\"]\n", "listen"),
@@ -240,8 +314,30 @@ mod tests {
             ("[provider]\nmax_queue = 0\n", "provider.max_queue"),
         ] {
             std::fs::write(&path, text).unwrap();
-            let err = NodeConfig::load(&path).unwrap_err().to_string();
-            assert!(err.contains(key), "{text}: {err}");
+            let err = NodeConfig::load(&path).unwrap_err();
+            let chain = format!(
+                "{err} {}",
+                std::error::Error::source(&err)
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            );
+            assert!(chain.contains(key), "{text}: {chain}");
         }
+    }
+
+    #[test]
+    fn errors_say_the_line_and_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "mdns = true\n\n[provider]\nmax_batch = \"two\"\n").unwrap();
+        let err = NodeConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("line 4"), "{err}");
+        assert!(err.contains("[provider]"), "{err}");
+
+        std::fs::write(&path, "mdns = true\n[provider]\nmax_queue = 0\n").unwrap();
+        let err = NodeConfig::load(&path).unwrap_err();
+        assert!(err.to_string().contains("line 3"), "{err}");
+        let source = std::error::Error::source(&err).unwrap().to_string();
+        assert!(source.contains("provider.max_queue"), "{source}");
     }
 }

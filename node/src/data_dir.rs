@@ -10,6 +10,11 @@ use crate::config::{ConfigError, NodeConfig};
 
 pub const IDENTITY_FILE: &str = "identity.key";
 pub const CONFIG_FILE: &str = "config.toml";
+/// The `provider.new_peer_credit` of `config.toml` that the ledger's default credit last
+/// followed. The ledger's value is set from the config only when the config's value differs
+/// from this one, so `pixmarket ledger default-credit` (which records the config's value here)
+/// is not undone at the next start; editing the config later still takes effect.
+pub const APPLIED_CREDIT_FILE: &str = "applied-new-peer-credit";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataDirError {
@@ -23,6 +28,12 @@ pub enum DataDirError {
     NotInitialised { path: PathBuf },
     #[error("cannot create data folder {path}")]
     Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}")]
+    Write {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -103,6 +114,26 @@ impl DataDir {
 
     pub fn config(&self) -> Result<NodeConfig, DataDirError> {
         Ok(NodeConfig::load(&self.root.join(CONFIG_FILE))?)
+    }
+
+    /// The config value of `provider.new_peer_credit` the ledger last followed (or was told to
+    /// ignore by `ledger default-credit`); see [`APPLIED_CREDIT_FILE`].
+    pub fn applied_peer_credit(&self) -> Option<String> {
+        std::fs::read_to_string(self.root.join(APPLIED_CREDIT_FILE))
+            .ok()
+            .map(|s| s.trim().to_owned())
+    }
+
+    /// Records `value` as the config value the ledger's default credit has dealt with.
+    pub fn set_applied_peer_credit(&self, value: &str) -> Result<(), DataDirError> {
+        std::fs::write(
+            self.root.join(APPLIED_CREDIT_FILE),
+            format!("{}\n", value.trim()),
+        )
+        .map_err(|source| DataDirError::Write {
+            path: self.root.join(APPLIED_CREDIT_FILE),
+            source,
+        })
     }
 
     pub fn ledger_path(&self) -> PathBuf {

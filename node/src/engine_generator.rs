@@ -1,5 +1,5 @@
 //! [`Generator`] backed by the Qwen-Image engine: the real model, or the built-in tiny model
-//! (random weights in the same layout, loaded by the same code; its pictures are noise).
+//! (trained on drawn scenes, in the same layout, loaded by the same code).
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};

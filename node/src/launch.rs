@@ -46,6 +46,8 @@ pub enum LaunchError {
         "{flag} {value:?} is not a libp2p multiaddress (e.g. /ip4/127.0.0.1/tcp/4001/p2p/12D3KooW…)"
     )]
     Addr { flag: &'static str, value: String },
+    #[error("{flag} {value:?} is not HOST:PORT (e.g. 127.0.0.1:9464)")]
+    HostPort { flag: &'static str, value: String },
     #[error("{flag} {value} must end with /p2p/<peer id>, as `pixmarket node` prints it")]
     NoPeerId { flag: &'static str, value: String },
     #[error(
@@ -62,6 +64,17 @@ pub enum LaunchError {
     Model(GenError),
     #[error(transparent)]
     Node(#[from] NodeError),
+}
+
+impl LaunchError {
+    /// Whether the error is in a command-line value (a flag), not in the data folder, the
+    /// config file or the node.
+    pub fn is_flag_error(&self) -> bool {
+        matches!(
+            self,
+            LaunchError::Addr { .. } | LaunchError::HostPort { .. } | LaunchError::NoPeerId { .. }
+        )
+    }
 }
 
 /// The peer id at the end of a provider's address (`…/p2p/12D3KooW…`).
@@ -93,6 +106,17 @@ fn addrs(flag: &'static str, values: &[String]) -> Result<Vec<Multiaddr>, Launch
 
 /// Builds and starts a node for `dir` with `overrides`.
 pub async fn start(dir: &DataDir, overrides: &Overrides) -> Result<Node, LaunchError> {
+    // The command line's values first, so their errors name the flag rather than a config key.
+    addrs("--listen", &overrides.listen)?;
+    addrs("--bootstrap", &overrides.bootstrap)?;
+    if let Some(m) = &overrides.metrics
+        && m.parse::<std::net::SocketAddr>().is_err()
+    {
+        return Err(LaunchError::HostPort {
+            flag: "--metrics",
+            value: m.clone(),
+        });
+    }
     let mut config = dir.config()?;
     if let Some(m) = &overrides.model {
         config.provider.model = m.clone();
@@ -134,8 +158,14 @@ pub async fn start(dir: &DataDir, overrides: &Overrides) -> Result<Node, LaunchE
                 allowed: e.to_string(),
             },
         )?;
-        if ledger.default_credit()? != credit {
-            ledger.set_default_credit(credit)?;
+        // The config's value wins only when it changed since the ledger last followed it, so
+        // `ledger default-credit` is not undone by an unchanged config at the next start.
+        let value = config.provider.new_peer_credit.trim();
+        if dir.applied_peer_credit().as_deref() != Some(value) {
+            if ledger.default_credit()? != credit {
+                ledger.set_default_credit(credit)?;
+            }
+            dir.set_applied_peer_credit(value)?;
         }
         let model_dir =
             resolve_model(&config.provider.model, dir.root()).map_err(LaunchError::Model)?;
@@ -145,6 +175,7 @@ pub async fn start(dir: &DataDir, overrides: &Overrides) -> Result<Node, LaunchE
         let generator: Arc<dyn Generator> = Arc::new(generator);
         let settings = ProviderSettings {
             advert_interval: crate::provider::ADVERT_INTERVAL,
+            ack_deadline: crate::provider::ACK_DEADLINE,
             schedule,
             max_queue: config.provider.max_queue,
             max_batch: config.provider.max_batch,

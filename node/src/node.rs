@@ -181,12 +181,36 @@ impl Node {
             .collect())
     }
 
-    /// Stops the provider, then the network (which first delivers the responses in flight, such
-    /// as the ack of a receipt just paid), then the dispatcher and the metrics endpoint.
-    /// `generate` calls still waiting on a provider end with an error.
-    pub async fn shutdown(mut self) {
+    /// Stops selling while the network stays up: running and queued jobs are voided (their
+    /// requesters told), deliveries in flight get until `deadline`, and receipts still
+    /// unacknowledged then are credited back, so requesters can still learn those credit
+    /// notes (`Requester::sync_chain`) before [`Node::shutdown`]. Nothing for a node that does
+    /// not provide.
+    pub async fn stop_providing(&self, deadline: tokio::time::Instant) {
         if let Some(p) = &self.provider {
             p.stop();
+            if let Err(e) = p.wait_stopped(deadline).await {
+                tracing::warn!(still = e.0, "provider did not stop in time");
+            }
+        }
+    }
+
+    /// Stops the provider (its deliveries in flight get a grace), then the network (which first
+    /// delivers the responses in flight, such as the ack of a receipt just paid), then the
+    /// dispatcher and the metrics endpoint. `generate` calls still waiting on a provider end
+    /// with an error.
+    pub async fn shutdown(mut self) {
+        // First the provider, with the network still up: the worker voids what it will not
+        // finish (telling those requesters), and deliveries in flight get a grace to be
+        // acknowledged and fetched; receipts still unacknowledged then are credited.
+        if let Some(p) = &self.provider {
+            p.stop();
+            if let Err(e) = p
+                .wait_stopped(tokio::time::Instant::now() + SHUTDOWN_GRACE)
+                .await
+            {
+                tracing::warn!(still = e.0, "provider did not stop in time");
+            }
         }
         self.client.shutdown().await;
         self.requester.stop();
@@ -199,15 +223,6 @@ impl Node {
         }
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
-        // The worker voids the holds of the jobs it will not run; the books are final only
-        // once it has.
-        if let Some(p) = &self.provider
-            && let Err(e) = p
-                .wait_stopped(tokio::time::Instant::now() + SHUTDOWN_GRACE)
-                .await
-        {
-            tracing::warn!(still = e.0, "provider did not stop in time");
-        }
     }
 
     /// Stops the node as a process kill would, as closely as one process allows: the network

@@ -53,6 +53,7 @@ async fn start_with(
                 g,
                 ProviderSettings {
                     advert_interval: pixmarket_node::provider::ADVERT_INTERVAL,
+                    ack_deadline: pixmarket_node::provider::ACK_DEADLINE,
                     schedule: PriceSchedule::default(),
                     max_queue: 8,
                     max_batch: 1,
@@ -126,12 +127,15 @@ async fn a_crashed_provider_settles_nothing_and_restarts_from_its_folder() {
     let rledger = Arc::new(open_ledger(&rdir.path().join("ledger"), REQUESTER).await);
     let (requester, raddr) = start(REQUESTER, rledger, vec![paddr], None).await;
 
-    // A 60-step job (6 s at 100 ms a step); the requester gives up after 3 s of silence.
+    // A 60-step job (6 s at 100 ms a step); the requester asks for its status after 1 s of
+    // silence, gets no answer from the dead provider, and fails over once its request (valid
+    // for 8 s) has expired: the provider can no longer settle it.
     let (tx, mut progress) = mpsc::channel(1024);
     let client = requester.requester().clone();
     let options = GenerateOptions {
         provider: Some(peer),
-        idle_timeout: Duration::from_secs(3),
+        idle_timeout: Duration::from_secs(1),
+        request_validity: Duration::from_secs(8),
         ..GenerateOptions::default()
     };
     let run = tokio::spawn(async move {
@@ -185,7 +189,7 @@ async fn a_crashed_provider_settles_nothing_and_restarts_from_its_folder() {
         books
             .account(Role::Requester, &pkey_pub)
             .unwrap()
-            .is_none_or(|a| a.charged == MicroTokens::ZERO && a.receipts == 0)
+            .is_none_or(|a| a.charged == MicroTokens::ZERO && a.entries == 0)
     );
 
     // Restarted from the same folder and key: the old hold is voided, the books verify.
@@ -205,7 +209,7 @@ async fn a_crashed_provider_settles_nothing_and_restarts_from_its_folder() {
     ));
     let acct = books.account(Role::Provider, &rkey).unwrap().unwrap();
     assert_eq!(
-        (acct.charged, acct.held, acct.receipts),
+        (acct.charged, acct.held, acct.entries),
         (MicroTokens::ZERO, MicroTokens::ZERO, 0)
     );
     let report = books.verify().unwrap();
@@ -242,7 +246,7 @@ async fn a_crashed_provider_settles_nothing_and_restarts_from_its_folder() {
     .unwrap();
     assert_eq!(outcome.provider, peer);
     let acct = books.account(Role::Provider, &rkey).unwrap().unwrap();
-    assert_eq!((acct.charged, acct.receipts), (outcome.cost, 1));
+    assert_eq!((acct.charged, acct.entries), (outcome.cost, 1));
     books.verify().unwrap();
 
     // Idle nodes crash at once too, and let go of their books.
@@ -379,11 +383,12 @@ async fn funded_provider(
     (provider, addr, ledger)
 }
 
-/// A requester that stops waiting (its call dropped mid-job) refuses the late result; the
-/// provider then refunds the charge it had settled, so both books agree and a later job chains
-/// from the last delivered receipt.
+/// A requester that stops waiting (its call dropped mid-job) refuses the late receipt with a
+/// signed refusal; the provider then credits the charge it had settled with a credit note
+/// (never a rewind), the requester learns the note on its next exchange, and both books end
+/// with the same chain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_result_the_requester_gave_up_on_is_refunded() {
+async fn a_result_the_requester_gave_up_on_is_credited_back() {
     let (pdir, rdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (pkey, rkey) = (
         SecretKey::from_seed(&[71; 32]),
@@ -395,6 +400,7 @@ async fn a_result_the_requester_gave_up_on_is_refunded() {
     const R: u8 = 72;
     let rledger = Arc::new(open_ledger(&rdir.path().join("ledger"), R).await);
     let (requester, _) = start(R, rledger.clone(), vec![paddr], None).await;
+    let requester_key = SecretKey::from_seed(&[R; 32]).public();
     let options = GenerateOptions {
         provider: Some(peer),
         ..GenerateOptions::default()
@@ -410,7 +416,7 @@ async fn a_result_the_requester_gave_up_on_is_refunded() {
     .await;
     assert!(gave_up.is_err(), "the job should still have been running");
 
-    // The provider finishes, settles, delivers, is refused, and refunds.
+    // The provider finishes, settles, offers the receipt, is refused, and credits it.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let refunded = pledger
@@ -421,9 +427,10 @@ async fn a_result_the_requester_gave_up_on_is_refunded() {
         if refunded {
             break;
         }
-        assert!(Instant::now() < deadline, "no refund within 15 s");
+        assert!(Instant::now() < deadline, "no credit note within 15 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert_eq!(pledger.verify().unwrap().credit_notes, 1);
     let account = pledger.account(Role::Provider, &rkey).unwrap().unwrap();
     assert_eq!(account.charged, MicroTokens::ZERO);
     assert_eq!(account.held, MicroTokens::ZERO);
@@ -442,7 +449,15 @@ async fn a_result_the_requester_gave_up_on_is_refunded() {
         .unwrap();
     assert_eq!(theirs.charged, outcome.cost);
     assert_eq!(ours.charged, outcome.cost);
-    assert_eq!(theirs.last_receipt, ours.last_receipt);
+    // Three entries on both sides: the credited receipt, its note, the paid receipt.
+    assert_eq!(theirs.last_entry, ours.last_entry);
+    assert_eq!((theirs.entries, ours.entries), (3, 3));
+    assert_eq!(
+        pledger.chain(Role::Provider, &requester_key, None).unwrap(),
+        rledger
+            .chain(Role::Requester, &pkey.public(), None)
+            .unwrap()
+    );
     assert!(pledger.verify().is_ok() && rledger.verify().is_ok());
     requester.shutdown().await;
     provider.shutdown().await;

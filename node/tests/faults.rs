@@ -60,6 +60,7 @@ async fn start_node(
                 generator,
                 ProviderSettings {
                     advert_interval: pixmarket_node::provider::ADVERT_INTERVAL,
+                    ack_deadline: pixmarket_node::provider::ACK_DEADLINE,
                     schedule: PriceSchedule::default(),
                     max_queue: 8,
                     max_batch: 1,

@@ -6,6 +6,7 @@
 //! This crate does no I/O beyond reading and writing the identity key file.
 
 pub mod codec;
+pub mod exchange;
 pub mod identity;
 pub mod messages;
 pub mod metering;
@@ -13,6 +14,7 @@ pub mod signed;
 pub mod validate;
 
 pub use codec::{DecodeError, EncodeError};
+pub use exchange::{ChainEntry, ChainLink, CreditNote, JobStatus, JobVoid, ReceiptRefusal};
 pub use identity::{Hash, IdentityError, KeyError, PublicKey, SecretKey, Signature};
 pub use messages::{
     CapacityAdvert, CostMismatch, DepositNote, FailReason, JobEvent, JobEventKind, JobId,

@@ -4,12 +4,15 @@
 //! provider ──[`CapacityAdvert`]──▶ everyone (gossip)
 //! requester ──[`QuoteRequest`]──▶ provider ──[`Quote`]──▶ requester
 //! requester ──[`JobRequest`]──▶ provider ──[`JobEvent`]s──▶ requester (accepted, progress,
-//!   completed with the images and a signed [`Receipt`], or failed/cancelled)
-//! requester ──[`ReceiptAck`]──▶ provider
+//!   completed with the signed [`Receipt`] and no images, or failed/cancelled with a signed
+//!   void)
+//! requester ──[`ReceiptAck`]──▶ provider ──images──▶ requester (the fair exchange: the
+//!   images are released only against the signed acknowledgement; see [`crate::exchange`])
 //! operator records a [`DepositNote`] in their own ledger when a peer prepays.
 
 use serde::{Deserialize, Serialize};
 
+use crate::exchange::JobVoid;
 use crate::identity::{Hash, PublicKey};
 use crate::metering::{self, MeterError, MeteredUnits, MicroTokens, PriceSchedule};
 use crate::signed::{Message, Signed};
@@ -185,6 +188,15 @@ impl JobParams {
             u64::from(v::MAX_IMAGES),
         )?;
         self.mode.validate()
+    }
+
+    /// The job's work against one standard image (1024², 50 steps, one image, no true CFG), in
+    /// parts per million: for estimates of time, never for prices.
+    pub fn standard_work_ppm(&self) -> u64 {
+        let px = u64::from(self.width) * u64::from(self.height);
+        let steps = u64::from(effective_steps(self.steps, self.mode.strength_permille()));
+        let cfg = if self.true_cfg_scale > 1.0 { 2 } else { 1 };
+        px * steps * u64::from(self.images) * cfg * 1_000_000 / (1024 * 1024 * 50)
     }
 
     /// The units this job is billed on, given the prompt's token count in the model tokenizer.
@@ -383,6 +395,18 @@ pub enum FailReason {
     Engine(String),
     #[error("provider is shutting down")]
     ShuttingDown,
+    #[error("cancelled")]
+    Cancelled,
+    #[error("the request expired before the job ran")]
+    HoldExpired,
+    #[error("the provider restarted and lost the job")]
+    Restarted,
+    #[error("the receipt was credited back; nothing is owed and nothing is delivered")]
+    Credited,
+    #[error("the result is no longer kept for re-delivery")]
+    ResultGone,
+    #[error("no settled receipt for this job")]
+    NotSettled,
 }
 
 /// A [`ValidationError`] as it travels on the wire (owned field name).
@@ -430,27 +454,19 @@ pub enum JobEventKind {
         step: u32,
         of: u32,
     },
-    /// The images (PNG) and the provider-signed receipt, sent only after the receipt is durable.
+    /// The provider-signed receipt (with the images' hashes), sent once it is durable. The
+    /// images themselves are released only against the requester's signed acknowledgement.
     Completed {
-        images: Vec<Vec<u8>>,
         receipt: Signed<Receipt>,
     },
+    /// The job ended without a charge; the signed void lets the requester fail over.
     Failed {
         reason: FailReason,
+        void: Signed<JobVoid>,
     },
-    Cancelled,
-}
-
-impl JobEvent {
-    pub fn validate(&self) -> Result<(), ValidationError> {
-        if let JobEventKind::Completed { images, .. } = &self.kind {
-            v::range("images", images.len() as u64, 1, u64::from(v::MAX_IMAGES))?;
-            for img in images {
-                v::bytes("image", img.len(), 1, v::MAX_OUTPUT_IMAGE_BYTES)?;
-            }
-        }
-        Ok(())
-    }
+    Cancelled {
+        void: Signed<JobVoid>,
+    },
 }
 
 /// The provider's signed bill for one job.
@@ -470,8 +486,9 @@ pub struct Receipt {
     pub run_ms: u64,
     /// Everything this provider has charged this requester, this receipt included.
     pub cumulative_charged: MicroTokens,
-    /// The previous receipt between this pair (its signed digest), `None` for the first.
-    pub prev_receipt_hash: Option<Hash>,
+    /// The pair's previous chain entry (a receipt or a credit note; its signed digest),
+    /// `None` for the first.
+    pub prev_entry_hash: Option<Hash>,
     pub issued_at_ms: u64,
 }
 
@@ -574,8 +591,8 @@ impl Message for Receipt {
 }
 impl Message for JobEvent {
     const DOMAIN: &'static str = "pixmarket/v1/job-event";
-    /// Up to four output images and the signed receipt.
-    const MAX_ENCODED: usize = (v::MAX_IMAGES as usize) * (v::MAX_OUTPUT_IMAGE_BYTES + 8) + 4 * KIB;
+    /// A signed receipt or a signed void, with room for a failure's message.
+    const MAX_ENCODED: usize = 8 * KIB;
 }
 impl Message for ReceiptAck {
     const DOMAIN: &'static str = "pixmarket/v1/receipt-ack";

@@ -38,6 +38,76 @@ pub const ADVERT_TTL_MS: u64 = 30_000;
 /// Allowed clock skew between peers for timestamps that must not be in the future.
 pub const MAX_CLOCK_SKEW_MS: u64 = 30_000;
 
+/// The shape limits of one job: the market's ([`Limits::MARKET`], what every provider accepts
+/// and [`crate::JobParams::validate`] enforces) and the wider ones of generating on one's own
+/// machine ([`Limits::LOCAL`]). Both forms of `pixmarket generate` check their flags against one
+/// of these two, so a flag means the same thing in both and the only difference is written here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Which form these are, for messages ("on the market", "locally").
+    pub name: &'static str,
+    pub min_dimension: u32,
+    pub max_dimension: u32,
+    pub max_steps: u32,
+}
+
+/// The engine's own ceiling for a local run: 256 patches per side keeps RoPE positions inside
+/// the reference's ±4096 table with room for 512 text tokens. Whether the device has the memory
+/// is a separate estimate made before the model runs.
+pub const LOCAL_MAX_DIMENSION: u32 = 4096;
+/// A local run may be as small as one packed token per side: tests and the tiny model run at
+/// 32² or 64×48 in a fraction of a second.
+pub const LOCAL_MIN_DIMENSION: u32 = DIMENSION_MULTIPLE;
+/// 1000 is the length of the training schedule; more steps only re-sample the same sigmas.
+pub const LOCAL_MAX_STEPS: u32 = 1000;
+
+impl Limits {
+    /// What a provider accepts.
+    pub const MARKET: Limits = Limits {
+        name: "on the market",
+        min_dimension: MIN_DIMENSION,
+        max_dimension: MAX_DIMENSION,
+        max_steps: MAX_STEPS,
+    };
+    /// What `generate --local` accepts: it spends nobody's tokens, so it may go smaller, larger
+    /// and longer (memory permitting).
+    pub const LOCAL: Limits = Limits {
+        name: "locally",
+        min_dimension: LOCAL_MIN_DIMENSION,
+        max_dimension: LOCAL_MAX_DIMENSION,
+        max_steps: LOCAL_MAX_STEPS,
+    };
+
+    pub fn dimension(&self, field: &'static str, value: u32) -> Result<(), ValidationError> {
+        if (self.min_dimension..=self.max_dimension).contains(&value)
+            && value.is_multiple_of(DIMENSION_MULTIPLE)
+        {
+            Ok(())
+        } else {
+            Err(ValidationError::new(
+                field,
+                value,
+                format!(
+                    "a multiple of {DIMENSION_MULTIPLE} in {}..={} {}",
+                    self.min_dimension, self.max_dimension, self.name
+                ),
+            ))
+        }
+    }
+
+    pub fn steps(&self, value: u32) -> Result<(), ValidationError> {
+        if (1..=self.max_steps).contains(&value) {
+            Ok(())
+        } else {
+            Err(ValidationError::new(
+                "steps",
+                value,
+                format!("1..={} {}", self.max_steps, self.name),
+            ))
+        }
+    }
+}
+
 /// A field is outside what the protocol allows.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {field}: got {got}; allowed: {allowed}")]
@@ -65,17 +135,9 @@ pub fn range(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), 
     }
 }
 
+/// A width or height within the market's limits.
 pub fn dimension(field: &'static str, value: u32) -> Result<(), ValidationError> {
-    if (MIN_DIMENSION..=MAX_DIMENSION).contains(&value) && value.is_multiple_of(DIMENSION_MULTIPLE)
-    {
-        Ok(())
-    } else {
-        Err(ValidationError::new(
-            field,
-            value,
-            format!("a multiple of {DIMENSION_MULTIPLE} in {MIN_DIMENSION}..={MAX_DIMENSION}"),
-        ))
-    }
+    Limits::MARKET.dimension(field, value)
 }
 
 pub fn true_cfg_scale(value: f32) -> Result<(), ValidationError> {

@@ -7,9 +7,9 @@
 
 use pixmarket_protocol::messages::{FailReason, JobEventKind, ValidationErrorWire};
 use pixmarket_protocol::{
-    CapacityAdvert, DepositNote, Hash, JobEvent, JobId, JobParams, JobRequest, Message,
-    MeteredUnits, MicroTokens, Mode, PriceSchedule, PublicKey, Quote, QuoteId, QuoteRequest,
-    Receipt, ReceiptAck, SecretKey, Signed, VerifyError,
+    CapacityAdvert, CreditNote, DepositNote, Hash, JobEvent, JobId, JobParams, JobRequest, JobVoid,
+    Message, MeteredUnits, MicroTokens, Mode, PriceSchedule, PublicKey, Quote, QuoteId,
+    QuoteRequest, Receipt, ReceiptAck, ReceiptRefusal, SecretKey, Signed, VerifyError,
 };
 use proptest::prelude::*;
 
@@ -153,7 +153,7 @@ fn arb_receipt() -> impl Strategy<Value = Receipt> {
                 queued_ms: q,
                 run_ms: r,
                 cumulative_charged: MicroTokens(cum),
-                prev_receipt_hash: prev.map(|p| Hash::of(&p)),
+                prev_entry_hash: prev.map(|p| Hash::of(&p)),
                 issued_at_ms: at,
             },
         )
@@ -221,13 +221,14 @@ fn arb_event() -> impl Strategy<Value = JobEvent> {
             eta_ms
         }),
         any::<(u32, u32)>().prop_map(|(step, of)| JobEventKind::Progress { step, of }),
-        (
-            proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..32), 0..3),
-            receipt
-        )
-            .prop_map(|(images, receipt)| JobEventKind::Completed { images, receipt }),
-        arb_fail_reason().prop_map(|reason| JobEventKind::Failed { reason }),
-        Just(JobEventKind::Cancelled),
+        receipt.prop_map(|receipt| JobEventKind::Completed { receipt }),
+        (arb_fail_reason(), arb_void()).prop_map(|(reason, v)| JobEventKind::Failed {
+            reason,
+            void: Signed::sign(&key(1), &v).unwrap()
+        }),
+        arb_void().prop_map(|v| JobEventKind::Cancelled {
+            void: Signed::sign(&key(1), &v).unwrap()
+        }),
     ];
     (any::<[u8; 16]>(), kind).prop_map(|(id, kind)| JobEvent {
         job_id: JobId(id),
@@ -283,6 +284,51 @@ fn arb_ack() -> impl Strategy<Value = ReceiptAck> {
         receipt_hash: Hash::of(&h),
         acked_at_ms: at,
     })
+}
+
+fn arb_void() -> impl Strategy<Value = JobVoid> {
+    (any::<[u8; 16]>(), arb_text(40), any::<u64>()).prop_map(|(id, reason, at)| JobVoid {
+        job_id: JobId(id),
+        reason,
+        voided_at_ms: at,
+    })
+}
+
+fn arb_refusal() -> impl Strategy<Value = ReceiptRefusal> {
+    (
+        any::<[u8; 16]>(),
+        any::<[u8; 32]>(),
+        arb_text(40),
+        any::<u64>(),
+    )
+        .prop_map(|(id, h, reason, at)| ReceiptRefusal {
+            job_id: JobId(id),
+            receipt_hash: Hash::of(&h),
+            reason,
+            refused_at_ms: at,
+        })
+}
+
+fn arb_credit() -> impl Strategy<Value = CreditNote> {
+    (
+        any::<[u8; 16]>(),
+        any::<[u8; 32]>(),
+        any::<(u64, u64)>(),
+        proptest::option::of(any::<[u8; 32]>()),
+        arb_text(40),
+        any::<u64>(),
+    )
+        .prop_map(|(id, h, (amount, cum), prev, reason, at)| CreditNote {
+            job_id: JobId(id),
+            receipt_hash: Hash::of(&h),
+            provider: pk(1),
+            requester: pk(2),
+            amount: MicroTokens(amount),
+            cumulative_charged: MicroTokens(cum),
+            prev_entry_hash: prev.map(|p| Hash::of(&p)),
+            reason,
+            issued_at_ms: at,
+        })
 }
 
 fn arb_deposit() -> impl Strategy<Value = DepositNote> {
@@ -379,6 +425,18 @@ proptest! {
     fn deposit_wire(v in arb_deposit(), f in any::<usize>(), b in any::<u8>(), c in any::<usize>()) {
         check_wire(&v, f, b, c)?;
     }
+    #[test]
+    fn credit_note_wire(v in arb_credit(), f in any::<usize>(), b in any::<u8>(), c in any::<usize>()) {
+        check_wire(&v, f, b, c)?;
+    }
+    #[test]
+    fn refusal_wire(v in arb_refusal(), f in any::<usize>(), b in any::<u8>(), c in any::<usize>()) {
+        check_wire(&v, f, b, c)?;
+    }
+    #[test]
+    fn void_wire(v in arb_void(), f in any::<usize>(), b in any::<u8>(), c in any::<usize>()) {
+        check_wire(&v, f, b, c)?;
+    }
 
     /// Random bytes never panic any decoder, at the envelope or the body level.
     #[test]
@@ -397,6 +455,9 @@ proptest! {
         try_all::<Receipt>(&bytes);
         try_all::<ReceiptAck>(&bytes);
         try_all::<DepositNote>(&bytes);
+        try_all::<CreditNote>(&bytes);
+        try_all::<ReceiptRefusal>(&bytes);
+        try_all::<JobVoid>(&bytes);
     }
 
     /// A body that is valid for one type but signed as another must not verify as the other,

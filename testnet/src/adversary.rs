@@ -7,14 +7,17 @@
 //! advertise an absurdly fast speed and an empty queue, re-published every
 //! [`ADVERT_EVERY`]):
 //! - [`AdversaryKind::Overcharger`] quotes honestly, accepts, runs the job on its generator and
-//!   delivers the images with a receipt charging more than the metering function gives.
+//!   offers a receipt charging more than the metering function gives.
 //! - [`AdversaryKind::Silent`] quotes honestly, answers `Accepted`, and never says anything
 //!   again: the requester must time out, cancel and fail over.
 //!
 //! Requester-side ([`Adversary::attack`] against one honest provider):
 //! - [`AdversaryKind::Replayer`] buys a job legitimately, then replays its signed request (while
-//!   it runs, re-signed with other parameters under the same job id, after it was paid) and its
-//!   receipt acknowledgement.
+//!   it runs, re-signed with other parameters under the same job id, after it was paid).
+//! - [`AdversaryKind::Freerider`] asks for jobs and takes whatever it can without signing an
+//!   ack: it answers the receipt with an empty answer, asks for the images with an ack for
+//!   another receipt and with an ack signed by another key, and asks for the job's status. Its
+//!   record counts the images it received and what its providers' books charge it.
 //! - [`AdversaryKind::Forger`] sends requests signed by another key over its own connection,
 //!   requests with a corrupted signature, and requests addressed to another provider.
 //!
@@ -28,7 +31,7 @@
 //! The building blocks (bare swarm, fast advert, honest quoting and metering, receipt spoiling,
 //! the event pump) are public so the end-to-end tests' misbehaving peers use the same code.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -82,14 +85,17 @@ pub enum AdversaryKind {
     Forger,
     /// A provider that accepts jobs and then never answers.
     Silent,
+    /// A requester that takes what it can and acknowledges nothing.
+    Freerider,
 }
 
 impl AdversaryKind {
-    pub const ALL: [AdversaryKind; 4] = [
+    pub const ALL: [AdversaryKind; 5] = [
         AdversaryKind::Overcharger,
         AdversaryKind::Replayer,
         AdversaryKind::Forger,
         AdversaryKind::Silent,
+        AdversaryKind::Freerider,
     ];
 
     pub fn name(self) -> &'static str {
@@ -98,6 +104,7 @@ impl AdversaryKind {
             AdversaryKind::Replayer => "replayer",
             AdversaryKind::Forger => "forger",
             AdversaryKind::Silent => "silent",
+            AdversaryKind::Freerider => "freerider",
         }
     }
 
@@ -115,7 +122,9 @@ impl fmt::Display for AdversaryKind {
 
 /// A name that is not an adversary kind.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown adversary {got:?}: expected one of overcharger, replayer, forger, silent")]
+#[error(
+    "unknown adversary {got:?}: expected one of overcharger, replayer, forger, silent, freerider"
+)]
 pub struct UnknownAdversary {
     pub got: String,
 }
@@ -141,6 +150,8 @@ struct TallyInner {
     attempts: u32,
     refused: u32,
     gained: u64,
+    /// Images received without a valid ack of its own.
+    images: u32,
     /// How each attempt ended, by a short label, for the record's detail line.
     outcomes: BTreeMap<String, u32>,
 }
@@ -177,6 +188,11 @@ impl Tally {
         });
     }
 
+    /// Images it received without a valid ack of its own (a freerider's gain).
+    pub fn images(&self, n: u32) {
+        self.with(|t| t.images = t.images.saturating_add(n));
+    }
+
     /// Something worth reporting that is not an attempt (an engine failure, a lost answer).
     pub fn note(&self, outcome: &str) {
         self.with(|t| *t.outcomes.entry(outcome.to_owned()).or_default() += 1);
@@ -189,6 +205,8 @@ impl Tally {
             attempts: t.attempts,
             refused: t.refused,
             gained_micros: t.gained,
+            images_received: t.images,
+            charged_micros: 0,
             detail: t
                 .outcomes
                 .iter()
@@ -385,6 +403,11 @@ pub fn spoil_receipt(
     })
 }
 
+/// A dishonest provider's delivered images by job, for `Fetch`.
+type Kept = Arc<Mutex<BTreeMap<JobId, Vec<Vec<u8>>>>>;
+/// Results a dishonest provider keeps for `Fetch`; past this the oldest job id goes.
+const MAX_KEPT_RESULTS: usize = 64;
+
 /// What a dishonest provider does with the jobs it accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProviderPlay {
@@ -422,6 +445,9 @@ impl DishonestProvider {
         tokio::spawn(async move {
             // Swallowed jobs by id, with the peer that sent each: its cancel is the give-up.
             let mut swallowed: BTreeMap<JobId, PeerId> = BTreeMap::new();
+            // The images of delivered jobs, handed to any `Fetch` (they do not match a spoiled
+            // receipt's hashes, which the requester then finds out).
+            let kept: Kept = Arc::default();
             while let Some(ev) = events.recv().await {
                 let NetEvent::Request {
                     peer,
@@ -440,7 +466,13 @@ impl DishonestProvider {
                         Ok(req) => {
                             match me.play {
                                 ProviderPlay::Deliver(cheat) => {
-                                    tokio::spawn(me.clone().deliver(peer, job, req, cheat));
+                                    tokio::spawn(me.clone().deliver(
+                                        peer,
+                                        job,
+                                        req,
+                                        cheat,
+                                        kept.clone(),
+                                    ));
                                 }
                                 ProviderPlay::Swallow => {
                                     me.tally.attempt(false, "jobs swallowed");
@@ -463,7 +495,23 @@ impl DishonestProvider {
                         }
                         Response::Ok
                     }
-                    Request::Ack(_) => Response::Ok,
+                    // Silent about swallowed jobs: no answer at all (the channel is dropped).
+                    Request::Status(job) if swallowed.contains_key(&job) => continue,
+                    Request::Status(_) => Response::Status(pixmarket_protocol::JobStatus::Unknown),
+                    Request::Fetch(ack) => {
+                        let images = ack.verify().ok().and_then(|a| {
+                            kept.lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .get(&a.job_id)
+                                .cloned()
+                                .map(|i| (a.job_id, i))
+                        });
+                        match images {
+                            Some((job_id, images)) => Response::Images { job_id, images },
+                            None => Response::Refused(FailReason::ResultGone),
+                        }
+                    }
+                    Request::Chain { .. } => Response::Chain(Vec::new()),
                     Request::Event(_) => Response::Refused(FailReason::Unsupported(
                         "job events to a provider".into(),
                     )),
@@ -479,17 +527,38 @@ impl DishonestProvider {
         signed: Signed<JobRequest>,
         req: JobRequest,
         cheat: Cheat,
+        kept: Kept,
     ) {
         let job_id = req.job_id;
         let (event, cost) = match self.spoiled_delivery(&signed, req).await {
-            Ok(x) => x,
+            Ok((event, cost, images)) => {
+                let mut k = kept.lock().unwrap_or_else(PoisonError::into_inner);
+                if k.len() >= MAX_KEPT_RESULTS
+                    && let Some(oldest) = k.keys().next().copied()
+                {
+                    k.remove(&oldest);
+                }
+                k.insert(job_id, images);
+                (event, cost)
+            }
             Err(e) => {
                 tracing::warn!(job = %job_id, error = %e, "dishonest provider could not run a job");
                 self.tally.note("jobs it could not run");
+                let Ok(void) = Signed::sign(
+                    &self.secret,
+                    &pixmarket_protocol::JobVoid {
+                        job_id,
+                        reason: e.to_string().chars().take(200).collect(),
+                        voided_at_ms: now_ms(),
+                    },
+                ) else {
+                    return;
+                };
                 let event = JobEvent {
                     job_id,
                     kind: JobEventKind::Failed {
                         reason: FailReason::Engine(e.to_string()),
+                        void,
                     },
                 };
                 let _ = self.client.request(peer, Request::Event(event)).await;
@@ -503,7 +572,9 @@ impl DishonestProvider {
                 self.tally.attempt(false, &format!("{what} acked"));
                 self.tally.gained(cost, "micro-tokens acked");
             }
-            Ok(Response::Refused(_)) => self.tally.attempt(true, &format!("{what} refused")),
+            Ok(Response::Refused(_) | Response::ReceiptRefused(_)) => {
+                self.tally.attempt(true, &format!("{what} refused"))
+            }
             Ok(_) => self.tally.attempt(true, &format!("{what} not acked")),
             Err(_) => self.tally.attempt(true, &format!("{what} unanswered")),
         }
@@ -513,12 +584,13 @@ impl DishonestProvider {
         }
     }
 
-    /// Runs the job for real and builds the `Completed` event with the spoiled receipt.
+    /// Runs the job for real and builds the `Completed` event with the spoiled receipt (the
+    /// images would follow only a `Fetch` with a valid ack).
     async fn spoiled_delivery(
         &self,
         signed: &Signed<JobRequest>,
         req: JobRequest,
-    ) -> anyhow::Result<(JobEvent, MicroTokens)> {
+    ) -> anyhow::Result<(JobEvent, MicroTokens, Vec<Vec<u8>>)> {
         let ProviderPlay::Deliver(cheat) = self.play else {
             bail!("a swallowing provider delivers nothing");
         };
@@ -545,16 +617,16 @@ impl DishonestProvider {
             queued_ms: 0,
             run_ms: 1,
             cumulative_charged: cost,
-            prev_receipt_hash: None,
+            prev_entry_hash: None,
             issued_at_ms: now_ms(),
         };
         let receipt = spoil_receipt(&self.secret, receipt, cheat)?;
         let charged = receipt.verify().map_or(cost, |r| r.cost);
         let event = JobEvent {
             job_id: req.job_id,
-            kind: JobEventKind::Completed { images, receipt },
+            kind: JobEventKind::Completed { receipt },
         };
-        Ok((event, charged))
+        Ok((event, charged, images))
     }
 }
 
@@ -643,10 +715,16 @@ type Waiters = Arc<Mutex<BTreeMap<JobId, oneshot::Sender<(JobEvent, ResponseChan
 
 /// Hands each job event to its waiting legitimate job; an event for any other job means a
 /// cheating request was served, and a `Completed` one was charged: that is a gain.
+/// Job ids a requester-side adversary asked for itself (bounded: the oldest go first).
+type Bought = Arc<Mutex<BTreeSet<JobId>>>;
+/// Job ids remembered in [`Bought`].
+const MAX_BOUGHT: usize = 10_000;
+
 fn spawn_router(
     client: Client,
     mut events: mpsc::Receiver<(JobEvent, ResponseChannel)>,
     waiters: Waiters,
+    bought: Bought,
     tally: Arc<Tally>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -662,7 +740,15 @@ fn spawn_router(
                 continue;
             }
             if let JobEventKind::Completed { receipt, .. } = &event.kind {
+                // Only a receipt for a job it never legitimately asked for means a cheating
+                // request was run; a receipt offered again for its own job is the provider
+                // still waiting for an ack that will not come (it is credited back).
+                let own = bought
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .contains(&event.job_id);
                 match receipt.verify() {
+                    Ok(_) if own => tally.note("receipts offered again, not acknowledged"),
                     Ok(r) => tally.gained(r.cost, "cheating requests served and charged"),
                     Err(_) => tally.note("unverifiable receipts for cheating requests"),
                 }
@@ -698,6 +784,8 @@ pub struct Adversary {
     tally: Arc<Tally>,
     /// Requester side: legitimate jobs waiting for their outcome.
     waiters: Waiters,
+    /// Requester side: every job it asked for itself.
+    bought: Bought,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -728,6 +816,7 @@ impl Adversary {
             .with_context(|| format!("adversary {name}"))?;
         let tally = Arc::new(Tally::default());
         let waiters: Waiters = Arc::default();
+        let bought: Bought = Arc::default();
         let mut tasks = vec![bare.task];
         match kind {
             AdversaryKind::Overcharger | AdversaryKind::Silent => {
@@ -753,13 +842,14 @@ impl Adversary {
                 };
                 tasks.push(provider.spawn(bare.events));
             }
-            AdversaryKind::Replayer | AdversaryKind::Forger => {
+            AdversaryKind::Replayer | AdversaryKind::Forger | AdversaryKind::Freerider => {
                 let (tx, rx) = mpsc::channel(EVENT_QUEUE);
                 tasks.push(spawn_event_pump(bare.client.clone(), bare.events, tx));
                 tasks.push(spawn_router(
                     bare.client.clone(),
                     rx,
                     waiters.clone(),
+                    bought.clone(),
                     tally.clone(),
                 ));
             }
@@ -772,6 +862,7 @@ impl Adversary {
             addr: bare.addr,
             tally,
             waiters,
+            bought,
             tasks,
         })
     }
@@ -822,6 +913,7 @@ impl Adversary {
             let r = match self.kind {
                 AdversaryKind::Replayer => self.replay_round(provider, params).await,
                 AdversaryKind::Forger => self.forge_round(provider, params).await,
+                AdversaryKind::Freerider => self.freeride_round(provider, params).await,
                 AdversaryKind::Overcharger | AdversaryKind::Silent => bail!(
                     "a {} cheats the requesters that choose it; it has no attack to launch",
                     self.kind
@@ -859,6 +951,10 @@ impl Adversary {
                     .attempt(true, &format!("{what} ignored (already stored)"))
             }
             Ok(Response::Accepted { .. }) => self.tally.attempt(false, &format!("{what} accepted")),
+            // A known job id from its own requester gets the job's status: no second job.
+            Ok(Response::Status(_)) if !ok_is_noop => self
+                .tally
+                .attempt(true, &format!("{what} answered with the job's status")),
             Ok(other) => self
                 .tally
                 .attempt(false, &format!("{what} answered {}", answer_name(&other))),
@@ -922,12 +1018,15 @@ impl Adversary {
                 bail!("the legitimate job did not finish within {LEGIT_JOB_WAIT:?}")
             }
         };
-        let JobEventKind::Completed { images, receipt } = event.kind else {
+        let JobEventKind::Completed { receipt } = event.kind else {
             let _ = self.client.respond(channel, Response::EventAck(None)).await;
-            bail!("the legitimate job ended without images: {:?}", event.kind);
+            bail!(
+                "the legitimate job ended without a receipt: {:?}",
+                event.kind
+            );
         };
         // Checked and acknowledged exactly as an honest requester does.
-        let body = match check_receipt(&receipt, &images, &signed, &quote, &provider) {
+        let body = match check_receipt(&receipt, &signed, &quote, &provider) {
             Ok(b) => b,
             Err(problem) => {
                 let _ = self
@@ -952,16 +1051,110 @@ impl Adversary {
             .client
             .respond(channel, Response::EventAck(Some(ack.clone())))
             .await;
-        match self.client.request(to, Request::Ack(ack.clone())).await {
-            Ok(Response::Ok) => {}
-            other => bail!("the provider did not confirm the legitimate ack: {other:?}"),
+        match self.client.request(to, Request::Fetch(ack.clone())).await {
+            Ok(Response::Images { images, .. })
+                if pixmarket_node::requester::check_images(&body, &images).is_ok() => {}
+            other => bail!("the provider did not deliver the legitimate job's images: {other:?}"),
         }
 
-        // The same bytes after the job was paid for, and its acknowledgement again.
+        // The same bytes after the job was paid for: the job's status, never a second job.
         self.cheat(to, signed, "replays after payment").await;
-        self.cheat_request(to, Request::Ack(ack), "ack replays", true)
-            .await;
         Ok(())
+    }
+
+    /// One job asked for and never acknowledged: every way it tries to get the images without
+    /// a valid ack of its own must be refused.
+    async fn freeride_round(&self, provider: PublicKey, params: &JobParams) -> anyhow::Result<()> {
+        let to = provider.to_peer_id();
+        let quote = fetch_quote(&self.client, &self.secret, provider, params).await?;
+        let mut req = job_request(provider, params.clone(), quote.cost);
+        req.quote_id = Some(quote.quote_id);
+        let signed = Signed::sign(&self.secret, &req)?;
+        {
+            let mut b = self.bought.lock().unwrap_or_else(PoisonError::into_inner);
+            if b.len() >= MAX_BOUGHT
+                && let Some(first) = b.iter().next().copied()
+            {
+                b.remove(&first);
+            }
+            b.insert(req.job_id);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.waiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(req.job_id, tx);
+        match self.client.request(to, Request::Job(signed)).await {
+            Ok(Response::Accepted { .. }) => {}
+            other => {
+                self.waiters
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&req.job_id);
+                bail!("the freerider's job was not accepted: {other:?}");
+            }
+        }
+        let (event, channel) = match tokio::time::timeout(LEGIT_JOB_WAIT, rx).await {
+            Ok(Ok(e)) => e,
+            _ => bail!("the freerider's job did not finish within {LEGIT_JOB_WAIT:?}"),
+        };
+        let JobEventKind::Completed { receipt } = event.kind else {
+            let _ = self.client.respond(channel, Response::EventAck(None)).await;
+            bail!(
+                "the freerider's job ended without a receipt: {:?}",
+                event.kind
+            );
+        };
+        // 1. The receipt answered with an empty answer: no ack, no images in hand.
+        let _ = self.client.respond(channel, Response::EventAck(None)).await;
+        // 2. An ack of its own, for a receipt that is not this one.
+        let wrong = Signed::sign(
+            &self.secret,
+            &ReceiptAck {
+                job_id: req.job_id,
+                receipt_hash: Hash::of(b"some other receipt"),
+                acked_at_ms: now_ms(),
+            },
+        )?;
+        self.fetch_attempt(to, wrong, "fetches with an ack for another receipt")
+            .await;
+        // 3. A valid ack of this receipt, signed by another key.
+        let other = SecretKey::generate();
+        let borrowed = Signed::sign(
+            &other,
+            &ReceiptAck {
+                job_id: req.job_id,
+                receipt_hash: receipt.digest(),
+                acked_at_ms: now_ms(),
+            },
+        )?;
+        self.fetch_attempt(to, borrowed, "fetches with an ack signed by another key")
+            .await;
+        // 4. Where the job stands: the receipt again, never the images.
+        match self.client.request(to, Request::Status(req.job_id)).await {
+            Ok(Response::Images { .. }) => self.tally.attempt(false, "status answered with images"),
+            Ok(_) | Err(_) => self.tally.attempt(true, "status asked (no images in it)"),
+        }
+        Ok(())
+    }
+
+    /// Asks for the images with `ack` and tallies what came back: images are a gain.
+    async fn fetch_attempt(&self, to: PeerId, ack: Signed<ReceiptAck>, what: &str) {
+        match self.client.request(to, Request::Fetch(ack)).await {
+            Ok(Response::Images { images, .. }) => {
+                self.tally
+                    .attempt(false, &format!("{what} answered with images"));
+                self.tally
+                    .images(u32::try_from(images.len()).unwrap_or(u32::MAX));
+            }
+            Ok(Response::Refused(reason)) => self
+                .tally
+                .attempt(true, &format!("{what} refused ({reason})")),
+            Ok(other) => self
+                .tally
+                .attempt(true, &format!("{what} answered {}", answer_name(&other))),
+            Err(_) => self.tally.attempt(true, &format!("{what} unanswered")),
+        }
     }
 
     async fn forge_round(&self, provider: PublicKey, params: &JobParams) -> anyhow::Result<()> {
@@ -1018,6 +1211,10 @@ fn answer_name(r: &Response) -> String {
         Response::Quote(_) => "a quote".into(),
         Response::Accepted { .. } => "accepted".into(),
         Response::EventAck(_) => "an event ack".into(),
+        Response::ReceiptRefused(_) => "a signed refusal".into(),
+        Response::Status(s) => format!("status {s:?}"),
+        Response::Images { .. } => "images".into(),
+        Response::Chain(c) => format!("{} chain entries", c.len()),
         Response::Ok => "ok".into(),
         Response::Refused(reason) => format!("refused: {reason}"),
     }

@@ -2,13 +2,15 @@
 //! compared with every other and with what the requesters actually received.
 //!
 //! - every requester/provider pair with business: both ledgers agree on the pair's charged
-//!   total, receipt count and last receipt;
+//!   total and chain head, and the two chains (receipts and credit notes) are equal entry by
+//!   entry, so every refund is a signed credit note both sides hold;
 //! - the total charged over the providers' books equals the total paid over the requesters';
 //! - no job id is charged twice, in one ledger or across ledgers, and no job of the plan was
 //!   paid twice;
 //! - every receipt a requester holds names only images it received, and every receipt a
 //!   provider charges for is held by its requester (else the provider charged for an image that
 //!   was never delivered);
+//! - no acknowledged receipt went undelivered;
 //! - no hold is left open, and every ledger's `verify` replay passes.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -42,7 +44,21 @@ impl Problems {
     }
 }
 
-/// Whether a provider-side receipt still charges (it was not refunded as undelivered).
+/// The digests of a pair's whole chain, in order.
+fn full_chain(ledger: &Ledger, role: Role, peer: &PublicKey) -> Result<Vec<Hash>, String> {
+    let mut out = Vec::new();
+    loop {
+        let page = ledger
+            .chain(role, peer, out.last().copied())
+            .map_err(|e| e.to_string())?;
+        if page.is_empty() {
+            return Ok(out);
+        }
+        out.extend(page.iter().map(pixmarket_protocol::ChainEntry::digest));
+    }
+}
+
+/// Whether a provider-side receipt still charges (it was not credited back).
 fn charges(ledger: &Ledger, job: JobId) -> bool {
     matches!(
         ledger.job(Role::Provider, job),
@@ -76,6 +92,9 @@ pub fn check(
     let mut receipts = 0u32;
 
     for p in providers {
+        if let Ok(report) = p.ledger.verify() {
+            c.credit_notes += u32::try_from(report.credit_notes).unwrap_or(u32::MAX);
+        }
         let list = match p.ledger.receipts(None) {
             Ok(l) => l,
             Err(e) => {
@@ -128,13 +147,30 @@ pub fn check(
             c.pairs += 1;
             let (t, m) = (theirs.unwrap_or_default(), mine.unwrap_or_default());
             charged = charged.checked_add(t.charged).unwrap_or(charged);
-            if t.charged == m.charged && t.last_receipt == m.last_receipt {
+            if t.charged == m.charged && t.last_entry == m.last_entry {
                 c.pairs_agreeing += 1;
             } else {
                 problems.push(format!(
                     "{} and {} disagree: provider says {} charged, requester {} paid",
                     p.name, r.name, t.charged, m.charged
                 ));
+            }
+            match (
+                full_chain(&p.ledger, Role::Provider, &r.key),
+                full_chain(&r.ledger, Role::Requester, &p.key),
+            ) {
+                (Ok(a), Ok(b)) if a == b => c.chains_equal += 1,
+                (Ok(a), Ok(b)) => problems.push(format!(
+                    "{} and {} hold different chains: {} entries and {}",
+                    p.name,
+                    r.name,
+                    a.len(),
+                    b.len()
+                )),
+                (Err(e), _) | (_, Err(e)) => problems.push(format!(
+                    "{} and {}: cannot read a chain: {e}",
+                    p.name, r.name
+                )),
             }
         }
     }
@@ -149,6 +185,17 @@ pub fn check(
         };
         let mut seen = BTreeSet::new();
         for stored in list.iter().filter(|s| s.role == Role::Requester) {
+            // Credited back: it no longer charges (and was never acknowledged or delivered).
+            if stored.refunded.is_some() {
+                continue;
+            }
+            if let Some(why) = &stored.undelivered {
+                c.undelivered += 1;
+                problems.push(format!(
+                    "{}: paid for a result never delivered: {why}",
+                    r.name
+                ));
+            }
             let Ok(body) = stored.receipt.verify() else {
                 problems.push(format!("{}: a stored receipt does not verify", r.name));
                 continue;

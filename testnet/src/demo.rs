@@ -2,8 +2,8 @@
 //! with its own data folder, identity and ledger; the requester prepays each provider, buys a
 //! few images through the market, and every ledger is verified at the end.
 //!
-//! The providers run the built-in tiny model: the real Qwen-Image code with random weights, so
-//! the pictures are noise. The market around it is exactly what runs with real weights.
+//! The providers run the built-in tiny model: the real Qwen-Image code with tiny weights trained
+//! on drawn scenes. The market around it is exactly what runs with real weights.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -166,6 +166,7 @@ pub async fn run(config: &DemoConfig, log: &mut dyn FnMut(String)) -> anyhow::Re
         );
         let settings = ProviderSettings {
             advert_interval: pixmarket_node::provider::ADVERT_INTERVAL,
+            ack_deadline: pixmarket_node::provider::ACK_DEADLINE,
             schedule: PriceSchedule {
                 price_factor_ppm: *ppm,
                 min_prompt_tokens: 0,

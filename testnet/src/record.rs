@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 /// The engine the providers ran.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EngineLabel {
-    /// `tiny` (the real Qwen-Image code with random weights) or `simulated`.
+    /// `tiny` (the real Qwen-Image code with the built-in tiny model) or `simulated`.
     pub kind: String,
     /// True when the providers' GPU time is a timing model, not a model run.
     pub simulated: bool,
@@ -100,7 +100,7 @@ pub struct FaultRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdversaryRecord {
     pub name: String,
-    /// `overcharger`, `replayer`, `forger` or `silent`.
+    /// `overcharger`, `replayer`, `forger`, `silent` or `freerider`.
     pub kind: String,
     /// Cheats attempted (deliveries, replays, forged requests, jobs swallowed).
     pub attempts: u32,
@@ -109,6 +109,14 @@ pub struct AdversaryRecord {
     /// Micro-tokens honest nodes paid it (for a provider) or charged it for cheating requests
     /// beyond what it legitimately bought (for a requester). Zero when the market held.
     pub gained_micros: u64,
+    /// Images it received that it never acknowledged (a freerider's take). Zero when the
+    /// market held.
+    #[serde(default)]
+    pub images_received: u32,
+    /// What the honest providers' books charge it at the end (a requester-side adversary):
+    /// what it acknowledged, nothing else.
+    #[serde(default)]
+    pub charged_micros: u64,
     pub detail: String,
 }
 
@@ -131,6 +139,15 @@ pub struct BooksCheck {
     pub receipts_without_image: u32,
     /// Holds still open after the run settled.
     pub open_holds: u32,
+    /// Credit notes over the providers' books (receipts taken back, never a rewind).
+    #[serde(default)]
+    pub credit_notes: u32,
+    /// Pairs whose two chains (receipts and credit notes, in order) are equal entry by entry.
+    #[serde(default)]
+    pub chains_equal: u32,
+    /// Acknowledged receipts whose images never reached the requester.
+    #[serde(default)]
+    pub undelivered: u32,
     /// Ledgers whose `verify` replay succeeded, of `ledgers`.
     pub ledgers_verified: u32,
     pub ledgers: u32,
@@ -147,6 +164,8 @@ impl BooksCheck {
             && self.double_charged == 0
             && self.receipts_without_image == 0
             && self.open_holds == 0
+            && self.chains_equal == self.pairs
+            && self.undelivered == 0
             && self.ledgers_verified == self.ledgers
     }
 }

@@ -230,12 +230,15 @@ pub fn summarize(record: &RunRecord) -> Summary {
             .iter()
             .map(|a| {
                 format!(
-                    "{} ({}): attempts {}, refused {}, gained {} tokens{}",
+                    "{} ({}): attempts {}, refused {}, gained {} tokens, images received {}, \
+                     charged {} tokens{}",
                     a.name,
                     a.kind,
                     a.attempts,
                     a.refused,
                     tokens(a.gained_micros),
+                    a.images_received,
+                    tokens(a.charged_micros),
                     if a.detail.is_empty() {
                         String::new()
                     } else {
@@ -378,15 +381,20 @@ pub fn table(record: &RunRecord) -> String {
     let b = &record.books;
     let _ = writeln!(
         out,
-        "books: pairs agreeing {}/{}, charged {} / paid {} tokens, receipts {}, double charged {}, \
-         receipts without image {}, open holds {}, ledgers verified {}/{}",
+        "books: pairs agreeing {}/{}, chains equal {}/{}, charged {} / paid {} tokens, receipts {}, \
+         credit notes {}, double charged {}, receipts without image {}, paid but undelivered {}, \
+         open holds {}, ledgers verified {}/{}",
         b.pairs_agreeing,
+        b.pairs,
+        b.chains_equal,
         b.pairs,
         tokens(b.charged_micros),
         tokens(b.paid_micros),
         b.receipts,
+        b.credit_notes,
         b.double_charged,
         b.receipts_without_image,
+        b.undelivered,
         b.open_holds,
         b.ledgers_verified,
         b.ledgers

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use libp2p::{Multiaddr, PeerId};
-use pixmarket_ledger::Ledger;
+use pixmarket_ledger::{Ledger, Role};
 use pixmarket_node::engine_generator::EngineGenerator;
 use pixmarket_node::generator::Generator;
 use pixmarket_node::network::NetConfig;
@@ -39,7 +39,7 @@ use crate::sim::{self, BusyLog, GpuKind, ModelClock, Recorded, SimulatedGenerato
 /// Which engine the providers run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EngineKind {
-    /// The real Qwen-Image code with the tiny model's random weights, on the CPU.
+    /// The real Qwen-Image code with the built-in tiny model (trained on drawn scenes), on the CPU.
     Tiny,
     /// The timing model of [`crate::sim`].
     Simulated,
@@ -61,7 +61,7 @@ impl std::str::FromStr for EngineKind {
             "tiny" => Ok(EngineKind::Tiny),
             "simulated" => Ok(EngineKind::Simulated),
             other => Err(format!(
-                "engine {other:?}: allowed are tiny (the real model code, tiny random weights) \
+                "engine {other:?}: allowed are tiny (the real model code, the built-in tiny model) \
                  and simulated (a timing model per GPU kind)"
             )),
         }
@@ -144,7 +144,9 @@ impl TestnetConfig {
         }
     }
 
-    fn validate(&self) -> anyhow::Result<()> {
+    /// Checks every setting before anything starts (also done by [`run`]); the errors name the
+    /// command-line flag.
+    pub fn validate(&self) -> anyhow::Result<()> {
         if !(1..=1000).contains(&self.providers) {
             bail!("--providers {}: allowed is 1..=1000", self.providers);
         }
@@ -209,6 +211,15 @@ fn derived_key(seed: u64, role: &str, index: usize) -> SecretKey {
 
 /// What the providers offer everyone: they extend this much credit to any new requester.
 const CREDIT_TOKENS: u64 = 1_000_000;
+/// How long a stopping provider's deliveries in flight may still be acknowledged at the end.
+const PROVIDER_STOP_GRACE: Duration = Duration::from_secs(3);
+/// A provider credits an unacknowledged receipt after this many requester idle timeouts: the
+/// requester asks a silent job's status after each, so several lost messages fit.
+const ACK_DEADLINE_IDLE_TIMEOUTS: u32 = 6;
+/// A request stays valid for at least this many idle timeouts (more when the quoted queue is
+/// long): room for lost messages, and about the longest a silent provider keeps a requester
+/// from failing over.
+const REQUEST_VALIDITY_IDLE_TIMEOUTS: u32 = 24;
 
 struct ProviderSlot {
     name: String,
@@ -348,6 +359,9 @@ async fn start_market(
             } else {
                 pixmarket_node::provider::ADVERT_INTERVAL
             },
+            // A requester asks for a silent job's status after its idle timeout; a few rounds
+            // of that (with lost messages) fit before a receipt is credited back.
+            ack_deadline: config.idle_timeout * ACK_DEADLINE_IDLE_TIMEOUTS,
             // The provider measures wall time; it starts from the model's figure.
             ms_per_standard_image: (u64::try_from(clock.wall(model_ms).as_millis())
                 .unwrap_or(u64::MAX))
@@ -531,6 +545,7 @@ async fn run_job(
         let options = GenerateOptions {
             idle_timeout: config.idle_timeout,
             selection,
+            request_validity: config.idle_timeout * REQUEST_VALIDITY_IDLE_TIMEOUTS,
             ..GenerateOptions::default()
         };
         let first_step = started.clone();
@@ -712,6 +727,19 @@ async fn inject_faults(
             Err(e) => push(fault(0, "drop", format!("not set: {e}"))),
         }
     }
+    if plan.ack_drop_ppm > 0 {
+        match faults.set_ack_drop_ppm(plan.ack_drop_ppm) {
+            Ok(()) => push(fault(
+                0,
+                "lose-acks",
+                format!(
+                    "every message carrying a receipt ack lost with probability {} ppm",
+                    plan.ack_drop_ppm
+                ),
+            )),
+            Err(e) => push(fault(0, "lose-acks", format!("not set: {e}"))),
+        }
+    }
     if let Some((lo, hi)) = plan.delay_ms {
         // Delays are given in model time and applied on the wall clock.
         match faults.set_delay(clock.wall(lo), clock.wall(hi)) {
@@ -808,7 +836,10 @@ pub async fn run(
         &plan.hash()[..16],
         plan.jobs.len(),
         plan.duration_ms / 1000,
-        plan.faults.len() + usize::from(plan.drop_ppm > 0) + usize::from(plan.delay_ms.is_some()),
+        plan.faults.len()
+            + usize::from(plan.drop_ppm > 0)
+            + usize::from(plan.ack_drop_ppm > 0)
+            + usize::from(plan.delay_ms.is_some()),
         plan.adversaries.len(),
         plan.seed
     ));
@@ -947,12 +978,34 @@ async fn finish(
         records,
         ..
     } = market;
-    let adversary_records: Vec<_> = adversaries.iter().map(|a| a.record()).collect();
+    let mut adversary_records: Vec<_> = adversaries.iter().map(|a| a.record()).collect();
+    let adversary_keys: Vec<PublicKey> = adversaries.iter().map(|a| a.public()).collect();
     for a in adversaries {
         // The attack tasks have ended, so this is the last handle.
         if let Ok(a) = Arc::try_unwrap(a) {
             a.shutdown().await;
         }
+    }
+    // Providers stop selling first, with every network still up: deliveries in flight get a
+    // grace, receipts never acknowledged are credited back, and each requester then learns the
+    // credit notes it missed by asking for its chains, as it would on its next exchange.
+    for slot in &providers {
+        let s = slot.lock().await;
+        if let Some(node) = &s.node {
+            node.stop_providing(tokio::time::Instant::now() + PROVIDER_STOP_GRACE)
+                .await;
+        }
+    }
+    let mut learned = 0usize;
+    for (_, _, node) in &requesters {
+        for key in &provider_keys {
+            learned += node.requester().sync_chain(key.to_peer_id(), *key).await;
+        }
+    }
+    if learned > 0 {
+        log(format!(
+            "requesters learned {learned} credit notes at the end"
+        ));
     }
     // Nodes stop side by side: each may wait a few seconds for its last responses to go out.
     let mut stopping = JoinSet::new();
@@ -983,7 +1036,11 @@ async fn finish(
     while stopping.join_next().await.is_some() {}
     let stats = link_faults.stats();
     let mut faults = faults;
-    if plan.drop_ppm > 0 || plan.delay_ms.is_some() || !plan.faults.is_empty() {
+    if plan.drop_ppm > 0
+        || plan.ack_drop_ppm > 0
+        || plan.delay_ms.is_some()
+        || !plan.faults.is_empty()
+    {
         faults.push(fault(end_ms, "network", format!("{stats:?}")));
     }
 
@@ -1009,6 +1066,15 @@ async fn finish(
         let mut rec = r.record;
         rec.provider = r.paid.and_then(|p| index_of.get(&p).copied());
         jobs.push(rec);
+    }
+    // What the honest providers' books charge each requester-side adversary: only what it
+    // acknowledged (a freerider: nothing).
+    for (rec, key) in adversary_records.iter_mut().zip(&adversary_keys) {
+        rec.charged_micros = provider_books
+            .iter()
+            .filter_map(|b| b.ledger.account(Role::Provider, key).ok().flatten())
+            .map(|a| a.charged.0)
+            .sum();
     }
     let books = tokio::task::spawn_blocking(move || {
         books::check(&provider_books, &requester_books, &delivered, 0)
@@ -1046,8 +1112,8 @@ async fn finish(
                         .map_or("no kinds", |k| k.source.as_str())
                 )
             } else {
-                "the real Qwen-Image code with the tiny model's random weights (pictures are \
-                 noise)"
+                "the real Qwen-Image code with the built-in tiny model (trained on drawn \
+                 scenes)"
                     .into()
             },
         },

@@ -63,6 +63,10 @@ pub struct FaultSpec {
     pub kills: u32,
     /// Probability that an RPC message is lost, in parts per million.
     pub drop_ppm: u32,
+    /// Probability that a message carrying a receipt acknowledgement is lost, in parts per
+    /// million, on top of `drop_ppm`.
+    #[serde(default)]
+    pub ack_drop_ppm: u32,
     /// Each RPC message is held this long, drawn uniformly (model-time ms, applied as wall).
     pub delay_ms: Option<(u64, u64)>,
     /// Split the network in two halves for the middle fifth of the run.
@@ -104,6 +108,8 @@ pub struct Plan {
     pub jobs: Vec<PlannedJob>,
     pub faults: Vec<PlannedFault>,
     pub drop_ppm: u32,
+    #[serde(default)]
+    pub ack_drop_ppm: u32,
     pub delay_ms: Option<(u64, u64)>,
     pub adversaries: Vec<String>,
 }
@@ -341,6 +347,7 @@ pub fn plan(spec: &PlanSpec) -> Result<Plan, PlanError> {
         jobs,
         faults,
         drop_ppm: spec.faults.drop_ppm,
+        ack_drop_ppm: spec.faults.ack_drop_ppm,
         delay_ms: spec.faults.delay_ms,
         adversaries: spec.adversaries.clone(),
     })

@@ -26,7 +26,7 @@ use pixmarket_node::provider::ProviderSettings;
 use pixmarket_node::requester::{GenerateOptions, JobProgress};
 use pixmarket_node::{Node, NodeOptions, now_ms};
 use pixmarket_protocol::{
-    DepositNote, JobId, MicroTokens, PriceSchedule, PublicKey, SecretKey, Signed,
+    ChainEntry, DepositNote, JobId, MicroTokens, PriceSchedule, PublicKey, SecretKey, Signed,
 };
 use pixmarket_testnet::adversary::{Adversary, AdversaryKind, honest_meter, small_job};
 use pixmarket_testnet::record::AdversaryRecord;
@@ -68,6 +68,8 @@ impl Honest {
         let ledger = Arc::new(Ledger::open(&dir.path().join("ledger"), public).unwrap());
         let settings = ProviderSettings {
             advert_interval: pixmarket_node::provider::ADVERT_INTERVAL,
+            // Short, so a freerider's unacknowledged receipts are credited within a test.
+            ack_deadline: Duration::from_secs(2),
             schedule: PriceSchedule::default(),
             max_queue: 8,
             max_batch: 2,
@@ -197,7 +199,7 @@ async fn requester_routes_around(kind: AdversaryKind, base: u8, options: Generat
         .account(Role::Provider, &requester.key)
         .unwrap()
         .unwrap();
-    assert_eq!((acct.charged, acct.receipts), (cost, 1));
+    assert_eq!((acct.charged, acct.entries), (cost, 1));
     honest.node.ledger().verify().unwrap();
     books.verify().unwrap();
 
@@ -216,8 +218,11 @@ async fn an_overcharger_is_refused_and_the_requester_fails_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_provider_is_timed_out_and_the_requester_fails_over() {
+    // Silence is asked about after 3 s; the silent provider never answers, so the requester
+    // fails over once its request (valid for 8 s) has expired and can no longer be settled.
     let options = GenerateOptions {
         idle_timeout: Duration::from_secs(3),
+        request_validity: Duration::from_secs(8),
         ..GenerateOptions::default()
     };
     requester_routes_around(AdversaryKind::Silent, 20, options).await;
@@ -240,10 +245,13 @@ async fn a_replayer_is_refused_and_charged_once_per_job() {
     let rounds = 2;
     replayer.attack(provider.key, rounds).await.unwrap();
     let record = replayer.record();
-    // Per round: a replay while running, a re-signed replay, a replay after payment, an ack.
-    held(&record, AdversaryKind::Replayer, 4 * rounds);
+    // Per round: a replay while running, a re-signed replay, a replay after payment.
+    held(&record, AdversaryKind::Replayer, 3 * rounds);
     assert!(record.detail.contains("duplicate job id"), "{record:?}");
-    assert!(record.detail.contains("ack replays ignored"), "{record:?}");
+    assert!(
+        record.detail.contains("answered with the job's status"),
+        "{record:?}"
+    );
 
     // Charged exactly once per legitimate job, every receipt acknowledged, no hold left.
     let (_, cost) = honest_meter(
@@ -258,7 +266,7 @@ async fn a_replayer_is_refused_and_charged_once_per_job() {
         .unwrap()
         .unwrap();
     assert_eq!(
-        (acct.charged, acct.held, acct.receipts),
+        (acct.charged, acct.held, acct.entries),
         (
             MicroTokens(cost.0 * u64::from(rounds)),
             MicroTokens::ZERO,
@@ -327,4 +335,71 @@ fn kinds_parse_from_their_names_and_unknown_names_list_the_choices() {
         err.contains("liar") && err.contains("overcharger, replayer, forger, silent"),
         "{err}"
     );
+}
+
+/// A requester that takes whatever it can and acknowledges nothing: every receipt is offered
+/// without images, every fetch without a valid ack of its own is refused, and the provider
+/// credits each receipt back when it stops. It ends with no image bytes and no charge, and the
+/// provider's chain with it is linear: each receipt followed by its credit note.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freerider_gets_no_images_and_is_charged_nothing() {
+    let provider = Honest::start(50, vec![], true).await;
+    let freerider = Adversary::start(
+        AdversaryKind::Freerider,
+        "freerider-1".into(),
+        key(51),
+        vec![provider.addr.clone()],
+        tiny(),
+    )
+    .await
+    .unwrap();
+    provider.deposit_from(freerider.public(), 100);
+
+    let rounds = 2;
+    freerider.attack(provider.key, rounds).await.unwrap();
+    let record = freerider.record();
+    // Per round: a fetch with an ack for another receipt, one with another key's ack, a status.
+    held(&record, AdversaryKind::Freerider, 3 * rounds);
+    assert_eq!(record.images_received, 0, "{record:?}");
+
+    // The provider stops selling (the network still up): what was never acknowledged is
+    // credited back with a signed note that extends the chain.
+    provider
+        .node
+        .stop_providing(tokio::time::Instant::now() + Duration::from_secs(3))
+        .await;
+    let books = provider.node.ledger();
+    let acct = books
+        .account(Role::Provider, &freerider.public())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (acct.charged, acct.held, acct.entries),
+        (MicroTokens::ZERO, MicroTokens::ZERO, 2 * u64::from(rounds))
+    );
+    let receipts = books.receipts(None).unwrap();
+    assert_eq!(receipts.len(), 2);
+    assert!(
+        receipts
+            .iter()
+            .all(|r| r.ack.is_none() && r.refunded.is_some())
+    );
+    let chain = books
+        .chain(Role::Provider, &freerider.public(), None)
+        .unwrap();
+    assert!(matches!(
+        chain.as_slice(),
+        [
+            ChainEntry::Receipt(_),
+            ChainEntry::Credit(_),
+            ChainEntry::Receipt(_),
+            ChainEntry::Credit(_)
+        ]
+    ));
+    let report = books.verify().unwrap();
+    assert_eq!(report.credit_notes, 2);
+    assert!(books.holds().unwrap().is_empty());
+
+    freerider.shutdown().await;
+    provider.node.shutdown().await;
 }

@@ -157,11 +157,14 @@ fn hand_record() -> RunRecord {
         attempts: 4,
         refused: 4,
         gained_micros: 0,
+        images_received: 0,
+        charged_micros: 0,
         detail: "every overcharge refused".into(),
     }];
     r.books = BooksCheck {
         pairs: 2,
         pairs_agreeing: 2,
+        chains_equal: 2,
         charged_micros: 15_000_000,
         paid_micros: 15_000_000,
         receipts: 10,

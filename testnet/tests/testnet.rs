@@ -151,10 +151,15 @@ async fn adversaries_partitions_and_lost_messages_cost_honest_nodes_nothing() {
     c.idle_timeout = Duration::from_secs(5);
     let r = run::run(&c, &mut |_| {}).await.unwrap();
     let table = report::table(&r);
-    assert_eq!(r.adversaries.len(), 4);
+    assert_eq!(r.adversaries.len(), AdversaryKind::ALL.len());
     for a in &r.adversaries {
         assert!(a.attempts > 0, "{} never tried: {table}", a.name);
         assert_eq!(a.gained_micros, 0, "{} gained: {table}", a.name);
+        assert_eq!(a.images_received, 0, "{} took images: {table}", a.name);
+    }
+    // The freerider acknowledged nothing, so the honest books charge it nothing.
+    for a in r.adversaries.iter().filter(|a| a.kind == "freerider") {
+        assert_eq!(a.charged_micros, 0, "{table}");
     }
     // Cheats by requesters are refused outright; a provider-side cheat may also end with the
     // requester gone (a lost message), which still pays nothing.
@@ -186,7 +191,9 @@ async fn the_utilization_experiment_compares_three_markets_in_one_run() {
         target_percent: 75,
         zones: 1,
     };
-    let r = experiment::run(&config, &mut |_| {}).await.unwrap();
+    let r = experiment::run(&config, &mut |line| eprintln!("{line}"))
+        .await
+        .unwrap();
     assert_eq!(r.arms.len(), 3);
     let peak = &r.arms[0];
     let (finish, random) = (&r.arms[1], &r.arms[2]);

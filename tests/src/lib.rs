@@ -65,6 +65,7 @@ impl TestNode {
         let ledger = Arc::new(Ledger::open(&Self::ledger_path(dir.path()), public).unwrap());
         let settings = ProviderSettings {
             advert_interval: pixmarket_node::provider::ADVERT_INTERVAL,
+            ack_deadline: pixmarket_node::provider::ACK_DEADLINE,
             schedule,
             max_queue: 8,
             max_batch: 2,

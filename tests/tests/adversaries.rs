@@ -19,17 +19,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use pixmarket_ledger::{Ledger, Role};
 use pixmarket_node::network::codec::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES};
 use pixmarket_node::network::{NetError, Request, Response};
 use pixmarket_node::now_ms;
-use pixmarket_node::requester::{GenerateError, GenerateOptions, JobProgress, check_receipt};
+use pixmarket_node::requester::{
+    GenerateError, GenerateOptions, JobProgress, check_images, check_receipt,
+};
 use pixmarket_protocol::messages::{FailReason, JobEventKind};
 use pixmarket_protocol::{
-    Hash, JobEvent, JobId, JobRequest, MicroTokens, PriceSchedule, Receipt, ReceiptAck, SecretKey,
-    Signed, codec,
+    Hash, JobEvent, JobId, JobRequest, JobStatus, MicroTokens, PriceSchedule, Receipt, ReceiptAck,
+    SecretKey, Signed, codec,
 };
 use pixmarket_tests::evil::{
     Cheat, EvilProvider, RawPeer, Warnings, honest_meter, send_verbatim_frames, wait_until,
@@ -122,28 +125,30 @@ async fn a_replayed_request_is_refused_and_charged_once() {
         .await
         .unwrap();
     assert!(matches!(first, Response::Accepted { .. }), "{first:?}");
-    // The same bytes again while the first is queued or running.
+    // The same bytes again while the first is queued or running: the job's status, never a
+    // second job (a requester whose first answer was lost re-sends exactly this).
     let again = requester
         .request(to, Request::Job(signed.clone()))
         .await
         .unwrap();
-    assert_eq!(refusal(again), FailReason::Duplicate);
-    let requester_id = requester.peer_id().to_string();
-    warnings
-        .expect(&[
-            "refused job at the ledger",
-            &requester_id,
-            "accepted only once",
-        ])
-        .await;
+    assert!(
+        matches!(
+            again,
+            Response::Status(
+                JobStatus::Queued { .. } | JobStatus::Running { .. } | JobStatus::Completed { .. }
+            )
+        ),
+        "{again:?}"
+    );
+    let _ = &warnings;
 
     // The first completes; the raw requester checks the receipt as a node would and acks it.
     let (event, channel) = requester.next_event("the completed job").await;
     assert_eq!(event.job_id, req.job_id);
-    let JobEventKind::Completed { images, receipt } = event.kind else {
+    let JobEventKind::Completed { receipt } = event.kind else {
         panic!("expected Completed, got {:?}", event.kind)
     };
-    let body = check_receipt(&receipt, &images, &signed, &quote, &provider.key).unwrap();
+    let body = check_receipt(&receipt, &signed, &quote, &provider.key).unwrap();
     let ack = ReceiptAck {
         job_id: req.job_id,
         receipt_hash: receipt.digest(),
@@ -155,13 +160,25 @@ async fn a_replayed_request_is_refused_and_charged_once() {
         .respond(channel, Response::EventAck(Some(ack.clone())))
         .await
         .unwrap();
+    // The images come against the ack, and match the receipt's hashes.
+    let Response::Images { images, .. } = requester
+        .request(to, Request::Fetch(ack.clone()))
+        .await
+        .unwrap()
+    else {
+        panic!("no images for the acknowledged job")
+    };
+    check_images(&body, &images).unwrap();
 
-    // And once more after it was paid for: a job id is accepted once, ever.
+    // And once more after it was paid for: the job's status again, never a second job.
     let late = requester
         .request(to, Request::Job(signed.clone()))
         .await
         .unwrap();
-    assert_eq!(refusal(late), FailReason::Duplicate);
+    assert!(
+        matches!(late, Response::Status(JobStatus::Acknowledged { .. })),
+        "{late:?}"
+    );
 
     let books = provider.node.ledger();
     wait_until(
@@ -183,7 +200,7 @@ async fn a_replayed_request_is_refused_and_charged_once() {
         .unwrap()
         .unwrap();
     assert_eq!(
-        (acct.charged, acct.held, acct.receipts),
+        (acct.charged, acct.held, acct.entries),
         (body.cost, MicroTokens::ZERO, 1)
     );
     assert_eq!(body.cost, quote.cost);
@@ -293,9 +310,13 @@ async fn pinned_requester_refuses(seed: u8, cheat: Cheat, expected: &str) {
         .expect(&["refusing receipt", &evil_id, expected])
         .await;
 
-    // The evil provider heard a typed refusal of its receipt, not an ack.
+    // The evil provider heard a signed, final refusal of its receipt, not an ack.
     match evil.next_answer().await.unwrap() {
-        Response::Refused(FailReason::Invalid(w)) => assert_eq!(w.field, "receipt", "{w}"),
+        Response::ReceiptRefused(r) => {
+            assert_eq!(r.signer(), requester.key);
+            let body = r.verify().unwrap();
+            assert!(body.reason.contains(expected), "{cheat:?}: {}", body.reason);
+        }
         other => panic!("{cheat:?}: the requester answered {other:?}"),
     }
     // The requester's books did not move.
@@ -323,9 +344,53 @@ async fn a_receipt_changed_after_signing_is_refused() {
     .await;
 }
 
+/// A provider that takes the ack and then delivers images other than those its receipt signed:
+/// the requester is out one job's cost, and holds a signed record against the provider (its
+/// receipt naming other hashes, our ack, marked undelivered) that ranks it last from then on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_receipt_with_the_wrong_image_hash_is_refused() {
-    pinned_requester_refuses(54, Cheat::WrongImageHash, "image 0 does not match its hash").await;
+async fn images_that_do_not_match_the_signed_hashes_leave_a_record_against_the_provider() {
+    let mut evil = EvilProvider::start(54, Cheat::WrongImageHash, tiny_generator()).await;
+    let requester = TestNode::start(55, vec![evil.addr.clone()], None).await;
+    let options = GenerateOptions {
+        provider: Some(evil.peer_id()),
+        ..GenerateOptions::default()
+    };
+    let err = requester
+        .node
+        .requester()
+        .generate(small_job("a switched picture"), options, &mut |_| {})
+        .await
+        .unwrap_err();
+    let GenerateError::Undelivered { cost, reason, .. } = &err else {
+        panic!("{err}")
+    };
+    assert!(
+        reason.contains("image 0 does not match its hash"),
+        "{reason}"
+    );
+    // The evil provider got the ack (its gain is one job's cost, no more).
+    assert!(matches!(
+        evil.next_answer().await.unwrap(),
+        Response::EventAck(Some(_))
+    ));
+    let books = requester.node.ledger();
+    let receipts = books.receipts(None).unwrap();
+    assert_eq!(receipts.len(), 1);
+    assert!(receipts[0].ack.is_some());
+    assert!(receipts[0].undelivered.is_some(), "{:?}", receipts[0]);
+    assert_eq!(
+        books
+            .account(Role::Requester, &evil.key)
+            .unwrap()
+            .unwrap()
+            .charged,
+        *cost
+    );
+    assert_eq!(requester.node.requester().undelivered_by(&evil.key), 1);
+    books.verify().unwrap();
+
+    requester.node.shutdown().await;
+    evil.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -364,7 +429,7 @@ async fn after_an_overcharge_the_requester_fails_over_and_pays_the_honest_provid
     );
     assert!(matches!(
         evil.next_answer().await.unwrap(),
-        Response::Refused(FailReason::Invalid(_))
+        Response::ReceiptRefused(_)
     ));
     let evil_id = evil.peer_id().to_string();
     warnings.expect(&["refusing receipt", &evil_id]).await;
@@ -388,7 +453,7 @@ async fn after_an_overcharge_the_requester_fails_over_and_pays_the_honest_provid
         .account(Role::Requester, &honest.key)
         .unwrap()
         .unwrap();
-    assert_eq!((mirror.charged, mirror.receipts), (cost, 1));
+    assert_eq!((mirror.charged, mirror.entries), (cost, 1));
     let acct = honest
         .node
         .ledger()
@@ -396,7 +461,7 @@ async fn after_an_overcharge_the_requester_fails_over_and_pays_the_honest_provid
         .unwrap()
         .unwrap();
     assert_eq!(
-        (acct.charged, acct.held, acct.receipts),
+        (acct.charged, acct.held, acct.entries),
         (cost, MicroTokens::ZERO, 1)
     );
 
@@ -471,14 +536,24 @@ async fn bad_rpc_frames_are_dropped_and_the_provider_keeps_serving() {
         queued_ms: 0,
         run_ms: 0,
         cumulative_charged: MicroTokens(1),
-        prev_receipt_hash: None,
+        prev_entry_hash: None,
         issued_at_ms: now_ms(),
     };
+    let _ = Signed::sign(&secret, &receipt).unwrap();
+    let void = Signed::sign(
+        &secret,
+        &pixmarket_protocol::JobVoid {
+            job_id: JobId([7; 16]),
+            reason: String::new(),
+            voided_at_ms: now_ms(),
+        },
+    )
+    .unwrap();
     let huge = Request::Event(JobEvent {
         job_id: JobId([7; 16]),
-        kind: JobEventKind::Completed {
-            images: vec![vec![0; MAX_REQUEST_BYTES]],
-            receipt: Signed::sign(&secret, &receipt).unwrap(),
+        kind: JobEventKind::Failed {
+            reason: FailReason::Engine("x".repeat(MAX_REQUEST_BYTES)),
+            void,
         },
     });
     let err = sender
@@ -503,4 +578,47 @@ async fn bad_rpc_frames_are_dropped_and_the_provider_keeps_serving() {
 
     sender.shutdown().await;
     provider.node.shutdown().await;
+}
+
+/// The requester counts the prompt's tokens itself: a provider whose quote meters more prompt
+/// tokens than the requester's own tokenizer counts is refused before anything is held. Here
+/// the requester's counter says the prompt is 1 token, so the honest tiny provider's (longer)
+/// count stands in for an inflated one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quote_that_inflates_the_prompt_tokens_is_refused() {
+    let provider = TestNode::start(90, vec![], Some(tiny_generator())).await;
+    let requester = TestNode::start(91, vec![provider.addr.clone()], None).await;
+    provider.deposit_from(90, requester.key, 100);
+    let client = requester.node.requester().clone();
+    wait_until(Duration::from_secs(15), "the provider's advert", || {
+        !client.providers().is_empty()
+    })
+    .await;
+    let model = client.providers()[0].advert.model_id.clone();
+    client.count_tokens_with(model, Arc::new(|_: &str| Some(1)));
+    let options = GenerateOptions {
+        provider: Some(provider.key.to_peer_id()),
+        ..GenerateOptions::default()
+    };
+    let err = client
+        .generate(
+            small_job("a prompt of several tokens"),
+            options,
+            &mut |_| {},
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("our own tokenizer counts 1"),
+        "{err}"
+    );
+    // Refused at the quote: nothing was held or charged.
+    untouched_books(provider.node.ledger());
+    requester.node.shutdown().await;
+    provider.node.shutdown().await;
+}
+
+fn untouched_books(ledger: &Ledger) {
+    assert!(ledger.holds().unwrap().is_empty());
+    assert!(ledger.receipts(None).unwrap().is_empty());
 }

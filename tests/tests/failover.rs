@@ -133,12 +133,12 @@ async fn a_provider_stopped_mid_job_fails_over_and_the_requester_pays_once() {
         .account(Role::Requester, &survivor.key)
         .unwrap()
         .unwrap();
-    assert_eq!((mirror.charged, mirror.receipts), (cost, 1));
+    assert_eq!((mirror.charged, mirror.entries), (cost, 1));
     assert!(
         books
             .account(Role::Requester, &killed_key)
             .unwrap()
-            .is_none_or(|a| a.charged == MicroTokens::ZERO && a.receipts == 0)
+            .is_none_or(|a| a.charged == MicroTokens::ZERO && a.entries == 0)
     );
 
     // The survivor charged exactly the metered cost, once, and holds nothing more.
@@ -149,7 +149,7 @@ async fn a_provider_stopped_mid_job_fails_over_and_the_requester_pays_once() {
         .unwrap()
         .unwrap();
     assert_eq!(
-        (acct.charged, acct.held, acct.receipts),
+        (acct.charged, acct.held, acct.entries),
         (cost, MicroTokens::ZERO, 1)
     );
 
@@ -173,7 +173,7 @@ async fn a_provider_stopped_mid_job_fails_over_and_the_requester_pays_once() {
         .unwrap()
         .unwrap();
     assert_eq!(theirs.charged, MicroTokens::ZERO);
-    assert_eq!(theirs.receipts, 0);
+    assert_eq!(theirs.entries, 0);
     assert_eq!(
         theirs.held,
         MicroTokens::ZERO,

@@ -39,6 +39,7 @@ async fn provider_with(seed: u8, dir: &std::path::Path, max_queue: u32) -> Node 
             tiny_generator(),
             ProviderSettings {
                 advert_interval: pixmarket_node::provider::ADVERT_INTERVAL,
+                ack_deadline: pixmarket_node::provider::ACK_DEADLINE,
                 schedule: PriceSchedule::default(),
                 max_queue,
                 max_batch: 1,
@@ -81,7 +82,7 @@ async fn cancelling_a_running_and_a_queued_job_charges_nothing() {
     for _ in 0..2 {
         let (event, channel) = raw.next_event("a cancellation").await;
         assert!(
-            matches!(event.kind, JobEventKind::Cancelled),
+            matches!(event.kind, JobEventKind::Cancelled { .. }),
             "{:?}",
             event.kind
         );

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use crate::usage::out;
 use anyhow::Context;
 use clap::Args;
 use pixmarket_testnet::demo::{self, DemoConfig};
@@ -31,60 +32,72 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
     };
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let report = rt
-        .block_on(demo::run(&config, &mut |line| println!("  {line}")))
+        .block_on(demo::run(&config, &mut |line| {
+            let _ = out!("  {line}");
+        }))
         .context("demo failed")?;
 
-    println!();
-    println!(
-        "{:<4} {:<12} {:>12} {:>8}  prompt",
-        "job", "provider", "cost", "seconds"
-    );
-    for (i, j) in report.jobs.iter().enumerate() {
-        println!(
-            "{:<4} {:<12} {:>12} {:>8.1}  {}",
-            i + 1,
-            j.provider,
-            j.cost.to_string(),
-            j.seconds,
-            j.prompt
-        );
-    }
-    println!();
-    println!(
-        "{:<12} {:<12} {:>12} {:>12} {:>12} {:>12}",
-        "ledger of", "account", "deposits", "charged", "held", "available"
-    );
-    for b in &report.balances {
-        println!(
+    // A failed verify is reported whatever happens to stdout (a closed pipe ends the printing).
+    let all_ok = report.verified.iter().all(|(_, r)| r.is_ok());
+    let printed = (|| -> std::io::Result<()> {
+        out!()?;
+        out!(
+            "{:<4} {:<12} {:>12} {:>8}  prompt",
+            "job",
+            "provider",
+            "cost",
+            "seconds"
+        )?;
+        for (i, j) in report.jobs.iter().enumerate() {
+            out!(
+                "{:<4} {:<12} {:>12} {:>8.1}  {}",
+                i + 1,
+                j.provider,
+                j.cost.to_string(),
+                j.seconds,
+                j.prompt
+            )?;
+        }
+        out!()?;
+        out!(
             "{:<12} {:<12} {:>12} {:>12} {:>12} {:>12}",
-            b.ledger,
-            b.peer,
-            b.deposits.to_string(),
-            b.charged.to_string(),
-            b.held.to_string(),
-            b.available.to_string()
-        );
-    }
-    println!();
-    let mut all_ok = true;
-    for (name, r) in &report.verified {
-        match r {
-            Ok(s) => println!("verify {name}: {s}"),
-            Err(e) => {
-                all_ok = false;
-                println!("verify {name}: FAILED: {e}");
+            "ledger of",
+            "account",
+            "deposits",
+            "charged",
+            "held",
+            "available"
+        )?;
+        for b in &report.balances {
+            out!(
+                "{:<12} {:<12} {:>12} {:>12} {:>12} {:>12}",
+                b.ledger,
+                b.peer,
+                b.deposits.to_string(),
+                b.charged.to_string(),
+                b.held.to_string(),
+                b.available.to_string()
+            )?;
+        }
+        out!()?;
+        for (name, r) in &report.verified {
+            match r {
+                Ok(s) => out!("verify {name}: {s}")?,
+                Err(e) => out!("verify {name}: FAILED: {e}")?,
             }
         }
-    }
-    println!();
-    println!("images: {}", config.out.join("images").display());
-    println!("done in {:.1} s", report.total_seconds);
-    println!(
-        "The tiny model is trained on drawn scenes: it gets backgrounds right, shapes rarely yet\n\
-         (engine/README.md has the figures); the market around it is real.\n\
-         For real pictures, run a provider with Qwen-Image weights saved by diffusers:\n\
-         pixmarket node --provide --model /path/to/Qwen-Image (see README.md)."
-    );
+        out!()?;
+        out!("images: {}", config.out.join("images").display())?;
+        out!("done in {:.1} s", report.total_seconds)?;
+        out!(
+            "The tiny model is trained on drawn scenes: it gets backgrounds right, shapes rarely yet\n\
+             (engine/README.md has the figures); the market around it is real.\n\
+             For real pictures, run a provider with Qwen-Image weights saved by diffusers:\n\
+             pixmarket node --provide --model /path/to/Qwen-Image (see README.md)."
+        )?;
+        Ok(())
+    })();
     anyhow::ensure!(all_ok, "a ledger did not verify");
+    printed?;
     Ok(())
 }

@@ -4,6 +4,7 @@ use clap::Args;
 use pixmarket_node::DataDir;
 
 use super::DataDirArg;
+use crate::usage::out;
 
 #[derive(Debug, Args)]
 pub(crate) struct IdArgs {
@@ -17,9 +18,9 @@ pub(crate) struct IdArgs {
 pub(crate) fn run(args: IdArgs) -> anyhow::Result<()> {
     let dir = DataDir::open(&args.data_dir.path()?)?;
     let key = dir.identity()?.public();
-    println!("{}", key.to_peer_id());
+    out!("{}", key.to_peer_id())?;
     if args.public_key {
-        println!("{key}");
+        out!("{key}")?;
     }
     Ok(())
 }

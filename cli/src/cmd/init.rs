@@ -5,6 +5,7 @@ use clap::Args;
 use pixmarket_node::DataDir;
 
 use super::DataDirArg;
+use crate::usage::out;
 
 #[derive(Debug, Args)]
 pub(crate) struct InitArgs {
@@ -15,7 +16,7 @@ pub(crate) struct InitArgs {
 pub(crate) fn run(args: InitArgs) -> anyhow::Result<()> {
     let path = args.data_dir.path()?;
     let (dir, key) = DataDir::init(&path).context("init failed")?;
-    println!("initialised {}", dir.root().display());
-    println!("peer id: {}", key.public().to_peer_id());
+    out!("initialised {}", dir.root().display())?;
+    out!("peer id: {}", key.public().to_peer_id())?;
     Ok(())
 }

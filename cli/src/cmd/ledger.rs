@@ -13,6 +13,7 @@ use pixmarket_node::DataDir;
 use pixmarket_protocol::{DepositNote, MicroTokens, PublicKey, Signed};
 
 use super::DataDirArg;
+use crate::usage::{out, usage};
 
 #[derive(Debug, Args)]
 pub(crate) struct LedgerArgs {
@@ -25,13 +26,20 @@ pub(crate) struct LedgerArgs {
 #[derive(Debug, Subcommand)]
 enum LedgerCommand {
     /// Print each counterparty's deposits, credit, charges, holds and what is available.
-    Balance,
+    Balance {
+        /// Print one JSON object on stdout (amounts as token strings and as micro-tokens).
+        #[arg(long)]
+        json: bool,
+    },
     /// List receipts in order, with their cumulative totals, whether they are acknowledged,
     /// and whether an undelivered one was refunded.
     Receipts {
         /// Only this peer's receipts.
         #[arg(long, value_name = "PEER-ID")]
         peer: Option<String>,
+        /// Print one JSON object per receipt, one per line, on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Replay the whole log: check every link and signature and recompute every balance.
     Verify,
@@ -81,15 +89,17 @@ enum LedgerCommand {
 fn parse_peer(text: &str) -> anyhow::Result<PublicKey> {
     PublicKey::from_peer_id_str(text)
         .or_else(|_| text.parse::<PublicKey>())
-        .with_context(|| format!("'{text}' is not a peer id (expected 12D3KooW...)"))
+        .map_err(|e| usage!("'{text}' is not a peer id (expected 12D3KooW...): {e}"))
 }
 
 fn parse_tokens(text: &str) -> anyhow::Result<MicroTokens> {
     if text.trim_start().starts_with('-') {
-        bail!("'{text}' is negative; amounts are tokens of 0 or more");
+        return Err(usage!(
+            "'{text}' is negative; amounts are tokens of 0 or more"
+        ));
     }
     text.parse::<MicroTokens>()
-        .with_context(|| format!("invalid amount '{text}'"))
+        .map_err(|e| usage!("invalid amount '{text}': {e}"))
 }
 
 fn now_ms() -> u64 {
@@ -119,26 +129,30 @@ fn show_peer(p: &PublicKey) -> String {
 pub(crate) fn run(args: LedgerArgs) -> anyhow::Result<()> {
     let data_dir = args.data_dir.path()?;
     match args.command {
-        LedgerCommand::Balance => balance(&open(&data_dir)?.ledger),
-        LedgerCommand::Receipts { peer } => {
+        LedgerCommand::Balance { json: false } => balance(&open(&data_dir)?.ledger),
+        LedgerCommand::Balance { json: true } => balance_json(&open(&data_dir)?.ledger),
+        LedgerCommand::Receipts { peer, json } => {
             let peer = peer.as_deref().map(parse_peer).transpose()?;
-            receipts(&open(&data_dir)?.ledger, peer.as_ref())
+            receipts(&open(&data_dir)?.ledger, peer.as_ref(), json)
         }
         LedgerCommand::Verify => {
             let o = open(&data_dir)?;
             let r = o.ledger.verify().context("the ledger does not verify")?;
-            println!(
+            out!(
                 "ok: {} log entries, chain intact to {}, every signature valid, balances match",
                 r.entries,
                 hex::encode(r.head.hash.as_bytes())
-            );
-            println!(
-                "{} accounts, {} receipts ({} acknowledged), {} open holds",
+            )?;
+            out!(
+                "{} accounts, {} receipts ({} acknowledged, {} credited back by {} credit notes, {} paid but undelivered), {} open holds",
                 r.accounts.len(),
                 r.receipts,
                 r.acked_receipts,
+                r.refunded_receipts,
+                r.credit_notes,
+                r.undelivered_receipts,
                 r.open_holds
-            );
+            )?;
             Ok(())
         }
         LedgerCommand::Export { peer, output } => {
@@ -191,11 +205,11 @@ pub(crate) fn run(args: LedgerArgs) -> anyhow::Result<()> {
             let signed = Signed::sign(&o.key, &note)?;
             o.ledger.deposit(&signed).context("deposit refused")?;
             let a = o.ledger.account(Role::Provider, &peer)?.unwrap_or_default();
-            println!(
+            out!(
                 "recorded a deposit of {amount} tokens from {}; they now have {} available",
                 show_peer(&peer),
                 a.available().unwrap_or_default()
-            );
+            )?;
             Ok(())
         }
         LedgerCommand::CreditLimit { peer, tokens } => {
@@ -205,52 +219,64 @@ pub(crate) fn run(args: LedgerArgs) -> anyhow::Result<()> {
             o.ledger
                 .set_credit_limit(peer, amount)
                 .context("credit limit refused")?;
-            println!(
+            out!(
                 "credit limit of {} set to {amount} tokens",
                 show_peer(&peer)
-            );
+            )?;
             Ok(())
         }
         LedgerCommand::DefaultCredit { tokens } => {
             let amount = parse_tokens(&tokens)?;
             let o = open(&data_dir)?;
             o.ledger.set_default_credit(amount)?;
-            println!("peers seen from now on get {amount} tokens of credit");
+            // The config's `new_peer_credit` must not undo this at the next start: record its
+            // current value as dealt with (editing the config later still takes effect).
+            let dir = DataDir::open(&data_dir)?;
+            if let Ok(config) = dir.config() {
+                dir.set_applied_peer_credit(&config.provider.new_peer_credit)?;
+            }
+            out!("peers seen from now on get {amount} tokens of credit")?;
             Ok(())
         }
     }
 }
 
 fn balance(l: &Ledger) -> anyhow::Result<()> {
-    println!(
+    out!(
         "default credit for new peers: {} tokens",
         l.default_credit()?
-    );
+    )?;
     for role in [Role::Provider, Role::Requester] {
         let accounts = l.accounts(role)?;
-        println!();
+        out!()?;
         match role {
             Role::Provider => {
-                println!("as provider (what requesters deposited with me and owe me):")
+                let _ = out!("as provider (what requesters deposited with me and owe me):");
             }
             Role::Requester => {
-                println!("as requester (what I deposited at and was charged by providers):")
+                let _ = out!("as requester (what I deposited at and was charged by providers):");
             }
         }
         if accounts.is_empty() {
-            println!("  (none)");
+            out!("  (none)")?;
             continue;
         }
-        println!(
+        out!(
             "  {:<52} {:>18} {:>18} {:>18} {:>18} {:>18} {:>8}",
-            "PEER", "DEPOSITS", "CREDIT", "CHARGED", "HELD", "AVAILABLE", "RECEIPTS"
-        );
+            "PEER",
+            "DEPOSITS",
+            "CREDIT",
+            "CHARGED",
+            "HELD",
+            "AVAILABLE",
+            "RECEIPTS"
+        )?;
         for (peer, a) in accounts {
             let available = match a.available() {
                 Some(v) => v.to_string(),
                 None => "overdrawn".to_owned(),
             };
-            println!(
+            out!(
                 "  {:<52} {:>18} {:>18} {:>18} {:>18} {:>18} {:>8}",
                 show_peer(&peer),
                 a.deposits.to_string(),
@@ -258,23 +284,90 @@ fn balance(l: &Ledger) -> anyhow::Result<()> {
                 a.charged.to_string(),
                 a.held.to_string(),
                 available,
-                a.receipts
-            );
+                a.entries
+            )?;
         }
     }
     Ok(())
 }
 
-fn receipts(l: &Ledger, peer: Option<&PublicKey>) -> anyhow::Result<()> {
+/// An amount for JSON: the token string people read and the exact micro-tokens scripts add.
+fn amount(m: MicroTokens) -> serde_json::Value {
+    serde_json::json!({ "tokens": m.to_string(), "micro": m.0 })
+}
+
+fn balance_json(l: &Ledger) -> anyhow::Result<()> {
+    let mut roles = serde_json::Map::new();
+    for role in [Role::Provider, Role::Requester] {
+        let accounts: Vec<_> = l
+            .accounts(role)?
+            .into_iter()
+            .map(|(peer, a)| {
+                serde_json::json!({
+                    "peer": show_peer(&peer),
+                    "deposits": amount(a.deposits),
+                    "credit_limit": amount(a.credit_limit),
+                    "charged": amount(a.charged),
+                    "held": amount(a.held),
+                    // null when overdrawn (a requester's mirror of credit it did not record).
+                    "available": a.available().map(amount),
+                    "chain_entries": a.entries,
+                })
+            })
+            .collect();
+        roles.insert(role.to_string(), serde_json::Value::Array(accounts));
+    }
+    out!(
+        "{}",
+        serde_json::json!({
+            "default_credit": amount(l.default_credit()?),
+            "accounts": roles,
+        })
+    )?;
+    Ok(())
+}
+
+fn receipts(l: &Ledger, peer: Option<&PublicKey>, json: bool) -> anyhow::Result<()> {
     let all = l.receipts(peer)?;
-    if all.is_empty() {
-        println!("no receipts");
+    if json {
+        for stored in all {
+            let r = stored
+                .receipt
+                .verify()
+                .context("a stored receipt does not verify; run `pixmarket ledger verify`")?;
+            let other = match stored.role {
+                Role::Provider => r.requester,
+                Role::Requester => r.provider,
+            };
+            out!(
+                "{}",
+                serde_json::json!({
+                    "role": stored.role.to_string(),
+                    "job": r.job_id.to_string(),
+                    "peer": show_peer(&other),
+                    "cost": amount(r.cost),
+                    "cumulative": amount(r.cumulative_charged),
+                    "acked": stored.ack.is_some(),
+                    "refunded": stored.refunded,
+                    "receipt": stored.receipt.digest().to_string(),
+                })
+            )?;
+        }
         return Ok(());
     }
-    println!(
+    if all.is_empty() {
+        out!("no receipts")?;
+        return Ok(());
+    }
+    out!(
         "{:<9} {:<32} {:<52} {:>16} {:>18} {:<5}",
-        "ROLE", "JOB", "PEER", "COST", "CUMULATIVE", "ACKED"
-    );
+        "ROLE",
+        "JOB",
+        "PEER",
+        "COST",
+        "CUMULATIVE",
+        "ACKED"
+    )?;
     for stored in all {
         let r = stored
             .receipt
@@ -284,7 +377,7 @@ fn receipts(l: &Ledger, peer: Option<&PublicKey>) -> anyhow::Result<()> {
             Role::Provider => r.requester,
             Role::Requester => r.provider,
         };
-        println!(
+        out!(
             "{:<9} {:<32} {:<52} {:>16} {:>18} {:<5}",
             stored.role.to_string(),
             r.job_id.to_string(),
@@ -292,9 +385,9 @@ fn receipts(l: &Ledger, peer: Option<&PublicKey>) -> anyhow::Result<()> {
             r.cost.to_string(),
             r.cumulative_charged.to_string(),
             if stored.ack.is_some() { "yes" } else { "no" }
-        );
+        )?;
         if let Some(why) = &stored.refunded {
-            println!("          refunded, not charged: {why}");
+            out!("          refunded, not charged: {why}")?;
         }
     }
     Ok(())
@@ -304,7 +397,7 @@ fn import(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
     let f = File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
     let report = pixmarket_ledger::import(&mut BufReader::new(f))
         .with_context(|| format!("{} does not verify", file.display()))?;
-    println!(
+    out!(
         "ok: {} entries of {}'s ledger verify ({}), every signature valid",
         report.entries,
         show_peer(&report.owner),
@@ -313,21 +406,23 @@ fn import(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
         } else {
             "one pair's entries; links between non-adjacent entries are not checked"
         }
-    );
-    println!(
+    )?;
+    out!(
         "{} receipts ({} acknowledged), {} open holds",
-        report.receipts, report.acked_receipts, report.open_holds
-    );
+        report.receipts,
+        report.acked_receipts,
+        report.open_holds
+    )?;
     for (role, peer, a) in &report.accounts {
-        println!(
-            "  as {role} with {}: deposits {}, credit {}, charged {}, held {}, {} receipts",
+        out!(
+            "  as {role} with {}: deposits {}, credit {}, charged {}, held {}, {} chain entries",
             show_peer(peer),
             a.deposits,
             a.credit_limit,
             a.charged,
             a.held,
-            a.receipts
-        );
+            a.entries
+        )?;
     }
     // Reconcile with my own books where the export's owner is my counterparty: their side of
     // our pair must equal my mirror of it (same cumulative total, same last receipt).
@@ -348,18 +443,19 @@ fn import(data_dir: &Path, file: &Path) -> anyhow::Result<()> {
             .ledger
             .account(my_role, &report.owner)?
             .unwrap_or_default();
-        if mine.charged == theirs.charged && mine.last_receipt == theirs.last_receipt {
-            println!(
-                "reconciled: my books agree with theirs on our pair ({} charged over {} receipts)",
-                mine.charged, mine.receipts
-            );
+        if mine.charged == theirs.charged && mine.last_entry == theirs.last_entry {
+            out!(
+                "reconciled: my books agree with theirs on our pair ({} charged over {} chain entries)",
+                mine.charged,
+                mine.entries
+            )?;
         } else {
             bail!(
-                "my books disagree with theirs on our pair: I have {} charged over {} receipts, they have {} over {}",
+                "my books disagree with theirs on our pair: I have {} charged over {} chain entries, they have {} over {}",
                 mine.charged,
-                mine.receipts,
+                mine.entries,
                 theirs.charged,
-                theirs.receipts
+                theirs.entries
             );
         }
     }

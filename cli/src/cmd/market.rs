@@ -1,25 +1,37 @@
 //! The market form of `pixmarket generate` (without `--local`): start a short-lived requester on
 //! the data folder's identity and ledger, reach a provider (`--peer`) or the network
 //! (`--bootstrap`), buy the image, and write it with the provider, cost and receipt id printed.
+//! The params come from the one job builder and the output is proven writable before anything
+//! is bought; should the final write still fail, the paid image is kept in the data folder.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use pixmarket_node::DataDir;
 use pixmarket_node::launch::{self, Overrides};
 use pixmarket_node::requester::{GenerateOptions, JobProgress};
-use pixmarket_protocol::{JobParams, MicroTokens, Mode};
+use pixmarket_protocol::{JobParams, MicroTokens};
 
-use super::generate::JobArgs;
+use super::output::Output;
+use crate::usage::{out, usage};
 
-/// Defaults when buying: the reference pipeline's.
-const MARKET_SIDE: u32 = 1024;
-const MARKET_STEPS: u32 = 50;
-/// How long to wait for provider adverts when no `--peer` is given.
+/// How long to wait for provider adverts when no `--peer` is given: providers publish every
+/// 3 s, so two rounds and some gossip latency.
 const ADVERT_WAIT: Duration = Duration::from_secs(8);
+/// How often to look for adverts while waiting for the first one.
+const ADVERT_POLL: Duration = Duration::from_millis(100);
+/// How long to wait for the `--peer` provider's connection before saying why it failed: a
+/// dial on loopback or a LAN connects in milliseconds, over the internet in about a second.
+const CONNECT_WAIT: Duration = Duration::from_secs(5);
+/// How often to look for that connection.
+const CONNECT_POLL: Duration = Duration::from_millis(50);
+/// How long the plain TCP probe of a failed `--peer` address may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Where a paid image goes, inside the data folder, when `-o` cannot be written after all.
+const KEPT_IMAGES: &str = "images";
 
 /// How to buy it.
 #[derive(Debug, Args)]
@@ -31,64 +43,100 @@ pub(crate) struct MarketArgs {
     #[arg(long, value_name = "MULTIADDR")]
     bootstrap: Vec<String>,
     /// The most to pay for the job, in tokens (e.g. 15 or 2.5).
-    #[arg(long, value_name = "TOKENS")]
+    #[arg(long, value_name = "TOKENS", allow_hyphen_values = true)]
     max_cost: Option<String>,
 }
 
-fn params(job: &JobArgs) -> anyhow::Result<JobParams> {
-    let read = |flag: &str, p: &PathBuf| {
-        std::fs::read(p).with_context(|| format!("cannot read {flag} {}", p.display()))
-    };
-    // In (0, 1] × 1000, rounded: 0..=1000 fits u16 without loss of sign or range.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let strength_permille = match job.strength {
-        None => 1000,
-        Some(s) if s.is_finite() && s > 0.0 && s <= 1.0 => ((s * 1000.0).round() as u16).max(1),
-        Some(s) => bail!("--strength {s} must be in (0, 1]"),
-    };
-    let mode = match (&job.init_image, &job.mask) {
-        (None, _) => Mode::TextToImage,
-        (Some(i), None) => Mode::ImageToImage {
-            init_image: read("--init-image", i)?,
-            strength_permille,
-        },
-        (Some(i), Some(m)) => Mode::Inpaint {
-            init_image: read("--init-image", i)?,
-            mask: read("--mask", m)?,
-            strength_permille,
-        },
-    };
-    let p = JobParams {
-        prompt: job.prompt.clone(),
-        negative_prompt: job.negative_prompt.clone(),
-        width: job.width.unwrap_or(MARKET_SIDE),
-        height: job.height.unwrap_or(MARKET_SIDE),
-        steps: job.steps.unwrap_or(MARKET_STEPS),
-        true_cfg_scale: job.true_cfg_scale,
-        seed: job.seed.unwrap_or_else(rand::random),
-        images: 1,
-        mode,
-    };
-    p.validate()?;
-    Ok(p)
+/// Writes the paid image to `output`, or, if that fails now, into the data folder, and says
+/// where it is.
+fn keep(output: Output, png: &[u8], data_dir: &Path, job: &str) -> anyhow::Result<PathBuf> {
+    let wanted = output.path().to_path_buf();
+    match output.commit(png) {
+        Ok(p) => Ok(p),
+        Err(e) => {
+            let dir = data_dir.join(KEPT_IMAGES);
+            let kept = dir.join(format!("{job}.png"));
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::write(&kept, png))
+                .with_context(|| format!("{e:#}; and cannot keep it in {}", kept.display()))?;
+            Err(e.context(format!(
+                "the paid image is kept in {} instead of {}",
+                kept.display(),
+                wanted.display()
+            )))
+        }
+    }
 }
 
-pub(crate) fn run(job: &JobArgs, market: &MarketArgs, data_dir: PathBuf) -> anyhow::Result<()> {
-    let params = params(job)?;
+/// What a plain TCP connect to a `--peer` address found.
+#[derive(Debug)]
+enum Probe {
+    /// Nothing listens there: a dead address (the reason is the OS's).
+    Dead(String),
+    /// Something listens: if libp2p then fails to reach the peer, the peer id is wrong.
+    Listening,
+    /// Not a TCP address (QUIC, DNS): nothing to tell apart.
+    Unknown,
+}
+
+fn probe(addr: &str) -> Probe {
+    use libp2p::multiaddr::Protocol;
+    let Ok(ma) = addr.parse::<libp2p::Multiaddr>() else {
+        return Probe::Unknown;
+    };
+    let mut ip = None;
+    let mut tcp = None;
+    for p in ma.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
+            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::V6(a)),
+            Protocol::Tcp(port) => tcp = Some(port),
+            _ => {}
+        }
+    }
+    let (Some(ip), Some(port)) = (ip, tcp) else {
+        return Probe::Unknown;
+    };
+    match std::net::TcpStream::connect_timeout(&(ip, port).into(), PROBE_TIMEOUT) {
+        Ok(_) => Probe::Listening,
+        Err(e) => Probe::Dead(format!(
+            "nothing answers at {ip}:{port} ({e}): is the provider running, and is the address \
+             right? Nothing was bought"
+        )),
+    }
+}
+
+pub(crate) fn run(
+    params: JobParams,
+    output: &Path,
+    market: &MarketArgs,
+    json: bool,
+    data_dir: PathBuf,
+) -> anyhow::Result<()> {
     let max_cost = match &market.max_cost {
-        Some(t) => Some(t.parse::<MicroTokens>().context("invalid --max-cost")?),
+        Some(t) => Some(
+            t.parse::<MicroTokens>()
+                .map_err(|e| usage!("invalid --max-cost: {e}"))?,
+        ),
         None => None,
     };
     let provider = match &market.peer {
-        Some(addr) => Some(launch::peer_id_of("--peer", addr)?),
+        Some(addr) => Some(launch::peer_id_of("--peer", addr).map_err(|e| usage!("{e}"))?),
         None if market.bootstrap.is_empty() => {
-            bail!(
-                "say where to buy: --peer MULTIADDR (a provider) or --bootstrap MULTIADDR (the network), or --local"
-            )
+            return Err(usage!(
+                "say where to buy: --peer MULTIADDR (a provider) or --bootstrap MULTIADDR (the \
+                 network), or --local"
+            ));
         }
         None => None,
     };
     let dir = DataDir::open(&data_dir)?;
+    let output = Output::prepare(output)?;
+    // A dead address fails here at once; a live one that is another node, after the dial.
+    let probed = market.peer.as_deref().map(probe);
+    if let Some(Probe::Dead(reason)) = &probed {
+        anyhow::bail!("{reason}");
+    }
     let mut bootstrap = market.bootstrap.clone();
     bootstrap.extend(market.peer.clone());
     let overrides = Overrides {
@@ -96,18 +144,49 @@ pub(crate) fn run(job: &JobArgs, market: &MarketArgs, data_dir: PathBuf) -> anyh
         client_only: true,
         ..Overrides::default()
     };
+    let quiet = super::quiet() || json;
+    // Printed with the result, so the same picture can be bought (or made locally) again.
+    let seed = params.seed;
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async {
         let node = launch::start(&dir, &overrides)
             .await
             .context("node failed to start")?;
+        if let (Some(peer), Some(addr)) = (provider, &market.peer) {
+            let until = tokio::time::Instant::now() + CONNECT_WAIT;
+            loop {
+                let connected = node.client().connected_peers().await.unwrap_or_default();
+                if connected.contains(&peer) {
+                    break;
+                }
+                if tokio::time::Instant::now() >= until {
+                    node.shutdown().await;
+                    if matches!(probed, Some(Probe::Listening)) {
+                        anyhow::bail!(
+                            "a node answers at {addr} but it is not {peer}: check the peer id \
+                             after /p2p/ (`pixmarket id --data-dir <provider's folder>` prints \
+                             it). Nothing was bought"
+                        );
+                    }
+                    anyhow::bail!(
+                        "cannot reach provider {peer} at {addr}: is it running, and is the \
+                         address right? Nothing was bought"
+                    );
+                }
+                tokio::time::sleep(CONNECT_POLL).await;
+            }
+        }
         if provider.is_none() {
             let until = tokio::time::Instant::now() + ADVERT_WAIT;
             while node.requester().providers().is_empty() && tokio::time::Instant::now() < until {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(ADVERT_POLL).await;
             }
         }
-        let bar = ProgressBar::new(u64::from(params.steps));
+        let bar = if quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(u64::from(params.steps))
+        };
         bar.set_style(
             ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -124,7 +203,9 @@ pub(crate) fn run(job: &JobArgs, market: &MarketArgs, data_dir: PathBuf) -> anyh
                 bar.set_message("generating");
             }
             JobProgress::FailingOver { reason, .. } => {
-                bar.println(format!("provider failed ({reason}); trying another"))
+                if !quiet {
+                    bar.println(format!("provider failed ({reason}); trying another"));
+                }
             }
         };
         let options = GenerateOptions {
@@ -137,19 +218,48 @@ pub(crate) fn run(job: &JobArgs, market: &MarketArgs, data_dir: PathBuf) -> anyh
             .generate(params, options, &mut on_progress)
             .await;
         bar.finish_and_clear();
+        let outcome = match result {
+            Ok(o) => o,
+            Err(e) => {
+                let unreached = super::node::unreached_bootstrap(&node, &market.bootstrap).await;
+                node.shutdown().await;
+                if unreached.is_empty() {
+                    return Err(e.into());
+                }
+                return Err(anyhow::Error::new(e).context(format!(
+                    "bootstrap peer {} is not reachable",
+                    unreached.join(", ")
+                )));
+            }
+        };
         node.shutdown().await;
-        let outcome = result?;
         let receipt = outcome.receipt.verify()?;
-        std::fs::write(&job.output, &outcome.images[0])
-            .with_context(|| format!("cannot write {}", job.output.display()))?;
-        println!("wrote {}", job.output.display());
-        println!("provider: {}", outcome.provider);
-        println!("cost: {} tokens", outcome.cost);
-        println!(
-            "receipt: job {} (receipt {})",
-            receipt.job_id,
-            outcome.receipt.digest()
-        );
+        let png = outcome
+            .images
+            .first()
+            .context("the provider delivered no image")?;
+        let job = receipt.job_id.to_string();
+        let written = keep(output, png, dir.root(), &job)?;
+        if json {
+            out!(
+                "{}",
+                serde_json::json!({
+                    "output": written.display().to_string(),
+                    "provider": outcome.provider.to_string(),
+                    "cost": outcome.cost.to_string(),
+                    "cost_micro": outcome.cost.0,
+                    "job": job,
+                    "seed": seed,
+                    "receipt": outcome.receipt.digest().to_string(),
+                })
+            )?;
+        } else {
+            out!("wrote {}", written.display())?;
+            out!("provider: {}", outcome.provider)?;
+            out!("cost: {} tokens", outcome.cost)?;
+            out!("seed: {seed}")?;
+            out!("receipt: job {job} (receipt {})", outcome.receipt.digest())?;
+        }
         anyhow::Ok(())
     })
 }

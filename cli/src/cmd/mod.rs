@@ -1,17 +1,21 @@
 //! The subcommands, one module each.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Args, Subcommand};
 
+mod completions;
 mod demo;
 mod generate;
 mod id;
 mod init;
+mod job;
 mod ledger;
 mod market;
 mod model;
 mod node;
+mod output;
 mod price;
 mod providers;
 mod testnet;
@@ -28,7 +32,8 @@ pub(crate) enum Command {
     Ledger(ledger::LedgerArgs),
     /// Generate an image (`--local`: on this machine, with a model folder or `--model tiny`).
     Generate(Box<generate::GenerateArgs>),
-    /// Model folders: `model tiny` writes the built-in tiny model (it draws noise).
+    /// Model folders: `model tiny` writes the built-in tiny model (trained on drawn scenes;
+    /// `--random` for the random-weights one), `model train-tiny` trains it.
     Model(model::ModelArgs),
     /// Run a node until Ctrl-C; with --provide it sells image generation.
     Node(node::NodeArgs),
@@ -39,6 +44,8 @@ pub(crate) enum Command {
     /// Many nodes in one process: scenarios, faults, adversaries, and a report with the books
     /// check (`--experiment`: the utilization experiment).
     Testnet(Box<testnet::TestnetArgs>),
+    /// Print a shell completion script: `pixmarket completions bash > /etc/bash_completion.d/pixmarket`.
+    Completions(completions::CompletionsArgs),
 }
 
 pub(crate) fn run(command: Command) -> anyhow::Result<()> {
@@ -53,7 +60,20 @@ pub(crate) fn run(command: Command) -> anyhow::Result<()> {
         Command::Providers(a) => providers::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Testnet(a) => testnet::run(*a),
+        Command::Completions(a) => completions::run(&a),
     }
+}
+
+/// `--quiet`, set once by `main` before any command runs.
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+pub(crate) fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+/// Whether `--quiet` asked for results and errors only (no progress, notes or warnings).
+pub(crate) fn quiet() -> bool {
+    QUIET.load(Ordering::Relaxed)
 }
 
 /// The `--data-dir` flag every stateful command takes.

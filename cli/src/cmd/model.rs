@@ -12,6 +12,7 @@ use pixmarket_engine::tiny::{TINY_MODEL_ID, write_tiny_model};
 use pixmarket_engine::train::{Phase, TrainOptions, train};
 
 use super::DataDirArg;
+use crate::usage::out;
 
 #[derive(Debug, Args)]
 pub(crate) struct ModelArgs {
@@ -71,12 +72,12 @@ pub(crate) fn run(args: ModelArgs) -> anyhow::Result<()> {
             }
             .with_context(|| format!("cannot write the tiny model to {}", out.display()))?;
             if a.random {
-                println!(
+                out!(
                     "wrote {TINY_MODEL_ID} to {} (random weights: it draws noise)",
                     out.display()
-                );
+                )?;
             } else {
-                println!("wrote {DRAWN_MODEL_ID} to {}", out.display());
+                out!("wrote {DRAWN_MODEL_ID} to {}", out.display())?;
             }
             Ok(())
         }
@@ -99,12 +100,17 @@ fn train_tiny(a: TrainTinyArgs) -> anyhow::Result<()> {
     .progress_chars("=> ");
     let mut bar: Option<(Phase, ProgressBar)> = None;
     let started = std::time::Instant::now();
+    let quiet = super::quiet();
     train(&a.out, &opts, a.resume, &mut |p| {
         if bar.as_ref().is_none_or(|(phase, _)| *phase != p.phase) {
             if let Some((_, b)) = bar.take() {
                 b.finish();
             }
-            let b = ProgressBar::new(p.of as u64).with_style(style.clone());
+            let b = if quiet {
+                ProgressBar::hidden()
+            } else {
+                ProgressBar::new(p.of as u64).with_style(style.clone())
+            };
             b.set_prefix(match p.phase {
                 Phase::Vae => "vae",
                 Phase::Decoder => "decoder",
@@ -124,11 +130,11 @@ fn train_tiny(a: TrainTinyArgs) -> anyhow::Result<()> {
     if let Some((_, b)) = bar.take() {
         b.finish();
     }
-    println!(
+    out!(
         "trained {DRAWN_MODEL_ID} into {} in {:.1} min; load it with --model {}",
         a.out.display(),
         started.elapsed().as_secs_f64() / 60.0,
         a.out.display()
-    );
+    )?;
     Ok(())
 }

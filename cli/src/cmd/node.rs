@@ -4,10 +4,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use pixmarket_node::DataDir;
 use pixmarket_node::launch::{self, Overrides};
+use pixmarket_node::{DataDir, Node};
 
 use super::DataDirArg;
+use crate::usage::out;
 
 #[derive(Debug, Args)]
 pub(crate) struct NodeArgs {
@@ -17,7 +18,7 @@ pub(crate) struct NodeArgs {
     #[arg(long)]
     provide: bool,
     /// With --provide: a model folder in the diffusers layout, or `tiny` (the built-in tiny
-    /// model, random weights: it draws noise) [default: provider.model in config.toml]
+    /// model, trained on drawn scenes) [default: provider.model in config.toml]
     #[arg(long, value_name = "DIR|tiny", requires = "provide")]
     model: Option<String>,
     /// Listen on this libp2p address (repeatable), e.g. /ip4/0.0.0.0/tcp/4001
@@ -34,8 +35,61 @@ pub(crate) struct NodeArgs {
     no_mdns: bool,
 }
 
+/// How long a node gives its bootstrap peers to answer before it reports the ones it could not
+/// reach: a dial on a LAN or the internet either connects or times out well within it.
+const BOOTSTRAP_GRACE: Duration = Duration::from_secs(10);
+/// How often the listeners are asked for their bound addresses at start.
+const LISTEN_POLL: Duration = Duration::from_millis(20);
+/// Listeners report their bound addresses within moments of starting: one second at most.
+const LISTEN_POLLS: u32 = 50;
+
+/// The `--bootstrap` addresses whose peer this node is not connected to.
+pub(crate) async fn unreached_bootstrap(node: &Node, bootstrap: &[String]) -> Vec<String> {
+    let connected = node.client().connected_peers().await.unwrap_or_default();
+    bootstrap
+        .iter()
+        .filter(|b| match launch::peer_id_of("--bootstrap", b) {
+            Ok(peer) => !connected.contains(&peer),
+            Err(_) => false,
+        })
+        .cloned()
+        .collect()
+}
+
+/// Warns on stderr about each `--bootstrap` peer this node could not reach.
+pub(crate) async fn report_unreached_bootstrap(node: &Node, bootstrap: &[String]) {
+    for b in unreached_bootstrap(node, bootstrap).await {
+        if !super::quiet() {
+            eprintln!(
+                "warning: bootstrap peer {b} is not reachable (is it running, and is the peer id \
+                 after /p2p/ its own?)"
+            );
+        }
+    }
+}
+
+/// Ctrl-C, listened for from the moment this returns (`tokio::signal::ctrl_c` installs its
+/// handler only when first polled, so a signal before that would kill the process).
+#[cfg(unix)]
+fn interrupt() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sig = signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?;
+    Ok(async move {
+        sig.recv().await;
+    })
+}
+
+#[cfg(not(unix))]
+fn interrupt() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+}
+
 pub(crate) fn run(a: NodeArgs) -> anyhow::Result<()> {
     let dir = DataDir::open(&a.data_dir.path()?)?;
+    let mut config_bootstrap = dir.config().map(|c| c.bootstrap).unwrap_or_default();
+    config_bootstrap.extend(a.bootstrap.iter().cloned());
     let overrides = Overrides {
         provide: a.provide,
         model: a.model,
@@ -47,32 +101,40 @@ pub(crate) fn run(a: NodeArgs) -> anyhow::Result<()> {
     };
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async {
+        // Listen for Ctrl-C before anything is printed: a signal that comes once the node has
+        // said "listening" stops it in order instead of killing it.
+        let stop = interrupt()?;
         let node = launch::start(&dir, &overrides)
             .await
             .context("node failed to start")?;
-        println!("peer id: {}", node.client().local_peer_id());
-        // Listeners report their bound addresses within moments of starting.
+        out!("peer id: {}", node.client().local_peer_id())?;
         let mut addrs = Vec::new();
-        for _ in 0..50 {
+        for _ in 0..LISTEN_POLLS {
             addrs = node.addresses().await?;
             if !addrs.is_empty() {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(LISTEN_POLL).await;
         }
         for addr in &addrs {
-            println!("listening on {addr}");
+            out!("listening on {addr}")?;
         }
         if node.is_provider() {
-            println!("providing: accepting jobs (Ctrl-C stops)");
+            out!("providing: accepting jobs (Ctrl-C stops)")?;
         }
         if let Some(m) = node.metrics_addr() {
-            println!("metrics on http://{m}/metrics");
+            out!("metrics on http://{m}/metrics")?;
         }
-        tokio::signal::ctrl_c()
-            .await
-            .context("cannot wait for Ctrl-C")?;
-        println!("stopping");
+        let bootstrap = config_bootstrap;
+        tokio::pin!(stop);
+        tokio::select! {
+            () = &mut stop => {}
+            () = tokio::time::sleep(BOOTSTRAP_GRACE) => {
+                report_unreached_bootstrap(&node, &bootstrap).await;
+                stop.await;
+            }
+        }
+        out!("stopping")?;
         node.shutdown().await;
         anyhow::Ok(())
     })

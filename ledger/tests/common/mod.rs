@@ -9,10 +9,10 @@
     clippy::panic
 )]
 
-use pixmarket_ledger::{HoldTerms, Ledger, ReceiptLink};
+use pixmarket_ledger::{HoldTerms, Ledger, LedgerError, ReceiptLink, Role};
 use pixmarket_protocol::{
-    DepositNote, Hash, JobId, MeteredUnits, MicroTokens, PriceSchedule, PublicKey, Receipt,
-    ReceiptAck, SecretKey, Signed, metering,
+    ChainEntry, DepositNote, Hash, JobId, Message, MeteredUnits, MicroTokens, PriceSchedule,
+    PublicKey, Receipt, ReceiptAck, SecretKey, Signed, metering,
 };
 
 /// Far in the future, so holds made with it do not expire during a test.
@@ -61,6 +61,32 @@ pub fn terms(job: JobId, requester: PublicKey, max_cost: MicroTokens) -> HoldTer
     }
 }
 
+/// The receipt body `provider` would sign for `steps` steps, linked after `link`.
+pub fn receipt_body(
+    provider: PublicKey,
+    requester: PublicKey,
+    job: JobId,
+    steps: u32,
+    link: ReceiptLink,
+) -> Receipt {
+    let cost = cost_of(steps);
+    Receipt {
+        job_id: job,
+        request_hash: Hash::of(&job.0),
+        provider,
+        requester,
+        units: units(steps),
+        schedule: PriceSchedule::default(),
+        cost,
+        image_hashes: vec![Hash::of(b"png")],
+        queued_ms: 1,
+        run_ms: 2,
+        cumulative_charged: link.charged_so_far.checked_add(cost).unwrap(),
+        prev_entry_hash: link.prev_entry_hash,
+        issued_at_ms: 1_000,
+    }
+}
+
 /// A receipt signed by `provider` for `steps` steps, linked after `link`.
 pub fn receipt_with(
     provider: &SecretKey,
@@ -69,26 +95,14 @@ pub fn receipt_with(
     steps: u32,
     link: ReceiptLink,
 ) -> Signed<Receipt> {
-    let cost = cost_of(steps);
-    Signed::sign(
+    sign(
         provider,
-        &Receipt {
-            job_id: job,
-            request_hash: Hash::of(&job.0),
-            provider: provider.public(),
-            requester,
-            units: units(steps),
-            schedule: PriceSchedule::default(),
-            cost,
-            image_hashes: vec![Hash::of(b"png")],
-            queued_ms: 1,
-            run_ms: 2,
-            cumulative_charged: link.charged_so_far.checked_add(cost).unwrap(),
-            prev_receipt_hash: link.prev_receipt_hash,
-            issued_at_ms: 1_000,
-        },
+        &receipt_body(provider.public(), requester, job, steps, link),
     )
-    .unwrap()
+}
+
+pub fn sign<T: Message>(key: &SecretKey, body: &T) -> Signed<T> {
+    Signed::sign(key, body).unwrap()
 }
 
 /// The receipt the ledger's provider would issue next for `requester`.
@@ -133,4 +147,115 @@ pub fn deposit_note(
         },
     )
     .unwrap()
+}
+
+/// The pair's whole chain, read page by page ([`Ledger::chain`] answers at most
+/// `MAX_CHAIN_ENTRIES` at a time).
+pub fn full_chain(ledger: &Ledger, role: Role, peer: &PublicKey) -> Vec<ChainEntry> {
+    let mut all: Vec<ChainEntry> = Vec::new();
+    loop {
+        let page = ledger
+            .chain(role, peer, all.last().map(ChainEntry::digest))
+            .unwrap();
+        if page.is_empty() {
+            return all;
+        }
+        all.extend(page);
+    }
+}
+
+/// Checks that a chain is linear: each entry names the one before it, its cumulative total is
+/// the one before it plus a receipt's cost or minus a credit note's amount, and each credit
+/// note takes back a receipt earlier in the chain, at most once. Returns the final total.
+pub fn assert_linear(chain: &[ChainEntry]) -> MicroTokens {
+    let mut prev = None;
+    let mut total = MicroTokens::ZERO;
+    let mut receipts = std::collections::BTreeMap::new();
+    for (i, e) in chain.iter().enumerate() {
+        let link = e.link().unwrap();
+        assert_eq!(
+            link.prev, prev,
+            "entry {i} does not name the entry before it"
+        );
+        total = match e {
+            ChainEntry::Receipt(r) => {
+                let cost = r.verify().unwrap().cost;
+                receipts.insert(r.digest(), cost);
+                total.checked_add(cost).unwrap()
+            }
+            ChainEntry::Credit(c) => {
+                let note = c.verify().unwrap();
+                let cost = receipts
+                    .remove(&note.receipt_hash)
+                    .unwrap_or_else(|| panic!("entry {i} credits no earlier, uncredited receipt"));
+                assert_eq!(note.amount, cost, "entry {i} credits another amount");
+                total.checked_sub(cost).unwrap()
+            }
+        };
+        assert_eq!(
+            link.cumulative_charged, total,
+            "entry {i}'s cumulative total"
+        );
+        prev = Some(e.digest());
+    }
+    total
+}
+
+/// The link a ledger's owner, as requester, expects the next receipt from `provider` to carry.
+pub fn mirror_link(ledger: &Ledger, provider: &PublicKey) -> ReceiptLink {
+    let a = ledger
+        .account(Role::Requester, provider)
+        .unwrap()
+        .unwrap_or_default();
+    ReceiptLink {
+        charged_so_far: a.charged,
+        prev_entry_hash: a.last_entry,
+    }
+}
+
+/// The error's variant name, for comparing refusals with a model or a table.
+pub fn kind(e: &LedgerError) -> &'static str {
+    match e {
+        LedgerError::InsufficientCredit { .. } => "InsufficientCredit",
+        LedgerError::DuplicateJob { .. } => "DuplicateJob",
+        LedgerError::Expired { .. } => "Expired",
+        LedgerError::UnknownHold { .. } => "UnknownHold",
+        LedgerError::AlreadyFinished { .. } => "AlreadyFinished",
+        LedgerError::ChargeExceedsHold { .. } => "ChargeExceedsHold",
+        LedgerError::AlreadyAcked { .. } => "AlreadyAcked",
+        LedgerError::NotSettled { .. } => "NotSettled",
+        LedgerError::DuplicateDeposit { .. } => "DuplicateDeposit",
+        LedgerError::CreditBelowUse { .. } => "CreditBelowUse",
+        LedgerError::Invalid { .. } => "Invalid",
+        LedgerError::Refunded { .. } => "Refunded",
+        LedgerError::HoldExpired { .. } => "HoldExpired",
+        LedgerError::CumulativeMismatch { .. } => "CumulativeMismatch",
+        LedgerError::PrevReceiptMismatch { .. } => "PrevReceiptMismatch",
+        LedgerError::Mismatch { .. } => "Mismatch",
+        LedgerError::WrongSigner { .. } => "WrongSigner",
+        LedgerError::BadSignature { .. } => "BadSignature",
+        LedgerError::NotOwnerKey => "NotOwnerKey",
+        LedgerError::UnknownEntry { .. } => "UnknownEntry",
+        other => panic!("unexpected error {other}"),
+    }
+}
+
+/// Closes the ledger and edits its sled trees directly, as an attacker or a bad disk would.
+pub fn tamper(path: &std::path::Path, f: impl FnOnce(&sled::Db)) {
+    let db = sled::open(path).unwrap();
+    f(&db);
+    db.flush().unwrap();
+}
+
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
 }

@@ -1,6 +1,9 @@
-//! The node-to-node RPC protocol `/pixmarket/rpc/1`: one request, one response, each a frame of
+//! The node-to-node RPC protocol `/pixmarket/rpc/2`: one request, one response, each a frame of
 //! a 4-byte big-endian length and the canonical postcard bytes of a [`Request`] or [`Response`].
 //! A frame longer than its direction's limit is refused before any of it is buffered.
+//!
+//! Version 2 is the fair exchange (docs/protocol.md): `Completed` carries the receipt without
+//! the images, and the images are the answer to a `Fetch` that carries the signed ack.
 
 use std::io;
 
@@ -8,15 +11,20 @@ use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use pixmarket_protocol::codec;
 use pixmarket_protocol::messages::FailReason;
-use pixmarket_protocol::{JobEvent, JobId, JobRequest, Quote, QuoteRequest, ReceiptAck, Signed};
+use pixmarket_protocol::{
+    ChainEntry, Hash, JobEvent, JobId, JobRequest, JobStatus, Quote, QuoteRequest, ReceiptAck,
+    ReceiptRefusal, Signed, validate,
+};
 use serde::{Deserialize, Serialize};
 
-pub const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/pixmarket/rpc/1");
+pub const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/pixmarket/rpc/2");
 
-/// The largest request: a completed-job event with four full-size images dominates.
-pub const MAX_REQUEST_BYTES: usize = Signed::<JobEvent>::max_encoded() + 64;
-/// Responses are small: quotes, acceptances, acknowledgements and typed refusals.
-pub const MAX_RESPONSE_BYTES: usize = 16 * 1024;
+/// The largest request: a job with its two input images (init and mask) dominates.
+pub const MAX_REQUEST_BYTES: usize = Signed::<JobRequest>::max_encoded() + 64;
+/// The largest response: the images of a job (at most four, each at most the output limit)
+/// answering a `Fetch`; everything else is a few KiB.
+pub const MAX_RESPONSE_BYTES: usize =
+    validate::MAX_IMAGES as usize * (validate::MAX_OUTPUT_IMAGE_BYTES + 8) + 1024;
 
 /// What one peer asks another.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -30,9 +38,15 @@ pub enum Request {
     Event(JobEvent),
     /// requester → provider: stop this job at the next step.
     Cancel(JobId),
-    /// requester → provider: a receipt acknowledgement sent again (the first rides on the
-    /// response to the `Completed` event).
-    Ack(Signed<ReceiptAck>),
+    /// requester → provider: where is this job? Answered with `Response::Status`.
+    Status(JobId),
+    /// requester → provider: the images of an acknowledged job. The signed ack travels with
+    /// it, so a `Fetch` also delivers an ack whose first copy was lost; answered with
+    /// `Response::Images` once the ack is stored.
+    Fetch(Signed<ReceiptAck>),
+    /// requester → provider: the pair's chain entries after `after` (from the start for
+    /// `None`), so a requester learns the credit notes it missed.
+    Chain { after: Option<Hash> },
 }
 
 /// The answer to a [`Request`].
@@ -45,6 +59,15 @@ pub enum Response {
     },
     /// The answer to an event; for `Completed`, the requester's signed acknowledgement.
     EventAck(Option<Signed<ReceiptAck>>),
+    /// The answer to `Completed` when the requester will not pay: signed, so it is final.
+    ReceiptRefused(Signed<ReceiptRefusal>),
+    Status(JobStatus),
+    /// The answer to `Fetch`: the images, in the receipt's order.
+    Images {
+        job_id: JobId,
+        images: Vec<Vec<u8>>,
+    },
+    Chain(Vec<ChainEntry>),
     Ok,
     Refused(FailReason),
 }
@@ -56,7 +79,9 @@ impl Request {
             Request::Job(_) => "job",
             Request::Event(_) => "event",
             Request::Cancel(_) => "cancel",
-            Request::Ack(_) => "ack",
+            Request::Status(_) => "status",
+            Request::Fetch(_) => "fetch",
+            Request::Chain { .. } => "chain",
         }
     }
 }

@@ -263,11 +263,16 @@ impl EventLoop {
             }
             Command::Respond { channel, response } => {
                 // Fails only if the peer went away or the stream timed out: nothing to do.
-                let _ = self
+                // Counted until the swarm reports it sent or failed, so shutdown drains it.
+                if self
                     .swarm
                     .behaviour_mut()
                     .rpc
-                    .send_response(channel, *response);
+                    .send_response(channel, *response)
+                    .is_ok()
+                {
+                    self.responses_in_flight += 1;
+                }
             }
             Command::Publish { advert, reply } => {
                 let r = match advert.to_bytes() {
@@ -423,15 +428,28 @@ impl EventLoop {
                 ..
             } => {
                 if let Some((_, reply)) = self.pending.remove(&request_id) {
-                    let _ = reply.send(Err(NetError::Request {
-                        peer,
-                        reason: error.to_string(),
-                    }));
+                    let reason = error.to_string();
+                    let _ = reply.send(Err(
+                        if matches!(error, request_response::OutboundFailure::Timeout) {
+                            NetError::Timeout { peer, reason }
+                        } else {
+                            NetError::Request { peer, reason }
+                        },
+                    ));
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
-                // Also reported for a response that could not be sent; harmless otherwise.
-                self.responses_in_flight = self.responses_in_flight.saturating_sub(1);
+                // A response handed to the swarm ends as `ResponseSent` or as one of these; a
+                // request we never answered (omission, unsupported) was never counted. A
+                // timeout or a closed connection can also hit a request still being handled,
+                // which the saturating count then under-waits for by one.
+                if !matches!(
+                    error,
+                    request_response::InboundFailure::ResponseOmission
+                        | request_response::InboundFailure::UnsupportedProtocols
+                ) {
+                    self.responses_in_flight = self.responses_in_flight.saturating_sub(1);
+                }
                 tracing::debug!(%peer, %error, "inbound request failed");
             }
             request_response::Event::ResponseSent { .. } => {

@@ -9,6 +9,10 @@
 //!   [`super::Client::request`] waits the configured request timeout and then fails exactly as a
 //!   timed-out request does. A lost response is held (not sent) until the asker's request has
 //!   timed out, then its channel is dropped, so the asker also sees a timeout, not a fast error.
+//! - **Lost acks** ([`LinkFaults::set_ack_drop_ppm`]): on top of the drop above, each message
+//!   that carries a receipt acknowledgement (the answer `EventAck(Some(ack))` to a `Completed`
+//!   offer, and a `Fetch`, which carries the ack again) is lost with this probability, the same
+//!   way. Counted in [`FaultStats::dropped_acks`] as well.
 //! - **Delay** ([`LinkFaults::set_delay`]): each outgoing RPC message waits a uniformly random
 //!   time in `[min, max]` before it is handed to the swarm. A request waits in the caller's task;
 //!   a response waits in a spawned task (at most [`MAX_HELD_RESPONSES`] per node; past that a
@@ -71,6 +75,8 @@ pub struct FaultStats {
     pub closed_connections: u64,
     /// Responses sent without their delay or loss because [`MAX_HELD_RESPONSES`] were held.
     pub unheld_responses: u64,
+    /// Of the dropped messages, those lost to [`LinkFaults::set_ack_drop_ppm`].
+    pub dropped_acks: u64,
 }
 
 /// What happens to one outgoing RPC message.
@@ -84,12 +90,14 @@ pub(crate) enum Fate {
 struct Settings {
     rng: ChaCha8Rng,
     drop_ppm: u32,
+    ack_drop_ppm: u32,
     delay: (Duration, Duration),
     groups: Vec<BTreeSet<PeerId>>,
 }
 
 #[derive(Debug, Default)]
 struct Counters {
+    dropped_acks: AtomicU64,
     dropped_requests: AtomicU64,
     dropped_responses: AtomicU64,
     delayed: AtomicU64,
@@ -140,6 +148,7 @@ impl LinkFaults {
                 settings: Mutex::new(Settings {
                     rng: ChaCha8Rng::seed_from_u64(seed),
                     drop_ppm: 0,
+                    ack_drop_ppm: 0,
                     delay: (Duration::ZERO, Duration::ZERO),
                     groups: Vec::new(),
                 }),
@@ -163,6 +172,16 @@ impl LinkFaults {
             return Err(FaultError::DropOverOne { ppm });
         }
         self.settings().drop_ppm = ppm;
+        Ok(())
+    }
+
+    /// Probability, in parts per million, that a message carrying a receipt acknowledgement is
+    /// lost, on top of [`LinkFaults::set_drop_ppm`].
+    pub fn set_ack_drop_ppm(&self, ppm: u32) -> Result<(), FaultError> {
+        if ppm > PPM_ALWAYS {
+            return Err(FaultError::DropOverOne { ppm });
+        }
+        self.settings().ack_drop_ppm = ppm;
         Ok(())
     }
 
@@ -209,6 +228,7 @@ impl LinkFaults {
             refused_connections: get(&c.refused_connections),
             closed_connections: get(&c.closed_connections),
             unheld_responses: get(&c.unheld_responses),
+            dropped_acks: get(&c.dropped_acks),
         }
     }
 
@@ -238,13 +258,17 @@ impl LinkFaults {
         self.shared.partition_version.subscribe()
     }
 
-    /// Draws the fate of one outgoing RPC message and counts it.
-    pub(crate) fn fate(&self, is_response: bool) -> Fate {
+    /// Draws the fate of one outgoing RPC message and counts it; `carries_ack` for a message
+    /// with a receipt acknowledgement in it.
+    pub(crate) fn fate(&self, is_response: bool, carries_ack: bool) -> Fate {
         let fate = {
             let mut s = self.settings();
-            let drop_ppm = s.drop_ppm;
+            let (drop_ppm, ack_ppm) = (s.drop_ppm, s.ack_drop_ppm);
             let (min, max) = s.delay;
-            if drop_ppm > 0 && s.rng.gen_range(0..PPM_ALWAYS) < drop_ppm {
+            if carries_ack && ack_ppm > 0 && s.rng.gen_range(0..PPM_ALWAYS) < ack_ppm {
+                bump(&self.shared.counters.dropped_acks);
+                Fate::Drop
+            } else if drop_ppm > 0 && s.rng.gen_range(0..PPM_ALWAYS) < drop_ppm {
                 Fate::Drop
             } else if max.is_zero() {
                 Fate::Send(Duration::ZERO)
@@ -336,7 +360,7 @@ mod tests {
             f.set_drop_ppm(500_000).unwrap_or_default();
             f.set_delay(Duration::from_millis(1), Duration::from_millis(9))
                 .unwrap_or_default();
-            (0..64).map(|_| f.fate(false)).collect::<Vec<_>>()
+            (0..64).map(|_| f.fate(false, false)).collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));

@@ -50,6 +50,9 @@ pub enum NetError {
     Dial { addr: String, reason: String },
     #[error("request to {peer} failed: {reason}")]
     Request { peer: PeerId, reason: String },
+    /// No answer within the request timeout: it is not known whether the request arrived.
+    #[error("request to {peer} timed out: {reason}")]
+    Timeout { peer: PeerId, reason: String },
     #[error("cannot publish advert: {0}")]
     Publish(String),
     #[error("network transport could not be built: {0}")]
@@ -164,6 +167,7 @@ pub fn new(
             reason: "must be more than zero".into(),
         });
     }
+    check_listen_addrs(&config.listen)?;
     let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE);
     let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
     let event_loop = EventLoop::new(key, config, registry, command_rx, event_tx)?;
@@ -177,9 +181,65 @@ pub fn new(
     Ok((client, event_rx, event_loop))
 }
 
+/// Refuses a listen address whose fixed port is taken, with the operating system's reason.
+///
+/// libp2p's TCP listeners set `SO_REUSEPORT`, so a second node told to listen on a port a running
+/// node holds would bind it too, report "listening", and silently take part of the first one's
+/// connections. A plain socket (no `SO_REUSEPORT`) bound here and closed again cannot share the
+/// port, so it fails exactly when the port is held. Port 0 (any free port) and DNS names are not
+/// checked. Between this check and the real bind another process could take the port; that
+/// window is microseconds at start-up.
+pub fn check_listen_addrs(addrs: &[Multiaddr]) -> Result<(), NetError> {
+    use libp2p::multiaddr::Protocol;
+    for addr in addrs {
+        let mut ip = None;
+        let mut tcp = None;
+        let mut udp = None;
+        for p in addr.iter() {
+            match p {
+                Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
+                Protocol::Ip6(a) => ip = Some(std::net::IpAddr::V6(a)),
+                Protocol::Tcp(port) => tcp = Some(port),
+                Protocol::Udp(port) => udp = Some(port),
+                _ => {}
+            }
+        }
+        let Some(ip) = ip else { continue };
+        let result = match (tcp, udp) {
+            (Some(port), _) if port != 0 => std::net::TcpListener::bind((ip, port)).map(drop),
+            (_, Some(port)) if port != 0 => std::net::UdpSocket::bind((ip, port)).map(drop),
+            _ => Ok(()),
+        };
+        result.map_err(|e| NetError::Listen {
+            addr: addr.to_string(),
+            reason: listen_reason(&e),
+        })?;
+    }
+    Ok(())
+}
+
+/// The operating system's reason, with what it usually means for a node.
+fn listen_reason(e: &std::io::Error) -> String {
+    let hint = match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            " (another process listens there, perhaps another pixmarket node; choose another \
+             port, or /tcp/0 for any free one)"
+        }
+        std::io::ErrorKind::AddrNotAvailable => " (no network interface of this machine has it)",
+        std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges)",
+        _ => "",
+    };
+    format!("{e}{hint}")
+}
+
 impl Client {
     pub fn local_peer_id(&self) -> PeerId {
         self.local_peer_id
+    }
+
+    /// Whether the event loop has stopped (every request would fail with `NodeStopped`).
+    pub fn is_stopped(&self) -> bool {
+        self.commands.is_closed()
     }
 
     async fn call<T>(
@@ -219,17 +279,15 @@ impl Client {
                 });
             }
             // Both waits end early if the node stops, as a real request's would.
-            match faults.fate(false) {
+            match faults.fate(false, matches!(request, Request::Fetch(_))) {
                 Fate::Drop => {
                     tokio::select! {
                         () = tokio::time::sleep(self.request_timeout) => {}
                         () = self.commands.closed() => return Err(NetError::NodeStopped),
                     }
-                    return Err(NetError::Request {
+                    return Err(NetError::Timeout {
                         peer,
-                        reason: "timed out waiting for a response (the request was lost to \
-                                 fault injection)"
-                            .into(),
+                        reason: "no response (the request was lost to fault injection)".into(),
                     });
                 }
                 Fate::Send(delay) if !delay.is_zero() => {
@@ -257,7 +315,7 @@ impl Client {
         response: Response,
     ) -> Result<(), NetError> {
         if let Some(faults) = &self.faults {
-            let fate = faults.fate(true);
+            let fate = faults.fate(true, matches!(response, Response::EventAck(Some(_))));
             if fate != Fate::Send(Duration::ZERO) {
                 match self.held_responses.clone().try_acquire_owned() {
                     Ok(permit) => {

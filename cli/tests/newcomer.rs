@@ -1,0 +1,715 @@
+//! Issue 22, "the command line as a newcomer meets it": every case of the issue run as a person
+//! runs it, the real binary on temp folders; the paid-image, peer and port cases with a second
+//! process. Each waits on what a process prints or on its exit, never on a clock.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Lines};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+
+/// The exit status of a wrong command line (README "Exit codes").
+const USAGE: i32 = 2;
+/// The exit status of every other failure.
+const FAILURE: i32 = 1;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pixmarket"));
+    c.env_remove("PIXMARKET_DATA_DIR").env_remove("RUST_LOG");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    stdout(&o)
+}
+
+/// Fails with `code`, an `error:` line containing `needle`, and no panic or backtrace.
+fn fails(o: &Output, code: i32, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+    assert!(err.contains("error"), "{err}");
+    assert!(err.contains(needle), "{needle:?} not in {err}");
+}
+
+fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../engine/tests/fixtures/pipeline")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn init(dir: &Path, name: &str) -> String {
+    let d = dir.join(name);
+    ok(&["init", "--data-dir", d.to_str().unwrap()]);
+    d.to_string_lossy().into_owned()
+}
+
+/// A port nothing listens on: bound by the OS for us, then closed.
+fn dead_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `pixmarket node` child, stopped with Ctrl-C (SIGINT) or killed on drop.
+struct Node {
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Node {
+    fn start(args: &[&str]) -> Self {
+        let mut child = bin()
+            .arg("node")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Self { child, lines }
+    }
+
+    /// Reads stdout until a line starts with `prefix`; returns the rest of it.
+    fn wait_for(&mut self, prefix: &str) -> String {
+        loop {
+            let line = self
+                .lines
+                .next()
+                .unwrap_or_else(|| panic!("node exited before printing {prefix:?}"))
+                .unwrap();
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return rest.to_owned();
+            }
+        }
+    }
+
+    /// Ctrl-C, as a person stops it, and waits for the exit.
+    fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        let o = Command::new("kill").args(["-INT", &pid]).output().unwrap();
+        assert!(o.status.success());
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "{status}");
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn provider(dir: &Path, requester: &str, deposit: &str) -> (Node, String, String) {
+    let p = init(dir, "provider");
+    let rid = ok(&["id", "--data-dir", requester]).trim().to_owned();
+    ok(&["ledger", "deposit", &rid, deposit, "--data-dir", &p]);
+    let mut node = Node::start(&[
+        "--data-dir",
+        &p,
+        "--provide",
+        "--model",
+        "tiny",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--no-mdns",
+    ]);
+    let addr = node.wait_for("listening on ");
+    node.wait_for("providing");
+    (node, addr, p)
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[test]
+fn a_4096_square_tiny_image_is_refused_with_the_memory_it_needs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = init(tmp.path(), "n");
+    let out = tmp.path().join("x.png");
+    let o = run(&[
+        "generate",
+        "a cat",
+        "--local",
+        "--model",
+        "tiny",
+        "--width",
+        "4096",
+        "--height",
+        "4096",
+        "--steps",
+        "1",
+        "--data-dir",
+        &d,
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    fails(&o, USAGE, "working memory");
+    assert!(!out.exists());
+}
+
+#[test]
+fn ranges_are_checked_by_the_parser_with_the_range_in_the_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = init(tmp.path(), "n");
+    let out = tmp.path().join("x.png");
+    let out = out.to_str().unwrap();
+    let local = |extra: &[&str]| {
+        let mut v = vec!["generate", "a cat", "--local", "--model", "tiny", "-o", out];
+        v.extend_from_slice(&["--data-dir", &d]);
+        v.extend_from_slice(extra);
+        run(&v)
+    };
+    // Refused before a single step runs, not after 10,000 of them.
+    fails(&local(&["--steps", "10000"]), USAGE, "not in 1..=1000");
+    // Negative numbers parse, and are refused with the range, not "use '-- -1'".
+    fails(&local(&["--width", "-16"]), USAGE, "not in 16..=4096");
+    fails(&local(&["--true-cfg-scale", "-1"]), USAGE, "1.0..=20.0");
+    fails(&local(&["--strength", "-0.5"]), USAGE, "(0, 1]");
+    fails(&local(&["--seed", "-1"]), USAGE, "a whole number in 0..=");
+    // One set of limits: the market's narrower ones, before anything is dialled.
+    let peer = format!(
+        "/ip4/127.0.0.1/tcp/{}/p2p/{}",
+        dead_port(),
+        ok(&["id", "--data-dir", &d]).trim()
+    );
+    let market = |extra: &[&str]| {
+        let mut v = vec!["generate", "a cat", "--peer", &peer, "-o", out];
+        v.extend_from_slice(&["--data-dir", &d]);
+        v.extend_from_slice(extra);
+        run(&v)
+    };
+    fails(&market(&["--steps", "200"]), USAGE, "1..=100 on the market");
+    fails(
+        &market(&["--width", "48", "--height", "64"]),
+        USAGE,
+        "64..=2048 on the market",
+    );
+    // The same prompt rules in both forms.
+    let long = "x".repeat(20_000);
+    for prompt in ["", "   ", long.as_str()] {
+        let o = run(&[
+            "generate",
+            prompt,
+            "--local",
+            "--model",
+            "tiny",
+            "-o",
+            out,
+            "--data-dir",
+            &d,
+        ]);
+        fails(&o, USAGE, "prompt");
+    }
+    fails(&market(&["--max-cost", "-1"]), USAGE, "non-negative");
+    // How to run it here is not silently ignored when buying.
+    fails(
+        &market(&["--device", "cuda"]),
+        USAGE,
+        "--device needs --local",
+    );
+    // The market job has no field for starting noise: said, not silently dropped.
+    fails(
+        &market(&["--latents", &fixture("t2i_2step_latents.safetensors")]),
+        USAGE,
+        "--latents works only with --local",
+    );
+}
+
+#[test]
+fn the_output_is_checked_before_the_model_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = init(tmp.path(), "n");
+    let missing = tmp.path().join("missing-folder/x.png");
+    let o = run(&[
+        "generate",
+        "a cat",
+        "--local",
+        "--model",
+        "tiny",
+        "--data-dir",
+        &d,
+        "-o",
+        missing.to_str().unwrap(),
+    ]);
+    fails(&o, USAGE, "does not exist");
+    assert!(!stderr(&o).contains("loaded"), "{}", stderr(&o));
+    // A folder is not a file name.
+    let o = run(&[
+        "generate",
+        "a cat",
+        "--local",
+        "--model",
+        "tiny",
+        "--data-dir",
+        &d,
+        "-o",
+        tmp.path().to_str().unwrap(),
+    ]);
+    fails(&o, USAGE, "is a folder");
+}
+
+#[test]
+fn init_images_and_masks_of_another_size_are_refused_unless_resized() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x.png");
+    let out = out.to_str().unwrap();
+    let model = fixture("model");
+    let init = fixture("init.png"); // 64×48
+    let small = tmp.path().join("mask32.png");
+    let white = vec![255u8; 32 * 32 * 3];
+    std::fs::write(
+        &small,
+        pixmarket_engine::image_io::encode_png(&white, 32, 32, &[]).unwrap(),
+    )
+    .unwrap();
+    let small = small.to_str().unwrap();
+    let paint = |extra: &[&str]| {
+        let mut v = vec!["generate", "a cat", "--local", "--model", &model, "-o", out];
+        v.extend_from_slice(&[
+            "--steps",
+            "1",
+            "--true-cfg-scale",
+            "1",
+            "--init-image",
+            &init,
+        ]);
+        v.extend_from_slice(extra);
+        let mut c = bin();
+        c.args(&v).env("PIXMARKET_DATA_DIR", tmp.path());
+        c.output().unwrap()
+    };
+    fails(&paint(&["--mask", small]), USAGE, "--mask is 32×32");
+    fails(
+        &paint(&["--width", "128", "--height", "128"]),
+        USAGE,
+        "--init-image is 64×48 but the picture is 128×128",
+    );
+    // Stretching is asked for by name, and then it runs.
+    let o = paint(&["--width", "128", "--height", "128", "--resize"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = paint(&["--mask", small, "--resize"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// The paid-image and peer cases: a provider process and a requester process.
+#[test]
+fn buying_checks_the_output_first_and_says_which_peer_failed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = init(tmp.path(), "requester");
+    let (node, addr, _p) = provider(tmp.path(), &r, "50");
+    let png = |name: &str| tmp.path().join(name).to_string_lossy().into_owned();
+    let buy = |extra: &[&str]| {
+        let mut v = vec!["generate", "a red fox", "--data-dir", &r, "--peer", &addr];
+        v.extend_from_slice(&["--width", "256", "--height", "256", "--steps", "4"]);
+        v.extend_from_slice(extra);
+        run(&v)
+    };
+
+    // Nothing is bought for an output that cannot be written.
+    let o = buy(&["-o", &png("missing-folder/x.png")]);
+    fails(&o, USAGE, "does not exist");
+    assert_eq!(
+        ok(&["ledger", "receipts", "--data-dir", &r]).trim(),
+        "no receipts"
+    );
+
+    // A text-to-image, then an image-to-image at strength 0.5: billed for half the steps.
+    let t2i = json(&stdout(&{
+        let o = buy(&["--json", "--seed", "1", "-o", &png("t2i.png")]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        o
+    }));
+    assert_eq!(t2i["seed"], 1, "{t2i}");
+    let init = fixture("init.png");
+    let i2i = buy(&[
+        "--json",
+        "--seed",
+        "1",
+        "--init-image",
+        &init,
+        "--resize",
+        "--strength",
+        "0.5",
+        "-o",
+        &png("i2i.png"),
+    ]);
+    assert!(i2i.status.success(), "{}", stderr(&i2i));
+    let i2i = json(&stdout(&i2i));
+    let micro = |v: &serde_json::Value| v["cost_micro"].as_u64().unwrap();
+    assert!(micro(&i2i) * 2 <= micro(&t2i) + 2, "{t2i} vs {i2i}");
+
+    // --outpaint over the market buys the padded inpaint that --local would run.
+    let o = run(&[
+        "generate",
+        "a cat",
+        "--data-dir",
+        &r,
+        "--peer",
+        &addr,
+        "--steps",
+        "2",
+        "--init-image",
+        &init,
+        "--outpaint",
+        "96,104,96,104",
+        "-o",
+        &png("wide.png"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text =
+        pixmarket_engine::image_io::png_text_chunks(&std::fs::read(png("wide.png")).unwrap())
+            .unwrap();
+    assert!(
+        text.contains(&("size".into(), "256x256".into())),
+        "{text:?}"
+    );
+    assert!(
+        text.contains(&("mode".into(), "inpaint".into())),
+        "{text:?}"
+    );
+
+    // A wrong peer id and a dead address are told apart, and neither buys anything.
+    let port = addr.split('/').nth(4).unwrap().to_owned();
+    let rid = ok(&["id", "--data-dir", &r]).trim().to_owned();
+    let wrong_id = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{rid}");
+    let o = run(&[
+        "generate",
+        "a cat",
+        "--data-dir",
+        &r,
+        "--peer",
+        &wrong_id,
+        "-o",
+        &png("w.png"),
+    ]);
+    fails(&o, FAILURE, "check the peer id");
+    let pid = addr.rsplit('/').next().unwrap();
+    let dead = format!("/ip4/127.0.0.1/tcp/{}/p2p/{pid}", dead_port());
+    let o = run(&[
+        "generate",
+        "a cat",
+        "--data-dir",
+        &r,
+        "--peer",
+        &dead,
+        "-o",
+        &png("d.png"),
+    ]);
+    fails(&o, FAILURE, "nothing answers");
+
+    // The providers table: a pasteable address and the price of a standard image. It returns
+    // as soon as the advert arrives (--expect), not after a fixed wait.
+    let list = ok(&[
+        "providers",
+        "--data-dir",
+        &r,
+        "--bootstrap",
+        &addr,
+        "--wait",
+        "120",
+        "--expect",
+        "1",
+        "--json",
+    ]);
+    let list = json(&list);
+    let first = &list.as_array().unwrap()[0];
+    assert_eq!(first["address"].as_str(), Some(addr.as_str()), "{list}");
+    assert_eq!(first["standard_image_cost"].as_str(), Some("100.000000"));
+    node.stop();
+
+    let receipts: Vec<serde_json::Value> = ok(&["ledger", "receipts", "--data-dir", &r, "--json"])
+        .lines()
+        .map(json)
+        .collect();
+    assert_eq!(receipts.len(), 3, "{receipts:?}");
+    assert!(receipts.iter().all(|x| x["acked"] == true));
+}
+
+/// The port case: two node processes.
+#[test]
+fn a_listen_address_in_use_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = init(tmp.path(), "a");
+    let b = init(tmp.path(), "b");
+    let mut first = Node::start(&[
+        "--data-dir",
+        &a,
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--no-mdns",
+    ]);
+    let addr = first.wait_for("listening on ");
+    let taken: String = addr.split("/p2p/").next().unwrap().to_owned();
+    let o = run(&["node", "--data-dir", &b, "--listen", &taken, "--no-mdns"]);
+    fails(&o, FAILURE, "cannot listen on");
+    assert!(stderr(&o).contains("in use"), "{}", stderr(&o));
+    first.stop();
+}
+
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = init(tmp.path(), "n");
+    for args in [
+        vec!["ledger", "receipts", "--data-dir", &d],
+        vec!["ledger", "balance", "--data-dir", &d],
+        vec!["ledger", "balance", "--json", "--data-dir", &d],
+        vec!["completions", "bash"],
+        vec!["id", "--data-dir", &d],
+        vec!["--help"],
+    ] {
+        // `| head -1` that has already read its line: the pipe's reader is gone.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let o = bin()
+            .args(&args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(o.status.success(), "{args:?}: {:?} {err}", o.status);
+    }
+}
+
+#[test]
+fn ledger_default_credit_survives_the_next_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = init(tmp.path(), "n");
+    let credit = || {
+        let b = json(&ok(&["ledger", "balance", "--json", "--data-dir", &d]));
+        b["default_credit"]["micro"].as_u64().unwrap()
+    };
+    let start_and_stop = || {
+        let mut n = Node::start(&[
+            "--data-dir",
+            &d,
+            "--provide",
+            "--model",
+            "tiny",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
+        ]);
+        n.wait_for("providing");
+        n.stop();
+    };
+    ok(&["ledger", "default-credit", "1", "--data-dir", &d]);
+    start_and_stop();
+    assert_eq!(credit(), 1_000_000);
+    // Editing the config afterwards still takes effect.
+    let config = PathBuf::from(&d).join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replace("new_peer_credit = \"0\"", "new_peer_credit = \"2\"");
+    std::fs::write(&config, text).unwrap();
+    start_and_stop();
+    assert_eq!(credit(), 2_000_000);
+}
+
+#[test]
+fn config_errors_say_the_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = init(tmp.path(), "n");
+    let config = PathBuf::from(&d).join("config.toml");
+    std::fs::write(&config, "mdns = false\n[provider]\nmax_queue = 0\n").unwrap();
+    let o = run(&["node", "--data-dir", &d]);
+    fails(&o, FAILURE, "line 3");
+    assert!(stderr(&o).contains("provider.max_queue"), "{}", stderr(&o));
+    std::fs::write(&config, "mdns = false\n[provider]\nmax_batch = \"two\"\n").unwrap();
+    fails(&run(&["node", "--data-dir", &d]), FAILURE, "line 3");
+}
+
+#[test]
+fn an_unreachable_bootstrap_peer_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = init(tmp.path(), "n");
+    let other = init(tmp.path(), "other");
+    let id = ok(&["id", "--data-dir", &other]).trim().to_owned();
+    let dead = format!("/ip4/127.0.0.1/tcp/{}/p2p/{id}", dead_port());
+    let o = run(&[
+        "providers",
+        "--data-dir",
+        &d,
+        "--bootstrap",
+        &dead,
+        "--wait",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("bootstrap peer {dead} is not reachable")),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn scripts_get_json_quiet_and_completions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = init(tmp.path(), "n");
+    let out = tmp.path().join("a.png");
+    let o = run(&[
+        "generate",
+        "a cat",
+        "--local",
+        "--model",
+        "tiny",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "1",
+        "--seed",
+        "5",
+        "--quiet",
+        "--json",
+        "--data-dir",
+        &d,
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "", "--quiet prints nothing but errors");
+    let v = json(&stdout(&o));
+    assert_eq!(v["width"], 32);
+    assert_eq!(v["seed"], 5);
+    assert_eq!(v["output"].as_str(), out.to_str());
+    let b = json(&ok(&["ledger", "balance", "--json", "--data-dir", &d]));
+    assert!(b["accounts"]["provider"].is_array(), "{b}");
+    for shell in ["bash", "zsh", "fish"] {
+        let script = ok(&["completions", shell]);
+        assert!(script.contains("pixmarket"), "{shell}");
+        assert!(script.contains("generate"), "{shell}");
+    }
+    fails(&run(&["completions", "tcsh"]), USAGE, "possible values");
+}
+
+#[test]
+fn exit_codes_are_two_for_the_command_line_and_one_for_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    fails(&run(&["generate"]), USAGE, "PROMPT");
+    fails(&run(&["ledger", "nonsense"]), USAGE, "nonsense");
+    fails(
+        &run(&["id", "--data-dir", tmp.path().to_str().unwrap()]),
+        FAILURE,
+        "pixmarket init",
+    );
+}
+
+#[test]
+fn price_bills_the_steps_that_run() {
+    let full = ok(&[
+        "price",
+        "--width",
+        "1024",
+        "--height",
+        "1024",
+        "--steps",
+        "50",
+        "--prompt-tokens",
+        "100",
+    ]);
+    assert_eq!(full.trim(), "100.000000 tokens");
+    let half = ok(&[
+        "price",
+        "--width",
+        "1024",
+        "--height",
+        "1024",
+        "--steps",
+        "50",
+        "--prompt-tokens",
+        "100",
+        "--strength",
+        "0.5",
+    ]);
+    assert!(
+        half.starts_with("50.000000 tokens (25 of 50 steps"),
+        "{half}"
+    );
+}
+
+#[test]
+fn outlandish_input_is_an_error_not_a_crash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = init(tmp.path(), "n");
+    let out = tmp.path().join("x.png");
+    let out = out.to_str().unwrap();
+    let init_image = fixture("init.png");
+    let outpaint = |pad: &str| {
+        run(&[
+            "generate",
+            "a cat",
+            "--local",
+            "--model",
+            "tiny",
+            "--init-image",
+            &init_image,
+            "--outpaint",
+            pad,
+            "--data-dir",
+            &d,
+            "-o",
+            out,
+        ])
+    };
+    // Once an allocation abort (rc 134) and an overflow panic (rc 101).
+    fails(
+        &outpaint("99999,99999,99999,99999"),
+        USAGE,
+        "larger than 4096×4096",
+    );
+    fails(
+        &outpaint("4294967295,1,1,1"),
+        USAGE,
+        "larger than 4096×4096",
+    );
+    fails(&outpaint("0,0,0,0"), USAGE, "no border");
+    // Flags of `node` are named as flags, not as config keys.
+    fails(
+        &run(&["node", "--data-dir", &d, "--metrics", "nonsense"]),
+        USAGE,
+        "--metrics \"nonsense\" is not HOST:PORT",
+    );
+    fails(
+        &run(&["node", "--data-dir", &d, "--listen", "garbage"]),
+        USAGE,
+        "--listen \"garbage\"",
+    );
+    fails(
+        &run(&["ledger", "deposit", "notapeer", "5", "--data-dir", &d]),
+        USAGE,
+        "is not a peer id",
+    );
+    fails(
+        &run(&["ledger", "credit-limit", "notapeer", "-5", "--data-dir", &d]),
+        USAGE,
+        "is not a peer id",
+    );
+}

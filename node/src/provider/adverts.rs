@@ -1,0 +1,157 @@
+//! Adverts, queue heartbeats and the hold sweep: the provider's periodic tasks.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use libp2p::PeerId;
+use pixmarket_protocol::messages::{FailReason, JobEventKind};
+use pixmarket_protocol::{CapacityAdvert, JobEvent, Signed, validate};
+
+use super::queue::{QueuedJob, work_ppm};
+use super::{HOLD_SWEEP, MIN_ADVERT_GAP, Provider, QUEUE_HEARTBEAT, send_with_timeout};
+use crate::network::Request;
+use crate::now_ms;
+
+/// A heartbeat not answered in this long is given up on: the next one follows.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Provider {
+    pub(super) fn advert(&self) -> CapacityAdvert {
+        let info = self.inner.generator.info();
+        let depth = {
+            let q = self.lock();
+            q.waiting.len() + q.running.len()
+        };
+        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+        CapacityAdvert {
+            seq,
+            issued_at_ms: now_ms(),
+            listen_addrs: Vec::new(),
+            gpu_name: info
+                .device_name
+                .chars()
+                .take(validate::MAX_LABEL_CHARS)
+                .collect(),
+            gpu_memory_mib: info.device_memory_mib,
+            model_id: info.model_id,
+            precision: info.precision,
+            supports_image_to_image: info.supports_image_to_image,
+            supports_inpaint: info.supports_inpaint,
+            max_width: validate::MAX_DIMENSION,
+            max_height: validate::MAX_DIMENSION,
+            max_steps: validate::MAX_STEPS,
+            max_images: validate::MAX_IMAGES,
+            schedule: self.inner.settings.schedule,
+            queue_depth: u32::try_from(depth).unwrap_or(u32::MAX),
+            max_queue: self.inner.settings.max_queue,
+            ms_per_standard_image: self.inner.ms_per_standard.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Tells every waiting job's requester, every [`QUEUE_HEARTBEAT`], where its job stands
+    /// (`Accepted { position, eta }`): a queued job would otherwise hear nothing until it
+    /// starts, and its requester could not tell a long queue from a provider gone silent.
+    pub(super) async fn queue_heartbeat_loop(&self) {
+        loop {
+            tokio::time::sleep(QUEUE_HEARTBEAT).await;
+            if self.crashed() || self.lock().stopping {
+                return;
+            }
+            let events: Vec<(PeerId, JobEvent)> = {
+                let q = self.lock();
+                let per = self.ms_per_standard();
+                let mut eta = u64::try_from(q.running.len()).unwrap_or(0) * per;
+                q.waiting
+                    .iter()
+                    .enumerate()
+                    .map(|(i, j)| {
+                        eta += work_ppm(&j.params) * per / 1_000_000;
+                        let kind = JobEventKind::Accepted {
+                            queue_position: u32::try_from(i).unwrap_or(u32::MAX),
+                            eta_ms: eta,
+                        };
+                        (
+                            j.peer,
+                            JobEvent {
+                                job_id: j.job_id,
+                                kind,
+                            },
+                        )
+                    })
+                    .collect()
+            };
+            // At most `max_queue` at once, and each waits at most HEARTBEAT_TIMEOUT.
+            let mut sends = tokio::task::JoinSet::new();
+            for (peer, event) in events {
+                let net = self.inner.net.clone();
+                sends.spawn(async move {
+                    let _ = send_with_timeout(&net, peer, Request::Event(event), HEARTBEAT_TIMEOUT)
+                        .await;
+                });
+            }
+            while sends.join_next().await.is_some() {}
+        }
+    }
+
+    pub(super) async fn advert_loop(&self) {
+        loop {
+            if self.lock().stopping {
+                return;
+            }
+            match Signed::sign(&self.inner.key, &self.advert()) {
+                Ok(signed) => {
+                    if let Err(e) = self.inner.net.publish(signed).await {
+                        if matches!(e, crate::network::NetError::NodeStopped) {
+                            return;
+                        }
+                        tracing::debug!(error = %e, "advert not published");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot sign advert"),
+            }
+            // On a change the advert goes out again at once, but never more than once per
+            // MIN_ADVERT_GAP: a busy queue changes many times a second, and every advert is
+            // gossiped to the whole market.
+            let interval = self.inner.settings.advert_interval.clamp(
+                MIN_ADVERT_GAP,
+                Duration::from_millis(validate::ADVERT_TTL_MS / 3),
+            );
+            tokio::time::sleep(MIN_ADVERT_GAP).await;
+            let _ = tokio::time::timeout(
+                interval.saturating_sub(MIN_ADVERT_GAP),
+                self.inner.changed.notified(),
+            )
+            .await;
+        }
+    }
+
+    /// Every [`HOLD_SWEEP`], voids the holds whose request has expired: their jobs leave the
+    /// queue (or stop at the next step) and their requesters are told. The ledger would refuse
+    /// to settle them anyway.
+    pub(super) async fn hold_sweep_loop(&self) {
+        loop {
+            tokio::time::sleep(HOLD_SWEEP).await;
+            if self.crashed() || self.lock().stopping {
+                return;
+            }
+            let now = now_ms();
+            let expired: Vec<QueuedJob> = {
+                let mut q = self.lock();
+                let (gone, kept): (Vec<QueuedJob>, Vec<QueuedJob>) =
+                    q.waiting.drain(..).partition(|j| j.expires_at_ms <= now);
+                q.waiting.extend(kept);
+                gone
+            };
+            let me = self.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                for j in &expired {
+                    me.finish_failed(j, FailReason::HoldExpired);
+                }
+                // Holds of running or settling jobs expire in the ledger; the settle that
+                // follows is then refused and voids nothing twice.
+                let _ = me.inner.ledger.expire_holds(now);
+            })
+            .await;
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! The worker thread: it only computes. It takes batches from the queue, runs the generator,
+//! hands progress to bounded async sends (a slow peer delays nobody), and hands each result to
+//! the delivery lane of its requester; a failed, cancelled or missing result voids its hold.
+
+use std::collections::BTreeSet;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use pixmarket_protocol::messages::{FailReason, JobEventKind};
+use pixmarket_protocol::{JobEvent, JobId, JobParams};
+use tokio::sync::Semaphore;
+
+use super::queue::{QueuedJob, work_ppm};
+use super::{Provider, send_with_timeout};
+use crate::generator::GenError;
+use crate::network::Request;
+
+/// Progress events of one batch are sent at most this often (plus the first and last step).
+const PROGRESS_MIN_GAP: Duration = Duration::from_millis(250);
+/// Progress sends in flight at once, node-wide; past this a progress event is dropped (the
+/// next step's follows, and a requester that hears nothing asks for the status).
+const MAX_PROGRESS_IN_FLIGHT: usize = 64;
+/// A progress event that is not answered in this long is given up on: it is news, not money.
+const PROGRESS_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a void's notice waits for its answer; the requester can also ask for the status.
+const NOTICE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Provider {
+    pub(super) fn worker_loop(&self) {
+        let progress_slots = Arc::new(Semaphore::new(MAX_PROGRESS_IN_FLIGHT));
+        loop {
+            let batch = {
+                let mut q = self.lock();
+                while q.waiting.is_empty() && !q.stopping {
+                    q = self
+                        .inner
+                        .work
+                        .wait(q)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                }
+                if q.stopping {
+                    break;
+                }
+                let batch = q.take_batch(self.inner.settings.max_batch as usize);
+                self.inner.metrics.set_queue(q.waiting.len());
+                batch
+            };
+            self.inner.changed.notify_one();
+            self.run_batch(batch, &progress_slots);
+        }
+        if self.crashed() {
+            // A killed process releases nothing: the next start voids the open holds.
+            return;
+        }
+        // Jobs still queued at shutdown will not run: release their holds.
+        let left: Vec<QueuedJob> = self.lock().waiting.drain(..).collect();
+        for j in &left {
+            self.finish_failed(j, FailReason::ShuttingDown);
+        }
+    }
+
+    fn send_progress(&self, slots: &Arc<Semaphore>, peer: PeerId, event: JobEvent) {
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            return;
+        };
+        let me = self.clone();
+        self.inner.runtime.spawn(async move {
+            // Progress of a job that has ended since is stale: its requester has its receipt
+            // (or gave up), and would only refuse it.
+            if me.lock().running.contains_key(&event.job_id) {
+                let _ =
+                    send_with_timeout(&me.inner.net, peer, Request::Event(event), PROGRESS_TIMEOUT)
+                        .await;
+            }
+            drop(permit);
+        });
+    }
+
+    fn run_batch(&self, batch: Vec<QueuedJob>, slots: &Arc<Semaphore>) {
+        let started = Instant::now();
+        let params: Vec<JobParams> = batch.iter().map(|j| j.params.clone()).collect();
+        let ids: Vec<JobId> = batch.iter().map(|j| j.job_id).collect();
+        let mut last_step = Instant::now();
+        let mut last_sent = Instant::now();
+        let mut progress = |step: u32, of: u32| {
+            if self.crashed() {
+                return ControlFlow::Break(());
+            }
+            self.inner.metrics.step(last_step.elapsed());
+            last_step = Instant::now();
+            let all_cancelled = {
+                let mut q = self.lock();
+                for id in &ids {
+                    if let Some(r) = q.running.get_mut(id) {
+                        r.step = step;
+                        r.of = of;
+                    }
+                }
+                ids.iter().all(|id| q.cancelled.contains(id))
+            };
+            // The first step (the job has started), the last, and in between at most one per
+            // PROGRESS_MIN_GAP: fast steps would otherwise cost a message each.
+            let due = step <= 1 || step >= of || last_sent.elapsed() >= PROGRESS_MIN_GAP;
+            if due {
+                last_sent = Instant::now();
+                for j in &batch {
+                    let ev = JobEvent {
+                        job_id: j.job_id,
+                        kind: JobEventKind::Progress { step, of },
+                    };
+                    self.send_progress(slots, j.peer, ev);
+                }
+            }
+            if all_cancelled {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        };
+        let result = self.inner.generator.generate(&params, &mut progress);
+        if self.crashed() {
+            // The batch is abandoned as a killed process would abandon it.
+            return;
+        }
+        let elapsed = started.elapsed();
+        self.inner.metrics.busy(elapsed);
+        let cancelled: BTreeSet<JobId> = {
+            let mut q = self.lock();
+            ids.iter()
+                .filter(|id| q.cancelled.remove(id))
+                .copied()
+                .collect()
+        };
+        match result {
+            Ok(images) => {
+                let total_work: u64 = params.iter().map(work_ppm).sum::<u64>().max(1);
+                let measured =
+                    u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX) * 1_000_000 / total_work;
+                // Moving average, so one odd batch does not swing the advertised speed.
+                let old = self.ms_per_standard();
+                self.inner
+                    .ms_per_standard
+                    .store((old * 3 + measured.max(1)) / 4, Ordering::Relaxed);
+                let run_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+                let mut images = images.into_iter();
+                for job in batch {
+                    let pngs = images.next();
+                    if cancelled.contains(&job.job_id) {
+                        self.finish_failed(&job, FailReason::Cancelled);
+                        continue;
+                    }
+                    match pngs {
+                        Some(pngs) if pngs.len() == job.params.images as usize => {
+                            self.deliver(job, pngs, run_ms);
+                        }
+                        other => {
+                            let got = other.map_or(0, |p| p.len());
+                            tracing::error!(job = %job.job_id, got, "generator returned the wrong number of images");
+                            self.finish_failed(
+                                &job,
+                                FailReason::Engine(format!(
+                                    "the generator returned {got} images, {} were asked",
+                                    job.params.images
+                                )),
+                            );
+                        }
+                    }
+                }
+            }
+            Err(GenError::Cancelled) => {
+                for job in &batch {
+                    self.finish_failed(job, FailReason::Cancelled);
+                }
+            }
+            Err(GenError::Failed(msg)) => {
+                tracing::error!(error = %msg, "generation failed");
+                for job in &batch {
+                    self.finish_failed(job, FailReason::Engine(msg.clone()));
+                }
+            }
+        }
+        self.inner.changed.notify_one();
+    }
+
+    /// Voids the job's hold, leaves the running set, and tells the requester with a signed
+    /// void (best effort: a requester that misses it asks for the status).
+    pub(super) fn finish_failed(&self, job: &QueuedJob, reason: FailReason) {
+        if self.crashed() {
+            return;
+        }
+        let why = reason.to_string();
+        match self.inner.ledger.void(job.job_id, &why) {
+            Ok(())
+            | Err(
+                pixmarket_ledger::LedgerError::AlreadyFinished { .. }
+                | pixmarket_ledger::LedgerError::UnknownHold { .. },
+            ) => {}
+            Err(e) => tracing::error!(job = %job.job_id, error = %e, "cannot void hold"),
+        }
+        self.lock().running.remove(&job.job_id);
+        self.inner.metrics.job(if reason == FailReason::Cancelled {
+            "cancelled"
+        } else {
+            "failed"
+        });
+        let Some(void) = self.sign_void(job.job_id, &why) else {
+            return;
+        };
+        let kind = if reason == FailReason::Cancelled {
+            JobEventKind::Cancelled { void }
+        } else {
+            JobEventKind::Failed { reason, void }
+        };
+        let net = self.inner.net.clone();
+        let (peer, event) = (
+            job.peer,
+            JobEvent {
+                job_id: job.job_id,
+                kind,
+            },
+        );
+        self.inner.runtime.spawn(async move {
+            let _ = send_with_timeout(&net, peer, Request::Event(event), NOTICE_TIMEOUT).await;
+        });
+    }
+}
