@@ -315,6 +315,9 @@ async fn start_market(
 
     let mut providers = Vec::new();
     let mut provider_keys = Vec::new();
+    // The requesters count prompt tokens themselves, with the providers' own tokenizers (one
+    // per model id), so an inflated quote would be refused.
+    let mut counters: BTreeMap<String, Arc<dyn Generator>> = BTreeMap::new();
     let mut records = Vec::new();
     let mut bootstrap: Vec<Multiaddr> = Vec::new();
     for i in 0..config.providers {
@@ -345,6 +348,9 @@ async fn start_market(
             }
         };
         let generator: Arc<dyn Generator> = Arc::new(Recorded::new(inner, i, clock, busy.clone()));
+        counters
+            .entry(generator.info().model_id)
+            .or_insert_with(|| generator.clone());
         let settings = ProviderSettings {
             schedule: PriceSchedule {
                 price_factor_ppm: 1_000_000,
@@ -417,6 +423,13 @@ async fn start_market(
             metrics: None,
         })
         .await?;
+        for (model, g) in &counters {
+            let g = g.clone();
+            node.requester().count_tokens_with(
+                model.clone(),
+                Arc::new(move |p: &str| g.count_prompt_tokens(p).ok()),
+            );
+        }
         requesters.push((name, key, node));
     }
     log(format!("{} requesters up", config.requesters));

@@ -272,6 +272,17 @@ impl Provider {
         self.lock().running.remove(&job_id);
         self.inner.metrics.job("completed");
         self.inner.metrics.earned(job.cost);
+        // One line per sold job, for the operator (info is the node's default level).
+        tracing::info!(
+            job = %job_id,
+            buyer = %requester.fmt_short(),
+            size = %format!("{}x{}", job.params.width, job.params.height),
+            steps = job.units.steps,
+            images = job.params.images,
+            cost = %job.cost,
+            seconds = format!("{:.1}", job.queued_at.elapsed().as_secs_f64()),
+            "sold a job (receipt offered)"
+        );
         let acked = self
             .inner
             .deliveries
