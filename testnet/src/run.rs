@@ -219,7 +219,7 @@ const ACK_DEADLINE_IDLE_TIMEOUTS: u32 = 6;
 /// A request stays valid for at least this many idle timeouts (more when the quoted queue is
 /// long): room for lost messages, and about the longest a silent provider keeps a requester
 /// from failing over.
-const REQUEST_VALIDITY_IDLE_TIMEOUTS: u32 = 24;
+const REQUEST_VALIDITY_IDLE_TIMEOUTS: u32 = 12;
 
 struct ProviderSlot {
     name: String,
