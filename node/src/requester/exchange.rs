@@ -40,6 +40,11 @@ const SMALL_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 const FETCH_DEADLINE: Duration = Duration::from_secs(120);
 /// Chain answers followed at most in one sync (each holds up to 64 entries).
 const MAX_CHAIN_PAGES: usize = 64;
+/// Idle periods in a row without any answer to `Status` (the provider unreachable, or dropping
+/// the question unanswered; a timeout, which may be a lost message, does not count) after which
+/// the job is abandoned before its expiry. Nothing is owed: an abandoned job's receipt is never
+/// acknowledged, and its provider credits it.
+const UNREACHABLE_ROUNDS: u32 = 3;
 /// A request is valid for at least this many times the provider's expected wait and run.
 const VALIDITY_PER_EXPECTED: u64 = 4;
 /// The longest validity asked for: the protocol allows an hour ahead; a minute is left for
@@ -47,6 +52,29 @@ const VALIDITY_PER_EXPECTED: u64 = 4;
 const MAX_VALIDITY_MS: u64 = pixmarket_protocol::validate::MAX_EXPIRY_AHEAD_MS - 60_000;
 /// Clock skew allowed before a request counts as expired on the provider's side too.
 const EXPIRY_MARGIN_MS: u64 = 5_000;
+
+/// Why a request got no answer.
+#[derive(Debug)]
+struct Unanswered {
+    /// The last try timed out: the message may have been lost, or the answer.
+    timed_out: bool,
+    reason: String,
+}
+
+impl Unanswered {
+    fn gone(reason: &str) -> Self {
+        Self {
+            timed_out: false,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Unanswered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
 
 /// Why an attempt at one provider ended without a result, and whether failing over is safe.
 pub(super) enum Attempt {
@@ -214,12 +242,15 @@ impl Requester {
         peer: PeerId,
         request: Request,
         persist: bool,
-    ) -> Result<Response, String> {
+    ) -> Result<Response, Unanswered> {
         let mut backoff = FIRST_BACKOFF;
-        let mut last = String::from("no answer");
+        let mut last = Unanswered {
+            timed_out: true,
+            reason: "no answer".into(),
+        };
         for _ in 0..SEND_ATTEMPTS {
             if self.net.is_stopped() {
-                return Err("this node stopped".into());
+                return Err(Unanswered::gone("this node stopped"));
             }
             let limit = match request {
                 Request::Job(_) | Request::Fetch(_) => ATTEMPT_TIMEOUT,
@@ -230,25 +261,33 @@ impl Requester {
                     Ok(Ok(Response::Refused(FailReason::Busy { retry_after_ms })))
                         if Duration::from_millis(retry_after_ms) <= MAX_BUSY_WAIT =>
                     {
-                        last = format!("busy (retry after {retry_after_ms} ms)");
+                        last = Unanswered {
+                            timed_out: true,
+                            reason: format!("busy (retry after {retry_after_ms} ms)"),
+                        };
                         Duration::from_millis(retry_after_ms)
                     }
                     Ok(Ok(answer)) => return Ok(answer),
                     Ok(Err(crate::network::NetError::NodeStopped)) => {
-                        return Err("this node stopped".into());
-                    }
-                    // Refused, partitioned, no route: not a lost message. A timeout is retried.
-                    Ok(Err(e))
-                        if !persist && !matches!(e, crate::network::NetError::Timeout { .. }) =>
-                    {
-                        return Err(e.to_string());
+                        return Err(Unanswered::gone("this node stopped"));
                     }
                     Ok(Err(e)) => {
-                        last = e.to_string();
+                        let timed_out = matches!(e, crate::network::NetError::Timeout { .. });
+                        last = Unanswered {
+                            timed_out,
+                            reason: e.to_string(),
+                        };
+                        // Refused, partitioned, no route: not a lost message. A timeout is retried.
+                        if !persist && !timed_out {
+                            return Err(last);
+                        }
                         backoff
                     }
                     Err(_) => {
-                        last = format!("no answer within {} s", limit.as_secs());
+                        last = Unanswered {
+                            timed_out: true,
+                            reason: format!("no answer within {} s", limit.as_secs()),
+                        };
                         backoff
                     }
                 };
@@ -402,6 +441,8 @@ impl Requester {
                 return Err(fail(format!("no answer to the job request: {e}")));
             }
         }
+        // Idle periods in a row in which the provider could not be reached at all.
+        let mut unreachable = 0u32;
         loop {
             let (event, channel) = match tokio::time::timeout(options.idle_timeout, rx.recv()).await
             {
@@ -410,8 +451,20 @@ impl Requester {
                 Ok(None) => return Err(fail("this node stopped")),
                 Err(_) => {
                     // Silence: ask where the job stands before anything else.
-                    let status = match self.ask(peer, Request::Status(request.job_id)).await {
-                        Some(Response::Status(s)) => Some(s),
+                    let status = match self
+                        .ask_with(peer, Request::Status(request.job_id), false)
+                        .await
+                    {
+                        Ok(Response::Status(s)) => {
+                            unreachable = 0;
+                            Some(s)
+                        }
+                        // Not a lost message: the provider cannot be reached, or it drops our
+                        // questions unanswered.
+                        Err(e) if !e.timed_out => {
+                            unreachable += 1;
+                            None
+                        }
                         _ => None,
                     };
                     match status {
@@ -420,7 +473,9 @@ impl Requester {
                                 return done;
                             }
                         }
-                        None if now_ms() > request.expires_at_ms + EXPIRY_MARGIN_MS => {
+                        None if unreachable >= UNREACHABLE_ROUNDS
+                            || now_ms() > request.expires_at_ms + EXPIRY_MARGIN_MS =>
+                        {
                             // Best effort: a provider that hears it frees the job at once.
                             let _ = tokio::time::timeout(
                                 ATTEMPT_TIMEOUT,
@@ -428,8 +483,13 @@ impl Requester {
                             )
                             .await;
                             return Err(fail(format!(
-                                "no word for {} s and the request has expired",
-                                options.idle_timeout.as_secs()
+                                "no word for {} s and {}",
+                                options.idle_timeout.as_secs(),
+                                if unreachable >= UNREACHABLE_ROUNDS {
+                                    "the provider does not answer (unreachable or refusing)"
+                                } else {
+                                    "the request has expired"
+                                }
                             )));
                         }
                         None => {}
