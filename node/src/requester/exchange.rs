@@ -53,6 +53,40 @@ const MAX_VALIDITY_MS: u64 = pixmarket_protocol::validate::MAX_EXPIRY_AHEAD_MS -
 /// Clock skew allowed before a request counts as expired on the provider's side too.
 const EXPIRY_MARGIN_MS: u64 = 5_000;
 
+/// Why a quote was not usable.
+#[derive(Debug, thiserror::Error)]
+enum QuoteError {
+    #[error("cannot sign the quote request")]
+    Sign(#[source] pixmarket_protocol::EncodeError),
+    #[error("quote refused: {0}")]
+    Refused(FailReason),
+    #[error("unexpected answer to a quote: {0}")]
+    Unexpected(String),
+    #[error("no answer to the quote: {0}")]
+    NoAnswer(Unanswered),
+    #[error("the quote's signature does not verify")]
+    BadSignature(#[source] pixmarket_protocol::VerifyError),
+    #[error("quote answers another request")]
+    OtherRequest,
+    #[error("quote price: {0}")]
+    Price(pixmarket_protocol::CostMismatch),
+    #[error("quote meters {got}, expected {want}")]
+    Units { got: String, want: String },
+    #[error("quote meters {quoted} prompt tokens; our own tokenizer counts {mine}")]
+    InflatedTokens { quoted: u32, mine: u32 },
+}
+
+/// Why a checked receipt could not be stored with our ack.
+#[derive(Debug, thiserror::Error)]
+enum RecordError {
+    #[error("cannot sign the ack")]
+    Sign(#[source] pixmarket_protocol::EncodeError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("this node stopped while storing the receipt")]
+    Stopped,
+}
+
 /// Why a request got no answer.
 #[derive(Debug)]
 struct Unanswered {
@@ -306,7 +340,7 @@ impl Requester {
         peer: PeerId,
         key: PublicKey,
         params: &JobParams,
-    ) -> Result<Quote, String> {
+    ) -> Result<Quote, QuoteError> {
         let qr = QuoteRequest {
             quote_id: QuoteId::random(),
             provider: key,
@@ -317,31 +351,34 @@ impl Requester {
             images: params.images,
             strength_permille: params.mode.strength_permille(),
         };
-        let signed = Signed::sign(&self.key, &qr).map_err(|e| e.to_string())?;
+        let signed = Signed::sign(&self.key, &qr).map_err(QuoteError::Sign)?;
         let quote = match self.ask_with(peer, Request::Quote(signed), false).await {
-            Ok(Response::Quote(q)) if q.signer() == key => q.verify().map_err(|e| e.to_string())?,
-            Ok(Response::Refused(r)) => return Err(format!("quote refused: {r}")),
-            Ok(other) => return Err(format!("unexpected answer to a quote: {other:?}")),
-            Err(e) => return Err(format!("no answer to the quote: {e}")),
+            Ok(Response::Quote(q)) if q.signer() == key => {
+                q.verify().map_err(QuoteError::BadSignature)?
+            }
+            Ok(Response::Refused(r)) => return Err(QuoteError::Refused(r)),
+            Ok(other) => return Err(QuoteError::Unexpected(format!("{other:?}"))),
+            Err(e) => return Err(QuoteError::NoAnswer(e)),
         };
         if quote.quote_id != qr.quote_id || quote.requester != self.key.public() {
-            return Err("quote answers another request".into());
+            return Err(QuoteError::OtherRequest);
         }
-        quote
-            .check_cost()
-            .map_err(|e| format!("quote price: {e}"))?;
+        quote.check_cost().map_err(QuoteError::Price)?;
         let want = params.metered_units(quote.units.prompt_tokens);
         if quote.units != want {
-            return Err(format!("quote meters {:?}, expected {want:?}", quote.units));
+            return Err(QuoteError::Units {
+                got: format!("{:?}", quote.units),
+                want: format!("{want:?}"),
+            });
         }
         // The receipt must meter what the quote did, so checking the quote's count covers it.
         if let Some(mine) = self.own_token_count(&key, &params.prompt)
             && quote.units.prompt_tokens > mine
         {
-            return Err(format!(
-                "quote meters {} prompt tokens; our own tokenizer counts {mine}",
-                quote.units.prompt_tokens
-            ));
+            return Err(QuoteError::InflatedTokens {
+                quoted: quote.units.prompt_tokens,
+                mine,
+            });
         }
         Ok(quote)
     }
@@ -357,7 +394,7 @@ impl Requester {
         let quote = self
             .quote(peer, key, params)
             .await
-            .map_err(Attempt::FailOver)?;
+            .map_err(|e| fail(e.to_string()))?;
         if let Some(max) = options.max_cost
             && quote.cost > max
         {
@@ -612,9 +649,10 @@ impl Requester {
                 Ok(ack) => ack,
                 Err(e) => {
                     tracing::warn!(peer = %job.peer, error = %e, "receipt does not fit our books; refusing it");
-                    if let (Some(channel), Some(r)) =
-                        (channel, self.refusal(job.request.job_id, &receipt, &e))
-                    {
+                    if let (Some(channel), Some(r)) = (
+                        channel,
+                        self.refusal(job.request.job_id, &receipt, &e.to_string()),
+                    ) {
                         let _ = self.net.respond(channel, Response::ReceiptRefused(r)).await;
                     }
                     return Err(fail(format!("receipt refused by the ledger: {e}")));
@@ -637,11 +675,8 @@ impl Requester {
         job: &Job<'_>,
         receipt: &Signed<Receipt>,
         body: &Receipt,
-    ) -> Result<Signed<ReceiptAck>, String> {
-        let head = self
-            .ledger
-            .chain_head(Role::Requester, &job.key)
-            .map_err(|e| e.to_string())?;
+    ) -> Result<Signed<ReceiptAck>, RecordError> {
+        let head = self.ledger.chain_head(Role::Requester, &job.key)?;
         if body.prev_entry_hash != head {
             self.sync_chain(job.peer, job.key).await;
         }
@@ -650,13 +685,12 @@ impl Requester {
             receipt_hash: receipt.digest(),
             acked_at_ms: now_ms(),
         };
-        let ack = Signed::sign(&self.key, &ack).map_err(|e| e.to_string())?;
+        let ack = Signed::sign(&self.key, &ack).map_err(RecordError::Sign)?;
         let ledger = self.ledger.clone();
         let (r2, a2) = (receipt.clone(), ack.clone());
         tokio::task::spawn_blocking(move || ledger.record_receipt(&r2, &a2))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| RecordError::Stopped)??;
         Ok(ack)
     }
 
