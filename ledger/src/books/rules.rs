@@ -12,7 +12,7 @@
 use std::fmt;
 
 use pixmarket_protocol::{
-    CreditNote, Hash, JobId, MicroTokens, PublicKey, Receipt, Signed, ValidationError,
+    CreditNote, Hash, JobId, MicroTokens, PublicKey, Receipt, ReceiptAck, Signed, ValidationError,
 };
 
 use super::keys::*;
@@ -120,6 +120,55 @@ fn check_credit(
         expected,
     )?;
     Ok(expected)
+}
+
+/// As requester: a provider's receipt for me, verified: its provider and body.
+fn requester_receipt(
+    owner: &PublicKey,
+    receipt: &Signed<Receipt>,
+) -> Result<(PublicKey, Receipt), LedgerError> {
+    let provider = receipt.signer();
+    let body = verify("receipt", receipt)?;
+    expect_eq("receipt provider", provider, body.provider)?;
+    expect_eq("receipt requester", *owner, body.requester)?;
+    if provider == *owner {
+        return Err(LedgerError::SelfAccount);
+    }
+    check_receipt(&body)?;
+    Ok((provider, body))
+}
+
+/// As requester: stores a verified receipt (with my ack, or without one when it enters my
+/// chain with its credit note) as the pair's next chain entry; a job id is recorded once.
+fn append_requester_receipt(
+    txn: &dyn Txn,
+    acct: &mut Account,
+    provider: PublicKey,
+    receipt: &Signed<Receipt>,
+    body: &Receipt,
+    ack: Option<&Signed<ReceiptAck>>,
+) -> Result<u64, Abort> {
+    if txn
+        .get(TreeId::Jobs, &job_key(Role::Requester, body.job_id))?
+        .is_some()
+    {
+        return Err(LedgerError::DuplicateJob { job: body.job_id }.into());
+    }
+    acct.charged = check_chain(acct, body)?;
+    let index = next_entry(acct, receipt.digest())?;
+    put(
+        txn,
+        TreeId::Receipts,
+        &receipt_key(Role::Requester, &provider, index),
+        &StoredReceipt {
+            role: Role::Requester,
+            receipt: receipt.clone(),
+            ack: ack.cloned(),
+            refunded: None,
+            undelivered: None,
+        },
+    )?;
+    Ok(index)
 }
 
 /// Appends a chain entry's place to the account: the index it takes.
@@ -426,42 +475,19 @@ pub(crate) fn apply(txn: &dyn Txn, owner: &PublicKey, op: &Op) -> Result<(), Abo
         }
 
         Op::RecordReceipt { receipt, ack } => {
-            let provider = receipt.signer();
-            let body = verify("receipt", receipt)?;
-            expect_eq("receipt provider", provider, body.provider)?;
-            expect_eq("receipt requester", *owner, body.requester)?;
-            if provider == *owner {
-                return Err(LedgerError::SelfAccount.into());
-            }
-            check_receipt(&body)?;
+            let (provider, body) = requester_receipt(owner, receipt)?;
             signer_is("receipt ack", owner, &ack.signer())?;
             let ack_body = verify("receipt ack", ack)?;
             expect_eq("ack job id", body.job_id, ack_body.job_id)?;
             expect_eq("ack receipt hash", receipt.digest(), ack_body.receipt_hash)?;
-            let jkey = job_key(Role::Requester, body.job_id);
-            if txn.get(TreeId::Jobs, &jkey)?.is_some() {
-                return Err(LedgerError::DuplicateJob { job: body.job_id }.into());
-            }
             let mut acct = account(txn, Role::Requester, &provider)?;
-            acct.charged = check_chain(&acct, &body)?;
-            let index = next_entry(&mut acct, receipt.digest())?;
+            let index =
+                append_requester_receipt(txn, &mut acct, provider, receipt, &body, Some(ack))?;
             put_account(txn, Role::Requester, &provider, &acct)?;
             put(
                 txn,
-                TreeId::Receipts,
-                &receipt_key(Role::Requester, &provider, index),
-                &StoredReceipt {
-                    role: Role::Requester,
-                    receipt: receipt.clone(),
-                    ack: Some(ack.clone()),
-                    refunded: None,
-                    undelivered: None,
-                },
-            )?;
-            put(
-                txn,
                 TreeId::Jobs,
-                &jkey,
+                &job_key(Role::Requester, body.job_id),
                 &JobOutcome::Settled {
                     peer: provider,
                     index,
@@ -566,27 +592,9 @@ pub(crate) fn apply(txn: &dyn Txn, owner: &PublicKey, op: &Op) -> Result<(), Abo
                 // together with the note that takes its charge back.
                 Some(receipt) => {
                     signer_is("receipt", &provider, &receipt.signer())?;
-                    let rb = verify("receipt", receipt)?;
-                    expect_eq("receipt provider", provider, rb.provider)?;
-                    expect_eq("receipt requester", *owner, rb.requester)?;
-                    check_receipt(&rb)?;
-                    if txn.get(TreeId::Jobs, &jkey)?.is_some() {
-                        return Err(LedgerError::DuplicateJob { job: rb.job_id }.into());
-                    }
-                    acct.charged = check_chain(&acct, &rb)?;
-                    let index = next_entry(&mut acct, receipt.digest())?;
-                    put(
-                        txn,
-                        TreeId::Receipts,
-                        &receipt_key(Role::Requester, &provider, index),
-                        &StoredReceipt {
-                            role: Role::Requester,
-                            receipt: receipt.clone(),
-                            ack: None,
-                            refunded: None,
-                            undelivered: None,
-                        },
-                    )?;
+                    let (_, rb) = requester_receipt(owner, receipt)?;
+                    let index =
+                        append_requester_receipt(txn, &mut acct, provider, receipt, &rb, None)?;
                     (receipt.clone(), index)
                 }
                 // A receipt I stored (and acknowledged, though the provider never got it).
