@@ -367,6 +367,9 @@ pub enum Cheat {
     TamperAfterSigning,
     /// Signs a receipt whose image hash is not the hash of the image delivered.
     WrongImageHash,
+    /// Signs an honest receipt, takes the requester's ack, and never answers its `Fetch`:
+    /// paid for images it keeps.
+    KeepImages,
 }
 
 /// Signs `receipt` (an honest one) spoiled by `cheat`.
@@ -392,6 +395,7 @@ pub fn spoil_receipt(
             receipt.image_hashes = vec![Hash::of(b"not the image that was delivered")];
             Signed::sign(secret, &receipt)?
         }
+        Cheat::KeepImages => Signed::sign(secret, &receipt)?,
         Cheat::TamperAfterSigning => {
             let honest = Signed::sign(secret, &receipt)?;
             let mut body = honest.body().to_vec();
@@ -498,6 +502,10 @@ impl DishonestProvider {
                     // Silent about swallowed jobs: no answer at all (the channel is dropped).
                     Request::Status(job) if swallowed.contains_key(&job) => continue,
                     Request::Status(_) => Response::Status(pixmarket_protocol::JobStatus::Unknown),
+                    // Paid, and silent from here on: no answer at all.
+                    Request::Fetch(_) if me.play == ProviderPlay::Deliver(Cheat::KeepImages) => {
+                        continue;
+                    }
                     Request::Fetch(ack) => {
                         let images = ack.verify().ok().and_then(|a| {
                             kept.lock()

@@ -59,18 +59,29 @@ impl TestNode {
         generator: Option<Arc<dyn Generator>>,
         schedule: PriceSchedule,
     ) -> Self {
+        Self::start_custom(seed, bootstrap, generator, |s| s.schedule = schedule).await
+    }
+
+    /// Starts a node whose provider settings (the defaults below) `adjust` may change.
+    pub async fn start_custom(
+        seed: u8,
+        bootstrap: Vec<Multiaddr>,
+        generator: Option<Arc<dyn Generator>>,
+        adjust: impl FnOnce(&mut ProviderSettings),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let key = SecretKey::from_seed(&[seed; 32]);
         let public = key.public();
         let ledger = Arc::new(Ledger::open(&Self::ledger_path(dir.path()), public).unwrap());
-        let settings = ProviderSettings {
+        let mut settings = ProviderSettings {
             advert_interval: pixmarket_node::provider::ADVERT_INTERVAL,
             ack_deadline: pixmarket_node::provider::ACK_DEADLINE,
-            schedule,
+            schedule: PriceSchedule::default(),
             max_queue: 8,
             max_batch: 2,
             ms_per_standard_image: 60_000,
         };
+        adjust(&mut settings);
         let options = NodeOptions {
             key,
             ledger,

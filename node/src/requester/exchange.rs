@@ -35,9 +35,10 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A small request (`Quote`, `Status`, `Chain`) waits this long: its round trip takes
 /// milliseconds, so a lost one is re-sent soon rather than after the network's whole timeout.
 const SMALL_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long the images are asked for after our ack before the result counts as undelivered:
-/// the provider keeps them for ten minutes, and a lost answer is simply asked again.
-const FETCH_DEADLINE: Duration = Duration::from_secs(120);
+/// How long the images are asked for after our ack before the result counts as undelivered
+/// (the default of [`GenerateOptions::fetch_deadline`](super::GenerateOptions)): the provider
+/// keeps them for ten minutes, and a lost answer is simply asked again.
+pub const FETCH_DEADLINE: Duration = Duration::from_secs(120);
 /// Chain answers followed at most in one sync (each holds up to 64 entries).
 const MAX_CHAIN_PAGES: usize = 64;
 /// Idle periods in a row without any answer to `Status` (the provider unreachable, or dropping
@@ -445,6 +446,7 @@ impl Requester {
             request: &request,
             signed: &signed,
             quote: &quote,
+            fetch_deadline: options.fetch_deadline,
         };
         // Submit: the same signed request until it is answered.
         match self
@@ -695,7 +697,7 @@ impl Requester {
     }
 
     /// Asks for the images with our ack until they come (and match the receipt), the provider
-    /// says the receipt was credited, or [`FETCH_DEADLINE`] passes: then the result is marked
+    /// says the receipt was credited, or the job's fetch deadline passes: then the result is marked
     /// undelivered in our books.
     async fn fetch(
         &self,
@@ -704,7 +706,7 @@ impl Requester {
         body: Receipt,
         ack: Signed<ReceiptAck>,
     ) -> Result<Outcome, Attempt> {
-        let deadline = tokio::time::Instant::now() + FETCH_DEADLINE;
+        let deadline = tokio::time::Instant::now() + job.fetch_deadline;
         let mut backoff = FIRST_BACKOFF;
         let why = loop {
             if self.net.is_stopped() {
@@ -746,7 +748,10 @@ impl Requester {
                 _ => backoff,
             };
             if tokio::time::Instant::now() + wait >= deadline {
-                break format!("no images within {} s of our ack", FETCH_DEADLINE.as_secs());
+                break format!(
+                    "no images within {} s of our ack",
+                    job.fetch_deadline.as_secs()
+                );
             }
             tokio::time::sleep(wait).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -836,6 +841,8 @@ struct Job<'a> {
     request: &'a JobRequest,
     signed: &'a Signed<JobRequest>,
     quote: &'a Quote,
+    /// How long our ack's images are asked for (see [`FETCH_DEADLINE`]).
+    fetch_deadline: Duration,
 }
 
 impl Job<'_> {

@@ -47,6 +47,7 @@ use crate::network::{Client, NetError, ResponseChannel};
 use crate::now_ms;
 
 pub use check::{ReceiptProblem, check_images, check_receipt};
+pub use exchange::FETCH_DEADLINE;
 
 /// Counts a prompt's tokens in one model's tokenizer: the requester's own count, against which
 /// a quote (and so the receipt, which must meter what the quote did) may not inflate the
@@ -106,6 +107,9 @@ pub struct GenerateOptions {
     /// own time at the advertised speed, at most the protocol's hour. A provider can settle the
     /// job until then, so a silent provider is failed over from only after it.
     pub request_validity: Duration,
+    /// How long the images are asked for after our ack before the job is recorded as
+    /// undelivered against the provider ([`FETCH_DEADLINE`] by default).
+    pub fetch_deadline: Duration,
 }
 
 impl Default for GenerateOptions {
@@ -117,6 +121,7 @@ impl Default for GenerateOptions {
             selection: Selection::default(),
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             request_validity: DEFAULT_REQUEST_VALIDITY,
+            fetch_deadline: FETCH_DEADLINE,
         }
     }
 }
