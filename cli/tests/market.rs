@@ -94,6 +94,8 @@ fn a_provider_and_a_requester_in_two_processes() {
         out.to_str().unwrap(),
     ]);
     assert!(o.contains("cost: "), "{o}");
+    // The provider's prompt-token count was checked with our own copy of the tiny tokenizer.
+    assert!(!o.contains("as the provider counted them"), "{o}");
     assert!(std::fs::read(&out).unwrap().starts_with(b"\x89PNG"));
 
     // A price cap below the quote is refused before any work, and nothing is paid.

@@ -21,6 +21,7 @@ pub mod latents;
 pub mod noise;
 mod ops;
 pub mod pipeline;
+pub mod prompt_meter;
 pub mod rope;
 pub mod scenes;
 pub mod scheduler;

@@ -363,11 +363,7 @@ impl QwenImage {
                 vae.config().spatial_compression()
             )));
         }
-        let model_id = index.name_or_path.unwrap_or_else(|| {
-            dir.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "qwen-image".into())
-        });
+        let model_id = crate::prompt_meter::model_id(index.name_or_path, dir);
         Ok(Self {
             dir: dir.to_path_buf(),
             model_id,
@@ -417,9 +413,7 @@ impl QwenImage {
     /// `prompt_tokens` of the metering formula. A prompt the tokenizer cannot encode (never seen
     /// for valid UTF-8) counts its bytes, capped the same way.
     pub fn count_prompt_tokens(&self, prompt: &str) -> u32 {
-        let max = self.tokenizer.max_sequence_length();
-        let n = self.tokenizer.count_tokens(prompt).unwrap_or(prompt.len());
-        u32::try_from(n.min(max)).unwrap_or(u32::MAX)
+        crate::prompt_meter::metered_tokens(&self.tokenizer, prompt)
     }
 
     /// Prompt embeddings held in the cache.

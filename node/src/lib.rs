@@ -16,6 +16,7 @@ pub mod network;
 pub mod node;
 pub mod provider;
 pub mod requester;
+pub mod token_check;
 
 pub use node::{Node, NodeError, NodeOptions};
 

@@ -13,13 +13,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pixmarket_node::DataDir;
 use pixmarket_node::launch::{self, Overrides};
 use pixmarket_node::requester::{GenerateOptions, JobProgress};
-use pixmarket_protocol::{JobParams, MicroTokens};
+use pixmarket_node::token_check;
+use pixmarket_protocol::{JobParams, MicroTokens, PublicKey};
 
 use super::output::Output;
 use crate::usage::{out, usage};
 
-/// How long to wait for provider adverts when no `--peer` is given: providers publish every
-/// 3 s, so two rounds and some gossip latency.
+/// How long to wait for provider adverts (the first one heard, or `--peer`'s): providers
+/// publish every 3 s, so two rounds and some gossip latency.
 const ADVERT_WAIT: Duration = Duration::from_secs(8);
 /// How often to look for adverts while waiting for the first one.
 const ADVERT_POLL: Duration = Duration::from_millis(100);
@@ -45,6 +46,11 @@ pub(crate) struct MarketArgs {
     /// The most to pay for the job, in tokens (e.g. 15 or 2.5).
     #[arg(long, value_name = "TOKENS", allow_hyphen_values = true)]
     max_cost: Option<String>,
+    /// Check the provider's prompt-token count with this model's tokenizer (a Qwen-Image folder
+    /// saved by diffusers; only model_index.json and tokenizer/ are read; repeatable). The
+    /// built-in tiny model's tokenizer is always used for providers of the tiny model.
+    #[arg(long, value_name = "MODEL_DIR")]
+    tokenizer: Vec<PathBuf>,
 }
 
 /// Writes the paid image to `output`, or, if that fails now, into the data folder, and says
@@ -152,6 +158,20 @@ pub(crate) fn run(
         let node = launch::start(&dir, &overrides)
             .await
             .context("node failed to start")?;
+        // A quote that meters more prompt tokens than our own count is refused.
+        let counted = token_check::count_tokens_of_tiny(node.requester(), &dir)
+            .context("cannot install the tiny model's tokenizer")
+            .and_then(|_| {
+                market.tokenizer.iter().try_for_each(|m| {
+                    token_check::count_tokens_of_model(node.requester(), m)
+                        .map(drop)
+                        .with_context(|| format!("--tokenizer {}", m.display()))
+                })
+            });
+        if let Err(e) = counted {
+            node.shutdown().await;
+            return Err(e);
+        }
         if let (Some(peer), Some(addr)) = (provider, &market.peer) {
             let until = tokio::time::Instant::now() + CONNECT_WAIT;
             loop {
@@ -176,11 +196,20 @@ pub(crate) fn run(
                 tokio::time::sleep(CONNECT_POLL).await;
             }
         }
-        if provider.is_none() {
-            let until = tokio::time::Instant::now() + ADVERT_WAIT;
-            while node.requester().providers().is_empty() && tokio::time::Instant::now() < until {
-                tokio::time::sleep(ADVERT_POLL).await;
+        // The adverts say which model each provider runs (so which tokenizer checks its
+        // quote) and how fast it is: wait for them a little, for `--peer` too.
+        let wanted = provider.and_then(|p| PublicKey::from_peer_id(&p).ok());
+        let until = tokio::time::Instant::now() + ADVERT_WAIT;
+        while tokio::time::Instant::now() < until {
+            let table = node.requester().providers();
+            let heard = match &wanted {
+                Some(key) => table.iter().any(|p| &p.key == key),
+                None => !table.is_empty(),
+            };
+            if heard {
+                break;
             }
+            tokio::time::sleep(ADVERT_POLL).await;
         }
         let bar = if quiet {
             ProgressBar::hidden()
@@ -232,6 +261,8 @@ pub(crate) fn run(
                 )));
             }
         };
+        let provider_key = PublicKey::from_peer_id(&outcome.provider).ok();
+        let checked = provider_key.is_some_and(|k| node.requester().checks_tokens_of(&k));
         node.shutdown().await;
         let receipt = outcome.receipt.verify()?;
         let png = outcome
@@ -259,6 +290,13 @@ pub(crate) fn run(
             out!("cost: {} tokens", outcome.cost)?;
             out!("seed: {seed}")?;
             out!("receipt: job {job} (receipt {})", outcome.receipt.digest())?;
+            if !checked && !quiet {
+                out!(
+                    "prompt tokens: {}, as the provider counted them (--tokenizer MODEL_DIR \
+                     checks them with that model's tokenizer)",
+                    receipt.units.prompt_tokens
+                )?;
+            }
         }
         anyhow::Ok(())
     })

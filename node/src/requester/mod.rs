@@ -286,6 +286,20 @@ impl Requester {
         counter(prompt)
     }
 
+    /// Whether `provider`'s quotes are checked against our own token count: it has advertised
+    /// a model we count prompts for.
+    pub fn checks_tokens_of(&self, provider: &PublicKey) -> bool {
+        let Some(model) = self
+            .providers
+            .lock()
+            .ok()
+            .and_then(|p| Some(p.get(provider)?.advert.model_id.clone()))
+        else {
+            return false;
+        };
+        self.counters.lock().is_ok_and(|c| c.contains_key(&model))
+    }
+
     /// Results `provider` was paid for and did not deliver, as this node's books record.
     pub fn undelivered_by(&self, provider: &PublicKey) -> u32 {
         self.undelivered
