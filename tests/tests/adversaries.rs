@@ -11,8 +11,9 @@
 //! logged, the requester's books do not change, and with an honest provider also on the market
 //! the requester fails over and pays the honest one exactly once.
 //!
-//! Against the RPC framing (a peer writing raw bytes on real `/pixmarket/rpc/1` streams): an
-//! absurd length prefix, one just past the limit, garbage of the stated length and a truncated
+//! Against the RPC framing (a peer writing raw bytes on real `/pixmarket/rpc/2` streams): an
+//! absurd length prefix, one just past the limit, a cancel claiming far more than a cancel's
+//! own limit, garbage of the stated length and a truncated
 //! body are each dropped without an answer, while a well-formed frame on the same connection is
 //! answered, and the provider keeps serving. A request too large to frame is refused by the
 //! sender's own codec before anything is written.
@@ -503,11 +504,13 @@ async fn bad_rpc_frames_are_dropped_and_the_provider_keeps_serving() {
         frame(MAX_REQUEST_BYTES + 1, &cancel),
         frame(16, &[0xff; 16]),
         frame(cancel.len() + 100, &cancel),
+        // A cancel that claims a megabyte, far over a cancel's own limit (and under a job's).
+        frame(1 << 20, &cancel),
         // The control: the same peer, the same protocol, a well-formed frame.
         frame(cancel.len(), &cancel),
     ];
     let answers = send_verbatim_frames(&provider.addr, 61, frames).await;
-    for (i, answer) in answers[..4].iter().enumerate() {
+    for (i, answer) in answers[..5].iter().enumerate() {
         assert_eq!(
             as_response(answer),
             None,
@@ -515,10 +518,10 @@ async fn bad_rpc_frames_are_dropped_and_the_provider_keeps_serving() {
         );
     }
     assert_eq!(
-        as_response(&answers[4]),
+        as_response(&answers[5]),
         Some(Response::Ok),
         "{:?}",
-        answers[4]
+        answers[5]
     );
 
     // A request whose encoding is over the limit never leaves the sender.

@@ -33,8 +33,11 @@ pub const MAX_PER_PEER: u32 = 4;
 /// events), so a minute is generous even for a 64 MiB completed event on a slow link. The
 /// default of [`super::NetConfig::request_timeout`]; testnets shorten it.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(60);
-/// Streams a peer may have open on the RPC protocol at once.
-pub const MAX_CONCURRENT_STREAMS: usize = 64;
+/// Inbound RPC streams one connection may have open at once. A requester has a few requests
+/// in flight per job (the submission, a status or fetch, answers to events) and a provider a
+/// few events per job; 16 leave room for a batch of jobs, and bound what one peer can make
+/// the node read at once (with [`MAX_PER_PEER`] connections, 64 streams).
+pub const MAX_CONCURRENT_STREAMS: usize = 16;
 
 // Not every sub-behaviour implements Debug (gossipsub does not), so neither can this.
 #[allow(missing_debug_implementations)]
@@ -188,7 +191,7 @@ impl Behaviour {
             mdns: mdns.into(),
             gossipsub,
             rpc: request_response::Behaviour::with_codec(
-                RpcCodec,
+                RpcCodec::default(),
                 [(RPC_PROTOCOL, request_response::ProtocolSupport::Full)],
                 request_response::Config::default()
                     .with_request_timeout(request_timeout)
