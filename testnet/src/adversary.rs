@@ -419,7 +419,16 @@ pub enum ProviderPlay {
     Deliver(Cheat),
     /// Never says anything about the job again.
     Swallow,
+    /// Never runs the job, and says it is queued, every [`STALL_HEARTBEAT`] and to every
+    /// `Status`, until the requester cancels it: a job held past its request's expiry.
+    Stall,
 }
+
+/// How often a stalling provider repeats that a job is still queued: faster than any idle
+/// timeout, so only the request's expiry can end the wait.
+pub const STALL_HEARTBEAT: Duration = Duration::from_millis(200);
+/// Jobs a stalling provider heartbeats at once; later ones are swallowed silently.
+const MAX_STALLED: usize = 64;
 
 /// A provider that quotes honestly and then cheats; see [`ProviderPlay`].
 pub struct DishonestProvider {
@@ -449,6 +458,8 @@ impl DishonestProvider {
         tokio::spawn(async move {
             // Swallowed jobs by id, with the peer that sent each: its cancel is the give-up.
             let mut swallowed: BTreeMap<JobId, PeerId> = BTreeMap::new();
+            // Stalled jobs by id: the peer that sent each and its heartbeat task.
+            let mut stalled: BTreeMap<JobId, (PeerId, JoinHandle<()>)> = BTreeMap::new();
             // The images of delivered jobs, handed to any `Fetch` (they do not match a spoiled
             // receipt's hashes, which the requester then finds out).
             let kept: Kept = Arc::default();
@@ -484,6 +495,14 @@ impl DishonestProvider {
                                         swallowed.insert(req.job_id, peer);
                                     }
                                 }
+                                ProviderPlay::Stall => {
+                                    me.tally.attempt(false, "jobs stalled");
+                                    stalled.retain(|_, (_, h)| !h.is_finished());
+                                    if stalled.len() < MAX_STALLED {
+                                        let beat = me.clone().heartbeat(peer, req.job_id);
+                                        stalled.insert(req.job_id, (peer, tokio::spawn(beat)));
+                                    }
+                                }
                             }
                             Response::Accepted {
                                 queue_position: 0,
@@ -492,6 +511,13 @@ impl DishonestProvider {
                         }
                     },
                     Request::Cancel(job) => {
+                        if stalled.get(&job).is_some_and(|(p, _)| p == &peer)
+                            && let Some((_, beat)) = stalled.remove(&job)
+                        {
+                            beat.abort();
+                            me.tally
+                                .refused_later("stalled jobs cancelled by the requester");
+                        }
                         if swallowed.get(&job) == Some(&peer) {
                             swallowed.remove(&job);
                             me.tally
@@ -501,6 +527,12 @@ impl DishonestProvider {
                     }
                     // Silent about swallowed jobs: no answer at all (the channel is dropped).
                     Request::Status(job) if swallowed.contains_key(&job) => continue,
+                    Request::Status(job) if stalled.contains_key(&job) => {
+                        Response::Status(pixmarket_protocol::JobStatus::Queued {
+                            position: 0,
+                            eta_ms: 1_000,
+                        })
+                    }
                     Request::Status(_) => Response::Status(pixmarket_protocol::JobStatus::Unknown),
                     // Paid, and silent from here on: no answer at all.
                     Request::Fetch(_) if me.play == ProviderPlay::Deliver(Cheat::KeepImages) => {
@@ -527,6 +559,29 @@ impl DishonestProvider {
                 let _ = me.client.respond(channel, response).await;
             }
         })
+    }
+
+    /// Says the job is queued every [`STALL_HEARTBEAT`], until aborted (a cancel) or the
+    /// requester stops answering.
+    async fn heartbeat(self: Arc<Self>, peer: PeerId, job_id: JobId) {
+        loop {
+            let event = JobEvent {
+                job_id,
+                kind: JobEventKind::Accepted {
+                    queue_position: 0,
+                    eta_ms: 1_000,
+                },
+            };
+            if self
+                .client
+                .request(peer, Request::Event(event))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(STALL_HEARTBEAT).await;
+        }
     }
 
     async fn deliver(

@@ -160,6 +160,11 @@ pub struct EvilProvider {
 
 impl EvilProvider {
     pub async fn start(seed: u8, cheat: Cheat, generator: Arc<dyn Generator>) -> Self {
+        Self::start_play(seed, ProviderPlay::Deliver(cheat), generator).await
+    }
+
+    /// A dishonest provider that plays `play` with every job.
+    pub async fn start_play(seed: u8, play: ProviderPlay, generator: Arc<dyn Generator>) -> Self {
         let secret = Arc::new(SecretKey::from_seed(&[seed; 32]));
         let key = secret.public();
         let bare = start_bare(&secret, vec![]).await.unwrap();
@@ -171,7 +176,7 @@ impl EvilProvider {
             secret,
             generator,
             schedule,
-            play: ProviderPlay::Deliver(cheat),
+            play,
             tally: Arc::new(Tally::default()),
             answers: Some(answer_tx),
         }

@@ -482,9 +482,16 @@ impl Requester {
         }
         // Idle periods in a row in which the provider could not be reached at all.
         let mut unreachable = 0u32;
+        // The job ends by its request's expiry, however often the provider says it is still
+        // busy: a heartbeat or progress resets the idle wait, never this.
+        let ends_at_ms = request.expires_at_ms.saturating_add(EXPIRY_MARGIN_MS);
         loop {
-            let (event, channel) = match tokio::time::timeout(options.idle_timeout, rx.recv()).await
-            {
+            let left_ms = ends_at_ms.saturating_sub(now_ms());
+            if left_ms == 0 {
+                return self.expired(&job).await;
+            }
+            let wait = options.idle_timeout.min(Duration::from_millis(left_ms));
+            let (event, channel) = match tokio::time::timeout(wait, rx.recv()).await {
                 Ok(Some(e)) => e,
                 // Our route was dropped: this node stopped (see `Requester::stop`).
                 Ok(None) => return Err(fail("this node stopped")),
@@ -570,6 +577,31 @@ impl Requester {
                 }
             }
         }
+    }
+
+    /// The request expired without a result: one last `Status` takes a receipt settled in time
+    /// (the provider's ledger settles nothing after a hold's expiry); otherwise the job is
+    /// cancelled and left, owing nothing.
+    async fn expired(&self, job: &Job<'_>) -> Result<Outcome, Attempt> {
+        let status = self
+            .ask_with(job.peer, Request::Status(job.request.job_id), false)
+            .await;
+        if let Ok(Response::Status(
+            JobStatus::Completed { receipt } | JobStatus::Acknowledged { receipt },
+        )) = status
+        {
+            return self.accept(job, receipt, None).await;
+        }
+        let _ = tokio::time::timeout(
+            ATTEMPT_TIMEOUT,
+            self.net
+                .request(job.peer, Request::Cancel(job.request.job_id)),
+        )
+        .await;
+        Err(fail(
+            "the request expired before the provider delivered a result (it can no longer \
+             charge for it)",
+        ))
     }
 
     /// Acts on a `Status` answer: `Some` ends the attempt, `None` keeps waiting.
