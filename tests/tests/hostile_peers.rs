@@ -3,15 +3,21 @@
 //! A provider that accepts a job and then says "still queued" forever (heartbeats faster than
 //! any idle timeout, the same answer to every `Status`): the requester's job ends at its
 //! request's expiry with a clear error, the job is cancelled, and nothing is charged.
+//!
+//! Sybil adverts (ten thousand fresh keys claiming 1 ms per image, dated in the future) against
+//! a requester that has measured one honest provider: the honest one keeps its place and its
+//! rank, and a sybil that fails drops below the rest.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
 
 use pixmarket_ledger::Role;
-use pixmarket_node::requester::{GenerateError, GenerateOptions, JobProgress};
+use pixmarket_node::now_ms;
+use pixmarket_node::requester::{GenerateError, GenerateOptions, JobProgress, MAX_PROVIDERS};
+use pixmarket_protocol::SecretKey;
 use pixmarket_testnet::adversary::{ProviderPlay, STALL_HEARTBEAT};
-use pixmarket_tests::evil::EvilProvider;
+use pixmarket_tests::evil::{EvilProvider, wait_until};
 use pixmarket_tests::{TestNode, small_job, tiny_generator};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,4 +63,88 @@ async fn a_provider_that_heartbeats_forever_cannot_hold_a_job_past_its_expiry() 
 
     requester.node.shutdown().await;
     evil.shutdown().await;
+}
+
+/// Ten thousand fresh keys advertising 1 ms per image, dated 30 s ahead, against a requester
+/// that has bought from one honest provider: the honest provider keeps its place in the table
+/// and stays first in the ranking (a claim cannot beat what was measured), the table stays
+/// within its bound, and a sybil that failed a job ranks after every one that has not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sybil_adverts_claiming_1_ms_do_not_displace_a_provider_that_delivered() {
+    let honest = TestNode::start(97, vec![], Some(tiny_generator())).await;
+    let requester = TestNode::start(98, vec![honest.addr.clone()], None).await;
+    honest.deposit_from(97, requester.key, 100);
+    let client = requester.node.requester().clone();
+    wait_until(Duration::from_secs(30), "the honest provider's advert", || {
+        client.providers().iter().any(|p| p.key == honest.key)
+    })
+    .await;
+    let outcome = client
+        .generate(
+            small_job("a picture from a known provider"),
+            GenerateOptions::default(),
+            &mut |_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome.provider, honest.key.to_peer_id());
+    let measured = client.standing_of(&honest.key);
+    assert_eq!(measured.delivered, 1);
+    let honest_ms = measured.ms_per_standard.unwrap();
+
+    // Its next advert says it is idle again (a busy known provider loses jobs to untried ones,
+    // as it should).
+    wait_until(Duration::from_secs(30), "an idle advert", || {
+        client
+            .providers()
+            .iter()
+            .any(|p| p.key == honest.key && p.advert.queue_depth == 0)
+    })
+    .await;
+    let template = client
+        .providers()
+        .into_iter()
+        .find(|p| p.key == honest.key)
+        .unwrap()
+        .advert;
+    let sybil_key = |i: usize| {
+        let mut seed = [0xa5u8; 32];
+        seed[..8].copy_from_slice(&u64::try_from(i).unwrap().to_le_bytes());
+        SecretKey::from_seed(&seed).public()
+    };
+    for i in 0..10_000 {
+        let mut fake = template.clone();
+        fake.ms_per_standard_image = 1;
+        fake.queue_depth = 0;
+        fake.max_queue = u32::MAX;
+        fake.issued_at_ms = now_ms() + 30_000;
+        client.on_advert(sybil_key(i), fake);
+    }
+    let table = client.providers();
+    assert!(table.len() <= MAX_PROVIDERS, "{} entries", table.len());
+    assert_eq!(table[0].key, honest.key, "the measured provider ranks first");
+    assert!(honest_ms > 1, "the honest speed is a real measurement");
+
+    // A sybil tried once (it cannot even be reached) fails and drops below every untried one.
+    let tried = table[1].key;
+    let err = client
+        .generate(
+            small_job("to a sybil"),
+            GenerateOptions {
+                provider: Some(tried.to_peer_id()),
+                max_attempts: 1,
+                ..GenerateOptions::default()
+            },
+            &mut |_| {},
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, GenerateError::AllFailed(_)), "{err}");
+    let after = client.providers();
+    assert_eq!(after[0].key, honest.key);
+    assert_eq!(after.last().unwrap().key, tried, "the failed sybil ranks last");
+    assert!(client.providers().iter().any(|p| p.key == honest.key));
+
+    requester.node.shutdown().await;
+    honest.node.shutdown().await;
 }

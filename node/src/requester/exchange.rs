@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use super::check::{check_images, check_receipt};
 use super::{
     GenerateError, GenerateOptions, JOB_EVENT_QUEUE, JobProgress, Outcome, Requester, RouteGuard,
+    standing,
 };
 use crate::network::{Request, Response, ResponseChannel};
 use crate::now_ms;
@@ -235,12 +236,17 @@ impl Requester {
                 reasons.push(format!("{peer}: not an ed25519 peer id"));
                 continue;
             };
+            let started = tokio::time::Instant::now();
             match self
                 .try_provider(peer, key, &params, &options, progress)
                 .await
             {
                 Ok(mut outcome) => {
                     outcome.attempts = attempt + 1;
+                    // Measured here, submission to images: the provider's claims play no part.
+                    let took = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    let units = outcome.receipt.verify().map(|r| r.units).ok();
+                    self.note_delivered(&key, units.and_then(|u| standing::per_standard(took, &u)));
                     self.metrics.job("paid");
                     self.metrics.spent(outcome.cost);
                     return Ok(outcome);
@@ -791,9 +797,7 @@ impl Requester {
         let ledger = self.ledger.clone();
         let (job_id, why2) = (body.job_id, why.clone());
         let _ = tokio::task::spawn_blocking(move || ledger.mark_undelivered(job_id, &why2)).await;
-        if let Ok(mut u) = self.undelivered.lock() {
-            *u.entry(job.key).or_default() += 1;
-        }
+        self.note_undelivered(&job.key);
         Err(Attempt::Undelivered(Box::new(GenerateError::Undelivered {
             provider: job.peer,
             job: body.job_id,

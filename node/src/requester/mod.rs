@@ -26,13 +26,14 @@
 
 mod check;
 mod exchange;
+mod standing;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use libp2p::PeerId;
-use pixmarket_ledger::{Ledger, Role};
+use pixmarket_ledger::Ledger;
 use pixmarket_protocol::{
     CapacityAdvert, JobEvent, JobId, MicroTokens, PublicKey, Receipt, ReceiptAck, SecretKey,
     Signed, validate,
@@ -48,6 +49,8 @@ use crate::now_ms;
 
 pub use check::{ReceiptProblem, check_images, check_receipt};
 pub use exchange::FETCH_DEADLINE;
+pub use standing::Standing;
+use standing::Standings;
 
 /// Counts a prompt's tokens in one model's tokenizer: the requester's own count, against which
 /// a quote (and so the receipt, which must meter what the quote did) may not inflate the
@@ -68,15 +71,36 @@ const UNDELIVERED_WEIGHT: u32 = 100;
 /// [`GenerateOptions::max_attempts`]. Three survives two bad providers without making a caller
 /// with a hopeless job wait through the whole market.
 pub const DEFAULT_MAX_ATTEMPTS: usize = 3;
-/// Providers remembered; past this the stalest advert is forgotten.
-const MAX_PROVIDERS: usize = 10_000;
+/// Providers remembered. When the table is full, a new key takes the place of an expired
+/// advert, else of the provider heard from longest ago that has not delivered to us; when every
+/// place is held by a provider that has, the newcomer waits. Times are this node's clock when
+/// the advert arrived, so an advert dated in the future buys nothing, and neither do claimed
+/// speed or capacity.
+pub const MAX_PROVIDERS: usize = 10_000;
 
 /// One provider as the requester knows it.
 #[derive(Clone, Debug)]
 pub struct ProviderEntry {
     pub key: PublicKey,
     pub advert: CapacityAdvert,
+    /// Attempts that failed over (the same as `standing.failures`).
     pub failures: u32,
+    /// When its latest advert arrived, by this node's clock.
+    pub heard_at_ms: u64,
+    /// What this requester has seen of it.
+    pub standing: Standing,
+}
+
+impl ProviderEntry {
+    /// Fresh by the earlier of its advert's own date and its arrival here: a date in the
+    /// future does not keep an advert alive longer.
+    fn is_fresh(&self, now_ms: u64) -> bool {
+        self.advert
+            .issued_at_ms
+            .min(self.heard_at_ms)
+            .saturating_add(validate::ADVERT_TTL_MS)
+            >= now_ms
+    }
 }
 
 /// How a requester orders the providers it knows.
@@ -208,8 +232,8 @@ pub struct Requester {
     net: Client,
     providers: Arc<Mutex<BTreeMap<PublicKey, ProviderEntry>>>,
     routes: Arc<Mutex<BTreeMap<JobId, (PeerId, Route)>>>,
-    /// Per provider: results it was paid for and did not deliver (from the ledger).
-    undelivered: Arc<Mutex<BTreeMap<PublicKey, u32>>>,
+    /// Per provider: what this requester has seen of it (seeded from the books).
+    standings: Arc<Mutex<Standings>>,
     /// This node's own token counters, by the model id providers advertise.
     counters: Arc<Mutex<BTreeMap<String, TokenCounter>>>,
     metrics: Arc<Metrics>,
@@ -230,22 +254,15 @@ impl Requester {
         net: Client,
         metrics: Arc<Metrics>,
     ) -> Self {
-        // Standing survives restarts: every undelivered record in the books counts.
-        let mut undelivered: BTreeMap<PublicKey, u32> = BTreeMap::new();
-        if let Ok(receipts) = ledger.receipts(None) {
-            for r in receipts {
-                if r.role == Role::Requester && r.undelivered.is_some() {
-                    *undelivered.entry(r.receipt.signer()).or_default() += 1;
-                }
-            }
-        }
+        // Standing survives restarts: every acknowledged receipt in the books counts.
+        let standings = Standings::from_books(&ledger);
         Self {
             key,
             ledger,
             net,
             providers: Arc::default(),
             routes: Arc::default(),
-            undelivered: Arc::new(Mutex::new(undelivered)),
+            standings: Arc::new(Mutex::new(standings)),
             counters: Arc::default(),
             metrics,
         }
@@ -302,11 +319,15 @@ impl Requester {
 
     /// Results `provider` was paid for and did not deliver, as this node's books record.
     pub fn undelivered_by(&self, provider: &PublicKey) -> u32 {
-        self.undelivered
+        self.standing_of(provider).undelivered
+    }
+
+    /// What this requester has seen of `provider`.
+    pub fn standing_of(&self, provider: &PublicKey) -> Standing {
+        self.standings
             .lock()
-            .ok()
-            .and_then(|u| u.get(provider).copied())
-            .unwrap_or(0)
+            .map(|s| s.get(provider))
+            .unwrap_or_default()
     }
 
     /// Ends the jobs this requester waits on, as its node stops: their `generate` calls return
@@ -319,25 +340,49 @@ impl Requester {
 
     /// Records a verified advert.
     pub fn on_advert(&self, key: PublicKey, advert: CapacityAdvert) {
+        let now = now_ms();
+        let Ok(standings) = self.standings.lock() else {
+            return;
+        };
         let Ok(mut table) = self.providers.lock() else {
             return;
         };
         if table.len() >= MAX_PROVIDERS && !table.contains_key(&key) {
-            let stalest = table
+            table.retain(|_, e| e.is_fresh(now));
+        }
+        if table.len() >= MAX_PROVIDERS && !table.contains_key(&key) {
+            let newcomer_good = standings.known_good(&key);
+            let place = table
                 .iter()
-                .min_by_key(|(_, e)| e.advert.issued_at_ms)
+                .filter(|(k, _)| !standings.known_good(k))
+                .min_by_key(|(_, e)| e.heard_at_ms)
                 .map(|(k, _)| *k);
-            if let Some(k) = stalest {
-                table.remove(&k);
+            match place {
+                Some(k) => {
+                    table.remove(&k);
+                }
+                // Every place is held by a provider that delivered to us.
+                None if !newcomer_good => return,
+                None => {
+                    let oldest = table
+                        .iter()
+                        .min_by_key(|(_, e)| e.heard_at_ms)
+                        .map(|(k, _)| *k);
+                    if let Some(k) = oldest {
+                        table.remove(&k);
+                    }
+                }
             }
         }
-        let failures = table.get(&key).map_or(0, |e| e.failures);
+        let standing = standings.get(&key);
         table.insert(
             key,
             ProviderEntry {
                 key,
                 advert,
-                failures,
+                failures: standing.failures,
+                heard_at_ms: now,
+                standing,
             },
         );
     }
@@ -356,15 +401,34 @@ impl Requester {
         // The table is a BTreeMap: this list is in public-key order, which Random relies on.
         let mut list: Vec<ProviderEntry> = table
             .values()
-            .filter(|e| {
-                e.advert
-                    .issued_at_ms
-                    .saturating_add(validate::ADVERT_TTL_MS)
-                    >= now
-            })
+            .filter(|e| e.is_fresh(now))
             .cloned()
             .collect();
         drop(table);
+        let Ok(standings) = self.standings.lock() else {
+            return Vec::new();
+        };
+        for e in &mut list {
+            e.standing = standings.get(&e.key);
+            e.failures = e.standing.failures;
+        }
+        // The speed each is ranked on: what we measured, else its claim as far as the
+        // measured record allows (see `Standings::prior_ms`).
+        let speed: BTreeMap<PublicKey, u64> = list
+            .iter()
+            .map(|e| {
+                let s = e
+                    .standing
+                    .ms_per_standard
+                    .unwrap_or_else(|| standings.prior_ms(e.advert.ms_per_standard_image));
+                (e.key, s.max(1))
+            })
+            .collect();
+        let good: BTreeMap<PublicKey, bool> = list
+            .iter()
+            .map(|e| (e.key, standings.known_good(&e.key)))
+            .collect();
+        drop(standings);
         match selection {
             Selection::EstimatedFinish => {
                 // Jobs this node has sent each provider and not seen end: fresher than an
@@ -378,29 +442,30 @@ impl Requester {
                 // Estimates within half a standard image of each other count as equal: adverts
                 // are seconds old, and every requester reading the same table would otherwise
                 // send its next job to the same provider. Equals go by price, then at random.
-                let grain = list
-                    .iter()
-                    .map(|e| e.advert.ms_per_standard_image)
+                let grain = speed
+                    .values()
+                    .copied()
                     .min()
                     .unwrap_or(1)
                     .div_ceil(2)
                     .max(1);
                 let mut rng = rand::thread_rng();
-                // Estimated finish: queue ahead plus one standard image; then price; failures first.
+                // Failures first (fewest), then estimated finish: queue ahead plus one standard
+                // image at the ranked speed; then providers that delivered to us before those
+                // that have not; then price; then chance.
                 list.sort_by_cached_key(|e| {
                     let a = &e.advert;
                     let depth = a
                         .queue_depth
                         .max(mine.get(&e.key.to_peer_id()).copied().unwrap_or(0));
-                    let finish = a
-                        .ms_per_standard_image
-                        .saturating_mul(u64::from(depth).saturating_add(1));
+                    let ms = speed.get(&e.key).copied().unwrap_or(u64::MAX);
+                    let finish = ms.saturating_mul(u64::from(depth).saturating_add(1));
                     (
-                        e.failures.saturating_add(
-                            self.undelivered_by(&e.key)
-                                .saturating_mul(UNDELIVERED_WEIGHT),
+                        e.standing.failures.saturating_add(
+                            e.standing.undelivered.saturating_mul(UNDELIVERED_WEIGHT),
                         ),
                         finish / grain,
+                        !good.get(&e.key).copied().unwrap_or(false),
                         a.schedule.price_factor_ppm,
                         rand::Rng::r#gen::<u64>(&mut rng),
                     )
@@ -412,10 +477,20 @@ impl Requester {
     }
 
     fn note_failure(&self, key: &PublicKey) {
-        if let Ok(mut t) = self.providers.lock()
-            && let Some(e) = t.get_mut(key)
-        {
-            e.failures = e.failures.saturating_add(1);
+        if let Ok(mut s) = self.standings.lock() {
+            s.failed(*key);
+        }
+    }
+
+    fn note_delivered(&self, key: &PublicKey, ms_per_standard: Option<u64>) {
+        if let Ok(mut s) = self.standings.lock() {
+            s.delivered(*key, ms_per_standard);
+        }
+    }
+
+    fn note_undelivered(&self, key: &PublicKey) {
+        if let Ok(mut s) = self.standings.lock() {
+            s.undelivered(*key);
         }
     }
 }
