@@ -175,3 +175,73 @@ async fn a_stopped_node_is_a_typed_error() {
     let err = client.connected_peers().await.unwrap_err();
     assert!(matches!(err, network::NetError::NodeStopped), "{err}");
 }
+
+/// A peer that forwards an invalid advert (here, it publishes one: signed, but naming a
+/// precision that does not exist) loses its score at once, is pruned from the advert mesh, and
+/// its later adverts, valid or not, are ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_sends_an_invalid_advert_is_pruned_from_the_mesh() {
+    let (a, mut a_events, a_addr, _) = start(5, vec![]).await;
+    let (m, _m_events, _m_addr, m_key) = start(6, vec![a_addr]).await;
+    let m_peer = m.local_peer_id();
+
+    // A valid advert first, until it arrives: the mesh has formed.
+    let mut seq = 0u64;
+    let mut heard = false;
+    for _ in 0..40 {
+        seq += 1;
+        m.publish(Signed::sign(&m_key, &advert(seq)).unwrap())
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, a_events.recv()).await {
+            if matches!(ev, NetEvent::Advert { .. }) {
+                heard = true;
+                break;
+            }
+        }
+        if heard {
+            break;
+        }
+    }
+    assert!(heard, "the valid advert arrived over gossip");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !a.gossip_standing(m_peer).await.unwrap().in_mesh {
+        assert!(tokio::time::Instant::now() < deadline, "m joined a's mesh");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // One invalid advert.
+    let mut bad = advert(seq + 1);
+    bad.precision = "fp4".into();
+    m.publish(Signed::sign(&m_key, &bad).unwrap())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = a.gossip_standing(m_peer).await.unwrap();
+        if s.score.is_some_and(|x| x < -80.0) && !s.in_mesh {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "m not graylisted and pruned within 20 s: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Graylisted: its next valid adverts are not delivered.
+    for s in seq + 2..seq + 7 {
+        // Publishing may fail once m has no mesh peer left; that is also no delivery.
+        let _ = m.publish(Signed::sign(&m_key, &advert(s)).unwrap()).await;
+    }
+    let quiet = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Ok(Some(ev)) = tokio::time::timeout_at(quiet, a_events.recv()).await {
+        assert!(
+            !matches!(ev, NetEvent::Advert { .. }),
+            "an advert from a graylisted peer was delivered"
+        );
+    }
+    a.shutdown().await;
+    m.shutdown().await;
+}

@@ -75,9 +75,11 @@ async fn sybil_adverts_claiming_1_ms_do_not_displace_a_provider_that_delivered()
     let requester = TestNode::start(98, vec![honest.addr.clone()], None).await;
     honest.deposit_from(97, requester.key, 100);
     let client = requester.node.requester().clone();
-    wait_until(Duration::from_secs(30), "the honest provider's advert", || {
-        client.providers().iter().any(|p| p.key == honest.key)
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the honest provider's advert",
+        || client.providers().iter().any(|p| p.key == honest.key),
+    )
     .await;
     let outcome = client
         .generate(
@@ -122,7 +124,10 @@ async fn sybil_adverts_claiming_1_ms_do_not_displace_a_provider_that_delivered()
     }
     let table = client.providers();
     assert!(table.len() <= MAX_PROVIDERS, "{} entries", table.len());
-    assert_eq!(table[0].key, honest.key, "the measured provider ranks first");
+    assert_eq!(
+        table[0].key, honest.key,
+        "the measured provider ranks first"
+    );
     assert!(honest_ms > 1, "the honest speed is a real measurement");
 
     // A sybil tried once (it cannot even be reached) fails and drops below every untried one.
@@ -142,7 +147,11 @@ async fn sybil_adverts_claiming_1_ms_do_not_displace_a_provider_that_delivered()
     assert!(matches!(err, GenerateError::AllFailed(_)), "{err}");
     let after = client.providers();
     assert_eq!(after[0].key, honest.key);
-    assert_eq!(after.last().unwrap().key, tried, "the failed sybil ranks last");
+    assert_eq!(
+        after.last().unwrap().key,
+        tried,
+        "the failed sybil ranks last"
+    );
     assert!(client.providers().iter().any(|p| p.key == honest.key));
 
     requester.node.shutdown().await;

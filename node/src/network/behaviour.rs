@@ -39,6 +39,34 @@ pub const RPC_TIMEOUT: Duration = Duration::from_secs(60);
 /// the node read at once (with [`MAX_PER_PEER`] connections, 64 streams).
 pub const MAX_CONCURRENT_STREAMS: usize = 16;
 
+/// What one invalid (or stale) advert forwarded costs the forwarder's score: past the default
+/// graylist threshold (−80) at once, so its messages are ignored and it is pruned from the
+/// mesh at the next heartbeat. Honest nodes validate every advert before they forward it.
+pub const INVALID_ADVERT_PENALTY: f64 = -100.0;
+/// The share of the invalid-advert count kept each second: the penalty halves in about 70 s,
+/// so a peer that stops sending bad adverts regains its place within a few minutes.
+pub const INVALID_ADVERT_DECAY: f64 = 0.99;
+
+/// Score parameters of the advert topic. Only bad adverts count against a peer: adverts are
+/// sparse (one per provider every few seconds), so the rate penalties for mesh deliveries
+/// would punish quiet honest peers and are off; delivering an advert first earns a little.
+fn advert_topic_score() -> gossipsub::TopicScoreParams {
+    gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.01,
+        time_in_mesh_quantum: Duration::from_secs(1),
+        time_in_mesh_cap: 300.0,
+        first_message_deliveries_weight: 0.5,
+        first_message_deliveries_decay: 0.9,
+        first_message_deliveries_cap: 20.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: INVALID_ADVERT_PENALTY,
+        invalid_message_deliveries_decay: INVALID_ADVERT_DECAY,
+        ..gossipsub::TopicScoreParams::default()
+    }
+}
+
 // Not every sub-behaviour implements Debug (gossipsub does not), so neither can this.
 #[allow(missing_debug_implementations)]
 #[derive(NetworkBehaviour)]
@@ -150,7 +178,6 @@ impl Behaviour {
         let mut gossipsub =
             gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_config)
                 .map_err(|e| BehaviourError::Gossipsub(e.to_string()))?;
-        // Peers that forward invalid adverts lose score and are eventually pruned.
         // Many peers behind one address are penalised as a likely Sybil, except on loopback:
         // there they are nodes of one machine (a testnet, a lab), and past ten of them the
         // penalty would silence every advert.
@@ -159,6 +186,10 @@ impl Behaviour {
             IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V6(Ipv6Addr::LOCALHOST),
         ]);
+        score_params.topics.insert(
+            gossipsub::IdentTopic::new(ADVERT_TOPIC).hash(),
+            advert_topic_score(),
+        );
         gossipsub
             .with_peer_score(score_params, gossipsub::PeerScoreThresholds::default())
             .map_err(BehaviourError::Gossipsub)?;

@@ -298,6 +298,14 @@ impl EventLoop {
             Command::ConnectedPeers { reply } => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }
+            Command::GossipStanding { peer, reply } => {
+                let gossip = &self.swarm.behaviour().gossipsub;
+                let topic = gossipsub::IdentTopic::new(super::behaviour::ADVERT_TOPIC).hash();
+                let _ = reply.send(super::GossipStanding {
+                    score: gossip.peer_score(&peer),
+                    in_mesh: gossip.mesh_peers(&topic).any(|p| p == &peer),
+                });
+            }
             Command::Shutdown => {}
         }
     }

@@ -114,7 +114,20 @@ enum Command {
     ConnectedPeers {
         reply: oneshot::Sender<Vec<PeerId>>,
     },
+    GossipStanding {
+        peer: PeerId,
+        reply: oneshot::Sender<GossipStanding>,
+    },
     Shutdown,
+}
+
+/// A peer as the advert gossip sees it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GossipStanding {
+    /// Its gossipsub score (`None` before it is known); below −80 its messages are ignored.
+    pub score: Option<f64>,
+    /// Whether it is in this node's mesh for the advert topic.
+    pub in_mesh: bool,
 }
 
 /// A cloneable handle to the network.
@@ -372,6 +385,12 @@ impl Client {
 
     pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetError> {
         self.call(|reply| Command::ConnectedPeers { reply }).await
+    }
+
+    /// How the advert gossip sees `peer`: its score and whether it is in our advert mesh.
+    pub async fn gossip_standing(&self, peer: PeerId) -> Result<GossipStanding, NetError> {
+        self.call(|reply| Command::GossipStanding { peer, reply })
+            .await
     }
 
     /// Asks the loop to stop; it closes every connection and returns.
