@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod provider;
+pub mod rate_limit;
 pub mod requester;
 pub mod token_check;
 

@@ -27,6 +27,7 @@ use crate::generator::Generator;
 use crate::metrics::{self, Metrics};
 use crate::network::{self, Client, NetConfig, NetError, NetEvent, Request, Response};
 use crate::provider::{Provider, ProviderSettings};
+use crate::rate_limit::{Kind, RateLimits};
 use crate::requester::Requester;
 
 /// Provider requests being handled at once; beyond this the network queue fills and the loop
@@ -278,41 +279,51 @@ async fn dispatch(
     permits: Arc<Semaphore>,
 ) {
     let mut peers = BTreeSet::new();
+    let mut limits = RateLimits::default();
     while let Some(event) = events.recv().await {
         match event {
             NetEvent::Request {
                 peer,
                 request,
                 channel,
-            } => match *request {
-                Request::Event(event) => requester.on_event(peer, event, channel).await,
-                request => {
-                    let Some(provider) = provider.clone() else {
-                        let r = Response::Refused(FailReason::Unsupported(
-                            "requests to a node that does not provide".into(),
-                        ));
-                        let _ = client.respond(channel, r).await;
-                        continue;
-                    };
-                    let Ok(permit) = permits.clone().acquire_owned().await else {
-                        return;
-                    };
-                    let client = client.clone();
-                    tokio::spawn(async move {
-                        // The permit lives as long as the ledger work, even if this task is
-                        // cancelled: `Node::crash` waits for every permit.
-                        let answer = tokio::task::spawn_blocking(move || {
-                            let answer = provider.handle(peer, request);
-                            drop(provider);
-                            drop(permit);
-                            answer
-                        })
-                        .await
-                        .unwrap_or(Response::Refused(FailReason::ShuttingDown));
-                        let _ = client.respond(channel, answer).await;
-                    });
+            } => {
+                if let Err(wait) = limits.admit(peer, Kind::of(&request)) {
+                    tracing::debug!(%peer, kind = request.kind(), "rate limited");
+                    let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+                    let busy = Response::Refused(FailReason::Busy { retry_after_ms });
+                    let _ = client.respond(channel, busy).await;
+                    continue;
                 }
-            },
+                match *request {
+                    Request::Event(event) => requester.on_event(peer, event, channel).await,
+                    request => {
+                        let Some(provider) = provider.clone() else {
+                            let r = Response::Refused(FailReason::Unsupported(
+                                "requests to a node that does not provide".into(),
+                            ));
+                            let _ = client.respond(channel, r).await;
+                            continue;
+                        };
+                        let Ok(permit) = permits.clone().acquire_owned().await else {
+                            return;
+                        };
+                        let client = client.clone();
+                        tokio::spawn(async move {
+                            // The permit lives as long as the ledger work, even if this task is
+                            // cancelled: `Node::crash` waits for every permit.
+                            let answer = tokio::task::spawn_blocking(move || {
+                                let answer = provider.handle(peer, request);
+                                drop(provider);
+                                drop(permit);
+                                answer
+                            })
+                            .await
+                            .unwrap_or(Response::Refused(FailReason::ShuttingDown));
+                            let _ = client.respond(channel, answer).await;
+                        });
+                    }
+                }
+            }
             NetEvent::Advert { advert, signed } => requester.on_advert(signed.signer(), *advert),
             NetEvent::PeerConnected(p) => {
                 peers.insert(p);

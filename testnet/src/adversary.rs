@@ -752,6 +752,23 @@ pub async fn fetch_quote(
     provider: PublicKey,
     params: &JobParams,
 ) -> anyhow::Result<Quote> {
+    let signed = quote_request(secret, provider, params)?;
+    match client
+        .request(provider.to_peer_id(), Request::Quote(signed))
+        .await
+        .with_context(|| format!("quote from {}", provider.fmt_short()))?
+    {
+        Response::Quote(q) if q.signer() == provider => Ok(q.verify()?),
+        other => bail!("expected a quote, got {other:?}"),
+    }
+}
+
+/// A signed request for a quote of `params` from `provider`, with a fresh quote id.
+pub fn quote_request(
+    secret: &SecretKey,
+    provider: PublicKey,
+    params: &JobParams,
+) -> anyhow::Result<Signed<QuoteRequest>> {
     let qr = QuoteRequest {
         quote_id: QuoteId::random(),
         provider,
@@ -762,15 +779,7 @@ pub async fn fetch_quote(
         images: params.images,
         strength_permille: params.mode.strength_permille(),
     };
-    let signed = Signed::sign(secret, &qr)?;
-    match client
-        .request(provider.to_peer_id(), Request::Quote(signed))
-        .await
-        .with_context(|| format!("quote from {}", provider.fmt_short()))?
-    {
-        Response::Quote(q) if q.signer() == provider => Ok(q.verify()?),
-        other => bail!("expected a quote, got {other:?}"),
-    }
+    Ok(Signed::sign(secret, &qr)?)
 }
 
 /// Waiting legitimate jobs of a requester adversary, by job id.

@@ -7,17 +7,23 @@
 //! Sybil adverts (ten thousand fresh keys claiming 1 ms per image, dated in the future) against
 //! a requester that has measured one honest provider: the honest one keeps its place and its
 //! rank, and a sybil that fails drops below the rest.
+//!
+//! A quote flood: answered `Busy` with a retry hint past the peer's burst, while another
+//! requester's job completes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
 
 use pixmarket_ledger::Role;
+use pixmarket_node::network::{Request, Response};
 use pixmarket_node::now_ms;
+use pixmarket_node::rate_limit::QUOTES_PER_SECOND;
 use pixmarket_node::requester::{GenerateError, GenerateOptions, JobProgress, MAX_PROVIDERS};
 use pixmarket_protocol::SecretKey;
-use pixmarket_testnet::adversary::{ProviderPlay, STALL_HEARTBEAT};
-use pixmarket_tests::evil::{EvilProvider, wait_until};
+use pixmarket_protocol::messages::FailReason;
+use pixmarket_testnet::adversary::{ProviderPlay, STALL_HEARTBEAT, quote_request};
+use pixmarket_tests::evil::{EvilProvider, RawPeer, wait_until};
 use pixmarket_tests::{TestNode, small_job, tiny_generator};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,4 +162,67 @@ async fn sybil_adverts_claiming_1_ms_do_not_displace_a_provider_that_delivered()
 
     requester.node.shutdown().await;
     honest.node.shutdown().await;
+}
+
+/// A peer that floods a provider with quotes is answered `Busy` with a retry hint past its
+/// burst, cheaply, while another requester buys an image at the same time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quote_flood_is_answered_busy_and_an_honest_job_completes_meanwhile() {
+    let provider = TestNode::start(99, vec![], Some(tiny_generator())).await;
+    let flooder = RawPeer::start(100, vec![provider.addr.clone()]).await;
+    let honest = TestNode::start(101, vec![provider.addr.clone()], None).await;
+    provider.deposit_from(99, honest.key, 100);
+
+    let to = provider.key.to_peer_id();
+    let params = small_job("the same quote, again and again");
+    let quote = quote_request(&flooder.secret(), provider.key, &params).unwrap();
+    // Ten at a time, under the streams a connection may open, as fast as they are answered.
+    let started = std::time::Instant::now();
+    let flood = async {
+        let mut answers = Vec::new();
+        for _ in 0..20 {
+            let wave = (0..10).map(|_| flooder.request(to, Request::Quote(quote.clone())));
+            answers.extend(libp2p::futures::future::join_all(wave).await);
+        }
+        (answers, started.elapsed())
+    };
+    let mut quiet = |_| {};
+    let buying = honest.node.requester().generate(
+        small_job("bought during a flood"),
+        GenerateOptions {
+            provider: Some(to),
+            ..GenerateOptions::default()
+        },
+        &mut quiet,
+    );
+    let ((answers, took), bought) = tokio::join!(flood, buying);
+    let busy = answers
+        .iter()
+        .filter(|a| {
+            matches!(a, Ok(Response::Refused(FailReason::Busy { retry_after_ms })) if retry_after_ms > &0)
+        })
+        .count();
+    let quoted = answers
+        .iter()
+        .filter(|a| matches!(a, Ok(Response::Quote(_))))
+        .count();
+    assert_eq!(busy + quoted, 200, "every flood request has an answer");
+    // The burst, and the rate for as long as the flood lasted, and no more.
+    let burst = 2 * QUOTES_PER_SECOND;
+    let allowed = u64::from(burst) + u64::from(QUOTES_PER_SECOND) * (took.as_secs() + 1);
+    assert!(
+        quoted >= usize::try_from(burst).unwrap(),
+        "the burst is served: {quoted}"
+    );
+    assert!(
+        u64::try_from(quoted).unwrap() <= allowed,
+        "{quoted} quoted in {took:?}, at most {allowed} allowed"
+    );
+    let bought = bought.unwrap();
+    assert_eq!(bought.provider, to);
+    assert!(provider.node.ledger().verify().is_ok());
+
+    flooder.shutdown().await;
+    honest.node.shutdown().await;
+    provider.node.shutdown().await;
 }

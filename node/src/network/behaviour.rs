@@ -33,11 +33,13 @@ pub const MAX_PER_PEER: u32 = 4;
 /// events), so a minute is generous even for a 64 MiB completed event on a slow link. The
 /// default of [`super::NetConfig::request_timeout`]; testnets shorten it.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(60);
-/// Inbound RPC streams one connection may have open at once. A requester has a few requests
-/// in flight per job (the submission, a status or fetch, answers to events) and a provider a
-/// few events per job; 16 leave room for a batch of jobs, and bound what one peer can make
-/// the node read at once (with [`MAX_PER_PEER`] connections, 64 streams).
-pub const MAX_CONCURRENT_STREAMS: usize = 16;
+/// RPC streams, inbound and outbound together, one connection may have open at once (past it,
+/// libp2p drops a new inbound stream and fails a new outbound request at once). A requester
+/// has a few requests in flight per job (the submission, a status or fetch, answers to events)
+/// and a provider a few events per job and step; 32 leave room for a batch of jobs both ways,
+/// and bound how many frames one peer makes this node read at once (with [`MAX_PER_PEER`]
+/// connections, 128). What those frames may buffer is bounded by the codec's byte budgets.
+pub const MAX_CONCURRENT_STREAMS: usize = 32;
 
 /// What one invalid (or stale) advert forwarded costs the forwarder's score: past the default
 /// graylist threshold (−80) at once, so its messages are ignored and it is pruned from the
