@@ -1,8 +1,8 @@
 //! The composed libp2p behaviour: identify and ping for liveness and addresses, Kademlia for
 //! discovery through bootstrap peers, mDNS on a LAN (optional), gossipsub for adverts (every
 //! message validated by the application before it is forwarded), the RPC request-response
-//! protocol, connection limits, and a block list (empty unless fault injection partitions the
-//! network; see [`super::faults`]).
+//! protocol, connection limits (in total, per peer, and per remote address), and a block list
+//! (empty unless fault injection partitions the network; see [`super::faults`]).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
@@ -77,6 +77,8 @@ pub struct Behaviour {
     /// First, so a blocked peer is denied before any other behaviour sees the connection.
     pub blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     pub limits: connection_limits::Behaviour,
+    /// Inbound connections per remote address.
+    pub per_ip: super::ip_limits::Behaviour,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
     pub kad: kad::Behaviour<kad::store::MemoryStore>,
@@ -215,6 +217,7 @@ impl Behaviour {
         Ok(Self {
             blocked: allow_block_list::Behaviour::default(),
             limits: connection_limits::Behaviour::new(limits),
+            per_ip: super::ip_limits::Behaviour::default(),
             identify: identify::Behaviour::new(identify::Config::new(
                 IDENTIFY_PROTOCOL.to_owned(),
                 key.public(),

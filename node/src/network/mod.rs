@@ -18,6 +18,7 @@ pub mod behaviour;
 pub mod codec;
 mod event_loop;
 pub mod faults;
+pub mod ip_limits;
 
 use std::sync::Arc;
 use std::time::Duration;
