@@ -17,7 +17,7 @@ pub use codec::{DecodeError, EncodeError};
 pub use exchange::{ChainEntry, ChainLink, CreditNote, JobStatus, JobVoid, ReceiptRefusal};
 pub use identity::{Hash, IdentityError, KeyError, PublicKey, SecretKey, Signature};
 pub use messages::{
-    CapacityAdvert, CostMismatch, DepositNote, FailReason, JobEvent, JobEventKind, JobId,
+    CapacityAdvert, CostMismatch, DeviceCapacity, DepositNote, FailReason, JobEvent, JobEventKind, JobId,
     JobParams, JobRequest, Mode, Quote, QuoteId, QuoteRequest, Receipt, ReceiptAck,
     effective_steps,
 };
