@@ -45,6 +45,8 @@ pub enum NodeError {
     Ledger(#[from] OpenError),
     #[error("ledger")]
     Books(#[from] LedgerError),
+    #[error("cannot start the provider")]
+    Provider(#[from] crate::provider::ProviderError),
     #[error(transparent)]
     Net(#[from] NetError),
     #[error("cannot serve metrics on {addr}")]
@@ -62,8 +64,9 @@ pub struct NodeOptions {
     pub key: SecretKey,
     pub ledger: Arc<Ledger>,
     pub net: NetConfig,
-    /// Sell generation with this generator and these settings.
-    pub provide: Option<(Arc<dyn Generator>, ProviderSettings)>,
+    /// Sell generation with these generators (one per device, each with its own copy of the
+    /// weights; 1..=[`crate::provider::MAX_DEVICES`]) and these settings.
+    pub provide: Option<(Vec<Arc<dyn Generator>>, ProviderSettings)>,
     pub metrics: Option<SocketAddr>,
 }
 
@@ -105,11 +108,11 @@ impl Node {
         let requester =
             Requester::new(key.clone(), ledger.clone(), client.clone(), metrics.clone());
         let provider = match options.provide {
-            Some((generator, settings)) => Some(Provider::start(
+            Some((generators, settings)) => Some(Provider::start(
                 key.clone(),
                 ledger.clone(),
                 client.clone(),
-                generator,
+                generators,
                 settings,
                 metrics.clone(),
             )?),

@@ -367,15 +367,14 @@ impl Requester {
                     .div_ceil(2)
                     .max(1);
                 let mut rng = rand::thread_rng();
-                // Estimated finish: queue ahead plus one standard image; then price; failures first.
+                // Estimated finish: the queue ahead spread over the provider's devices, plus
+                // one standard image; then price; failures first.
                 list.sort_by_cached_key(|e| {
                     let a = &e.advert;
                     let depth = a
                         .queue_depth
                         .max(mine.get(&e.key.to_peer_id()).copied().unwrap_or(0));
-                    let finish = a
-                        .ms_per_standard_image
-                        .saturating_mul(u64::from(depth).saturating_add(1));
+                    let finish = a.estimated_finish_ms(depth);
                     (
                         e.failures.saturating_add(
                             self.undelivered_by(&e.key)
