@@ -29,6 +29,9 @@ pub struct ProviderRecord {
     pub peer: String,
     /// The GPU kind it advertises (`cpu` for the tiny engine).
     pub gpu: String,
+    /// Its devices (of that kind), one worker each.
+    #[serde(default = "one")]
+    pub gpus: u32,
     pub price_factor_ppm: u64,
     /// Model-time milliseconds for one standard image (1024², 50 steps) on this provider.
     pub ms_per_standard_image: u64,
@@ -83,6 +86,9 @@ impl JobRecord {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BusyInterval {
     pub provider: usize,
+    /// Which of the provider's devices ran the batch.
+    #[serde(default)]
+    pub device: usize,
     pub start_ms: u64,
     pub end_ms: u64,
 }
@@ -208,4 +214,9 @@ pub struct ExperimentRecord {
     pub offered: Vec<(u64, u32)>,
     pub wall_seconds: f64,
     pub peak_rss_bytes: Option<u64>,
+}
+
+/// Records written before providers had several devices had one each.
+fn one() -> u32 {
+    1
 }
