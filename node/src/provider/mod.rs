@@ -335,12 +335,6 @@ impl Provider {
         self.inner.devices.speed()
     }
 
-    /// The devices this provider serves on now, by index, in the order they were given.
-    pub fn devices_up(&self) -> Vec<usize> {
-        (0..self.inner.devices.len())
-            .filter(|&i| self.inner.devices.get(i).is_some_and(devices::Device::is_up))
-            .collect()
-    }
 
     /// Handles one inbound request addressed to the provider side. Runs on the blocking
     /// pool: it may write the ledger.
