@@ -189,6 +189,9 @@ pub struct RunRecord {
     pub speedup: f64,
     /// Model-time length of the run, from start to the last job's end.
     pub duration_ms: u64,
+    /// Model-time length of the plan (when jobs are submitted); 0 in records from before.
+    #[serde(default)]
+    pub plan_ms: u64,
     /// How the requesters chose providers: `estimated finish` or `random`.
     pub selection: String,
     pub providers: Vec<ProviderRecord>,

@@ -89,6 +89,13 @@ pub struct Summary {
     pub jobs_failed: usize,
     /// Jobs for which [`crate::record::JobRecord::retried`] holds.
     pub jobs_retried: usize,
+    /// Completed jobs that finished within the plan (`finished_ms ≤ plan_ms`): what a market
+    /// under this load delivers, not counting the drain after the last submission.
+    #[serde(default)]
+    pub completed_in_plan: usize,
+    /// `completed_in_plan` per model-time hour of the plan, 0 without a plan length.
+    #[serde(default)]
+    pub jobs_per_hour: f64,
     /// Finished − submitted, over completed jobs with a finish time.
     pub latency_ms: Percentiles,
     /// Started − submitted, over jobs that started.
@@ -219,11 +226,22 @@ pub fn summarize(record: &RunRecord) -> Summary {
         .fold(0u64, |acc, p| acc.saturating_add(u64::from(p.gpus)))
         .saturating_mul(duration);
 
+    let completed_in_plan = record
+        .jobs
+        .iter()
+        .filter(|j| completed(&j.outcome) && j.finished_ms.is_some_and(|f| f <= record.plan_ms))
+        .count();
     Summary {
         jobs_submitted: record.jobs.len(),
         jobs_completed,
         jobs_failed: record.jobs.len() - jobs_completed,
         jobs_retried: record.jobs.iter().filter(|j| j.retried()).count(),
+        completed_in_plan,
+        jobs_per_hour: if record.plan_ms == 0 {
+            0.0
+        } else {
+            count_f64(completed_in_plan) * 3_600_000.0 / ms_f64(record.plan_ms)
+        },
         latency_ms: Percentiles::of(latency),
         wait_ms: Percentiles::of(wait),
         fleet_busy_ms,
@@ -316,6 +334,15 @@ pub fn table(record: &RunRecord) -> String {
         "         {:>9} {:>9} {:>9} {:>9}",
         s.jobs_submitted, s.jobs_completed, s.jobs_failed, s.jobs_retried
     );
+    if record.plan_ms > 0 {
+        let _ = writeln!(
+            out,
+            "throughput {} jobs completed within the plan's {} s: {:.1} per model hour",
+            s.completed_in_plan,
+            secs(record.plan_ms),
+            s.jobs_per_hour
+        );
+    }
     let _ = writeln!(
         out,
         "seconds  {:>9} {:>9} {:>9} {:>9}",
@@ -1265,6 +1292,7 @@ mod tests {
             plan_hash: "00".into(),
             speedup: 60.0,
             duration_ms,
+            plan_ms: duration_ms,
             selection: "random".into(),
             providers: (0..providers)
                 .map(|index| ProviderRecord {

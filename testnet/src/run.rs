@@ -1159,6 +1159,7 @@ async fn finish(
         plan_hash: plan.hash(),
         speedup: config.speedup,
         duration_ms,
+        plan_ms: plan.duration_ms,
         selection: config.selection.name().into(),
         providers: records,
         requesters: config.requesters,

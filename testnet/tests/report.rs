@@ -88,6 +88,7 @@ fn empty_record(simulated: bool) -> RunRecord {
         plan_hash: "ab12cd34".into(),
         speedup: if simulated { 60.0 } else { 1.0 },
         duration_ms: 0,
+        plan_ms: 0,
         selection: "estimated finish".into(),
         providers: Vec::new(),
         requesters: 0,

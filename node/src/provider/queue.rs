@@ -156,3 +156,32 @@ impl Queue {
         batch
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_free_device_means_no_wait_and_work_spreads_over_the_devices() {
+        let two = Speed {
+            devices: 2,
+            ms_per_standard: 10_000,
+        };
+        // One job ahead on two devices: the other device is free.
+        assert_eq!(two.wait_ms(1, 1_000_000), 0);
+        // Two standard images ahead on two devices: one image's time.
+        assert_eq!(two.wait_ms(2, 2_000_000), 10_000);
+        let one = Speed {
+            devices: 1,
+            ms_per_standard: 10_000,
+        };
+        assert_eq!(one.wait_ms(2, 2_000_000), 20_000);
+        // No device left still gives a finite estimate (admission refuses anyway).
+        let none = Speed {
+            devices: 0,
+            ms_per_standard: 10_000,
+        };
+        assert_eq!(none.wait_ms(1, 1_000_000), 10_000);
+        assert_eq!(Queue::default().wait_ms(two), 0);
+    }
+}
