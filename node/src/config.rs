@@ -382,9 +382,15 @@ mod tests {
             ("metrics = \"localhost\"\n", "metrics"),
             ("[provider]\ndtype = \"fp8\"\n", "provider.dtype"),
             ("[provider]\ndevice = \"tpu\"\n", "provider.device"),
-            ("[provider]\ndevices = [\"cuda:0\", \"tpu\"]\n", "provider.devices"),
+            (
+                "[provider]\ndevices = [\"cuda:0\", \"tpu\"]\n",
+                "provider.devices",
+            ),
             ("[provider]\ndevices = []\n", "provider.devices"),
-            ("[provider]\ndevices = [\"cuda\", \"cuda:0\"]\n", "provider.devices"),
+            (
+                "[provider]\ndevices = [\"cuda\", \"cuda:0\"]\n",
+                "provider.devices",
+            ),
             ("[provider]\nmax_queue = 0\n", "provider.max_queue"),
         ] {
             std::fs::write(&path, text).unwrap();
@@ -413,11 +419,21 @@ mod tests {
         assert_eq!(cfg.provider.device_list(), ["cuda:0", "cuda:1"]);
 
         std::fs::write(&path, "[provider]\ndevices = [\"cpu\", \"cpu\", \"cpu\"]\n").unwrap();
-        assert_eq!(NodeConfig::load(&path).unwrap().provider.device_list().len(), 3);
+        assert_eq!(
+            NodeConfig::load(&path)
+                .unwrap()
+                .provider
+                .device_list()
+                .len(),
+            3
+        );
 
         // Neither: the processor.
         std::fs::write(&path, "[provider]\nmax_batch = 1\n").unwrap();
-        assert_eq!(NodeConfig::load(&path).unwrap().provider.device_list(), ["cpu"]);
+        assert_eq!(
+            NodeConfig::load(&path).unwrap().provider.device_list(),
+            ["cpu"]
+        );
 
         std::fs::write(
             &path,

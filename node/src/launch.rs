@@ -62,7 +62,8 @@ pub enum LaunchError {
     },
     #[error("ledger")]
     Books(#[from] pixmarket_ledger::LedgerError),
-    #[error("{flag} {value:?}: {allowed}")]
+    /// `value` is what was wrong, already quoted where it is a name.
+    #[error("{flag} {value}: {allowed}")]
     Device {
         flag: &'static str,
         value: String,

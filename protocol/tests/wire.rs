@@ -7,9 +7,9 @@
 
 use pixmarket_protocol::messages::{FailReason, JobEventKind, ValidationErrorWire};
 use pixmarket_protocol::{
-    CapacityAdvert, CreditNote, DepositNote, DeviceCapacity, Hash, JobEvent, JobId, JobParams, JobRequest, JobVoid,
-    Message, MeteredUnits, MicroTokens, Mode, PriceSchedule, PublicKey, Quote, QuoteId,
-    QuoteRequest, Receipt, ReceiptAck, ReceiptRefusal, SecretKey, Signed, VerifyError,
+    CapacityAdvert, CreditNote, DepositNote, DeviceCapacity, Hash, JobEvent, JobId, JobParams,
+    JobRequest, JobVoid, Message, MeteredUnits, MicroTokens, Mode, PriceSchedule, PublicKey, Quote,
+    QuoteId, QuoteRequest, Receipt, ReceiptAck, ReceiptRefusal, SecretKey, Signed, VerifyError,
 };
 use proptest::prelude::*;
 

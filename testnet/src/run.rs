@@ -364,12 +364,8 @@ async fn start_market(
                 }
             };
             (gpu, model_ms) = (name, ms);
-            let generator: Arc<dyn Generator> = Arc::new(Recorded::new(
-                inner,
-                (i, device),
-                clock,
-                busy.clone(),
-            ));
+            let generator: Arc<dyn Generator> =
+                Arc::new(Recorded::new(inner, (i, device), clock, busy.clone()));
             counters
                 .entry(generator.info().model_id)
                 .or_insert_with(|| generator.clone());

@@ -247,7 +247,11 @@ fn books_agree(provider: &ProviderNode, requester: &TestNode, delivered: &[&Outc
             jobs,
             "{role:?} receipts"
         );
-        assert_eq!(receipts.len(), jobs.len(), "{role:?}: a job has two receipts");
+        assert_eq!(
+            receipts.len(),
+            jobs.len(),
+            "{role:?}: a job has two receipts"
+        );
         let account = ledger.account(role, peer).unwrap().unwrap();
         assert_eq!(account.charged.0, paid, "{role:?} charged");
         assert_eq!(account.held.0, 0, "{role:?} still holds");
@@ -299,7 +303,12 @@ async fn jobs_spread_across_the_workers_and_each_is_charged_once() {
     advertised_devices(&requester, &provider.key, 3).await;
 
     let p = provider.key.to_peer_id();
-    let results = run_all(&requester, p, (0..6).map(|i| format!("harbour {i}")).collect()).await;
+    let results = run_all(
+        &requester,
+        p,
+        (0..6).map(|i| format!("harbour {i}")).collect(),
+    )
+    .await;
     let delivered: Vec<&Outcome> = results.iter().map(|r| r.as_ref().unwrap()).collect();
     assert!(delivered.iter().all(|o| o.images.len() == 1));
 
@@ -353,15 +362,24 @@ async fn a_failing_device_is_isolated_and_its_job_costs_nothing() {
     let failed: Vec<&GenerateError> = first.iter().filter_map(|r| r.as_ref().err()).collect();
     assert_eq!(failed.len(), 1, "{first:?}");
     let why = failed[0].to_string();
-    assert!(why.contains("out of memory (injected on device 1)"), "{why}");
+    assert!(
+        why.contains("out of memory (injected on device 1)"),
+        "{why}"
+    );
     let mut delivered: Vec<&Outcome> = first.iter().filter_map(|r| r.as_ref().ok()).collect();
     assert_eq!(delivered.len(), 1);
 
     // The advert shrinks to the device left, and the metrics say which one went down.
     advertised_devices(&requester, &provider.key, 1).await;
     let page = metrics(&provider.node).await;
-    assert!(page.contains("pixmarket_device_up{device=\"1\"} 0"), "{page}");
-    assert!(page.contains("pixmarket_device_up{device=\"0\"} 1"), "{page}");
+    assert!(
+        page.contains("pixmarket_device_up{device=\"1\"} 0"),
+        "{page}"
+    );
+    assert!(
+        page.contains("pixmarket_device_up{device=\"0\"} 1"),
+        "{page}"
+    );
 
     // The node keeps serving on device 0, and device 1 runs nothing more: the failed job was
     // voided, not rerun.
@@ -380,7 +398,10 @@ async fn a_failing_device_is_isolated_and_its_job_costs_nothing() {
     assert!(why.contains("injected on device 0"), "{why}");
     let refused = run_all(&requester, p, vec!["after the storm".into()]).await;
     let why = refused[0].as_ref().unwrap_err().to_string();
-    assert!(why.contains("every device of this provider has failed"), "{why}");
+    assert!(
+        why.contains("every device of this provider has failed"),
+        "{why}"
+    );
     assert_eq!(devs[0].batches.load(Ordering::SeqCst), 6);
     books_agree(&provider, &requester, &delivered);
     provider.node.shutdown().await;

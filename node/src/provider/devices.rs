@@ -104,16 +104,14 @@ impl Devices {
     /// The queue's view of the devices serving now (one at least, so estimates stay finite
     /// while the last one fails).
     pub(super) fn speed(&self) -> Speed {
-        let (n, sum) = self
-            .up()
-            .fold((0u64, 0u64), |(n, s), d| (n + 1, s.saturating_add(d.ms_per_standard())));
+        let (n, sum) = self.up().fold((0u64, 0u64), |(n, s), d| {
+            (n + 1, s.saturating_add(d.ms_per_standard()))
+        });
         Speed {
             devices: usize::try_from(n).unwrap_or(usize::MAX).max(1),
-            ms_per_standard: if n == 0 {
-                self.0.first().map_or(1, Device::ms_per_standard)
-            } else {
-                sum / n
-            },
+            ms_per_standard: sum
+                .checked_div(n)
+                .unwrap_or_else(|| self.0.first().map_or(1, Device::ms_per_standard)),
         }
     }
 

@@ -210,9 +210,7 @@ impl Provider {
             crashed: AtomicBool::new(false),
             threads: Mutex::new(Threads::default()),
             deliveries: delivery::Deliveries::default(),
-            progress_slots: Arc::new(tokio::sync::Semaphore::new(
-                worker::MAX_PROGRESS_IN_FLIGHT,
-            )),
+            progress_slots: Arc::new(tokio::sync::Semaphore::new(worker::MAX_PROGRESS_IN_FLIGHT)),
             voids: Mutex::new(VecDeque::new()),
         });
         let provider = Self { inner };
@@ -334,7 +332,6 @@ impl Provider {
     fn speed(&self) -> queue::Speed {
         self.inner.devices.speed()
     }
-
 
     /// Handles one inbound request addressed to the provider side. Runs on the blocking
     /// pool: it may write the ledger.
