@@ -2,8 +2,9 @@
 //! engine, with its own copy of the weights, and one worker per device; real libp2p, real sled
 //! ledgers on disk): jobs spread across the workers, which run at once; a device that fails
 //! mid-job is isolated (its job voided with a signed void and charged nothing, never rerun,
-//! the node serving on the others, the advert and the metrics shrinking); both ledgers agree
-//! on every charge, one receipt per delivered job.
+//! the node serving on the others, the advert and the metrics shrinking); when the last one
+//! fails, the jobs queued behind it are voided and new ones refused; both ledgers agree on
+//! every charge, one receipt per delivered job.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -69,6 +70,10 @@ struct Device {
     first: AtomicBool,
     rendezvous: Arc<Rendezvous>,
     fail_next: AtomicBool,
+    /// When set, an injected failure waits for this gate after its first step (and says so on
+    /// `failing`), so a test can queue jobs behind the dying batch.
+    gate: Option<Arc<Rendezvous>>,
+    failing: tokio::sync::Notify,
 }
 
 impl Generator for Device {
@@ -107,6 +112,10 @@ impl Generator for Device {
         };
         let _ = self.engine.generate(jobs, &mut first_step);
         assert!(stepped, "the engine ran no step");
+        if let Some(gate) = &self.gate {
+            self.failing.notify_one();
+            assert!(gate.arrive(), "the test never opened the gate");
+        }
         Err(GenError::Failed(format!(
             "CUDA error: out of memory (injected on device {})",
             self.index
@@ -129,6 +138,8 @@ fn devices(n: usize) -> Vec<Arc<Device>> {
                 first: AtomicBool::new(true),
                 rendezvous: rendezvous.clone(),
                 fail_next: AtomicBool::new(false),
+                gate: None,
+                failing: tokio::sync::Notify::new(),
             })
         })
         .collect()
@@ -252,9 +263,13 @@ fn books_agree(provider: &ProviderNode, requester: &TestNode, delivered: &[&Outc
             jobs.len(),
             "{role:?}: a job has two receipts"
         );
-        let account = ledger.account(role, peer).unwrap().unwrap();
-        assert_eq!(account.charged.0, paid, "{role:?} charged");
-        assert_eq!(account.held.0, 0, "{role:?} still holds");
+        // A requester that never paid this provider has no account with it.
+        let (charged, held) = ledger
+            .account(role, peer)
+            .unwrap()
+            .map_or((0, 0), |a| (a.charged.0, a.held.0));
+        assert_eq!(charged, paid, "{role:?} charged");
+        assert_eq!(held, 0, "{role:?} still holds");
         ledger.verify().unwrap();
     }
     assert!(provider.node.ledger().holds().unwrap().is_empty());
@@ -404,6 +419,64 @@ async fn a_failing_device_is_isolated_and_its_job_costs_nothing() {
     );
     assert_eq!(devs[0].batches.load(Ordering::SeqCst), 6);
     books_agree(&provider, &requester, &delivered);
+    provider.node.shutdown().await;
+    requester.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_last_device_fails_the_jobs_queued_behind_it_are_voided() {
+    // One device, whose first batch dies after its first step, once the test has queued two
+    // more jobs behind it.
+    let gate = Rendezvous::new(2);
+    let mut one = devices(1);
+    let dev = Arc::get_mut(&mut one[0]).unwrap();
+    dev.gate = Some(gate.clone());
+    dev.fail_next.store(true, Ordering::SeqCst);
+    let provider = provider(65, &one).await;
+    let requester = TestNode::start(66, vec![provider.addr.clone()], None).await;
+    advertised_devices(&requester, &provider.key, 1).await;
+    let p = provider.key.to_peer_id();
+
+    let client = requester.node.requester().clone();
+    let dying = tokio::spawn(async move {
+        client
+            .generate(small_job("the dying batch"), options(p), &mut |_| {})
+            .await
+    });
+    one[0].failing.notified().await;
+    // Two jobs accepted into the queue behind it (each says so with a queue position).
+    let (queued_tx, mut queued_rx) = tokio::sync::mpsc::channel(8);
+    let mut behind = tokio::task::JoinSet::new();
+    for prompt in ["behind one", "behind two"] {
+        let client = requester.node.requester().clone();
+        let tx = queued_tx.clone();
+        behind.spawn(async move {
+            client
+                .generate(small_job(prompt), options(p), &mut |e| {
+                    if matches!(e, pixmarket_node::requester::JobProgress::Queued { .. }) {
+                        let _ = tx.try_send(());
+                    }
+                })
+                .await
+        });
+    }
+    for _ in 0..2 {
+        queued_rx.recv().await.unwrap();
+    }
+    assert!(gate.arrive(), "the device never reached the gate");
+
+    let why = dying.await.unwrap().unwrap_err().to_string();
+    assert!(why.contains("injected on device 0"), "{why}");
+    while let Some(r) = behind.join_next().await {
+        let why = r.unwrap().unwrap_err().to_string();
+        // Accepted, then voided (a refusal would say "refused"): nothing was charged.
+        assert!(
+            why.contains("failed: generation failed: every device of this provider has failed"),
+            "{why}"
+        );
+    }
+    assert_eq!(one[0].batches.load(Ordering::SeqCst), 1);
+    books_agree(&provider, &requester, &[]);
     provider.node.shutdown().await;
     requester.node.shutdown().await;
 }
