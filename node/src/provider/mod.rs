@@ -66,7 +66,7 @@ pub const MIN_ADVERT_GAP: Duration = Duration::from_millis(500);
 pub const HOLD_SWEEP: Duration = Duration::from_secs(5);
 /// Signed voids remembered for `Status` answers; older ones are re-signed from the ledger.
 const MAX_RECENT_VOIDS: usize = 4096;
-/// How often [`Provider::crash`] looks whether the worker thread has exited: a step of the
+/// How often [`Provider::crash`] looks whether a worker thread has exited: a step of the
 /// model takes longer, so finer polling would not return sooner.
 const CRASH_POLL: Duration = Duration::from_millis(10);
 
@@ -256,10 +256,10 @@ impl Provider {
         self.inner.crashed.load(Ordering::SeqCst)
     }
 
-    /// Emulates a kill: the advert task and every delivery are aborted, the worker abandons
+    /// Emulates a kill: the advert task and every delivery are aborted, each worker abandons
     /// its batch at the next step and exits without settling, voiding or telling anyone,
     /// queued jobs stay where they are, and inbound requests are refused without touching the
-    /// ledger. Returns once the worker thread and the tasks have exited, or `StillRunning` at
+    /// ledger. Returns once the worker threads and the tasks have exited, or `StillRunning` at
     /// `deadline`. Holds left open are voided, and unacknowledged receipts credited, by the
     /// next [`Provider::start`] on the same ledger.
     pub async fn crash(&self, deadline: tokio::time::Instant) -> Result<(), StillRunning> {
@@ -307,7 +307,7 @@ impl Provider {
 
     /// Stops taking jobs, and stops the batch that runs at its next step: the node stops its
     /// network right after this, so a job finished now could never be delivered. Those jobs'
-    /// holds are voided instead, and their requesters told; the worker then exits.
+    /// holds are voided instead, and their requesters told; the workers then exit.
     pub fn stop(&self) {
         if let Ok(mut q) = self.inner.queue.lock() {
             q.stopping = true;
