@@ -126,12 +126,17 @@ fn provider(dir: &Path, requester: &str, deposit: &str) -> (Node, String, String
     let p = init(dir, "provider");
     let rid = ok(&["id", "--data-dir", requester]).trim().to_owned();
     ok(&["ledger", "deposit", &rid, deposit, "--data-dir", &p]);
+    // Two CPU workers: one engine each, as `--device cuda:0 --device cuda:1` would be.
     let mut node = Node::start(&[
         "--data-dir",
         &p,
         "--provide",
         "--model",
         "tiny",
+        "--device",
+        "cpu",
+        "--device",
+        "cpu",
         "--listen",
         "/ip4/127.0.0.1/tcp/0",
         "--no-mdns",
@@ -439,6 +444,9 @@ fn buying_checks_the_output_first_and_says_which_peer_failed() {
     let first = &list.as_array().unwrap()[0];
     assert_eq!(first["address"].as_str(), Some(addr.as_str()), "{list}");
     assert_eq!(first["standard_image_cost"].as_str(), Some("100.000000"));
+    let devices = first["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 2, "{list}");
+    assert!(devices.iter().all(|d| d["name"] == "cpu"), "{list}");
     node.stop();
 
     let receipts: Vec<serde_json::Value> = ok(&["ledger", "receipts", "--data-dir", &r, "--json"])
@@ -701,6 +709,25 @@ fn outlandish_input_is_an_error_not_a_crash() {
         &run(&["node", "--data-dir", &d, "--listen", "garbage"]),
         USAGE,
         "--listen \"garbage\"",
+    );
+    fails(
+        &run(&["node", "--data-dir", &d, "--provide", "--device", "tpu"]),
+        USAGE,
+        "--device \"tpu\": cpu, cuda or cuda:N",
+    );
+    fails(
+        &run(&[
+            "node",
+            "--data-dir",
+            &d,
+            "--provide",
+            "--device",
+            "cuda",
+            "--device",
+            "cuda:0",
+        ]),
+        USAGE,
+        "GPU 0 twice",
     );
     fails(
         &run(&["ledger", "deposit", "notapeer", "5", "--data-dir", &d]),

@@ -57,7 +57,7 @@ fn a_small_simulated_testnet_writes_its_report_and_the_books_agree() {
 
 #[test]
 fn bad_testnet_flags_get_one_clear_error() {
-    let cases: [(&[&str], &str); 11] = [
+    let cases: [(&[&str], &str); 12] = [
         (&["--engine", "gpu"], "allowed are tiny"),
         (
             &["--scenario", "weekly"],
@@ -68,6 +68,7 @@ fn bad_testnet_flags_get_one_clear_error() {
         (&["--drop", "-1"], "-1 is not in 0..=1000000"),
         (&["--rate", "-1"], "allowed is more than 0"),
         (&["--providers", "0"], "allowed is 1..=1000"),
+        (&["--gpus", "17"], "allowed is 1..=16 per provider"),
         // --trace implies the trace scenario: the file is read, not ignored.
         (
             &["--trace", "/nonexistent/plan.jsonl"],

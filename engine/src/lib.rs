@@ -13,6 +13,7 @@
 )]
 
 pub mod config;
+pub mod device_memory;
 pub mod drawn;
 pub mod error;
 pub mod guidance;

@@ -5,6 +5,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::provider::MAX_DEVICES;
+
 /// Errors reading or validating `config.toml`.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -55,8 +57,15 @@ pub struct ProviderConfig {
     pub model: String,
     /// Compute precision: `f32`, `bf16` or `f16`.
     pub dtype: String,
-    /// `cpu`, `cuda` or `cuda:N`.
-    pub device: String,
+    /// One device, `cpu`, `cuda` or `cuda:N`: the form of older config files. Set this or
+    /// `devices`, not both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// The devices to serve on, e.g. `["cuda:0", "cuda:1"]`: one engine and one worker each,
+    /// each loading its own copy of the weights. `cpu` may repeat (several workers sharing
+    /// the processor, for testing); a GPU may not. [default: `["cpu"]`]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Vec<String>>,
     /// Multiplier on the base price, as a decimal string (no floats in money), e.g. "1.5".
     pub price_factor: String,
     /// Prompts shorter than this are billed as this many tokens.
@@ -89,7 +98,8 @@ impl Default for ProviderConfig {
         Self {
             model: "tiny".into(),
             dtype: "f32".into(),
-            device: "cpu".into(),
+            device: None,
+            devices: Some(vec!["cpu".into()]),
             price_factor: "1".into(),
             min_prompt_tokens: 0,
             // A queue of 16 images at ~20 s each is about five minutes of work.
@@ -169,17 +179,26 @@ impl NodeConfig {
                 allowed: "f32, bf16 or f16".into(),
             });
         }
-        if !(p.device == "cpu"
-            || p.device == "cuda"
-            || p.device
-                .strip_prefix("cuda:")
-                .is_some_and(|n| n.parse::<u32>().is_ok()))
-        {
+        if let (Some(one), Some(list)) = (&p.device, &p.devices) {
             return Err(ConfigError::Invalid {
-                key: "provider.device",
-                got: format!("{:?}", p.device),
-                allowed: "cpu, cuda or cuda:N".into(),
+                key: "provider.devices",
+                got: format!("both device = {one:?} and devices = {list:?}"),
+                allowed: "one of the two: `devices = [..]`, or the older `device = \"..\"`".into(),
             });
+        }
+        if let Some(one) = &p.device {
+            check_device(one).map_err(|allowed| ConfigError::Invalid {
+                key: "provider.device",
+                got: format!("{one:?}"),
+                allowed,
+            })?;
+        }
+        if let Some(list) = &p.devices {
+            check_devices(list).map_err(|(got, allowed)| ConfigError::Invalid {
+                key: "provider.devices",
+                got,
+                allowed,
+            })?;
         }
         pixmarket_protocol::PriceSchedule::parse_factor(&p.price_factor).map_err(|e| {
             ConfigError::Invalid {
@@ -234,6 +253,58 @@ impl NodeConfig {
         })?;
         Ok(schedule)
     }
+}
+
+impl ProviderConfig {
+    /// The devices to serve on: `devices`, else the older `device`, else the processor.
+    pub fn device_list(&self) -> Vec<String> {
+        match (&self.devices, &self.device) {
+            (Some(list), _) => list.clone(),
+            (None, Some(one)) => vec![one.clone()],
+            (None, None) => vec!["cpu".into()],
+        }
+    }
+}
+
+/// `Err(what is allowed)` unless `name` is `cpu`, `cuda` or `cuda:N`.
+pub fn check_device(name: &str) -> Result<(), String> {
+    if name == "cpu" || gpu_index(name).is_some() {
+        Ok(())
+    } else {
+        Err("cpu, cuda or cuda:N".into())
+    }
+}
+
+/// The GPU index of `cuda` (0) or `cuda:N`.
+fn gpu_index(name: &str) -> Option<u32> {
+    if name == "cuda" {
+        return Some(0);
+    }
+    name.strip_prefix("cuda:")?.parse().ok()
+}
+
+/// `Err((what was given, what is allowed))` unless `list` names 1..=[`MAX_DEVICES`] valid
+/// devices, no GPU twice (`cuda` is `cuda:0`): two engines on one card would only share it.
+pub fn check_devices(list: &[String]) -> Result<(), (String, String)> {
+    if list.is_empty() || list.len() > MAX_DEVICES {
+        return Err((
+            format!("{} devices", list.len()),
+            format!("1..={MAX_DEVICES} devices"),
+        ));
+    }
+    let mut gpus = std::collections::BTreeSet::new();
+    for name in list {
+        check_device(name).map_err(|allowed| (format!("{name:?}"), allowed))?;
+        if let Some(i) = gpu_index(name)
+            && !gpus.insert(i)
+        {
+            return Err((
+                format!("GPU {i} twice ({name:?})"),
+                "each GPU once (`cuda` is `cuda:0`); only `cpu` may repeat".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// 1-based line and column of byte `offset` in `text`.
@@ -311,6 +382,15 @@ mod tests {
             ("metrics = \"localhost\"\n", "metrics"),
             ("[provider]\ndtype = \"fp8\"\n", "provider.dtype"),
             ("[provider]\ndevice = \"tpu\"\n", "provider.device"),
+            (
+                "[provider]\ndevices = [\"cuda:0\", \"tpu\"]\n",
+                "provider.devices",
+            ),
+            ("[provider]\ndevices = []\n", "provider.devices"),
+            (
+                "[provider]\ndevices = [\"cuda\", \"cuda:0\"]\n",
+                "provider.devices",
+            ),
             ("[provider]\nmax_queue = 0\n", "provider.max_queue"),
         ] {
             std::fs::write(&path, text).unwrap();
@@ -323,6 +403,58 @@ mod tests {
             );
             assert!(chain.contains(key), "{text}: {chain}");
         }
+    }
+
+    #[test]
+    fn one_device_or_a_list_but_not_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        // An older file's single device still works.
+        std::fs::write(&path, "[provider]\ndevice = \"cuda:1\"\n").unwrap();
+        let cfg = NodeConfig::load(&path).unwrap();
+        assert_eq!(cfg.provider.device_list(), ["cuda:1"]);
+
+        std::fs::write(&path, "[provider]\ndevices = [\"cuda:0\", \"cuda:1\"]\n").unwrap();
+        let cfg = NodeConfig::load(&path).unwrap();
+        assert_eq!(cfg.provider.device_list(), ["cuda:0", "cuda:1"]);
+
+        std::fs::write(&path, "[provider]\ndevices = [\"cpu\", \"cpu\", \"cpu\"]\n").unwrap();
+        assert_eq!(
+            NodeConfig::load(&path)
+                .unwrap()
+                .provider
+                .device_list()
+                .len(),
+            3
+        );
+
+        // Neither: the processor.
+        std::fs::write(&path, "[provider]\nmax_batch = 1\n").unwrap();
+        assert_eq!(
+            NodeConfig::load(&path).unwrap().provider.device_list(),
+            ["cpu"]
+        );
+
+        std::fs::write(
+            &path,
+            "[provider]\ndevice = \"cuda\"\ndevices = [\"cuda:0\", \"cuda:1\"]\n",
+        )
+        .unwrap();
+        let err = NodeConfig::load(&path).unwrap_err();
+        assert!(err.to_string().contains("line 3"), "{err}");
+        let source = std::error::Error::source(&err).unwrap().to_string();
+        assert!(source.contains("provider.devices"), "{source}");
+        assert!(source.contains("both"), "{source}");
+
+        let seventeen: Vec<String> = (0..=MAX_DEVICES).map(|i| format!("\"cuda:{i}\"")).collect();
+        std::fs::write(
+            &path,
+            format!("[provider]\ndevices = [{}]\n", seventeen.join(", ")),
+        )
+        .unwrap();
+        let err = NodeConfig::load(&path).unwrap_err();
+        let source = std::error::Error::source(&err).unwrap().to_string();
+        assert!(source.contains("1..=16 devices"), "{source}");
     }
 
     #[test]

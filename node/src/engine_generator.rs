@@ -32,6 +32,8 @@ pub fn resolve_model(model: &str, data_dir: &Path) -> Result<PathBuf, GenError> 
 pub struct EngineGenerator {
     model: QwenImage,
     device_name: String,
+    /// The card's memory as the driver reported it at load; 0 when not known (the CPU).
+    memory_mib: u64,
     precision: String,
 }
 
@@ -47,6 +49,7 @@ impl EngineGenerator {
         Ok(Self {
             model,
             device_name: device.to_owned(),
+            memory_mib: pixmarket_engine::device_memory::total_mib(&dev).unwrap_or(0),
             precision: dtype.to_owned(),
         })
     }
@@ -73,7 +76,7 @@ impl Generator for EngineGenerator {
             model_id: self.model.model_id().chars().take(128).collect(),
             precision: self.precision.clone(),
             device_name: self.device_name.clone(),
-            device_memory_mib: 0,
+            device_memory_mib: self.memory_mib,
             supports_image_to_image: true,
             supports_inpaint: true,
         }

@@ -24,6 +24,8 @@ pub struct Overrides {
     pub provide: bool,
     /// Model folder or `tiny` (overrides `provider.model`).
     pub model: Option<String>,
+    /// Devices to serve on, one worker each (replace `provider.devices` when non-empty).
+    pub devices: Vec<String>,
     /// Listen addresses (replace `listen` when non-empty).
     pub listen: Vec<String>,
     /// Extra bootstrap peers (added to `bootstrap`).
@@ -60,8 +62,17 @@ pub enum LaunchError {
     },
     #[error("ledger")]
     Books(#[from] pixmarket_ledger::LedgerError),
+    /// `value` is what was wrong, already quoted where it is a name.
+    #[error("{flag} {value}: {allowed}")]
+    Device {
+        flag: &'static str,
+        value: String,
+        allowed: String,
+    },
     #[error("cannot load the model: {0}")]
     Model(GenError),
+    #[error("cannot load the model on {device}: {source}")]
+    ModelOn { device: String, source: GenError },
     #[error(transparent)]
     Node(#[from] NodeError),
 }
@@ -72,7 +83,10 @@ impl LaunchError {
     pub fn is_flag_error(&self) -> bool {
         matches!(
             self,
-            LaunchError::Addr { .. } | LaunchError::HostPort { .. } | LaunchError::NoPeerId { .. }
+            LaunchError::Addr { .. }
+                | LaunchError::HostPort { .. }
+                | LaunchError::NoPeerId { .. }
+                | LaunchError::Device { .. }
         )
     }
 }
@@ -117,9 +131,22 @@ pub async fn start(dir: &DataDir, overrides: &Overrides) -> Result<Node, LaunchE
             value: m.clone(),
         });
     }
+    if !overrides.devices.is_empty() {
+        crate::config::check_devices(&overrides.devices).map_err(|(value, allowed)| {
+            LaunchError::Device {
+                flag: "--device",
+                value,
+                allowed,
+            }
+        })?;
+    }
     let mut config = dir.config()?;
     if let Some(m) = &overrides.model {
         config.provider.model = m.clone();
+    }
+    if !overrides.devices.is_empty() {
+        config.provider.device = None;
+        config.provider.devices = Some(overrides.devices.clone());
     }
     if !overrides.listen.is_empty() {
         config.listen = overrides.listen.clone();
@@ -169,10 +196,17 @@ pub async fn start(dir: &DataDir, overrides: &Overrides) -> Result<Node, LaunchE
         }
         let model_dir =
             resolve_model(&config.provider.model, dir.root()).map_err(LaunchError::Model)?;
-        let generator =
-            EngineGenerator::load(&model_dir, &config.provider.dtype, &config.provider.device)
-                .map_err(LaunchError::Model)?;
-        let generator: Arc<dyn Generator> = Arc::new(generator);
+        // One engine per device, each with its own copy of the weights, loaded one after the
+        // other (loading is bounded by the disk, not the devices).
+        let mut generators: Vec<Arc<dyn Generator>> = Vec::new();
+        for device in config.provider.device_list() {
+            let generator = EngineGenerator::load(&model_dir, &config.provider.dtype, &device)
+                .map_err(|source| LaunchError::ModelOn {
+                    device: device.clone(),
+                    source,
+                })?;
+            generators.push(Arc::new(generator));
+        }
         let settings = ProviderSettings {
             advert_interval: crate::provider::ADVERT_INTERVAL,
             ack_deadline: crate::provider::ACK_DEADLINE,
@@ -182,7 +216,7 @@ pub async fn start(dir: &DataDir, overrides: &Overrides) -> Result<Node, LaunchE
             // A first guess for the tiny model on a CPU; replaced by measurement after one job.
             ms_per_standard_image: 60_000,
         };
-        Some((generator, settings))
+        Some((generators, settings))
     } else {
         None
     };

@@ -1,5 +1,6 @@
-//! Node metrics in the Prometheus text format: jobs by outcome, queue length, GPU busy time,
-//! step time, tokens earned and spent, peers; plus libp2p's own metrics, registered by the
+//! Node metrics in the Prometheus text format: jobs by outcome, queue length, per device (a
+//! `device` label, its index in the node's device list) busy time, step time, memory and
+//! whether it serves; tokens earned and spent, peers; plus libp2p's own metrics, registered by the
 //! network. Served by a minimal HTTP endpoint (`GET /metrics`) with a bounded number of
 //! concurrent connections.
 
@@ -24,13 +25,33 @@ struct Outcome {
     outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeviceLabel {
+    device: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeviceInfoLabels {
+    device: String,
+    name: String,
+}
+
+/// 10 ms .. ~40 s: a tiny-model step on a CPU up to a 2048² step on a small GPU.
+fn step_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.01, 2.0, 13,
+    ))
+}
+
 /// The node's own metrics.
 #[derive(Debug)]
 pub struct Metrics {
     jobs: Family<Outcome, Counter>,
     queue: Gauge,
-    busy_ms: Counter,
-    step_seconds: Histogram,
+    busy_ms: Family<DeviceLabel, Counter>,
+    step_seconds: Family<DeviceLabel, Histogram, fn() -> Histogram>,
+    memory_mib: Family<DeviceInfoLabels, Gauge>,
+    device_up: Family<DeviceLabel, Gauge>,
     earned_micro: Counter,
     spent_micro: Counter,
     peers: Gauge,
@@ -41,11 +62,10 @@ impl Metrics {
         let m = Self {
             jobs: Family::default(),
             queue: Gauge::default(),
-            busy_ms: Counter::default(),
-            // 10 ms .. ~40 s: a tiny-model step on a CPU up to a 2048² step on a small GPU.
-            step_seconds: Histogram::new(
-                prometheus_client::metrics::histogram::exponential_buckets(0.01, 2.0, 13),
-            ),
+            busy_ms: Family::default(),
+            step_seconds: Family::new_with_constructor(step_histogram),
+            memory_mib: Family::default(),
+            device_up: Family::default(),
             earned_micro: Counter::default(),
             spent_micro: Counter::default(),
             peers: Gauge::default(),
@@ -59,13 +79,23 @@ impl Metrics {
         r.register("queue_length", "Jobs waiting for the GPU", m.queue.clone());
         r.register(
             "gpu_busy_milliseconds",
-            "Time the generator spent running batches; rate() is the busy fraction",
+            "Time each device's generator spent running batches; rate() is its busy fraction",
             m.busy_ms.clone(),
         );
         r.register(
             "step_seconds",
-            "Wall time of one denoising step",
+            "Wall time of one denoising step, per device",
             m.step_seconds.clone(),
+        );
+        r.register(
+            "device_memory_mib",
+            "Memory of each device as its engine reports it (0: not known), with its name",
+            m.memory_mib.clone(),
+        );
+        r.register(
+            "device_up",
+            "1 while a device serves, 0 once its engine failed",
+            m.device_up.clone(),
         );
         r.register(
             "earned_microtokens",
@@ -91,12 +121,42 @@ impl Metrics {
     pub fn set_queue(&self, n: usize) {
         self.queue.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
-    pub fn busy(&self, d: Duration) {
+    pub fn busy(&self, device: &str, d: Duration) {
         self.busy_ms
+            .get_or_create(&DeviceLabel {
+                device: device.to_owned(),
+            })
             .inc_by(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     }
-    pub fn step(&self, d: Duration) {
-        self.step_seconds.observe(d.as_secs_f64());
+    pub fn step(&self, device: &str, d: Duration) {
+        self.step_seconds
+            .get_or_create(&DeviceLabel {
+                device: device.to_owned(),
+            })
+            .observe(d.as_secs_f64());
+    }
+    /// A device's engine is loaded and its worker starts.
+    pub fn device_started(&self, device: &str, info: &crate::generator::GeneratorInfo) {
+        let label = DeviceLabel {
+            device: device.to_owned(),
+        };
+        self.memory_mib
+            .get_or_create(&DeviceInfoLabels {
+                device: device.to_owned(),
+                name: info.device_name.clone(),
+            })
+            .set(i64::try_from(info.device_memory_mib).unwrap_or(i64::MAX));
+        self.device_up.get_or_create(&label).set(1);
+        // Present from the start, so rate() over a device that never ran is 0, not missing.
+        let _ = self.busy_ms.get_or_create(&label);
+    }
+    /// A device's engine failed; its worker serves no more.
+    pub fn device_down(&self, device: &str) {
+        self.device_up
+            .get_or_create(&DeviceLabel {
+                device: device.to_owned(),
+            })
+            .set(0);
     }
     pub fn earned(&self, amount: MicroTokens) {
         self.earned_micro.inc_by(amount.0);

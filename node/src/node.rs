@@ -8,7 +8,7 @@
 //!
 //! [`Node::crash`] is the other way out, for testnets: a process kill emulated inside one
 //! process. The network task is aborted (no responses drained, connections cut), the dispatcher
-//! and the advert task are aborted, the provider's worker abandons its batch at the next step
+//! and the advert task are aborted, the provider's workers abandon their batches at the next step
 //! without touching the ledger, and the call returns once every task and thread of the node that
 //! holds the ledger has let go, so the same ledger folder can be reopened for a restarted node.
 
@@ -46,6 +46,8 @@ pub enum NodeError {
     Ledger(#[from] OpenError),
     #[error("ledger")]
     Books(#[from] LedgerError),
+    #[error("cannot start the provider")]
+    Provider(#[from] crate::provider::ProviderError),
     #[error(transparent)]
     Net(#[from] NetError),
     #[error("cannot serve metrics on {addr}")]
@@ -63,8 +65,9 @@ pub struct NodeOptions {
     pub key: SecretKey,
     pub ledger: Arc<Ledger>,
     pub net: NetConfig,
-    /// Sell generation with this generator and these settings.
-    pub provide: Option<(Arc<dyn Generator>, ProviderSettings)>,
+    /// Sell generation with these generators (one per device, each with its own copy of the
+    /// weights; 1..=[`crate::provider::MAX_DEVICES`]) and these settings.
+    pub provide: Option<(Vec<Arc<dyn Generator>>, ProviderSettings)>,
     pub metrics: Option<SocketAddr>,
 }
 
@@ -106,11 +109,11 @@ impl Node {
         let requester =
             Requester::new(key.clone(), ledger.clone(), client.clone(), metrics.clone());
         let provider = match options.provide {
-            Some((generator, settings)) => Some(Provider::start(
+            Some((generators, settings)) => Some(Provider::start(
                 key.clone(),
                 ledger.clone(),
                 client.clone(),
-                generator,
+                generators,
                 settings,
                 metrics.clone(),
             )?),
@@ -201,7 +204,7 @@ impl Node {
     /// dispatcher and the metrics endpoint. `generate` calls still waiting on a provider end
     /// with an error.
     pub async fn shutdown(mut self) {
-        // First the provider, with the network still up: the worker voids what it will not
+        // First the provider, with the network still up: the workers void what they will not
         // finish (telling those requesters), and deliveries in flight get a grace to be
         // acknowledged and fetched; receipts still unacknowledged then are credited.
         if let Some(p) = &self.provider {
@@ -231,7 +234,7 @@ impl Node {
     /// metrics endpoint are aborted, and the provider (if any) abandons its running batch at the
     /// next step without settling, voiding or reporting it, leaving its queue as it is.
     ///
-    /// Returns once the node's own holders of the ledger (the worker thread, the advert task,
+    /// Returns once the node's own holders of the ledger (the worker threads, the advert task,
     /// the dispatcher, provider requests on the blocking pool) have let go, or `StillRunning`
     /// after about 10 s. The caller may then drop its `Arc<Ledger>` and reopen the folder for a
     /// node with the same key, whose provider voids the holds left open. `generate` calls still

@@ -50,7 +50,7 @@ async fn start_with(
         },
         provide: generator.map(|g| {
             (
-                g,
+                vec![g],
                 ProviderSettings {
                     advert_interval: pixmarket_node::provider::ADVERT_INTERVAL,
                     ack_deadline: pixmarket_node::provider::ACK_DEADLINE,

@@ -57,7 +57,7 @@ async fn start_node(
         },
         provide: provide.then(|| {
             (
-                generator,
+                vec![generator],
                 ProviderSettings {
                     advert_interval: pixmarket_node::provider::ADVERT_INTERVAL,
                     ack_deadline: pixmarket_node::provider::ACK_DEADLINE,

@@ -84,6 +84,7 @@ fn advert(seq: u64) -> CapacityAdvert {
         queue_depth: 0,
         max_queue: 8,
         ms_per_standard_image: 1000,
+        devices: Vec::new(),
     }
 }
 

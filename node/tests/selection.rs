@@ -49,7 +49,7 @@ async fn start_node(
                 step: Duration::from_millis(5),
             });
             (
-                generator,
+                vec![generator],
                 ProviderSettings {
                     advert_interval: pixmarket_node::provider::ADVERT_INTERVAL,
                     ack_deadline: pixmarket_node::provider::ACK_DEADLINE,

@@ -17,8 +17,8 @@ pub use codec::{DecodeError, EncodeError};
 pub use exchange::{ChainEntry, ChainLink, CreditNote, JobStatus, JobVoid, ReceiptRefusal};
 pub use identity::{Hash, IdentityError, KeyError, PublicKey, SecretKey, Signature};
 pub use messages::{
-    CapacityAdvert, CostMismatch, DepositNote, FailReason, JobEvent, JobEventKind, JobId,
-    JobParams, JobRequest, Mode, Quote, QuoteId, QuoteRequest, Receipt, ReceiptAck,
+    CapacityAdvert, CostMismatch, DepositNote, DeviceCapacity, FailReason, JobEvent, JobEventKind,
+    JobId, JobParams, JobRequest, Mode, Quote, QuoteId, QuoteRequest, Receipt, ReceiptAck,
     effective_steps,
 };
 pub use metering::{MeterError, MeteredUnits, MicroTokens, PriceSchedule, TokenAmountError};

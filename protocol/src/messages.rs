@@ -232,8 +232,35 @@ pub struct CapacityAdvert {
     pub schedule: PriceSchedule,
     pub queue_depth: u32,
     pub max_queue: u32,
-    /// Measured time for one standard image (1024², 50 steps), in milliseconds.
+    /// Measured time for one standard image (1024², 50 steps), in milliseconds, on the
+    /// fastest device that serves (one job runs on one device, so this is a job's best time).
     pub ms_per_standard_image: u64,
+    /// Every device that serves now, one worker each (a failed device is left out). Empty
+    /// means one device, as `gpu_name`, `gpu_memory_mib` and `ms_per_standard_image` say.
+    pub devices: Vec<DeviceCapacity>,
+}
+
+/// One device of a provider: one engine, one worker, its own copy of the weights.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceCapacity {
+    pub name: String,
+    pub memory_mib: u64,
+    /// Measured time for one standard image on this device, in milliseconds.
+    pub ms_per_standard_image: u64,
+}
+
+impl CapacityAdvert {
+    /// How many jobs the provider runs at once: its serving devices (at least one).
+    pub fn device_count(&self) -> u32 {
+        u32::try_from(self.devices.len()).unwrap_or(u32::MAX).max(1)
+    }
+
+    /// Estimated time until a new standard image would be finished here: the jobs ahead
+    /// (`depth`) spread over the devices, then the job itself, each at the advertised speed.
+    pub fn estimated_finish_ms(&self, depth: u32) -> u64 {
+        let rounds = u64::from(depth / self.device_count()).saturating_add(1);
+        self.ms_per_standard_image.saturating_mul(rounds)
+    }
 }
 
 impl CapacityAdvert {
@@ -259,6 +286,23 @@ impl CapacityAdvert {
             v::text("listen_addrs", a, 1, v::MAX_ADDR_CHARS)?;
         }
         v::text("gpu_name", &self.gpu_name, 1, v::MAX_LABEL_CHARS)?;
+        if self.devices.len() > v::MAX_ADVERT_DEVICES {
+            return Err(ValidationError::new(
+                "devices",
+                format!("{} devices", self.devices.len()),
+                format!("at most {}", v::MAX_ADVERT_DEVICES),
+            ));
+        }
+        for d in &self.devices {
+            v::text("devices.name", &d.name, 1, v::MAX_DEVICE_NAME_CHARS)?;
+            if d.ms_per_standard_image == 0 {
+                return Err(ValidationError::new(
+                    "devices.ms_per_standard_image",
+                    0,
+                    "at least 1 ms",
+                ));
+            }
+        }
         v::text("model_id", &self.model_id, 1, v::MAX_LABEL_CHARS)?;
         if !matches!(self.precision.as_str(), "f32" | "bf16" | "f16") {
             return Err(ValidationError::new(
@@ -570,7 +614,9 @@ const JOB_TEXT_BUDGET: usize = 2 * 4 * v::MAX_PROMPT_CHARS + KIB;
 
 impl Message for CapacityAdvert {
     const DOMAIN: &'static str = "pixmarket/v1/capacity-advert";
-    const MAX_ENCODED: usize = 4 * KIB;
+    /// The largest advert validation allows: 8 addresses of 256 chars and two labels of 128,
+    /// at 4 bytes a char, and 16 devices of 48 chars with two integers each: under 13 KiB.
+    const MAX_ENCODED: usize = 16 * KIB;
 }
 impl Message for QuoteRequest {
     const DOMAIN: &'static str = "pixmarket/v1/quote-request";

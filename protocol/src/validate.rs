@@ -32,6 +32,12 @@ pub const MAX_STRENGTH_PERMILLE: u16 = 1_000;
 pub const MAX_LABEL_CHARS: usize = 128;
 pub const MAX_MEMO_CHARS: usize = 256;
 pub const MAX_LISTEN_ADDRS: usize = 8;
+/// Devices in one advert: an eight-GPU server twice over; more cards than this in one
+/// machine are rare, and the bound keeps a signed advert under its size cap.
+pub const MAX_ADVERT_DEVICES: usize = 16;
+/// A device's name in an advert ("NVIDIA GeForce RTX 4090" is 23): short, since an advert
+/// carries up to [`MAX_ADVERT_DEVICES`] of them.
+pub const MAX_DEVICE_NAME_CHARS: usize = 48;
 pub const MAX_ADDR_CHARS: usize = 256;
 /// Adverts older than this are stale; a provider re-publishes every few seconds.
 pub const ADVERT_TTL_MS: u64 = 30_000;

@@ -5,8 +5,8 @@
 
 use pixmarket_protocol::messages::effective_steps;
 use pixmarket_protocol::{
-    CapacityAdvert, DepositNote, JobId, JobParams, JobRequest, MicroTokens, Mode, PriceSchedule,
-    SecretKey,
+    CapacityAdvert, DepositNote, DeviceCapacity, JobId, JobParams, JobRequest, MicroTokens, Mode,
+    PriceSchedule, SecretKey, Signed, validate,
 };
 use proptest::prelude::*;
 
@@ -263,6 +263,15 @@ fn advert() -> CapacityAdvert {
         queue_depth: 0,
         max_queue: 16,
         ms_per_standard_image: 18_500,
+        devices: vec![h100(18_500); 2],
+    }
+}
+
+fn h100(ms: u64) -> DeviceCapacity {
+    DeviceCapacity {
+        name: "NVIDIA H100 80GB HBM3".into(),
+        memory_mib: 81_559,
+        ms_per_standard_image: ms,
     }
 }
 
@@ -287,6 +296,68 @@ fn adverts_expire_and_are_checked() {
         ..advert()
     };
     assert_eq!(many.validate(NOW).unwrap_err().field, "listen_addrs");
+    let crowded = CapacityAdvert {
+        devices: vec![h100(18_500); validate::MAX_ADVERT_DEVICES + 1],
+        ..advert()
+    };
+    assert_eq!(crowded.validate(NOW).unwrap_err().field, "devices");
+    let unmeasured = CapacityAdvert {
+        devices: vec![h100(18_500), h100(0)],
+        ..advert()
+    };
+    assert_eq!(
+        unmeasured.validate(NOW).unwrap_err().field,
+        "devices.ms_per_standard_image"
+    );
+    let long_name = CapacityAdvert {
+        devices: vec![DeviceCapacity {
+            name: "x".repeat(validate::MAX_DEVICE_NAME_CHARS + 1),
+            ..h100(18_500)
+        }],
+        ..advert()
+    };
+    assert_eq!(long_name.validate(NOW).unwrap_err().field, "devices.name");
+}
+
+/// The largest advert validation allows fits its size cap, so every valid advert can be sent.
+#[test]
+fn the_largest_valid_advert_fits_its_cap() {
+    let wide = "文".repeat(validate::MAX_LABEL_CHARS);
+    let big = CapacityAdvert {
+        listen_addrs: vec!["文".repeat(validate::MAX_ADDR_CHARS); validate::MAX_LISTEN_ADDRS],
+        gpu_name: wide.clone(),
+        model_id: wide,
+        seq: u64::MAX,
+        gpu_memory_mib: u64::MAX,
+        ms_per_standard_image: u64::MAX,
+        devices: vec![
+            DeviceCapacity {
+                name: "文".repeat(validate::MAX_DEVICE_NAME_CHARS),
+                memory_mib: u64::MAX,
+                ms_per_standard_image: u64::MAX,
+            };
+            validate::MAX_ADVERT_DEVICES
+        ],
+        ..advert()
+    };
+    big.validate(NOW).unwrap();
+    let signed = Signed::sign(&SecretKey::from_seed(&[9; 32]), &big).unwrap();
+    assert!(signed.verify().is_ok());
+}
+
+#[test]
+fn finish_estimates_spread_the_queue_over_the_devices() {
+    let two = advert();
+    // Two devices: the first two jobs ahead run beside ours; a third waits one image.
+    assert_eq!(two.estimated_finish_ms(0), 18_500);
+    assert_eq!(two.estimated_finish_ms(1), 18_500);
+    assert_eq!(two.estimated_finish_ms(2), 37_000);
+    let one = CapacityAdvert {
+        devices: Vec::new(),
+        ..advert()
+    };
+    assert_eq!(one.device_count(), 1);
+    assert_eq!(one.estimated_finish_ms(1), 37_000);
 }
 
 proptest! {

@@ -7,9 +7,9 @@
 
 use pixmarket_protocol::messages::{FailReason, JobEventKind, ValidationErrorWire};
 use pixmarket_protocol::{
-    CapacityAdvert, CreditNote, DepositNote, Hash, JobEvent, JobId, JobParams, JobRequest, JobVoid,
-    Message, MeteredUnits, MicroTokens, Mode, PriceSchedule, PublicKey, Quote, QuoteId,
-    QuoteRequest, Receipt, ReceiptAck, ReceiptRefusal, SecretKey, Signed, VerifyError,
+    CapacityAdvert, CreditNote, DepositNote, DeviceCapacity, Hash, JobEvent, JobId, JobParams,
+    JobRequest, JobVoid, Message, MeteredUnits, MicroTokens, Mode, PriceSchedule, PublicKey, Quote,
+    QuoteId, QuoteRequest, Receipt, ReceiptAck, ReceiptRefusal, SecretKey, Signed, VerifyError,
 };
 use proptest::prelude::*;
 
@@ -166,9 +166,10 @@ fn arb_advert() -> impl Strategy<Value = CapacityAdvert> {
         arb_text(20),
         arb_schedule(),
         any::<(u32, u32, u32, u32, u32, u32, bool, bool)>(),
+        proptest::collection::vec((arb_text(20), any::<(u64, u64)>()), 0..4),
     )
         .prop_map(
-            |((seq, at, mem, ms), addrs, gpu, schedule, (w, h, s, i, q, mq, i2i, inp))| {
+            |((seq, at, mem, ms), addrs, gpu, schedule, (w, h, s, i, q, mq, i2i, inp), devs)| {
                 CapacityAdvert {
                     seq,
                     issued_at_ms: at,
@@ -187,6 +188,14 @@ fn arb_advert() -> impl Strategy<Value = CapacityAdvert> {
                     queue_depth: q,
                     max_queue: mq,
                     ms_per_standard_image: ms,
+                    devices: devs
+                        .into_iter()
+                        .map(|(name, (memory_mib, ms))| DeviceCapacity {
+                            name,
+                            memory_mib,
+                            ms_per_standard_image: ms,
+                        })
+                        .collect(),
                 }
             },
         )

@@ -277,6 +277,7 @@ pub fn fast_advert(seq: u64, schedule: PriceSchedule) -> CapacityAdvert {
         queue_depth: 0,
         max_queue: 8,
         ms_per_standard_image: 1,
+        devices: Vec::new(),
     }
 }
 

@@ -94,7 +94,7 @@ struct DemoNode {
 async fn start_node(
     name: &str,
     root: &Path,
-    provide: Option<(Arc<dyn Generator>, ProviderSettings)>,
+    provide: Option<(Vec<Arc<dyn Generator>>, ProviderSettings)>,
     bootstrap: Vec<libp2p::Multiaddr>,
 ) -> anyhow::Result<(DemoNode, SecretKey)> {
     let folder = root.join("nodes").join(name);
@@ -178,7 +178,7 @@ pub async fn run(config: &DemoConfig, log: &mut dyn FnMut(String)) -> anyhow::Re
         let (p, secret) = start_node(
             &format!("provider-{}", i + 1),
             &config.out,
-            Some((generator, settings)),
+            Some((vec![generator], settings)),
             bootstrap.clone(),
         )
         .await?;

@@ -29,6 +29,9 @@ pub struct ProviderRecord {
     pub peer: String,
     /// The GPU kind it advertises (`cpu` for the tiny engine).
     pub gpu: String,
+    /// Its devices (of that kind), one worker each.
+    #[serde(default = "one")]
+    pub gpus: u32,
     pub price_factor_ppm: u64,
     /// Model-time milliseconds for one standard image (1024², 50 steps) on this provider.
     pub ms_per_standard_image: u64,
@@ -83,6 +86,9 @@ impl JobRecord {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BusyInterval {
     pub provider: usize,
+    /// Which of the provider's devices ran the batch.
+    #[serde(default)]
+    pub device: usize,
     pub start_ms: u64,
     pub end_ms: u64,
 }
@@ -183,6 +189,9 @@ pub struct RunRecord {
     pub speedup: f64,
     /// Model-time length of the run, from start to the last job's end.
     pub duration_ms: u64,
+    /// Model-time length of the plan (when jobs are submitted); 0 in records from before.
+    #[serde(default)]
+    pub plan_ms: u64,
     /// How the requesters chose providers: `estimated finish` or `random`.
     pub selection: String,
     pub providers: Vec<ProviderRecord>,
@@ -208,4 +217,9 @@ pub struct ExperimentRecord {
     pub offered: Vec<(u64, u32)>,
     pub wall_seconds: f64,
     pub peak_rss_bytes: Option<u64>,
+}
+
+/// Records written before providers had several devices had one each.
+fn one() -> u32 {
+    1
 }

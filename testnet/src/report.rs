@@ -69,9 +69,13 @@ pub struct ProviderSummary {
     pub price_factor_ppm: u64,
     /// Completed jobs it was paid for.
     pub jobs_served: usize,
-    /// Model-time milliseconds its engine was busy (overlaps merged, clipped to the run).
+    /// Its devices.
+    #[serde(default = "one")]
+    pub gpus: u32,
+    /// Model-time milliseconds its devices were busy, summed over them (each device's
+    /// overlaps merged, clipped to the run).
     pub busy_ms: u64,
-    /// `busy_ms / duration_ms`, 0 when the run has no duration.
+    /// `busy_ms / (gpus × duration_ms)`, 0 when the run has no duration.
     pub utilization: f64,
     /// Micro-tokens requesters paid it for completed jobs.
     pub earned_micros: u64,
@@ -85,14 +89,21 @@ pub struct Summary {
     pub jobs_failed: usize,
     /// Jobs for which [`crate::record::JobRecord::retried`] holds.
     pub jobs_retried: usize,
+    /// Completed jobs that finished within the plan (`finished_ms ≤ plan_ms`): what a market
+    /// under this load delivers, not counting the drain after the last submission.
+    #[serde(default)]
+    pub completed_in_plan: usize,
+    /// `completed_in_plan` per model-time hour of the plan, 0 without a plan length.
+    #[serde(default)]
+    pub jobs_per_hour: f64,
     /// Finished − submitted, over completed jobs with a finish time.
     pub latency_ms: Percentiles,
     /// Started − submitted, over jobs that started.
     pub wait_ms: Percentiles,
     /// Busy time of all providers together, model-time milliseconds.
     pub fleet_busy_ms: u64,
-    /// `fleet_busy_ms / (providers × duration_ms)`, 0 when there are no providers or no
-    /// duration.
+    /// `fleet_busy_ms / (devices × duration_ms)` over every provider's devices, 0 when there
+    /// are no providers or no duration.
     pub fleet_utilization: f64,
     pub providers: Vec<ProviderSummary>,
     /// Sum of what requesters paid for completed jobs, micro-tokens.
@@ -190,10 +201,11 @@ pub fn summarize(record: &RunRecord) -> Summary {
                 index: i,
                 name: p.name.clone(),
                 gpu: p.gpu.clone(),
+                gpus: p.gpus.max(1),
                 price_factor_ppm: p.price_factor_ppm,
                 jobs_served: 0,
                 busy_ms,
-                utilization: ratio(busy_ms, duration),
+                utilization: ratio(busy_ms, duration.saturating_mul(u64::from(p.gpus.max(1)))),
                 earned_micros: 0,
             }
         })
@@ -209,15 +221,27 @@ pub fn summarize(record: &RunRecord) -> Summary {
     let fleet_busy_ms = providers
         .iter()
         .fold(0u64, |acc, p| acc.saturating_add(p.busy_ms));
-    let capacity = u64::try_from(providers.len())
-        .unwrap_or(u64::MAX)
+    let capacity = providers
+        .iter()
+        .fold(0u64, |acc, p| acc.saturating_add(u64::from(p.gpus)))
         .saturating_mul(duration);
 
+    let completed_in_plan = record
+        .jobs
+        .iter()
+        .filter(|j| completed(&j.outcome) && j.finished_ms.is_some_and(|f| f <= record.plan_ms))
+        .count();
     Summary {
         jobs_submitted: record.jobs.len(),
         jobs_completed,
         jobs_failed: record.jobs.len() - jobs_completed,
         jobs_retried: record.jobs.iter().filter(|j| j.retried()).count(),
+        completed_in_plan,
+        jobs_per_hour: if record.plan_ms == 0 {
+            0.0
+        } else {
+            count_f64(completed_in_plan) * 3_600_000.0 / ms_f64(record.plan_ms)
+        },
         latency_ms: Percentiles::of(latency),
         wait_ms: Percentiles::of(wait),
         fleet_busy_ms,
@@ -259,7 +283,9 @@ pub fn utilization_series(record: &RunRecord, buckets: usize) -> Vec<Vec<f64>> {
     let bounds = bucket_bounds(record.duration_ms, buckets);
     busy_by_provider(record)
         .iter()
-        .map(|intervals| {
+        .zip(&record.providers)
+        .map(|(intervals, p)| {
+            let gpus = u64::from(p.gpus.max(1));
             bounds
                 .windows(2)
                 .map(|w| {
@@ -267,7 +293,7 @@ pub fn utilization_series(record: &RunRecord, buckets: usize) -> Vec<Vec<f64>> {
                     let overlap = intervals.iter().fold(0u64, |acc, &(s, e)| {
                         acc.saturating_add(e.min(b1).saturating_sub(s.max(b0)))
                     });
-                    ratio(overlap, b1 - b0)
+                    ratio(overlap, (b1 - b0).saturating_mul(gpus))
                 })
                 .collect()
         })
@@ -308,6 +334,15 @@ pub fn table(record: &RunRecord) -> String {
         "         {:>9} {:>9} {:>9} {:>9}",
         s.jobs_submitted, s.jobs_completed, s.jobs_failed, s.jobs_retried
     );
+    if record.plan_ms > 0 {
+        let _ = writeln!(
+            out,
+            "throughput {} jobs completed within the plan's {} s: {:.1} per model hour",
+            s.completed_in_plan,
+            secs(record.plan_ms),
+            s.jobs_per_hour
+        );
+    }
     let _ = writeln!(
         out,
         "seconds  {:>9} {:>9} {:>9} {:>9}",
@@ -550,29 +585,41 @@ pub fn write_experiment(record: &ExperimentRecord, dir: &Path) -> Result<Written
 // ---------------------------------------------------------------------------------------------
 // Numbers and formatting
 
-/// Per provider, its busy intervals clipped to `[0, duration_ms]`, sorted and merged so none
-/// overlap. Intervals naming no provider of the record, or empty after clipping, are dropped.
+/// Per provider, its busy intervals clipped to `[0, duration_ms]`, and per device sorted and
+/// merged so none of one device overlap (two devices' intervals do: they ran side by side).
+/// Intervals naming no provider of the record, or empty after clipping, are dropped.
 fn busy_by_provider(record: &RunRecord) -> Vec<Vec<(u64, u64)>> {
     let d = record.duration_ms;
-    let mut raw: Vec<Vec<(u64, u64)>> = vec![Vec::new(); record.providers.len()];
+    let mut raw: Vec<std::collections::BTreeMap<usize, Vec<(u64, u64)>>> =
+        vec![std::collections::BTreeMap::new(); record.providers.len()];
     for b in &record.busy {
         let (s, e) = (b.start_ms.min(d), b.end_ms.min(d));
-        if let Some(list) = raw.get_mut(b.provider).filter(|_| e > s) {
-            list.push((s, e));
+        if let Some(devices) = raw.get_mut(b.provider).filter(|_| e > s) {
+            devices.entry(b.device).or_default().push((s, e));
         }
     }
-    for list in &mut raw {
-        list.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(list.len());
-        for &(s, e) in list.iter() {
-            match merged.last_mut() {
-                Some(last) if s <= last.1 => last.1 = last.1.max(e),
-                _ => merged.push((s, e)),
+    raw.into_iter()
+        .map(|devices| {
+            let mut all = Vec::new();
+            for (_, mut list) in devices {
+                list.sort_unstable();
+                let mut merged: Vec<(u64, u64)> = Vec::with_capacity(list.len());
+                for &(s, e) in &list {
+                    match merged.last_mut() {
+                        Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                        _ => merged.push((s, e)),
+                    }
+                }
+                all.extend(merged);
             }
-        }
-        *list = merged;
-    }
-    raw
+            all
+        })
+        .collect()
+}
+
+/// Summaries written before providers had several devices had one each.
+fn one() -> u32 {
+    1
 }
 
 /// `buckets + 1` integer boundaries `D·i/n` (empty when `buckets` is 0).
@@ -1245,6 +1292,7 @@ mod tests {
             plan_hash: "00".into(),
             speedup: 60.0,
             duration_ms,
+            plan_ms: duration_ms,
             selection: "random".into(),
             providers: (0..providers)
                 .map(|index| ProviderRecord {
@@ -1252,6 +1300,7 @@ mod tests {
                     name: format!("p{index}"),
                     peer: String::new(),
                     gpu: "h100".into(),
+                    gpus: 1,
                     price_factor_ppm: 1_000_000,
                     ms_per_standard_image: 1_000,
                 })
@@ -1261,6 +1310,7 @@ mod tests {
             busy: (0..providers)
                 .map(|provider| BusyInterval {
                     provider,
+                    device: 0,
                     start_ms: 10,
                     end_ms: 500,
                 })

@@ -93,6 +93,10 @@ pub struct TestnetConfig {
     pub providers: usize,
     pub requesters: usize,
     pub engine: EngineKind,
+    /// Devices of each provider: that many engines and workers on one node, one identity
+    /// and one ledger (all of one GPU kind with the simulated engine; CPU workers with the
+    /// tiny one).
+    pub gpus_per_provider: usize,
     /// GPU kinds of the simulated providers, assigned in turn.
     pub gpu_kinds: Vec<GpuKind>,
     pub load: Load,
@@ -126,6 +130,7 @@ impl TestnetConfig {
             providers: 3,
             requesters: 2,
             engine: EngineKind::Tiny,
+            gpus_per_provider: 1,
             gpu_kinds: sim::builtin_gpu_kinds(),
             load: Load::Steady { per_minute: 12.0 },
             duration_ms: 60_000,
@@ -149,6 +154,13 @@ impl TestnetConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         if !(1..=1000).contains(&self.providers) {
             bail!("--providers {}: allowed is 1..=1000", self.providers);
+        }
+        if !(1..=pixmarket_node::provider::MAX_DEVICES).contains(&self.gpus_per_provider) {
+            bail!(
+                "--gpus {}: allowed is 1..={} per provider",
+                self.gpus_per_provider,
+                pixmarket_node::provider::MAX_DEVICES
+            );
         }
         if !(1..=1000).contains(&self.requesters) {
             bail!("--requesters {}: allowed is 1..=1000", self.requesters);
@@ -229,7 +241,8 @@ struct ProviderSlot {
     node: Option<Node>,
     /// `None` only while the provider is down after a kill.
     ledger: Option<Arc<Ledger>>,
-    generator: Arc<dyn Generator>,
+    /// One per device.
+    generators: Vec<Arc<dyn Generator>>,
     settings: ProviderSettings,
     listen: Multiaddr,
     bootstrap: Vec<Multiaddr>,
@@ -289,7 +302,7 @@ async fn start_provider_node(
         key,
         ledger,
         net: net_config(listen, slot.bootstrap.clone(), faults),
-        provide: Some((slot.generator.clone(), slot.settings.clone())),
+        provide: Some((slot.generators.clone(), slot.settings.clone())),
         metrics: None,
     })
     .await?)
@@ -324,33 +337,40 @@ async fn start_market(
         let key = derived_key(config.seed, "provider", i).public();
         let name = format!("provider-{}", i + 1);
         let folder = nodes_dir.join(&name);
-        let (inner, gpu, model_ms): (Arc<dyn Generator>, String, u64) = match config.engine {
-            EngineKind::Tiny => (
-                Arc::new(
-                    EngineGenerator::load(&model, "f32", "cpu")
-                        .map_err(|e| anyhow::anyhow!("cannot load the tiny model: {e}"))?,
+        let mut generators: Vec<Arc<dyn Generator>> = Vec::new();
+        let (mut gpu, mut model_ms) = (String::new(), 0);
+        for device in 0..config.gpus_per_provider {
+            let (inner, name, ms): (Arc<dyn Generator>, String, u64) = match config.engine {
+                EngineKind::Tiny => (
+                    Arc::new(
+                        EngineGenerator::load(&model, "f32", "cpu")
+                            .map_err(|e| anyhow::anyhow!("cannot load the tiny model: {e}"))?,
+                    ),
+                    "cpu".into(),
+                    60_000,
                 ),
-                "cpu".into(),
-                60_000,
-            ),
-            EngineKind::Simulated => {
-                let kind = config.gpu_kinds[i % config.gpu_kinds.len()].clone();
-                let (gpu, ms) = (kind.name.clone(), kind.ms_per_standard_image);
-                (
-                    Arc::new(SimulatedGenerator::new(
-                        kind,
-                        clock,
-                        &model.join("tokenizer"),
-                    )?),
-                    gpu,
-                    ms,
-                )
-            }
-        };
-        let generator: Arc<dyn Generator> = Arc::new(Recorded::new(inner, i, clock, busy.clone()));
-        counters
-            .entry(generator.info().model_id)
-            .or_insert_with(|| generator.clone());
+                EngineKind::Simulated => {
+                    let kind = config.gpu_kinds[i % config.gpu_kinds.len()].clone();
+                    let (name, ms) = (kind.name.clone(), kind.ms_per_standard_image);
+                    (
+                        Arc::new(SimulatedGenerator::new(
+                            kind,
+                            clock,
+                            &model.join("tokenizer"),
+                        )?),
+                        name,
+                        ms,
+                    )
+                }
+            };
+            (gpu, model_ms) = (name, ms);
+            let generator: Arc<dyn Generator> =
+                Arc::new(Recorded::new(inner, (i, device), clock, busy.clone()));
+            counters
+                .entry(generator.info().model_id)
+                .or_insert_with(|| generator.clone());
+            generators.push(generator);
+        }
         let settings = ProviderSettings {
             schedule: PriceSchedule {
                 price_factor_ppm: 1_000_000,
@@ -384,7 +404,7 @@ async fn start_market(
             folder,
             node: None,
             ledger: Some(ledger),
-            generator,
+            generators,
             settings,
             listen: "/ip4/127.0.0.1/tcp/0".parse()?,
             bootstrap: bootstrap.clone(),
@@ -401,6 +421,7 @@ async fn start_market(
             name,
             peer: key.to_peer_id().to_string(),
             gpu,
+            gpus: u32::try_from(config.gpus_per_provider).unwrap_or(u32::MAX),
             price_factor_ppm: 1_000_000,
             ms_per_standard_image: model_ms,
         });
@@ -1134,6 +1155,7 @@ async fn finish(
         plan_hash: plan.hash(),
         speedup: config.speedup,
         duration_ms,
+        plan_ms: plan.duration_ms,
         selection: config.selection.name().into(),
         providers: records,
         requesters: config.requesters,

@@ -319,10 +319,11 @@ impl BusyLog {
     }
 }
 
-/// A generator whose batches are logged as busy time of provider `index`.
+/// A generator whose batches are logged as busy time of one device of one provider.
 pub struct Recorded {
     inner: Arc<dyn Generator>,
-    index: usize,
+    /// (provider, device).
+    index: (usize, usize),
     clock: ModelClock,
     log: BusyLog,
 }
@@ -336,7 +337,13 @@ impl std::fmt::Debug for Recorded {
 }
 
 impl Recorded {
-    pub fn new(inner: Arc<dyn Generator>, index: usize, clock: ModelClock, log: BusyLog) -> Self {
+    /// Logs `inner`'s batches as busy time of device `index.1` of provider `index.0`.
+    pub fn new(
+        inner: Arc<dyn Generator>,
+        index: (usize, usize),
+        clock: ModelClock,
+        log: BusyLog,
+    ) -> Self {
         Self {
             inner,
             index,
@@ -363,7 +370,8 @@ impl Generator for Recorded {
         let start_ms = self.clock.now_ms();
         let result = self.inner.generate(jobs, progress);
         self.log.push(BusyInterval {
-            provider: self.index,
+            provider: self.index.0,
+            device: self.index.1,
             start_ms,
             end_ms: self.clock.now_ms(),
         });

@@ -83,7 +83,7 @@ impl Honest {
                 bootstrap,
                 ..NetConfig::default()
             },
-            provide: provide.then(|| (tiny(), settings)),
+            provide: provide.then(|| (vec![tiny()], settings)),
             metrics: None,
         })
         .await

@@ -21,6 +21,7 @@ fn provider(index: usize) -> ProviderRecord {
         name: format!("provider-{index}"),
         peer: format!("12D3KooPeer{index}"),
         gpu: "h100".into(),
+        gpus: 1,
         price_factor_ppm: 1_250_000,
         ms_per_standard_image: 4_000,
     }
@@ -87,6 +88,7 @@ fn empty_record(simulated: bool) -> RunRecord {
         plan_hash: "ab12cd34".into(),
         speedup: if simulated { 60.0 } else { 1.0 },
         duration_ms: 0,
+        plan_ms: 0,
         selection: "estimated finish".into(),
         providers: Vec::new(),
         requesters: 0,
@@ -126,22 +128,26 @@ fn hand_record() -> RunRecord {
     r.busy = vec![
         BusyInterval {
             provider: 0,
+            device: 0,
             start_ms: 0,
             end_ms: 30_000,
         },
         BusyInterval {
             provider: 0,
+            device: 0,
             start_ms: 20_000,
             end_ms: 50_000,
         },
         BusyInterval {
             provider: 1,
+            device: 0,
             start_ms: 80_000,
             end_ms: 150_000,
         },
         // Names no provider of the record: ignored.
         BusyInterval {
             provider: 9,
+            device: 0,
             start_ms: 0,
             end_ms: 100_000,
         },
@@ -270,6 +276,7 @@ fn utilization_series_splits_busy_time_into_buckets() {
     idle.providers = vec![provider(0)];
     idle.busy = vec![BusyInterval {
         provider: 0,
+        device: 0,
         start_ms: 5,
         end_ms: 10,
     }];
@@ -388,6 +395,7 @@ fn write_experiment_produces_json_text_and_png() {
     random.selection = "random".into();
     random.busy.push(BusyInterval {
         provider: 1,
+        device: 0,
         start_ms: 0,
         end_ms: 60_000,
     });
@@ -424,6 +432,7 @@ fn hundred_providers_render() {
     r.busy = (0..100u64)
         .map(|i| BusyInterval {
             provider: usize::try_from(i).unwrap(),
+            device: 0,
             start_ms: i * 10_000,
             end_ms: i * 10_000 + 1_800_000,
         })

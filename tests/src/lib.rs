@@ -90,7 +90,7 @@ impl TestNode {
                 bootstrap,
                 ..NetConfig::default()
             },
-            provide: generator.map(|g| (g, settings)),
+            provide: generator.map(|g| (vec![g], settings)),
             metrics: None,
         };
         let node = Node::start(options).await.unwrap();

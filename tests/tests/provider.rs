@@ -36,7 +36,7 @@ async fn provider_with(seed: u8, dir: &std::path::Path, max_queue: u32) -> Node 
             ..NetConfig::default()
         },
         provide: Some((
-            tiny_generator(),
+            vec![tiny_generator()],
             ProviderSettings {
                 advert_interval: pixmarket_node::provider::ADVERT_INTERVAL,
                 ack_deadline: pixmarket_node::provider::ACK_DEADLINE,

@@ -21,6 +21,11 @@ pub(crate) struct NodeArgs {
     /// model, trained on drawn scenes) [default: provider.model in config.toml]
     #[arg(long, value_name = "DIR|tiny", requires = "provide")]
     model: Option<String>,
+    /// With --provide: serve on this device (repeatable, one engine and worker each, each
+    /// loading its own copy of the weights), e.g. `--device cuda:0 --device cuda:1`
+    /// [default: provider.devices in config.toml]
+    #[arg(long, value_name = "cpu|cuda|cuda:N", requires = "provide")]
+    device: Vec<String>,
     /// Listen on this libp2p address (repeatable), e.g. /ip4/0.0.0.0/tcp/4001
     #[arg(long, value_name = "MULTIADDR")]
     listen: Vec<String>,
@@ -93,6 +98,7 @@ pub(crate) fn run(a: NodeArgs) -> anyhow::Result<()> {
     let overrides = Overrides {
         provide: a.provide,
         model: a.model,
+        devices: a.device,
         listen: a.listen,
         bootstrap: a.bootstrap,
         metrics: a.metrics,

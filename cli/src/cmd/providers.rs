@@ -133,6 +133,11 @@ pub(crate) fn run(a: ProvidersArgs) -> anyhow::Result<()> {
                     "queue_depth": ad.queue_depth,
                     "max_queue": ad.max_queue,
                     "ms_per_standard_image": ad.ms_per_standard_image,
+                    "devices": ad.devices.iter().map(|d| serde_json::json!({
+                        "name": d.name,
+                        "memory_mib": d.memory_mib,
+                        "ms_per_standard_image": d.ms_per_standard_image,
+                    })).collect::<Vec<_>>(),
                     "image_to_image": ad.supports_image_to_image,
                     "inpaint": ad.supports_inpaint,
                 })
@@ -152,11 +157,12 @@ pub(crate) fn run(a: ProvidersArgs) -> anyhow::Result<()> {
         .unwrap_or(0)
         .max("MODEL".len());
     out!(
-        "{:<model_w$} {:>7} {:>13} {:>8} {:>6}  ADDRESS (paste after --peer)",
+        "{:<model_w$} {:>7} {:>13} {:>8} {:>4} {:>6}  ADDRESS (paste after --peer)",
         "MODEL",
         "DTYPE",
         "STANDARD IMG",
         "QUEUE",
+        "GPUS",
         "S/IMG"
     )?;
     for (p, addr, standard) in &rows {
@@ -164,16 +170,20 @@ pub(crate) fn run(a: ProvidersArgs) -> anyhow::Result<()> {
         #[allow(clippy::cast_precision_loss)]
         let seconds = ad.ms_per_standard_image as f64 / 1000.0;
         out!(
-            "{:<model_w$} {:>7} {:>13} {:>8} {:>6.1}  {}",
+            "{:<model_w$} {:>7} {:>13} {:>8} {:>4} {:>6.1}  {}",
             ad.model_id,
             ad.precision,
             standard.map_or_else(|| "-".to_owned(), |c| c.to_string()),
             format!("{}/{}", ad.queue_depth, ad.max_queue),
+            ad.device_count(),
             seconds,
             addr.clone()
                 .unwrap_or_else(|| format!("/p2p/{} (no address advertised)", p.key.to_peer_id())),
         )?;
     }
-    out!("STANDARD IMG: tokens for one 1024² image, 50 steps, a 100-token prompt")?;
+    out!(
+        "STANDARD IMG: tokens for one 1024² image, 50 steps, a 100-token prompt; GPUS: devices \
+         serving, each S/IMG (the fastest's) per standard image"
+    )?;
     Ok(())
 }

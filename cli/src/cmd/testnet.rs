@@ -35,12 +35,16 @@ pub(crate) struct TestnetArgs {
     /// (GPU time from a timing model per GPU kind; labelled as simulation in the report).
     #[arg(long, default_value = "tiny")]
     engine: EngineKind,
+    /// Devices per provider: one node drives that many engines (GPUs of one kind with the
+    /// simulated engine, CPU workers with the tiny one), one identity and ledger.
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    gpus: usize,
     /// `steady`, `daily` (a working day's curve with bursts) or `trace` (with --trace)
     /// [default: trace with --trace, else steady].
     #[arg(long, value_parser = ["steady", "daily", "trace"])]
     scenario: Option<String>,
     /// Jobs per model-time minute (steady), or at the peak (daily)
-    /// [default: 12 with the tiny engine; 0.4 per provider simulated].
+    /// [default: 12 with the tiny engine; 0.4 per GPU simulated].
     #[arg(long, allow_negative_numbers = true)]
     rate: Option<f64>,
     /// A JSON-lines trace to replay (`{"at_s": 1.5, "requester": 0, "width": 1024, ...}`);
@@ -161,14 +165,14 @@ pub(crate) fn run(a: TestnetArgs) -> anyhow::Result<()> {
     let load = match scenario.as_str() {
         "steady" => Load::Steady {
             per_minute: a.rate.unwrap_or(if simulated {
-                0.4 * providers as f64
+                0.4 * (providers * a.gpus) as f64
             } else {
                 12.0
             }),
         },
         "daily" => Load::Daily {
             peak_per_minute: a.rate.unwrap_or(if simulated {
-                0.8 * providers as f64
+                0.8 * (providers * a.gpus) as f64
             } else {
                 6.0
             }),
@@ -192,6 +196,7 @@ pub(crate) fn run(a: TestnetArgs) -> anyhow::Result<()> {
     config.providers = providers;
     config.requesters = a.requesters.unwrap_or(2);
     config.engine = a.engine;
+    config.gpus_per_provider = a.gpus;
     config.gpu_kinds = gpu_kinds;
     config.load = load;
     config.duration_ms = 1000

@@ -22,8 +22,9 @@ pub const IDENTIFY_PROTOCOL: &str = "/pixmarket/1.0.0";
 /// The gossip topic adverts travel on; the version matches the advert's signing domain.
 pub const ADVERT_TOPIC: &str = "pixmarket/adverts/v1";
 
-/// A signed advert is under 4 KiB of body; 8 KiB covers the envelope and gossipsub framing.
-pub const MAX_GOSSIP_BYTES: usize = 8 * 1024;
+/// A signed advert is at most 16 KiB of body (`CapacityAdvert::MAX_ENCODED`); 20 KiB covers
+/// the envelope and gossipsub framing.
+pub const MAX_GOSSIP_BYTES: usize = 20 * 1024;
 /// Enough for a small market on one machine and a real one on a home connection; each
 /// connection costs a few buffers and a yamux session.
 pub const MAX_ESTABLISHED: u32 = 256;

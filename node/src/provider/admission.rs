@@ -26,8 +26,12 @@ impl Provider {
         prompt: &str,
         units_of: impl FnOnce(u32) -> MeteredUnits,
     ) -> Result<(MeteredUnits, MicroTokens), FailReason> {
-        let tokens = self
+        let device = self
             .inner
+            .devices
+            .first_up()
+            .ok_or_else(|| FailReason::Engine(super::worker::no_device_left()))?;
+        let tokens = device
             .generator
             .count_prompt_tokens(prompt)
             .map_err(|e| FailReason::Engine(e.to_string()))?;
@@ -66,7 +70,7 @@ impl Provider {
             let q = self.lock();
             (
                 u32::try_from(q.waiting.len()).unwrap_or(u32::MAX),
-                q.eta_ms(self.ms_per_standard()),
+                q.wait_ms(self.speed()),
             )
         };
         let quote = Quote {
@@ -113,7 +117,10 @@ impl Provider {
             tracing::warn!(%peer, to = %req.provider.fmt_short(), "refused job: addressed to another provider");
             return refuse(FailReason::WrongProvider);
         }
-        if !mode_supported(&req.params.mode, &self.inner.generator.info()) {
+        let Some(device) = self.inner.devices.first_up() else {
+            return refuse(FailReason::Engine(super::worker::no_device_left()));
+        };
+        if !mode_supported(&req.params.mode, &device.info) {
             tracing::warn!(%peer, mode = req.params.mode.name(), "refused job: mode not supported");
             return refuse(FailReason::Unsupported(req.params.mode.name().to_owned()));
         }
@@ -136,7 +143,7 @@ impl Provider {
                 return refuse(FailReason::ShuttingDown);
             }
             if q.waiting.len() + q.reserved >= self.inner.settings.max_queue as usize {
-                let retry_after_ms = q.eta_ms(self.ms_per_standard()).max(1000);
+                let retry_after_ms = q.wait_ms(self.speed()).max(1000);
                 return refuse(FailReason::Busy { retry_after_ms });
             }
             q.reserved += 1;
@@ -171,9 +178,16 @@ impl Provider {
                 .void(req.job_id, &FailReason::ShuttingDown.to_string());
             return refuse(FailReason::ShuttingDown);
         }
+        if self.inner.devices.first_up().is_none() {
+            // The last device failed while the hold was written, and its worker has drained
+            // the queue already (it marks the device down before it takes the lock to drain).
+            drop(q);
+            let reason = FailReason::Engine(super::worker::no_device_left());
+            let _ = self.inner.ledger.void(req.job_id, &reason.to_string());
+            return refuse(reason);
+        }
         let position = u32::try_from(q.waiting.len()).unwrap_or(u32::MAX);
-        let per = self.ms_per_standard();
-        let eta_ms = q.eta_ms(per) + work_ppm(&req.params) * per / 1_000_000;
+        let eta_ms = q.finish_ms(work_ppm(&req.params), self.speed());
         q.waiting.push_back(QueuedJob {
             job_id: req.job_id,
             peer,
@@ -267,16 +281,16 @@ impl Provider {
         };
         {
             let q = self.lock();
-            let per = self.ms_per_standard();
-            let mut eta = u64::try_from(q.running.len()).unwrap_or(0) * per;
-            for (i, j) in q.waiting.iter().enumerate() {
-                eta += work_ppm(&j.params) * per / 1_000_000;
-                if j.job_id == job && j.requester == requester {
-                    return JobStatus::Queued {
-                        position: u32::try_from(i).unwrap_or(u32::MAX),
-                        eta_ms: eta,
-                    };
-                }
+            if let Some(i) = q
+                .waiting
+                .iter()
+                .position(|j| j.job_id == job && j.requester == requester)
+            {
+                let finishes = q.finishes_ms(self.speed());
+                return JobStatus::Queued {
+                    position: u32::try_from(i).unwrap_or(u32::MAX),
+                    eta_ms: finishes.get(i).copied().unwrap_or(0),
+                };
             }
             if let Some(r) = q.running.get(&job).filter(|r| r.requester == requester) {
                 return JobStatus::Running {

@@ -7,7 +7,7 @@ use libp2p::PeerId;
 use pixmarket_protocol::messages::{FailReason, JobEventKind};
 use pixmarket_protocol::{CapacityAdvert, JobEvent, Signed, validate};
 
-use super::queue::{QueuedJob, work_ppm};
+use super::queue::QueuedJob;
 use super::{HOLD_SWEEP, MIN_ADVERT_GAP, Provider, QUEUE_HEARTBEAT, send_with_timeout};
 use crate::network::Request;
 use crate::now_ms;
@@ -16,14 +16,22 @@ use crate::now_ms;
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Provider {
-    pub(super) fn advert(&self) -> CapacityAdvert {
-        let info = self.inner.generator.info();
+    /// The advert of the devices serving now; `None` when none is left.
+    pub(super) fn advert(&self) -> Option<CapacityAdvert> {
+        let devices = &self.inner.devices;
+        let info = devices.first_up()?.info.clone();
+        // One job runs on one device: the fastest one's time is the best a job can get.
+        let fastest = devices
+            .up()
+            .map(super::devices::Device::ms_per_standard)
+            .min()
+            .unwrap_or(1);
         let depth = {
             let q = self.lock();
             q.waiting.len() + q.running.len()
         };
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
-        CapacityAdvert {
+        Some(CapacityAdvert {
             seq,
             issued_at_ms: now_ms(),
             listen_addrs: Vec::new(),
@@ -44,8 +52,9 @@ impl Provider {
             schedule: self.inner.settings.schedule,
             queue_depth: u32::try_from(depth).unwrap_or(u32::MAX),
             max_queue: self.inner.settings.max_queue,
-            ms_per_standard_image: self.inner.ms_per_standard.load(Ordering::Relaxed),
-        }
+            ms_per_standard_image: fastest,
+            devices: devices.advertised(),
+        })
     }
 
     /// Tells every waiting job's requester, every [`QUEUE_HEARTBEAT`], where its job stands
@@ -59,16 +68,15 @@ impl Provider {
             }
             let events: Vec<(PeerId, JobEvent)> = {
                 let q = self.lock();
-                let per = self.ms_per_standard();
-                let mut eta = u64::try_from(q.running.len()).unwrap_or(0) * per;
+                let finishes = q.finishes_ms(self.speed());
                 q.waiting
                     .iter()
+                    .zip(finishes)
                     .enumerate()
-                    .map(|(i, j)| {
-                        eta += work_ppm(&j.params) * per / 1_000_000;
+                    .map(|(i, (j, eta_ms))| {
                         let kind = JobEventKind::Accepted {
                             queue_position: u32::try_from(i).unwrap_or(u32::MAX),
-                            eta_ms: eta,
+                            eta_ms,
                         };
                         (
                             j.peer,
@@ -98,8 +106,10 @@ impl Provider {
             if self.lock().stopping {
                 return;
             }
-            match Signed::sign(&self.inner.key, &self.advert()) {
-                Ok(signed) => {
+            // A provider with no device left says nothing: its last advert expires.
+            match self.advert().map(|a| Signed::sign(&self.inner.key, &a)) {
+                None => {}
+                Some(Ok(signed)) => {
                     if let Err(e) = self.inner.net.publish(signed).await {
                         if matches!(e, crate::network::NetError::NodeStopped) {
                             return;
@@ -107,7 +117,7 @@ impl Provider {
                         tracing::debug!(error = %e, "advert not published");
                     }
                 }
-                Err(e) => tracing::error!(error = %e, "cannot sign advert"),
+                Some(Err(e)) => tracing::error!(error = %e, "cannot sign advert"),
             }
             // On a change the advert goes out again at once, but never more than once per
             // MIN_ADVERT_GAP: a busy queue changes many times a second, and every advert is

@@ -5,9 +5,12 @@
 //! - `Request::Job` → admission: signature, signer = connection peer, validation, addressee,
 //!   mode, metering (`cost ≤ max_cost`), queue room (`Busy`), then the ledger hold of `max_cost`
 //!   (a repeated submission of a known job answers with its status) → `Accepted`.
-//! - worker thread ([`worker`]): takes the oldest job plus compatible ones up to `max_batch`,
-//!   runs the generator, hands progress to bounded async sends, and hands each result to the
-//!   delivery. It never waits on the network.
+//! - worker threads ([`worker`]), one per device ([`devices`]), each with its own engine: a
+//!   free worker takes the oldest job plus compatible ones up to `max_batch`, runs its
+//!   generator, hands progress to bounded async sends, and hands each result to the delivery.
+//!   It never waits on the network. A worker whose engine fails voids its batch's holds,
+//!   marks its device down and exits; the others keep serving, and the advert shrinks. When
+//!   the last device is down the waiting jobs are voided and new ones refused.
 //! - delivery ([`delivery`]), one async lane per requester: settle the receipt (its chain link
 //!   is built inside the settle transaction), offer it in `Completed` (receipt and hashes, no
 //!   images) until the requester answers with its signed ack or a signed refusal, or the ack
@@ -30,6 +33,7 @@
 mod admission;
 mod adverts;
 mod delivery;
+mod devices;
 mod queue;
 mod worker;
 
@@ -62,7 +66,7 @@ pub const MIN_ADVERT_GAP: Duration = Duration::from_millis(500);
 pub const HOLD_SWEEP: Duration = Duration::from_secs(5);
 /// Signed voids remembered for `Status` answers; older ones are re-signed from the ledger.
 const MAX_RECENT_VOIDS: usize = 4096;
-/// How often [`Provider::crash`] looks whether the worker thread has exited: a step of the
+/// How often [`Provider::crash`] looks whether a worker thread has exited: a step of the
 /// model takes longer, so finer polling would not return sooner.
 const CRASH_POLL: Duration = Duration::from_millis(10);
 
@@ -71,6 +75,24 @@ const CRASH_POLL: Duration = Duration::from_millis(10);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("the provider's {0} did not stop in time")]
 pub struct StillRunning(pub &'static str);
+
+/// Why a provider did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("ledger")]
+    Ledger(#[from] LedgerError),
+    #[error("a provider needs at least one device, and at most {}", MAX_DEVICES)]
+    Devices,
+    #[error("cannot start the worker thread of device {device}")]
+    Thread {
+        device: usize,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Devices (engines and workers) one node drives: as many as one advert can list.
+pub const MAX_DEVICES: usize = pixmarket_protocol::validate::MAX_ADVERT_DEVICES;
 
 /// A provider's market settings, already validated.
 #[derive(Clone, Debug)]
@@ -99,12 +121,11 @@ struct Inner {
     key: Arc<SecretKey>,
     ledger: Arc<Ledger>,
     net: Client,
-    generator: Arc<dyn Generator>,
+    devices: devices::Devices,
     settings: ProviderSettings,
     queue: Mutex<queue::Queue>,
     work: Condvar,
     changed: Notify,
-    ms_per_standard: AtomicU64,
     seq: AtomicU64,
     metrics: Arc<Metrics>,
     runtime: tokio::runtime::Handle,
@@ -112,15 +133,17 @@ struct Inner {
     crashed: AtomicBool,
     threads: Mutex<Threads>,
     deliveries: delivery::Deliveries,
+    /// Progress sends in flight, all workers together ([`worker::MAX_PROGRESS_IN_FLIGHT`]).
+    progress_slots: Arc<tokio::sync::Semaphore>,
     /// The signed voids of recently ended jobs, oldest first, for `Status` answers.
     voids: Mutex<VecDeque<(JobId, Signed<JobVoid>)>>,
 }
 
-/// The provider's own thread and task, kept so a crash can wait for them to let go of the
+/// The provider's own threads and task, kept so a crash can wait for them to let go of the
 /// ledger. (They hold an `Arc<Inner>`, not this struct's owner: no cycle once they exit.)
 #[derive(Default)]
 struct Threads {
-    worker: Option<std::thread::JoinHandle<()>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
     adverts: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -138,15 +161,19 @@ fn refuse(reason: FailReason) -> Response {
 
 impl Provider {
     /// Voids the holds and credits the unacknowledged receipts left by a previous run, then
-    /// starts the worker thread and the advert task. Call from within a tokio runtime.
+    /// starts one worker thread per generator (one per device, each with its own copy of the
+    /// weights) and the advert task. Call from within a tokio runtime.
     pub fn start(
         key: Arc<SecretKey>,
         ledger: Arc<Ledger>,
         net: Client,
-        generator: Arc<dyn Generator>,
+        generators: Vec<Arc<dyn Generator>>,
         settings: ProviderSettings,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, LedgerError> {
+    ) -> Result<Self, ProviderError> {
+        if generators.is_empty() || generators.len() > MAX_DEVICES {
+            return Err(ProviderError::Devices);
+        }
         // No job survives a restart: every hold left from before is released now, and every
         // receipt that was still waiting for its ack is credited (its images are gone).
         let open: Vec<JobId> = ledger.holds()?.into_iter().map(|(j, _)| j).collect();
@@ -154,7 +181,7 @@ impl Provider {
             match ledger.void(job, &FailReason::Restarted.to_string()) {
                 Ok(())
                 | Err(LedgerError::AlreadyFinished { .. } | LedgerError::UnknownHold { .. }) => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         }
         for job in ledger.unacknowledged()? {
@@ -165,15 +192,14 @@ impl Provider {
                 now_ms(),
             ) {
                 Ok(_) | Err(LedgerError::AlreadyAcked { .. } | LedgerError::Refunded { .. }) => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         }
         let inner = Arc::new(Inner {
             key,
             ledger,
             net,
-            generator,
-            ms_per_standard: AtomicU64::new(settings.ms_per_standard_image.max(1)),
+            devices: devices::Devices::new(generators, settings.ms_per_standard_image),
             settings,
             queue: Mutex::new(queue::Queue::default()),
             work: Condvar::new(),
@@ -184,14 +210,31 @@ impl Provider {
             crashed: AtomicBool::new(false),
             threads: Mutex::new(Threads::default()),
             deliveries: delivery::Deliveries::default(),
+            progress_slots: Arc::new(tokio::sync::Semaphore::new(worker::MAX_PROGRESS_IN_FLIGHT)),
             voids: Mutex::new(VecDeque::new()),
         });
         let provider = Self { inner };
-        let worker = provider.clone();
-        let worker = std::thread::Builder::new()
-            .name("pixmarket-worker".into())
-            .spawn(move || worker.worker_loop())
-            .map_err(|e| LedgerError::Store(pixmarket_ledger::StoreError::Engine(e.to_string())))?;
+        for d in provider.inner.devices.all() {
+            provider.inner.metrics.device_started(&d.label, &d.info);
+        }
+        let mut workers = Vec::with_capacity(provider.inner.devices.len());
+        for device in 0..provider.inner.devices.len() {
+            let worker = provider.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("pixmarket-worker-{device}"))
+                .spawn(move || worker.worker_loop(device));
+            match spawned {
+                Ok(w) => workers.push(w),
+                Err(source) => {
+                    // The workers started so far exit without touching anything: no job
+                    // was admitted yet.
+                    provider.inner.crashed.store(true, Ordering::SeqCst);
+                    provider.lock().stopping = true;
+                    provider.inner.work.notify_all();
+                    return Err(ProviderError::Thread { device, source });
+                }
+            }
+        }
         let adverts = provider.clone();
         // One task for the adverts, the queue's heartbeats and the hold sweep, so a crash
         // aborts all three at once.
@@ -203,7 +246,7 @@ impl Provider {
             );
         });
         if let Ok(mut t) = provider.inner.threads.lock() {
-            t.worker = Some(worker);
+            t.workers = workers;
             t.adverts = Some(adverts);
         }
         Ok(provider)
@@ -213,10 +256,10 @@ impl Provider {
         self.inner.crashed.load(Ordering::SeqCst)
     }
 
-    /// Emulates a kill: the advert task and every delivery are aborted, the worker abandons
+    /// Emulates a kill: the advert task and every delivery are aborted, each worker abandons
     /// its batch at the next step and exits without settling, voiding or telling anyone,
     /// queued jobs stay where they are, and inbound requests are refused without touching the
-    /// ledger. Returns once the worker thread and the tasks have exited, or `StillRunning` at
+    /// ledger. Returns once the worker threads and the tasks have exited, or `StillRunning` at
     /// `deadline`. Holds left open are voided, and unacknowledged receipts credited, by the
     /// next [`Provider::start`] on the same ledger.
     pub async fn crash(&self, deadline: tokio::time::Instant) -> Result<(), StillRunning> {
@@ -225,9 +268,9 @@ impl Provider {
             q.stopping = true;
         }
         self.inner.work.notify_all();
-        let (worker, adverts) = match self.inner.threads.lock() {
-            Ok(mut t) => (t.worker.take(), t.adverts.take()),
-            Err(_) => (None, None),
+        let (workers, adverts) = match self.inner.threads.lock() {
+            Ok(mut t) => (std::mem::take(&mut t.workers), t.adverts.take()),
+            Err(_) => (Vec::new(), None),
         };
         if let Some(adverts) = adverts {
             adverts.abort();
@@ -238,31 +281,33 @@ impl Provider {
         if !self.inner.deliveries.abort_all(deadline).await {
             return Err(StillRunning("deliveries"));
         }
-        if let Some(worker) = worker {
+        for worker in workers {
             wait_for(worker, deadline).await?;
         }
         Ok(())
     }
 
-    /// After [`Provider::stop`]: waits until the worker has voided the holds it still had and
-    /// exited, and the deliveries in flight have finished (or `deadline` came, when those
-    /// still waiting for an ack are credited), or returns `StillRunning` at `deadline`.
+    /// After [`Provider::stop`]: waits until the workers have voided the holds they still
+    /// had and exited, and the deliveries in flight have finished (or `deadline` came, when
+    /// those still waiting for an ack are credited), or returns `StillRunning` at `deadline`.
     pub async fn wait_stopped(&self, deadline: tokio::time::Instant) -> Result<(), StillRunning> {
-        let worker = match self.inner.threads.lock() {
-            Ok(mut t) => t.worker.take(),
-            Err(_) => None,
+        let workers = match self.inner.threads.lock() {
+            Ok(mut t) => std::mem::take(&mut t.workers),
+            Err(_) => Vec::new(),
         };
-        let worker = match worker {
-            Some(w) => wait_for(w, deadline).await,
-            None => Ok(()),
-        };
+        let mut result = Ok(());
+        for w in workers {
+            if let Err(e) = wait_for(w, deadline).await {
+                result = Err(e);
+            }
+        }
         self.finish_deliveries(deadline).await;
-        worker
+        result
     }
 
     /// Stops taking jobs, and stops the batch that runs at its next step: the node stops its
     /// network right after this, so a job finished now could never be delivered. Those jobs'
-    /// holds are voided instead, and their requesters told; the worker then exits.
+    /// holds are voided instead, and their requesters told; the workers then exit.
     pub fn stop(&self) {
         if let Ok(mut q) = self.inner.queue.lock() {
             q.stopping = true;
@@ -283,8 +328,9 @@ impl Provider {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn ms_per_standard(&self) -> u64 {
-        self.inner.ms_per_standard.load(Ordering::Relaxed)
+    /// The queue's view of the devices serving now.
+    fn speed(&self) -> queue::Speed {
+        self.inner.devices.speed()
     }
 
     /// Handles one inbound request addressed to the provider side. Runs on the blocking

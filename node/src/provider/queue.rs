@@ -35,11 +35,37 @@ impl QueuedJob {
     }
 }
 
-/// A job on the GPU.
+/// A job on a device.
 pub(super) struct Running {
     pub requester: PublicKey,
     pub step: u32,
     pub of: u32,
+}
+
+/// What the queue's time estimates need of the devices.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Speed {
+    /// Devices serving now (at least one).
+    pub devices: usize,
+    /// One standard image's time on one of them (their mean).
+    pub ms_per_standard: u64,
+}
+
+impl Speed {
+    fn ms_of(self, work_ppm: u64) -> u64 {
+        work_ppm.saturating_mul(self.ms_per_standard) / 1_000_000
+    }
+
+    /// The time before a job starts with `ahead` jobs running or waiting before it, of
+    /// `work_ppm` work in all: none while a device is free, else the work spread over them.
+    fn wait_ms(self, ahead: usize, work_ppm: u64) -> u64 {
+        let devices = self.devices.max(1);
+        if ahead < devices {
+            0
+        } else {
+            self.ms_of(work_ppm) / u64::try_from(devices).unwrap_or(1)
+        }
+    }
 }
 
 #[derive(Default)]
@@ -59,13 +85,44 @@ pub(super) fn work_ppm(p: &JobParams) -> u64 {
 }
 
 impl Queue {
-    /// Estimated wait before a new job would start, given the time of one standard image.
-    pub(super) fn eta_ms(&self, ms_per_standard: u64) -> u64 {
+    /// Work of the running jobs, each counted as one standard image (how far along they are
+    /// is not weighed).
+    fn running_work(&self) -> u64 {
+        u64::try_from(self.running.len())
+            .unwrap_or(u64::MAX)
+            .saturating_mul(1_000_000)
+    }
+
+    /// Estimated wait before a new job would start.
+    pub(super) fn wait_ms(&self, speed: Speed) -> u64 {
+        let ahead = self.running.len() + self.waiting.len();
+        let work = self
+            .waiting
+            .iter()
+            .map(|j| work_ppm(&j.params))
+            .fold(self.running_work(), u64::saturating_add);
+        speed.wait_ms(ahead, work)
+    }
+
+    /// Estimated finish of a new job of `work` (ppm of a standard image).
+    pub(super) fn finish_ms(&self, work: u64, speed: Speed) -> u64 {
+        self.wait_ms(speed).saturating_add(speed.ms_of(work))
+    }
+
+    /// Estimated finish of each waiting job, in queue order.
+    pub(super) fn finishes_ms(&self, speed: Speed) -> Vec<u64> {
+        let mut ahead = self.running.len();
+        let mut work = self.running_work();
         self.waiting
             .iter()
-            .map(|j| work_ppm(&j.params) * ms_per_standard / 1_000_000)
-            .sum::<u64>()
-            + u64::try_from(self.running.len()).unwrap_or(0) * ms_per_standard
+            .map(|j| {
+                let own = work_ppm(&j.params);
+                let finish = speed.wait_ms(ahead, work).saturating_add(speed.ms_of(own));
+                ahead += 1;
+                work = work.saturating_add(own);
+                finish
+            })
+            .collect()
     }
 
     /// Takes the oldest job and the compatible ones behind it, up to `max_batch`, and marks
@@ -97,5 +154,34 @@ impl Queue {
             );
         }
         batch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_free_device_means_no_wait_and_work_spreads_over_the_devices() {
+        let two = Speed {
+            devices: 2,
+            ms_per_standard: 10_000,
+        };
+        // One job ahead on two devices: the other device is free.
+        assert_eq!(two.wait_ms(1, 1_000_000), 0);
+        // Two standard images ahead on two devices: one image's time.
+        assert_eq!(two.wait_ms(2, 2_000_000), 10_000);
+        let one = Speed {
+            devices: 1,
+            ms_per_standard: 10_000,
+        };
+        assert_eq!(one.wait_ms(2, 2_000_000), 20_000);
+        // No device left still gives a finite estimate (admission refuses anyway).
+        let none = Speed {
+            devices: 0,
+            ms_per_standard: 10_000,
+        };
+        assert_eq!(none.wait_ms(1, 1_000_000), 10_000);
+        assert_eq!(Queue::default().wait_ms(two), 0);
     }
 }

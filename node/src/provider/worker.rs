@@ -1,17 +1,17 @@
-//! The worker thread: it only computes. It takes batches from the queue, runs the generator,
-//! hands progress to bounded async sends (a slow peer delays nobody), and hands each result to
-//! the delivery lane of its requester; a failed, cancelled or missing result voids its hold.
+//! The worker threads, one per device: they only compute. A free worker takes the next batch
+//! from the shared queue, runs its device's generator, hands progress to bounded async sends
+//! (a slow peer delays nobody), and hands each result to the delivery lane of its requester;
+//! a failed, cancelled or missing result voids its hold. An engine error takes the device out:
+//! its batch is voided (never rerun elsewhere, so nothing is charged twice), the worker exits,
+//! and when it was the last device up the waiting jobs are voided too.
 
 use std::collections::BTreeSet;
 use std::ops::ControlFlow;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use pixmarket_protocol::messages::{FailReason, JobEventKind};
 use pixmarket_protocol::{JobEvent, JobId, JobParams};
-use tokio::sync::Semaphore;
 
 use super::queue::{QueuedJob, work_ppm};
 use super::{Provider, send_with_timeout};
@@ -20,17 +20,17 @@ use crate::network::Request;
 
 /// Progress events of one batch are sent at most this often (plus the first and last step).
 const PROGRESS_MIN_GAP: Duration = Duration::from_millis(250);
-/// Progress sends in flight at once, node-wide; past this a progress event is dropped (the
+/// Progress sends in flight at once, node-wide (all workers together); past this a progress event is dropped (the
 /// next step's follows, and a requester that hears nothing asks for the status).
-const MAX_PROGRESS_IN_FLIGHT: usize = 64;
+pub(super) const MAX_PROGRESS_IN_FLIGHT: usize = 64;
 /// A progress event that is not answered in this long is given up on: it is news, not money.
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a void's notice waits for its answer; the requester can also ask for the status.
 const NOTICE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Provider {
-    pub(super) fn worker_loop(&self) {
-        let progress_slots = Arc::new(Semaphore::new(MAX_PROGRESS_IN_FLIGHT));
+    /// The worker of device `device`, until the provider stops or the device fails.
+    pub(super) fn worker_loop(&self, device: usize) {
         loop {
             let batch = {
                 let mut q = self.lock();
@@ -49,21 +49,49 @@ impl Provider {
                 batch
             };
             self.inner.changed.notify_one();
-            self.run_batch(batch, &progress_slots);
+            if self.run_batch(device, batch).is_break() {
+                // The device failed: its worker serves no more.
+                return;
+            }
         }
         if self.crashed() {
             // A killed process releases nothing: the next start voids the open holds.
             return;
         }
-        // Jobs still queued at shutdown will not run: release their holds.
+        // Jobs still queued at shutdown will not run: release their holds (the first worker
+        // to get here takes them all).
         let left: Vec<QueuedJob> = self.lock().waiting.drain(..).collect();
         for j in &left {
             self.finish_failed(j, FailReason::ShuttingDown);
         }
     }
 
-    fn send_progress(&self, slots: &Arc<Semaphore>, peer: PeerId, event: JobEvent) {
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+    /// Takes device `device` out after its engine failed with `why`. When no device is left,
+    /// the waiting jobs are voided (admission refuses new ones from now on).
+    fn device_failed(&self, device: usize, why: &str) {
+        if !self.inner.devices.mark_down(device, why) {
+            return;
+        }
+        let label = self
+            .inner
+            .devices
+            .get(device)
+            .map_or_else(|| device.to_string(), |d| d.label.clone());
+        tracing::error!(device = %label, error = %why, "device failed; it serves no more jobs until the node restarts");
+        self.inner.metrics.device_down(&label);
+        if self.inner.devices.first_up().is_none() {
+            let left: Vec<QueuedJob> = self.lock().waiting.drain(..).collect();
+            self.inner.metrics.set_queue(0);
+            for j in &left {
+                self.finish_failed(j, FailReason::Engine(no_device_left()));
+            }
+        }
+        // The advert shrinks at once.
+        self.inner.changed.notify_one();
+    }
+
+    fn send_progress(&self, peer: PeerId, event: JobEvent) {
+        let Ok(permit) = self.inner.progress_slots.clone().try_acquire_owned() else {
             return;
         };
         let me = self.clone();
@@ -79,7 +107,14 @@ impl Provider {
         });
     }
 
-    fn run_batch(&self, batch: Vec<QueuedJob>, slots: &Arc<Semaphore>) {
+    /// Runs one batch on `device`; `Break` when the device failed and its worker must stop.
+    fn run_batch(&self, device: usize, batch: Vec<QueuedJob>) -> ControlFlow<()> {
+        let Some(dev) = self.inner.devices.get(device) else {
+            for job in &batch {
+                self.finish_failed(job, FailReason::Engine(no_device_left()));
+            }
+            return ControlFlow::Break(());
+        };
         let started = Instant::now();
         let params: Vec<JobParams> = batch.iter().map(|j| j.params.clone()).collect();
         let ids: Vec<JobId> = batch.iter().map(|j| j.job_id).collect();
@@ -89,7 +124,7 @@ impl Provider {
             if self.crashed() {
                 return ControlFlow::Break(());
             }
-            self.inner.metrics.step(last_step.elapsed());
+            self.inner.metrics.step(&dev.label, last_step.elapsed());
             last_step = Instant::now();
             let all_cancelled = {
                 let mut q = self.lock();
@@ -111,7 +146,7 @@ impl Provider {
                         job_id: j.job_id,
                         kind: JobEventKind::Progress { step, of },
                     };
-                    self.send_progress(slots, j.peer, ev);
+                    self.send_progress(j.peer, ev);
                 }
             }
             if all_cancelled {
@@ -120,13 +155,13 @@ impl Provider {
                 ControlFlow::Continue(())
             }
         };
-        let result = self.inner.generator.generate(&params, &mut progress);
+        let result = dev.generator.generate(&params, &mut progress);
         if self.crashed() {
             // The batch is abandoned as a killed process would abandon it.
-            return;
+            return ControlFlow::Break(());
         }
         let elapsed = started.elapsed();
-        self.inner.metrics.busy(elapsed);
+        self.inner.metrics.busy(&dev.label, elapsed);
         let cancelled: BTreeSet<JobId> = {
             let mut q = self.lock();
             ids.iter()
@@ -137,13 +172,11 @@ impl Provider {
         match result {
             Ok(images) => {
                 let total_work: u64 = params.iter().map(work_ppm).sum::<u64>().max(1);
-                let measured =
-                    u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX) * 1_000_000 / total_work;
-                // Moving average, so one odd batch does not swing the advertised speed.
-                let old = self.ms_per_standard();
-                self.inner
-                    .ms_per_standard
-                    .store((old * 3 + measured.max(1)) / 4, Ordering::Relaxed);
+                let measured = u64::try_from(elapsed.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .saturating_mul(1_000_000)
+                    / total_work;
+                dev.measured(measured);
                 let run_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
                 let mut images = images.into_iter();
                 for job in batch {
@@ -176,13 +209,19 @@ impl Provider {
                 }
             }
             Err(GenError::Failed(msg)) => {
-                tracing::error!(error = %msg, "generation failed");
+                // The device is marked down before the voids go out, so a requester that
+                // fails over and comes back finds it gone from the advert and the queue
+                // estimates.
+                self.device_failed(device, &msg);
                 for job in &batch {
                     self.finish_failed(job, FailReason::Engine(msg.clone()));
                 }
+                self.inner.changed.notify_one();
+                return ControlFlow::Break(());
             }
         }
         self.inner.changed.notify_one();
+        ControlFlow::Continue(())
     }
 
     /// Voids the job's hold, leaves the running set, and tells the requester with a signed
@@ -226,4 +265,9 @@ impl Provider {
             let _ = send_with_timeout(&net, peer, Request::Event(event), NOTICE_TIMEOUT).await;
         });
     }
+}
+
+/// The failure of a job that no device is left to run.
+pub(super) fn no_device_left() -> String {
+    "every device of this provider has failed; it serves no jobs until it restarts".to_owned()
 }

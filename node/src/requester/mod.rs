@@ -450,16 +450,18 @@ impl Requester {
                     .div_ceil(2)
                     .max(1);
                 let mut rng = rand::thread_rng();
-                // Failures first (fewest), then estimated finish: queue ahead plus one standard
-                // image at the ranked speed; then providers that delivered to us before those
-                // that have not; then price; then chance.
+                // Failures first (fewest), then estimated finish: the queue ahead spread over
+                // the provider's devices, plus one standard image, at the ranked speed; then
+                // providers that delivered to us before those that have not; then price; then
+                // chance.
                 list.sort_by_cached_key(|e| {
                     let a = &e.advert;
                     let depth = a
                         .queue_depth
                         .max(mine.get(&e.key.to_peer_id()).copied().unwrap_or(0));
                     let ms = speed.get(&e.key).copied().unwrap_or(u64::MAX);
-                    let finish = ms.saturating_mul(u64::from(depth).saturating_add(1));
+                    let rounds = u64::from(depth / a.device_count()).saturating_add(1);
+                    let finish = ms.saturating_mul(rounds);
                     (
                         e.standing.failures.saturating_add(
                             e.standing.undelivered.saturating_mul(UNDELIVERED_WEIGHT),
