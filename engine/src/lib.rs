@@ -24,6 +24,7 @@ pub mod pipeline;
 pub mod rope;
 pub mod scenes;
 pub mod scheduler;
+pub mod step_cache;
 pub mod text_encoder;
 pub mod tiny;
 pub mod tokenizer;
@@ -33,4 +34,7 @@ pub mod vae;
 pub mod weights;
 
 pub use error::EngineError;
-pub use pipeline::{GenerateRequest, GeneratedImage, Mode, Progress, QwenImage};
+pub use pipeline::{
+    GenerateRequest, GeneratedImage, Mode, Progress, PromptCacheStats, QwenImage, RunStats,
+};
+pub use step_cache::StepCacheMode;
