@@ -11,7 +11,7 @@ use pixmarket_protocol::MicroTokens;
 
 use crate::config::ConfigError;
 use crate::data_dir::{DataDir, DataDirError};
-use crate::engine_generator::{EngineGenerator, resolve_model};
+use crate::engine_generator::{CachingSettings, EngineGenerator, resolve_model};
 use crate::generator::{GenError, Generator};
 use crate::network::NetConfig;
 use crate::node::{Node, NodeError, NodeOptions};
@@ -169,9 +169,17 @@ pub async fn start(dir: &DataDir, overrides: &Overrides) -> Result<Node, LaunchE
         }
         let model_dir =
             resolve_model(&config.provider.model, dir.root()).map_err(LaunchError::Model)?;
+        let caching = CachingSettings {
+            step_caching: crate::config::parse_step_cache_threshold(
+                &config.provider.step_cache_threshold,
+            )?,
+            serves_exact: config.provider.serve_exact,
+            prompt_cache_bytes: config.provider.prompt_cache_bytes,
+        };
         let generator =
             EngineGenerator::load(&model_dir, &config.provider.dtype, &config.provider.device)
-                .map_err(LaunchError::Model)?;
+                .map_err(LaunchError::Model)?
+                .with_caching(caching);
         let generator: Arc<dyn Generator> = Arc::new(generator);
         let settings = ProviderSettings {
             advert_interval: crate::provider::ADVERT_INTERVAL,

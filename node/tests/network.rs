@@ -84,6 +84,8 @@ fn advert(seq: u64) -> CapacityAdvert {
         queue_depth: 0,
         max_queue: 8,
         ms_per_standard_image: 1000,
+        step_caching: pixmarket_protocol::StepCaching::Exact,
+        serves_exact: true,
     }
 }
 

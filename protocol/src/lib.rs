@@ -18,7 +18,7 @@ pub use exchange::{ChainEntry, ChainLink, CreditNote, JobStatus, JobVoid, Receip
 pub use identity::{Hash, IdentityError, KeyError, PublicKey, SecretKey, Signature};
 pub use messages::{
     CapacityAdvert, CostMismatch, DepositNote, FailReason, JobEvent, JobEventKind, JobId,
-    JobParams, JobRequest, Mode, Quote, QuoteId, QuoteRequest, Receipt, ReceiptAck,
+    JobParams, JobRequest, Mode, Quote, QuoteId, QuoteRequest, Receipt, ReceiptAck, StepCaching,
     effective_steps,
 };
 pub use metering::{MeterError, MeteredUnits, MicroTokens, PriceSchedule, TokenAmountError};

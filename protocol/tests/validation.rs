@@ -23,6 +23,7 @@ fn params() -> JobParams {
         seed: 42,
         images: 1,
         mode: Mode::TextToImage,
+        exact: false,
     }
 }
 
@@ -263,6 +264,8 @@ fn advert() -> CapacityAdvert {
         queue_depth: 0,
         max_queue: 16,
         ms_per_standard_image: 18_500,
+        step_caching: pixmarket_protocol::StepCaching::Exact,
+        serves_exact: true,
     }
 }
 

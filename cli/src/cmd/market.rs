@@ -45,6 +45,10 @@ pub(crate) struct MarketArgs {
     /// The most to pay for the job, in tokens (e.g. 15 or 2.5).
     #[arg(long, value_name = "TOKENS", allow_hyphen_values = true)]
     max_cost: Option<String>,
+    /// Require the exact computation: a provider that caches denoising steps runs this job
+    /// without caching (its quote and receipt say "exact"), or refuses it.
+    #[arg(long)]
+    pub(crate) exact: bool,
 }
 
 /// Writes the paid image to `output`, or, if that fails now, into the data folder, and says
@@ -251,6 +255,7 @@ pub(crate) fn run(
                     "job": job,
                     "seed": seed,
                     "receipt": outcome.receipt.digest().to_string(),
+                    "computation": receipt.step_caching.to_string(),
                 })
             )?;
         } else {
@@ -259,6 +264,7 @@ pub(crate) fn run(
             out!("cost: {} tokens", outcome.cost)?;
             out!("seed: {seed}")?;
             out!("receipt: job {job} (receipt {})", outcome.receipt.digest())?;
+            out!("computation: {}", receipt.step_caching)?;
         }
         anyhow::Ok(())
     })

@@ -52,6 +52,12 @@ impl Provider {
         if let Err(e) = q.validate() {
             return refuse(FailReason::Invalid(e.into()));
         }
+        let info = self.inner.generator.info();
+        if q.exact && !info.serves_exact {
+            return refuse(FailReason::ExactUnavailable {
+                offered: info.step_caching,
+            });
+        }
         let (units, cost) = match self.meter(&q.prompt, |prompt_tokens| MeteredUnits {
             width: q.width,
             height: q.height,
@@ -78,6 +84,7 @@ impl Provider {
             queue_position: position,
             eta_ms,
             valid_until_ms: now_ms() + QUOTE_VALIDITY_MS,
+            step_caching: info.step_caching.for_job(q.exact),
         };
         match Signed::sign(&self.inner.key, &quote) {
             Ok(s) => Response::Quote(s),
@@ -113,9 +120,16 @@ impl Provider {
             tracing::warn!(%peer, to = %req.provider.fmt_short(), "refused job: addressed to another provider");
             return refuse(FailReason::WrongProvider);
         }
-        if !mode_supported(&req.params.mode, &self.inner.generator.info()) {
+        let info = self.inner.generator.info();
+        if !mode_supported(&req.params.mode, &info) {
             tracing::warn!(%peer, mode = req.params.mode.name(), "refused job: mode not supported");
             return refuse(FailReason::Unsupported(req.params.mode.name().to_owned()));
+        }
+        if req.params.exact && !info.serves_exact {
+            tracing::warn!(%peer, "refused job: exact computation required, not offered");
+            return refuse(FailReason::ExactUnavailable {
+                offered: info.step_caching,
+            });
         }
         let (units, cost) = match self.meter(&req.params.prompt, |t| req.params.metered_units(t)) {
             Ok(x) => x,
@@ -365,6 +379,8 @@ mod tests {
             device_memory_mib: 0,
             supports_image_to_image: true,
             supports_inpaint: false,
+            step_caching: pixmarket_protocol::StepCaching::Exact,
+            serves_exact: true,
         };
         let i2i = Mode::ImageToImage {
             init_image: vec![1],

@@ -45,6 +45,8 @@ impl Provider {
             queue_depth: u32::try_from(depth).unwrap_or(u32::MAX),
             max_queue: self.inner.settings.max_queue,
             ms_per_standard_image: self.inner.ms_per_standard.load(Ordering::Relaxed),
+            step_caching: info.step_caching,
+            serves_exact: info.serves_exact,
         }
     }
 

@@ -127,6 +127,7 @@ impl Provider {
         }
         let elapsed = started.elapsed();
         self.inner.metrics.busy(elapsed);
+        self.inner.metrics.cache(self.inner.generator.cache_stats());
         let cancelled: BTreeSet<JobId> = {
             let mut q = self.lock();
             ids.iter()

@@ -2,7 +2,7 @@
 //! and the metering function, and the delivered images against the receipt's hashes.
 
 use pixmarket_protocol::{
-    Hash, JobRequest, MicroTokens, PublicKey, Quote, Receipt, Signed, validate,
+    Hash, JobRequest, MicroTokens, PublicKey, Quote, Receipt, Signed, StepCaching, validate,
 };
 
 /// Why a receipt was refused.
@@ -25,6 +25,8 @@ pub enum ReceiptProblem {
     },
     #[error("image {index} does not match its hash in the receipt")]
     ImageHash { index: usize },
+    #[error("the job required exact computation; the receipt records {0}")]
+    NotExact(StepCaching),
 }
 
 fn mismatch<T: std::fmt::Debug>(field: &'static str, expected: T, got: T) -> ReceiptProblem {
@@ -65,6 +67,13 @@ pub fn check_receipt(
         request.digest().to_string(),
         r.request_hash.to_string(),
     )?;
+    // The mode that ran: exact when the request required it, and what the quote promised.
+    if req.params.exact && r.step_caching != StepCaching::Exact {
+        return Err(ReceiptProblem::NotExact(r.step_caching));
+    }
+    if r.step_caching != quote.step_caching {
+        return Err(mismatch("step caching", quote.step_caching, r.step_caching));
+    }
     let want = req.params.metered_units(quote.units.prompt_tokens);
     if r.units != want {
         return Err(mismatch("metered units", want, r.units));
