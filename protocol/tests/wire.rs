@@ -102,7 +102,7 @@ fn arb_params() -> impl Strategy<Value = JobParams> {
                     seed,
                     images,
                     mode,
-                    exact: seed % 2 == 0,
+                    exact: seed.is_multiple_of(2),
                 }
             },
         )
@@ -163,7 +163,7 @@ fn arb_receipt() -> impl Strategy<Value = Receipt> {
 
 /// Exact for even `n`, else first-block caching at 1..=1000 ‰.
 fn step_caching(n: u64) -> StepCaching {
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         StepCaching::Exact
     } else {
         StepCaching::FirstBlock {
@@ -268,7 +268,7 @@ fn arb_quote_request() -> impl Strategy<Value = QuoteRequest> {
                 steps,
                 images,
                 strength_permille,
-                exact: steps % 2 == 0,
+                exact: steps.is_multiple_of(2),
             },
         )
 }
