@@ -158,6 +158,18 @@ fn case(name: &str, images: usize, dir: &Path) -> BoxResult<Case> {
     })
 }
 
+/// CPU time of this process (all threads, user + system) in milliseconds, from
+/// `/proc/self/stat` (ticks of 10 ms); `None` off Linux. Less sensitive than wall time to other
+/// processes on a shared machine, since time spent waiting for a core is not counted.
+fn cpu_ms() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks * 10.0)
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -184,20 +196,26 @@ fn measure(c: &Case, modes: &[StepCacheMode], reps: usize) -> BoxResult<Vec<Valu
     // Timed: the modes take turns on each image, so drift in the machine's load falls on
     // every mode alike; one repetition's time of a mode is its sum over the images.
     let mut times = vec![Vec::with_capacity(reps); modes.len()];
+    let mut cpu = vec![Vec::with_capacity(reps); modes.len()];
     for _ in 0..reps {
         let mut sums = vec![0f64; modes.len()];
+        let mut cpu_sums = vec![0f64; modes.len()];
         for r in &c.requests {
             for (m, mode) in modes.iter().enumerate() {
-                let t0 = Instant::now();
+                let (t0, c0) = (Instant::now(), cpu_ms());
                 c.model
                     .generate_latents_with(std::slice::from_ref(r), *mode, &mut |_| {
                         ControlFlow::Continue(())
                     })?;
                 sums[m] += t0.elapsed().as_secs_f64() * 1000.0;
+                if let (Some(a), Some(b)) = (c0, cpu_ms()) {
+                    cpu_sums[m] += b - a;
+                }
             }
         }
-        for (m, sum) in sums.into_iter().enumerate() {
+        for (m, (sum, cpu_sum)) in sums.into_iter().zip(cpu_sums).enumerate() {
             times[m].push(sum / n as f64);
+            cpu[m].push(cpu_sum / n as f64);
         }
     }
     let rgb: Vec<Vec<Vec<u8>>> = latents
@@ -205,6 +223,7 @@ fn measure(c: &Case, modes: &[StepCacheMode], reps: usize) -> BoxResult<Vec<Valu
         .map(|ls| ls.iter().map(|l| c.model.decode_to_rgb8(l)).collect())
         .collect::<Result<_, _>>()?;
     let off_ms = median(&mut times[0].clone());
+    let off_cpu = median(&mut cpu[0].clone());
     let mut rows = Vec::new();
     for (m, mode) in modes.iter().enumerate() {
         let (mut sq, mut count, mut max_diff) = (0f64, 0u64, 0u8);
@@ -223,6 +242,7 @@ fn measure(c: &Case, modes: &[StepCacheMode], reps: usize) -> BoxResult<Vec<Valu
             10.0 * (255.0f64 * 255.0 / mse).log10()
         };
         let ms = median(&mut times[m].clone());
+        let cpu_ms = median(&mut cpu[m].clone());
         let adherent = c.scenes.as_ref().map(|scenes| {
             scenes
                 .iter()
@@ -251,12 +271,14 @@ fn measure(c: &Case, modes: &[StepCacheMode], reps: usize) -> BoxResult<Vec<Valu
                 times[m].iter().copied().fold(0.0, f64::max),
             ],
             "speedup": off_ms / ms,
+            "cpu_ms_per_image_median": cpu_ms,
+            "cpu_speedup": off_cpu / cpu_ms,
             "psnr_db": if psnr.is_finite() { json!(psnr) } else { json!("inf") },
             "max_pixel_diff": max_diff,
             "adherent_images": adherent,
         });
         eprintln!(
-            "{:6} {:>6} | reused {:5.2}/{:5.2} per image ({:4.1} %) | {:8.1} ms/image | ×{:.2} | PSNR {} dB | max Δ {:3}{}",
+            "{:6} {:>6} | reused {:5.2}/{:5.2} per image ({:4.1} %) | {:8.1} ms/image | ×{:.2} | CPU ×{:.2} | PSNR {} dB | max Δ {:3}{}",
             c.name,
             row["threshold"].to_string().trim_matches('"'),
             reused as f64 / n as f64,
@@ -264,6 +286,7 @@ fn measure(c: &Case, modes: &[StepCacheMode], reps: usize) -> BoxResult<Vec<Valu
             100.0 * reused as f64 / (full + reused).max(1) as f64,
             ms,
             off_ms / ms,
+            off_cpu / cpu_ms,
             if psnr.is_finite() {
                 format!("{psnr:5.1}")
             } else {
