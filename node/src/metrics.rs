@@ -209,3 +209,36 @@ pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<std::sync::M
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn cache_counters_follow_the_generator_s_totals() {
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry);
+        let totals = |prompt_hits, prompt_misses, full_forwards, reused_forwards| CacheStats {
+            prompt_hits,
+            prompt_misses,
+            full_forwards,
+            reused_forwards,
+        };
+        m.cache(totals(1, 2, 10, 0));
+        m.cache(totals(4, 2, 16, 3));
+        // A total that went down (a replaced generator) adds nothing rather than wrapping.
+        m.cache(totals(4, 1, 16, 3));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            "pixmarket_prompt_cache_total{outcome=\"hit\"} 4",
+            "pixmarket_prompt_cache_total{outcome=\"miss\"} 2",
+            "pixmarket_transformer_forwards_total{outcome=\"full\"} 16",
+            "pixmarket_transformer_forwards_total{outcome=\"reused\"} 3",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
+}
