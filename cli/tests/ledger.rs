@@ -224,6 +224,7 @@ fn a_pair_export_reconciles_with_the_other_sides_books() {
                     cumulative_charged: link.charged_so_far.checked_add(cost).unwrap(),
                     prev_entry_hash: link.prev_entry_hash,
                     issued_at_ms: 0,
+                    step_caching: pixmarket_protocol::StepCaching::Exact,
                 },
             )
             .unwrap();

@@ -26,6 +26,7 @@ pub mod prompt_meter;
 pub mod rope;
 pub mod scenes;
 pub mod scheduler;
+pub mod step_cache;
 pub mod text_encoder;
 pub mod tiny;
 pub mod tokenizer;
@@ -35,4 +36,7 @@ pub mod vae;
 pub mod weights;
 
 pub use error::EngineError;
-pub use pipeline::{GenerateRequest, GeneratedImage, Mode, Progress, QwenImage};
+pub use pipeline::{
+    GenerateRequest, GeneratedImage, Mode, Progress, PromptCacheStats, QwenImage, RunStats,
+};
+pub use step_cache::StepCacheMode;

@@ -6,7 +6,7 @@
 //! 1. validate every request (sizes, steps, strength, latents shape, decodable images);
 //! 2. group requests that share (size, steps, steps run, mode kind); each group runs together;
 //! 3. prompts → embeddings, one prompt at a time (B = 1, as the reference encodes them), through
-//!    a bounded cache keyed by the blake3 hash of the prompt;
+//!    a cache bounded in bytes, keyed by the blake3 hash of (model, template, prompt);
 //! 4. noise `[1, 16, H/8, W/8]`: the given latents, or [`crate::noise::gaussian`] of the seed;
 //!    img2img / inpaint: image latents = the VAE posterior **mean**, normalised (diffusers
 //!    samples the posterior; the mean keeps one random stream and parity exact), and the start
@@ -14,7 +14,8 @@
 //! 5. every step: **one** transformer call over the whole group — all conditional rows, then the
 //!    unconditional rows of the requests with CFG — text right-padded with a key-padding mask
 //!    when lengths differ; true CFG with norm rescale per request; Euler step; inpaint re-imposes
-//!    the re-noised image outside the mask; the progress callback may cancel;
+//!    the re-noised image outside the mask; the progress callback may cancel; with step caching
+//!    on ([`crate::step_cache`]) the call may run only the first block for some rows;
 //! 6. decode each image with the VAE, `(x/2 + 0.5)` clamped, ×255, rounded half to even to u8.
 //!
 //! Strength: steps run = `⌈steps × strength⌉` (at least 1) in exact integer per-mille
@@ -39,9 +40,10 @@ use crate::guidance::true_cfg;
 use crate::image_io;
 use crate::latents::{pack, unpack};
 use crate::scheduler::FlowMatchEuler;
+use crate::step_cache::{StepCache, StepCacheMode, may_reuse};
 use crate::text_encoder::QwenTextEncoder;
 use crate::tokenizer::PromptTokenizer;
-use crate::transformer::QwenImageTransformer;
+use crate::transformer::{ForwardInputs, QwenImageTransformer};
 use crate::vae::{AutoencoderKLQwenImage, image_to_rgb8, rgb8_to_image};
 
 /// Bytes of one f32: attention and the VAE run in f32 whatever the model dtype.
@@ -71,9 +73,10 @@ pub const MAX_SIDE: u32 = pixmarket_protocol::validate::LOCAL_MAX_DIMENSION;
 /// Most steps accepted in one request: the protocol's local limit (diffusers has no cap; 1000
 /// is the training schedule).
 pub const MAX_STEPS: u32 = pixmarket_protocol::validate::LOCAL_MAX_STEPS;
-/// Prompt embeddings kept: ~0.7 MB each for the real model in bf16 at 100 tokens, so 64 entries
-/// cost < 50 MB of device memory while covering a provider's repeated prompts.
-pub const PROMPT_CACHE_ENTRIES: usize = 64;
+/// Default bound of the prompt-embedding cache: an entry of the real model is `L × 3584` values,
+/// ~0.7 MB in bf16 at 100 tokens (3.7 MB at the 512-token cap), so 64 MiB keeps about 90 typical
+/// prompts, which covers a provider's repeated themes for < 0.1 % of an H100's memory.
+pub const DEFAULT_PROMPT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// Latent channels the pipelines draw noise for (`in_channels / 4` of the transformer).
 pub const LATENT_CHANNELS: usize = 16;
 
@@ -223,28 +226,114 @@ const PIPELINE_CLASSES: [&str; 3] = [
     "QwenImageInpaintPipeline",
 ];
 
-/// Bounded map prompt hash → embeddings `[1, L, D]` (template prefix already dropped).
-#[derive(Debug, Default)]
+/// Prompt embeddings `[1, L, D]` (template prefix already dropped) by the hash of everything
+/// that determines them, bounded by their size in bytes; the least recently used go first.
+#[derive(Debug)]
 struct PromptCache {
     map: HashMap<[u8; 32], Tensor>,
+    /// Keys from least to most recently used.
     order: VecDeque<[u8; 32]>,
+    bytes: u64,
+    capacity_bytes: u64,
+    hits: u64,
+    misses: u64,
 }
 
 impl PromptCache {
-    fn get(&self, key: &[u8; 32]) -> Option<Tensor> {
-        self.map.get(key).cloned()
+    fn new(capacity_bytes: u64) -> Self {
+        Self {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            bytes: 0,
+            capacity_bytes,
+            hits: 0,
+            misses: 0,
+        }
     }
 
-    fn insert(&mut self, key: [u8; 32], value: Tensor) {
-        if self.map.insert(key, value).is_none() {
-            self.order.push_back(key);
+    fn get(&mut self, key: &[u8; 32]) -> Option<Tensor> {
+        let Some(t) = self.map.get(key).cloned() else {
+            self.misses += 1;
+            return None;
+        };
+        self.hits += 1;
+        if let Some(i) = self.order.iter().position(|k| k == key) {
+            self.order.remove(i);
         }
-        while self.order.len() > PROMPT_CACHE_ENTRIES {
-            if let Some(old) = self.order.pop_front() {
-                self.map.remove(&old);
+        self.order.push_back(*key);
+        Some(t)
+    }
+
+    /// Stores `value` unless it alone exceeds the capacity, evicting the least recently used
+    /// entries until the total fits.
+    fn insert(&mut self, key: [u8; 32], value: Tensor) {
+        let size = tensor_bytes(&value);
+        if size > self.capacity_bytes || self.map.contains_key(&key) {
+            return;
+        }
+        while self.bytes + size > self.capacity_bytes {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(t) = self.map.remove(&old) {
+                self.bytes -= tensor_bytes(&t);
+            }
+        }
+        self.bytes += size;
+        self.map.insert(key, value);
+        self.order.push_back(key);
+    }
+
+    fn set_capacity(&mut self, capacity_bytes: u64) {
+        self.capacity_bytes = capacity_bytes;
+        while self.bytes > self.capacity_bytes {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(t) = self.map.remove(&old) {
+                self.bytes -= tensor_bytes(&t);
             }
         }
     }
+
+    fn stats(&self) -> PromptCacheStats {
+        PromptCacheStats {
+            hits: self.hits,
+            misses: self.misses,
+            entries: self.map.len(),
+            bytes: self.bytes,
+            capacity_bytes: self.capacity_bytes,
+        }
+    }
+}
+
+/// Bytes a tensor's elements take.
+fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.elem_count() as u64).saturating_mul(t.dtype().size_in_bytes() as u64)
+}
+
+/// The prompt-embedding cache's counters and size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PromptCacheStats {
+    /// Prompts answered from the cache.
+    pub hits: u64,
+    /// Prompts the text encoder ran for.
+    pub misses: u64,
+    /// Embeddings held.
+    pub entries: usize,
+    /// Bytes they take.
+    pub bytes: u64,
+    /// The bound on `bytes`.
+    pub capacity_bytes: u64,
+}
+
+/// What one generate call computed, beyond its images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RunStats {
+    /// Transformer row-forwards (one per image and CFG branch and step) whose every block ran.
+    pub full_forwards: u64,
+    /// Row-forwards that ran only the first block and reused the rest (step caching).
+    pub reused_forwards: u64,
 }
 
 /// A loaded Qwen-Image model folder (the diffusers layout), ready to generate.
@@ -260,6 +349,8 @@ pub struct QwenImage {
     dtype: DType,
     device: Device,
     prompt_cache: Mutex<PromptCache>,
+    /// blake3 of the model's identity and the prompt template: the start of every cache key.
+    prompt_key_prefix: Vec<u8>,
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N` into a device; `cuda` without the `cuda` feature is an error.
@@ -364,6 +455,7 @@ impl QwenImage {
             )));
         }
         let model_id = crate::prompt_meter::model_id(index.name_or_path, dir);
+        let prompt_key_prefix = prompt_key_prefix(&model_id, dir, dtype, &tokenizer);
         Ok(Self {
             dir: dir.to_path_buf(),
             model_id,
@@ -374,7 +466,8 @@ impl QwenImage {
             scheduler,
             dtype,
             device: device.clone(),
-            prompt_cache: Mutex::new(PromptCache::default()),
+            prompt_cache: Mutex::new(PromptCache::new(DEFAULT_PROMPT_CACHE_BYTES)),
+            prompt_key_prefix,
         })
     }
 
@@ -421,15 +514,36 @@ impl QwenImage {
         self.prompt_cache.lock().map(|c| c.map.len()).unwrap_or(0)
     }
 
+    /// The prompt-embedding cache's hits, misses and size.
+    pub fn prompt_cache_stats(&self) -> PromptCacheStats {
+        self.prompt_cache
+            .lock()
+            .map(|c| c.stats())
+            .unwrap_or_default()
+    }
+
+    /// Bounds the prompt-embedding cache to `bytes` (0 turns it off), evicting the least
+    /// recently used entries now if it holds more.
+    pub fn set_prompt_cache_bytes(&self, bytes: u64) {
+        if let Ok(mut c) = self.prompt_cache.lock() {
+            c.set_capacity(bytes);
+        }
+    }
+
     /// The VAE (training the drawn tiny model encodes its scenes with it).
     pub(crate) fn vae(&self) -> &AutoencoderKLQwenImage {
         &self.vae
     }
 
-    /// Embeddings `[1, L, D]` of one prompt, from the cache or the text encoder (B = 1).
+    /// Embeddings `[1, L, D]` of one prompt, from the cache or the text encoder (B = 1). The key
+    /// is blake3 of (model, template, prompt); a negative prompt is a prompt like any other, as
+    /// the encoder sees no difference.
     pub(crate) fn prompt_embeds(&self, prompt: &str) -> Result<Tensor, EngineError> {
-        let key = *blake3::hash(prompt.as_bytes()).as_bytes();
-        if let Some(t) = self.prompt_cache.lock().ok().and_then(|c| c.get(&key)) {
+        let mut h = blake3::Hasher::new();
+        h.update(&self.prompt_key_prefix);
+        h.update(prompt.as_bytes());
+        let key = *h.finalize().as_bytes();
+        if let Some(t) = self.prompt_cache.lock().ok().and_then(|mut c| c.get(&key)) {
             return Ok(t);
         }
         let tokens = self
@@ -548,8 +662,20 @@ impl QwenImage {
         requests: &[GenerateRequest],
         progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<Vec<GeneratedImage>, EngineError> {
-        let latents = self.generate_latents(requests, progress)?;
-        requests
+        Ok(self
+            .generate_with(requests, StepCacheMode::Off, progress)?
+            .0)
+    }
+
+    /// [`Self::generate`] with a step-caching mode, and what the transformer computed.
+    pub fn generate_with(
+        &self,
+        requests: &[GenerateRequest],
+        step_cache: StepCacheMode,
+        progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
+    ) -> Result<(Vec<GeneratedImage>, RunStats), EngineError> {
+        let (latents, stats) = self.generate_latents_with(requests, step_cache, progress)?;
+        let images = requests
             .iter()
             .zip(latents)
             .map(|(r, l)| {
@@ -561,7 +687,8 @@ impl QwenImage {
                     params: self.png_params(r),
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        Ok((images, stats))
     }
 
     fn png_params(&self, r: &GenerateRequest) -> Vec<(&'static str, String)> {
@@ -596,6 +723,18 @@ impl QwenImage {
         requests: &[GenerateRequest],
         progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<Vec<Tensor>, EngineError> {
+        Ok(self
+            .generate_latents_with(requests, StepCacheMode::Off, progress)?
+            .0)
+    }
+
+    /// [`Self::generate_latents`] with a step-caching mode, and what the transformer computed.
+    pub fn generate_latents_with(
+        &self,
+        requests: &[GenerateRequest],
+        step_cache: StepCacheMode,
+        progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
+    ) -> Result<(Vec<Tensor>, RunStats), EngineError> {
         for (i, r) in requests.iter().enumerate() {
             self.validate(i, r)?;
         }
@@ -618,9 +757,10 @@ impl QwenImage {
         let total: u32 = groups.iter().map(|(k, _)| k.run).sum();
         let mut done = 0u32;
         let mut out: Vec<Option<Tensor>> = vec![None; requests.len()];
+        let mut stats = RunStats::default();
         for (key, members) in &groups {
             let reqs: Vec<&GenerateRequest> = members.iter().map(|&i| &requests[i]).collect();
-            let finals = self.run_group(key, &reqs, &mut |step_time| {
+            let finals = self.run_group(key, &reqs, step_cache, &mut stats, &mut |step_time| {
                 done += 1;
                 progress(Progress {
                     step: done,
@@ -632,9 +772,11 @@ impl QwenImage {
                 out[i] = Some(l);
             }
         }
-        out.into_iter()
+        let latents = out
+            .into_iter()
             .map(|l| l.ok_or_else(|| EngineError::InvalidRequest("a request was not run".into())))
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((latents, stats))
     }
 
     /// Noise `[1, 16, h, w]` in the model dtype on the device.
@@ -666,6 +808,8 @@ impl QwenImage {
         &self,
         key: &GroupKey,
         reqs: &[&GenerateRequest],
+        step_cache: StepCacheMode,
+        stats: &mut RunStats,
         on_step: &mut dyn FnMut(Duration) -> ControlFlow<()>,
     ) -> Result<Vec<Tensor>, EngineError> {
         let n = reqs.len();
@@ -732,6 +876,11 @@ impl QwenImage {
         let mut x = Tensor::cat(&xs, 0)?; // [n, S, 64]
 
         let rows = n + cfg_rows.len();
+        let last = key.steps as usize - 1;
+        let mut cache = match step_cache {
+            StepCacheMode::Off => None,
+            StepCacheMode::FirstBlock { threshold } => Some(StepCache::new(threshold)),
+        };
         for i in start..key.steps as usize {
             let t0 = Instant::now();
             let ts = sched.model_timestep(i, rows, self.dtype, &self.device)?;
@@ -745,9 +894,31 @@ impl QwenImage {
                 )?;
                 Tensor::cat(&[x.clone(), x.index_select(&idx, 0)?], 0)?
             };
-            let v = self
-                .transformer
-                .forward(&img_in, &txt, txt_mask.as_ref(), &ts, grid)?;
+            let v = match cache.as_mut() {
+                None => {
+                    stats.full_forwards += rows as u64;
+                    self.transformer
+                        .forward(&img_in, &txt, txt_mask.as_ref(), &ts, grid)?
+                }
+                Some(cache) => {
+                    let inputs = ForwardInputs {
+                        img: &img_in,
+                        txt: &txt,
+                        txt_mask: txt_mask.as_ref(),
+                        timestep: &ts,
+                        img_hw: grid,
+                    };
+                    let (computed, reused) = (cache.computed, cache.reused);
+                    let v = self.transformer.forward_step_cached(
+                        inputs,
+                        cache,
+                        may_reuse(i, start, last),
+                    )?;
+                    stats.full_forwards += cache.computed - computed;
+                    stats.reused_forwards += cache.reused - reused;
+                    v
+                }
+            };
             let mut preds = Vec::with_capacity(n);
             for (j, r) in reqs.iter().enumerate() {
                 let cond = v.narrow(0, j, 1)?;
@@ -824,6 +995,35 @@ struct GroupKey {
 /// The flow-matching forward process `σ·noise + (1 − σ)·sample` (diffusers `scale_noise`).
 fn scale_noise(sample: &Tensor, noise: &Tensor, sigma: f32) -> candle_core::Result<Tensor> {
     (noise * f64::from(sigma))? + (sample * (1.0 - f64::from(sigma)))?
+}
+
+/// blake3 of what, besides the prompt, determines a prompt's embeddings: the model (its name,
+/// folder and dtype) and the template with its cut (drop index and length cap). Each field is
+/// length-prefixed, so no two field lists hash alike.
+fn prompt_key_prefix(
+    model_id: &str,
+    dir: &Path,
+    dtype: DType,
+    tokenizer: &PromptTokenizer,
+) -> Vec<u8> {
+    let mut h = blake3::Hasher::new();
+    let dir = dir.to_string_lossy();
+    let dtype = format!("{dtype:?}");
+    let drop = tokenizer.drop_index().to_le_bytes();
+    let max = tokenizer.max_sequence_length().to_le_bytes();
+    let fields: [&[u8]; 6] = [
+        model_id.as_bytes(),
+        dir.as_bytes(),
+        dtype.as_bytes(),
+        crate::tokenizer::PROMPT_TEMPLATE.as_bytes(),
+        &drop,
+        &max,
+    ];
+    for f in fields {
+        h.update(&(f.len() as u64).to_le_bytes());
+        h.update(f);
+    }
+    h.finalize().as_bytes().to_vec()
 }
 
 /// Right-pads `[1, L_i, D]` embeddings to `[B, L_max, D]`; the mask `[B, L_max]` (u8) only when

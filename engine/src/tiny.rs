@@ -286,6 +286,12 @@ pub(crate) fn bpe_tokenizer_json(merges: &[(String, String)]) -> serde_json::Val
 /// Writes the tiny model into `dir` (created if needed; existing files are overwritten).
 /// Deterministic: the same bytes on every run and machine.
 pub fn write_tiny_model(dir: &Path) -> Result<(), EngineError> {
+    write_tiny_model_with(dir, &transformer_config())
+}
+
+/// [`write_tiny_model`] with another transformer config (same text width and latent channels):
+/// a deeper random pipeline for the step-caching bench, whose savings grow with the blocks.
+pub fn write_tiny_model_with(dir: &Path, tc: &TransformerConfig) -> Result<(), EngineError> {
     mkdir(dir)?;
     let note = "pixmarket's built-in tiny model: random weights, it draws noise";
     write_json(
@@ -306,7 +312,7 @@ pub fn write_tiny_model(dir: &Path) -> Result<(), EngineError> {
     // Transformer.
     let t = dir.join("transformer");
     mkdir(&t)?;
-    let tc = transformer_config();
+    let tc = tc.clone();
     write_json(
         &t.join("config.json"),
         &json!({

@@ -20,6 +20,7 @@ use candle_nn::{Linear, VarBuilder};
 
 use crate::config::{ConfigError, TIMESTEP_CHANNELS, TransformerConfig};
 use crate::rope::{RopeTables, apply_rope};
+use crate::step_cache::StepCache;
 use crate::weights::{ComponentWeights, WeightsError};
 
 /// Epsilon of every LayerNorm and RMSNorm in the model.
@@ -480,6 +481,103 @@ impl QwenImageTransformer {
         timestep: &Tensor,
         img_hw: (usize, usize),
     ) -> Result<Tensor> {
+        let prep = self.prepare(img, txt, txt_mask, timestep, img_hw)?;
+        let (mut x, mut c) = (prep.img, prep.txt);
+        for block in &self.blocks {
+            (x, c) = block.forward(&x, &c, &prep.temb, &prep.rope, prep.bias.as_ref())?;
+        }
+        self.head(&x, &prep.temb)
+    }
+
+    /// [`Self::forward`] with step caching (see [`crate::step_cache`]): the first block always
+    /// runs; each row whose first-block residual changed less than the cache's threshold since
+    /// its last full step reuses that step's residual of the remaining blocks, the others run
+    /// them. `may_reuse: false` runs every row fully (the warm-up steps and the last step).
+    /// Every row computed fully gives exactly [`Self::forward`]'s output.
+    pub fn forward_step_cached(
+        &self,
+        inputs: ForwardInputs<'_>,
+        cache: &mut StepCache,
+        may_reuse: bool,
+    ) -> Result<Tensor> {
+        let ForwardInputs {
+            img,
+            txt,
+            txt_mask,
+            timestep,
+            img_hw,
+        } = inputs;
+        let rows = img.dim(0)?;
+        cache.ensure_rows(rows)?;
+        let prep = self.prepare(img, txt, txt_mask, timestep, img_hw)?;
+        let Some((first, rest)) = self.blocks.split_first() else {
+            return self.head(&prep.img, &prep.temb);
+        };
+        let (x1, c1) = first.forward(
+            &prep.img,
+            &prep.txt,
+            &prep.temb,
+            &prep.rope,
+            prep.bias.as_ref(),
+        )?;
+        // [B, S_i, dim]: what the first block added, the cheap signal.
+        let first_residual = (&x1 - &prep.img)?;
+        let reuse = cache.decide(&first_residual, may_reuse)?;
+        let compute: Vec<usize> = (0..rows).filter(|&r| !reuse[r]).collect();
+        let run_rest = |x: Tensor, c: Tensor, temb: &Tensor, bias: Option<&Tensor>| {
+            let (mut x, mut c) = (x, c);
+            for block in rest {
+                (x, c) = block.forward(&x, &c, temb, &prep.rope, bias)?;
+            }
+            Ok::<_, candle_core::Error>(x)
+        };
+        let x = if compute.len() == rows {
+            // Every row runs: the same ops in the same order as `forward`.
+            let x = run_rest(x1.clone(), c1, &prep.temb, prep.bias.as_ref())?;
+            cache.store(&compute, &first_residual, &(&x - &x1)?)?;
+            x
+        } else {
+            let mut out: Vec<Option<Tensor>> = vec![None; rows];
+            if !compute.is_empty() {
+                let idx = Tensor::from_vec(
+                    compute.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                    compute.len(),
+                    &self.device,
+                )?;
+                let pick = |t: &Tensor| t.index_select(&idx, 0);
+                let xs = pick(&x1)?;
+                let bias = prep.bias.as_ref().map(pick).transpose()?;
+                let done = run_rest(xs.clone(), pick(&c1)?, &pick(&prep.temb)?, bias.as_ref())?;
+                cache.store(&compute, &pick(&first_residual)?, &(&done - &xs)?)?;
+                for (k, &r) in compute.iter().enumerate() {
+                    out[r] = Some(done.narrow(0, k, 1)?);
+                }
+            }
+            for r in (0..rows).filter(|&r| reuse[r]) {
+                let residual = cache.residual(r)?;
+                out[r] = Some((x1.narrow(0, r, 1)? + residual)?);
+            }
+            let out = out
+                .into_iter()
+                .map(|t| {
+                    t.ok_or_else(|| candle_core::Error::msg("a row was neither run nor reused"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&out, 0)?
+        };
+        self.head(&x, &prep.temb)
+    }
+
+    /// Checks the inputs and runs everything before the blocks: the input projections, the
+    /// timestep embedding, the RoPE tables and the attention bias.
+    fn prepare(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        txt_mask: Option<&Tensor>,
+        timestep: &Tensor,
+        img_hw: (usize, usize),
+    ) -> Result<Prepared> {
         let (b, s_img, c_in) = img.dims3()?;
         let (bt, s_txt, c_txt) = txt.dims3()?;
         if c_in != self.cfg.in_channels || c_txt != self.cfg.joint_attention_dim || bt != b {
@@ -514,18 +612,50 @@ impl QwenImageTransformer {
         let img = img.to_dtype(self.dtype)?;
         let txt = txt.to_dtype(self.dtype)?;
 
-        let mut x = self.img_in.forward(&img)?;
+        let x = self.img_in.forward(&img)?;
         let temb = self.timestep_embedding(timestep)?;
-        let mut c = self.txt_in.forward(&self.txt_norm.forward(&txt)?)?;
+        let c = self.txt_in.forward(&self.txt_norm.forward(&txt)?)?;
         let rope = RopeTables::new(self.cfg.axes_dims_rope, img_hw, s_txt, &self.device)?;
-        for block in &self.blocks {
-            (x, c) = block.forward(&x, &c, &temb, &rope, bias.as_ref())?;
-        }
+        Ok(Prepared {
+            img: x,
+            txt: c,
+            temb,
+            rope,
+            bias,
+        })
+    }
+
+    /// Everything after the blocks: the output norm and projection.
+    fn head(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
         // AdaLayerNormContinuous: [scale, shift] (scale first, unlike the blocks).
-        let emb = self.norm_out.forward(&silu(&temb)?)?;
+        let emb = self.norm_out.forward(&silu(temb)?)?;
         let [scale, shift] = <[Tensor; 2]>::try_from(emb.chunk(2, D::Minus1)?)
             .map_err(|c| candle_core::Error::msg(format!("norm_out split into {}", c.len())))?;
-        let x = modulate(&layer_norm(&x)?, &shift, &scale)?;
+        let x = modulate(&layer_norm(x)?, &shift, &scale)?;
         self.proj_out.forward(&x)
     }
+}
+
+/// The inputs of one transformer call, as [`QwenImageTransformer::forward`] takes them.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardInputs<'a> {
+    /// Packed latents `[B, S_i, in_channels]`.
+    pub img: &'a Tensor,
+    /// Text encoder states `[B, S_t, joint_attention_dim]`.
+    pub txt: &'a Tensor,
+    /// `[B, S_t]`, non-zero = real token; `None` = all real.
+    pub txt_mask: Option<&'a Tensor>,
+    /// Sigma in [0, 1], `[B]`.
+    pub timestep: &'a Tensor,
+    /// The patch grid `(h, w)`.
+    pub img_hw: (usize, usize),
+}
+
+/// The streams and tables every block of one call shares.
+struct Prepared {
+    img: Tensor,
+    txt: Tensor,
+    temb: Tensor,
+    rope: RopeTables,
+    bias: Option<Tensor>,
 }

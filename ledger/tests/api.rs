@@ -554,6 +554,7 @@ fn hold_request_checks_the_signed_request_and_binds_the_receipt_to_it() {
                     seed: 1,
                     images: 1,
                     mode: Mode::TextToImage,
+                    exact: false,
                 },
                 max_cost: tokens(20),
                 created_at_ms: 0,

@@ -76,6 +76,15 @@ pub struct ProviderConfig {
     pub max_batch: u32,
     /// Credit granted to a peer with no deposit, in tokens (decimal string).
     pub new_peer_credit: String,
+    /// Step caching for jobs that do not require exact computation: the first-block
+    /// threshold as a decimal string in (0, 1] with at most 3 decimals, or "off". Advertised,
+    /// quoted and recorded in every receipt; see docs/benchmarks.md for its cost in quality.
+    pub step_cache_threshold: String,
+    /// Run jobs whose requester requires exact computation (with step caching off for them);
+    /// `false` refuses them at the quote with `ExactUnavailable`.
+    pub serve_exact: bool,
+    /// Bound of the prompt-embedding cache, in bytes (0 = off).
+    pub prompt_cache_bytes: u64,
 }
 
 impl Default for NodeConfig {
@@ -106,6 +115,9 @@ impl Default for ProviderConfig {
             max_queue: 16,
             max_batch: 2,
             new_peer_credit: "0".into(),
+            step_cache_threshold: DEFAULT_STEP_CACHE_THRESHOLD.into(),
+            serve_exact: true,
+            prompt_cache_bytes: pixmarket_engine::pipeline::DEFAULT_PROMPT_CACHE_BYTES,
         }
     }
 }
@@ -221,6 +233,7 @@ impl NodeConfig {
                 allowed: "1..=1024".into(),
             });
         }
+        parse_step_cache_threshold(&p.step_cache_threshold)?;
         if !(1..=8).contains(&p.max_batch) {
             return Err(ConfigError::Invalid {
                 key: "provider.max_batch",
@@ -307,6 +320,50 @@ pub fn check_devices(list: &[String]) -> Result<(), (String, String)> {
     Ok(())
 }
 
+/// The default `step_cache_threshold`, chosen from the measured curve in docs/benchmarks.md.
+pub const DEFAULT_STEP_CACHE_THRESHOLD: &str = "off";
+
+/// Parses `step_cache_threshold`: "off" (or "0") is exact; else a decimal in (0, 1] with at
+/// most three decimals, as per-mille.
+pub fn parse_step_cache_threshold(
+    text: &str,
+) -> Result<pixmarket_protocol::StepCaching, ConfigError> {
+    let bad = || ConfigError::Invalid {
+        key: "provider.step_cache_threshold",
+        got: format!("{text:?}"),
+        allowed: "\"off\", or a decimal in (0, 1] with at most 3 decimals, e.g. \"0.2\"".into(),
+    };
+    let t = text.trim();
+    if t == "off" {
+        return Ok(pixmarket_protocol::StepCaching::Exact);
+    }
+    let (int, frac) = t.split_once('.').unwrap_or((t, ""));
+    if int.is_empty() && frac.is_empty()
+        || frac.len() > 3
+        || !int.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(bad());
+    }
+    let int: u32 = if int.is_empty() {
+        0
+    } else {
+        int.parse().map_err(|_| bad())?
+    };
+    let frac: u32 = format!("{frac:0<3}").parse().map_err(|_| bad())?;
+    let permille = int
+        .checked_mul(1000)
+        .and_then(|i| i.checked_add(frac))
+        .ok_or_else(bad)?;
+    match u16::try_from(permille) {
+        Ok(0) => Ok(pixmarket_protocol::StepCaching::Exact),
+        Ok(threshold_permille @ 1..=1000) => {
+            Ok(pixmarket_protocol::StepCaching::FirstBlock { threshold_permille })
+        }
+        _ => Err(bad()),
+    }
+}
+
 /// 1-based line and column of byte `offset` in `text`.
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = text.get(..offset).unwrap_or(text);
@@ -355,6 +412,46 @@ fn key_line(text: &str, key: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn step_cache_thresholds_parse_to_per_mille() {
+        use pixmarket_protocol::StepCaching::{Exact, FirstBlock};
+        for (text, want) in [
+            ("off", Exact),
+            ("0", Exact),
+            ("0.000", Exact),
+            (
+                "0.2",
+                FirstBlock {
+                    threshold_permille: 200,
+                },
+            ),
+            (
+                ".05",
+                FirstBlock {
+                    threshold_permille: 50,
+                },
+            ),
+            (
+                "1",
+                FirstBlock {
+                    threshold_permille: 1000,
+                },
+            ),
+            (
+                "0.125",
+                FirstBlock {
+                    threshold_permille: 125,
+                },
+            ),
+        ] {
+            assert_eq!(parse_step_cache_threshold(text).unwrap(), want, "{text}");
+        }
+        for bad in ["", ".", "1.001", "2", "0.0001", "-0.1", "0,2", "on", "1e-1"] {
+            let e = parse_step_cache_threshold(bad).unwrap_err().to_string();
+            assert!(e.contains("step_cache_threshold"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn default_config_round_trips() {

@@ -1,13 +1,48 @@
 //! [`Generator`] backed by the Qwen-Image engine: the real model, or the built-in tiny model
-//! (trained on drawn scenes, in the same layout, loaded by the same code).
+//! (trained on drawn scenes, in the same layout, loaded by the same code). Runs each job with
+//! the provider's step caching, or exactly when the job requires it
+//! ([`StepCaching::for_job`], the same rule the provider signs into the quote and receipt).
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use pixmarket_engine::StepCacheMode;
 use pixmarket_engine::pipeline::{self, GenerateRequest, QwenImage};
-use pixmarket_protocol::JobParams;
+use pixmarket_protocol::{JobParams, StepCaching};
 
-use crate::generator::{GenError, Generator, GeneratorInfo};
+use crate::generator::{CacheStats, GenError, Generator, GeneratorInfo};
+
+/// The provider's caching settings (from `config.toml`'s `[provider]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CachingSettings {
+    /// Step caching for jobs that do not require exact computation.
+    pub step_caching: StepCaching,
+    /// Run jobs that require exact computation (else they are refused at the quote).
+    pub serves_exact: bool,
+    /// Bound of the prompt-embedding cache in bytes (0 = off).
+    pub prompt_cache_bytes: u64,
+}
+
+impl Default for CachingSettings {
+    fn default() -> Self {
+        Self {
+            step_caching: StepCaching::Exact,
+            serves_exact: true,
+            prompt_cache_bytes: pipeline::DEFAULT_PROMPT_CACHE_BYTES,
+        }
+    }
+}
+
+/// The engine's mode for a job's step caching.
+fn engine_mode(c: StepCaching) -> StepCacheMode {
+    match c {
+        StepCaching::Exact => StepCacheMode::Off,
+        StepCaching::FirstBlock { threshold_permille } => {
+            StepCacheMode::from_permille(threshold_permille)
+        }
+    }
+}
 
 /// Where `--model tiny` lives inside a data folder.
 pub fn tiny_model_dir(data_dir: &Path) -> PathBuf {
@@ -35,6 +70,9 @@ pub struct EngineGenerator {
     /// The card's memory as the driver reported it at load; 0 when not known (the CPU).
     memory_mib: u64,
     precision: String,
+    caching: CachingSettings,
+    full_forwards: AtomicU64,
+    reused_forwards: AtomicU64,
 }
 
 impl EngineGenerator {
@@ -51,7 +89,54 @@ impl EngineGenerator {
             device_name: device.to_owned(),
             memory_mib: pixmarket_engine::device_memory::total_mib(&dev).unwrap_or(0),
             precision: dtype.to_owned(),
+            caching: CachingSettings::default(),
+            full_forwards: AtomicU64::new(0),
+            reused_forwards: AtomicU64::new(0),
         })
+    }
+
+    /// Applies the provider's caching settings.
+    pub fn with_caching(mut self, caching: CachingSettings) -> Self {
+        self.model
+            .set_prompt_cache_bytes(caching.prompt_cache_bytes);
+        self.caching = caching;
+        self
+    }
+
+    /// Runs jobs that share one step-caching mode.
+    fn run(
+        &self,
+        jobs: &[&JobParams],
+        mode: StepCaching,
+        progress: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
+    ) -> Result<Vec<Vec<Vec<u8>>>, GenError> {
+        let mut requests = Vec::new();
+        let mut counts = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            counts.push(job.images as usize);
+            requests.extend((0..job.images).map(|i| to_request(job, i)));
+        }
+        let mut cb = |p: pipeline::Progress| progress(p.step, p.total);
+        let (images, stats) = self
+            .model
+            .generate_with(&requests, engine_mode(mode), &mut cb)
+            .map_err(|e| match e {
+                pixmarket_engine::error::EngineError::Cancelled => GenError::Cancelled,
+                other => GenError::Failed(other.to_string()),
+            })?;
+        self.full_forwards
+            .fetch_add(stats.full_forwards, Ordering::Relaxed);
+        self.reused_forwards
+            .fetch_add(stats.reused_forwards, Ordering::Relaxed);
+        let mut pngs = images
+            .iter()
+            .map(|img| img.png().map_err(|e| GenError::Failed(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter();
+        Ok(counts
+            .into_iter()
+            .map(|n| pngs.by_ref().take(n).collect())
+            .collect())
     }
 }
 
@@ -79,6 +164,8 @@ impl Generator for EngineGenerator {
             device_memory_mib: self.memory_mib,
             supports_image_to_image: true,
             supports_inpaint: true,
+            step_caching: self.caching.step_caching,
+            serves_exact: self.caching.serves_exact,
         }
     }
 
@@ -92,28 +179,35 @@ impl Generator for EngineGenerator {
         jobs: &[JobParams],
         progress: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
     ) -> Result<Vec<Vec<Vec<u8>>>, GenError> {
-        let mut requests = Vec::new();
-        let mut counts = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            counts.push(job.images as usize);
-            requests.extend((0..job.images).map(|i| to_request(job, i)));
+        // The provider batches only jobs with one `exact` flag; a mixed batch still runs each
+        // job in its own mode, as two engine calls.
+        let mode = |j: &JobParams| self.caching.step_caching.for_job(j.exact);
+        let first = jobs.first().map(mode);
+        if jobs.iter().all(|j| Some(mode(j)) == first) {
+            let all: Vec<&JobParams> = jobs.iter().collect();
+            return self.run(&all, first.unwrap_or(StepCaching::Exact), progress);
         }
-        let mut cb = |p: pipeline::Progress| progress(p.step, p.total);
-        let images = self
-            .model
-            .generate(&requests, &mut cb)
-            .map_err(|e| match e {
-                pixmarket_engine::error::EngineError::Cancelled => GenError::Cancelled,
-                other => GenError::Failed(other.to_string()),
-            })?;
-        let mut pngs = images
-            .iter()
-            .map(|img| img.png().map_err(|e| GenError::Failed(e.to_string())))
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter();
-        Ok(counts
-            .into_iter()
-            .map(|n| pngs.by_ref().take(n).collect())
-            .collect())
+        let mut out: Vec<Option<Vec<Vec<u8>>>> = vec![None; jobs.len()];
+        for exact in [true, false] {
+            let idx: Vec<usize> = (0..jobs.len())
+                .filter(|&i| jobs[i].exact == exact)
+                .collect();
+            let part: Vec<&JobParams> = idx.iter().map(|&i| &jobs[i]).collect();
+            let m = self.caching.step_caching.for_job(exact);
+            for (i, pngs) in idx.into_iter().zip(self.run(&part, m, progress)?) {
+                out[i] = Some(pngs);
+            }
+        }
+        Ok(out.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    fn cache_stats(&self) -> CacheStats {
+        let p = self.model.prompt_cache_stats();
+        CacheStats {
+            prompt_hits: p.hits,
+            prompt_misses: p.misses,
+            full_forwards: self.full_forwards.load(Ordering::Relaxed),
+            reused_forwards: self.reused_forwards.load(Ordering::Relaxed),
+        }
     }
 }

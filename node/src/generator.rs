@@ -4,7 +4,7 @@
 
 use std::ops::ControlFlow;
 
-use pixmarket_protocol::JobParams;
+use pixmarket_protocol::{JobParams, StepCaching};
 
 /// A generator failed (the message is shown to the requester as `FailReason::Engine`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,6 +25,23 @@ pub struct GeneratorInfo {
     pub device_memory_mib: u64,
     pub supports_image_to_image: bool,
     pub supports_inpaint: bool,
+    /// How jobs that do not require exact computation run.
+    pub step_caching: StepCaching,
+    /// Whether jobs that require exact computation are run (else refused at the quote).
+    pub serves_exact: bool,
+}
+
+/// What the generator's caches saved so far (totals since it started).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CacheStats {
+    /// Prompts whose embeddings came from the cache.
+    pub prompt_hits: u64,
+    /// Prompts the text encoder ran for.
+    pub prompt_misses: u64,
+    /// Transformer row-forwards that ran every block.
+    pub full_forwards: u64,
+    /// Row-forwards that ran the first block and reused the rest (step caching).
+    pub reused_forwards: u64,
 }
 
 /// Runs jobs. Shared between the admission path (token counting) and the worker thread.
@@ -41,4 +58,9 @@ pub trait Generator: Send + Sync + 'static {
         jobs: &[JobParams],
         progress: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
     ) -> Result<Vec<Vec<Vec<u8>>>, GenError>;
+
+    /// Totals of what the caches saved; a generator without caches reports zeros.
+    fn cache_stats(&self) -> CacheStats {
+        CacheStats::default()
+    }
 }

@@ -11,7 +11,7 @@ use pixmarket_protocol::MicroTokens;
 
 use crate::config::ConfigError;
 use crate::data_dir::{DataDir, DataDirError};
-use crate::engine_generator::{EngineGenerator, resolve_model};
+use crate::engine_generator::{CachingSettings, EngineGenerator, resolve_model};
 use crate::generator::{GenError, Generator};
 use crate::network::NetConfig;
 use crate::node::{Node, NodeError, NodeOptions};
@@ -196,6 +196,13 @@ pub async fn start(dir: &DataDir, overrides: &Overrides) -> Result<Node, LaunchE
         }
         let model_dir =
             resolve_model(&config.provider.model, dir.root()).map_err(LaunchError::Model)?;
+        let caching = CachingSettings {
+            step_caching: crate::config::parse_step_cache_threshold(
+                &config.provider.step_cache_threshold,
+            )?,
+            serves_exact: config.provider.serve_exact,
+            prompt_cache_bytes: config.provider.prompt_cache_bytes,
+        };
         // One engine per device, each with its own copy of the weights, loaded one after the
         // other (loading is bounded by the disk, not the devices).
         let mut generators: Vec<Arc<dyn Generator>> = Vec::new();
@@ -204,7 +211,8 @@ pub async fn start(dir: &DataDir, overrides: &Overrides) -> Result<Node, LaunchE
                 .map_err(|source| LaunchError::ModelOn {
                     device: device.clone(),
                     source,
-                })?;
+                })?
+                .with_caching(caching);
             generators.push(Arc::new(generator));
         }
         let settings = ProviderSettings {

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pixmarket_protocol::MicroTokens;
+
+use crate::generator::CacheStats;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -55,6 +57,10 @@ pub struct Metrics {
     earned_micro: Counter,
     spent_micro: Counter,
     peers: Gauge,
+    prompt_cache: Family<Outcome, Counter>,
+    forwards: Family<Outcome, Counter>,
+    /// The generator's totals at the last [`Metrics::cache`] call, so counters get deltas.
+    cache_seen: std::sync::Mutex<CacheStats>,
 }
 
 impl Metrics {
@@ -69,6 +75,9 @@ impl Metrics {
             earned_micro: Counter::default(),
             spent_micro: Counter::default(),
             peers: Gauge::default(),
+            prompt_cache: Family::default(),
+            forwards: Family::default(),
+            cache_seen: std::sync::Mutex::new(CacheStats::default()),
         };
         let r = registry.sub_registry_with_prefix("pixmarket");
         r.register(
@@ -108,7 +117,56 @@ impl Metrics {
             m.spent_micro.clone(),
         );
         r.register("peers", "Connected peers", m.peers.clone());
+        r.register(
+            "prompt_cache",
+            "Prompt-embedding cache lookups by outcome (hit, miss)",
+            m.prompt_cache.clone(),
+        );
+        r.register(
+            "transformer_forwards",
+            "Transformer row-forwards by kind (full, reused: step caching ran only the first block)",
+            m.forwards.clone(),
+        );
         m
+    }
+
+    /// Adds what the generator's caches did since the last call (`totals` only grow).
+    pub fn cache(&self, totals: CacheStats) {
+        let Ok(mut seen) = self.cache_seen.lock() else {
+            return;
+        };
+        let add = |family: &Family<Outcome, Counter>, outcome: &str, now: u64, then: u64| {
+            family
+                .get_or_create(&Outcome {
+                    outcome: outcome.to_owned(),
+                })
+                .inc_by(now.saturating_sub(then));
+        };
+        add(
+            &self.prompt_cache,
+            "hit",
+            totals.prompt_hits,
+            seen.prompt_hits,
+        );
+        add(
+            &self.prompt_cache,
+            "miss",
+            totals.prompt_misses,
+            seen.prompt_misses,
+        );
+        add(
+            &self.forwards,
+            "full",
+            totals.full_forwards,
+            seen.full_forwards,
+        );
+        add(
+            &self.forwards,
+            "reused",
+            totals.reused_forwards,
+            seen.reused_forwards,
+        );
+        *seen = totals;
     }
 
     pub fn job(&self, outcome: &str) {
@@ -209,5 +267,38 @@ pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<std::sync::M
             let _ = stream.write_all(head.as_bytes()).await;
             let _ = stream.write_all(body.as_bytes()).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn cache_counters_follow_the_generator_s_totals() {
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry);
+        let totals = |prompt_hits, prompt_misses, full_forwards, reused_forwards| CacheStats {
+            prompt_hits,
+            prompt_misses,
+            full_forwards,
+            reused_forwards,
+        };
+        m.cache(totals(1, 2, 10, 0));
+        m.cache(totals(4, 2, 16, 3));
+        // A total that went down (a replaced generator) adds nothing rather than wrapping.
+        m.cache(totals(4, 1, 16, 3));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            "pixmarket_prompt_cache_total{outcome=\"hit\"} 4",
+            "pixmarket_prompt_cache_total{outcome=\"miss\"} 2",
+            "pixmarket_transformer_forwards_total{outcome=\"full\"} 16",
+            "pixmarket_transformer_forwards_total{outcome=\"reused\"} 3",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
     }
 }

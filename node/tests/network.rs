@@ -85,6 +85,8 @@ fn advert(seq: u64) -> CapacityAdvert {
         max_queue: 8,
         ms_per_standard_image: 1000,
         devices: Vec::new(),
+        step_caching: pixmarket_protocol::StepCaching::Exact,
+        serves_exact: true,
     }
 }
 

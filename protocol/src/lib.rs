@@ -19,7 +19,7 @@ pub use identity::{Hash, IdentityError, KeyError, PublicKey, SecretKey, Signatur
 pub use messages::{
     CapacityAdvert, CostMismatch, DepositNote, DeviceCapacity, FailReason, JobEvent, JobEventKind,
     JobId, JobParams, JobRequest, Mode, Quote, QuoteId, QuoteRequest, Receipt, ReceiptAck,
-    effective_steps,
+    StepCaching, effective_steps,
 };
 pub use metering::{MeterError, MeteredUnits, MicroTokens, PriceSchedule, TokenAmountError};
 pub use signed::{Message, Signed, VerifyError};

@@ -145,6 +145,52 @@ pub fn effective_steps(steps: u32, strength_permille: Option<u16>) -> u32 {
     }
 }
 
+/// How a provider runs the denoising loop: advertised, quoted for each job, and recorded in
+/// the receipt of the job that ran. Metering does not depend on it: a job is billed by the steps
+/// it asked for, and a provider that saves work by caching keeps the saving or prices it in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StepCaching {
+    /// Every step runs every transformer block: the exact computation.
+    Exact,
+    /// First-block step caching: a step whose first block's output changed by less than
+    /// `threshold_permille`/1000 (relative L1) since that image's last full step reuses the
+    /// rest of that step's work. The image is close to the exact one, not equal to it.
+    FirstBlock { threshold_permille: u16 },
+}
+
+impl StepCaching {
+    /// What a job runs with on a provider that caches with `self`: exact when the requester
+    /// requires it.
+    pub fn for_job(self, exact_required: bool) -> Self {
+        if exact_required { Self::Exact } else { self }
+    }
+
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        match self {
+            Self::Exact => Ok(()),
+            Self::FirstBlock { threshold_permille } => v::range(
+                "step_caching.threshold_permille",
+                u64::from(*threshold_permille),
+                1,
+                1000,
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for StepCaching {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exact => f.write_str("exact"),
+            Self::FirstBlock { threshold_permille } => write!(
+                f,
+                "first-block step caching at {}",
+                f64::from(*threshold_permille) / 1000.0
+            ),
+        }
+    }
+}
+
 /// Everything that determines the picture.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobParams {
@@ -159,6 +205,9 @@ pub struct JobParams {
     /// Number of images to generate, each with seed `seed + i`.
     pub images: u32,
     pub mode: Mode,
+    /// The requester requires the exact computation ([`StepCaching::Exact`]): a provider that
+    /// caches steps runs this job without caching, or refuses it at the quote.
+    pub exact: bool,
 }
 
 impl JobParams {
@@ -238,6 +287,10 @@ pub struct CapacityAdvert {
     /// Every device that serves now, one worker each (a failed device is left out). Empty
     /// means one device, as `gpu_name`, `gpu_memory_mib` and `ms_per_standard_image` say.
     pub devices: Vec<DeviceCapacity>,
+    /// How this provider runs jobs that do not require exact computation.
+    pub step_caching: StepCaching,
+    /// Whether it runs jobs that require exact computation (else it refuses them at the quote).
+    pub serves_exact: bool,
 }
 
 /// One device of a provider: one engine, one worker, its own copy of the weights.
@@ -325,6 +378,7 @@ impl CapacityAdvert {
             1,
             u64::from(v::MAX_IMAGES),
         )?;
+        self.step_caching.validate()?;
         self.schedule.validate()
     }
 }
@@ -341,6 +395,8 @@ pub struct QuoteRequest {
     pub images: u32,
     /// For image-to-image and inpaint; `None` for text-to-image.
     pub strength_permille: Option<u16>,
+    /// The job will require exact computation (see [`JobParams::exact`]).
+    pub exact: bool,
 }
 
 impl QuoteRequest {
@@ -378,6 +434,8 @@ pub struct Quote {
     pub queue_position: u32,
     pub eta_ms: u64,
     pub valid_until_ms: u64,
+    /// How the job would run: [`StepCaching::Exact`] whenever the request requires it.
+    pub step_caching: StepCaching,
 }
 
 impl Quote {
@@ -451,6 +509,8 @@ pub enum FailReason {
     ResultGone,
     #[error("no settled receipt for this job")]
     NotSettled,
+    #[error("this provider does not run jobs that require exact computation (it runs {offered})")]
+    ExactUnavailable { offered: StepCaching },
 }
 
 /// A [`ValidationError`] as it travels on the wire (owned field name).
@@ -534,6 +594,8 @@ pub struct Receipt {
     /// `None` for the first.
     pub prev_entry_hash: Option<Hash>,
     pub issued_at_ms: u64,
+    /// How the job ran: [`StepCaching::Exact`], or the step caching its images came from.
+    pub step_caching: StepCaching,
 }
 
 /// A price that does not match the metering function.
@@ -570,6 +632,7 @@ impl Receipt {
     pub fn validate(&self) -> Result<(), ValidationError> {
         self.units.validate()?;
         self.schedule.validate()?;
+        self.step_caching.validate()?;
         v::range(
             "image_hashes",
             self.image_hashes.len() as u64,

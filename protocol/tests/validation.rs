@@ -23,6 +23,7 @@ fn params() -> JobParams {
         seed: 42,
         images: 1,
         mode: Mode::TextToImage,
+        exact: false,
     }
 }
 
@@ -264,6 +265,8 @@ fn advert() -> CapacityAdvert {
         max_queue: 16,
         ms_per_standard_image: 18_500,
         devices: vec![h100(18_500); 2],
+        step_caching: pixmarket_protocol::StepCaching::Exact,
+        serves_exact: true,
     }
 }
 

@@ -9,7 +9,8 @@ use pixmarket_protocol::messages::{FailReason, JobEventKind, ValidationErrorWire
 use pixmarket_protocol::{
     CapacityAdvert, CreditNote, DepositNote, DeviceCapacity, Hash, JobEvent, JobId, JobParams,
     JobRequest, JobVoid, Message, MeteredUnits, MicroTokens, Mode, PriceSchedule, PublicKey, Quote,
-    QuoteId, QuoteRequest, Receipt, ReceiptAck, ReceiptRefusal, SecretKey, Signed, VerifyError,
+    QuoteId, QuoteRequest, Receipt, ReceiptAck, ReceiptRefusal, SecretKey, Signed, StepCaching,
+    VerifyError,
 };
 use proptest::prelude::*;
 
@@ -102,6 +103,7 @@ fn arb_params() -> impl Strategy<Value = JobParams> {
                     seed,
                     images,
                     mode,
+                    exact: seed.is_multiple_of(2),
                 }
             },
         )
@@ -155,8 +157,20 @@ fn arb_receipt() -> impl Strategy<Value = Receipt> {
                 cumulative_charged: MicroTokens(cum),
                 prev_entry_hash: prev.map(|p| Hash::of(&p)),
                 issued_at_ms: at,
+                step_caching: step_caching(at),
             },
         )
+}
+
+/// Exact for even `n`, else first-block caching at 1..=1000 ‰.
+fn step_caching(n: u64) -> StepCaching {
+    if n.is_multiple_of(2) {
+        StepCaching::Exact
+    } else {
+        StepCaching::FirstBlock {
+            threshold_permille: u16::try_from(n % 1000).unwrap() + 1,
+        }
+    }
 }
 
 fn arb_advert() -> impl Strategy<Value = CapacityAdvert> {
@@ -196,6 +210,8 @@ fn arb_advert() -> impl Strategy<Value = CapacityAdvert> {
                             ms_per_standard_image: ms,
                         })
                         .collect(),
+                    step_caching: step_caching(ms),
+                    serves_exact: i2i,
                 }
             },
         )
@@ -262,6 +278,7 @@ fn arb_quote_request() -> impl Strategy<Value = QuoteRequest> {
                 steps,
                 images,
                 strength_permille,
+                exact: steps.is_multiple_of(2),
             },
         )
 }
@@ -283,6 +300,7 @@ fn arb_quote() -> impl Strategy<Value = Quote> {
                 queue_position,
                 eta_ms,
                 valid_until_ms,
+                step_caching: step_caching(eta_ms),
             },
         )
 }
@@ -566,4 +584,52 @@ fn signing_is_deterministic() {
     let a = Signed::sign(&key(1), &ack).unwrap().to_bytes().unwrap();
     let b = Signed::sign(&key(1), &ack).unwrap().to_bytes().unwrap();
     assert_eq!(a, b);
+}
+
+/// The step-caching mode a receipt records is inside the signed body: a receipt re-encoded
+/// with another mode under the provider's signature does not verify.
+#[test]
+fn a_receipt_s_mode_is_covered_by_its_signature() {
+    let key = SecretKey::from_seed(&[5; 32]);
+    let body = Receipt {
+        job_id: JobId([1; 16]),
+        request_hash: Hash::of(b"request"),
+        provider: key.public(),
+        requester: pk(2),
+        units: MeteredUnits {
+            width: 64,
+            height: 64,
+            steps: 8,
+            prompt_tokens: 4,
+            images: 1,
+        },
+        schedule: PriceSchedule::default(),
+        cost: MicroTokens(10),
+        image_hashes: vec![Hash::of(b"png")],
+        queued_ms: 1,
+        run_ms: 2,
+        cumulative_charged: MicroTokens(10),
+        prev_entry_hash: None,
+        issued_at_ms: 3,
+        step_caching: StepCaching::FirstBlock {
+            threshold_permille: 200,
+        },
+    };
+    let signed = Signed::sign(&key, &body).unwrap();
+    let claimed = Receipt {
+        step_caching: StepCaching::Exact,
+        ..body
+    };
+    let forged = Signed::<Receipt>::from_parts(
+        key.public(),
+        pixmarket_protocol::codec::encode("receipt", &claimed, 4096).unwrap(),
+        signed.signature(),
+    );
+    assert!(forged.verify().is_err());
+    assert_eq!(
+        signed.verify().unwrap().step_caching,
+        StepCaching::FirstBlock {
+            threshold_permille: 200
+        }
+    );
 }

@@ -278,6 +278,8 @@ pub fn fast_advert(seq: u64, schedule: PriceSchedule) -> CapacityAdvert {
         max_queue: 8,
         ms_per_standard_image: 1,
         devices: Vec::new(),
+        step_caching: pixmarket_protocol::StepCaching::Exact,
+        serves_exact: true,
     }
 }
 
@@ -351,6 +353,7 @@ pub fn honest_quote(
         queue_position: 0,
         eta_ms: 0,
         valid_until_ms: now_ms() + 60_000,
+        step_caching: pixmarket_protocol::StepCaching::Exact,
     };
     match Signed::sign(secret, &quote) {
         Ok(s) => Response::Quote(s),
@@ -683,6 +686,7 @@ impl DishonestProvider {
             cumulative_charged: cost,
             prev_entry_hash: None,
             issued_at_ms: now_ms(),
+            step_caching: pixmarket_protocol::StepCaching::Exact,
         };
         let receipt = spoil_receipt(&self.secret, receipt, cheat)?;
         let charged = receipt.verify().map_or(cost, |r| r.cost);
@@ -779,6 +783,7 @@ pub fn quote_request(
         steps: params.steps,
         images: params.images,
         strength_permille: params.mode.strength_permille(),
+        exact: false,
     };
     Ok(Signed::sign(secret, &qr)?)
 }
@@ -844,6 +849,7 @@ pub fn small_job(prompt: &str) -> JobParams {
         seed: 7,
         images: 1,
         mode: Mode::TextToImage,
+        exact: false,
     }
 }
 

@@ -247,6 +247,7 @@ pub async fn run(config: &DemoConfig, log: &mut dyn FnMut(String)) -> anyhow::Re
             seed: i as u64,
             images: 1,
             mode: Mode::TextToImage,
+            exact: false,
         };
         let t = Instant::now();
         let outcome = requester

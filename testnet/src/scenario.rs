@@ -219,6 +219,7 @@ fn random_params(rng: &mut ChaCha8Rng, mix: JobMix, index: usize) -> JobParams {
         seed: u64::try_from(index).unwrap_or(0),
         images,
         mode: Mode::TextToImage,
+        exact: false,
     }
 }
 
@@ -458,6 +459,7 @@ fn read_trace(path: &Path, requesters: usize) -> Result<Vec<(u64, usize, JobPara
             seed: u64::try_from(index).unwrap_or(0),
             images: t.images.unwrap_or(1),
             mode: Mode::TextToImage,
+            exact: false,
         };
         params.validate().map_err(|e| bad(e.to_string()))?;
         out.push((to_ms(t.at_s * 1000.0), requester, params));

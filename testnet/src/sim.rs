@@ -243,6 +243,8 @@ impl Generator for SimulatedGenerator {
             device_memory_mib: self.kind.memory_mib,
             supports_image_to_image: true,
             supports_inpaint: true,
+            step_caching: pixmarket_protocol::StepCaching::Exact,
+            serves_exact: true,
         }
     }
 
@@ -395,6 +397,7 @@ mod tests {
             seed: 1,
             images,
             mode: Mode::TextToImage,
+            exact: false,
         }
     }
 

@@ -541,6 +541,7 @@ async fn bad_rpc_frames_are_dropped_and_the_provider_keeps_serving() {
         cumulative_charged: MicroTokens(1),
         prev_entry_hash: None,
         issued_at_ms: now_ms(),
+        step_caching: pixmarket_protocol::StepCaching::Exact,
     };
     let _ = Signed::sign(&secret, &receipt).unwrap();
     let void = Signed::sign(

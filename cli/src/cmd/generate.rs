@@ -95,7 +95,7 @@ pub(crate) struct JobArgs {
 pub(crate) struct LocalArgs {
     /// Generate on this machine; without it, the image is bought on the market (--peer or
     /// --bootstrap).
-    #[arg(long, conflicts_with_all = ["peer", "bootstrap", "max_cost"])]
+    #[arg(long, conflicts_with_all = ["peer", "bootstrap", "max_cost", "exact"])]
     local: bool,
     /// A Qwen-Image folder saved by diffusers (`QwenImagePipeline.save_pretrained`), or `tiny`
     /// for the built-in tiny model (trained on drawn scenes, see the engine README for what it
@@ -212,7 +212,8 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
     }
     if !args.local.local {
-        let params = job::build(&args.job, Form::Market)?;
+        let mut params = job::build(&args.job, Form::Market)?;
+        params.exact = args.market.exact;
         return super::market::run(
             params,
             &args.job.output,

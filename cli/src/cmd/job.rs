@@ -209,6 +209,7 @@ pub(crate) fn build(job: &JobArgs, form: Form) -> anyhow::Result<JobParams> {
         seed: job.seed.unwrap_or_else(rand::random),
         images: 1,
         mode,
+        exact: false,
     };
     if form == Form::Market {
         // The provider's own check, so nothing it would refuse is sent.

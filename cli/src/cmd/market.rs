@@ -51,6 +51,10 @@ pub(crate) struct MarketArgs {
     /// built-in tiny model's tokenizer is always used for providers of the tiny model.
     #[arg(long, value_name = "MODEL_DIR")]
     tokenizer: Vec<PathBuf>,
+    /// Require the exact computation: a provider that caches denoising steps runs this job
+    /// without caching (its quote and receipt say "exact"), or refuses it.
+    #[arg(long)]
+    pub(crate) exact: bool,
 }
 
 /// Writes the paid image to `output`, or, if that fails now, into the data folder, and says
@@ -282,6 +286,7 @@ pub(crate) fn run(
                     "job": job,
                     "seed": seed,
                     "receipt": outcome.receipt.digest().to_string(),
+                    "computation": receipt.step_caching.to_string(),
                 })
             )?;
         } else {
@@ -290,6 +295,7 @@ pub(crate) fn run(
             out!("cost: {} tokens", outcome.cost)?;
             out!("seed: {seed}")?;
             out!("receipt: job {job} (receipt {})", outcome.receipt.digest())?;
+            out!("computation: {}", receipt.step_caching)?;
             if !checked && !quiet {
                 out!(
                     "prompt tokens: {}, as the provider counted them (--tokenizer MODEL_DIR \

@@ -84,6 +84,7 @@ pub fn receipt_body(
         cumulative_charged: link.charged_so_far.checked_add(cost).unwrap(),
         prev_entry_hash: link.prev_entry_hash,
         issued_at_ms: 1_000,
+        step_caching: pixmarket_protocol::StepCaching::Exact,
     }
 }
 

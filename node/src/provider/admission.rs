@@ -56,6 +56,15 @@ impl Provider {
         if let Err(e) = q.validate() {
             return refuse(FailReason::Invalid(e.into()));
         }
+        let Some(device) = self.inner.devices.first_up() else {
+            return refuse(FailReason::Engine(super::worker::no_device_left()));
+        };
+        let info = &device.info;
+        if q.exact && !info.serves_exact {
+            return refuse(FailReason::ExactUnavailable {
+                offered: info.step_caching,
+            });
+        }
         let (units, cost) = match self.meter(&q.prompt, |prompt_tokens| MeteredUnits {
             width: q.width,
             height: q.height,
@@ -82,6 +91,7 @@ impl Provider {
             queue_position: position,
             eta_ms,
             valid_until_ms: now_ms() + QUOTE_VALIDITY_MS,
+            step_caching: info.step_caching.for_job(q.exact),
         };
         match Signed::sign(&self.inner.key, &quote) {
             Ok(s) => Response::Quote(s),
@@ -120,9 +130,16 @@ impl Provider {
         let Some(device) = self.inner.devices.first_up() else {
             return refuse(FailReason::Engine(super::worker::no_device_left()));
         };
-        if !mode_supported(&req.params.mode, &device.info) {
+        let info = &device.info;
+        if !mode_supported(&req.params.mode, info) {
             tracing::warn!(%peer, mode = req.params.mode.name(), "refused job: mode not supported");
             return refuse(FailReason::Unsupported(req.params.mode.name().to_owned()));
+        }
+        if req.params.exact && !info.serves_exact {
+            tracing::warn!(%peer, "refused job: exact computation required, not offered");
+            return refuse(FailReason::ExactUnavailable {
+                offered: info.step_caching,
+            });
         }
         let (units, cost) = match self.meter(&req.params.prompt, |t| req.params.metered_units(t)) {
             Ok(x) => x,
@@ -379,6 +396,8 @@ mod tests {
             device_memory_mib: 0,
             supports_image_to_image: true,
             supports_inpaint: false,
+            step_caching: pixmarket_protocol::StepCaching::Exact,
+            serves_exact: true,
         };
         let i2i = Mode::ImageToImage {
             init_image: vec![1],

@@ -54,6 +54,8 @@ impl Provider {
             max_queue: self.inner.settings.max_queue,
             ms_per_standard_image: fastest,
             devices: devices.advertised(),
+            step_caching: info.step_caching,
+            serves_exact: info.serves_exact,
         })
     }
 

@@ -348,6 +348,13 @@ impl Provider {
                     .unwrap_or(pixmarket_protocol::MicroTokens::ZERO),
                 prev_entry_hash: link.prev_entry_hash,
                 issued_at_ms,
+                // The mode the generator ran this job in: the same rule it applies.
+                step_caching: self
+                    .inner
+                    .generator
+                    .info()
+                    .step_caching
+                    .for_job(job.params.exact),
             })
     }
 

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use pixmarket_protocol::{DeviceCapacity, validate};
 
 use super::queue::Speed;
-use crate::generator::{Generator, GeneratorInfo};
+use crate::generator::{CacheStats, Generator, GeneratorInfo};
 
 /// One device and what its worker measured.
 pub(super) struct Device {
@@ -77,6 +77,18 @@ impl Devices {
     }
 
     /// The devices serving now.
+    /// The caching counters of every device's engine, summed (each keeps its own caches).
+    pub(super) fn cache_stats(&self) -> CacheStats {
+        self.all()
+            .map(|d| d.generator.cache_stats())
+            .fold(CacheStats::default(), |a, b| CacheStats {
+                prompt_hits: a.prompt_hits.saturating_add(b.prompt_hits),
+                prompt_misses: a.prompt_misses.saturating_add(b.prompt_misses),
+                full_forwards: a.full_forwards.saturating_add(b.full_forwards),
+                reused_forwards: a.reused_forwards.saturating_add(b.reused_forwards),
+            })
+    }
+
     pub(super) fn up(&self) -> impl Iterator<Item = &Device> {
         self.0.iter().filter(|d| d.is_up())
     }

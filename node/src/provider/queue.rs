@@ -24,10 +24,12 @@ pub(super) struct QueuedJob {
 }
 
 impl QueuedJob {
-    /// Jobs the engine can run in one batch: same size, steps and mode.
+    /// Jobs the engine can run in one batch: same size, steps, mode and exactness (a job that
+    /// requires exact computation never shares a step-cached batch).
     pub(super) fn compatible(&self, other: &QueuedJob) -> bool {
         let (a, b) = (&self.params, &other.params);
-        a.width == b.width
+        a.exact == b.exact
+            && a.width == b.width
             && a.height == b.height
             && a.steps == b.steps
             && a.mode.name() == b.mode.name()

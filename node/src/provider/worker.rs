@@ -162,6 +162,7 @@ impl Provider {
         }
         let elapsed = started.elapsed();
         self.inner.metrics.busy(&dev.label, elapsed);
+        self.inner.metrics.cache(self.inner.devices.cache_stats());
         let cancelled: BTreeSet<JobId> = {
             let mut q = self.lock();
             ids.iter()

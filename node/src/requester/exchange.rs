@@ -10,7 +10,7 @@ use pixmarket_ledger::{LedgerError, Role};
 use pixmarket_protocol::messages::{FailReason, JobEventKind};
 use pixmarket_protocol::{
     ChainEntry, JobEvent, JobId, JobParams, JobRequest, JobStatus, PublicKey, Quote, QuoteId,
-    QuoteRequest, Receipt, ReceiptAck, ReceiptRefusal, Signed,
+    QuoteRequest, Receipt, ReceiptAck, ReceiptRefusal, Signed, StepCaching,
 };
 use tokio::sync::mpsc;
 
@@ -76,6 +76,8 @@ enum QuoteError {
     Units { got: String, want: String },
     #[error("quote meters {quoted} prompt tokens; our own tokenizer counts {mine}")]
     InflatedTokens { quoted: u32, mine: u32 },
+    #[error("exact computation required, the quote offers {0}")]
+    NotExact(StepCaching),
 }
 
 /// Why a checked receipt could not be stored with our ack.
@@ -357,6 +359,7 @@ impl Requester {
             steps: params.steps,
             images: params.images,
             strength_permille: params.mode.strength_permille(),
+            exact: params.exact,
         };
         let signed = Signed::sign(&self.key, &qr).map_err(QuoteError::Sign)?;
         let quote = match self.ask_with(peer, Request::Quote(signed), false).await {
@@ -369,6 +372,9 @@ impl Requester {
         };
         if quote.quote_id != qr.quote_id || quote.requester != self.key.public() {
             return Err(QuoteError::OtherRequest);
+        }
+        if params.exact && quote.step_caching != StepCaching::Exact {
+            return Err(QuoteError::NotExact(quote.step_caching));
         }
         quote.check_cost().map_err(QuoteError::Price)?;
         let want = params.metered_units(quote.units.prompt_tokens);

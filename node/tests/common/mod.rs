@@ -23,6 +23,8 @@ impl Generator for SlowGenerator {
             device_memory_mib: 0,
             supports_image_to_image: false,
             supports_inpaint: false,
+            step_caching: pixmarket_protocol::StepCaching::Exact,
+            serves_exact: true,
         }
     }
 
@@ -66,5 +68,6 @@ pub fn job_with_steps(prompt: &str, steps: u32) -> JobParams {
         seed: 7,
         images: 1,
         mode: Mode::TextToImage,
+        exact: false,
     }
 }
