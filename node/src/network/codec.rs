@@ -359,6 +359,7 @@ mod tests {
             steps: 2,
             images: 1,
             strength_permille: None,
+            exact: false,
         };
         vec![
             (
@@ -395,6 +396,7 @@ mod tests {
             queue_position: 0,
             eta_ms: 0,
             valid_until_ms: 1,
+            step_caching: pixmarket_protocol::StepCaching::Exact,
         };
         let refusal = ReceiptRefusal {
             job_id: JobId([1; 16]),

@@ -23,7 +23,7 @@ use libp2p::PeerId;
 use pixmarket_ledger::{LedgerError, Role};
 use pixmarket_protocol::messages::{FailReason, JobEventKind, ValidationErrorWire};
 use pixmarket_protocol::{
-    Hash, JobEvent, JobId, PublicKey, Receipt, ReceiptAck, ReceiptRefusal, Signed,
+    Hash, JobEvent, JobId, PublicKey, Receipt, ReceiptAck, ReceiptRefusal, Signed, StepCaching,
 };
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -230,16 +230,29 @@ enum Offer {
 impl Provider {
     /// Hands a computed result to its requester's delivery lane (called by the worker; it
     /// returns at once).
-    pub(super) fn deliver(&self, job: QueuedJob, pngs: Vec<Vec<u8>>, run_ms: u64) {
+    /// `mode` is how the device ran the job, as its receipt records.
+    pub(super) fn deliver(
+        &self,
+        job: QueuedJob,
+        pngs: Vec<Vec<u8>>,
+        run_ms: u64,
+        mode: StepCaching,
+    ) {
         let me = self.clone();
         self.inner
             .deliveries
             .spawn(&self.inner.runtime, async move {
-                me.settle_and_offer(job, pngs, run_ms).await
+                me.settle_and_offer(job, pngs, run_ms, mode).await
             });
     }
 
-    async fn settle_and_offer(self, job: QueuedJob, pngs: Vec<Vec<u8>>, run_ms: u64) {
+    async fn settle_and_offer(
+        self,
+        job: QueuedJob,
+        pngs: Vec<Vec<u8>>,
+        run_ms: u64,
+        mode: StepCaching,
+    ) {
         let lane = self.inner.deliveries.lane(job.requester);
         let _turn = lane.lock().await;
         if self.crashed() {
@@ -249,7 +262,7 @@ impl Provider {
         let me = self.clone();
         let (job_id, requester, peer) = (job.job_id, job.requester, job.peer);
         let settled = tokio::task::spawn_blocking(move || {
-            let r = me.settle(&job, hashes, run_ms);
+            let r = me.settle(&job, hashes, run_ms, mode);
             (job, r)
         })
         .await;
@@ -323,6 +336,7 @@ impl Provider {
         job: &QueuedJob,
         image_hashes: Vec<Hash>,
         run_ms: u64,
+        mode: StepCaching,
     ) -> Result<Signed<Receipt>, LedgerError> {
         let queued_ms = u64::try_from(job.queued_at.elapsed().as_millis())
             .unwrap_or(u64::MAX)
@@ -348,13 +362,7 @@ impl Provider {
                     .unwrap_or(pixmarket_protocol::MicroTokens::ZERO),
                 prev_entry_hash: link.prev_entry_hash,
                 issued_at_ms,
-                // The mode the generator ran this job in: the same rule it applies.
-                step_caching: self
-                    .inner
-                    .generator
-                    .info()
-                    .step_caching
-                    .for_job(job.params.exact),
+                step_caching: mode,
             })
     }
 

@@ -188,7 +188,9 @@ impl Provider {
                     }
                     match pngs {
                         Some(pngs) if pngs.len() == job.params.images as usize => {
-                            self.deliver(job, pngs, run_ms);
+                            // The mode the device ran it in: the rule its generator applies.
+                            let mode = dev.info.step_caching.for_job(job.params.exact);
+                            self.deliver(job, pngs, run_ms, mode);
                         }
                         other => {
                             let got = other.map_or(0, |p| p.len());
