@@ -39,18 +39,21 @@ def size_of(data):
     return struct.unpack(">II", data[16:24])
 
 
+START = time.monotonic()
+
+
 def check(what, condition):
     if not condition:
         print(f"FAILED: {what}", file=sys.stderr)
         sys.exit(1)
-    print(f"ok: {what}")
+    print(f"ok: {what} ({time.monotonic() - START:.1f} s)")
 
 
 client = openai.OpenAI(base_url=BASE, api_key=TOKEN, max_retries=0, timeout=300)
 
 # The market's models appear once the provider's advert has reached the requester node.
 model = None
-for _ in range(600):
+for _ in range(1800):
     models = client.models.list()
     if models.data:
         model = models.data[0].id
