@@ -2,15 +2,19 @@
 //! (multipart: `image`, optional `mask`), `GET /v1/models`, and the files the `url` response
 //! format points at. A generation is a job in the shared table ([`crate::jobs`]): the route
 //! submits it and waits for it to finish, so the same id shows its progress on `/api/v1/jobs`.
-//! The response carries what the market charged in the `pixmarket` extension field.
+//! The response carries what the market charged in the `pixmarket` extension field. With
+//! `stream`, the answer is server-sent events: the completed images only, as providers send no
+//! previews yet (`partial_images` above 0 is refused).
 
 use std::io::Cursor;
 
 use axum::Json;
 use axum::extract::{Multipart, Path, State};
 use axum::http::header;
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
+use futures::StreamExt as _;
 use pixmarket_protocol::Mode;
 use pixmarket_protocol::validate as v;
 use serde::Deserialize;
@@ -19,7 +23,7 @@ use serde_json::{Value, json};
 use crate::AppState;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
-use crate::jobs::{ApiJobId, Asked, Done, Phase, failure_error};
+use crate::jobs::{ApiJobId, Asked, Completed, Done, Phase, failure_error};
 use crate::params::{self, MASKED_STRENGTH_PERMILLE, Spec};
 
 /// The image encodings a response may ask for.
@@ -160,21 +164,23 @@ impl GenerationRequest {
     }
 }
 
-fn refuse_stream(stream: Option<bool>, partial_images: Option<u32>) -> Result<(), ApiError> {
-    if stream == Some(true) || partial_images.is_some_and(|n| n > 0) {
+/// Streaming as this node offers it: the `image_generation.completed` event only. Partial
+/// images need previews that providers do not send yet, so asking for them is refused.
+fn stream_wanted(stream: Option<bool>, partial_images: Option<u32>) -> Result<bool, ApiError> {
+    if partial_images.is_some_and(|n| n > 0) {
         return Err(ApiError::invalid(
-            "stream",
-            "streaming partial images is not offered by this node yet: providers do not send previews; leave stream out (follow a job's steps on /api/v1/jobs/{id})",
+            "partial_images",
+            "invalid partial_images: previews are not sent by providers yet; allowed: 0 (stream only the completed image), or leave it out; follow a job's steps on /api/v1/jobs/{id}",
         ));
     }
-    Ok(())
+    Ok(stream == Some(true))
 }
 
 pub(crate) async fn generations(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<GenerationRequest>,
 ) -> Result<Response, ApiError> {
-    refuse_stream(req.stream, req.partial_images)?;
+    let stream = stream_wanted(req.stream, req.partial_images)?;
     let response_format = ResponseFormat::parse(req.response_format.as_deref())?;
     let output_format = OutputFormat::parse_opt(req.output_format.as_deref())?;
     let (model, params, options) = params::build(req.spec(), &s.requester)?;
@@ -186,11 +192,55 @@ pub(crate) async fn generations(
         },
         options,
     )?;
-    finish(&s, id, response_format).await
+    if stream {
+        Ok(sse(s, id, "image_generation").into_response())
+    } else {
+        finish(&s, id, response_format).await
+    }
 }
 
-/// Waits for job `id` and answers in OpenAI's shape.
-async fn finish(s: &AppState, id: ApiJobId, format: ResponseFormat) -> Result<Response, ApiError> {
+/// The stream of one job: comments keep the connection alive while it waits, then one
+/// `<prefix>.completed` event per image (OpenAI's fields, and the `pixmarket` extension), or
+/// one `error` event in OpenAI's error shape.
+fn sse(s: AppState, id: ApiJobId, prefix: &'static str) -> impl IntoResponse {
+    let events = futures::stream::once(async move {
+        let events: Vec<Result<Event, std::convert::Infallible>> = match completed(&s, id).await {
+            Ok((asked, done)) => done
+                .images
+                .iter()
+                .map(|png| {
+                    let data = match asked.output_format.encode(png) {
+                        Ok(bytes) => json!({
+                            "type": format!("{prefix}.completed"),
+                            "b64_json": base64::engine::general_purpose::STANDARD.encode(bytes),
+                            "created_at": done.finished_ms / 1000,
+                            "size": format!("{}x{}", asked.params.width, asked.params.height),
+                            "output_format": asked.output_format.name(),
+                            "pixmarket": result_json(&s, id, &asked, &done),
+                        }),
+                        Err(e) => error_event(&e),
+                    };
+                    Ok(Event::default()
+                        .event(format!("{prefix}.completed"))
+                        .data(data.to_string()))
+                })
+                .collect(),
+            Err(e) => vec![Ok(Event::default()
+                .event("error")
+                .data(error_event(&e).to_string()))],
+        };
+        futures::stream::iter(events)
+    })
+    .flatten();
+    Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+fn error_event(e: &ApiError) -> Value {
+    json!({ "type": "error", "error": { "message": e.to_string(), "code": e.status().as_u16() } })
+}
+
+/// Waits for job `id` to finish: its images, or the error its end answers.
+async fn completed(s: &AppState, id: ApiJobId) -> Result<Completed, ApiError> {
     let Some(mut rx) = s.jobs.watch(id)? else {
         return Err(ApiError::internal("the job vanished from the table"));
     };
@@ -204,18 +254,22 @@ async fn finish(s: &AppState, id: ApiJobId, format: ResponseFormat) -> Result<Re
         }
     };
     match phase {
-        Phase::Completed(done) => {
-            let Some((asked, _)) = s.jobs.images(id)? else {
-                return Err(ApiError::internal("the job's images are gone"));
-            };
-            Ok(Json(body(s, id, &asked, &done, format)?).into_response())
-        }
+        Phase::Completed(_) => s
+            .jobs
+            .images(id)?
+            .ok_or_else(|| ApiError::internal("the job's images are gone")),
         Phase::Failed { kind, reason, .. } => Err(failure_error(kind, &reason)),
         Phase::Cancelled { .. } => Err(ApiError::Conflict(format!(
             "job {id} was cancelled before it finished; nothing was paid"
         ))),
         _ => Err(ApiError::internal("the job stopped without an outcome")),
     }
+}
+
+/// Waits for job `id` and answers in OpenAI's shape.
+async fn finish(s: &AppState, id: ApiJobId, format: ResponseFormat) -> Result<Response, ApiError> {
+    let (asked, done) = completed(s, id).await?;
+    Ok(Json(body(s, id, &asked, &done, format)?).into_response())
 }
 
 fn body(
@@ -457,7 +511,7 @@ pub(crate) async fn edits(
             }
         }
     }
-    refuse_stream(stream, partial)?;
+    let stream = stream_wanted(stream, partial)?;
     let response_format = ResponseFormat::parse(response_format.as_deref())?;
     let output_format = OutputFormat::parse_opt(output_format.as_deref())?;
     spec.mode = Some(match mask {
@@ -492,7 +546,11 @@ pub(crate) async fn edits(
         },
         options,
     )?;
-    finish(&s, id, response_format).await
+    if stream {
+        Ok(sse(s, id, "image_edit").into_response())
+    } else {
+        finish(&s, id, response_format).await
+    }
 }
 
 /// Text fields an edit's form may have; OpenAI's and the market's together are about twenty.

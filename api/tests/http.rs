@@ -360,6 +360,37 @@ async fn openai_generation_is_an_async_job_and_a_running_deposit_sticks() {
         image::load_from_memory_with_format(&answer[body_at..], image::ImageFormat::Jpeg).unwrap();
     assert_eq!((img.width(), img.height()), (64, 64));
 
+    // Streamed: keep-alive comments, then one completed event with the image.
+    let body = json!({"prompt": "a stream", "stream": true}).to_string();
+    let mut s = tokio::net::TcpStream::connect(buyer_api.addr())
+        .await
+        .unwrap();
+    s.write_all(
+        format!(
+            "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            buyer_api.token(),
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).await.unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.contains("text/event-stream"), "{text}");
+    let data = text
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .unwrap_or_else(|| panic!("no event in {text}"));
+    let event: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(event["type"], "image_generation.completed");
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(event["b64_json"].as_str().unwrap())
+        .unwrap();
+    assert!(png.starts_with(b"\x89PNG"));
+    assert!(event["pixmarket"]["receipt"].is_string(), "{event}");
+
     // A longer job on the OpenAI route, watched on the async route by its id.
     let openai_call = {
         let buyer = buyer.clone();

@@ -83,6 +83,19 @@ r = client.images.edit(
 )
 check("an edit with a mask gives a 64x64 PNG", size_of(base64.b64decode(r.data[0].b64_json)) == (64, 64))
 
+events = list(client.images.generate(model=model, prompt="a green triangle", size="64x64", stream=True))
+check(
+    "a stream ends with image_generation.completed carrying the PNG",
+    events
+    and events[-1].type == "image_generation.completed"
+    and size_of(base64.b64decode(events[-1].b64_json)) == (64, 64),
+)
+try:
+    client.images.generate(model=model, prompt="a cat", stream=True, partial_images=2)
+    check("partial images are refused while providers send no previews", False)
+except openai.BadRequestError as e:
+    check("partial images are refused (param == 'partial_images')", e.param == "partial_images")
+
 try:
     client.images.generate(model=model, prompt="a cat", size="100x100")
     check("a bad size is refused", False)
