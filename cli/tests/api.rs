@@ -191,6 +191,10 @@ fn ledger_commands_go_through_the_running_node_and_its_books_survive() {
     assert!(o.contains("they now have 7.500000 available"), "{o}");
     drop(node);
     ok(&["ledger", "verify", "--data-dir", d]);
+    // A node started without --api clears what a killed one left.
+    let node = NodeProcess::start(&dir, &[]);
+    assert!(!dir.join("api.token").exists() && !dir.join("api.addr").exists());
+    node.interrupt();
 }
 
 #[test]

@@ -153,6 +153,13 @@ pub(crate) fn run(a: NodeArgs) -> anyhow::Result<()> {
         let node = launch::start(&dir, &overrides)
             .await
             .context("node failed to start")?;
+        if api_settings.is_none() {
+            // This node holds the ledger, so no other node serves this folder: API files here
+            // were left by one that was killed, and would send the CLI to a dead port.
+            for f in [pixmarket_api::TOKEN_FILE, pixmarket_api::ADDR_FILE] {
+                let _ = std::fs::remove_file(dir.root().join(f));
+            }
+        }
         out!("peer id: {}", node.client().local_peer_id())?;
         let mut addrs = Vec::new();
         for _ in 0..LISTEN_POLLS {
