@@ -28,6 +28,8 @@ pub enum ApiError {
     NotFound { what: &'static str, id: String },
     #[error("{0}")]
     Conflict(String),
+    #[error("{method} is not a method {path} takes")]
+    MethodNotAllowed { method: String, path: String },
     #[error("the request body is larger than the {limit} bytes this route accepts")]
     TooLarge { limit: usize },
     #[error("too many requests; retry after {retry_after_s} s")]
@@ -64,6 +66,7 @@ impl ApiError {
             ApiError::Forbidden { .. } | ApiError::ForeignOrigin(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RateLimited { .. } | ApiError::MarketBusy(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NoProviders(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -81,6 +84,7 @@ impl ApiError {
             ApiError::ForeignOrigin(_) => ("invalid_request_error", "foreign_origin"),
             ApiError::NotFound { .. } => ("invalid_request_error", "not_found"),
             ApiError::Conflict(_) => ("invalid_request_error", "conflict"),
+            ApiError::MethodNotAllowed { .. } => ("invalid_request_error", "method_not_allowed"),
             ApiError::TooLarge { .. } => ("invalid_request_error", "body_too_large"),
             ApiError::RateLimited { .. } => ("rate_limit_error", "rate_limit_exceeded"),
             ApiError::MarketBusy(_) => ("rate_limit_error", "market_busy"),

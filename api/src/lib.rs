@@ -220,9 +220,9 @@ async fn not_found(uri: axum::http::Uri) -> ApiError {
 }
 
 async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::Invalid {
-        param: None,
-        message: format!("{method} is not a method {} takes", uri.path()),
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
     }
 }
 

@@ -113,6 +113,36 @@ impl Amount {
     }
 }
 
+/// An integer field that also takes an integral JSON float (`86.0`), as JSON Schema's
+/// `integer` does; a fraction, a negative number or one out of range is refused.
+fn whole<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    let n: Option<serde_json::Number> = Option::deserialize(d)?;
+    let Some(n) = n else { return Ok(None) };
+    // Integral floats up to 2^53 are exact.
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    let v = match (n.as_u64(), n.as_f64()) {
+        (Some(v), _) => v,
+        (None, Some(f)) if f.fract() == 0.0 && (0.0..=EXACT).contains(&f) => {
+            // Integral and within 0..=2^53: exact as u64.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let v = f as u64;
+            v
+        }
+        _ => {
+            return Err(serde::de::Error::custom(format!(
+                "{n} is not a whole number of 0 or more"
+            )));
+        }
+    };
+    T::try_from(v)
+        .map(Some)
+        .map_err(|_| serde::de::Error::custom(format!("{v} is too large")))
+}
+
 /// `POST /v1/images/generations`' body. OpenAI's fields this market has no use for
 /// (`quality`, `style`, `background`, `moderation`, `output_compression`, `user`) are accepted
 /// and ignored, so clients that always send them work; any other unknown field is refused.
@@ -121,15 +151,19 @@ impl Amount {
 pub(crate) struct GenerationRequest {
     pub model: Option<String>,
     pub prompt: String,
+    #[serde(default, deserialize_with = "whole")]
     pub n: Option<u32>,
     pub size: Option<String>,
     pub response_format: Option<String>,
     pub output_format: Option<String>,
     pub stream: Option<bool>,
+    #[serde(default, deserialize_with = "whole")]
     pub partial_images: Option<u32>,
     pub negative_prompt: Option<String>,
+    #[serde(default, deserialize_with = "whole")]
     pub num_inference_steps: Option<u32>,
     pub true_cfg_scale: Option<f32>,
+    #[serde(default, deserialize_with = "whole")]
     pub seed: Option<u64>,
     pub max_cost: Option<Amount>,
     #[serde(rename = "quality")]
