@@ -46,7 +46,23 @@ pub struct NodeConfig {
     pub mdns: bool,
     /// Serve Prometheus metrics on this `HOST:PORT` (e.g. "127.0.0.1:9464"); empty = off.
     pub metrics: String,
+    /// Serve the HTTP API on this `HOST:PORT` (e.g. "127.0.0.1:7878"); empty = off. A
+    /// non-loopback address also needs `--api-public`.
+    pub api: String,
     pub provider: ProviderConfig,
+    /// Named API tokens beside the cookie token the node writes at each start.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub api_tokens: Vec<ApiTokenConfig>,
+}
+
+/// A named API token: `[[api_tokens]]` with `name`, `token` (random, 32 characters or more)
+/// and `scopes` (`read`, `buy`, `admin`). The API checks them when it starts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTokenConfig {
+    pub name: String,
+    pub token: String,
+    pub scopes: Vec<String>,
 }
 
 /// Settings used when the node sells generation (`pixmarket node --provide`).
@@ -97,7 +113,9 @@ impl Default for NodeConfig {
             bootstrap: Vec::new(),
             mdns: true,
             metrics: String::new(),
+            api: String::new(),
             provider: ProviderConfig::default(),
+            api_tokens: Vec::new(),
         }
     }
 }
@@ -181,6 +199,13 @@ impl NodeConfig {
                 key: "metrics",
                 got: format!("{:?}", self.metrics),
                 allowed: "HOST:PORT such as 127.0.0.1:9464, or empty for off".into(),
+            });
+        }
+        if !self.api.is_empty() && self.api.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::Invalid {
+                key: "api",
+                got: format!("{:?}", self.api),
+                allowed: "HOST:PORT such as 127.0.0.1:7878, or empty for off".into(),
             });
         }
         let p = &self.provider;

@@ -1,6 +1,9 @@
-//! `pixmarket ledger ...`: the node's books on the command line. Each subcommand opens the
-//! data folder's ledger (refusing a locked, corrupt, foreign or other node's one), calls
-//! `pixmarket_ledger`, and prints the result for a person.
+//! `pixmarket ledger ...`: the node's books on the command line. `balance`, `receipts`,
+//! `deposit`, `credit-limit` and `default-credit` go through the HTTP API of the node that runs
+//! in the data folder (found through its `api.token` and `api.addr` files), so a running
+//! node's books change without a restart; when no node answers there, and for the other
+//! subcommands, the command opens the data folder's ledger itself (refusing a locked, corrupt,
+//! foreign or other node's one), calls `pixmarket_ledger`, and prints the result for a person.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
@@ -8,9 +11,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
+use pixmarket_api::client::Method;
+use pixmarket_api::client::{ApiClient, ClientError};
 use pixmarket_ledger::{Ledger, Role};
 use pixmarket_node::DataDir;
 use pixmarket_protocol::{DepositNote, MicroTokens, PublicKey, Signed};
+use serde_json::Value;
 
 use super::DataDirArg;
 use crate::usage::{out, usage};
@@ -126,14 +132,73 @@ fn show_peer(p: &PublicKey) -> String {
     p.to_peer_id().to_string()
 }
 
+/// The running node's API when one serves this data folder, so its books are changed through
+/// the node that holds them open (never by a second opener of the store).
+fn running(data_dir: &Path) -> Option<ApiClient> {
+    ApiClient::find(data_dir)
+}
+
+/// Calls the running node's API; `Ok(None)` when the files are stale (no node answers), so the
+/// caller opens the ledger itself.
+fn through_api(
+    api: &ApiClient,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<Option<Value>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match rt.block_on(api.call(method, path, body)) {
+        Ok(v) => Ok(Some(v)),
+        Err(ClientError::NotRunning { .. }) => Ok(None),
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "the node running in this data folder (API at {}) did not do it",
+            api.addr()
+        ))),
+    }
+}
+
+/// A JSON amount's token string.
+fn tokens_of(v: &Value) -> String {
+    v.get("tokens")
+        .and_then(Value::as_str)
+        .unwrap_or("?")
+        .to_owned()
+}
+
 pub(crate) fn run(args: LedgerArgs) -> anyhow::Result<()> {
     let data_dir = args.data_dir.path()?;
+    let api = running(&data_dir);
     match args.command {
-        LedgerCommand::Balance { json: false } => balance(&open(&data_dir)?.ledger),
-        LedgerCommand::Balance { json: true } => balance_json(&open(&data_dir)?.ledger),
+        LedgerCommand::Balance { json } => {
+            let via_api = match &api {
+                Some(api) => through_api(api, Method::GET, "/api/v1/accounts", None)?,
+                None => None,
+            };
+            let value = match via_api {
+                Some(v) => v,
+                None => balance_value(&open(&data_dir)?.ledger)?,
+            };
+            if json {
+                out!("{value}")?;
+                Ok(())
+            } else {
+                print_balance(&value)
+            }
+        }
         LedgerCommand::Receipts { peer, json } => {
             let peer = peer.as_deref().map(parse_peer).transpose()?;
-            receipts(&open(&data_dir)?.ledger, peer.as_ref(), json)
+            let via_api = match &api {
+                Some(api) => receipts_via_api(api, peer.as_ref())?,
+                None => None,
+            };
+            let list = match via_api {
+                Some(list) => list,
+                None => receipt_values(&open(&data_dir)?.ledger, peer.as_ref())?,
+            };
+            print_receipts(&list, json)
         }
         LedgerCommand::Verify => {
             let o = open(&data_dir)?;
@@ -193,32 +258,53 @@ pub(crate) fn run(args: LedgerArgs) -> anyhow::Result<()> {
         LedgerCommand::Deposit { peer, tokens, memo } => {
             let peer = parse_peer(&peer)?;
             let amount = parse_tokens(&tokens)?;
-            let o = open(&data_dir)?;
-            let note = DepositNote {
-                deposit_id: rand::random(),
-                account: peer,
-                amount,
-                memo,
-                recorded_at_ms: now_ms(),
+            let body = serde_json::json!({ "tokens": amount.to_string(), "memo": memo });
+            let path = format!("/api/v1/accounts/{}/deposits", show_peer(&peer));
+            let via_api = match &api {
+                Some(api) => through_api(api, Method::POST, &path, Some(&body))?,
+                None => None,
             };
-            note.validate().context("invalid deposit")?;
-            let signed = Signed::sign(&o.key, &note)?;
-            o.ledger.deposit(&signed).context("deposit refused")?;
-            let a = o.ledger.account(Role::Provider, &peer)?.unwrap_or_default();
+            let available = match via_api {
+                Some(v) => v
+                    .pointer("/account/available")
+                    .map_or_else(|| "overdrawn".to_owned(), tokens_of),
+                None => {
+                    let o = open(&data_dir)?;
+                    let note = DepositNote {
+                        deposit_id: rand::random(),
+                        account: peer,
+                        amount,
+                        memo,
+                        recorded_at_ms: now_ms(),
+                    };
+                    note.validate().context("invalid deposit")?;
+                    let signed = Signed::sign(&o.key, &note)?;
+                    o.ledger.deposit(&signed).context("deposit refused")?;
+                    let a = o.ledger.account(Role::Provider, &peer)?.unwrap_or_default();
+                    a.available().unwrap_or_default().to_string()
+                }
+            };
             out!(
-                "recorded a deposit of {amount} tokens from {}; they now have {} available",
+                "recorded a deposit of {amount} tokens from {}; they now have {available} available",
                 show_peer(&peer),
-                a.available().unwrap_or_default()
             )?;
             Ok(())
         }
         LedgerCommand::CreditLimit { peer, tokens } => {
             let peer = parse_peer(&peer)?;
             let amount = parse_tokens(&tokens)?;
-            let o = open(&data_dir)?;
-            o.ledger
-                .set_credit_limit(peer, amount)
-                .context("credit limit refused")?;
+            let body = serde_json::json!({ "tokens": amount.to_string() });
+            let path = format!("/api/v1/accounts/{}/credit-limit", show_peer(&peer));
+            let via_api = match &api {
+                Some(api) => through_api(api, Method::PUT, &path, Some(&body))?,
+                None => None,
+            };
+            if via_api.is_none() {
+                let o = open(&data_dir)?;
+                o.ledger
+                    .set_credit_limit(peer, amount)
+                    .context("credit limit refused")?;
+            }
             out!(
                 "credit limit of {} set to {amount} tokens",
                 show_peer(&peer)
@@ -227,13 +313,20 @@ pub(crate) fn run(args: LedgerArgs) -> anyhow::Result<()> {
         }
         LedgerCommand::DefaultCredit { tokens } => {
             let amount = parse_tokens(&tokens)?;
-            let o = open(&data_dir)?;
-            o.ledger.set_default_credit(amount)?;
-            // The config's `new_peer_credit` must not undo this at the next start: record its
-            // current value as dealt with (editing the config later still takes effect).
-            let dir = DataDir::open(&data_dir)?;
-            if let Ok(config) = dir.config() {
-                dir.set_applied_peer_credit(&config.provider.new_peer_credit)?;
+            let body = serde_json::json!({ "tokens": amount.to_string() });
+            let via_api = match &api {
+                Some(api) => through_api(api, Method::PUT, "/api/v1/default-credit", Some(&body))?,
+                None => None,
+            };
+            if via_api.is_none() {
+                let o = open(&data_dir)?;
+                o.ledger.set_default_credit(amount)?;
+                // The config's `new_peer_credit` must not undo this at the next start: record
+                // its current value as dealt with (editing the config later still takes effect).
+                let dir = DataDir::open(&data_dir)?;
+                if let Ok(config) = dir.config() {
+                    dir.set_applied_peer_credit(&config.provider.new_peer_credit)?;
+                }
             }
             out!("peers seen from now on get {amount} tokens of credit")?;
             Ok(())
@@ -241,13 +334,17 @@ pub(crate) fn run(args: LedgerArgs) -> anyhow::Result<()> {
     }
 }
 
-fn balance(l: &Ledger) -> anyhow::Result<()> {
+fn print_balance(v: &Value) -> anyhow::Result<()> {
     out!(
         "default credit for new peers: {} tokens",
-        l.default_credit()?
+        v.get("default_credit").map_or_else(String::new, tokens_of)
     )?;
     for role in [Role::Provider, Role::Requester] {
-        let accounts = l.accounts(role)?;
+        let accounts = v
+            .pointer(&format!("/accounts/{role}"))
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         out!()?;
         match role {
             Role::Provider => {
@@ -271,20 +368,21 @@ fn balance(l: &Ledger) -> anyhow::Result<()> {
             "AVAILABLE",
             "RECEIPTS"
         )?;
-        for (peer, a) in accounts {
-            let available = match a.available() {
-                Some(v) => v.to_string(),
-                None => "overdrawn".to_owned(),
+        for a in accounts {
+            let field = |k: &str| a.get(k).map_or_else(String::new, tokens_of);
+            let available = match a.get("available") {
+                Some(Value::Null) | None => "overdrawn".to_owned(),
+                Some(v) => tokens_of(v),
             };
             out!(
                 "  {:<52} {:>18} {:>18} {:>18} {:>18} {:>18} {:>8}",
-                show_peer(&peer),
-                a.deposits.to_string(),
-                a.credit_limit.to_string(),
-                a.charged.to_string(),
-                a.held.to_string(),
+                a.get("peer").and_then(Value::as_str).unwrap_or("?"),
+                field("deposits"),
+                field("credit_limit"),
+                field("charged"),
+                field("held"),
                 available,
-                a.entries
+                a.get("chain_entries").and_then(Value::as_u64).unwrap_or(0)
             )?;
         }
     }
@@ -296,7 +394,8 @@ fn amount(m: MicroTokens) -> serde_json::Value {
     serde_json::json!({ "tokens": m.to_string(), "micro": m.0 })
 }
 
-fn balance_json(l: &Ledger) -> anyhow::Result<()> {
+/// The balances as the API's `GET /api/v1/accounts` answers them.
+fn balance_value(l: &Ledger) -> anyhow::Result<Value> {
     let mut roles = serde_json::Map::new();
     for role in [Role::Provider, Role::Requester] {
         let accounts: Vec<_> = l
@@ -317,41 +416,74 @@ fn balance_json(l: &Ledger) -> anyhow::Result<()> {
             .collect();
         roles.insert(role.to_string(), serde_json::Value::Array(accounts));
     }
-    out!(
-        "{}",
-        serde_json::json!({
-            "default_credit": amount(l.default_credit()?),
-            "accounts": roles,
-        })
-    )?;
-    Ok(())
+    Ok(serde_json::json!({
+        "default_credit": amount(l.default_credit()?),
+        "accounts": roles,
+    }))
 }
 
-fn receipts(l: &Ledger, peer: Option<&PublicKey>, json: bool) -> anyhow::Result<()> {
-    let all = l.receipts(peer)?;
+/// Receipts as the API's `GET /api/v1/receipts` lists them.
+fn receipt_values(l: &Ledger, peer: Option<&PublicKey>) -> anyhow::Result<Vec<Value>> {
+    let mut list = Vec::new();
+    for stored in l.receipts(peer)? {
+        let r = stored
+            .receipt
+            .verify()
+            .context("a stored receipt does not verify; run `pixmarket ledger verify`")?;
+        let other = match stored.role {
+            Role::Provider => r.requester,
+            Role::Requester => r.provider,
+        };
+        list.push(serde_json::json!({
+            "role": stored.role.to_string(),
+            "job": r.job_id.to_string(),
+            "peer": show_peer(&other),
+            "cost": amount(r.cost),
+            "cumulative": amount(r.cumulative_charged),
+            "issued_at_ms": r.issued_at_ms,
+            "acked": stored.ack.is_some(),
+            "refunded": stored.refunded,
+            "undelivered": stored.undelivered,
+            "receipt": stored.receipt.digest().to_string(),
+        }));
+    }
+    Ok(list)
+}
+
+/// Every receipt, page by page, from the running node; `None` if no node answers.
+fn receipts_via_api(
+    api: &ApiClient,
+    peer: Option<&PublicKey>,
+) -> anyhow::Result<Option<Vec<Value>>> {
+    let mut list = Vec::new();
+    loop {
+        let mut path = format!("/api/v1/receipts?offset={}", list.len());
+        if let Some(p) = peer {
+            path.push_str(&format!("&peer={}", show_peer(p)));
+        }
+        let Some(page) = through_api(api, Method::GET, &path, None)? else {
+            return Ok(None);
+        };
+        let data = page
+            .get("data")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let more = page.get("has_more").and_then(Value::as_bool) == Some(true);
+        if data.is_empty() && more {
+            bail!("the node's API listed an empty page of receipts with more to come");
+        }
+        list.extend(data);
+        if !more {
+            return Ok(Some(list));
+        }
+    }
+}
+
+fn print_receipts(all: &[Value], json: bool) -> anyhow::Result<()> {
     if json {
-        for stored in all {
-            let r = stored
-                .receipt
-                .verify()
-                .context("a stored receipt does not verify; run `pixmarket ledger verify`")?;
-            let other = match stored.role {
-                Role::Provider => r.requester,
-                Role::Requester => r.provider,
-            };
-            out!(
-                "{}",
-                serde_json::json!({
-                    "role": stored.role.to_string(),
-                    "job": r.job_id.to_string(),
-                    "peer": show_peer(&other),
-                    "cost": amount(r.cost),
-                    "cumulative": amount(r.cumulative_charged),
-                    "acked": stored.ack.is_some(),
-                    "refunded": stored.refunded,
-                    "receipt": stored.receipt.digest().to_string(),
-                })
-            )?;
+        for r in all {
+            out!("{r}")?;
         }
         return Ok(());
     }
@@ -368,25 +500,22 @@ fn receipts(l: &Ledger, peer: Option<&PublicKey>, json: bool) -> anyhow::Result<
         "CUMULATIVE",
         "ACKED"
     )?;
-    for stored in all {
-        let r = stored
-            .receipt
-            .verify()
-            .context("a stored receipt does not verify; run `pixmarket ledger verify`")?;
-        let other = match stored.role {
-            Role::Provider => r.requester,
-            Role::Requester => r.provider,
-        };
+    let text = |r: &Value, k: &str| r.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
+    for r in all {
         out!(
             "{:<9} {:<32} {:<52} {:>16} {:>18} {:<5}",
-            stored.role.to_string(),
-            r.job_id.to_string(),
-            show_peer(&other),
-            r.cost.to_string(),
-            r.cumulative_charged.to_string(),
-            if stored.ack.is_some() { "yes" } else { "no" }
+            text(r, "role"),
+            text(r, "job"),
+            text(r, "peer"),
+            r.get("cost").map_or_else(String::new, tokens_of),
+            r.get("cumulative").map_or_else(String::new, tokens_of),
+            if r.get("acked").and_then(Value::as_bool) == Some(true) {
+                "yes"
+            } else {
+                "no"
+            }
         )?;
-        if let Some(why) = &stored.refunded {
+        if let Some(why) = r.get("refunded").and_then(Value::as_str) {
             out!("          refunded, not charged: {why}")?;
         }
     }

@@ -1,14 +1,17 @@
-//! `pixmarket node`: run a node until Ctrl-C, as a provider with `--provide`.
+//! `pixmarket node`: run a node until Ctrl-C, as a provider with `--provide`, serving the HTTP
+//! API with `--api`.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use pixmarket_api::{Api, ApiSettings};
 use pixmarket_node::launch::{self, Overrides};
 use pixmarket_node::{DataDir, Node};
 
 use super::DataDirArg;
-use crate::usage::out;
+use crate::usage::{out, usage};
 
 #[derive(Debug, Args)]
 pub(crate) struct NodeArgs {
@@ -38,6 +41,16 @@ pub(crate) struct NodeArgs {
     /// Do not discover peers on the local network with mDNS.
     #[arg(long)]
     no_mdns: bool,
+    /// Serve the HTTP API (OpenAI images, async jobs, operator routes) on HOST:PORT, e.g.
+    /// 127.0.0.1:7878; the token is written to <data-dir>/api.token at each start [default:
+    /// api in config.toml, empty = off].
+    #[arg(long, value_name = "HOST:PORT")]
+    api: Option<String>,
+    /// Let --api bind an address other than loopback. Anyone who reaches it with a token can
+    /// spend this node's credit, and with an admin token change its books, over plain HTTP:
+    /// put TLS in front.
+    #[arg(long)]
+    api_public: bool,
 }
 
 /// How long a node gives its bootstrap peers to answer before it reports the ones it could not
@@ -91,8 +104,41 @@ fn interrupt() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
+/// The API's settings from `--api`/`--api-public` and config.toml, checked before the node
+/// starts; `None` when the API is off.
+fn api_settings(a: &NodeArgs, dir: &DataDir) -> anyhow::Result<Option<ApiSettings>> {
+    let config = dir.config()?;
+    let (flag, text) = match &a.api {
+        Some(t) => ("--api", t.clone()),
+        None if !config.api.is_empty() => ("api in config.toml", config.api.clone()),
+        None => return Ok(None),
+    };
+    let bind: SocketAddr = text
+        .parse()
+        .map_err(|_| usage!("{flag} {text:?} is not HOST:PORT (e.g. 127.0.0.1:7878)"))?;
+    if !bind.ip().is_loopback() && !a.api_public {
+        return Err(usage!(
+            "{flag} {bind} is not a loopback address: anyone who can reach it with a token could \
+             spend this node's credit and, with an admin token, change its books, over plain \
+             HTTP; pass --api-public to bind it anyway (put TLS in front), or use 127.0.0.1:PORT"
+        ));
+    }
+    let mut settings = ApiSettings::new(bind, dir.root().to_owned());
+    settings.allow_public = a.api_public;
+    settings.named_tokens = config
+        .api_tokens
+        .iter()
+        .map(|t| (t.name.clone(), t.token.clone(), t.scopes.clone()))
+        .collect();
+    if a.provide {
+        settings.devices = vec![config.provider.device.clone()];
+    }
+    Ok(Some(settings))
+}
+
 pub(crate) fn run(a: NodeArgs) -> anyhow::Result<()> {
     let dir = DataDir::open(&a.data_dir.path()?)?;
+    let api_settings = api_settings(&a, &dir)?;
     let mut config_bootstrap = dir.config().map(|c| c.bootstrap).unwrap_or_default();
     config_bootstrap.extend(a.bootstrap.iter().cloned());
     let overrides = Overrides {
@@ -113,6 +159,13 @@ pub(crate) fn run(a: NodeArgs) -> anyhow::Result<()> {
         let node = launch::start(&dir, &overrides)
             .await
             .context("node failed to start")?;
+        if api_settings.is_none() {
+            // This node holds the ledger, so no other node serves this folder: API files here
+            // were left by one that was killed, and would send the CLI to a dead port.
+            for f in [pixmarket_api::TOKEN_FILE, pixmarket_api::ADDR_FILE] {
+                let _ = std::fs::remove_file(dir.root().join(f));
+            }
+        }
         out!("peer id: {}", node.client().local_peer_id())?;
         let mut addrs = Vec::new();
         for _ in 0..LISTEN_POLLS {
@@ -131,6 +184,33 @@ pub(crate) fn run(a: NodeArgs) -> anyhow::Result<()> {
         if let Some(m) = node.metrics_addr() {
             out!("metrics on http://{m}/metrics")?;
         }
+        let api = match api_settings {
+            Some(settings) => {
+                let public = !settings.bind.ip().is_loopback();
+                match Api::start(&node, dir.identity()?, settings).await {
+                    Ok(api) => {
+                        out!(
+                            "api on http://{} (token in {})",
+                            api.addr(),
+                            dir.root().join(pixmarket_api::TOKEN_FILE).display()
+                        )?;
+                        if public && !super::quiet() {
+                            eprintln!(
+                                "warning: the API at {} is reachable from other machines over \
+                                 plain HTTP; a token holder can spend this node's credit",
+                                api.addr()
+                            );
+                        }
+                        Some(api)
+                    }
+                    Err(e) => {
+                        node.shutdown().await;
+                        return Err(anyhow::Error::new(e).context("the API failed to start"));
+                    }
+                }
+            }
+            None => None,
+        };
         let bootstrap = config_bootstrap;
         tokio::pin!(stop);
         tokio::select! {
@@ -141,6 +221,9 @@ pub(crate) fn run(a: NodeArgs) -> anyhow::Result<()> {
             }
         }
         out!("stopping")?;
+        if let Some(api) = api {
+            api.shutdown().await;
+        }
         node.shutdown().await;
         anyhow::Ok(())
     })
