@@ -186,6 +186,14 @@ pub(crate) fn run(a: NodeArgs) -> anyhow::Result<()> {
         }
         let api = match api_settings {
             Some(settings) => {
+                // The API buys: its quotes are checked with the tiny model's tokenizer, as the
+                // CLI's market `generate` checks them.
+                if let Err(e) = pixmarket_node::token_check::count_tokens_of_tiny(node.requester(), &dir)
+                {
+                    node.shutdown().await;
+                    return Err(anyhow::Error::new(e)
+                        .context("cannot install the tiny model's tokenizer"));
+                }
                 let public = !settings.bind.ip().is_loopback();
                 match Api::start(&node, dir.identity()?, settings).await {
                     Ok(api) => {
