@@ -22,8 +22,9 @@
 //! in floating point, which runs one step more for a few inputs (e.g. 25 steps at 0.56: 15, not
 //! 14); see `tests/pipeline_parity.rs`.
 //!
-//! Dtypes: latents live in the model dtype between steps like the reference; the VAE runs in f32
-//! on the CPU whatever the requested dtype (candle 0.11's CPU conv2d has no bf16 path).
+//! Dtypes: latents live in the model dtype between steps like the reference. The VAE runs on the
+//! model's device: in the requested dtype on CUDA, in f32 on the CPU whatever the requested dtype
+//! (candle 0.11's CPU conv2d has no bf16 path).
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::ControlFlow;
@@ -301,7 +302,8 @@ pub fn dtype_from_name(name: &str) -> Option<DType> {
 impl QwenImage {
     /// Loads every component of a diffusers Qwen-Image folder (`model_index.json`, `transformer/`,
     /// `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`), weights memory-mapped and converted
-    /// to `dtype` on `device`. The VAE runs in f32 on the CPU.
+    /// to `dtype` on `device`. The VAE runs on `device` too, in `dtype` except on the CPU, where
+    /// it runs in f32.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, EngineError> {
         if !dir.is_dir() {
             return Err(EngineError::ModelNotFound(dir.to_path_buf()));

@@ -107,7 +107,8 @@ pub(crate) struct LocalArgs {
     /// Local only: the market's job message has no field for it.
     #[arg(long, value_name = "FILE")]
     latents: Option<PathBuf>,
-    /// Compute precision: f32, bf16 or f16 (the VAE runs in f32 on the CPU) [default: f32].
+    /// Compute precision: f32, bf16 or f16; on --device cpu the VAE still runs in f32
+    /// [default: f32].
     #[arg(long, value_parser = ["f32", "bf16", "f16"])]
     dtype: Option<String>,
     /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`) [default: cpu].
