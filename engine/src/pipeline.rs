@@ -45,7 +45,7 @@ use crate::tokenizer::PromptTokenizer;
 use crate::transformer::QwenImageTransformer;
 use crate::vae::{AutoencoderKLQwenImage, image_to_rgb8, rgb8_to_image};
 
-/// Bytes of one f32: attention and the VAE run in f32 whatever the model dtype.
+/// Bytes of one f32: the VAE's decode is estimated in f32 whatever the model dtype.
 const F32_BYTES: u128 = 4;
 /// Full-resolution tensors the VAE decoder holds at once (input, conv output, norm, residual).
 const VAE_LIVE_TENSORS: u128 = 4;
@@ -501,31 +501,38 @@ impl QwenImage {
     }
 
     /// Working memory, in bytes, that generating `requests` in one call peaks at beyond the
-    /// weights: an upper estimate of the larger of the transformer's attention (scores and
-    /// probabilities in f32, `[rows, heads, S, S]` each, with `S` the image tokens plus the
-    /// longest text) and the VAE's decode at full resolution. Weights are mmapped and counted by
-    /// the loader, not here.
+    /// weights: an upper estimate of the larger of one transformer forward over all their rows
+    /// at the longest sequence ([`crate::memory::forward_peak_bytes`]: attention chunked to the
+    /// transformer's budget plus the `[B, S, dim]` tensors beside it) and the VAE's decode at
+    /// full resolution. Weights are mmapped and counted by the loader, not here.
     pub fn memory_estimate(&self, requests: &[GenerateRequest]) -> u64 {
         let tcfg = self.transformer.config();
-        let heads = tcfg.num_attention_heads as u128;
-        let head_dim = tcfg.attention_head_dim as u128;
-        let text = self.tokenizer.max_sequence_length() as u128;
-        let patch = u128::from(SIZE_MULTIPLE);
-        let mut attention: u128 = 0;
+        let text = self.tokenizer.max_sequence_length();
+        let mut rows = 0usize;
+        let mut image_tokens = 0usize;
         let mut decode: u128 = 0;
         for r in requests {
-            let rows: u128 = if r.uses_cfg() { 2 } else { 1 };
+            rows += if r.uses_cfg() { 2 } else { 1 };
+            let shape = crate::memory::ForwardShape::for_size(1, r.width, r.height, text);
+            image_tokens = image_tokens.max(shape.image_tokens);
             let pixels = u128::from(r.width) * u128::from(r.height);
-            let s = pixels / (patch * patch) + text;
-            // Scores and probabilities alive together, plus q, k, v and the output.
-            let a = rows * heads * (2 * s * s + 4 * s * head_dim) * F32_BYTES;
-            attention = attention.saturating_add(a);
             // The decoder's last levels run at full resolution with up to twice the base width;
             // VAE_LIVE_TENSORS of them are alive at once (input, conv output, norm, residual).
             let v = pixels * 2 * self.vae.config().base_dim as u128 * VAE_LIVE_TENSORS * F32_BYTES;
             decode = decode.max(v);
         }
-        u64::try_from(attention.max(decode)).unwrap_or(u64::MAX)
+        let shape = crate::memory::ForwardShape {
+            rows,
+            image_tokens,
+            text_tokens: text,
+        };
+        let attention = crate::memory::forward_peak_bytes(
+            tcfg,
+            shape,
+            self.transformer.dtype().size_in_bytes() as u64,
+            self.transformer.attention_budget(),
+        );
+        attention.max(u64::try_from(decode).unwrap_or(u64::MAX))
     }
 
     /// Refuses requests whose [`Self::memory_estimate`] exceeds what the device has free.

@@ -9,7 +9,9 @@
 //! - SiLU and tanh-GELU evaluated in f32, one rounding (candle's bf16 kernels round per op);
 //! - RoPE in f32 (see [`crate::rope`]);
 //! - attention scores, softmax and the value product in f32 (PyTorch's CPU kernel accumulates in
-//!   f32 too), with padded text keys masked to −∞.
+//!   f32 too), with padded text keys masked to −∞; queries run in chunks whose scores and
+//!   probabilities fit the attention budget ([`attention_query_chunk`]). Each query row's softmax
+//!   sees every key whatever the chunk, so chunked and unchunked results are equal.
 //!
 //! Modulation, gates and residual adds run in the model dtype, op by op, as the reference does.
 
@@ -28,6 +30,33 @@ const NORM_EPS: f64 = 1e-6;
 const TIMESTEP_SCALE: f32 = 1000.0;
 /// `max_period` of the sinusoid.
 const MAX_PERIOD: f32 = 10_000.0;
+/// Bytes of one f32 attention score.
+const SCORE_BYTES: u64 = 4;
+/// Score matrices alive at once in one chunk: the scores and their softmax.
+const SCORE_MATRICES: u64 = 2;
+
+/// Bytes the f32 scores and probabilities of one attention chunk may take by default: 1 GiB.
+/// Unchunked, one block at 1024² holds 2 × 24 heads × 4608² × 4 B ≈ 4 GB of them per image row
+/// (26 GB per row at 2048², 16 896 keys) — more than a 16 GB card has to spare. At 1 GiB a chunk
+/// still has ≥ 600 query rows at 1024² with CFG, large enough that the matmuls stay efficient.
+pub const DEFAULT_ATTENTION_BUDGET: u64 = 1 << 30;
+
+/// Query rows per attention chunk: the most rows `r ≤ queries` whose f32 scores and
+/// probabilities, `2 · batch_heads · r · keys · 4` bytes, fit in `budget`; at least 1 (one row is
+/// the least attention can process, so a budget below one row's cost is exceeded by that row).
+pub fn attention_query_chunk(
+    budget: u64,
+    batch_heads: usize,
+    queries: usize,
+    keys: usize,
+) -> usize {
+    let per_row = (batch_heads as u64)
+        .saturating_mul(keys as u64)
+        .saturating_mul(SCORE_BYTES * SCORE_MATRICES)
+        .max(1);
+    let rows = usize::try_from(budget / per_row).unwrap_or(usize::MAX);
+    rows.clamp(1, queries.max(1))
+}
 
 /// Why a transformer could not be loaded from a checkpoint folder.
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +212,8 @@ struct JointAttention {
     to_add_out: Linear,
     heads: usize,
     head_dim: usize,
+    /// Bytes one chunk's f32 scores and probabilities may take ([`attention_query_chunk`]).
+    budget: u64,
 }
 
 impl JointAttention {
@@ -206,6 +237,7 @@ impl JointAttention {
             to_add_out: lin("to_add_out")?,
             heads: cfg.num_attention_heads,
             head_dim: hd,
+            budget: DEFAULT_ATTENTION_BUDGET,
         })
     }
 
@@ -262,18 +294,36 @@ impl JointAttention {
         let q = f32_cat(&tq, &iq)?;
         let k = f32_cat(&tk, &ik)?;
         let v = f32_cat(&tv, &iv)?.contiguous()?;
+        let q = q.contiguous()?;
+        let kt = k.t()?.contiguous()?;
+        drop(k);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        // [B, H, S, Dh] x [B, H, Dh, S] -> [B, H, S, S]
-        let mut scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-        if let Some(bias) = bias {
-            scores = scores.broadcast_add(bias)?;
+        let s = s_txt + s_img;
+        let chunk = attention_query_chunk(self.budget, b * self.heads, s, s);
+        let mut chunks = Vec::with_capacity(s.div_ceil(chunk));
+        for start in (0..s).step_by(chunk) {
+            let rows = chunk.min(s - start);
+            let qc = if rows == s {
+                q.clone()
+            } else {
+                q.narrow(2, start, rows)?.contiguous()?
+            };
+            // [B, H, r, Dh] x [B, H, Dh, S] -> [B, H, r, S]
+            let mut scores = (qc.matmul(&kt)? * scale)?;
+            if let Some(bias) = bias {
+                scores = scores.broadcast_add(bias)?;
+            }
+            let probs = crate::ops::softmax_last_dim(&scores)?;
+            drop(scores);
+            // [B, H, r, S] x [B, H, S, Dh] -> [B, H, r, Dh]
+            chunks.push(probs.matmul(&v)?);
         }
-        let probs = crate::ops::softmax_last_dim(&scores)?;
+        let out = match <[Tensor; 1]>::try_from(chunks) {
+            Ok([one]) => one,
+            Err(chunks) => Tensor::cat(&chunks, 2)?,
+        };
         // [B, H, S, Dh] -> [B, S, H, Dh] -> [B, S, H·Dh]
-        let out = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, s_txt + s_img, ()))?;
+        let out = out.transpose(1, 2)?.reshape((b, s, ()))?;
         let out = out.to_dtype(dtype)?;
         let txt_out = self
             .to_add_out
@@ -334,6 +384,11 @@ impl TransformerBlock {
             img_mlp: FeedForward::new(d, cfg.ffn_dim(), vb.pp("img_mlp"))?,
             txt_mlp: FeedForward::new(d, cfg.ffn_dim(), vb.pp("txt_mlp"))?,
         })
+    }
+
+    /// Sets the bytes one attention chunk's f32 scores and probabilities may take.
+    pub fn set_attention_budget(&mut self, bytes: u64) {
+        self.attn.budget = bytes;
     }
 
     /// One block: `img: [B, S_i, dim]`, `txt: [B, S_t, dim]`, `temb: [B, dim]`, `bias` from
@@ -404,6 +459,7 @@ pub struct QwenImageTransformer {
     proj_out: Linear,
     dtype: DType,
     device: Device,
+    attention_budget: u64,
 }
 
 impl QwenImageTransformer {
@@ -429,6 +485,7 @@ impl QwenImageTransformer {
             proj_out: candle_nn::linear(d, cfg.out_dim(), vb.pp("proj_out"))?,
             dtype: vb.dtype(),
             device: vb.device().clone(),
+            attention_budget: DEFAULT_ATTENTION_BUDGET,
         })
     }
 
@@ -449,6 +506,20 @@ impl QwenImageTransformer {
     /// The dtype of the weights.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Sets the bytes one attention chunk's f32 scores and probabilities may take in every block
+    /// ([`DEFAULT_ATTENTION_BUDGET`] until set). Results do not depend on it.
+    pub fn set_attention_budget(&mut self, bytes: u64) {
+        self.attention_budget = bytes;
+        self.blocks
+            .iter_mut()
+            .for_each(|b| b.set_attention_budget(bytes));
+    }
+
+    /// The bytes one attention chunk's f32 scores and probabilities may take.
+    pub fn attention_budget(&self) -> u64 {
+        self.attention_budget
     }
 
     /// The blocks, for block-level tests and callers that step through them.
