@@ -18,6 +18,7 @@ pub mod error;
 pub mod guidance;
 pub mod image_io;
 pub mod latents;
+pub mod lora;
 pub mod memory;
 pub mod noise;
 mod ops;

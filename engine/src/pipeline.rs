@@ -305,6 +305,26 @@ impl QwenImage {
     /// to `dtype` on `device`. The VAE runs on `device` too, in `dtype` except on the CPU, where
     /// it runs in f32.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, EngineError> {
+        Self::load_with_loras(dir, dtype, device, &[])
+    }
+
+    /// Replaces the sampler's config (e.g. [`crate::scheduler::FlowMatchEulerConfig::lightning`]
+    /// for the Lightning LoRAs) for every later generation.
+    pub fn set_scheduler(
+        &mut self,
+        cfg: crate::scheduler::FlowMatchEulerConfig,
+    ) -> Result<(), crate::scheduler::SchedulerError> {
+        self.scheduler = FlowMatchEuler::new(cfg)?;
+        Ok(())
+    }
+
+    /// As [`Self::load`], with the LoRAs of `loras` merged into the transformer's weights.
+    pub fn load_with_loras(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        loras: &[crate::lora::LoraSpec],
+    ) -> Result<Self, EngineError> {
         if !dir.is_dir() {
             return Err(EngineError::ModelNotFound(dir.to_path_buf()));
         }
@@ -334,8 +354,9 @@ impl QwenImage {
             .map_err(|e| EngineError::component("tokenizer", dir.join("tokenizer"), e))?;
         let text_encoder = QwenTextEncoder::load(&dir.join("text_encoder"), dtype, device)
             .map_err(|e| EngineError::component("text_encoder", dir.join("text_encoder"), e))?;
-        let transformer = QwenImageTransformer::load(&dir.join("transformer"), dtype, device)
-            .map_err(|e| EngineError::component("transformer", dir.join("transformer"), e))?;
+        let transformer =
+            QwenImageTransformer::load_with_loras(&dir.join("transformer"), dtype, device, loras)
+                .map_err(|e| EngineError::component("transformer", dir.join("transformer"), e))?;
         let vae_dtype = if device.is_cpu() { DType::F32 } else { dtype };
         let vae = AutoencoderKLQwenImage::load(&dir.join("vae"), vae_dtype, device)
             .map_err(|e| EngineError::component("vae", dir.join("vae"), e))?;

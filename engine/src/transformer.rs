@@ -70,6 +70,9 @@ pub enum LoadError {
     /// A tensor is missing or misshapen (the message names it, both shapes and the file).
     #[error("building the transformer")]
     Build(#[source] candle_core::Error),
+    /// A LoRA could not be read or does not fit this transformer.
+    #[error("LoRA")]
+    Lora(#[from] crate::lora::LoraError),
 }
 
 /// Applies `f` to `x` in f32 and casts the result back (one rounding for bf16/f16).
@@ -495,6 +498,24 @@ impl QwenImageTransformer {
         let cfg = TransformerConfig::from_file(&dir.join("config.json"))?;
         let vb =
             ComponentWeights::open(dir, "diffusion_pytorch_model")?.into_var_builder(dtype, device);
+        Self::new(&cfg, vb).map_err(LoadError::Build)
+    }
+
+    /// As [`Self::load`], with the LoRAs of `loras` merged into the weights (see [`crate::lora`]).
+    pub fn load_with_loras(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        loras: &[crate::lora::LoraSpec],
+    ) -> std::result::Result<Self, LoadError> {
+        if loras.is_empty() {
+            return Self::load(dir, dtype, device);
+        }
+        let cfg = TransformerConfig::from_file(&dir.join("config.json"))?;
+        let set = crate::lora::LoraSet::load(loras, &cfg)?;
+        let base = ComponentWeights::open(dir, "diffusion_pytorch_model")?;
+        let backend = crate::lora::MergedWeights::new(base, set);
+        let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
         Self::new(&cfg, vb).map_err(LoadError::Build)
     }
 

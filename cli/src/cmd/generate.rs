@@ -15,9 +15,11 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use pixmarket_engine::EngineError;
 use pixmarket_engine::drawn::DRAWN_MODEL_ID;
+use pixmarket_engine::lora::LoraSpec;
 use pixmarket_engine::pipeline::{
     GenerateRequest, QwenImage, device_from_name, dtype_from_name, load_latents,
 };
+use pixmarket_engine::scheduler::FlowMatchEulerConfig;
 use pixmarket_engine::tiny::ensure_tiny_model;
 use pixmarket_protocol::JobParams;
 use pixmarket_protocol::validate as v;
@@ -114,6 +116,21 @@ pub(crate) struct LocalArgs {
     /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`) [default: cpu].
     #[arg(long)]
     device: Option<String>,
+    /// Merge a LoRA into the transformer at load: a safetensors file in the diffusers/PEFT key
+    /// layout (`lora_A`/`lora_B`) or the kohya/ComfyUI one (`lora_down`/`lora_up` + `alpha`),
+    /// at SCALE (-8..=8, default 1). Repeatable, up to 8; their changes add. Local only.
+    #[arg(long, value_name = "FILE[:SCALE]", value_parser = parse_lora)]
+    lora: Vec<LoraSpec>,
+    /// A few-step preset for the Qwen-Image-Lightning LoRAs (give the file with --lora):
+    /// `lightning-8` or `lightning-4` sets 8 or 4 steps, true CFG off, and the scheduler config
+    /// the LoRAs are published with (shift 3, no terminal stretch). Local only.
+    #[arg(long, value_parser = ["lightning-8", "lightning-4"], requires = "lora",
+          conflicts_with_all = ["steps", "true_cfg_scale"])]
+    preset: Option<String>,
+}
+
+fn parse_lora(s: &str) -> Result<LoraSpec, String> {
+    LoraSpec::parse(s).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Args)]
@@ -203,6 +220,8 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
             ("--model", args.local.model.is_some()),
             ("--dtype", args.local.dtype.is_some()),
             ("--device", args.local.device.is_some()),
+            ("--lora", !args.local.lora.is_empty()),
+            ("--preset", args.local.preset.is_some()),
         ] {
             if given {
                 return Err(usage!(
@@ -223,7 +242,7 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
         );
     }
     let GenerateArgs {
-        job,
+        mut job,
         local,
         data_dir,
         json,
@@ -250,6 +269,15 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
             "model folder {} does not exist",
             model_dir.display()
         ));
+    }
+    let lightning_steps = match local.preset.as_deref() {
+        Some("lightning-8") => Some(8),
+        Some("lightning-4") => Some(4),
+        _ => None,
+    };
+    if let Some(steps) = lightning_steps {
+        job.steps = Some(steps);
+        job.true_cfg_scale = Some(1.0);
     }
     let params = job::build(&job, Form::Local { tiny })?;
     let latents = match &local.latents {
@@ -290,10 +318,18 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
     }
     let t_load = Instant::now();
-    let model = QwenImage::load(&model_dir, dtype, &device)?;
+    let mut model = QwenImage::load_with_loras(&model_dir, dtype, &device, &local.lora)?;
+    if lightning_steps.is_some() {
+        model
+            .set_scheduler(FlowMatchEulerConfig::lightning())
+            .context("the Lightning scheduler config")?;
+    }
     let r = &request;
     if !quiet {
         eprintln!("loaded {} in {:.1?}", model.description(), t_load.elapsed());
+        for l in &local.lora {
+            eprintln!("merged LoRA {} at scale {}", l.path.display(), l.scale);
+        }
         eprintln!(
             "{} {}×{}, {} of {} steps, true CFG {}, seed {}",
             r.mode.name(),
