@@ -464,3 +464,66 @@ fn lora_and_the_lightning_preset_change_the_image_and_the_steps() {
     );
     assert_one_line_error(&o, "--lora needs --local");
 }
+
+#[test]
+fn model_quantize_writes_a_folder_that_generates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("q8");
+    let model = engine_fixture("model");
+    let o = pixmarket(
+        tmp.path(),
+        &[
+            "model",
+            "quantize",
+            "--model",
+            model.to_str().unwrap(),
+            "--to",
+            "q8_0",
+            "--out",
+            q.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("28 transformer tensors in q8_0"),
+        "{}",
+        stdout(&o)
+    );
+    let out = tmp.path().join("q.png");
+    let o = pixmarket(
+        tmp.path(),
+        &[
+            "generate",
+            "A red cat",
+            "--local",
+            "--model",
+            q.to_str().unwrap(),
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--steps",
+            "2",
+            "--true-cfg-scale",
+            "1",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Again into the same folder: refused, nothing overwritten.
+    let o = pixmarket(
+        tmp.path(),
+        &[
+            "model",
+            "quantize",
+            "--model",
+            model.to_str().unwrap(),
+            "--to",
+            "q4_k",
+            "--out",
+            q.to_str().unwrap(),
+        ],
+    );
+    assert_one_line_error(&o, "exists and is not empty");
+}

@@ -21,6 +21,7 @@ use candle_core::{D, DType, Device, Module, Result, Tensor, bail};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::config::{ConfigError, TIMESTEP_CHANNELS, TransformerConfig};
+use crate::quant::Proj;
 use crate::rope::{RopeTables, apply_rope};
 use crate::weights::{ComponentWeights, WeightsError};
 
@@ -73,6 +74,13 @@ pub enum LoadError {
     /// A LoRA could not be read or does not fit this transformer.
     #[error("LoRA")]
     Lora(#[from] crate::lora::LoraError),
+    /// LoRAs were given for a quantized transformer: merging them needs full-precision weights
+    /// and applying them beside the quantized matmul is not implemented.
+    #[error("LoRAs need a full-precision transformer (safetensors), not a quantized one")]
+    LoraOnQuantized,
+    /// The quantized weights file could not be read.
+    #[error("quantized weights")]
+    Quantized(#[from] crate::quant::QuantError),
 }
 
 /// Applies `f` to `x` in f32 and casts the result back (one rounding for bf16/f16).
@@ -179,15 +187,15 @@ impl TimestepEmbedding {
 /// (`net.1` is Dropout).
 #[derive(Debug, Clone)]
 struct FeedForward {
-    proj_in: Linear,
-    proj_out: Linear,
+    proj_in: Proj,
+    proj_out: Proj,
 }
 
 impl FeedForward {
     fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            proj_in: candle_nn::linear(dim, hidden, vb.pp("net.0.proj"))?,
-            proj_out: candle_nn::linear(hidden, dim, vb.pp("net.2"))?,
+            proj_in: crate::quant::linear(dim, hidden, vb.pp("net.0.proj"))?,
+            proj_out: crate::quant::linear(hidden, dim, vb.pp("net.2"))?,
         })
     }
 
@@ -201,18 +209,18 @@ impl FeedForward {
 /// text projections `add_*_proj`, per-head RMSNorm, RoPE, one attention over [text, image].
 #[derive(Debug, Clone)]
 struct JointAttention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    add_q_proj: Linear,
-    add_k_proj: Linear,
-    add_v_proj: Linear,
+    to_q: Proj,
+    to_k: Proj,
+    to_v: Proj,
+    add_q_proj: Proj,
+    add_k_proj: Proj,
+    add_v_proj: Proj,
     norm_q: RmsNorm,
     norm_k: RmsNorm,
     norm_added_q: RmsNorm,
     norm_added_k: RmsNorm,
-    to_out: Linear,
-    to_add_out: Linear,
+    to_out: Proj,
+    to_add_out: Proj,
     heads: usize,
     head_dim: usize,
     /// Bytes one chunk's f32 scores and probabilities may take ([`attention_query_chunk`]).
@@ -223,7 +231,7 @@ impl JointAttention {
     fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.inner_dim();
         let hd = cfg.attention_head_dim;
-        let lin = |name: &str| candle_nn::linear(d, d, vb.pp(name));
+        let lin = |name: &str| crate::quant::linear(d, d, vb.pp(name));
         Ok(Self {
             to_q: lin("to_q")?,
             to_k: lin("to_k")?,
@@ -248,7 +256,7 @@ impl JointAttention {
     fn qkv(
         &self,
         x: &Tensor,
-        proj: [&Linear; 3],
+        proj: [&Proj; 3],
         norms: [&RmsNorm; 2],
         cos: &Tensor,
         sin: &Tensor,
@@ -341,8 +349,8 @@ impl JointAttention {
 /// One double-stream block, `transformer_blocks.{i}`.
 #[derive(Debug, Clone)]
 pub struct TransformerBlock {
-    img_mod: Linear,
-    txt_mod: Linear,
+    img_mod: Proj,
+    txt_mod: Proj,
     attn: JointAttention,
     img_mlp: FeedForward,
     txt_mlp: FeedForward,
@@ -381,8 +389,8 @@ impl TransformerBlock {
         let d = cfg.inner_dim();
         Ok(Self {
             // `img_mod`/`txt_mod` are Sequential [SiLU, Linear]: index 1 holds the weights.
-            img_mod: candle_nn::linear(d, 6 * d, vb.pp("img_mod.1"))?,
-            txt_mod: candle_nn::linear(d, 6 * d, vb.pp("txt_mod.1"))?,
+            img_mod: crate::quant::linear(d, 6 * d, vb.pp("img_mod.1"))?,
+            txt_mod: crate::quant::linear(d, 6 * d, vb.pp("txt_mod.1"))?,
             attn: JointAttention::new(cfg, vb.pp("attn"))?,
             img_mlp: FeedForward::new(d, cfg.ffn_dim(), vb.pp("img_mlp"))?,
             txt_mlp: FeedForward::new(d, cfg.ffn_dim(), vb.pp("txt_mlp"))?,
@@ -494,10 +502,18 @@ impl QwenImageTransformer {
 
     /// Loads `<dir>/config.json` and the weights in `<dir>` (`diffusion_pytorch_model*.safetensors`),
     /// converting them to `dtype` on `device`.
+    ///
+    /// A folder with `diffusion_pytorch_model.gguf` (written by `pixmarket model quantize`, or a
+    /// community Qwen-Image GGUF renamed so) loads its quantized block weights into quantized
+    /// matmuls ([`crate::quant`]).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> std::result::Result<Self, LoadError> {
         let cfg = TransformerConfig::from_file(&dir.join("config.json"))?;
-        let vb =
-            ComponentWeights::open(dir, "diffusion_pytorch_model")?.into_var_builder(dtype, device);
+        let gguf = dir.join(crate::quant::GGUF_FILE);
+        let vb = if gguf.is_file() {
+            crate::quant::GgufWeights::open(&gguf)?.into_var_builder(dtype, device)
+        } else {
+            ComponentWeights::open(dir, "diffusion_pytorch_model")?.into_var_builder(dtype, device)
+        };
         Self::new(&cfg, vb).map_err(LoadError::Build)
     }
 
@@ -510,6 +526,9 @@ impl QwenImageTransformer {
     ) -> std::result::Result<Self, LoadError> {
         if loras.is_empty() {
             return Self::load(dir, dtype, device);
+        }
+        if dir.join(crate::quant::GGUF_FILE).is_file() {
+            return Err(LoadError::LoraOnQuantized);
         }
         let cfg = TransformerConfig::from_file(&dir.join("config.json"))?;
         let set = crate::lora::LoraSet::load(loras, &cfg)?;
