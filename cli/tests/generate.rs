@@ -527,3 +527,43 @@ fn model_quantize_writes_a_folder_that_generates() {
     );
     assert_one_line_error(&o, "exists and is not empty");
 }
+
+#[test]
+fn device_memory_prints_the_plan_and_refuses_what_does_not_fit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = engine_fixture("model");
+    let out = tmp.path().join("p.png");
+    let run = |gib: &str, side: &str| {
+        pixmarket(
+            tmp.path(),
+            &[
+                "generate",
+                "A red cat",
+                "--local",
+                "--model",
+                model.to_str().unwrap(),
+                "--width",
+                side,
+                "--height",
+                side,
+                "--steps",
+                "1",
+                "--device-memory",
+                gib,
+                "--text-encoder-on-cpu",
+                "-o",
+                out.to_str().unwrap(),
+            ],
+        )
+    };
+    let o = run("2", "64");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("plan for 2 GiB: text encoder on the"),
+        "{}",
+        stderr(&o)
+    );
+    // The whole GiB is the reserve: nothing fits.
+    let o = run("1", "64");
+    assert_one_line_error(&o, "does not fit 1 GiB");
+}

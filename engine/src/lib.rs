@@ -23,6 +23,7 @@ pub mod memory;
 pub mod noise;
 mod ops;
 pub mod pipeline;
+pub mod placement;
 pub mod quant;
 pub mod rope;
 pub mod scenes;

@@ -72,6 +72,71 @@ pub fn forward_peak_bytes(
     linear.saturating_add(attention_scores_bytes(cfg, shape, budget))
 }
 
+/// How the transformer's weights are stored on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// Every tensor in a float dtype of this many bytes (2 for bf16).
+    Float(u64),
+    /// Block weights quantized ([`crate::quant::quantizable`]), the rest in f32.
+    Quantized(crate::quant::QuantFormat),
+}
+
+/// Bytes of the transformer's weights of `cfg` stored as `format`.
+pub fn transformer_weight_bytes(cfg: &TransformerConfig, format: WeightFormat) -> u64 {
+    cfg.tensor_shapes()
+        .iter()
+        .map(|(name, shape)| {
+            let n: u64 = shape.iter().map(|&x| x as u64).product();
+            match format {
+                WeightFormat::Float(b) => n * b,
+                WeightFormat::Quantized(q) if crate::quant::quantizable(name, shape, q) => {
+                    let (bytes, block) = q.bytes_per_block();
+                    n / block * bytes
+                }
+                WeightFormat::Quantized(_) => n * F32,
+            }
+        })
+        .sum()
+}
+
+/// Parameters of a model tree built by `build` over a [`crate::weights::ShapeOnly`] backend
+/// (nothing is allocated; every tensor asked for is counted).
+fn count_params(
+    build: impl FnOnce(candle_nn::VarBuilder<'static>) -> candle_core::Result<()>,
+) -> u64 {
+    let shapes = crate::weights::ShapeOnly::default();
+    if build(shapes.var_builder(candle_core::DType::F32, &candle_core::Device::Cpu)).is_err() {
+        return 0;
+    }
+    shapes
+        .seen()
+        .values()
+        .map(|s| s.iter().map(|&x| x as u64).product::<u64>())
+        .sum()
+}
+
+/// Bytes of the text encoder's language model in a dtype of `dtype_bytes` bytes.
+pub fn text_encoder_weight_bytes(
+    cfg: &crate::text_encoder::TextEncoderConfig,
+    dtype_bytes: u64,
+) -> u64 {
+    count_params(|vb| crate::text_encoder::QwenTextEncoder::new(cfg, vb).map(|_| ())) * dtype_bytes
+}
+
+/// Bytes of the VAE in a dtype of `dtype_bytes` bytes.
+pub fn vae_weight_bytes(cfg: &crate::vae::VaeConfig, dtype_bytes: u64) -> u64 {
+    count_params(|vb| crate::vae::AutoencoderKLQwenImage::new(cfg, vb).map(|_| ())) * dtype_bytes
+}
+
+/// Full-resolution tensors the VAE decoder holds at once (input, conv output, norm, residual).
+const VAE_LIVE_TENSORS: u64 = 4;
+
+/// Working memory of one VAE decode of a `width`×`height` image: its last levels run at full
+/// resolution with up to twice the base width, [`VAE_LIVE_TENSORS`] of them alive at once.
+pub fn vae_decode_bytes(width: u32, height: u32, base_dim: usize, dtype_bytes: u64) -> u64 {
+    u64::from(width) * u64::from(height) * 2 * base_dim as u64 * VAE_LIVE_TENSORS * dtype_bytes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,6 +148,31 @@ mod tests {
         let cfg = TransformerConfig::qwen_image_20b();
         let shape = ForwardShape::for_size(rows, side, side, 512);
         forward_peak_bytes(&cfg, shape, 2, budget) >> 20
+    }
+
+    #[test]
+    fn weight_bytes_of_the_full_model() {
+        let cfg = TransformerConfig::qwen_image_20b();
+        let gb = |f| transformer_weight_bytes(&cfg, f) / 10_000_000;
+        // Hundredths of a GB (10^9 B): bf16 40.86, q8_0 21.84, q5_k 14.19, q4_k 11.65.
+        assert_eq!(gb(WeightFormat::Float(2)), 4086);
+        assert_eq!(
+            gb(WeightFormat::Quantized(crate::quant::QuantFormat::Q8_0)),
+            2184
+        );
+        assert_eq!(
+            gb(WeightFormat::Quantized(crate::quant::QuantFormat::Q5K)),
+            1419
+        );
+        assert_eq!(
+            gb(WeightFormat::Quantized(crate::quant::QuantFormat::Q4K)),
+            1165
+        );
+        // The text encoder's language model in bf16 14.14 GB, the VAE 0.24 GB.
+        let te = crate::text_encoder::TextEncoderConfig::qwen2_5_vl_7b();
+        assert_eq!(text_encoder_weight_bytes(&te, 2) / 10_000_000, 1414);
+        let vae = crate::vae::VaeConfig::default();
+        assert_eq!(vae_weight_bytes(&vae, 2) / 10_000_000, 24);
     }
 
     #[test]

@@ -325,6 +325,27 @@ impl QwenImage {
         device: &Device,
         loras: &[crate::lora::LoraSpec],
     ) -> Result<Self, EngineError> {
+        let opts = crate::placement::LoadOptions {
+            loras: loras.to_vec(),
+            ..Default::default()
+        };
+        Self::load_with(dir, dtype, device, &opts)
+    }
+
+    /// As [`Self::load`], with LoRAs, the text encoder's place and the attention budget of
+    /// `opts` ([`crate::placement`]).
+    pub fn load_with(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        opts: &crate::placement::LoadOptions,
+    ) -> Result<Self, EngineError> {
+        let loras = opts.loras.as_slice();
+        let te_device = if opts.text_encoder_on_cpu {
+            Device::Cpu
+        } else {
+            device.clone()
+        };
         if !dir.is_dir() {
             return Err(EngineError::ModelNotFound(dir.to_path_buf()));
         }
@@ -352,11 +373,14 @@ impl QwenImage {
         }
         let tokenizer = PromptTokenizer::from_dir(&dir.join("tokenizer"))
             .map_err(|e| EngineError::component("tokenizer", dir.join("tokenizer"), e))?;
-        let text_encoder = QwenTextEncoder::load(&dir.join("text_encoder"), dtype, device)
+        let text_encoder = QwenTextEncoder::load(&dir.join("text_encoder"), dtype, &te_device)
             .map_err(|e| EngineError::component("text_encoder", dir.join("text_encoder"), e))?;
-        let transformer =
+        let mut transformer =
             QwenImageTransformer::load_with_loras(&dir.join("transformer"), dtype, device, loras)
                 .map_err(|e| EngineError::component("transformer", dir.join("transformer"), e))?;
+        if let Some(budget) = opts.attention_budget {
+            transformer.set_attention_budget(budget);
+        }
         let vae_dtype = if device.is_cpu() { DType::F32 } else { dtype };
         let vae = AutoencoderKLQwenImage::load(&dir.join("vae"), vae_dtype, device)
             .map_err(|e| EngineError::component("vae", dir.join("vae"), e))?;
@@ -465,7 +489,12 @@ impl QwenImage {
             .tokenizer
             .encode_prompt(prompt)
             .map_err(|e| EngineError::InvalidRequest(format!("cannot tokenize the prompt: {e}")))?;
-        let embeds = self.text_encoder.encode_prompts(&[tokens])?.embeds;
+        // The text encoder may run on the CPU (`LoadOptions::text_encoder_on_cpu`).
+        let embeds = self
+            .text_encoder
+            .encode_prompts(&[tokens])?
+            .embeds
+            .to_device(&self.device)?;
         if let Ok(mut c) = self.prompt_cache.lock() {
             c.insert(key, embeds.clone());
         }

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use pixmarket_engine::config::TransformerConfig;
+use pixmarket_engine::memory::{WeightFormat, transformer_weight_bytes};
 use pixmarket_engine::noise::gaussian;
 use pixmarket_engine::pipeline::{GenerateRequest, Mode, QwenImage};
 use pixmarket_engine::quant::{GGUF_FILE, QuantFormat, quantize_model};
@@ -139,6 +140,13 @@ fn check(format: QuantFormat, max_velocity: f64, max_levels: u8) {
     // more: all quantized; biases, norms and the top-level layers kept.
     assert_eq!(report.quantized, 2 * 14, "{report:?}");
     assert!(q.join("transformer").join(GGUF_FILE).is_file());
+    // The memory model's weight bytes are the file's, less its header (names, shapes, alignment).
+    let computed = transformer_weight_bytes(&cfg(), WeightFormat::Quantized(format));
+    assert!(
+        report.bytes >= computed && report.bytes <= computed + (64 << 10),
+        "file {} B, computed {computed} B",
+        report.bytes
+    );
     assert!(
         !q.join("transformer/diffusion_pytorch_model.safetensors")
             .exists()

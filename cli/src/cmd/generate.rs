@@ -14,13 +14,16 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use pixmarket_engine::EngineError;
+use pixmarket_engine::config::TransformerConfig;
 use pixmarket_engine::drawn::DRAWN_MODEL_ID;
 use pixmarket_engine::lora::LoraSpec;
 use pixmarket_engine::pipeline::{
     GenerateRequest, QwenImage, device_from_name, dtype_from_name, load_latents,
 };
+use pixmarket_engine::placement::{self, Footprint, LoadOptions, TextEncoderPlace};
 use pixmarket_engine::scheduler::FlowMatchEulerConfig;
 use pixmarket_engine::tiny::ensure_tiny_model;
+use pixmarket_engine::vae::AutoencoderKLQwenImage;
 use pixmarket_protocol::JobParams;
 use pixmarket_protocol::validate as v;
 
@@ -127,6 +130,16 @@ pub(crate) struct LocalArgs {
     #[arg(long, value_parser = ["lightning-8", "lightning-4"], requires = "lora",
           conflicts_with_all = ["steps", "true_cfg_scale"])]
     preset: Option<String>,
+    /// Run the text encoder on the CPU (in --dtype; ~14 GB of RAM in bf16 for Qwen-Image)
+    /// and move the prompt embeddings to --device: frees its weights from a 24 or 16 GB card.
+    /// Local only.
+    #[arg(long)]
+    text_encoder_on_cpu: bool,
+    /// Memory of --device in GiB: print the placement plan for it (where the text encoder
+    /// goes, the largest size and batch that fit) and refuse a size larger than it allows.
+    /// Local only.
+    #[arg(long, value_name = "GIB", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    device_memory: Option<u32>,
 }
 
 fn parse_lora(s: &str) -> Result<LoraSpec, String> {
@@ -222,6 +235,8 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
             ("--device", args.local.device.is_some()),
             ("--lora", !args.local.lora.is_empty()),
             ("--preset", args.local.preset.is_some()),
+            ("--text-encoder-on-cpu", args.local.text_encoder_on_cpu),
+            ("--device-memory", args.local.device_memory.is_some()),
         ] {
             if given {
                 return Err(usage!(
@@ -318,7 +333,39 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
     }
     let t_load = Instant::now();
-    let mut model = QwenImage::load_with_loras(&model_dir, dtype, &device, &local.lora)?;
+    let mut text_encoder_on_cpu = local.text_encoder_on_cpu;
+    if let Some(gib) = local.device_memory {
+        let footprint = Footprint::of_folder(&model_dir, dtype).ok_or_else(|| {
+            usage!("--device-memory needs a diffusers Qwen-Image folder, not --model tiny")
+        })?;
+        let tcfg = TransformerConfig::from_file(&model_dir.join("transformer/config.json"))?;
+        let vae_base = AutoencoderKLQwenImage::load_config(&model_dir.join("vae"))?.base_dim;
+        let plan = placement::plan(
+            &tcfg,
+            vae_base,
+            footprint,
+            dtype.size_in_bytes() as u64,
+            u64::from(gib) << 30,
+        );
+        let side = params.width.max(params.height);
+        if plan.largest_side.is_none_or(|s| side > s) {
+            return Err(usage!(
+                "{}×{} does not fit {gib} GiB with this model ({plan})",
+                params.width,
+                params.height
+            ));
+        }
+        if !quiet {
+            eprintln!("plan for {gib} GiB: {plan}");
+        }
+        text_encoder_on_cpu |= plan.text_encoder == TextEncoderPlace::Cpu;
+    }
+    let opts = LoadOptions {
+        loras: local.lora.clone(),
+        text_encoder_on_cpu,
+        attention_budget: None,
+    };
+    let mut model = QwenImage::load_with(&model_dir, dtype, &device, &opts)?;
     if lightning_steps.is_some() {
         model
             .set_scheduler(FlowMatchEulerConfig::lightning())
