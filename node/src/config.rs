@@ -57,6 +57,11 @@ pub struct ProviderConfig {
     pub dtype: String,
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// Run the text encoder on the CPU (frees ~14 GB of a 24 or 16 GB card in bf16).
+    pub text_encoder_on_cpu: bool,
+    /// The device's memory in GiB: the engine plans the placement for it and the provider
+    /// advertises, and accepts, only the sizes the plan allows. 0 = no plan.
+    pub device_memory_gib: u32,
     /// Multiplier on the base price, as a decimal string (no floats in money), e.g. "1.5".
     pub price_factor: String,
     /// Prompts shorter than this are billed as this many tokens.
@@ -90,6 +95,8 @@ impl Default for ProviderConfig {
             model: "tiny".into(),
             dtype: "f32".into(),
             device: "cpu".into(),
+            text_encoder_on_cpu: false,
+            device_memory_gib: 0,
             price_factor: "1".into(),
             min_prompt_tokens: 0,
             // A queue of 16 images at ~20 s each is about five minutes of work.

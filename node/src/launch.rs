@@ -169,9 +169,17 @@ pub async fn start(dir: &DataDir, overrides: &Overrides) -> Result<Node, LaunchE
         }
         let model_dir =
             resolve_model(&config.provider.model, dir.root()).map_err(LaunchError::Model)?;
-        let generator =
-            EngineGenerator::load(&model_dir, &config.provider.dtype, &config.provider.device)
-                .map_err(LaunchError::Model)?;
+        let placement = crate::engine_generator::Placement {
+            text_encoder_on_cpu: config.provider.text_encoder_on_cpu,
+            device_memory_gib: config.provider.device_memory_gib,
+        };
+        let generator = EngineGenerator::load_with(
+            &model_dir,
+            &config.provider.dtype,
+            &config.provider.device,
+            placement,
+        )
+        .map_err(LaunchError::Model)?;
         let generator: Arc<dyn Generator> = Arc::new(generator);
         let settings = ProviderSettings {
             advert_interval: crate::provider::ADVERT_INTERVAL,

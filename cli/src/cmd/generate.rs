@@ -14,16 +14,14 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use pixmarket_engine::EngineError;
-use pixmarket_engine::config::TransformerConfig;
 use pixmarket_engine::drawn::DRAWN_MODEL_ID;
 use pixmarket_engine::lora::LoraSpec;
 use pixmarket_engine::pipeline::{
     GenerateRequest, QwenImage, device_from_name, dtype_from_name, load_latents,
 };
-use pixmarket_engine::placement::{self, Footprint, LoadOptions, TextEncoderPlace};
+use pixmarket_engine::placement::{self, LoadOptions, TextEncoderPlace};
 use pixmarket_engine::scheduler::FlowMatchEulerConfig;
 use pixmarket_engine::tiny::ensure_tiny_model;
-use pixmarket_engine::vae::AutoencoderKLQwenImage;
 use pixmarket_protocol::JobParams;
 use pixmarket_protocol::validate as v;
 
@@ -335,18 +333,8 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let t_load = Instant::now();
     let mut text_encoder_on_cpu = local.text_encoder_on_cpu;
     if let Some(gib) = local.device_memory {
-        let footprint = Footprint::of_folder(&model_dir, dtype).ok_or_else(|| {
-            usage!("--device-memory needs a diffusers Qwen-Image folder, not --model tiny")
-        })?;
-        let tcfg = TransformerConfig::from_file(&model_dir.join("transformer/config.json"))?;
-        let vae_base = AutoencoderKLQwenImage::load_config(&model_dir.join("vae"))?.base_dim;
-        let plan = placement::plan(
-            &tcfg,
-            vae_base,
-            footprint,
-            dtype.size_in_bytes() as u64,
-            u64::from(gib) << 30,
-        );
+        let plan = placement::plan_folder(&model_dir, dtype, u64::from(gib) << 30)
+            .ok_or_else(|| usage!("--device-memory needs a diffusers Qwen-Image folder"))?;
         let side = params.width.max(params.height);
         if plan.largest_side.is_none_or(|s| side > s) {
             return Err(usage!(

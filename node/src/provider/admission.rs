@@ -42,6 +42,18 @@ impl Provider {
         Ok((units, cost))
     }
 
+    /// Refuses a size larger than the generator's memory plan allows
+    /// ([`crate::generator::Generator::max_side`]).
+    fn fits_memory(&self, width: u32, height: u32) -> Result<(), FailReason> {
+        let max = self.inner.generator.max_side();
+        if width.max(height) > max {
+            return Err(FailReason::Unsupported(format!(
+                "{width}×{height}: this provider's memory allows at most {max}×{max}"
+            )));
+        }
+        Ok(())
+    }
+
     pub(super) fn quote(&self, signed: &Signed<QuoteRequest>) -> Response {
         let Ok(q) = signed.verify() else {
             return refuse(FailReason::BadSignature);
@@ -51,6 +63,9 @@ impl Provider {
         }
         if let Err(e) = q.validate() {
             return refuse(FailReason::Invalid(e.into()));
+        }
+        if let Err(r) = self.fits_memory(q.width, q.height) {
+            return refuse(r);
         }
         let (units, cost) = match self.meter(&q.prompt, |prompt_tokens| MeteredUnits {
             width: q.width,
@@ -116,6 +131,10 @@ impl Provider {
         if !mode_supported(&req.params.mode, &self.inner.generator.info()) {
             tracing::warn!(%peer, mode = req.params.mode.name(), "refused job: mode not supported");
             return refuse(FailReason::Unsupported(req.params.mode.name().to_owned()));
+        }
+        if let Err(r) = self.fits_memory(req.params.width, req.params.height) {
+            tracing::warn!(%peer, width = req.params.width, height = req.params.height, "refused job: larger than the memory plan allows");
+            return refuse(r);
         }
         let (units, cost) = match self.meter(&req.params.prompt, |t| req.params.metered_units(t)) {
             Ok(x) => x,
