@@ -364,3 +364,206 @@ fn bad_input_gives_one_clear_line() {
     );
     assert_one_line_error(&o, "model_index.json");
 }
+
+fn lora_fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../engine/tests/fixtures/lora")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn lora_and_the_lightning_preset_change_the_image_and_the_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = engine_fixture("model");
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut args = vec![
+            "generate",
+            "A red cat",
+            "--local",
+            "--model",
+            model.to_str().unwrap(),
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--seed",
+            "5",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = pixmarket(tmp.path(), &args);
+        (o, out)
+    };
+    let (o, plain) = run("plain.png", &["--steps", "4", "--true-cfg-scale", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let comfy = lora_fixture("comfy.safetensors");
+    let kohya = format!("{}:0.5", lora_fixture("kohya.safetensors"));
+    let (o, lit) = run(
+        "lightning.png",
+        &[
+            "--lora",
+            &comfy,
+            "--lora",
+            &kohya,
+            "--preset",
+            "lightning-4",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("merged LoRA"), "{}", stderr(&o));
+    let text = png_text(&lit);
+    assert!(text.contains(&("steps".into(), "4".into())), "{text:?}");
+    assert!(
+        text.contains(&("true_cfg_scale".into(), "1".into())),
+        "{text:?}"
+    );
+    assert_ne!(std::fs::read(&plain).unwrap(), std::fs::read(&lit).unwrap());
+
+    // A file that is not a LoRA, a scale out of range, the preset without a LoRA or beside
+    // --steps, and --lora on the market: one line each.
+    let readme = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let (o, _) = run("x.png", &["--lora", readme.to_str().unwrap()]);
+    assert_one_line_error(&o, "not a safetensors file");
+    let bad_scale = format!("{comfy}:9");
+    let (o, _) = run("x.png", &["--lora", &bad_scale]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("[-8, 8]"),
+        "{}",
+        stderr(&o)
+    );
+    let (o, _) = run("x.png", &["--preset", "lightning-8"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("--lora"),
+        "{}",
+        stderr(&o)
+    );
+    let (o, _) = run(
+        "x.png",
+        &["--preset", "lightning-8", "--lora", &comfy, "--steps", "3"],
+    );
+    assert!(
+        !o.status.success() && stderr(&o).contains("--steps"),
+        "{}",
+        stderr(&o)
+    );
+    let out = tmp.path().join("m.png");
+    let o = pixmarket(
+        tmp.path(),
+        &[
+            "generate",
+            "A red cat",
+            "--lora",
+            &comfy,
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_one_line_error(&o, "--lora needs --local");
+}
+
+#[test]
+fn model_quantize_writes_a_folder_that_generates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("q8");
+    let model = engine_fixture("model");
+    let o = pixmarket(
+        tmp.path(),
+        &[
+            "model",
+            "quantize",
+            "--model",
+            model.to_str().unwrap(),
+            "--to",
+            "q8_0",
+            "--out",
+            q.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("28 transformer tensors in q8_0"),
+        "{}",
+        stdout(&o)
+    );
+    let out = tmp.path().join("q.png");
+    let o = pixmarket(
+        tmp.path(),
+        &[
+            "generate",
+            "A red cat",
+            "--local",
+            "--model",
+            q.to_str().unwrap(),
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--steps",
+            "2",
+            "--true-cfg-scale",
+            "1",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Again into the same folder: refused, nothing overwritten.
+    let o = pixmarket(
+        tmp.path(),
+        &[
+            "model",
+            "quantize",
+            "--model",
+            model.to_str().unwrap(),
+            "--to",
+            "q4_k",
+            "--out",
+            q.to_str().unwrap(),
+        ],
+    );
+    assert_one_line_error(&o, "exists and is not empty");
+}
+
+#[test]
+fn device_memory_prints_the_plan_and_refuses_what_does_not_fit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = engine_fixture("model");
+    let out = tmp.path().join("p.png");
+    let run = |gib: &str, side: &str| {
+        pixmarket(
+            tmp.path(),
+            &[
+                "generate",
+                "A red cat",
+                "--local",
+                "--model",
+                model.to_str().unwrap(),
+                "--width",
+                side,
+                "--height",
+                side,
+                "--steps",
+                "1",
+                "--device-memory",
+                gib,
+                "--text-encoder-on-cpu",
+                "-o",
+                out.to_str().unwrap(),
+            ],
+        )
+    };
+    let o = run("2", "64");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("plan for 2 GiB: text encoder on the"),
+        "{}",
+        stderr(&o)
+    );
+    // The whole GiB is the reserve: nothing fits.
+    let o = run("1", "64");
+    assert_one_line_error(&o, "does not fit 1 GiB");
+}

@@ -23,8 +23,9 @@
 //! in floating point, which runs one step more for a few inputs (e.g. 25 steps at 0.56: 15, not
 //! 14); see `tests/pipeline_parity.rs`.
 //!
-//! Dtypes: latents live in the model dtype between steps like the reference; the VAE runs in f32
-//! on the CPU whatever the requested dtype (candle 0.11's CPU conv2d has no bf16 path).
+//! Dtypes: latents live in the model dtype between steps like the reference. The VAE runs on the
+//! model's device: in the requested dtype on CUDA, in f32 on the CPU whatever the requested dtype
+//! (candle 0.11's CPU conv2d has no bf16 path).
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::ControlFlow;
@@ -46,7 +47,7 @@ use crate::tokenizer::PromptTokenizer;
 use crate::transformer::{ForwardInputs, QwenImageTransformer};
 use crate::vae::{AutoencoderKLQwenImage, image_to_rgb8, rgb8_to_image};
 
-/// Bytes of one f32: attention and the VAE run in f32 whatever the model dtype.
+/// Bytes of one f32: the VAE's decode is estimated in f32 whatever the model dtype.
 const F32_BYTES: u128 = 4;
 /// Full-resolution tensors the VAE decoder holds at once (input, conv output, norm, residual).
 const VAE_LIVE_TENSORS: u128 = 4;
@@ -392,8 +393,50 @@ pub fn dtype_from_name(name: &str) -> Option<DType> {
 impl QwenImage {
     /// Loads every component of a diffusers Qwen-Image folder (`model_index.json`, `transformer/`,
     /// `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`), weights memory-mapped and converted
-    /// to `dtype` on `device`. The VAE runs in f32 on the CPU.
+    /// to `dtype` on `device`. The VAE runs on `device` too, in `dtype` except on the CPU, where
+    /// it runs in f32.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, EngineError> {
+        Self::load_with_loras(dir, dtype, device, &[])
+    }
+
+    /// Replaces the sampler's config (e.g. [`crate::scheduler::FlowMatchEulerConfig::lightning`]
+    /// for the Lightning LoRAs) for every later generation.
+    pub fn set_scheduler(
+        &mut self,
+        cfg: crate::scheduler::FlowMatchEulerConfig,
+    ) -> Result<(), crate::scheduler::SchedulerError> {
+        self.scheduler = FlowMatchEuler::new(cfg)?;
+        Ok(())
+    }
+
+    /// As [`Self::load`], with the LoRAs of `loras` merged into the transformer's weights.
+    pub fn load_with_loras(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        loras: &[crate::lora::LoraSpec],
+    ) -> Result<Self, EngineError> {
+        let opts = crate::placement::LoadOptions {
+            loras: loras.to_vec(),
+            ..Default::default()
+        };
+        Self::load_with(dir, dtype, device, &opts)
+    }
+
+    /// As [`Self::load`], with LoRAs, the text encoder's place and the attention budget of
+    /// `opts` ([`crate::placement`]).
+    pub fn load_with(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        opts: &crate::placement::LoadOptions,
+    ) -> Result<Self, EngineError> {
+        let loras = opts.loras.as_slice();
+        let te_device = if opts.text_encoder_on_cpu {
+            Device::Cpu
+        } else {
+            device.clone()
+        };
         if !dir.is_dir() {
             return Err(EngineError::ModelNotFound(dir.to_path_buf()));
         }
@@ -421,10 +464,14 @@ impl QwenImage {
         }
         let tokenizer = PromptTokenizer::from_dir(&dir.join("tokenizer"))
             .map_err(|e| EngineError::component("tokenizer", dir.join("tokenizer"), e))?;
-        let text_encoder = QwenTextEncoder::load(&dir.join("text_encoder"), dtype, device)
+        let text_encoder = QwenTextEncoder::load(&dir.join("text_encoder"), dtype, &te_device)
             .map_err(|e| EngineError::component("text_encoder", dir.join("text_encoder"), e))?;
-        let transformer = QwenImageTransformer::load(&dir.join("transformer"), dtype, device)
-            .map_err(|e| EngineError::component("transformer", dir.join("transformer"), e))?;
+        let mut transformer =
+            QwenImageTransformer::load_with_loras(&dir.join("transformer"), dtype, device, loras)
+                .map_err(|e| EngineError::component("transformer", dir.join("transformer"), e))?;
+        if let Some(budget) = opts.attention_budget {
+            transformer.set_attention_budget(budget);
+        }
         let vae_dtype = if device.is_cpu() { DType::F32 } else { dtype };
         let vae = AutoencoderKLQwenImage::load(&dir.join("vae"), vae_dtype, device)
             .map_err(|e| EngineError::component("vae", dir.join("vae"), e))?;
@@ -550,7 +597,12 @@ impl QwenImage {
             .tokenizer
             .encode_prompt(prompt)
             .map_err(|e| EngineError::InvalidRequest(format!("cannot tokenize the prompt: {e}")))?;
-        let embeds = self.text_encoder.encode_prompts(&[tokens])?.embeds;
+        // The text encoder may run on the CPU (`LoadOptions::text_encoder_on_cpu`).
+        let embeds = self
+            .text_encoder
+            .encode_prompts(&[tokens])?
+            .embeds
+            .to_device(&self.device)?;
         if let Ok(mut c) = self.prompt_cache.lock() {
             c.insert(key, embeds.clone());
         }
@@ -607,31 +659,38 @@ impl QwenImage {
     }
 
     /// Working memory, in bytes, that generating `requests` in one call peaks at beyond the
-    /// weights: an upper estimate of the larger of the transformer's attention (scores and
-    /// probabilities in f32, `[rows, heads, S, S]` each, with `S` the image tokens plus the
-    /// longest text) and the VAE's decode at full resolution. Weights are mmapped and counted by
-    /// the loader, not here.
+    /// weights: an upper estimate of the larger of one transformer forward over all their rows
+    /// at the longest sequence ([`crate::memory::forward_peak_bytes`]: attention chunked to the
+    /// transformer's budget plus the `[B, S, dim]` tensors beside it) and the VAE's decode at
+    /// full resolution. Weights are mmapped and counted by the loader, not here.
     pub fn memory_estimate(&self, requests: &[GenerateRequest]) -> u64 {
         let tcfg = self.transformer.config();
-        let heads = tcfg.num_attention_heads as u128;
-        let head_dim = tcfg.attention_head_dim as u128;
-        let text = self.tokenizer.max_sequence_length() as u128;
-        let patch = u128::from(SIZE_MULTIPLE);
-        let mut attention: u128 = 0;
+        let text = self.tokenizer.max_sequence_length();
+        let mut rows = 0usize;
+        let mut image_tokens = 0usize;
         let mut decode: u128 = 0;
         for r in requests {
-            let rows: u128 = if r.uses_cfg() { 2 } else { 1 };
+            rows += if r.uses_cfg() { 2 } else { 1 };
+            let shape = crate::memory::ForwardShape::for_size(1, r.width, r.height, text);
+            image_tokens = image_tokens.max(shape.image_tokens);
             let pixels = u128::from(r.width) * u128::from(r.height);
-            let s = pixels / (patch * patch) + text;
-            // Scores and probabilities alive together, plus q, k, v and the output.
-            let a = rows * heads * (2 * s * s + 4 * s * head_dim) * F32_BYTES;
-            attention = attention.saturating_add(a);
             // The decoder's last levels run at full resolution with up to twice the base width;
             // VAE_LIVE_TENSORS of them are alive at once (input, conv output, norm, residual).
             let v = pixels * 2 * self.vae.config().base_dim as u128 * VAE_LIVE_TENSORS * F32_BYTES;
             decode = decode.max(v);
         }
-        u64::try_from(attention.max(decode)).unwrap_or(u64::MAX)
+        let shape = crate::memory::ForwardShape {
+            rows,
+            image_tokens,
+            text_tokens: text,
+        };
+        let attention = crate::memory::forward_peak_bytes(
+            tcfg,
+            shape,
+            self.transformer.dtype().size_in_bytes() as u64,
+            self.transformer.attention_budget(),
+        );
+        attention.max(u64::try_from(decode).unwrap_or(u64::MAX))
     }
 
     /// Refuses requests whose [`Self::memory_estimate`] exceeds what the device has free.

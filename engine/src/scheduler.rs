@@ -118,6 +118,21 @@ impl FlowMatchEulerConfig {
         }
     }
 
+    /// The config the Qwen-Image-Lightning LoRAs (8 and 4 steps, CFG off) are published with
+    /// (ModelTC/Qwen-Image-Lightning, `generate_with_diffusers.py`, which its README runs):
+    /// `base_shift = max_shift = ln 3` — a constant `mu`, i.e. the static shift 3 the LoRAs were
+    /// distilled with — and no `shift_terminal`; the rest as shipped.
+    pub fn lightning() -> Self {
+        Self {
+            use_dynamic_shifting: true,
+            base_shift: 3f64.ln(),
+            max_shift: 3f64.ln(),
+            max_image_seq_len: 8192,
+            shift_terminal: None,
+            ..Self::default()
+        }
+    }
+
     /// Reads `scheduler/scheduler_config.json`.
     pub fn from_file(path: &Path) -> std::result::Result<Self, SchedulerError> {
         let text = std::fs::read_to_string(path).map_err(|source| SchedulerError::Io {

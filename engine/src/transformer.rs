@@ -9,7 +9,9 @@
 //! - SiLU and tanh-GELU evaluated in f32, one rounding (candle's bf16 kernels round per op);
 //! - RoPE in f32 (see [`crate::rope`]);
 //! - attention scores, softmax and the value product in f32 (PyTorch's CPU kernel accumulates in
-//!   f32 too), with padded text keys masked to −∞.
+//!   f32 too), with padded text keys masked to −∞; queries run in chunks whose scores and
+//!   probabilities fit the attention budget ([`attention_query_chunk`]). Each query row's softmax
+//!   sees every key whatever the chunk, so chunked and unchunked results are equal.
 //!
 //! Modulation, gates and residual adds run in the model dtype, op by op, as the reference does.
 
@@ -19,6 +21,7 @@ use candle_core::{D, DType, Device, Module, Result, Tensor, bail};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::config::{ConfigError, TIMESTEP_CHANNELS, TransformerConfig};
+use crate::quant::Proj;
 use crate::rope::{RopeTables, apply_rope};
 use crate::step_cache::StepCache;
 use crate::weights::{ComponentWeights, WeightsError};
@@ -29,6 +32,33 @@ const NORM_EPS: f64 = 1e-6;
 const TIMESTEP_SCALE: f32 = 1000.0;
 /// `max_period` of the sinusoid.
 const MAX_PERIOD: f32 = 10_000.0;
+/// Bytes of one f32 attention score.
+const SCORE_BYTES: u64 = 4;
+/// Score matrices alive at once in one chunk: the scores and their softmax.
+const SCORE_MATRICES: u64 = 2;
+
+/// Bytes the f32 scores and probabilities of one attention chunk may take by default: 1 GiB.
+/// Unchunked, one block at 1024² holds 2 × 24 heads × 4608² × 4 B ≈ 4 GB of them per image row
+/// (26 GB per row at 2048², 16 896 keys) — more than a 16 GB card has to spare. At 1 GiB a chunk
+/// still has ≥ 600 query rows at 1024² with CFG, large enough that the matmuls stay efficient.
+pub const DEFAULT_ATTENTION_BUDGET: u64 = 1 << 30;
+
+/// Query rows per attention chunk: the most rows `r ≤ queries` whose f32 scores and
+/// probabilities, `2 · batch_heads · r · keys · 4` bytes, fit in `budget`; at least 1 (one row is
+/// the least attention can process, so a budget below one row's cost is exceeded by that row).
+pub fn attention_query_chunk(
+    budget: u64,
+    batch_heads: usize,
+    queries: usize,
+    keys: usize,
+) -> usize {
+    let per_row = (batch_heads as u64)
+        .saturating_mul(keys as u64)
+        .saturating_mul(SCORE_BYTES * SCORE_MATRICES)
+        .max(1);
+    let rows = usize::try_from(budget / per_row).unwrap_or(usize::MAX);
+    rows.clamp(1, queries.max(1))
+}
 
 /// Why a transformer could not be loaded from a checkpoint folder.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +72,16 @@ pub enum LoadError {
     /// A tensor is missing or misshapen (the message names it, both shapes and the file).
     #[error("building the transformer")]
     Build(#[source] candle_core::Error),
+    /// A LoRA could not be read or does not fit this transformer.
+    #[error("LoRA")]
+    Lora(#[from] crate::lora::LoraError),
+    /// LoRAs were given for a quantized transformer: merging them needs full-precision weights
+    /// and applying them beside the quantized matmul is not implemented.
+    #[error("LoRAs need a full-precision transformer (safetensors), not a quantized one")]
+    LoraOnQuantized,
+    /// The quantized weights file could not be read.
+    #[error("quantized weights")]
+    Quantized(#[from] crate::quant::QuantError),
 }
 
 /// Applies `f` to `x` in f32 and casts the result back (one rounding for bf16/f16).
@@ -148,15 +188,15 @@ impl TimestepEmbedding {
 /// (`net.1` is Dropout).
 #[derive(Debug, Clone)]
 struct FeedForward {
-    proj_in: Linear,
-    proj_out: Linear,
+    proj_in: Proj,
+    proj_out: Proj,
 }
 
 impl FeedForward {
     fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            proj_in: candle_nn::linear(dim, hidden, vb.pp("net.0.proj"))?,
-            proj_out: candle_nn::linear(hidden, dim, vb.pp("net.2"))?,
+            proj_in: crate::quant::linear(dim, hidden, vb.pp("net.0.proj"))?,
+            proj_out: crate::quant::linear(hidden, dim, vb.pp("net.2"))?,
         })
     }
 
@@ -170,27 +210,29 @@ impl FeedForward {
 /// text projections `add_*_proj`, per-head RMSNorm, RoPE, one attention over [text, image].
 #[derive(Debug, Clone)]
 struct JointAttention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    add_q_proj: Linear,
-    add_k_proj: Linear,
-    add_v_proj: Linear,
+    to_q: Proj,
+    to_k: Proj,
+    to_v: Proj,
+    add_q_proj: Proj,
+    add_k_proj: Proj,
+    add_v_proj: Proj,
     norm_q: RmsNorm,
     norm_k: RmsNorm,
     norm_added_q: RmsNorm,
     norm_added_k: RmsNorm,
-    to_out: Linear,
-    to_add_out: Linear,
+    to_out: Proj,
+    to_add_out: Proj,
     heads: usize,
     head_dim: usize,
+    /// Bytes one chunk's f32 scores and probabilities may take ([`attention_query_chunk`]).
+    budget: u64,
 }
 
 impl JointAttention {
     fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.inner_dim();
         let hd = cfg.attention_head_dim;
-        let lin = |name: &str| candle_nn::linear(d, d, vb.pp(name));
+        let lin = |name: &str| crate::quant::linear(d, d, vb.pp(name));
         Ok(Self {
             to_q: lin("to_q")?,
             to_k: lin("to_k")?,
@@ -207,6 +249,7 @@ impl JointAttention {
             to_add_out: lin("to_add_out")?,
             heads: cfg.num_attention_heads,
             head_dim: hd,
+            budget: DEFAULT_ATTENTION_BUDGET,
         })
     }
 
@@ -214,7 +257,7 @@ impl JointAttention {
     fn qkv(
         &self,
         x: &Tensor,
-        proj: [&Linear; 3],
+        proj: [&Proj; 3],
         norms: [&RmsNorm; 2],
         cos: &Tensor,
         sin: &Tensor,
@@ -263,18 +306,36 @@ impl JointAttention {
         let q = f32_cat(&tq, &iq)?;
         let k = f32_cat(&tk, &ik)?;
         let v = f32_cat(&tv, &iv)?.contiguous()?;
+        let q = q.contiguous()?;
+        let kt = k.t()?.contiguous()?;
+        drop(k);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        // [B, H, S, Dh] x [B, H, Dh, S] -> [B, H, S, S]
-        let mut scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-        if let Some(bias) = bias {
-            scores = scores.broadcast_add(bias)?;
+        let s = s_txt + s_img;
+        let chunk = attention_query_chunk(self.budget, b * self.heads, s, s);
+        let mut chunks = Vec::with_capacity(s.div_ceil(chunk));
+        for start in (0..s).step_by(chunk) {
+            let rows = chunk.min(s - start);
+            let qc = if rows == s {
+                q.clone()
+            } else {
+                q.narrow(2, start, rows)?.contiguous()?
+            };
+            // [B, H, r, Dh] x [B, H, Dh, S] -> [B, H, r, S]
+            let mut scores = (qc.matmul(&kt)? * scale)?;
+            if let Some(bias) = bias {
+                scores = scores.broadcast_add(bias)?;
+            }
+            let probs = crate::ops::softmax_last_dim(&scores)?;
+            drop(scores);
+            // [B, H, r, S] x [B, H, S, Dh] -> [B, H, r, Dh]
+            chunks.push(probs.matmul(&v)?);
         }
-        let probs = crate::ops::softmax_last_dim(&scores)?;
+        let out = match <[Tensor; 1]>::try_from(chunks) {
+            Ok([one]) => one,
+            Err(chunks) => Tensor::cat(&chunks, 2)?,
+        };
         // [B, H, S, Dh] -> [B, S, H, Dh] -> [B, S, H·Dh]
-        let out = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, s_txt + s_img, ()))?;
+        let out = out.transpose(1, 2)?.reshape((b, s, ()))?;
         let out = out.to_dtype(dtype)?;
         let txt_out = self
             .to_add_out
@@ -289,8 +350,8 @@ impl JointAttention {
 /// One double-stream block, `transformer_blocks.{i}`.
 #[derive(Debug, Clone)]
 pub struct TransformerBlock {
-    img_mod: Linear,
-    txt_mod: Linear,
+    img_mod: Proj,
+    txt_mod: Proj,
     attn: JointAttention,
     img_mlp: FeedForward,
     txt_mlp: FeedForward,
@@ -329,12 +390,17 @@ impl TransformerBlock {
         let d = cfg.inner_dim();
         Ok(Self {
             // `img_mod`/`txt_mod` are Sequential [SiLU, Linear]: index 1 holds the weights.
-            img_mod: candle_nn::linear(d, 6 * d, vb.pp("img_mod.1"))?,
-            txt_mod: candle_nn::linear(d, 6 * d, vb.pp("txt_mod.1"))?,
+            img_mod: crate::quant::linear(d, 6 * d, vb.pp("img_mod.1"))?,
+            txt_mod: crate::quant::linear(d, 6 * d, vb.pp("txt_mod.1"))?,
             attn: JointAttention::new(cfg, vb.pp("attn"))?,
             img_mlp: FeedForward::new(d, cfg.ffn_dim(), vb.pp("img_mlp"))?,
             txt_mlp: FeedForward::new(d, cfg.ffn_dim(), vb.pp("txt_mlp"))?,
         })
+    }
+
+    /// Sets the bytes one attention chunk's f32 scores and probabilities may take.
+    pub fn set_attention_budget(&mut self, bytes: u64) {
+        self.attn.budget = bytes;
     }
 
     /// One block: `img: [B, S_i, dim]`, `txt: [B, S_t, dim]`, `temb: [B, dim]`, `bias` from
@@ -405,6 +471,7 @@ pub struct QwenImageTransformer {
     proj_out: Linear,
     dtype: DType,
     device: Device,
+    attention_budget: u64,
 }
 
 impl QwenImageTransformer {
@@ -430,15 +497,45 @@ impl QwenImageTransformer {
             proj_out: candle_nn::linear(d, cfg.out_dim(), vb.pp("proj_out"))?,
             dtype: vb.dtype(),
             device: vb.device().clone(),
+            attention_budget: DEFAULT_ATTENTION_BUDGET,
         })
     }
 
     /// Loads `<dir>/config.json` and the weights in `<dir>` (`diffusion_pytorch_model*.safetensors`),
     /// converting them to `dtype` on `device`.
+    ///
+    /// A folder with `diffusion_pytorch_model.gguf` (written by `pixmarket model quantize`, or a
+    /// community Qwen-Image GGUF renamed so) loads its quantized block weights into quantized
+    /// matmuls ([`crate::quant`]).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> std::result::Result<Self, LoadError> {
         let cfg = TransformerConfig::from_file(&dir.join("config.json"))?;
-        let vb =
-            ComponentWeights::open(dir, "diffusion_pytorch_model")?.into_var_builder(dtype, device);
+        let gguf = dir.join(crate::quant::GGUF_FILE);
+        let vb = if gguf.is_file() {
+            crate::quant::GgufWeights::open(&gguf)?.into_var_builder(dtype, device)
+        } else {
+            ComponentWeights::open(dir, "diffusion_pytorch_model")?.into_var_builder(dtype, device)
+        };
+        Self::new(&cfg, vb).map_err(LoadError::Build)
+    }
+
+    /// As [`Self::load`], with the LoRAs of `loras` merged into the weights (see [`crate::lora`]).
+    pub fn load_with_loras(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        loras: &[crate::lora::LoraSpec],
+    ) -> std::result::Result<Self, LoadError> {
+        if loras.is_empty() {
+            return Self::load(dir, dtype, device);
+        }
+        if dir.join(crate::quant::GGUF_FILE).is_file() {
+            return Err(LoadError::LoraOnQuantized);
+        }
+        let cfg = TransformerConfig::from_file(&dir.join("config.json"))?;
+        let set = crate::lora::LoraSet::load(loras, &cfg)?;
+        let base = ComponentWeights::open(dir, "diffusion_pytorch_model")?;
+        let backend = crate::lora::MergedWeights::new(base, set);
+        let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
         Self::new(&cfg, vb).map_err(LoadError::Build)
     }
 
@@ -450,6 +547,20 @@ impl QwenImageTransformer {
     /// The dtype of the weights.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Sets the bytes one attention chunk's f32 scores and probabilities may take in every block
+    /// ([`DEFAULT_ATTENTION_BUDGET`] until set). Results do not depend on it.
+    pub fn set_attention_budget(&mut self, bytes: u64) {
+        self.attention_budget = bytes;
+        self.blocks
+            .iter_mut()
+            .for_each(|b| b.set_attention_budget(bytes));
+    }
+
+    /// The bytes one attention chunk's f32 scores and probabilities may take.
+    pub fn attention_budget(&self) -> u64 {
+        self.attention_budget
     }
 
     /// The blocks, for block-level tests and callers that step through them.

@@ -82,6 +82,11 @@ pub struct ProviderConfig {
     /// the processor, for testing); a GPU may not. [default: `["cpu"]`]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub devices: Option<Vec<String>>,
+    /// Run the text encoder on the CPU (frees ~14 GB of a 24 or 16 GB card in bf16).
+    pub text_encoder_on_cpu: bool,
+    /// The device's memory in GiB: the engine plans the placement for it and the provider
+    /// advertises, and accepts, only the sizes the plan allows. 0 = no plan.
+    pub device_memory_gib: u32,
     /// Multiplier on the base price, as a decimal string (no floats in money), e.g. "1.5".
     pub price_factor: String,
     /// Prompts shorter than this are billed as this many tokens.
@@ -127,6 +132,8 @@ impl Default for ProviderConfig {
             dtype: "f32".into(),
             device: None,
             devices: Some(vec!["cpu".into()]),
+            text_encoder_on_cpu: false,
+            device_memory_gib: 0,
             price_factor: "1".into(),
             min_prompt_tokens: 0,
             // A queue of 16 images at ~20 s each is about five minutes of work.

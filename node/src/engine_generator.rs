@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use pixmarket_engine::StepCacheMode;
 use pixmarket_engine::pipeline::{self, GenerateRequest, QwenImage};
+use pixmarket_engine::placement::{self, LoadOptions, TextEncoderPlace};
 use pixmarket_protocol::{JobParams, StepCaching};
 
 use crate::generator::{CacheStats, GenError, Generator, GeneratorInfo};
@@ -73,17 +74,68 @@ pub struct EngineGenerator {
     caching: CachingSettings,
     full_forwards: AtomicU64,
     reused_forwards: AtomicU64,
+    /// The largest side the memory plan allows (the protocol's limit without a plan).
+    max_side: u32,
+    /// The device memory the plan was made for, in MiB (0: none given).
+    device_memory_mib: u64,
+}
+
+/// How a provider places its model ([`EngineGenerator::load_with`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// Run the text encoder on the CPU.
+    pub text_encoder_on_cpu: bool,
+    /// The device's memory in GiB: plan the placement for it and advertise the largest size
+    /// the plan allows (0: no plan).
+    pub device_memory_gib: u32,
 }
 
 impl EngineGenerator {
     /// Loads a model folder on `device` (`cpu`, `cuda`, `cuda:N`) in `dtype` (`f32`, `bf16`, `f16`).
     pub fn load(dir: &Path, dtype: &str, device: &str) -> Result<Self, GenError> {
+        Self::load_with(dir, dtype, device, Placement::default())
+    }
+
+    /// As [`Self::load`], placed as `placement` says. With a device memory, the engine's plan
+    /// ([`pixmarket_engine::placement::plan`]) decides whether the text encoder leaves the
+    /// device and gives the largest size advertised; it is logged at start.
+    pub fn load_with(
+        dir: &Path,
+        dtype: &str,
+        device: &str,
+        placement: Placement,
+    ) -> Result<Self, GenError> {
         let fail = |e: pixmarket_engine::error::EngineError| GenError::Failed(e.to_string());
         let dt = pipeline::dtype_from_name(dtype).ok_or_else(|| {
             GenError::Failed(format!("unknown dtype {dtype:?}; allowed: f32, bf16, f16"))
         })?;
         let dev = pipeline::device_from_name(device).map_err(fail)?;
-        let model = QwenImage::load(dir, dt, &dev).map_err(fail)?;
+        let mut text_encoder_on_cpu = placement.text_encoder_on_cpu;
+        let mut max_side = pixmarket_protocol::validate::MAX_DIMENSION;
+        if placement.device_memory_gib > 0 {
+            let plan =
+                placement::plan_folder(dir, dt, u64::from(placement.device_memory_gib) << 30)
+                    .ok_or_else(|| {
+                        GenError::Failed(format!(
+                            "cannot plan {}: its configs are unreadable",
+                            dir.display()
+                        ))
+                    })?;
+            tracing::info!(%plan, gib = placement.device_memory_gib, "placement plan");
+            text_encoder_on_cpu |= plan.text_encoder == TextEncoderPlace::Cpu;
+            let Some(side) = plan.largest_side else {
+                return Err(GenError::Failed(format!(
+                    "no image size fits {} GiB with this model ({plan})",
+                    placement.device_memory_gib
+                )));
+            };
+            max_side = max_side.min(side);
+        }
+        let opts = LoadOptions {
+            text_encoder_on_cpu,
+            ..LoadOptions::default()
+        };
+        let model = QwenImage::load_with(dir, dt, &dev, &opts).map_err(fail)?;
         Ok(Self {
             model,
             device_name: device.to_owned(),
@@ -92,6 +144,8 @@ impl EngineGenerator {
             caching: CachingSettings::default(),
             full_forwards: AtomicU64::new(0),
             reused_forwards: AtomicU64::new(0),
+            max_side,
+            device_memory_mib: u64::from(placement.device_memory_gib) * 1024,
         })
     }
 
@@ -161,12 +215,21 @@ impl Generator for EngineGenerator {
             model_id: self.model.model_id().chars().take(128).collect(),
             precision: self.precision.clone(),
             device_name: self.device_name.clone(),
-            device_memory_mib: self.memory_mib,
+            // The driver's figure when it reports one, else the memory the plan was made for.
+            device_memory_mib: if self.memory_mib > 0 {
+                self.memory_mib
+            } else {
+                self.device_memory_mib
+            },
             supports_image_to_image: true,
             supports_inpaint: true,
             step_caching: self.caching.step_caching,
             serves_exact: self.caching.serves_exact,
         }
+    }
+
+    fn max_side(&self) -> u32 {
+        self.max_side
     }
 
     fn count_prompt_tokens(&self, prompt: &str) -> Result<u32, GenError> {

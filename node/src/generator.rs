@@ -51,6 +51,13 @@ pub trait Generator: Send + Sync + 'static {
     /// Tokens of the user's prompt in the model tokenizer: the metered prompt length.
     fn count_prompt_tokens(&self, prompt: &str) -> Result<u32, GenError>;
 
+    /// The largest width or height this generator's memory allows (with CFG), advertised as
+    /// `max_width`/`max_height`; larger jobs are refused at the quote. The protocol's limit
+    /// unless a memory plan says less.
+    fn max_side(&self) -> u32 {
+        pixmarket_protocol::validate::MAX_DIMENSION
+    }
+
     /// Runs a batch of compatible jobs (same size, steps and mode) and returns, per job, its
     /// PNG images. `progress(step, of)` is called after every step; `Break` cancels.
     fn generate(

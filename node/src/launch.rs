@@ -203,16 +203,21 @@ pub async fn start(dir: &DataDir, overrides: &Overrides) -> Result<Node, LaunchE
             serves_exact: config.provider.serve_exact,
             prompt_cache_bytes: config.provider.prompt_cache_bytes,
         };
+        let placement = crate::engine_generator::Placement {
+            text_encoder_on_cpu: config.provider.text_encoder_on_cpu,
+            device_memory_gib: config.provider.device_memory_gib,
+        };
         // One engine per device, each with its own copy of the weights, loaded one after the
         // other (loading is bounded by the disk, not the devices).
         let mut generators: Vec<Arc<dyn Generator>> = Vec::new();
         for device in config.provider.device_list() {
-            let generator = EngineGenerator::load(&model_dir, &config.provider.dtype, &device)
-                .map_err(|source| LaunchError::ModelOn {
-                    device: device.clone(),
-                    source,
-                })?
-                .with_caching(caching);
+            let generator =
+                EngineGenerator::load_with(&model_dir, &config.provider.dtype, &device, placement)
+                    .map_err(|source| LaunchError::ModelOn {
+                        device: device.clone(),
+                        source,
+                    })?
+                    .with_caching(caching);
             generators.push(Arc::new(generator));
         }
         let settings = ProviderSettings {

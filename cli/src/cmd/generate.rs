@@ -15,9 +15,12 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use pixmarket_engine::EngineError;
 use pixmarket_engine::drawn::DRAWN_MODEL_ID;
+use pixmarket_engine::lora::LoraSpec;
 use pixmarket_engine::pipeline::{
     GenerateRequest, QwenImage, device_from_name, dtype_from_name, load_latents,
 };
+use pixmarket_engine::placement::{self, LoadOptions, TextEncoderPlace};
+use pixmarket_engine::scheduler::FlowMatchEulerConfig;
 use pixmarket_engine::tiny::ensure_tiny_model;
 use pixmarket_protocol::JobParams;
 use pixmarket_protocol::validate as v;
@@ -107,12 +110,38 @@ pub(crate) struct LocalArgs {
     /// Local only: the market's job message has no field for it.
     #[arg(long, value_name = "FILE")]
     latents: Option<PathBuf>,
-    /// Compute precision: f32, bf16 or f16 (the VAE runs in f32 on the CPU) [default: f32].
+    /// Compute precision: f32, bf16 or f16; on --device cpu the VAE still runs in f32
+    /// [default: f32].
     #[arg(long, value_parser = ["f32", "bf16", "f16"])]
     dtype: Option<String>,
     /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`) [default: cpu].
     #[arg(long)]
     device: Option<String>,
+    /// Merge a LoRA into the transformer at load: a safetensors file in the diffusers/PEFT key
+    /// layout (`lora_A`/`lora_B`) or the kohya/ComfyUI one (`lora_down`/`lora_up` + `alpha`),
+    /// at SCALE (-8..=8, default 1). Repeatable, up to 8; their changes add. Local only.
+    #[arg(long, value_name = "FILE[:SCALE]", value_parser = parse_lora)]
+    lora: Vec<LoraSpec>,
+    /// A few-step preset for the Qwen-Image-Lightning LoRAs (give the file with --lora):
+    /// `lightning-8` or `lightning-4` sets 8 or 4 steps, true CFG off, and the scheduler config
+    /// the LoRAs are published with (shift 3, no terminal stretch). Local only.
+    #[arg(long, value_parser = ["lightning-8", "lightning-4"], requires = "lora",
+          conflicts_with_all = ["steps", "true_cfg_scale"])]
+    preset: Option<String>,
+    /// Run the text encoder on the CPU (in --dtype; ~14 GB of RAM in bf16 for Qwen-Image)
+    /// and move the prompt embeddings to --device: frees its weights from a 24 or 16 GB card.
+    /// Local only.
+    #[arg(long)]
+    text_encoder_on_cpu: bool,
+    /// Memory of --device in GiB: print the placement plan for it (where the text encoder
+    /// goes, the largest size and batch that fit) and refuse a size larger than it allows.
+    /// Local only.
+    #[arg(long, value_name = "GIB", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    device_memory: Option<u32>,
+}
+
+fn parse_lora(s: &str) -> Result<LoraSpec, String> {
+    LoraSpec::parse(s).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Args)]
@@ -202,6 +231,10 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
             ("--model", args.local.model.is_some()),
             ("--dtype", args.local.dtype.is_some()),
             ("--device", args.local.device.is_some()),
+            ("--lora", !args.local.lora.is_empty()),
+            ("--preset", args.local.preset.is_some()),
+            ("--text-encoder-on-cpu", args.local.text_encoder_on_cpu),
+            ("--device-memory", args.local.device_memory.is_some()),
         ] {
             if given {
                 return Err(usage!(
@@ -223,7 +256,7 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
         );
     }
     let GenerateArgs {
-        job,
+        mut job,
         local,
         data_dir,
         json,
@@ -250,6 +283,15 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
             "model folder {} does not exist",
             model_dir.display()
         ));
+    }
+    let lightning_steps = match local.preset.as_deref() {
+        Some("lightning-8") => Some(8),
+        Some("lightning-4") => Some(4),
+        _ => None,
+    };
+    if let Some(steps) = lightning_steps {
+        job.steps = Some(steps);
+        job.true_cfg_scale = Some(1.0);
     }
     let params = job::build(&job, Form::Local { tiny })?;
     let latents = match &local.latents {
@@ -290,10 +332,40 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
     }
     let t_load = Instant::now();
-    let model = QwenImage::load(&model_dir, dtype, &device)?;
+    let mut text_encoder_on_cpu = local.text_encoder_on_cpu;
+    if let Some(gib) = local.device_memory {
+        let plan = placement::plan_folder(&model_dir, dtype, u64::from(gib) << 30)
+            .ok_or_else(|| usage!("--device-memory needs a diffusers Qwen-Image folder"))?;
+        let side = params.width.max(params.height);
+        if plan.largest_side.is_none_or(|s| side > s) {
+            return Err(usage!(
+                "{}×{} does not fit {gib} GiB with this model ({plan})",
+                params.width,
+                params.height
+            ));
+        }
+        if !quiet {
+            eprintln!("plan for {gib} GiB: {plan}");
+        }
+        text_encoder_on_cpu |= plan.text_encoder == TextEncoderPlace::Cpu;
+    }
+    let opts = LoadOptions {
+        loras: local.lora.clone(),
+        text_encoder_on_cpu,
+        attention_budget: None,
+    };
+    let mut model = QwenImage::load_with(&model_dir, dtype, &device, &opts)?;
+    if lightning_steps.is_some() {
+        model
+            .set_scheduler(FlowMatchEulerConfig::lightning())
+            .context("the Lightning scheduler config")?;
+    }
     let r = &request;
     if !quiet {
         eprintln!("loaded {} in {:.1?}", model.description(), t_load.elapsed());
+        for l in &local.lora {
+            eprintln!("merged LoRA {} at scale {}", l.path.display(), l.scale);
+        }
         eprintln!(
             "{} {}×{}, {} of {} steps, true CFG {}, seed {}",
             r.mode.name(),

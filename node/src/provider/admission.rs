@@ -46,6 +46,18 @@ impl Provider {
         Ok((units, cost))
     }
 
+    /// Refuses a size larger than the generator's memory plan allows
+    /// ([`crate::generator::Generator::max_side`]).
+    fn fits_memory(&self, width: u32, height: u32) -> Result<(), FailReason> {
+        let max = self.inner.generator.max_side();
+        if width.max(height) > max {
+            return Err(FailReason::Unsupported(format!(
+                "{width}×{height}: this provider's memory allows at most {max}×{max}"
+            )));
+        }
+        Ok(())
+    }
+
     pub(super) fn quote(&self, signed: &Signed<QuoteRequest>) -> Response {
         let Ok(q) = signed.verify() else {
             return refuse(FailReason::BadSignature);
@@ -64,6 +76,9 @@ impl Provider {
             return refuse(FailReason::ExactUnavailable {
                 offered: info.step_caching,
             });
+        }
+        if let Err(r) = self.fits_memory(q.width, q.height) {
+            return refuse(r);
         }
         let (units, cost) = match self.meter(&q.prompt, |prompt_tokens| MeteredUnits {
             width: q.width,
@@ -140,6 +155,10 @@ impl Provider {
             return refuse(FailReason::ExactUnavailable {
                 offered: info.step_caching,
             });
+        }
+        if let Err(r) = self.fits_memory(req.params.width, req.params.height) {
+            tracing::warn!(%peer, width = req.params.width, height = req.params.height, "refused job: larger than the memory plan allows");
+            return refuse(r);
         }
         let (units, cost) = match self.meter(&req.params.prompt, |t| req.params.metered_units(t)) {
             Ok(x) => x,
