@@ -166,6 +166,8 @@ pub(crate) struct GenerationRequest {
     #[serde(default, deserialize_with = "whole")]
     pub seed: Option<u64>,
     pub max_cost: Option<Amount>,
+    /// Require exact computation (no step caching); the market's `--exact`.
+    pub exact: Option<bool>,
     #[serde(rename = "quality")]
     _quality: Option<Value>,
     #[serde(rename = "style")]
@@ -192,6 +194,7 @@ impl GenerationRequest {
             true_cfg_scale: self.true_cfg_scale,
             seed: self.seed,
             max_cost: self.max_cost.as_ref().map(Amount::text),
+            exact: self.exact.unwrap_or(false),
             mode: None,
             image_size: None,
         }

@@ -1,6 +1,6 @@
 //! From an API request to the [`JobParams`] a provider runs: the OpenAI fields (`size` as
 //! `WxH`, `n`) and the market's extras (`negative_prompt`, `num_inference_steps`,
-//! `true_cfg_scale`, `seed`, `max_cost`) checked against the protocol's market limits
+//! `true_cfg_scale`, `seed`, `max_cost`, `exact`) checked against the protocol's market limits
 //! ([`Limits::MARKET`], `JobParams::validate`), so the API refuses what the CLI and providers
 //! refuse, with the same words, naming the request's own field as `param`.
 //!
@@ -38,6 +38,8 @@ pub(crate) struct Spec {
     pub true_cfg_scale: Option<f32>,
     pub seed: Option<u64>,
     pub max_cost: Option<String>,
+    /// Require exact computation: no step caching.
+    pub exact: bool,
     /// Text to image unless an edit gave an image (and mask).
     pub mode: Option<Mode>,
     /// The edit image's size, the picture's unless `size` says otherwise.
@@ -194,6 +196,7 @@ pub(crate) fn build(
         seed: spec.seed.unwrap_or_else(rand::random),
         images: n,
         mode: spec.mode.unwrap_or(Mode::TextToImage),
+        exact: spec.exact,
     };
     // The provider's own check, so nothing it would refuse is sent.
     params.validate().map_err(|e| invalid(&e))?;

@@ -49,6 +49,7 @@ fn quote_request(peer: &RawPeer, provider: pixmarket_protocol::PublicKey, side: 
         steps: 2,
         images: 1,
         strength_permille: None,
+        exact: false,
     };
     Request::Quote(Signed::sign(&peer.secret(), &q).unwrap())
 }

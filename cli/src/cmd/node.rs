@@ -131,7 +131,12 @@ fn api_settings(a: &NodeArgs, dir: &DataDir) -> anyhow::Result<Option<ApiSetting
         .map(|t| (t.name.clone(), t.token.clone(), t.scopes.clone()))
         .collect();
     if a.provide {
-        settings.devices = vec![config.provider.device.clone()];
+        // `--device` replaces the config's devices for this run, as the node itself does.
+        settings.devices = if a.device.is_empty() {
+            config.provider.device_list()
+        } else {
+            a.device.clone()
+        };
     }
     Ok(Some(settings))
 }
@@ -188,11 +193,13 @@ pub(crate) fn run(a: NodeArgs) -> anyhow::Result<()> {
             Some(settings) => {
                 // The API buys: its quotes are checked with the tiny model's tokenizer, as the
                 // CLI's market `generate` checks them.
-                if let Err(e) = pixmarket_node::token_check::count_tokens_of_tiny(node.requester(), &dir)
+                if let Err(e) =
+                    pixmarket_node::token_check::count_tokens_of_tiny(node.requester(), &dir)
                 {
                     node.shutdown().await;
-                    return Err(anyhow::Error::new(e)
-                        .context("cannot install the tiny model's tokenizer"));
+                    return Err(
+                        anyhow::Error::new(e).context("cannot install the tiny model's tokenizer")
+                    );
                 }
                 let public = !settings.bind.ip().is_loopback();
                 match Api::start(&node, dir.identity()?, settings).await {

@@ -49,7 +49,7 @@ impl Provider {
     /// Refuses a size larger than the generator's memory plan allows
     /// ([`crate::generator::Generator::max_side`]).
     fn fits_memory(&self, width: u32, height: u32) -> Result<(), FailReason> {
-        let max = self.inner.generator.max_side();
+        let max = self.inner.devices.max_side();
         if width.max(height) > max {
             return Err(FailReason::Unsupported(format!(
                 "{width}×{height}: this provider's memory allows at most {max}×{max}"

@@ -89,6 +89,15 @@ impl Devices {
             })
     }
 
+    /// The largest image side every serving device's memory plan allows: any of them may
+    /// run a job, so the smallest plan bounds what the node accepts.
+    pub(super) fn max_side(&self) -> u32 {
+        self.up()
+            .map(|d| d.generator.max_side())
+            .min()
+            .unwrap_or(pixmarket_protocol::validate::MAX_DIMENSION)
+    }
+
     pub(super) fn up(&self) -> impl Iterator<Item = &Device> {
         self.0.iter().filter(|d| d.is_up())
     }
