@@ -231,14 +231,14 @@ impl NodeConfig {
             });
         }
         if let Some(one) = &p.device {
-            check_device(one).map_err(|allowed| ConfigError::Invalid {
+            check_device(one).map_err(|DeviceError { got, allowed }| ConfigError::Invalid {
                 key: "provider.device",
-                got: format!("{one:?}"),
+                got,
                 allowed,
             })?;
         }
         if let Some(list) = &p.devices {
-            check_devices(list).map_err(|(got, allowed)| ConfigError::Invalid {
+            check_devices(list).map_err(|DeviceError { got, allowed }| ConfigError::Invalid {
                 key: "provider.devices",
                 got,
                 allowed,
@@ -311,12 +311,23 @@ impl ProviderConfig {
     }
 }
 
-/// `Err(what is allowed)` unless `name` is `cpu`, `cuda` or `cuda:N`.
-pub fn check_device(name: &str) -> Result<(), String> {
+/// Why a device name or list is refused: what was given, and what is allowed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("got {got}; allowed: {allowed}")]
+pub struct DeviceError {
+    pub got: String,
+    pub allowed: String,
+}
+
+/// Refuses `name` unless it is `cpu`, `cuda` or `cuda:N`.
+pub fn check_device(name: &str) -> Result<(), DeviceError> {
     if name == "cpu" || gpu_index(name).is_some() {
         Ok(())
     } else {
-        Err("cpu, cuda or cuda:N".into())
+        Err(DeviceError {
+            got: format!("{name:?}"),
+            allowed: "cpu, cuda or cuda:N".into(),
+        })
     }
 }
 
@@ -328,25 +339,25 @@ fn gpu_index(name: &str) -> Option<u32> {
     name.strip_prefix("cuda:")?.parse().ok()
 }
 
-/// `Err((what was given, what is allowed))` unless `list` names 1..=[`MAX_DEVICES`] valid
-/// devices, no GPU twice (`cuda` is `cuda:0`): two engines on one card would only share it.
-pub fn check_devices(list: &[String]) -> Result<(), (String, String)> {
+/// Refuses `list` unless it names 1..=[`MAX_DEVICES`] valid devices, no GPU twice (`cuda` is
+/// `cuda:0`): two engines on one card would only share it.
+pub fn check_devices(list: &[String]) -> Result<(), DeviceError> {
     if list.is_empty() || list.len() > MAX_DEVICES {
-        return Err((
-            format!("{} devices", list.len()),
-            format!("1..={MAX_DEVICES} devices"),
-        ));
+        return Err(DeviceError {
+            got: format!("{} devices", list.len()),
+            allowed: format!("1..={MAX_DEVICES} devices"),
+        });
     }
     let mut gpus = std::collections::BTreeSet::new();
     for name in list {
-        check_device(name).map_err(|allowed| (format!("{name:?}"), allowed))?;
+        check_device(name)?;
         if let Some(i) = gpu_index(name)
             && !gpus.insert(i)
         {
-            return Err((
-                format!("GPU {i} twice ({name:?})"),
-                "each GPU once (`cuda` is `cuda:0`); only `cpu` may repeat".into(),
-            ));
+            return Err(DeviceError {
+                got: format!("GPU {i} twice ({name:?})"),
+                allowed: "each GPU once (`cuda` is `cuda:0`); only `cpu` may repeat".into(),
+            });
         }
     }
     Ok(())

@@ -132,13 +132,13 @@ pub async fn start(dir: &DataDir, overrides: &Overrides) -> Result<Node, LaunchE
         });
     }
     if !overrides.devices.is_empty() {
-        crate::config::check_devices(&overrides.devices).map_err(|(value, allowed)| {
-            LaunchError::Device {
+        crate::config::check_devices(&overrides.devices).map_err(
+            |crate::config::DeviceError { got, allowed }| LaunchError::Device {
                 flag: "--device",
-                value,
+                value: got,
                 allowed,
-            }
-        })?;
+            },
+        )?;
     }
     let mut config = dir.config()?;
     if let Some(m) = &overrides.model {
