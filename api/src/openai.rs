@@ -220,7 +220,29 @@ pub(crate) async fn generations(
     let stream = stream_wanted(req.stream, req.partial_images)?;
     let response_format = ResponseFormat::parse(req.response_format.as_deref())?;
     let output_format = OutputFormat::parse_opt(req.output_format.as_deref())?;
-    let (model, params, options) = params::build(req.spec(), &s.requester)?;
+    let spec = req.spec();
+    submit_and_answer(
+        s,
+        spec,
+        output_format,
+        response_format,
+        stream,
+        "image_generation",
+    )
+    .await
+}
+
+/// Submits the job `spec` asks for, then answers with its images when it ends, or, with
+/// `stream`, with the event stream whose events are named `<prefix>.…`.
+async fn submit_and_answer(
+    s: AppState,
+    spec: Spec,
+    output_format: OutputFormat,
+    response_format: ResponseFormat,
+    stream: bool,
+    prefix: &'static str,
+) -> Result<Response, ApiError> {
+    let (model, params, options) = params::build(spec, &s.requester)?;
     let id = s.jobs.submit(
         Asked {
             model,
@@ -230,7 +252,7 @@ pub(crate) async fn generations(
         options,
     )?;
     if stream {
-        Ok(sse(s, id, "image_generation").into_response())
+        Ok(sse(s, id, prefix).into_response())
     } else {
         finish(&s, id, response_format).await
     }
@@ -574,20 +596,15 @@ pub(crate) async fn edits(
             }
         }
     });
-    let (model, params, options) = params::build(spec, &s.requester)?;
-    let id = s.jobs.submit(
-        Asked {
-            model,
-            params,
-            output_format,
-        },
-        options,
-    )?;
-    if stream {
-        Ok(sse(s, id, "image_edit").into_response())
-    } else {
-        finish(&s, id, response_format).await
-    }
+    submit_and_answer(
+        s,
+        spec,
+        output_format,
+        response_format,
+        stream,
+        "image_edit",
+    )
+    .await
 }
 
 /// Text fields an edit's form may have; OpenAI's and the market's together are about twenty.
