@@ -84,6 +84,10 @@ pub enum EngineError {
         source: image::ImageError,
     },
     /// The caller's progress callback asked to stop.
+    /// The transformer's last reload (another LoRA) failed; the model cannot generate until
+    /// one succeeds.
+    #[error("the transformer is not loaded: its last reload failed")]
+    TransformerMissing,
     #[error("generation cancelled")]
     Cancelled,
     /// A model computation failed (out of memory, a kernel error, ...).

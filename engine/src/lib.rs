@@ -37,6 +37,7 @@ pub mod tokenizer;
 pub mod train;
 pub mod transformer;
 pub mod vae;
+pub mod vae_tiling;
 pub mod weights;
 
 pub use error::EngineError;

@@ -67,8 +67,28 @@ pub fn forward_peak_bytes(
     dtype_bytes: u64,
     budget: u64,
 ) -> u64 {
-    let width = (shape.rows * shape.sequence() * cfg.inner_dim()) as u64;
-    let linear = width * (LINEAR_F32_PER_WIDTH * F32 + LINEAR_MODEL_PER_WIDTH * dtype_bytes);
+    let linear = forward_linear_bytes(shape.rows, shape.sequence(), cfg.inner_dim(), dtype_bytes);
+    linear.saturating_add(attention_scores_bytes(cfg, shape, budget))
+}
+
+/// The `[B, S, dim]` tensors alive beside the attention chunk at a forward's peak:
+/// [`LINEAR_F32_PER_WIDTH`] in f32 and [`LINEAR_MODEL_PER_WIDTH`] in the model dtype.
+pub fn forward_linear_bytes(rows: usize, sequence: usize, dim: usize, dtype_bytes: u64) -> u64 {
+    let width = (rows * sequence * dim) as u64;
+    width * (LINEAR_F32_PER_WIDTH * F32 + LINEAR_MODEL_PER_WIDTH * dtype_bytes)
+}
+
+/// [`forward_peak_bytes`] when chunks are sized from `working` bytes of working memory, at
+/// most `cap` ([`crate::transformer::attention_budget_within`]), as the transformer sizes them.
+pub fn forward_peak_bytes_within(
+    cfg: &TransformerConfig,
+    shape: ForwardShape,
+    dtype_bytes: u64,
+    cap: u64,
+    working: Option<u64>,
+) -> u64 {
+    let linear = forward_linear_bytes(shape.rows, shape.sequence(), cfg.inner_dim(), dtype_bytes);
+    let budget = crate::transformer::attention_budget_within(working, linear, cap);
     linear.saturating_add(attention_scores_bytes(cfg, shape, budget))
 }
 
@@ -123,6 +143,21 @@ pub fn text_encoder_weight_bytes(
     count_params(|vb| crate::text_encoder::QwenTextEncoder::new(cfg, vb).map(|_| ())) * dtype_bytes
 }
 
+/// Working memory of one text-encoder pass over `tokens` tokens beyond its weights: per token
+/// the MLP's gate, up and product (`3 · intermediate_size`) and eight hidden-width tensors
+/// (residual, norm, q, k, v, attention output, projections) in f32, plus one layer's f32
+/// scores and probabilities (`2 · heads · tokens²`). Counted in f32 whatever the model dtype,
+/// as an upper figure; the encoder runs layer by layer, so one layer's worth is live.
+pub fn text_encoder_encode_bytes(
+    cfg: &crate::text_encoder::TextEncoderConfig,
+    tokens: usize,
+) -> u64 {
+    let t = tokens as u64;
+    let per_token = (3 * cfg.intermediate_size + 8 * cfg.hidden_size) as u64;
+    let scores = 2 * cfg.num_attention_heads as u64 * t * t;
+    (t * per_token + scores) * F32
+}
+
 /// Bytes of the VAE in a dtype of `dtype_bytes` bytes.
 pub fn vae_weight_bytes(cfg: &crate::vae::VaeConfig, dtype_bytes: u64) -> u64 {
     count_params(|vb| crate::vae::AutoencoderKLQwenImage::new(cfg, vb).map(|_| ())) * dtype_bytes
@@ -135,6 +170,72 @@ const VAE_LIVE_TENSORS: u64 = 4;
 /// resolution with up to twice the base width, [`VAE_LIVE_TENSORS`] of them alive at once.
 pub fn vae_decode_bytes(width: u32, height: u32, base_dim: usize, dtype_bytes: u64) -> u64 {
     u64::from(width) * u64::from(height) * 2 * base_dim as u64 * VAE_LIVE_TENSORS * dtype_bytes
+}
+
+/// Working memory of the head of a VAE decode of a `width`×`height` image (post-quant conv,
+/// `conv_in`, mid block, at latent resolution; [`crate::vae::AutoencoderKLQwenImage::decode_head`]):
+/// [`VAE_LIVE_TENSORS`] tensors of its width `base_dim · dim_mult[-1]`, plus one query chunk of
+/// the mid block's attention in f32 as three score-sized matrices (the scores, their scaled
+/// copy, the probabilities). Not bounded by a tile: the attention sees the whole frame.
+pub fn vae_head_bytes(
+    width: u32,
+    height: u32,
+    cfg: &crate::vae::VaeConfig,
+    dtype_bytes: u64,
+) -> u64 {
+    let (tokens, head_out) = head_shape(width, height, cfg, dtype_bytes);
+    let chunk = tokens.min(crate::vae::ATTENTION_QUERY_CHUNK as u64);
+    head_out * VAE_LIVE_TENSORS + 3 * chunk * tokens * F32
+}
+
+/// Latent tokens of a `width`×`height` image and the bytes of the head's output.
+fn head_shape(
+    width: u32,
+    height: u32,
+    cfg: &crate::vae::VaeConfig,
+    dtype_bytes: u64,
+) -> (u64, u64) {
+    let f = cfg.spatial_compression() as u64;
+    let tokens = (u64::from(width) / f) * (u64::from(height) / f);
+    let head_width = (cfg.base_dim * cfg.dim_mult.last().copied().unwrap_or(1)) as u64;
+    (tokens, tokens * head_width * dtype_bytes)
+}
+
+/// Working memory of the tiled part of a decode ([`crate::vae_tiling::decode_tiles`]): one
+/// tile's tail ([`vae_decode_bytes`] at the tile's size) beside the head's output and the f32
+/// image being summed (three copies of it at an update).
+pub fn vae_tiles_bytes(
+    width: u32,
+    height: u32,
+    cfg: &crate::vae::VaeConfig,
+    tiling: crate::vae_tiling::VaeTiling,
+    dtype_bytes: u64,
+) -> u64 {
+    let f = cfg.spatial_compression() as u64;
+    let (_, head_out) = head_shape(width, height, cfg, dtype_bytes);
+    let side = |s: u32| (tiling.tile as u64 * f).min(u64::from(s));
+    let tile_px = side(width) * side(height);
+    let tile = tile_px * 2 * cfg.base_dim as u64 * VAE_LIVE_TENSORS * dtype_bytes;
+    let image = 3 * cfg.input_channels as u64 * u64::from(width) * u64::from(height) * F32;
+    head_out + tile + image
+}
+
+/// Working memory of one VAE decode tiled by `tiling` ([`crate::vae_tiling::decode_tiled`]):
+/// the larger of its head ([`vae_head_bytes`]) and its tiles ([`vae_tiles_bytes`]).
+pub fn vae_tiled_decode_bytes(
+    width: u32,
+    height: u32,
+    cfg: &crate::vae::VaeConfig,
+    tiling: crate::vae_tiling::VaeTiling,
+    dtype_bytes: u64,
+) -> u64 {
+    vae_head_bytes(width, height, cfg, dtype_bytes).max(vae_tiles_bytes(
+        width,
+        height,
+        cfg,
+        tiling,
+        dtype_bytes,
+    ))
 }
 
 #[cfg(test)]

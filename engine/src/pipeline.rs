@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{D, DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::error::EngineError;
@@ -48,9 +48,12 @@ use crate::transformer::{ForwardInputs, QwenImageTransformer};
 use crate::vae::{AutoencoderKLQwenImage, image_to_rgb8, rgb8_to_image};
 
 /// Bytes of one f32: the VAE's decode is estimated in f32 whatever the model dtype.
-const F32_BYTES: u128 = 4;
-/// Full-resolution tensors the VAE decoder holds at once (input, conv output, norm, residual).
-const VAE_LIVE_TENSORS: u128 = 4;
+const F32_BYTES: u64 = 4;
+
+/// A tensor side in pixels as `u32` (sides are at most `MAX_SIDE`; larger saturates).
+fn dim_u32(x: usize) -> u32 {
+    u32::try_from(x).unwrap_or(u32::MAX)
+}
 
 /// Memory the device can give a generation now, in bytes: `MemAvailable` of `/proc/meminfo` for
 /// the CPU; `None` (no check) where it cannot be known, e.g. on CUDA, whose allocator fails with
@@ -343,15 +346,57 @@ pub struct QwenImage {
     dir: PathBuf,
     model_id: String,
     tokenizer: PromptTokenizer,
-    text_encoder: QwenTextEncoder,
-    transformer: QwenImageTransformer,
+    text_encoder: TextEncoderSlot,
+    /// The text encoder's config (its weights may not be loaded: [`TextEncoderSlot`]).
+    text_encoder_config: crate::text_encoder::TextEncoderConfig,
+    /// `None` only while [`Self::set_loras`] reloads it (the old weights are dropped first, so
+    /// the device never holds two copies) and after a reload failed.
+    transformer: Option<QwenImageTransformer>,
+    /// The transformer's config, dtype, attention budget and working memory, kept while it is
+    /// reloaded.
+    transformer_config: crate::config::TransformerConfig,
+    transformer_dtype: DType,
+    attention_budget: u64,
+    working_memory: Option<u64>,
     vae: AutoencoderKLQwenImage,
+    /// Decode tile by tile the images whose whole decode would not fit ([`crate::vae_tiling`]).
+    vae_tiling: Option<crate::placement::TiledDecode>,
     scheduler: FlowMatchEuler,
     dtype: DType,
     device: Device,
     prompt_cache: Mutex<PromptCache>,
     /// blake3 of the model's identity and the prompt template: the start of every cache key.
     prompt_key_prefix: Vec<u8>,
+}
+
+/// The text encoder as placed ([`crate::placement::TextEncoderPlace`]).
+#[derive(Debug)]
+enum TextEncoderSlot {
+    /// Loaded, on the model's device or the CPU.
+    Resident(QwenTextEncoder),
+    /// Loaded from `dir` on `device` for each encoding and dropped after it.
+    OnDemand {
+        dir: PathBuf,
+        dtype: DType,
+        device: Device,
+    },
+}
+
+impl TextEncoderSlot {
+    /// Runs `f` with the encoder, loading it first (and freeing it after) when on demand.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&QwenTextEncoder) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        match self {
+            Self::Resident(te) => f(te),
+            Self::OnDemand { dir, dtype, device } => {
+                let te = QwenTextEncoder::load(dir, *dtype, device)
+                    .map_err(|e| EngineError::component("text_encoder", dir.clone(), e))?;
+                f(&te)
+            }
+        }
+    }
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N` into a device; `cuda` without the `cuda` feature is an error.
@@ -399,6 +444,54 @@ impl QwenImage {
         Self::load_with_loras(dir, dtype, device, &[])
     }
 
+    /// The transformer, unless a reload failed ([`Self::set_loras`]).
+    fn transformer(&self) -> Result<&QwenImageTransformer, EngineError> {
+        self.transformer
+            .as_ref()
+            .ok_or(EngineError::TransformerMissing)
+    }
+
+    /// Reloads the transformer from the folder with `loras` merged (none: its own weights),
+    /// keeping the attention budget. The old weights are freed before the new are read, so a
+    /// device needs room for one copy; a failed reload leaves no transformer and every later
+    /// generation fails with [`EngineError::TransformerMissing`] until one succeeds. The same
+    /// files merge to the same bits every time.
+    pub fn set_loras(&mut self, loras: &[crate::lora::LoraSpec]) -> Result<(), EngineError> {
+        self.transformer = None;
+        let dir = self.dir.join("transformer");
+        let mut t = QwenImageTransformer::load_with_loras(&dir, self.dtype, &self.device, loras)
+            .map_err(|e| EngineError::component("transformer", dir.clone(), e))?;
+        t.set_attention_budget(self.attention_budget);
+        t.set_working_memory(self.working_memory);
+        self.transformer = Some(t);
+        Ok(())
+    }
+
+    /// Checks that `lora` can be merged into this transformer (reads the file, matches every
+    /// adapter to a layer) without loading any weights.
+    pub fn check_lora(&self, lora: &crate::lora::LoraSpec) -> Result<(), EngineError> {
+        let dir = self.dir.join("transformer");
+        if dir.join(crate::quant::GGUF_FILE).is_file() {
+            return Err(EngineError::component(
+                "transformer",
+                dir,
+                crate::transformer::LoadError::LoraOnQuantized,
+            ));
+        }
+        crate::lora::LoraSet::load(std::slice::from_ref(lora), &self.transformer_config)
+            .map_err(|e| EngineError::component("transformer", dir, e))?;
+        Ok(())
+    }
+
+    /// The sampler config of the folder's `scheduler/` (what [`Self::load`] starts with).
+    pub fn folder_scheduler_config(
+        &self,
+    ) -> Result<crate::scheduler::FlowMatchEulerConfig, EngineError> {
+        let dir = self.dir.join("scheduler");
+        crate::scheduler::FlowMatchEulerConfig::from_file(&dir.join("scheduler_config.json"))
+            .map_err(|e| EngineError::component("scheduler", dir, e))
+    }
+
     /// Replaces the sampler's config (e.g. [`crate::scheduler::FlowMatchEulerConfig::lightning`]
     /// for the Lightning LoRAs) for every later generation.
     pub fn set_scheduler(
@@ -431,11 +524,11 @@ impl QwenImage {
         device: &Device,
         opts: &crate::placement::LoadOptions,
     ) -> Result<Self, EngineError> {
+        use crate::placement::TextEncoderPlace;
         let loras = opts.loras.as_slice();
-        let te_device = if opts.text_encoder_on_cpu {
-            Device::Cpu
-        } else {
-            device.clone()
+        let te_device = match opts.text_encoder {
+            TextEncoderPlace::Cpu => Device::Cpu,
+            TextEncoderPlace::Device | TextEncoderPlace::EncodeThenFree => device.clone(),
         };
         if !dir.is_dir() {
             return Err(EngineError::ModelNotFound(dir.to_path_buf()));
@@ -464,14 +557,34 @@ impl QwenImage {
         }
         let tokenizer = PromptTokenizer::from_dir(&dir.join("tokenizer"))
             .map_err(|e| EngineError::component("tokenizer", dir.join("tokenizer"), e))?;
-        let text_encoder = QwenTextEncoder::load(&dir.join("text_encoder"), dtype, &te_device)
-            .map_err(|e| EngineError::component("text_encoder", dir.join("text_encoder"), e))?;
+        let te_dir = dir.join("text_encoder");
+        let (text_encoder, text_encoder_config) = match opts.text_encoder {
+            TextEncoderPlace::EncodeThenFree => {
+                let text = std::fs::read_to_string(te_dir.join("config.json"))
+                    .map_err(|e| not_model(format!("cannot read text_encoder/config.json: {e}")))?;
+                let cfg = crate::text_encoder::TextEncoderConfig::from_json(&text)
+                    .map_err(|e| not_model(format!("bad text_encoder/config.json: {e}")))?;
+                let slot = TextEncoderSlot::OnDemand {
+                    dir: te_dir,
+                    dtype,
+                    device: te_device,
+                };
+                (slot, cfg)
+            }
+            TextEncoderPlace::Device | TextEncoderPlace::Cpu => {
+                let te = QwenTextEncoder::load(&te_dir, dtype, &te_device)
+                    .map_err(|e| EngineError::component("text_encoder", te_dir.clone(), e))?;
+                let cfg = te.config().clone();
+                (TextEncoderSlot::Resident(te), cfg)
+            }
+        };
         let mut transformer =
             QwenImageTransformer::load_with_loras(&dir.join("transformer"), dtype, device, loras)
                 .map_err(|e| EngineError::component("transformer", dir.join("transformer"), e))?;
         if let Some(budget) = opts.attention_budget {
             transformer.set_attention_budget(budget);
         }
+        transformer.set_working_memory(opts.working_memory);
         let vae_dtype = if device.is_cpu() { DType::F32 } else { dtype };
         let vae = AutoencoderKLQwenImage::load(&dir.join("vae"), vae_dtype, device)
             .map_err(|e| EngineError::component("vae", dir.join("vae"), e))?;
@@ -480,11 +593,10 @@ impl QwenImage {
             .map_err(|e| EngineError::component("scheduler", dir.join("scheduler"), e))?;
 
         let tcfg = transformer.config();
-        if text_encoder.config().hidden_size != tcfg.joint_attention_dim {
+        if text_encoder_config.hidden_size != tcfg.joint_attention_dim {
             return Err(EngineError::Mismatch(format!(
                 "text encoder width {} != transformer joint_attention_dim {}",
-                text_encoder.config().hidden_size,
-                tcfg.joint_attention_dim
+                text_encoder_config.hidden_size, tcfg.joint_attention_dim
             )));
         }
         if tcfg.out_channels() != LATENT_CHANNELS
@@ -508,8 +620,14 @@ impl QwenImage {
             model_id,
             tokenizer,
             text_encoder,
-            transformer,
+            text_encoder_config,
+            transformer_config: transformer.config().clone(),
+            transformer_dtype: transformer.dtype(),
+            attention_budget: transformer.attention_budget(),
+            working_memory: transformer.working_memory(),
+            transformer: Some(transformer),
             vae,
+            vae_tiling: opts.vae_tiling,
             scheduler,
             dtype,
             device: device.clone(),
@@ -525,14 +643,14 @@ impl QwenImage {
 
     /// One line for logs and adverts: name, sizes, dtype and device.
     pub fn description(&self) -> String {
-        let t = self.transformer.config();
+        let t = &self.transformer_config;
         format!(
             "{} ({} blocks × width {}, text encoder {} layers × {}, {:?} on {:?}) from {}",
             self.model_id,
             t.num_layers,
             t.inner_dim(),
-            self.text_encoder.config().num_hidden_layers,
-            self.text_encoder.config().hidden_size,
+            self.text_encoder_config.num_hidden_layers,
+            self.text_encoder_config.hidden_size,
             self.dtype,
             self.device,
             self.dir.display()
@@ -597,11 +715,11 @@ impl QwenImage {
             .tokenizer
             .encode_prompt(prompt)
             .map_err(|e| EngineError::InvalidRequest(format!("cannot tokenize the prompt: {e}")))?;
-        // The text encoder may run on the CPU (`LoadOptions::text_encoder_on_cpu`).
+        // The text encoder may run on the CPU, or be loaded for this encoding only
+        // (`LoadOptions::text_encoder`).
         let embeds = self
             .text_encoder
-            .encode_prompts(&[tokens])?
-            .embeds
+            .with(|te| Ok(te.encode_prompts(&[tokens])?.embeds))?
             .to_device(&self.device)?;
         if let Ok(mut c) = self.prompt_cache.lock() {
             c.insert(key, embeds.clone());
@@ -664,19 +782,24 @@ impl QwenImage {
     /// transformer's budget plus the `[B, S, dim]` tensors beside it) and the VAE's decode at
     /// full resolution. Weights are mmapped and counted by the loader, not here.
     pub fn memory_estimate(&self, requests: &[GenerateRequest]) -> u64 {
-        let tcfg = self.transformer.config();
+        let tcfg = &self.transformer_config;
         let text = self.tokenizer.max_sequence_length();
         let mut rows = 0usize;
         let mut image_tokens = 0usize;
-        let mut decode: u128 = 0;
+        let mut decode: u64 = 0;
         for r in requests {
             rows += if r.uses_cfg() { 2 } else { 1 };
             let shape = crate::memory::ForwardShape::for_size(1, r.width, r.height, text);
             image_tokens = image_tokens.max(shape.image_tokens);
-            let pixels = u128::from(r.width) * u128::from(r.height);
-            // The decoder's last levels run at full resolution with up to twice the base width;
-            // VAE_LIVE_TENSORS of them are alive at once (input, conv output, norm, residual).
-            let v = pixels * 2 * self.vae.config().base_dim as u128 * VAE_LIVE_TENSORS * F32_BYTES;
+            let vae = self.vae.config();
+            let v = match self.vae_tiling {
+                Some(t) if t.applies(r.width, r.height, vae.base_dim, F32_BYTES) => {
+                    crate::memory::vae_tiled_decode_bytes(
+                        r.width, r.height, vae, t.tiling, F32_BYTES,
+                    )
+                }
+                _ => crate::memory::vae_decode_bytes(r.width, r.height, vae.base_dim, F32_BYTES),
+            };
             decode = decode.max(v);
         }
         let shape = crate::memory::ForwardShape {
@@ -684,13 +807,14 @@ impl QwenImage {
             image_tokens,
             text_tokens: text,
         };
-        let attention = crate::memory::forward_peak_bytes(
+        let attention = crate::memory::forward_peak_bytes_within(
             tcfg,
             shape,
-            self.transformer.dtype().size_in_bytes() as u64,
-            self.transformer.attention_budget(),
+            self.transformer_dtype.size_in_bytes() as u64,
+            self.attention_budget,
+            self.working_memory,
         );
-        attention.max(u64::try_from(decode).unwrap_or(u64::MAX))
+        attention.max(decode)
     }
 
     /// Refuses requests whose [`Self::memory_estimate`] exceeds what the device has free.
@@ -956,7 +1080,7 @@ impl QwenImage {
             let v = match cache.as_mut() {
                 None => {
                     stats.full_forwards += rows as u64;
-                    self.transformer
+                    self.transformer()?
                         .forward(&img_in, &txt, txt_mask.as_ref(), &ts, grid)?
                 }
                 Some(cache) => {
@@ -968,7 +1092,7 @@ impl QwenImage {
                         img_hw: grid,
                     };
                     let (computed, reused) = (cache.computed, cache.reused);
-                    let v = self.transformer.forward_step_cached(
+                    let v = self.transformer()?.forward_step_cached(
                         inputs,
                         cache,
                         may_reuse(i, start, last),
@@ -1018,10 +1142,24 @@ impl QwenImage {
             .collect()
     }
 
+    /// The VAE decode, tiled when the plan says so and the image is larger than one tile.
+    fn decode(&self, latents: &Tensor) -> Result<Tensor, EngineError> {
+        let (h, w) = (latents.dim(D::Minus2)?, latents.dim(D::Minus1)?);
+        let vae = self.vae.config();
+        let f = vae.spatial_compression();
+        let bytes = self.vae.dtype().size_in_bytes() as u64;
+        match self.vae_tiling {
+            Some(t) if t.applies(dim_u32(w * f), dim_u32(h * f), vae.base_dim, bytes) => Ok(
+                crate::vae_tiling::decode_tiled(&self.vae, latents, t.tiling)?,
+            ),
+            _ => Ok(self.vae.decode(latents)?),
+        }
+    }
+
     /// Decodes final latents `[1, 16, H/8, W/8]` to `[H, W, 3]` f32 in [0, 1] on the host: the
     /// reference's `postprocess` (`x·0.5 + 0.5` clamped, in the VAE's dtype) before the u8 step.
     pub fn decode_to_unit(&self, latents: &Tensor) -> Result<Vec<f32>, EngineError> {
-        let img = self.vae.decode(latents)?; // [1, 3, H, W] in [-1, 1]
+        let img = self.decode(latents)?; // [1, 3, H, W] in [-1, 1]
         let unit = img.affine(0.5, 0.0)?.affine(1.0, 0.5)?.clamp(0.0, 1.0)?;
         Ok(unit
             .to_dtype(DType::F32)?
@@ -1034,7 +1172,7 @@ impl QwenImage {
     /// Decodes final latents to 8-bit RGB (row-major), rounding as the reference does
     /// ([`crate::vae::image_to_rgb8`]).
     pub fn decode_to_rgb8(&self, latents: &Tensor) -> Result<Vec<u8>, EngineError> {
-        let img = self.vae.decode(latents)?;
+        let img = self.decode(latents)?;
         image_to_rgb8(&img)?
             .pop()
             .ok_or_else(|| EngineError::InvalidRequest("the VAE returned no image".into()))

@@ -1,12 +1,17 @@
 //! Where each part of a model lives for a device of a given memory, and what that allows.
 //!
-//! Owns [`LoadOptions`] (LoRAs, the text encoder's place, the attention budget) and [`plan`]: from
-//! a folder's weight sizes and the device's memory, it keeps the transformer and the VAE on the
-//! device, puts the text encoder there too when the rest still fits a 1024² job with CFG, else on
-//! the CPU (prompts are encoded there and the embeddings moved over), and reports the largest
-//! square size and the batch at 1024² (with CFG) that the memory left allows, by
-//! [`crate::memory`]'s formulas. Not done: loading the text encoder only for encoding and freeing
-//! it, and a tiled VAE decode — a size whose decode does not fit is simply not offered.
+//! Owns [`LoadOptions`] (LoRAs, the text encoder's place, the attention budget, VAE tiling) and
+//! [`plan`]: from a folder's weight sizes and the device's memory it keeps the transformer and
+//! the VAE on the device and places the text encoder ([`TextEncoderPlace`]): on the device when
+//! that costs the market nothing (the largest side up to the protocol's 2048 and the images per
+//! job at 1024² up to its 4 are the same as with it elsewhere); else loaded on the device only
+//! while prompts are encoded and freed before the transformer runs, when it fits beside the
+//! resident weights alone; else on the CPU. What is left is the working memory: each forward's attention
+//! chunks take what its other tensors leave of it (at most [`DEFAULT_ATTENTION_BUDGET`],
+//! [`crate::transformer::attention_budget_within`]), a VAE decode that would not fit whole is
+//! tiled ([`crate::vae_tiling`]), and the plan reports the largest square size with
+//! CFG and, for any size, how many images with CFG fit in one batch ([`Plan::max_images`]), by
+//! [`crate::memory`]'s formulas.
 
 use std::path::Path;
 
@@ -15,29 +20,60 @@ use candle_core::DType;
 use crate::config::TransformerConfig;
 use crate::lora::LoraSpec;
 use crate::memory::{
-    ForwardShape, WeightFormat, forward_peak_bytes, text_encoder_weight_bytes,
-    transformer_weight_bytes, vae_decode_bytes, vae_weight_bytes,
+    ForwardShape, WeightFormat, forward_peak_bytes_within, text_encoder_encode_bytes,
+    text_encoder_weight_bytes, transformer_weight_bytes, vae_decode_bytes, vae_tiled_decode_bytes,
+    vae_weight_bytes,
 };
 use crate::quant::{GGUF_FILE, QuantFormat};
 use crate::text_encoder::TextEncoderConfig;
 use crate::transformer::DEFAULT_ATTENTION_BUDGET;
 use crate::vae::VaeConfig;
+use crate::vae_tiling::VaeTiling;
 
-/// Device memory held back from the plan: the CUDA context, cuBLAS workspaces and allocator
-/// slack take 0.5–1 GB on current drivers; 1 GiB covers them.
+/// Device memory held back from the plan for the CUDA context, cuBLAS workspaces and allocator
+/// slack, which take 0.5–1 GB on current drivers: 1 GiB, or an eighth of a smaller device's
+/// memory (no such card sells; the case is the tiny model planned for a 1 GiB "device" in
+/// tests, where a whole-GiB reserve would leave nothing to plan).
 pub const RESERVE_BYTES: u64 = 1 << 30;
-/// Largest batch the plan reports (the provider's own batch limit is far below).
+/// The reserve's share of a device below 8 GiB: one eighth (see [`RESERVE_BYTES`]).
+const RESERVE_SHARE: u64 = 8;
+/// Largest batch the plan reports: the provider's own batch limit (`max_batch`, 1..=8 jobs) and
+/// a job's images (the protocol's 4) are no larger.
 pub const MAX_PLANNED_BATCH: usize = 8;
+/// VAE tile sides the plan tries, largest first, in latents (1024, 768 and 512 pixels): each is
+/// above the exact overlap of the Qwen-Image VAE (32 latents), and smaller tiles would spend
+/// most of their work on the overlap.
+pub const VAE_TILES: [usize; 3] = [128, 96, 64];
 /// Text tokens a job is planned for: the pipeline's most.
 const PLANNED_TEXT_TOKENS: usize = crate::tokenizer::MAX_SEQUENCE_LENGTH;
 
+/// The reserve for a device of `memory` bytes ([`RESERVE_BYTES`]).
+pub fn reserve_bytes(memory: u64) -> u64 {
+    RESERVE_BYTES.min(memory / RESERVE_SHARE)
+}
+
 /// Where the text encoder runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TextEncoderPlace {
-    /// On the model's device.
+    /// On the model's device, resident.
+    #[default]
     Device,
+    /// Loaded on the model's device (memory-mapped from its folder) for each encoding and freed
+    /// before the transformer runs: its memory is needed only while no forward is live. Each
+    /// encoding a cached prompt does not spare reads the weights again.
+    EncodeThenFree,
     /// On the CPU, in the model dtype; the embeddings are moved to the device.
     Cpu,
+}
+
+impl std::fmt::Display for TextEncoderPlace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Device => "text encoder on the device",
+            Self::EncodeThenFree => "text encoder loaded on the device to encode, then freed",
+            Self::Cpu => "text encoder on the CPU",
+        })
+    }
 }
 
 /// How to load a model folder.
@@ -45,10 +81,32 @@ pub enum TextEncoderPlace {
 pub struct LoadOptions {
     /// LoRAs merged into the transformer (see [`crate::lora`]).
     pub loras: Vec<LoraSpec>,
-    /// The text encoder on the CPU instead of the device.
-    pub text_encoder_on_cpu: bool,
+    /// Where the text encoder runs.
+    pub text_encoder: TextEncoderPlace,
     /// Bytes one attention chunk may take ([`DEFAULT_ATTENTION_BUDGET`] when `None`).
     pub attention_budget: Option<u64>,
+    /// Working memory each forward's chunks are sized from (`None`: the budget alone).
+    pub working_memory: Option<u64>,
+    /// Decode tile by tile the images whose whole decode would not fit (`None`: all whole).
+    pub vae_tiling: Option<TiledDecode>,
+}
+
+/// When and how the pipeline tiles a VAE decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TiledDecode {
+    /// The tiles.
+    pub tiling: VaeTiling,
+    /// Tile a decode whose whole estimate ([`vae_decode_bytes`], in f32 on the CPU and the
+    /// model dtype elsewhere) is above this many bytes: the plan's working memory.
+    pub above_bytes: u64,
+}
+
+impl TiledDecode {
+    /// Whether a `width`×`height` decode of a VAE of base width `base_dim` in a dtype of
+    /// `dtype_bytes` is tiled.
+    pub fn applies(&self, width: u32, height: u32, base_dim: usize, dtype_bytes: u64) -> bool {
+        vae_decode_bytes(width, height, base_dim, dtype_bytes) > self.above_bytes
+    }
 }
 
 /// Weight bytes of each part of a folder as it would be loaded.
@@ -74,99 +132,227 @@ impl Footprint {
 
     /// A folder's footprint in `dtype` (its transformer's GGUF file size if it has one).
     pub fn of_folder(dir: &Path, dtype: DType) -> Option<Self> {
+        let m = FolderModel::read(dir)?;
         let bytes = dtype.size_in_bytes() as u64;
-        let tcfg = TransformerConfig::from_file(&dir.join("transformer/config.json")).ok()?;
         let gguf = dir.join("transformer").join(GGUF_FILE);
         let transformer = match std::fs::metadata(&gguf) {
-            Ok(m) => m.len(),
-            Err(_) => transformer_weight_bytes(&tcfg, WeightFormat::Float(bytes)),
+            Ok(meta) => meta.len(),
+            Err(_) => transformer_weight_bytes(&m.transformer, WeightFormat::Float(bytes)),
         };
+        Some(Self {
+            transformer,
+            text_encoder: text_encoder_weight_bytes(&m.text_encoder, bytes),
+            vae: vae_weight_bytes(&m.vae, bytes),
+        })
+    }
+}
+
+/// The configs of a model folder the plan reads.
+struct FolderModel {
+    transformer: TransformerConfig,
+    text_encoder: TextEncoderConfig,
+    vae: VaeConfig,
+}
+
+impl FolderModel {
+    fn read(dir: &Path) -> Option<Self> {
+        let transformer =
+            TransformerConfig::from_file(&dir.join("transformer/config.json")).ok()?;
         let te_text = std::fs::read_to_string(dir.join("text_encoder/config.json")).ok()?;
-        let te = TextEncoderConfig::from_json(&te_text).ok()?;
+        let text_encoder = TextEncoderConfig::from_json(&te_text).ok()?;
         let vae = crate::vae::AutoencoderKLQwenImage::load_config(&dir.join("vae")).ok()?;
         Some(Self {
             transformer,
-            text_encoder: text_encoder_weight_bytes(&te, bytes),
-            vae: vae_weight_bytes(&vae, bytes),
+            text_encoder,
+            vae,
         })
     }
 }
 
 /// What a device of some memory can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     /// Where the text encoder goes.
     pub text_encoder: TextEncoderPlace,
-    /// Weight bytes on the device.
+    /// Weight bytes resident on the device.
     pub device_weights: u64,
-    /// The largest square side (multiple of 16) one job with CFG fits at; `None` if not even
-    /// the smallest does.
+    /// Device bytes left beside the resident weights: each forward's attention chunks and each
+    /// decode are sized from it.
+    pub working_memory: u64,
+    /// The tiling of VAE decodes that would not fit whole (`None`: every size fits whole).
+    pub vae_tiling: Option<VaeTiling>,
+    /// The largest square side (multiple of 16) one image with CFG fits at; `None` if not
+    /// even the smallest does.
     pub largest_side: Option<u32>,
-    /// Jobs with CFG at 1024² that fit in one batch (0: not even one).
+    /// Images with CFG at 1024² that fit in one batch (0: not even one).
     pub batch_at_1024: usize,
+    /// What [`Self::max_images`] needs.
+    budget: Budget,
 }
 
-/// Working bytes of `rows` rows at `side`² (the larger of a forward and a decode).
-fn working(
-    cfg: &TransformerConfig,
-    vae_base: usize,
-    rows: usize,
-    side: u32,
+/// The model and the memory a plan divides.
+#[derive(Debug, Clone, PartialEq)]
+struct Budget {
+    transformer: TransformerConfig,
+    vae: VaeConfig,
     dtype_bytes: u64,
-) -> u64 {
-    let shape = ForwardShape::for_size(rows, side, side, PLANNED_TEXT_TOKENS);
-    forward_peak_bytes(cfg, shape, dtype_bytes, DEFAULT_ATTENTION_BUDGET).max(vae_decode_bytes(
-        side,
-        side,
-        vae_base,
-        dtype_bytes,
-    ))
+    /// Device bytes left for working memory once the weights are resident.
+    free: u64,
 }
 
-/// Plans the full-size model (transformer `cfg`, VAE base width `vae_base`) with weights
-/// `footprint` computing in `dtype_bytes` on a device of `memory` bytes.
+impl Budget {
+    /// Working bytes of `images` images with CFG at `width`×`height`: the larger of one
+    /// forward over all their rows and one image's decode (the pipeline decodes them one by one).
+    fn working(&self, images: usize, width: u32, height: u32, tiling: Option<VaeTiling>) -> u64 {
+        let shape = ForwardShape::for_size(2 * images, width, height, PLANNED_TEXT_TOKENS);
+        let forward = forward_peak_bytes_within(
+            &self.transformer,
+            shape,
+            self.dtype_bytes,
+            DEFAULT_ATTENTION_BUDGET,
+            Some(self.free),
+        );
+        forward.max(self.decode(width, height, tiling))
+    }
+
+    /// A decode's working bytes: whole when that fits, else tiled by `tiling` if given.
+    fn decode(&self, width: u32, height: u32, tiling: Option<VaeTiling>) -> u64 {
+        let whole = vae_decode_bytes(width, height, self.vae.base_dim, self.dtype_bytes);
+        match tiling {
+            Some(t) if whole > self.free => {
+                vae_tiled_decode_bytes(width, height, &self.vae, t, self.dtype_bytes)
+            }
+            _ => whole,
+        }
+    }
+
+    /// The first tiling (none, then [`VAE_TILES`]) whose decode at `side`² fits.
+    fn tiling_for(&self, side: u32) -> Option<Option<VaeTiling>> {
+        std::iter::once(None)
+            .chain(
+                VAE_TILES
+                    .iter()
+                    .map(|&t| Some(VaeTiling::exact(&self.vae, t))),
+            )
+            .filter(|t| t.is_none_or(|t| t.tile > t.overlap))
+            .find(|&t| self.decode(side, side, t) <= self.free)
+    }
+
+    fn fits(&self, images: usize, w: u32, h: u32, t: Option<VaeTiling>) -> bool {
+        self.working(images, w, h, t) <= self.free
+    }
+
+    /// The largest square side one image with CFG fits at, and the decode tiling it needs.
+    fn largest(&self) -> Option<(u32, Option<VaeTiling>)> {
+        let step = crate::pipeline::SIZE_MULTIPLE;
+        (1..=crate::pipeline::MAX_SIDE / step)
+            .rev()
+            .map(|k| k * step)
+            .find_map(|side| {
+                let t = self.tiling_for(side)?;
+                self.fits(1, side, side, t).then_some((side, t))
+            })
+    }
+
+    /// Images with CFG at `width`×`height` in one batch with decodes tiled by `tiling`.
+    fn max_images(&self, width: u32, height: u32, tiling: Option<VaeTiling>) -> usize {
+        (1..=MAX_PLANNED_BATCH)
+            .rev()
+            .find(|&n| self.fits(n, width, height, tiling))
+            .unwrap_or(0)
+    }
+
+    /// What the market can ask of this budget: the largest side up to the protocol's, and the
+    /// images per job at 1024² up to the protocol's.
+    fn market_reach(&self) -> (Option<u32>, usize) {
+        let found = self.largest();
+        let side = found.map(|f| f.0.min(pixmarket_protocol::validate::MAX_DIMENSION));
+        let images = self.max_images(1024, 1024, found.and_then(|f| f.1));
+        (
+            side,
+            images.min(pixmarket_protocol::validate::MAX_IMAGES as usize),
+        )
+    }
+}
+
+impl Plan {
+    /// Images with CFG at `width`×`height` that fit in one batch, at most
+    /// [`MAX_PLANNED_BATCH`] (0: not even one).
+    pub fn max_images(&self, width: u32, height: u32) -> usize {
+        self.budget.max_images(width, height, self.vae_tiling)
+    }
+
+    /// The load options that carry the plan out (no LoRAs).
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            loras: Vec::new(),
+            text_encoder: self.text_encoder,
+            attention_budget: None,
+            working_memory: Some(self.working_memory),
+            vae_tiling: self.vae_tiling.map(|tiling| TiledDecode {
+                tiling,
+                above_bytes: self.budget.free,
+            }),
+        }
+    }
+}
+
+/// Plans the model (transformer `cfg`, text encoder `te`, VAE `vae`) with weights `footprint`
+/// computing in `dtype_bytes` on a device of `memory` bytes.
 pub fn plan(
     cfg: &TransformerConfig,
-    vae_base: usize,
+    te: &TextEncoderConfig,
+    vae: &VaeConfig,
     footprint: Footprint,
     dtype_bytes: u64,
     memory: u64,
 ) -> Plan {
-    let usable = memory.saturating_sub(RESERVE_BYTES);
+    let usable = memory.saturating_sub(reserve_bytes(memory));
     let resident = footprint.transformer + footprint.vae;
-    let job_1024 = working(cfg, vae_base, 2, 1024, dtype_bytes);
-    let (text_encoder, device_weights) = if resident + footprint.text_encoder + job_1024 <= usable {
-        (TextEncoderPlace::Device, resident + footprint.text_encoder)
-    } else {
-        (TextEncoderPlace::Cpu, resident)
+    let budget_with = |free: u64| Budget {
+        transformer: cfg.clone(),
+        vae: vae.clone(),
+        dtype_bytes,
+        free,
     };
-    let free = usable.saturating_sub(device_weights);
-    let step = crate::pipeline::SIZE_MULTIPLE;
-    let largest_side = (1..=crate::pipeline::MAX_SIDE / step)
-        .rev()
-        .map(|k| k * step)
-        .find(|&side| working(cfg, vae_base, 2, side, dtype_bytes) <= free);
-    let batch_at_1024 = (1..=MAX_PLANNED_BATCH)
-        .rev()
-        .find(|&n| working(cfg, vae_base, 2 * n, 1024, dtype_bytes) <= free)
-        .unwrap_or(0);
-    Plan {
+    let with_te = budget_with(usable.saturating_sub(resident + footprint.text_encoder));
+    let without_te = budget_with(usable.saturating_sub(resident));
+    let encode = footprint.text_encoder + text_encoder_encode_bytes(te, PLANNED_TEXT_TOKENS);
+    let reach = with_te.market_reach();
+    let text_encoder = if reach.0.is_some() && reach == without_te.market_reach() {
+        TextEncoderPlace::Device
+    } else if resident + encode <= usable {
+        TextEncoderPlace::EncodeThenFree
+    } else {
+        TextEncoderPlace::Cpu
+    };
+    let (device_weights, budget) = match text_encoder {
+        TextEncoderPlace::Device => (resident + footprint.text_encoder, with_te),
+        TextEncoderPlace::EncodeThenFree | TextEncoderPlace::Cpu => (resident, without_te),
+    };
+    let found = budget.largest();
+    let mut plan = Plan {
         text_encoder,
         device_weights,
-        largest_side,
-        batch_at_1024,
-    }
+        working_memory: budget.free,
+        vae_tiling: found.and_then(|f| f.1),
+        largest_side: found.map(|f| f.0),
+        batch_at_1024: 0,
+        budget,
+    };
+    plan.batch_at_1024 = plan.max_images(1024, 1024);
+    plan
 }
 
 /// [`plan`] for the model folder `dir` computing in `dtype` on a device of `memory` bytes;
 /// `None` when its configs cannot be read.
 pub fn plan_folder(dir: &Path, dtype: DType, memory: u64) -> Option<Plan> {
     let footprint = Footprint::of_folder(dir, dtype)?;
-    let tcfg = TransformerConfig::from_file(&dir.join("transformer/config.json")).ok()?;
-    let vae = crate::vae::AutoencoderKLQwenImage::load_config(&dir.join("vae")).ok()?;
+    let m = FolderModel::read(dir)?;
     Some(plan(
-        &tcfg,
-        vae.base_dim,
+        &m.transformer,
+        &m.text_encoder,
+        &m.vae,
         footprint,
         dtype.size_in_bytes() as u64,
         memory,
@@ -175,19 +361,26 @@ pub fn plan_folder(dir: &Path, dtype: DType, memory: u64) -> Option<Plan> {
 
 impl std::fmt::Display for Plan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let te = match self.text_encoder {
-            TextEncoderPlace::Device => "text encoder on the device",
-            TextEncoderPlace::Cpu => "text encoder on the CPU",
-        };
         write!(
             f,
-            "{te}; {:.1} GB of weights on the device; ",
-            self.device_weights as f64 / 1e9
+            "{}; {:.1} GB of weights on the device, {:.1} GB left for attention chunks and \
+             decodes; ",
+            self.text_encoder,
+            self.device_weights as f64 / 1e9,
+            self.working_memory as f64 / 1e9
         )?;
+        match self.vae_tiling {
+            Some(t) => write!(
+                f,
+                "VAE decode in tiles of {} px where whole would not fit; ",
+                t.tile * self.budget.vae.spatial_compression()
+            )?,
+            None => f.write_str("VAE decode whole; ")?,
+        }
         match self.largest_side {
             Some(s) => write!(
                 f,
-                "up to {s}×{s} with CFG, {} job(s) per batch at 1024²",
+                "up to {s}×{s} with CFG, {} image(s) per batch at 1024²",
                 self.batch_at_1024
             ),
             None => write!(f, "no size fits"),
@@ -219,7 +412,8 @@ mod tests {
             .unwrap();
         let p = plan(
             &TransformerConfig::qwen_image_20b(),
-            VaeConfig::default().base_dim,
+            &TextEncoderConfig::qwen2_5_vl_7b(),
+            &VaeConfig::default(),
             Footprint::qwen_image(f),
             2,
             memory,
@@ -231,14 +425,12 @@ mod tests {
     /// The rows `docs/memory.md` states for the consumer cards.
     #[test]
     fn consumer_cards() {
-        // 24 GB (4090, 3090): Q8_0 with the text encoder on the CPU fits 1024² with CFG but
-        // not 1328²; Q5_K fits 1328².
+        // 24 GB (4090, 3090): Q8_0 with the text encoder on the CPU reaches 1328² with CFG
+        // once its attention chunks shrink to what is left, with a tiled decode.
         let p = plan_for("q8_0", 24 * GIB);
         assert_eq!(p.text_encoder, TextEncoderPlace::Cpu);
-        assert!(
-            p.largest_side.is_some_and(|s| (1024..1328).contains(&s)),
-            "{p}"
-        );
+        assert!(p.largest_side.is_some_and(|s| s >= 1328), "{p}");
+        assert!(p.max_images(1328, 1328) >= 1);
         let p = plan_for("q5_k", 24 * GIB);
         assert_eq!(p.text_encoder, TextEncoderPlace::Cpu);
         assert!(p.largest_side.is_some_and(|s| s >= 1328), "{p}");
@@ -248,11 +440,85 @@ mod tests {
         assert!(p.largest_side.is_some_and(|s| s >= 1024), "{p}");
         assert!(p.batch_at_1024 >= 1);
         // 80 GB (A100, H100): bf16 with the text encoder on the device, 2048² (the market's
-        // largest) with CFG.
+        // largest) with CFG, whole decode and the default chunks.
         let p = plan_for("bf16", 80 * GB);
         assert_eq!(p.text_encoder, TextEncoderPlace::Device);
         assert!(p.largest_side.is_some_and(|s| s >= 2048), "{p}");
         // bf16 on a 24 GB card: nothing fits.
-        assert_eq!(plan_for("bf16", 24 * GIB).largest_side, None);
+        let p = plan_for("bf16", 24 * GIB);
+        assert_eq!(p.largest_side, None);
+        assert_eq!(p.max_images(256, 256), 0);
+    }
+
+    /// Q8_0 on a 36 GiB device: the text encoder fits beside the resident weights but not
+    /// beside a 1024² job too, so it is loaded to encode and freed.
+    #[test]
+    fn encode_then_free_between_device_and_cpu() {
+        let p = plan_for("q8_0", 36 * GIB);
+        assert_eq!(p.text_encoder, TextEncoderPlace::EncodeThenFree, "{p}");
+        assert_eq!(
+            p.device_weights,
+            Footprint::qwen_image(table_formats()[1].1).transformer
+                + Footprint::qwen_image(table_formats()[1].1).vae
+        );
+        assert_eq!(
+            plan_for("q8_0", 44 * GIB).text_encoder,
+            TextEncoderPlace::Device
+        );
+        assert_eq!(
+            plan_for("q8_0", 30 * GIB).text_encoder,
+            TextEncoderPlace::Cpu
+        );
+    }
+
+    fn tiny_plan(memory: u64) -> Plan {
+        let t = crate::tiny::transformer_config();
+        let te = crate::tiny::text_encoder_config();
+        let vae = crate::tiny::vae_config();
+        let f = Footprint {
+            transformer: transformer_weight_bytes(&t, WeightFormat::Float(4)),
+            text_encoder: text_encoder_weight_bytes(&te, 4),
+            vae: vae_weight_bytes(&vae, 4),
+        };
+        let p = plan(&t, &te, &vae, f, 4, memory);
+        println!("tiny on {} MiB: {p}", memory >> 20);
+        p
+    }
+
+    /// Regression: a 1 GiB plan of the tiny model found no size at all, because the whole GiB
+    /// was the reserve and a whole 1 GiB attention chunk was counted on top of every forward.
+    /// The reserve is now an eighth of a small device and each forward's chunks are sized
+    /// from what is left.
+    #[test]
+    fn tiny_model_on_one_gib() {
+        let p = tiny_plan(GIB);
+        assert_eq!(p.text_encoder, TextEncoderPlace::Device);
+        assert!(p.largest_side.is_some_and(|s| s >= 1024), "{p}");
+        assert!(p.batch_at_1024 >= 1, "{p}");
+    }
+
+    /// The batch bound: more images fit at smaller sizes, none above the largest side, and the
+    /// count at the largest side is at least one.
+    #[test]
+    fn batch_is_capped_by_size() {
+        for p in [
+            tiny_plan(GIB),
+            plan_for("q4_k", 16 * GIB),
+            plan_for("q8_0", 24 * GIB),
+        ] {
+            let side = p.largest_side.unwrap();
+            assert!(p.max_images(side, side) >= 1, "{p}");
+            if side < crate::pipeline::MAX_SIDE {
+                assert_eq!(p.max_images(side + 16, side + 16), 0, "{p}");
+            }
+            let mut last = MAX_PLANNED_BATCH;
+            for s in (256..=side).step_by(256) {
+                let n = p.max_images(s, s);
+                assert!(n <= last && n >= 1, "{s}: {n} after {last}");
+                last = n;
+            }
+        }
+        // A 16 GiB Q4_K card runs fewer 1024² images per batch than the protocol's 4.
+        assert!(plan_for("q4_k", 16 * GIB).batch_at_1024 < 4);
     }
 }

@@ -43,6 +43,24 @@ const SCORE_MATRICES: u64 = 2;
 /// still has ≥ 600 query rows at 1024² with CFG, large enough that the matmuls stay efficient.
 pub const DEFAULT_ATTENTION_BUDGET: u64 = 1 << 30;
 
+/// Smallest budget a chunk sized from working memory gets ([`attention_budget_within`]):
+/// 16 MiB still holds one query row of the full model at 2048² with CFG (48 heads × 16 896 keys
+/// × 8 B = 6.5 MB), so every size keeps whole rows in a chunk.
+pub const MIN_ATTENTION_BUDGET: u64 = 16 << 20;
+
+/// The budget of one forward's chunks when `working` bytes of working memory are left for the
+/// whole forward (`None`: no bound known): what the `[B, S, dim]` tensors beside the chunk
+/// (`linear` bytes, [`crate::memory::forward_linear_bytes`]) leave of it, at most `cap`, at
+/// least [`MIN_ATTENTION_BUDGET`] (or `cap` if smaller).
+pub fn attention_budget_within(working: Option<u64>, linear: u64, cap: u64) -> u64 {
+    match working {
+        None => cap,
+        Some(w) => w
+            .saturating_sub(linear)
+            .clamp(MIN_ATTENTION_BUDGET.min(cap), cap),
+    }
+}
+
 /// Query rows per attention chunk: the most rows `r ≤ queries` whose f32 scores and
 /// probabilities, `2 · batch_heads · r · keys · 4` bytes, fit in `budget`; at least 1 (one row is
 /// the least attention can process, so a budget below one row's cost is exceeded by that row).
@@ -226,6 +244,9 @@ struct JointAttention {
     head_dim: usize,
     /// Bytes one chunk's f32 scores and probabilities may take ([`attention_query_chunk`]).
     budget: u64,
+    /// Working memory a forward may use: each call's chunks take what its other tensors leave
+    /// of it, up to `budget` ([`attention_budget_within`]).
+    working: Option<u64>,
 }
 
 impl JointAttention {
@@ -250,6 +271,7 @@ impl JointAttention {
             heads: cfg.num_attention_heads,
             head_dim: hd,
             budget: DEFAULT_ATTENTION_BUDGET,
+            working: None,
         })
     }
 
@@ -311,7 +333,14 @@ impl JointAttention {
         drop(k);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let s = s_txt + s_img;
-        let chunk = attention_query_chunk(self.budget, b * self.heads, s, s);
+        let linear = crate::memory::forward_linear_bytes(
+            b,
+            s,
+            self.heads * self.head_dim,
+            img.dtype().size_in_bytes() as u64,
+        );
+        let budget = attention_budget_within(self.working, linear, self.budget);
+        let chunk = attention_query_chunk(budget, b * self.heads, s, s);
         let mut chunks = Vec::with_capacity(s.div_ceil(chunk));
         for start in (0..s).step_by(chunk) {
             let rows = chunk.min(s - start);
@@ -403,6 +432,12 @@ impl TransformerBlock {
         self.attn.budget = bytes;
     }
 
+    /// Sizes each call's attention chunks from `bytes` of working memory (`None`: the budget
+    /// alone), see [`attention_budget_within`].
+    pub fn set_working_memory(&mut self, bytes: Option<u64>) {
+        self.attn.working = bytes;
+    }
+
     /// One block: `img: [B, S_i, dim]`, `txt: [B, S_t, dim]`, `temb: [B, dim]`, `bias` from
     /// [`attention_bias`]. Returns the new `(img, txt)` (note: diffusers returns `(txt, img)`).
     pub fn forward(
@@ -472,6 +507,8 @@ pub struct QwenImageTransformer {
     dtype: DType,
     device: Device,
     attention_budget: u64,
+    /// See [`Self::set_working_memory`].
+    working_memory: Option<u64>,
 }
 
 impl QwenImageTransformer {
@@ -498,6 +535,7 @@ impl QwenImageTransformer {
             dtype: vb.dtype(),
             device: vb.device().clone(),
             attention_budget: DEFAULT_ATTENTION_BUDGET,
+            working_memory: None,
         })
     }
 
@@ -561,6 +599,20 @@ impl QwenImageTransformer {
     /// The bytes one attention chunk's f32 scores and probabilities may take.
     pub fn attention_budget(&self) -> u64 {
         self.attention_budget
+    }
+
+    /// Sizes each call's attention chunks from `bytes` of working memory in every block
+    /// (`None`, the default: the attention budget alone). Results do not depend on it.
+    pub fn set_working_memory(&mut self, bytes: Option<u64>) {
+        self.working_memory = bytes;
+        self.blocks
+            .iter_mut()
+            .for_each(|b| b.set_working_memory(bytes));
+    }
+
+    /// The working memory chunks are sized from (`None`: none given).
+    pub fn working_memory(&self) -> Option<u64> {
+        self.working_memory
     }
 
     /// The blocks, for block-level tests and callers that step through them.

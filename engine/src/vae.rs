@@ -25,7 +25,7 @@ use crate::weights::{WeightsError, component_var_builder};
 
 /// Query rows per chunk in the mid-block attention: at 1024² the full score matrix is
 /// 16384² (1 GiB in f32); 2048 rows keep it at 128 MiB while the matmuls stay large.
-const ATTENTION_QUERY_CHUNK: usize = 2048;
+pub(crate) const ATTENTION_QUERY_CHUNK: usize = 2048;
 
 /// `F.normalize`'s default epsilon: the L2 norm is clamped from below by it.
 const NORMALIZE_EPS: f64 = 1e-12;
@@ -491,6 +491,12 @@ impl Module for Encoder {
     }
 }
 
+impl Module for Decoder {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.tail(&self.head(x)?)
+    }
+}
+
 /// `QwenImageUpBlock`: `num_res_blocks + 1` residual blocks, then an optional upsampler.
 #[derive(Debug, Clone)]
 struct UpBlock {
@@ -549,10 +555,20 @@ impl Decoder {
     }
 }
 
-impl Module for Decoder {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut x = self.conv_in.forward(x)?;
-        x = self.mid_block.forward(&x)?;
+impl Decoder {
+    /// `conv_in` and the mid block, at latent resolution: the only part whose output depends on
+    /// the whole frame (the mid block's attention). A tiled decode runs it once, untiled.
+    pub(crate) fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.conv_in.forward(x)?;
+        self.mid_block.forward(&x)
+    }
+
+    /// Everything after [`Self::head`]: up blocks, output norm and conv. Every op here is local
+    /// (3×3 convs, nearest upsampling, a per-pixel norm), so a tile of the head's output decodes
+    /// to the same pixels as the whole frame away from the tile's edges
+    /// ([`crate::vae_tiling::receptive_margin`]).
+    pub(crate) fn tail(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = x.clone();
         for block in &self.up_blocks {
             for r in &block.resnets {
                 x = r.forward(&x)?;
@@ -695,6 +711,19 @@ impl AutoencoderKLQwenImage {
             .to_dtype(self.dtype())?;
         let x = self.post_quant_conv.forward(&z)?;
         self.decoder.forward(&x)
+    }
+
+    /// Normalised latents → the decoder head's output `[B, C, h, w]` (post-quant conv, `conv_in`,
+    /// mid block), for [`crate::vae_tiling`].
+    pub fn decode_head(&self, latents: &Tensor) -> Result<Tensor> {
+        let latents = self.single_frame(latents, self.cfg.z_dim, "latents")?;
+        let z = self.denormalize_latents(&latents)?;
+        self.decoder.head(&self.post_quant_conv.forward(&z)?)
+    }
+
+    /// The decoder's tail on (a tile of) [`Self::decode_head`]'s output, unclamped.
+    pub fn decode_tail(&self, x: &Tensor) -> Result<Tensor> {
+        self.decoder.tail(x)
     }
 
     /// Encodes an image `[B, 3, H, W]` in [-1, 1] (H, W multiples of 8) to its posterior in raw

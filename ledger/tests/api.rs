@@ -555,6 +555,7 @@ fn hold_request_checks_the_signed_request_and_binds_the_receipt_to_it() {
                     images: 1,
                     mode: Mode::TextToImage,
                     exact: false,
+                    lora: None,
                 },
                 max_cost: tokens(20),
                 created_at_ms: 0,

@@ -106,6 +106,24 @@ pub struct ProviderConfig {
     pub serve_exact: bool,
     /// Bound of the prompt-embedding cache, in bytes (0 = off).
     pub prompt_cache_bytes: u64,
+    /// LoRAs offered to jobs (`[[provider.loras]]`): advertised by name and the blake3 hash of
+    /// the file; a job names one by hash and a scale.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraOfferConfig>,
+}
+
+/// One LoRA a provider offers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraOfferConfig {
+    /// Shown to requesters; `pixmarket market generate --lora NAME` finds it by this.
+    pub name: String,
+    /// The LoRA file (safetensors; diffusers/PEFT or kohya/ComfyUI keys).
+    pub file: String,
+    /// Run its jobs on the scheduler config the Qwen-Image-Lightning LoRAs are published with
+    /// (for `--preset lightning-8` / `lightning-4`).
+    #[serde(default)]
+    pub lightning: bool,
 }
 
 impl Default for NodeConfig {
@@ -143,8 +161,48 @@ impl Default for ProviderConfig {
             step_cache_threshold: DEFAULT_STEP_CACHE_THRESHOLD.into(),
             serve_exact: true,
             prompt_cache_bytes: pixmarket_engine::pipeline::DEFAULT_PROMPT_CACHE_BYTES,
+            loras: Vec::new(),
         }
     }
+}
+
+/// LoRA offers: at most the advert's bound, each with a short unique name and a file.
+fn check_loras(loras: &[LoraOfferConfig]) -> Result<(), ConfigError> {
+    use pixmarket_protocol::validate::{MAX_ADVERT_LORAS, MAX_LABEL_CHARS};
+    let bad = |got: String, allowed: String| ConfigError::Invalid {
+        key: "provider.loras",
+        got,
+        allowed,
+    };
+    if loras.len() > MAX_ADVERT_LORAS {
+        return Err(bad(
+            format!("{} LoRAs", loras.len()),
+            format!("at most {MAX_ADVERT_LORAS}"),
+        ));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for l in loras {
+        let n = l.name.chars().count();
+        if n == 0 || n > MAX_LABEL_CHARS || l.name.trim() != l.name {
+            return Err(bad(
+                format!("name {:?}", l.name),
+                format!("1..={MAX_LABEL_CHARS} characters without surrounding spaces"),
+            ));
+        }
+        if !names.insert(l.name.as_str()) {
+            return Err(bad(
+                format!("name {:?} twice", l.name),
+                "unique names".into(),
+            ));
+        }
+        if l.file.is_empty() {
+            return Err(bad(
+                format!("{:?} with an empty file", l.name),
+                "the path of a LoRA safetensors file".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl NodeConfig {
@@ -273,6 +331,7 @@ impl NodeConfig {
                 allowed: "1..=8".into(),
             });
         }
+        check_loras(&p.loras)?;
         Ok(())
     }
 

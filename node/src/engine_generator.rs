@@ -6,12 +6,14 @@
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 
 use pixmarket_engine::StepCacheMode;
 use pixmarket_engine::pipeline::{self, GenerateRequest, QwenImage};
 use pixmarket_engine::placement::{self, LoadOptions, TextEncoderPlace};
-use pixmarket_protocol::{JobParams, StepCaching};
+use pixmarket_protocol::{Hash, JobParams, LoraOffer, StepCaching};
 
+use crate::engine_loras::{Applied, OfferedLora};
 use crate::generator::{CacheStats, GenError, Generator, GeneratorInfo};
 
 /// The provider's caching settings (from `config.toml`'s `[provider]`).
@@ -66,7 +68,13 @@ pub fn resolve_model(model: &str, data_dir: &Path) -> Result<PathBuf, GenError> 
 /// The engine as a market generator.
 #[derive(Debug)]
 pub struct EngineGenerator {
-    model: QwenImage,
+    /// Written only to merge another LoRA in, between batches (by the device's one worker);
+    /// admission's token counts read it meanwhile.
+    model: RwLock<QwenImage>,
+    /// The LoRAs jobs may name.
+    loras: Vec<OfferedLora>,
+    /// The LoRA merged now.
+    applied: Mutex<Applied>,
     device_name: String,
     /// The card's memory as the driver reported it at load; 0 when not known (the CPU).
     memory_mib: u64,
@@ -74,8 +82,8 @@ pub struct EngineGenerator {
     caching: CachingSettings,
     full_forwards: AtomicU64,
     reused_forwards: AtomicU64,
-    /// The largest side the memory plan allows (the protocol's limit without a plan).
-    max_side: u32,
+    /// The memory plan (`None`: no device memory given, the protocol's limits hold).
+    plan: Option<placement::Plan>,
     /// The device memory the plan was made for, in MiB (0: none given).
     device_memory_mib: u64,
 }
@@ -97,8 +105,9 @@ impl EngineGenerator {
     }
 
     /// As [`Self::load`], placed as `placement` says. With a device memory, the engine's plan
-    /// ([`pixmarket_engine::placement::plan`]) decides whether the text encoder leaves the
-    /// device and gives the largest size advertised; it is logged at start.
+    /// ([`pixmarket_engine::placement::plan`]) decides where the text encoder runs, the
+    /// attention chunks and the VAE tiling, and bounds the size and the batch advertised and
+    /// accepted; it is logged at start.
     pub fn load_with(
         dir: &Path,
         dtype: &str,
@@ -110,8 +119,8 @@ impl EngineGenerator {
             GenError::Failed(format!("unknown dtype {dtype:?}; allowed: f32, bf16, f16"))
         })?;
         let dev = pipeline::device_from_name(device).map_err(fail)?;
-        let mut text_encoder_on_cpu = placement.text_encoder_on_cpu;
-        let mut max_side = pixmarket_protocol::validate::MAX_DIMENSION;
+        let mut opts = LoadOptions::default();
+        let mut planned = None;
         if placement.device_memory_gib > 0 {
             let plan =
                 placement::plan_folder(dir, dt, u64::from(placement.device_memory_gib) << 30)
@@ -122,39 +131,106 @@ impl EngineGenerator {
                         ))
                     })?;
             tracing::info!(%plan, gib = placement.device_memory_gib, "placement plan");
-            text_encoder_on_cpu |= plan.text_encoder == TextEncoderPlace::Cpu;
-            let Some(side) = plan.largest_side else {
+            if plan.largest_side.is_none() {
                 return Err(GenError::Failed(format!(
                     "no image size fits {} GiB with this model ({plan})",
                     placement.device_memory_gib
                 )));
-            };
-            max_side = max_side.min(side);
+            }
+            opts = plan.load_options();
+            planned = Some(plan);
         }
-        let opts = LoadOptions {
-            text_encoder_on_cpu,
-            ..LoadOptions::default()
-        };
+        if placement.text_encoder_on_cpu {
+            opts.text_encoder = TextEncoderPlace::Cpu;
+        }
         let model = QwenImage::load_with(dir, dt, &dev, &opts).map_err(fail)?;
         Ok(Self {
-            model,
+            model: RwLock::new(model),
+            loras: Vec::new(),
+            applied: Mutex::new(None),
             device_name: device.to_owned(),
             memory_mib: pixmarket_engine::device_memory::total_mib(&dev).unwrap_or(0),
             precision: dtype.to_owned(),
             caching: CachingSettings::default(),
             full_forwards: AtomicU64::new(0),
             reused_forwards: AtomicU64::new(0),
-            max_side,
+            plan: planned,
             device_memory_mib: u64::from(placement.device_memory_gib) * 1024,
         })
     }
 
     /// Applies the provider's caching settings.
     pub fn with_caching(mut self, caching: CachingSettings) -> Self {
-        self.model
-            .set_prompt_cache_bytes(caching.prompt_cache_bytes);
+        if let Ok(m) = self.model.read() {
+            m.set_prompt_cache_bytes(caching.prompt_cache_bytes);
+        }
         self.caching = caching;
         self
+    }
+
+    /// Offers `loras` to jobs: each must fit this transformer (checked now, so a bad file
+    /// fails the start, not a job) and the hashes must differ.
+    pub fn with_loras(mut self, loras: Vec<OfferedLora>) -> Result<Self, GenError> {
+        {
+            let m = self.model.read().map_err(|_| poisoned())?;
+            for (i, l) in loras.iter().enumerate() {
+                if let Some(other) = loras[..i].iter().find(|o| o.offer.hash == l.offer.hash) {
+                    return Err(GenError::Failed(format!(
+                        "LoRAs {:?} and {:?} are the same file",
+                        other.offer.name, l.offer.name
+                    )));
+                }
+                m.check_lora(&l.spec(1000)).map_err(|e| {
+                    GenError::Failed(format!("LoRA {:?}: {}", l.offer.name, chain(&e)))
+                })?;
+            }
+        }
+        self.loras = loras;
+        Ok(self)
+    }
+
+    /// The offered LoRA with file hash `hash`.
+    fn offered(&self, hash: &Hash) -> Option<&OfferedLora> {
+        self.loras.iter().find(|l| l.offer.hash == *hash)
+    }
+
+    /// Merges the LoRA `want` names (or none) into the transformer unless it is there already,
+    /// and sets the scheduler it runs with.
+    fn apply(&self, want: Applied) -> Result<(), GenError> {
+        let mut applied = self.applied.lock().map_err(|_| poisoned())?;
+        if *applied == want {
+            return Ok(());
+        }
+        let (specs, lightning) = match &want {
+            None => (Vec::new(), false),
+            Some(choice) => {
+                let l = self.offered(&choice.hash).ok_or_else(|| {
+                    GenError::Failed(format!(
+                        "LoRA {} is not offered here",
+                        choice.hash.fmt_short()
+                    ))
+                })?;
+                (vec![l.spec(choice.scale_permille)], l.lightning)
+            }
+        };
+        let mut m = self.model.write().map_err(|_| poisoned())?;
+        // Whatever happens next, the merged state is no longer what `applied` says.
+        *applied = Some(pixmarket_protocol::LoraChoice {
+            hash: Hash::ZERO,
+            scale_permille: 0,
+        });
+        m.set_loras(&specs)
+            .map_err(|e| GenError::Failed(chain(&e)))?;
+        let scheduler = if lightning {
+            pixmarket_engine::scheduler::FlowMatchEulerConfig::lightning()
+        } else {
+            m.folder_scheduler_config()
+                .map_err(|e| GenError::Failed(chain(&e)))?
+        };
+        m.set_scheduler(scheduler)
+            .map_err(|e| GenError::Failed(e.to_string()))?;
+        *applied = want;
+        Ok(())
     }
 
     /// Runs jobs that share one step-caching mode.
@@ -171,8 +247,9 @@ impl EngineGenerator {
             requests.extend((0..job.images).map(|i| to_request(job, i)));
         }
         let mut cb = |p: pipeline::Progress| progress(p.step, p.total);
-        let (images, stats) = self
-            .model
+        self.apply(jobs.first().and_then(|j| j.lora))?;
+        let model = self.model.read().map_err(|_| poisoned())?;
+        let (images, stats) = model
             .generate_with(&requests, engine_mode(mode), &mut cb)
             .map_err(|e| match e {
                 pixmarket_engine::error::EngineError::Cancelled => GenError::Cancelled,
@@ -194,6 +271,23 @@ impl EngineGenerator {
     }
 }
 
+/// A lock was poisoned: a thread panicked while holding the model.
+fn poisoned() -> GenError {
+    GenError::Failed("the engine's lock was poisoned by an earlier failure".into())
+}
+
+/// An error with its sources, in one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
 fn to_request(p: &JobParams, image: u32) -> GenerateRequest {
     GenerateRequest {
         prompt: p.prompt.clone(),
@@ -212,7 +306,11 @@ fn to_request(p: &JobParams, image: u32) -> GenerateRequest {
 impl Generator for EngineGenerator {
     fn info(&self) -> GeneratorInfo {
         GeneratorInfo {
-            model_id: self.model.model_id().chars().take(128).collect(),
+            model_id: self
+                .model
+                .read()
+                .map(|m| m.model_id().chars().take(128).collect())
+                .unwrap_or_default(),
             precision: self.precision.clone(),
             device_name: self.device_name.clone(),
             // The driver's figure when it reports one, else the memory the plan was made for.
@@ -229,12 +327,27 @@ impl Generator for EngineGenerator {
     }
 
     fn max_side(&self) -> u32 {
-        self.max_side
+        let most = pixmarket_protocol::validate::MAX_DIMENSION;
+        self.plan
+            .as_ref()
+            .and_then(|p| p.largest_side)
+            .map_or(most, |s| s.min(most))
+    }
+
+    fn loras(&self) -> Vec<LoraOffer> {
+        self.loras.iter().map(|l| l.offer.clone()).collect()
+    }
+
+    fn max_images(&self, width: u32, height: u32) -> u32 {
+        self.plan.as_ref().map_or(u32::MAX, |p| {
+            u32::try_from(p.max_images(width, height)).unwrap_or(u32::MAX)
+        })
     }
 
     fn count_prompt_tokens(&self, prompt: &str) -> Result<u32, GenError> {
         // A non-empty prompt is at least one token; metering needs 1..
-        Ok(self.model.count_prompt_tokens(prompt).max(1))
+        let m = self.model.read().map_err(|_| poisoned())?;
+        Ok(m.count_prompt_tokens(prompt).max(1))
     }
 
     fn generate(
@@ -242,6 +355,14 @@ impl Generator for EngineGenerator {
         jobs: &[JobParams],
         progress: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
     ) -> Result<Vec<Vec<Vec<u8>>>, GenError> {
+        // The provider batches only jobs with one LoRA; a mixed batch runs job by job.
+        if jobs.iter().any(|j| j.lora != jobs[0].lora) {
+            let mut out = Vec::with_capacity(jobs.len());
+            for j in jobs {
+                out.extend(self.generate(std::slice::from_ref(j), progress)?);
+            }
+            return Ok(out);
+        }
         // The provider batches only jobs with one `exact` flag; a mixed batch still runs each
         // job in its own mode, as two engine calls.
         let mode = |j: &JobParams| self.caching.step_caching.for_job(j.exact);
@@ -265,7 +386,11 @@ impl Generator for EngineGenerator {
     }
 
     fn cache_stats(&self) -> CacheStats {
-        let p = self.model.prompt_cache_stats();
+        let p = self
+            .model
+            .read()
+            .map(|m| m.prompt_cache_stats())
+            .unwrap_or_default();
         CacheStats {
             prompt_hits: p.hits,
             prompt_misses: p.misses,

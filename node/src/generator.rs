@@ -58,6 +58,19 @@ pub trait Generator: Send + Sync + 'static {
         pixmarket_protocol::validate::MAX_DIMENSION
     }
 
+    /// Images (with CFG) at `width`×`height` this generator's memory runs in one batch: 0 when
+    /// the size does not fit at all, `u32::MAX` when no memory plan bounds it. The provider
+    /// refuses a job with more images at the quote and batches no more images together.
+    fn max_images(&self, width: u32, height: u32) -> u32 {
+        let _ = (width, height);
+        u32::MAX
+    }
+
+    /// The LoRAs jobs may name, advertised; a job naming another is refused at the quote.
+    fn loras(&self) -> Vec<pixmarket_protocol::LoraOffer> {
+        Vec::new()
+    }
+
     /// Runs a batch of compatible jobs (same size, steps and mode) and returns, per job, its
     /// PNG images. `progress(step, of)` is called after every step; `Break` cancels.
     fn generate(

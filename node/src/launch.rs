@@ -207,17 +207,31 @@ pub async fn start(dir: &DataDir, overrides: &Overrides) -> Result<Node, LaunchE
             text_encoder_on_cpu: config.provider.text_encoder_on_cpu,
             device_memory_gib: config.provider.device_memory_gib,
         };
+        // Each offered LoRA is hashed once; every device offers them all.
+        let loras = config
+            .provider
+            .loras
+            .iter()
+            .map(|l| {
+                crate::engine_loras::OfferedLora::open(
+                    &l.name,
+                    std::path::Path::new(&l.file),
+                    l.lightning,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(LaunchError::Model)?;
         // One engine per device, each with its own copy of the weights, loaded one after the
         // other (loading is bounded by the disk, not the devices).
         let mut generators: Vec<Arc<dyn Generator>> = Vec::new();
         for device in config.provider.device_list() {
             let generator =
                 EngineGenerator::load_with(&model_dir, &config.provider.dtype, &device, placement)
+                    .and_then(|g| g.with_caching(caching).with_loras(loras.clone()))
                     .map_err(|source| LaunchError::ModelOn {
                         device: device.clone(),
                         source,
-                    })?
-                    .with_caching(caching);
+                    })?;
             generators.push(Arc::new(generator));
         }
         let settings = ProviderSettings {

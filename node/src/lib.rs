@@ -9,6 +9,7 @@
 pub mod config;
 pub mod data_dir;
 pub mod engine_generator;
+pub mod engine_loras;
 pub mod generator;
 pub mod launch;
 pub mod metrics;

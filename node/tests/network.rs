@@ -87,6 +87,7 @@ fn advert(seq: u64) -> CapacityAdvert {
         devices: Vec::new(),
         step_caching: pixmarket_protocol::StepCaching::Exact,
         serves_exact: true,
+        loras: Vec::new(),
     }
 }
 

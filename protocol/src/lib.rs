@@ -18,8 +18,8 @@ pub use exchange::{ChainEntry, ChainLink, CreditNote, JobStatus, JobVoid, Receip
 pub use identity::{Hash, IdentityError, KeyError, PublicKey, SecretKey, Signature};
 pub use messages::{
     CapacityAdvert, CostMismatch, DepositNote, DeviceCapacity, FailReason, JobEvent, JobEventKind,
-    JobId, JobParams, JobRequest, Mode, Quote, QuoteId, QuoteRequest, Receipt, ReceiptAck,
-    StepCaching, effective_steps,
+    JobId, JobParams, JobRequest, LoraChoice, LoraOffer, Mode, Quote, QuoteId, QuoteRequest,
+    Receipt, ReceiptAck, StepCaching, effective_steps,
 };
 pub use metering::{MeterError, MeteredUnits, MicroTokens, PriceSchedule, TokenAmountError};
 pub use signed::{Message, Signed, VerifyError};

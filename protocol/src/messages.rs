@@ -191,6 +191,33 @@ impl std::fmt::Display for StepCaching {
     }
 }
 
+/// A LoRA a provider offers: a name for people and the blake3 hash of its file, which is what
+/// a job names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoraOffer {
+    pub name: String,
+    pub hash: Hash,
+}
+
+/// The LoRA a job runs with: the hash of a file its provider offers, and its scale in
+/// thousandths (1000 = the scale it was trained for).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoraChoice {
+    pub hash: Hash,
+    pub scale_permille: u16,
+}
+
+impl LoraChoice {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        v::range(
+            "lora.scale",
+            u64::from(self.scale_permille),
+            1,
+            u64::from(v::MAX_LORA_SCALE_PERMILLE),
+        )
+    }
+}
+
 /// Everything that determines the picture.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobParams {
@@ -208,6 +235,9 @@ pub struct JobParams {
     /// The requester requires the exact computation ([`StepCaching::Exact`]): a provider that
     /// caches steps runs this job without caching, or refuses it at the quote.
     pub exact: bool,
+    /// A LoRA the provider offers, applied to the transformer for this job.
+    #[serde(default)]
+    pub lora: Option<LoraChoice>,
 }
 
 impl JobParams {
@@ -236,6 +266,9 @@ impl JobParams {
             1,
             u64::from(v::MAX_IMAGES),
         )?;
+        if let Some(l) = &self.lora {
+            l.validate()?;
+        }
         self.mode.validate()
     }
 
@@ -291,6 +324,9 @@ pub struct CapacityAdvert {
     pub step_caching: StepCaching,
     /// Whether it runs jobs that require exact computation (else it refuses them at the quote).
     pub serves_exact: bool,
+    /// The LoRAs a job may name (by hash); a job naming another is refused at the quote.
+    #[serde(default)]
+    pub loras: Vec<LoraOffer>,
 }
 
 /// One device of a provider: one engine, one worker, its own copy of the weights.
@@ -378,8 +414,23 @@ impl CapacityAdvert {
             1,
             u64::from(v::MAX_IMAGES),
         )?;
+        if self.loras.len() > v::MAX_ADVERT_LORAS {
+            return Err(ValidationError::new(
+                "loras",
+                format!("{} LoRAs", self.loras.len()),
+                format!("at most {}", v::MAX_ADVERT_LORAS),
+            ));
+        }
+        for l in &self.loras {
+            v::text("loras.name", &l.name, 1, v::MAX_LABEL_CHARS)?;
+        }
         self.step_caching.validate()?;
         self.schedule.validate()
+    }
+
+    /// The offer of LoRA `hash`, if this provider has it.
+    pub fn lora(&self, hash: &Hash) -> Option<&LoraOffer> {
+        self.loras.iter().find(|l| l.hash == *hash)
     }
 }
 
@@ -397,6 +448,9 @@ pub struct QuoteRequest {
     pub strength_permille: Option<u16>,
     /// The job will require exact computation (see [`JobParams::exact`]).
     pub exact: bool,
+    /// The LoRA the job will name ([`JobParams::lora`]), by its file's hash.
+    #[serde(default)]
+    pub lora: Option<Hash>,
 }
 
 impl QuoteRequest {
@@ -511,6 +565,22 @@ pub enum FailReason {
     NotSettled,
     #[error("this provider does not run jobs that require exact computation (it runs {offered})")]
     ExactUnavailable { offered: StepCaching },
+    /// The job is larger than the provider's memory plan runs: its size, or its images at
+    /// that size (with CFG, in one batch).
+    #[error(
+        "{width}×{height} with {images} image(s) does not fit this provider's memory: it runs at \
+         most {max_side}×{max_side}, and {max_images} image(s) at this size"
+    )]
+    TooLarge {
+        width: u32,
+        height: u32,
+        images: u32,
+        max_side: u32,
+        max_images: u32,
+    },
+    /// The job names a LoRA this provider does not offer.
+    #[error("this provider does not offer the LoRA with hash {}", hex::encode(hash.as_bytes()))]
+    LoraUnavailable { hash: Hash },
 }
 
 /// A [`ValidationError`] as it travels on the wire (owned field name).

@@ -39,6 +39,12 @@ pub const MAX_ADVERT_DEVICES: usize = 16;
 /// carries up to [`MAX_ADVERT_DEVICES`] of them.
 pub const MAX_DEVICE_NAME_CHARS: usize = 48;
 pub const MAX_ADDR_CHARS: usize = 256;
+/// LoRAs in one advert: a provider's shelf of styles; each is a name and a hash (under 200
+/// bytes), so 32 keep the signed advert well under its size cap.
+pub const MAX_ADVERT_LORAS: usize = 32;
+/// A job's LoRA scale in thousandths, at most 8.0: a LoRA is trained for 1; 8 already
+/// saturates (the engine's `lora::MAX_SCALE`).
+pub const MAX_LORA_SCALE_PERMILLE: u16 = 8_000;
 /// Adverts older than this are stale; a provider re-publishes every few seconds.
 pub const ADVERT_TTL_MS: u64 = 30_000;
 /// Allowed clock skew between peers for timestamps that must not be in the future.

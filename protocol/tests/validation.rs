@@ -24,6 +24,7 @@ fn params() -> JobParams {
         images: 1,
         mode: Mode::TextToImage,
         exact: false,
+        lora: None,
     }
 }
 
@@ -267,6 +268,7 @@ fn advert() -> CapacityAdvert {
         devices: vec![h100(18_500); 2],
         step_caching: pixmarket_protocol::StepCaching::Exact,
         serves_exact: true,
+        loras: Vec::new(),
     }
 }
 

@@ -104,6 +104,7 @@ fn arb_params() -> impl Strategy<Value = JobParams> {
                     images,
                     mode,
                     exact: seed.is_multiple_of(2),
+                    lora: None,
                 }
             },
         )
@@ -212,6 +213,7 @@ fn arb_advert() -> impl Strategy<Value = CapacityAdvert> {
                         .collect(),
                     step_caching: step_caching(ms),
                     serves_exact: i2i,
+                    loras: Vec::new(),
                 }
             },
         )
@@ -279,6 +281,7 @@ fn arb_quote_request() -> impl Strategy<Value = QuoteRequest> {
                 images,
                 strength_permille,
                 exact: steps.is_multiple_of(2),
+                lora: None,
             },
         )
 }

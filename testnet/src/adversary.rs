@@ -280,6 +280,7 @@ pub fn fast_advert(seq: u64, schedule: PriceSchedule) -> CapacityAdvert {
         devices: Vec::new(),
         step_caching: pixmarket_protocol::StepCaching::Exact,
         serves_exact: true,
+        loras: Vec::new(),
     }
 }
 
@@ -784,6 +785,7 @@ pub fn quote_request(
         images: params.images,
         strength_permille: params.mode.strength_permille(),
         exact: false,
+        lora: None,
     };
     Ok(Signed::sign(secret, &qr)?)
 }
@@ -850,6 +852,7 @@ pub fn small_job(prompt: &str) -> JobParams {
         images: 1,
         mode: Mode::TextToImage,
         exact: false,
+        lora: None,
     }
 }
 

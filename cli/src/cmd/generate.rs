@@ -117,15 +117,21 @@ pub(crate) struct LocalArgs {
     /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`) [default: cpu].
     #[arg(long)]
     device: Option<String>,
-    /// Merge a LoRA into the transformer at load: a safetensors file in the diffusers/PEFT key
-    /// layout (`lora_A`/`lora_B`) or the kohya/ComfyUI one (`lora_down`/`lora_up` + `alpha`),
-    /// at SCALE (-8..=8, default 1). Repeatable, up to 8; their changes add. Local only.
-    #[arg(long, value_name = "FILE[:SCALE]", value_parser = parse_lora)]
+    /// With --local: merge a LoRA into the transformer at load, a safetensors file in the
+    /// diffusers/PEFT key layout (`lora_A`/`lora_B`) or the kohya/ComfyUI one
+    /// (`lora_down`/`lora_up` + `alpha`), at SCALE (-8..=8, default 1); repeatable, up to 8,
+    /// their changes add. Over the market: one LoRA a provider offers, by the name or the
+    /// blake3 hash (64 hex digits) its advert lists, at SCALE in (0, 8]; only providers that
+    /// offer it are asked.
+    #[arg(long, value_name = "FILE|NAME|HASH[:SCALE]", value_parser = parse_lora)]
     lora: Vec<LoraSpec>,
-    /// A few-step preset for the Qwen-Image-Lightning LoRAs (give the file with --lora):
-    /// `lightning-8` or `lightning-4` sets 8 or 4 steps, true CFG off, and the scheduler config
-    /// the LoRAs are published with (shift 3, no terminal stretch). Local only.
-    #[arg(long, value_parser = ["lightning-8", "lightning-4"], requires = "lora",
+    /// A few-step preset for the Qwen-Image-Lightning LoRAs: `lightning-8` or `lightning-4`
+    /// sets 8 or 4 steps and true CFG off (metered as 8 or 4 steps). With --local give the
+    /// file with --lora (the preset also sets the scheduler config the LoRAs are published
+    /// with: shift 3, no terminal stretch); over the market the LoRA is the providers' offer
+    /// named `lightning-8` / `lightning-4` unless --lora names another, and the provider
+    /// runs it on that scheduler config.
+    #[arg(long, value_parser = ["lightning-8", "lightning-4"],
           conflicts_with_all = ["steps", "true_cfg_scale"])]
     preset: Option<String>,
     /// Run the text encoder on the CPU (in --dtype; ~14 GB of RAM in bf16 for Qwen-Image)
@@ -142,6 +148,39 @@ pub(crate) struct LocalArgs {
 
 fn parse_lora(s: &str) -> Result<LoraSpec, String> {
     LoraSpec::parse(s).map_err(|e| e.to_string())
+}
+
+/// The market's LoRA from `--lora NAME|HASH[:SCALE]` (at most one) or the preset's name.
+fn market_lora(
+    loras: &[LoraSpec],
+    preset: Option<&str>,
+) -> anyhow::Result<Option<super::market::WantedLora>> {
+    let (name, scale) = match loras {
+        [] => match preset {
+            Some(p) => (p.to_string(), 1.0),
+            None => return Ok(None),
+        },
+        [one] => (one.path.display().to_string(), one.scale),
+        _ => {
+            return Err(usage!(
+                "a market job takes one --lora (a provider merges one offer per job); got {}",
+                loras.len()
+            ));
+        }
+    };
+    let most = f32::from(v::MAX_LORA_SCALE_PERMILLE) / 1000.0;
+    if !(scale > 0.0 && scale <= most) {
+        return Err(usage!(
+            "--lora {name}:{scale}: over the market the scale must be in (0, {most}]"
+        ));
+    }
+    // In (0, 8] × 1000, rounded: fits u16 without loss of sign or range.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let scale_permille = ((scale * 1000.0).round() as u16).max(1);
+    Ok(Some(super::market::WantedLora {
+        name_or_hash: name,
+        scale_permille,
+    }))
 }
 
 #[derive(Debug, Args)]
@@ -231,8 +270,6 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
             ("--model", args.local.model.is_some()),
             ("--dtype", args.local.dtype.is_some()),
             ("--device", args.local.device.is_some()),
-            ("--lora", !args.local.lora.is_empty()),
-            ("--preset", args.local.preset.is_some()),
             ("--text-encoder-on-cpu", args.local.text_encoder_on_cpu),
             ("--device-memory", args.local.device_memory.is_some()),
         ] {
@@ -244,12 +281,29 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
             }
         }
     }
+    if args.local.local && args.local.preset.is_some() && args.local.lora.is_empty() {
+        return Err(usage!(
+            "--preset with --local needs the Lightning LoRA file: add --lora FILE"
+        ));
+    }
     if !args.local.local {
-        let mut params = job::build(&args.job, Form::Market)?;
+        let mut job_args = args.job;
+        let preset_steps = match args.local.preset.as_deref() {
+            Some("lightning-8") => Some(8),
+            Some("lightning-4") => Some(4),
+            _ => None,
+        };
+        if let Some(steps) = preset_steps {
+            job_args.steps = Some(steps);
+            job_args.true_cfg_scale = Some(1.0);
+        }
+        let lora = market_lora(&args.local.lora, args.local.preset.as_deref())?;
+        let mut params = job::build(&job_args, Form::Market)?;
         params.exact = args.market.exact;
         return super::market::run(
             params,
-            &args.job.output,
+            lora,
+            &job_args.output,
             &args.market,
             args.json,
             args.data_dir.path()?,
@@ -332,12 +386,11 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
     }
     let t_load = Instant::now();
-    let mut text_encoder_on_cpu = local.text_encoder_on_cpu;
+    let mut opts = LoadOptions::default();
     if let Some(gib) = local.device_memory {
         let plan = placement::plan_folder(&model_dir, dtype, u64::from(gib) << 30)
             .ok_or_else(|| usage!("--device-memory needs a diffusers Qwen-Image folder"))?;
-        let side = params.width.max(params.height);
-        if plan.largest_side.is_none_or(|s| side > s) {
+        if plan.max_images(params.width, params.height) == 0 {
             return Err(usage!(
                 "{}×{} does not fit {gib} GiB with this model ({plan})",
                 params.width,
@@ -347,13 +400,12 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
         if !quiet {
             eprintln!("plan for {gib} GiB: {plan}");
         }
-        text_encoder_on_cpu |= plan.text_encoder == TextEncoderPlace::Cpu;
+        opts = plan.load_options();
     }
-    let opts = LoadOptions {
-        loras: local.lora.clone(),
-        text_encoder_on_cpu,
-        attention_budget: None,
-    };
+    if local.text_encoder_on_cpu {
+        opts.text_encoder = TextEncoderPlace::Cpu;
+    }
+    opts.loras = local.lora.clone();
     let mut model = QwenImage::load_with(&model_dir, dtype, &device, &opts)?;
     if lightning_steps.is_some() {
         model

@@ -14,7 +14,7 @@ use pixmarket_node::DataDir;
 use pixmarket_node::launch::{self, Overrides};
 use pixmarket_node::requester::{GenerateOptions, JobProgress};
 use pixmarket_node::token_check;
-use pixmarket_protocol::{JobParams, MicroTokens, PublicKey};
+use pixmarket_protocol::{Hash, JobParams, LoraChoice, MicroTokens, PublicKey};
 
 use super::output::Output;
 use crate::usage::{out, usage};
@@ -116,8 +116,65 @@ fn probe(addr: &str) -> Probe {
     }
 }
 
+/// A LoRA to buy with: a provider's offer by its name or its file's blake3 hash (64 hex
+/// digits), and the scale.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct WantedLora {
+    pub name_or_hash: String,
+    pub scale_permille: u16,
+}
+
+/// The hash `want` names among the offers in `table`: itself if it is 64 hex digits, else the
+/// one file offered under that name (two different files under one name is an error listing
+/// their hashes).
+fn resolve_lora(
+    table: &[pixmarket_node::requester::ProviderEntry],
+    want: &str,
+) -> anyhow::Result<Hash> {
+    if want.len() == 64
+        && let Ok(bytes) = <[u8; 32]>::try_from(hex::decode(want).unwrap_or_default())
+    {
+        return Hash::from_bytes(&bytes).map_err(|e| usage!("--lora {want}: {e}"));
+    }
+    let mut hashes: Vec<Hash> = table
+        .iter()
+        .flat_map(|p| p.advert.loras.iter())
+        .filter(|l| l.name == want)
+        .map(|l| l.hash)
+        .collect();
+    hashes.sort();
+    hashes.dedup();
+    match hashes.as_slice() {
+        [one] => Ok(*one),
+        [] => {
+            let mut names: Vec<&str> = table
+                .iter()
+                .flat_map(|p| p.advert.loras.iter().map(|l| l.name.as_str()))
+                .collect();
+            names.sort_unstable();
+            names.dedup();
+            Err(usage!(
+                "no provider heard offers a LoRA named {want:?} (offered: {}); nothing was bought",
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
+            ))
+        }
+        many => Err(usage!(
+            "providers offer different files named {want:?}; name one by its hash: {}",
+            many.iter()
+                .map(|h| hex::encode(h.as_bytes()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
 pub(crate) fn run(
-    params: JobParams,
+    mut params: JobParams,
+    lora: Option<WantedLora>,
     output: &Path,
     market: &MarketArgs,
     json: bool,
@@ -214,6 +271,20 @@ pub(crate) fn run(
                 break;
             }
             tokio::time::sleep(ADVERT_POLL).await;
+        }
+        if let Some(want) = &lora {
+            match resolve_lora(&node.requester().providers(), &want.name_or_hash) {
+                Ok(hash) => {
+                    params.lora = Some(LoraChoice {
+                        hash,
+                        scale_permille: want.scale_permille,
+                    });
+                }
+                Err(e) => {
+                    node.shutdown().await;
+                    return Err(e);
+                }
+            }
         }
         let bar = if quiet {
             ProgressBar::hidden()

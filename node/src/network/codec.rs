@@ -360,6 +360,7 @@ mod tests {
             images: 1,
             strength_permille: None,
             exact: false,
+            lora: None,
         };
         vec![
             (

@@ -46,16 +46,42 @@ impl Provider {
         Ok((units, cost))
     }
 
-    /// Refuses a size larger than the generator's memory plan allows
-    /// ([`crate::generator::Generator::max_side`]).
-    fn fits_memory(&self, width: u32, height: u32) -> Result<(), FailReason> {
-        let max = self.inner.devices.max_side();
-        if width.max(height) > max {
-            return Err(FailReason::Unsupported(format!(
-                "{width}×{height}: this provider's memory allows at most {max}×{max}"
-            )));
+    /// Refuses a size, or a number of images at that size, larger than the generators'
+    /// memory plans run ([`crate::generator::Generator::max_side`] and `max_images`).
+    fn fits_memory(&self, width: u32, height: u32, images: u32) -> Result<(), FailReason> {
+        let max_side = self.inner.devices.max_side();
+        let max_images = if width.max(height) > max_side {
+            0
+        } else {
+            self.inner.devices.max_images(width, height)
+        };
+        if images > max_images {
+            return Err(FailReason::TooLarge {
+                width,
+                height,
+                images,
+                max_side,
+                max_images: max_images.min(pixmarket_protocol::validate::MAX_IMAGES),
+            });
         }
         Ok(())
+    }
+
+    /// Refuses a LoRA no serving device offers (every device loads the same list).
+    fn offers_lora(&self, lora: Option<&pixmarket_protocol::Hash>) -> Result<(), FailReason> {
+        let Some(hash) = lora else {
+            return Ok(());
+        };
+        let offered = self
+            .inner
+            .devices
+            .first_up()
+            .is_some_and(|d| d.generator.loras().iter().any(|l| l.hash == *hash));
+        if offered {
+            Ok(())
+        } else {
+            Err(FailReason::LoraUnavailable { hash: *hash })
+        }
     }
 
     pub(super) fn quote(&self, signed: &Signed<QuoteRequest>) -> Response {
@@ -77,7 +103,10 @@ impl Provider {
                 offered: info.step_caching,
             });
         }
-        if let Err(r) = self.fits_memory(q.width, q.height) {
+        if let Err(r) = self.fits_memory(q.width, q.height, q.images) {
+            return refuse(r);
+        }
+        if let Err(r) = self.offers_lora(q.lora.as_ref()) {
             return refuse(r);
         }
         let (units, cost) = match self.meter(&q.prompt, |prompt_tokens| MeteredUnits {
@@ -156,8 +185,12 @@ impl Provider {
                 offered: info.step_caching,
             });
         }
-        if let Err(r) = self.fits_memory(req.params.width, req.params.height) {
-            tracing::warn!(%peer, width = req.params.width, height = req.params.height, "refused job: larger than the memory plan allows");
+        if let Err(r) = self.fits_memory(req.params.width, req.params.height, req.params.images) {
+            tracing::warn!(%peer, width = req.params.width, height = req.params.height, images = req.params.images, "refused job: larger than the memory plan allows");
+            return refuse(r);
+        }
+        if let Err(r) = self.offers_lora(req.params.lora.as_ref().map(|l| &l.hash)) {
+            tracing::warn!(%peer, "refused job: names a LoRA not offered here");
             return refuse(r);
         }
         let (units, cost) = match self.meter(&req.params.prompt, |t| req.params.metered_units(t)) {

@@ -48,7 +48,15 @@ impl Provider {
             max_width: self.inner.devices.max_side().min(validate::MAX_DIMENSION),
             max_height: self.inner.devices.max_side().min(validate::MAX_DIMENSION),
             max_steps: validate::MAX_STEPS,
-            max_images: validate::MAX_IMAGES,
+            // Images one job may ask for at the standard 1024² (or the largest side if
+            // smaller); the quote checks each job's own size.
+            max_images: {
+                let side = self.inner.devices.max_side().min(1024);
+                self.inner
+                    .devices
+                    .max_images(side, side)
+                    .clamp(1, validate::MAX_IMAGES)
+            },
             schedule: self.inner.settings.schedule,
             queue_depth: u32::try_from(depth).unwrap_or(u32::MAX),
             max_queue: self.inner.settings.max_queue,
@@ -56,6 +64,16 @@ impl Provider {
             devices: devices.advertised(),
             step_caching: info.step_caching,
             serves_exact: info.serves_exact,
+            // Every device loads the same model and LoRAs; the first one's list stands.
+            loras: self
+                .inner
+                .devices
+                .first_up()
+                .map(|d| d.generator.loras())
+                .unwrap_or_default()
+                .into_iter()
+                .take(validate::MAX_ADVERT_LORAS)
+                .collect(),
         })
     }
 

@@ -98,6 +98,15 @@ impl Devices {
             .unwrap_or(pixmarket_protocol::validate::MAX_DIMENSION)
     }
 
+    /// Images at `width`×`height` every serving device's memory plan runs in one batch (the
+    /// smallest plan bounds the node, as for [`Self::max_side`]).
+    pub(super) fn max_images(&self, width: u32, height: u32) -> u32 {
+        self.up()
+            .map(|d| d.generator.max_images(width, height))
+            .min()
+            .unwrap_or(u32::MAX)
+    }
+
     pub(super) fn up(&self) -> impl Iterator<Item = &Device> {
         self.0.iter().filter(|d| d.is_up())
     }

@@ -34,6 +34,7 @@ impl QueuedJob {
             && a.steps == b.steps
             && a.mode.name() == b.mode.name()
             && a.mode.strength_permille() == b.mode.strength_permille()
+            && a.lora == b.lora
     }
 }
 
@@ -127,16 +128,25 @@ impl Queue {
             .collect()
     }
 
-    /// Takes the oldest job and the compatible ones behind it, up to `max_batch`, and marks
-    /// them running.
-    pub(super) fn take_batch(&mut self, max_batch: usize) -> Vec<QueuedJob> {
+    /// Takes the oldest job and the compatible ones behind it, up to `max_batch` jobs and
+    /// `max_images(width, height)` images in all (the memory plan's batch at their shared
+    /// size; admission made sure the first job alone fits), and marks them running.
+    pub(super) fn take_batch(
+        &mut self,
+        max_batch: usize,
+        max_images: impl Fn(u32, u32) -> u32,
+    ) -> Vec<QueuedJob> {
         let mut batch = Vec::new();
         let Some(first) = self.waiting.pop_front() else {
             return batch;
         };
+        let image_limit = max_images(first.params.width, first.params.height);
+        let mut images = first.params.images;
         let mut i = 0;
         while i < self.waiting.len() && batch.len() + 1 < max_batch {
-            if first.compatible(&self.waiting[i]) {
+            let more = self.waiting[i].params.images;
+            if first.compatible(&self.waiting[i]) && images.saturating_add(more) <= image_limit {
+                images += more;
                 if let Some(j) = self.waiting.remove(i) {
                     batch.push(j);
                 }

@@ -44,7 +44,10 @@ impl Provider {
                 if q.stopping {
                     break;
                 }
-                let batch = q.take_batch(self.inner.settings.max_batch as usize);
+                let devices = &self.inner.devices;
+                let batch = q.take_batch(self.inner.settings.max_batch as usize, |w, h| {
+                    devices.max_images(w, h)
+                });
                 self.inner.metrics.set_queue(q.waiting.len());
                 batch
             };

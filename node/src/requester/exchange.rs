@@ -219,9 +219,11 @@ impl Requester {
         params.validate()?;
         let candidates: Vec<PeerId> = match options.provider {
             Some(p) => vec![p],
+            // Only providers that offer the job's LoRA (by its file's hash) can run it.
             None => self
                 .ranked(options.selection)
                 .iter()
+                .filter(|e| params.lora.is_none_or(|l| e.advert.lora(&l.hash).is_some()))
                 .map(|e| e.key.to_peer_id())
                 .collect(),
         };
@@ -360,6 +362,7 @@ impl Requester {
             images: params.images,
             strength_permille: params.mode.strength_permille(),
             exact: params.exact,
+            lora: params.lora.map(|l| l.hash),
         };
         let signed = Signed::sign(&self.key, &qr).map_err(QuoteError::Sign)?;
         let quote = match self.ask_with(peer, Request::Quote(signed), false).await {
