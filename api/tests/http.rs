@@ -471,7 +471,11 @@ async fn openai_generation_is_an_async_job_and_a_running_deposit_sticks() {
     let charged = p["account"]["charged"]["micro"].as_u64().unwrap();
     assert!(charged > 0, "{p}");
     assert_eq!(p["account"]["deposits"]["tokens"], "100.000000", "{p}");
-    assert_eq!(p["account"]["available"]["micro"], 100_000_000 - charged, "{p}");
+    assert_eq!(
+        p["account"]["available"]["micro"],
+        100_000_000 - charged,
+        "{p}"
+    );
 
     // A job submitted on the async route, cancelled while it waits or runs.
     let j = buyer

@@ -527,7 +527,10 @@ fn buying_checks_the_output_first_and_says_which_peer_failed() {
     let table = ok(&["ledger", "balance", "--data-dir", &r]);
     assert!(table.contains("ledger prepaid PROVIDER TOKENS"), "{table}");
     let said = ok(&["ledger", "prepaid", pid, "50", "--data-dir", &r]);
-    assert!(said.starts_with("recorded a prepayment of 50.000000 tokens"), "{said}");
+    assert!(
+        said.starts_with("recorded a prepayment of 50.000000 tokens"),
+        "{said}"
+    );
     let after = json(&ok(&["ledger", "balance", "--json", "--data-dir", &r]));
     let m = mirror(&after);
     let charged = m["charged"]["micro"].as_u64().unwrap();
@@ -556,16 +559,19 @@ fn buying_checks_the_output_first_and_says_which_peer_failed() {
 fn ctrl_c_on_a_bought_job_cancels_it_at_the_provider() {
     let tmp = tempfile::tempdir().unwrap();
     let r = init(tmp.path(), "requester");
-    let (mut node, addr, p) = provider_with_log(
-        tmp.path(),
-        &r,
-        "100",
-        Some("warn,pixmarket_node=debug"),
-    );
+    let (mut node, addr, p) =
+        provider_with_log(tmp.path(), &r, "100", Some("warn,pixmarket_node=debug"));
     let out = tmp.path().join("never.png");
     // 100 steps at 512²: seconds of work for the tiny model, so the cancel lands midway.
     let buyer = bin()
-        .args(["generate", "a slow lighthouse", "--data-dir", &r, "--peer", &addr])
+        .args([
+            "generate",
+            "a slow lighthouse",
+            "--data-dir",
+            &r,
+            "--peer",
+            &addr,
+        ])
         .args(["--width", "512", "--height", "512", "--steps", "100"])
         .arg("-o")
         .arg(&out)
@@ -653,7 +659,14 @@ fn latents_bought_on_the_market_give_the_local_picture() {
     let latents = latents.to_str().unwrap();
     let png = |name: &str| tmp.path().join(name).to_string_lossy().into_owned();
     let generate = |extra: &[&str]| {
-        let mut v = vec!["generate", "a red circle", "--width", "64", "--height", "64"];
+        let mut v = vec![
+            "generate",
+            "a red circle",
+            "--width",
+            "64",
+            "--height",
+            "64",
+        ];
         v.extend_from_slice(&["--steps", "4", "--true-cfg-scale", "1", "--seed", "3"]);
         v.extend_from_slice(&["--data-dir", &r]);
         v.extend_from_slice(extra);
@@ -664,21 +677,47 @@ fn latents_bought_on_the_market_give_the_local_picture() {
         stdout(&o)
     };
     let bought = png("bought.png");
-    let said = succeeds(generate(&["--peer", &addr, "--latents", latents, "-o", &bought]));
+    let said = succeeds(generate(&[
+        "--peer",
+        &addr,
+        "--latents",
+        latents,
+        "-o",
+        &bought,
+    ]));
     assert!(said.contains("seed: none (the given latents)"), "{said}");
     let seeded = png("seeded.png");
     succeeds(generate(&["--peer", &addr, "-o", &seeded]));
     let local = png("local.png");
-    succeeds(generate(&["--local", "--model", "tiny", "--latents", latents, "-o", &local]));
+    succeeds(generate(&[
+        "--local",
+        "--model",
+        "tiny",
+        "--latents",
+        latents,
+        "-o",
+        &local,
+    ]));
     let read = |path: &str| std::fs::read(path).unwrap();
-    assert_eq!(read(&bought), read(&local), "the provider ignored the latents");
+    assert_eq!(
+        read(&bought),
+        read(&local),
+        "the provider ignored the latents"
+    );
     assert_ne!(read(&bought), read(&seeded));
 
     // Latents for another size are refused before anything is bought.
     let wrong = tmp.path().join("wrong.safetensors");
     write_latents(&wrong, [1, 16, 8, 16], &[0.5; 16 * 8 * 16]);
     let w = png("w.png");
-    let o = generate(&["--peer", &addr, "--latents", wrong.to_str().unwrap(), "-o", &w]);
+    let o = generate(&[
+        "--peer",
+        &addr,
+        "--latents",
+        wrong.to_str().unwrap(),
+        "-o",
+        &w,
+    ]);
     fails(&o, USAGE, "needs [1, 16, 8, 8]");
     node.stop();
     let receipts = ok(&["ledger", "receipts", "--data-dir", &r, "--json"]);

@@ -246,7 +246,13 @@ fn a_prepayment_makes_the_requester_mirror_true_and_counts_once() {
     let (me, prov) = (requester(0), provider());
     {
         let l = Ledger::open(&path, me.public()).unwrap();
-        let rc = receipt_with(&prov, me.public(), job(1), 20, mirror_link(&l, &prov.public()));
+        let rc = receipt_with(
+            &prov,
+            me.public(),
+            job(1),
+            20,
+            mirror_link(&l, &prov.public()),
+        );
         l.record_receipt(&rc, &ack(&me, &rc)).unwrap();
         let a = l.account(Role::Requester, &prov.public()).unwrap().unwrap();
         assert_eq!(a.available(), None, "charged with nothing recorded as paid");
@@ -274,7 +280,9 @@ fn a_prepayment_makes_the_requester_mirror_true_and_counts_once() {
             l.prepaid(&deposit_note(&me, me.public(), 3, tokens(5))),
             Err(LedgerError::SelfAccount)
         ));
-        let mut long = deposit_note(&me, prov.public(), 4, tokens(5)).verify().unwrap();
+        let mut long = deposit_note(&me, prov.public(), 4, tokens(5))
+            .verify()
+            .unwrap();
         long.memo = "x".repeat(1000);
         assert!(matches!(
             l.prepaid(&sign(&me, &long)),

@@ -236,7 +236,10 @@ fn latents_must_fit_the_size_be_finite_and_come_with_one_image() {
     biggest.validate().unwrap();
     let key = SecretKey::from_seed(&[9; 32]);
     let signed = Signed::sign(&key, &request(biggest)).unwrap();
-    assert_eq!(signed.verify().unwrap().params.latents.unwrap().len(), 4 << 20);
+    assert_eq!(
+        signed.verify().unwrap().params.latents.unwrap().len(),
+        4 << 20
+    );
 }
 
 #[test]

@@ -195,15 +195,11 @@ async fn a_dropped_generate_cancels_its_job_at_the_provider() {
     )
     .await;
     assert!(ledger.holds().unwrap().is_empty());
-    assert!(ledger.receipts(None).unwrap().is_empty(), "it was never sold");
     assert!(
-        requester
-            .node
-            .ledger()
-            .receipts(None)
-            .unwrap()
-            .is_empty()
+        ledger.receipts(None).unwrap().is_empty(),
+        "it was never sold"
     );
+    assert!(requester.node.ledger().receipts(None).unwrap().is_empty());
     // Nothing is left to wait for.
     assert!(requester.node.requester().abandoned().await.is_empty());
     requester.node.shutdown().await;

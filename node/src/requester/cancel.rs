@@ -93,9 +93,11 @@ impl Drop for CancelOnDrop {
         tracing::debug!(%provider, %job, "job abandoned midway; asking the provider to cancel it");
         pending.spawn_on(
             async move {
-                let answer =
-                    tokio::time::timeout(CANCEL_TIMEOUT, net.request(provider, Request::Cancel(job)))
-                        .await;
+                let answer = tokio::time::timeout(
+                    CANCEL_TIMEOUT,
+                    net.request(provider, Request::Cancel(job)),
+                )
+                .await;
                 SentCancel {
                     provider,
                     job,

@@ -16,6 +16,8 @@
 //!   acknowledged once, so one image is never paid twice.
 //! - A provider that took our ack and did not deliver leaves a signed record (its receipt,
 //!   our ack, marked undelivered in the ledger) that ranks it last from then on.
+//! - A `generate` call dropped before its attempt ends sends that provider a `Cancel`
+//!   ([`cancel`]); [`Requester::abandoned`] waits for the answers.
 //!
 //! Selection policies ([`Selection`]): `EstimatedFinish` (the default) ranks by past failures,
 //! then the finish time of one standard image behind the queue (the advertised depth, or the
