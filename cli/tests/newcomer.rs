@@ -13,6 +13,9 @@ use std::sync::mpsc;
 const USAGE: i32 = 2;
 /// The exit status of every other failure.
 const FAILURE: i32 = 1;
+/// Log lines of a node kept unread at most: a debug log of one test's few jobs is a few
+/// hundred lines.
+const LOG_LINES: usize = 100_000;
 /// The exit status of a bought job stopped by Ctrl-C.
 const INTERRUPTED: i32 = 130;
 
@@ -107,11 +110,13 @@ impl Node {
         let mut child = cmd.spawn().unwrap();
         let lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let log = child.stderr.take().map(|err| {
-            let (tx, rx) = mpsc::channel();
+            let (tx, rx) = mpsc::sync_channel(LOG_LINES);
             std::thread::spawn(move || {
                 for line in BufReader::new(err).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        break;
+                    match tx.try_send(line) {
+                        // Never blocks the pipe: past the bound a line is dropped.
+                        Ok(()) | Err(mpsc::TrySendError::Full(_)) => {}
+                        Err(mpsc::TrySendError::Disconnected(_)) => break,
                     }
                 }
             });
