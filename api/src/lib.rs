@@ -184,6 +184,10 @@ fn router(state: AppState, guard: Arc<guard::Guard>) -> Router {
             scoped(Admin, post(operator::deposit)),
         )
         .route(
+            "/api/v1/accounts/{peer}/prepaid",
+            scoped(Admin, post(operator::prepaid)),
+        )
+        .route(
             "/api/v1/accounts/{peer}/credit-limit",
             scoped(Admin, put(operator::credit_limit)),
         )

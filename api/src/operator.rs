@@ -246,6 +246,48 @@ pub(crate) async fn deposit(
         .into_response())
 }
 
+/// `POST /api/v1/accounts/{peer}/prepaid`: records that this node prepaid the provider `peer`
+/// `tokens` (a note signed by this node, on the requester side), as `pixmarket ledger prepaid`
+/// does, so this node's mirror of that account shows what it may still spend there.
+pub(crate) async fn prepaid(
+    State(s): State<AppState>,
+    Path(peer): Path<String>,
+    ApiJson(body): ApiJson<DepositBody>,
+) -> Result<Response, ApiError> {
+    let peer = parse_peer("peer", &peer)?;
+    let amount = parse_tokens(&body.tokens)?;
+    v::text("memo", &body.memo, 0, v::MAX_MEMO_CHARS)
+        .map_err(|e| ApiError::invalid("memo", e.to_string()))?;
+    let note = DepositNote {
+        deposit_id: rand::random(),
+        account: peer,
+        amount,
+        memo: body.memo,
+        recorded_at_ms: pixmarket_node::now_ms(),
+    };
+    note.validate()
+        .map_err(|e| ApiError::invalid(e.field, e.to_string()))?;
+    let signed = Signed::sign(&s.key, &note).map_err(ApiError::internal)?;
+    let deposit_id = hex::encode(note.deposit_id);
+    let account = books(&s.ledger, move |l| {
+        l.prepaid(&signed)
+            .map_err(|e| ApiError::Conflict(format!("prepayment refused: {e}")))?;
+        Ok(l.account(Role::Requester, &peer)
+            .map_err(ApiError::internal)?
+            .unwrap_or_default())
+    })
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "deposit_id": deposit_id,
+            "amount": crate::amount(amount),
+            "account": account_json(&peer, &account),
+        })),
+    )
+        .into_response())
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TokensBody {

@@ -197,6 +197,7 @@ pub(crate) fn build(
         images: n,
         mode: spec.mode.unwrap_or(Mode::TextToImage),
         exact: spec.exact,
+        latents: None,
     };
     // The provider's own check, so nothing it would refuse is sent.
     params.validate().map_err(|e| invalid(&e))?;

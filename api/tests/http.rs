@@ -458,6 +458,24 @@ async fn openai_generation_is_an_async_job_and_a_running_deposit_sticks() {
     assert_eq!(status["status"], "completed", "{status}");
     assert_eq!(status["result"]["receipt"], done["pixmarket"]["receipt"]);
     assert!(step >= 1);
+    // The buyer records what it prepaid the seller: its mirror shows what is left to spend.
+    let seller_peer = provider.key.to_peer_id().to_string();
+    let p = buyer
+        .call(
+            Method::POST,
+            &format!("/api/v1/accounts/{seller_peer}/prepaid"),
+            Some(&json!({"tokens": "100", "memo": "paid by transfer"})),
+        )
+        .await
+        .unwrap();
+    let charged = p["account"]["charged"]["micro"].as_u64().unwrap();
+    assert!(charged > 0, "{p}");
+    assert_eq!(p["account"]["deposits"]["tokens"], "100.000000", "{p}");
+    assert_eq!(
+        p["account"]["available"]["micro"],
+        100_000_000 - charged,
+        "{p}"
+    );
 
     // A job submitted on the async route, cancelled while it waits or runs.
     let j = buyer

@@ -201,6 +201,33 @@ pub fn load_latents(path: &Path) -> Result<Tensor, EngineError> {
     t.to_dtype(DType::F32).map_err(|e| bad(format!("{e}")))
 }
 
+/// Starting latents `[1, 16, height/8, width/8]` (f32 on the CPU) from their values in
+/// row-major order, as a market job carries them (`JobParams::latents`).
+pub fn latents_from_f32(values: Vec<f32>, width: u32, height: u32) -> Result<Tensor, EngineError> {
+    let (h, w) = (height as usize / 8, width as usize / 8);
+    if values.len() != LATENT_CHANNELS * h * w {
+        return Err(EngineError::InvalidRequest(format!(
+            "{} latent values; a {width}×{height} image needs [1, 16, {h}, {w}] = {}",
+            values.len(),
+            LATENT_CHANNELS * h * w
+        )));
+    }
+    Ok(Tensor::from_vec(
+        values,
+        (1, LATENT_CHANNELS, h, w),
+        &Device::Cpu,
+    )?)
+}
+
+/// The values of latents in row-major order, as f32 (the inverse of [`latents_from_f32`]).
+pub fn latents_to_f32(latents: &Tensor) -> Result<Vec<f32>, EngineError> {
+    Ok(latents
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
+}
+
 /// `model_index.json`: the pipeline class and which components exist.
 #[derive(Debug, Deserialize)]
 struct ModelIndex {

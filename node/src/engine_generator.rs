@@ -168,7 +168,9 @@ impl EngineGenerator {
         let mut counts = Vec::with_capacity(jobs.len());
         for job in jobs {
             counts.push(job.images as usize);
-            requests.extend((0..job.images).map(|i| to_request(job, i)));
+            for i in 0..job.images {
+                requests.push(to_request(job, i)?);
+            }
         }
         let mut cb = |p: pipeline::Progress| progress(p.step, p.total);
         let (images, stats) = self
@@ -194,8 +196,16 @@ impl EngineGenerator {
     }
 }
 
-fn to_request(p: &JobParams, image: u32) -> GenerateRequest {
-    GenerateRequest {
+fn to_request(p: &JobParams, image: u32) -> Result<GenerateRequest, GenError> {
+    // Validated at admission: 16 × (H/8) × (W/8) finite values, and only with one image.
+    let latents = match p.latents_f32() {
+        None => None,
+        Some(values) => Some(
+            pipeline::latents_from_f32(values, p.width, p.height)
+                .map_err(|e| GenError::Failed(e.to_string()))?,
+        ),
+    };
+    Ok(GenerateRequest {
         prompt: p.prompt.clone(),
         negative_prompt: p.negative_prompt.clone(),
         width: p.width,
@@ -204,9 +214,9 @@ fn to_request(p: &JobParams, image: u32) -> GenerateRequest {
         true_cfg_scale: p.true_cfg_scale,
         // Image i of a job uses seed + i, so a 4-image job is four distinct pictures.
         seed: p.seed.wrapping_add(u64::from(image)),
-        latents: None,
+        latents,
         mode: p.mode.clone(),
-    }
+    })
 }
 
 impl Generator for EngineGenerator {

@@ -208,6 +208,10 @@ pub struct JobParams {
     /// The requester requires the exact computation ([`StepCaching::Exact`]): a provider that
     /// caches steps runs this job without caching, or refuses it at the quote.
     pub exact: bool,
+    /// The starting noise instead of the seed's: `[1, 16, height/8, width/8]` as little-endian
+    /// f32 in row-major order, every value finite; only with `images == 1`. Signed with the
+    /// request like every field; the price does not depend on it.
+    pub latents: Option<Vec<u8>>,
 }
 
 impl JobParams {
@@ -236,7 +240,59 @@ impl JobParams {
             1,
             u64::from(v::MAX_IMAGES),
         )?;
+        if let Some(latents) = &self.latents {
+            self.validate_latents(latents)?;
+        }
         self.mode.validate()
+    }
+
+    /// The latents' byte length for this size: 16 × (H/8) × (W/8) f32.
+    pub fn latents_len(&self) -> usize {
+        v::LATENT_CHANNELS as usize * (self.height as usize / 8) * (self.width as usize / 8) * 4
+    }
+
+    fn validate_latents(&self, latents: &[u8]) -> Result<(), ValidationError> {
+        if self.images != 1 {
+            return Err(ValidationError::new(
+                "latents",
+                format!("latents with images = {}", self.images),
+                "latents only with images = 1 (each image needs its own noise)",
+            ));
+        }
+        let want = self.latents_len();
+        if latents.len() != want {
+            return Err(ValidationError::new(
+                "latents",
+                format!("{} bytes", latents.len()),
+                format!(
+                    "{want} bytes: [1, 16, {}, {}] little-endian f32 for {}×{}",
+                    self.height / 8,
+                    self.width / 8,
+                    self.width,
+                    self.height
+                ),
+            ));
+        }
+        if let Some(i) = latents
+            .chunks_exact(4)
+            .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
+        {
+            return Err(ValidationError::new(
+                "latents",
+                format!("a NaN or infinite value at index {i}"),
+                "finite f32 values",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The latents as f32 values (for the engine), when given.
+    pub fn latents_f32(&self) -> Option<Vec<f32>> {
+        self.latents.as_ref().map(|b| {
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        })
     }
 
     /// The job's work against one standard image (1024², 50 steps, one image, no true CFG), in
@@ -691,8 +747,9 @@ impl Message for Quote {
 }
 impl Message for JobRequest {
     const DOMAIN: &'static str = "pixmarket/v1/job-request";
-    /// Two input images (init and mask) plus the texts.
-    const MAX_ENCODED: usize = 2 * (v::MAX_INPUT_IMAGE_BYTES + 8) + JOB_TEXT_BUDGET;
+    /// Two input images (init and mask), the starting latents, plus the texts.
+    const MAX_ENCODED: usize =
+        2 * (v::MAX_INPUT_IMAGE_BYTES + 8) + v::MAX_LATENTS_BYTES + 8 + JOB_TEXT_BUDGET;
 }
 impl Message for Receipt {
     const DOMAIN: &'static str = "pixmarket/v1/receipt";

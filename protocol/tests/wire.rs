@@ -104,6 +104,7 @@ fn arb_params() -> impl Strategy<Value = JobParams> {
                     images,
                     mode,
                     exact: seed.is_multiple_of(2),
+                    latents: None,
                 }
             },
         )

@@ -850,6 +850,7 @@ pub fn small_job(prompt: &str) -> JobParams {
         images: 1,
         mode: Mode::TextToImage,
         exact: false,
+        latents: None,
     }
 }
 

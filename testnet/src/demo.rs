@@ -248,6 +248,7 @@ pub async fn run(config: &DemoConfig, log: &mut dyn FnMut(String)) -> anyhow::Re
             images: 1,
             mode: Mode::TextToImage,
             exact: false,
+            latents: None,
         };
         let t = Instant::now();
         let outcome = requester

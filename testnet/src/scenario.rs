@@ -220,6 +220,7 @@ fn random_params(rng: &mut ChaCha8Rng, mix: JobMix, index: usize) -> JobParams {
         images,
         mode: Mode::TextToImage,
         exact: false,
+        latents: None,
     }
 }
 
@@ -460,6 +461,7 @@ fn read_trace(path: &Path, requesters: usize) -> Result<Vec<(u64, usize, JobPara
             images: t.images.unwrap_or(1),
             mode: Mode::TextToImage,
             exact: false,
+            latents: None,
         };
         params.validate().map_err(|e| bad(e.to_string()))?;
         out.push((to_ms(t.at_s * 1000.0), requester, params));

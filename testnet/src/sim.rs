@@ -398,6 +398,7 @@ mod tests {
             images,
             mode: Mode::TextToImage,
             exact: false,
+            latents: None,
         }
     }
 

@@ -210,6 +210,7 @@ pub(crate) fn build(job: &JobArgs, form: Form) -> anyhow::Result<JobParams> {
         images: 1,
         mode,
         exact: false,
+        latents: None,
     };
     if form == Form::Market {
         // The provider's own check, so nothing it would refuse is sent.

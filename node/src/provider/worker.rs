@@ -118,6 +118,9 @@ impl Provider {
         let started = Instant::now();
         let params: Vec<JobParams> = batch.iter().map(|j| j.params.clone()).collect();
         let ids: Vec<JobId> = batch.iter().map(|j| j.job_id).collect();
+        for id in &ids {
+            tracing::debug!(job = %id, device = %dev.label, "running job");
+        }
         let mut last_step = Instant::now();
         let mut last_sent = Instant::now();
         let mut progress = |step: u32, of: u32| {
@@ -243,6 +246,13 @@ impl Provider {
             Err(e) => tracing::error!(job = %job.job_id, error = %e, "cannot void hold"),
         }
         self.lock().running.remove(&job.job_id);
+        // The operator's one line for a job that ended unpaid (a sold one logs "sold a job").
+        tracing::info!(
+            job = %job.job_id,
+            buyer = %job.requester.fmt_short(),
+            reason = %why,
+            "job ended without a charge"
+        );
         self.inner.metrics.job(if reason == FailReason::Cancelled {
             "cancelled"
         } else {

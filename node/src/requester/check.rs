@@ -147,6 +147,7 @@ mod tests {
             images: 1,
             mode: Mode::TextToImage,
             exact,
+            latents: None,
         };
         let units: MeteredUnits = params.metered_units(2);
         let schedule = PriceSchedule::default();

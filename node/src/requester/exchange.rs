@@ -14,6 +14,7 @@ use pixmarket_protocol::{
 };
 use tokio::sync::mpsc;
 
+use super::cancel::CancelOnDrop;
 use super::check::{check_images, check_receipt};
 use super::{
     GenerateError, GenerateOptions, JOB_EVENT_QUEUE, JobProgress, Outcome, Requester, RouteGuard,
@@ -396,6 +397,8 @@ impl Requester {
         Ok(quote)
     }
 
+    /// One attempt at `peer`. Dropped before it ends (Ctrl-C, a caller's timeout, an aborted
+    /// task), it tells the provider to cancel the submitted job ([`CancelOnDrop`]).
     pub(super) async fn try_provider(
         &self,
         peer: PeerId,
@@ -403,6 +406,23 @@ impl Requester {
         params: &JobParams,
         options: &GenerateOptions,
         progress: &mut (dyn FnMut(JobProgress) + Send),
+    ) -> Result<Outcome, Attempt> {
+        let mut cancel = CancelOnDrop::new(self.net.clone(), self.cancels.clone());
+        let ended = self
+            .attempt(peer, key, params, options, progress, &mut cancel)
+            .await;
+        cancel.disarm();
+        ended
+    }
+
+    async fn attempt(
+        &self,
+        peer: PeerId,
+        key: PublicKey,
+        params: &JobParams,
+        options: &GenerateOptions,
+        progress: &mut (dyn FnMut(JobProgress) + Send),
+        cancel: &mut CancelOnDrop,
     ) -> Result<Outcome, Attempt> {
         let quote = self
             .quote(peer, key, params)
@@ -452,6 +472,7 @@ impl Requester {
             routes: &self.routes,
             job: request.job_id,
         };
+        cancel.arm(peer, request.job_id);
         let job = Job {
             peer,
             key,

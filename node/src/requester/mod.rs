@@ -16,6 +16,8 @@
 //!   acknowledged once, so one image is never paid twice.
 //! - A provider that took our ack and did not deliver leaves a signed record (its receipt,
 //!   our ack, marked undelivered in the ledger) that ranks it last from then on.
+//! - A `generate` call dropped before its attempt ends sends that provider a `Cancel`
+//!   ([`cancel`]); [`Requester::abandoned`] waits for the answers.
 //!
 //! Selection policies ([`Selection`]): `EstimatedFinish` (the default) ranks by past failures,
 //! then the finish time of one standard image behind the queue (the advertised depth, or the
@@ -24,6 +26,7 @@
 //! a ChaCha8 generator seeded with `seed`, ignoring speed, queue, price and failures, so a given
 //! seed and provider table always give the same order (testnets use it as a naive baseline).
 
+mod cancel;
 mod check;
 mod exchange;
 mod standing;
@@ -47,6 +50,7 @@ use crate::metrics::Metrics;
 use crate::network::{Client, NetError, ResponseChannel};
 use crate::now_ms;
 
+pub use cancel::{CANCEL_TIMEOUT, SentCancel};
 pub use check::{ReceiptProblem, check_images, check_receipt};
 pub use exchange::FETCH_DEADLINE;
 pub use standing::Standing;
@@ -237,6 +241,8 @@ pub struct Requester {
     /// This node's own token counters, by the model id providers advertise.
     counters: Arc<Mutex<BTreeMap<String, TokenCounter>>>,
     metrics: Arc<Metrics>,
+    /// Cancels sent for jobs whose `generate` call was dropped midway ([`cancel`]).
+    cancels: cancel::PendingCancels,
 }
 
 impl std::fmt::Debug for Requester {
@@ -265,7 +271,14 @@ impl Requester {
             standings: Arc::new(Mutex::new(standings)),
             counters: Arc::default(),
             metrics,
+            cancels: Arc::default(),
         }
+    }
+
+    /// Waits for the answers to the cancels sent for jobs abandoned midway (a dropped
+    /// [`Requester::generate`]), each at most [`CANCEL_TIMEOUT`], and says what each found.
+    pub async fn abandoned(&self) -> Vec<SentCancel> {
+        cancel::collect(&self.cancels).await
     }
 
     /// Counts prompts with `counter` for providers that advertise `model_id`: their quotes

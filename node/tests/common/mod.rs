@@ -69,5 +69,6 @@ pub fn job_with_steps(prompt: &str, steps: u32) -> JobParams {
         images: 1,
         mode: Mode::TextToImage,
         exact: false,
+        latents: None,
     }
 }
