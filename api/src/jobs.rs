@@ -3,7 +3,9 @@
 //!
 //! Data flow: submit → an entry (state `waiting` in this node's queue) and a task → the task
 //! takes one of [`MAX_RUNNING_JOBS`] slots → `Requester::generate`, whose progress (quote,
-//! provider queue, steps, fail-over) updates the entry's `watch` channel → the outcome (paid,
+//! provider queue, steps with their previews, fail-over) updates the entry's `watch` channel
+//! (a preview is stored in the entry before the step that carries it is sent, so a reader
+//! woken by the step finds it) → the outcome (paid,
 //! verified images with the receipt) or the reason it failed. Cancel aborts the task: nothing
 //! is acknowledged for an abandoned job, so nothing is paid (the provider credits a receipt it
 //! sends later). Finished entries keep their images for the URL lifetime, and the table keeps
@@ -16,7 +18,7 @@ use std::time::Duration;
 use libp2p::PeerId;
 use pixmarket_node::now_ms;
 use pixmarket_node::requester::{GenerateError, GenerateOptions, JobProgress, Requester};
-use pixmarket_protocol::{JobParams, MicroTokens};
+use pixmarket_protocol::{JobParams, MicroTokens, Preview};
 use tokio::sync::{Semaphore, watch};
 
 use crate::error::ApiError;
@@ -32,6 +34,20 @@ pub const MAX_RUNNING_JOBS: usize = 8;
 pub const MAX_KEPT_JOBS: usize = 128;
 /// How long a finished job's images are kept (and their URLs answer) by default.
 pub const DEFAULT_IMAGE_TTL: Duration = Duration::from_secs(60 * 60);
+
+/// A preview of a running job's first image, as the provider sent it: at most
+/// [`pixmarket_protocol::preview::MAX_PREVIEWS`] a job (the requester passes no more), each
+/// at most [`pixmarket_protocol::preview::MAX_PREVIEW_BYTES`], so the table's previews are at
+/// most 128 × 3 × 56 KiB (21 MiB).
+#[derive(Debug)]
+pub struct Shot {
+    /// 0-based, in the order they came: OpenAI's `partial_image_index`.
+    pub index: usize,
+    pub step: u32,
+    pub of: u32,
+    pub received_ms: u64,
+    pub preview: Preview,
+}
 
 /// An API job's id: `job_` and 32 hex digits. It is not the protocol's job id (a job that
 /// fails over has one per provider tried); the receipt's id is in the job's result.
@@ -164,13 +180,19 @@ pub struct View {
     /// Jobs ahead of this one in this node's queue, while it waits there.
     pub node_queue_position: Option<usize>,
     pub images_expire_ms: Option<u64>,
+    /// The latest preview, if the job asked for previews and one has come.
+    pub latest_preview: Option<Arc<Shot>>,
 }
+
+/// A job's previews, shared by its task (which adds them) and the table's readers.
+type Shots = Arc<Mutex<Vec<Arc<Shot>>>>;
 
 struct Entry {
     seq: u64,
     created_ms: u64,
     asked: Arc<Asked>,
     state: Arc<watch::Sender<Phase>>,
+    shots: Shots,
     task: Option<tokio::task::AbortHandle>,
 }
 
@@ -220,6 +242,7 @@ impl Jobs {
         let asked = Arc::new(asked);
         let (tx, _) = watch::channel(Phase::Waiting);
         let state = Arc::new(tx);
+        let shots = Shots::default();
         {
             let mut t = self.lock()?;
             let open = t
@@ -254,6 +277,7 @@ impl Jobs {
                     created_ms: now,
                     asked: asked.clone(),
                     state: state.clone(),
+                    shots: shots.clone(),
                     task: None,
                 },
             );
@@ -264,6 +288,7 @@ impl Jobs {
             asked.params.clone(),
             options,
             state,
+            shots,
         ));
         if let Ok(mut t) = self.lock()
             && let Some(e) = t.entries.get_mut(&id)
@@ -282,6 +307,12 @@ impl Jobs {
     /// A receiver that sees each change of the job's phase.
     pub fn watch(&self, id: ApiJobId) -> Result<Option<watch::Receiver<Phase>>, ApiError> {
         Ok(self.lock()?.entries.get(&id).map(|e| e.state.subscribe()))
+    }
+
+    /// The previews job `id` has received so far, in order; `None` for an unknown id.
+    pub fn previews(&self, id: ApiJobId) -> Result<Option<Vec<Arc<Shot>>>, ApiError> {
+        let t = self.lock()?;
+        Ok(t.entries.get(&id).map(|e| shots_of(&e.shots)))
     }
 
     /// Every kept job, newest first.
@@ -380,8 +411,16 @@ impl Jobs {
             phase,
             node_queue_position,
             images_expire_ms,
+            latest_preview: shots_of(&e.shots).pop(),
         }
     }
+}
+
+fn shots_of(shots: &Shots) -> Vec<Arc<Shot>> {
+    shots
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_else(|p| p.into_inner().clone())
 }
 
 /// The job's task: a slot, then the market.
@@ -391,6 +430,7 @@ async fn run(
     params: JobParams,
     options: GenerateOptions,
     state: Arc<watch::Sender<Phase>>,
+    shots: Shots,
 ) {
     let Ok(_slot) = slots.acquire_owned().await else {
         return;
@@ -421,7 +461,22 @@ async fn run(
                     eta_ms,
                 }
             }
-            JobProgress::Step { step, of } => Phase::Running { provider, step, of },
+            JobProgress::Step { step, of, preview } => {
+                if let Some(preview) = preview {
+                    let mut s = shots
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let index = s.len();
+                    s.push(Arc::new(Shot {
+                        index,
+                        step,
+                        of,
+                        received_ms: now_ms(),
+                        preview,
+                    }));
+                }
+                Phase::Running { provider, step, of }
+            }
             JobProgress::FailingOver { .. } => Phase::Waiting,
         };
         progress_state.send_if_modified(|old| {

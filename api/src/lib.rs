@@ -124,6 +124,8 @@ pub(crate) struct AppState {
     pub(crate) key: Arc<SecretKey>,
     pub(crate) base_url: Arc<str>,
     pub(crate) info: Arc<NodeInfo>,
+    /// The provider service, for its queue in the node's status; `None` when not providing.
+    pub(crate) provider: Option<pixmarket_node::provider::Provider>,
 }
 
 /// An amount for JSON: the token string people read and the exact micro-tokens scripts add.
@@ -270,6 +272,7 @@ impl Api {
                 devices: settings.devices.clone(),
                 data_dir: Some(settings.data_dir.clone()),
             }),
+            provider: node.provider().cloned(),
         };
         let guard = Arc::new(guard::Guard {
             tokens,

@@ -11,6 +11,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use pixmarket_ledger::{Ledger, Role};
+use pixmarket_node::provider::QueueStatus;
 use pixmarket_protocol::validate as v;
 use pixmarket_protocol::{DepositNote, MicroTokens, PublicKey, Signed};
 use serde::Deserialize;
@@ -129,9 +130,50 @@ pub(crate) async fn node(State(s): State<AppState>) -> Result<Json<Value>, ApiEr
             "running": count(|p| p.status() == "running"),
             "kept": jobs.len(),
         },
+        "provider_queue": s.provider.as_ref().map_or(Value::Null, |p| provider_queue(&p.queue_status())),
         "earnings": crate::amount(earned),
         "spent": crate::amount(spent),
     })))
+}
+
+/// The provider's queue as JSON: the jobs on its devices with their step, and the waiting
+/// ones in order with their wait so far and estimated finish.
+fn provider_queue(q: &QueueStatus) -> Value {
+    let running: Vec<Value> = q
+        .running
+        .iter()
+        .map(|r| {
+            json!({
+                "job_id": r.job_id.to_string(),
+                "requester": r.requester.to_string(),
+                "step": r.step,
+                "steps": r.of,
+            })
+        })
+        .collect();
+    let waiting: Vec<Value> = q
+        .waiting
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            json!({
+                "position": i,
+                "job_id": w.job_id.to_string(),
+                "requester": w.requester.to_string(),
+                "size": format!("{}x{}", w.width, w.height),
+                "num_inference_steps": w.steps,
+                "n": w.images,
+                "waited_ms": w.waited_ms,
+                "eta_ms": w.eta_ms,
+            })
+        })
+        .collect();
+    json!({
+        "running": running,
+        "waiting": waiting,
+        "depth": q.waiting.len(),
+        "max_queue": q.max_queue,
+    })
 }
 
 #[derive(Debug, Deserialize)]

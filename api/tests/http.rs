@@ -477,6 +477,71 @@ async fn openai_generation_is_an_async_job_and_a_running_deposit_sticks() {
         "{p}"
     );
 
+    // An async job with previews: while it runs, its status shows the latest one (a real
+    // 16×16 PNG of the 64×64 image), and the seller's node status shows the job in the
+    // provider's own queue with its step.
+    let j = buyer
+        .call(
+            Method::POST,
+            "/api/v1/jobs",
+            Some(&json!({"prompt": "a yellow star", "num_inference_steps": 100, "partial_images": 3})),
+        )
+        .await
+        .unwrap();
+    let pid = j["id"].as_str().unwrap().to_owned();
+    let on_device = until("the job on the provider's device", async || {
+        let n = seller
+            .call(Method::GET, "/api/v1/node", None)
+            .await
+            .unwrap();
+        let running = n["provider_queue"]["running"].as_array()?.first()?.clone();
+        (running["step"].as_u64()? >= 1).then_some((n, running))
+    })
+    .await;
+    assert_eq!(
+        on_device.1["requester"],
+        requester.key.to_string(),
+        "{on_device:?}"
+    );
+    assert_eq!(on_device.1["steps"], 100);
+    assert_eq!(
+        on_device.0["provider_queue"]["max_queue"]
+            .as_u64()
+            .map(|m| m > 0),
+        Some(true)
+    );
+    let buyer_node = buyer.call(Method::GET, "/api/v1/node", None).await.unwrap();
+    assert!(buyer_node["provider_queue"].is_null(), "{buyer_node}");
+    let (preview, at_step) = until("a preview on the async route", async || {
+        let job = buyer
+            .call(Method::GET, &format!("/api/v1/jobs/{pid}"), None)
+            .await
+            .unwrap();
+        let p = job["preview"].as_object()?.clone();
+        (job["status"] == "running").then(|| (p, job["step"].as_u64().unwrap()))
+    })
+    .await;
+    assert_eq!(preview["size"], "16x16");
+    assert!(
+        [25, 50, 75].contains(&preview["step"].as_u64().unwrap()),
+        "{preview:?}"
+    );
+    assert!(at_step >= preview["step"].as_u64().unwrap());
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(preview["b64_png"].as_str().unwrap())
+        .unwrap();
+    let img = image::load_from_memory_with_format(&png, image::ImageFormat::Png).unwrap();
+    assert_eq!((img.width(), img.height()), (16, 16));
+    let done = until("the previewed job done", async || {
+        let job = buyer
+            .call(Method::GET, &format!("/api/v1/jobs/{pid}"), None)
+            .await
+            .unwrap();
+        (job["status"] == "completed").then_some(job)
+    })
+    .await;
+    assert!(done["result"]["receipt"].is_string(), "{done}");
+
     // A job submitted on the async route, cancelled while it waits or runs.
     let j = buyer
         .call(

@@ -629,6 +629,7 @@ fn hold_request_checks_the_signed_request_and_binds_the_receipt_to_it() {
                 created_at_ms: 0,
                 expires_at_ms: 10_000,
                 quote_id: None,
+                previews: 0,
             },
         )
         .unwrap()

@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use pixmarket_engine::StepCacheMode;
 use pixmarket_engine::pipeline::{self, GenerateRequest, QwenImage};
 use pixmarket_engine::placement::{self, LoadOptions, TextEncoderPlace};
+use pixmarket_engine::preview::StepPreview;
 use pixmarket_protocol::{JobParams, StepCaching};
 
-use crate::generator::{CacheStats, GenError, Generator, GeneratorInfo};
+use crate::generator::{CacheStats, GenError, Generator, GeneratorInfo, StepReport};
 
 /// The provider's caching settings (from `config.toml`'s `[provider]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,25 +158,40 @@ impl EngineGenerator {
         self
     }
 
-    /// Runs jobs that share one step-caching mode.
+    /// Runs jobs that share one step-caching mode; `jobs` pairs each job with its index in
+    /// the whole call and its previews (of its first image), and reports name that index.
     fn run(
         &self,
-        jobs: &[&JobParams],
+        jobs: &[(usize, &JobParams, u8)],
         mode: StepCaching,
-        progress: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
+        progress: &mut dyn FnMut(StepReport) -> ControlFlow<()>,
     ) -> Result<Vec<Vec<Vec<u8>>>, GenError> {
         let mut requests = Vec::new();
         let mut counts = Vec::with_capacity(jobs.len());
-        for job in jobs {
+        // Per engine request: its job's index in the call, and the previews it makes.
+        let mut owners = Vec::new();
+        let mut previews = Vec::new();
+        for &(index, job, wanted) in jobs {
             counts.push(job.images as usize);
             for i in 0..job.images {
                 requests.push(to_request(job, i)?);
+                owners.push(index);
+                previews.push(if i == 0 { wanted } else { 0 });
             }
         }
-        let mut cb = |p: pipeline::Progress| progress(p.step, p.total);
+        let mut cb = |p: pipeline::Progress, made: Vec<StepPreview>| {
+            progress(StepReport {
+                step: p.step,
+                of: p.total,
+                previews: made
+                    .into_iter()
+                    .filter_map(|m| Some((*owners.get(m.request)?, m.preview)))
+                    .collect(),
+            })
+        };
         let (images, stats) = self
             .model
-            .generate_with(&requests, engine_mode(mode), &mut cb)
+            .generate_previewing(&requests, engine_mode(mode), &previews, &mut cb)
             .map_err(|e| match e {
                 pixmarket_engine::error::EngineError::Cancelled => GenError::Cancelled,
                 other => GenError::Failed(other.to_string()),
@@ -252,12 +268,26 @@ impl Generator for EngineGenerator {
         jobs: &[JobParams],
         progress: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
     ) -> Result<Vec<Vec<Vec<u8>>>, GenError> {
+        self.generate_previewing(jobs, &[], &mut |r| progress(r.step, r.of))
+    }
+
+    fn generate_previewing(
+        &self,
+        jobs: &[JobParams],
+        previews: &[u8],
+        progress: &mut dyn FnMut(StepReport) -> ControlFlow<()>,
+    ) -> Result<Vec<Vec<Vec<u8>>>, GenError> {
+        let wanted = |i: usize| previews.get(i).copied().unwrap_or(0);
         // The provider batches only jobs with one `exact` flag; a mixed batch still runs each
         // job in its own mode, as two engine calls.
         let mode = |j: &JobParams| self.caching.step_caching.for_job(j.exact);
         let first = jobs.first().map(mode);
         if jobs.iter().all(|j| Some(mode(j)) == first) {
-            let all: Vec<&JobParams> = jobs.iter().collect();
+            let all: Vec<(usize, &JobParams, u8)> = jobs
+                .iter()
+                .enumerate()
+                .map(|(i, j)| (i, j, wanted(i)))
+                .collect();
             return self.run(&all, first.unwrap_or(StepCaching::Exact), progress);
         }
         let mut out: Vec<Option<Vec<Vec<u8>>>> = vec![None; jobs.len()];
@@ -265,7 +295,8 @@ impl Generator for EngineGenerator {
             let idx: Vec<usize> = (0..jobs.len())
                 .filter(|&i| jobs[i].exact == exact)
                 .collect();
-            let part: Vec<&JobParams> = idx.iter().map(|&i| &jobs[i]).collect();
+            let part: Vec<(usize, &JobParams, u8)> =
+                idx.iter().map(|&i| (i, &jobs[i], wanted(i))).collect();
             let m = self.caching.step_caching.for_job(exact);
             for (i, pngs) in idx.into_iter().zip(self.run(&part, m, progress)?) {
                 out[i] = Some(pngs);

@@ -169,6 +169,16 @@ impl Node {
         self.provider.is_some()
     }
 
+    /// The provider's queue now; `None` when this node does not provide.
+    pub fn provider_queue(&self) -> Option<crate::provider::QueueStatus> {
+        self.provider.as_ref().map(Provider::queue_status)
+    }
+
+    /// The provider service, when this node provides (cheap to clone).
+    pub fn provider(&self) -> Option<&Provider> {
+        self.provider.as_ref()
+    }
+
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
     }

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::exchange::JobVoid;
 use crate::identity::{Hash, PublicKey};
 use crate::metering::{self, MeterError, MeteredUnits, MicroTokens, PriceSchedule};
+use crate::preview::Preview;
 use crate::signed::{Message, Signed};
 use crate::validate::{self as v, ValidationError};
 
@@ -513,11 +514,21 @@ pub struct JobRequest {
     pub created_at_ms: u64,
     pub expires_at_ms: u64,
     pub quote_id: Option<QuoteId>,
+    /// Previews of the first image wanted with the progress events, 0 to
+    /// [`crate::preview::MAX_PREVIEWS`]; free, and bounded to thumbnails (see
+    /// [`crate::preview`]). Not part of [`JobParams`]: they do not change the picture.
+    pub previews: u8,
 }
 
 impl JobRequest {
     pub fn validate(&self, now_ms: u64) -> Result<(), ValidationError> {
         self.params.validate()?;
+        v::range(
+            "previews",
+            u64::from(self.previews),
+            0,
+            u64::from(crate::preview::MAX_PREVIEWS),
+        )?;
         v::expiry("expires_at", self.expires_at_ms, now_ms)
     }
 }
@@ -610,9 +621,13 @@ pub enum JobEventKind {
         queue_position: u32,
         eta_ms: u64,
     },
+    /// `step` of `of` steps are done; `preview` is a picture of the job's first image at this
+    /// step, sent only at the steps [`crate::preview::preview_steps`] names when the request
+    /// asked for previews.
     Progress {
         step: u32,
         of: u32,
+        preview: Option<Preview>,
     },
     /// The provider-signed receipt (with the images' hashes), sent once it is durable. The
     /// images themselves are released only against the requester's signed acknowledgement.
@@ -757,8 +772,9 @@ impl Message for Receipt {
 }
 impl Message for JobEvent {
     const DOMAIN: &'static str = "pixmarket/v1/job-event";
-    /// A signed receipt or a signed void, with room for a failure's message.
-    const MAX_ENCODED: usize = 8 * KIB;
+    /// A signed receipt or a signed void, with room for a failure's message, or progress with
+    /// a preview.
+    const MAX_ENCODED: usize = crate::preview::MAX_PREVIEW_BYTES + 8 * KIB;
 }
 impl Message for ReceiptAck {
     const DOMAIN: &'static str = "pixmarket/v1/receipt-ack";

@@ -37,6 +37,7 @@ fn request(params: JobParams) -> JobRequest {
         created_at_ms: NOW,
         expires_at_ms: NOW + 60_000,
         quote_id: None,
+        previews: 0,
     }
 }
 

@@ -747,6 +747,7 @@ pub fn job_request(provider: PublicKey, params: JobParams, max_cost: MicroTokens
         created_at_ms: now,
         expires_at_ms: now + REQUEST_VALIDITY_MS,
         quote_id: None,
+        previews: 0,
     }
 }
 

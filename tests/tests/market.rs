@@ -37,7 +37,7 @@ async fn one_job_end_to_end_leaves_the_same_doubly_signed_receipt() {
     assert!(outcome.images[0].starts_with(b"\x89PNG"));
     assert!(
         seen.iter()
-            .any(|p| matches!(p, JobProgress::Step { step: 2, of: 2 })),
+            .any(|p| matches!(p, JobProgress::Step { step: 2, of: 2, .. })),
         "{seen:?}"
     );
     let receipt = outcome.receipt.verify().unwrap();

@@ -268,7 +268,7 @@ pub(crate) fn run(
             JobProgress::Queued { position, .. } => {
                 bar.set_message(format!("queued at position {position}"))
             }
-            JobProgress::Step { step, of } => {
+            JobProgress::Step { step, of, .. } => {
                 bar.set_length(u64::from(of));
                 bar.set_position(u64::from(step));
                 bar.set_message("generating");

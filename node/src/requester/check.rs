@@ -160,6 +160,7 @@ mod tests {
             created_at_ms: 0,
             expires_at_ms: 1,
             quote_id: None,
+            previews: 0,
         };
         let signed = Signed::sign(&requester, &request).unwrap();
         let quote = Quote {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use libp2p::PeerId;
 use pixmarket_ledger::{LedgerError, Role};
 use pixmarket_protocol::messages::{FailReason, JobEventKind};
+use pixmarket_protocol::preview;
 use pixmarket_protocol::{
     ChainEntry, JobEvent, JobId, JobParams, JobRequest, JobStatus, PublicKey, Quote, QuoteId,
     QuoteRequest, Receipt, ReceiptAck, ReceiptRefusal, Signed, StepCaching,
@@ -16,6 +17,7 @@ use tokio::sync::mpsc;
 
 use super::cancel::CancelOnDrop;
 use super::check::{check_images, check_receipt};
+use super::previews::PreviewGate;
 use super::{
     GenerateError, GenerateOptions, JOB_EVENT_QUEUE, JobProgress, Outcome, Requester, RouteGuard,
     standing,
@@ -460,6 +462,7 @@ impl Requester {
             created_at_ms: now,
             expires_at_ms: now.saturating_add(validity),
             quote_id: Some(quote.quote_id),
+            previews: options.previews.min(preview::MAX_PREVIEWS),
         };
         let signed = Signed::sign(&self.key, &request).map_err(|e| fail(e.to_string()))?;
         let (tx, mut rx) = mpsc::channel(JOB_EVENT_QUEUE);
@@ -515,6 +518,8 @@ impl Requester {
         }
         // Idle periods in a row in which the provider could not be reached at all.
         let mut unreachable = 0u32;
+        // Previews still to pass on: the request's number, however many the provider sends.
+        let mut previews = PreviewGate::for_request(&request);
         // The job ends by its request's expiry, however often the provider says it is still
         // busy: a heartbeat or progress resets the idle wait, never this.
         let ends_at_ms = request.expires_at_ms.saturating_add(EXPIRY_MARGIN_MS);
@@ -589,9 +594,10 @@ impl Requester {
                         eta_ms,
                     });
                 }
-                JobEventKind::Progress { step, of } => {
+                JobEventKind::Progress { step, of, preview } => {
                     let _ = self.net.respond(channel, Response::EventAck(None)).await;
-                    progress(JobProgress::Step { step, of });
+                    let preview = previews.admit(preview);
+                    progress(JobProgress::Step { step, of, preview });
                 }
                 JobEventKind::Failed { reason, void } => {
                     let _ = self.net.respond(channel, Response::EventAck(None)).await;
@@ -655,7 +661,11 @@ impl Requester {
             }
             JobStatus::Running { step, of } => {
                 if of > 0 {
-                    progress(JobProgress::Step { step, of });
+                    progress(JobProgress::Step {
+                        step,
+                        of,
+                        preview: None,
+                    });
                 }
                 None
             }

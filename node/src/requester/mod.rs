@@ -29,6 +29,7 @@
 mod cancel;
 mod check;
 mod exchange;
+mod previews;
 mod standing;
 
 use std::collections::BTreeMap;
@@ -138,6 +139,9 @@ pub struct GenerateOptions {
     /// How long the images are asked for after our ack before the job is recorded as
     /// undelivered against the provider ([`FETCH_DEADLINE`] by default).
     pub fetch_deadline: Duration,
+    /// Previews of the first image to ask the provider for, 0 to
+    /// [`pixmarket_protocol::preview::MAX_PREVIEWS`] (more is the maximum); 0 by default.
+    pub previews: u8,
 }
 
 impl Default for GenerateOptions {
@@ -150,6 +154,7 @@ impl Default for GenerateOptions {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             request_validity: DEFAULT_REQUEST_VALIDITY,
             fetch_deadline: FETCH_DEADLINE,
+            previews: 0,
         }
     }
 }
@@ -169,6 +174,10 @@ pub enum JobProgress {
     Step {
         step: u32,
         of: u32,
+        /// A picture of the job's first image at this step, when previews were asked for
+        /// ([`GenerateOptions::previews`]) and this step has one; checked against the
+        /// protocol's bounds ([`pixmarket_protocol::preview`]), free, and not the image.
+        preview: Option<pixmarket_protocol::Preview>,
     },
     FailingOver {
         provider: PeerId,
