@@ -66,6 +66,7 @@ mod tests {
                 images: 1,
                 mode: Mode::TextToImage,
                 exact: false,
+                latents: None,
             },
             max_cost: MicroTokens(1),
             created_at_ms: 0,
