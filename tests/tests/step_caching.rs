@@ -141,7 +141,7 @@ async fn a_provider_that_does_not_serve_exact_refuses_at_the_quote() {
     assert!(
         reasons
             .iter()
-            .any(|r| r.contains("does not run jobs that require exact computation")),
+            .any(|r| r.failure.message.contains("does not run jobs that require exact computation")),
         "{reasons:?}"
     );
     for node in [&provider.node, &requester.node] {
