@@ -550,7 +550,9 @@ mod tests {
             },
         };
         let all = |r: Vec<FailureKind>| {
-            classify(&GenerateError::AllFailed(r.into_iter().map(attempt).collect()))
+            classify(&GenerateError::AllFailed(
+                r.into_iter().map(attempt).collect(),
+            ))
         };
         assert_eq!(all(vec![credit.clone()]), FailKind::InsufficientCredit);
         assert_eq!(

@@ -172,8 +172,15 @@ async fn a_partition_fails_jobs_at_once_and_heals() {
     let GenerateError::AllFailed(reasons) = &err else {
         panic!("{err}");
     };
-    assert!(reasons[0].failure.message.contains("partition"), "{reasons:?}");
-    assert_eq!(reasons[0].failure.kind, FailureKind::Unreachable, "{reasons:?}");
+    assert!(
+        reasons[0].failure.message.contains("partition"),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        reasons[0].failure.kind,
+        FailureKind::Unreachable,
+        "{reasons:?}"
+    );
     assert!(faults.stats().refused_requests >= 1);
 
     // Dialling across is denied too, and nothing reconnects or gossips across on its own.

@@ -450,10 +450,7 @@ impl Requester {
                     quoted: quote.cost,
                     max_cost: max,
                 },
-                format!(
-                    "quoted {} tokens, more than --max-cost {max}",
-                    quote.cost
-                ),
+                format!("quoted {} tokens, more than --max-cost {max}", quote.cost),
             ));
         }
         progress(JobProgress::Quoted {
@@ -481,8 +478,8 @@ impl Requester {
             expires_at_ms: now.saturating_add(validity),
             quote_id: Some(quote.quote_id),
         };
-        let signed =
-            Signed::sign(&self.key, &request).map_err(|e| fail(FailureKind::Local, e.to_string()))?;
+        let signed = Signed::sign(&self.key, &request)
+            .map_err(|e| fail(FailureKind::Local, e.to_string()))?;
         let (tx, mut rx) = mpsc::channel(JOB_EVENT_QUEUE);
         if let Ok(mut r) = self.routes.lock() {
             r.insert(request.job_id, (peer, tx));
@@ -728,9 +725,12 @@ impl Requester {
                     None
                 }
             }
-            JobStatus::Voided(void) => job
-                .is_void(&void)
-                .then(|| Err(fail(FailureKind::ProviderFailed, "the provider voided the job"))),
+            JobStatus::Voided(void) => job.is_void(&void).then(|| {
+                Err(fail(
+                    FailureKind::ProviderFailed,
+                    "the provider voided the job",
+                ))
+            }),
         }
     }
 

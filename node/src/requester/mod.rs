@@ -94,11 +94,7 @@ const MAX_UNTRIED_PER_JOB: usize = 1;
 /// devices behind a deep queue so ranks by that whole queue and cannot beat a known-good
 /// provider with a shorter one.
 fn ranked_devices(advert: &CapacityAdvert, known_good: bool) -> u32 {
-    if known_good {
-        advert.device_count()
-    } else {
-        1
-    }
+    if known_good { advert.device_count() } else { 1 }
 }
 
 /// One provider as the requester knows it.
