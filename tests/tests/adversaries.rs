@@ -305,8 +305,14 @@ async fn pinned_requester_refuses(seed: u8, cheat: Cheat, expected: &str) {
     };
     assert_eq!(reasons.len(), 1, "{err}");
     assert_eq!(reasons[0].failure.kind, FailureKind::BadReceipt, "{err}");
-    assert!(reasons[0].failure.message.contains("bad receipt"), "{cheat:?}: {err}");
-    assert!(reasons[0].failure.message.contains(expected), "{cheat:?}: {err}");
+    assert!(
+        reasons[0].failure.message.contains("bad receipt"),
+        "{cheat:?}: {err}"
+    );
+    assert!(
+        reasons[0].failure.message.contains(expected),
+        "{cheat:?}: {err}"
+    );
     let evil_id = evil.peer_id().to_string();
     warnings
         .expect(&["refusing receipt", &evil_id, expected])

@@ -23,8 +23,8 @@ use pixmarket_node::requester::{
     FailureKind, GenerateError, GenerateOptions, JobProgress, MAX_PROVIDERS,
 };
 use pixmarket_protocol::messages::DeviceCapacity;
-use pixmarket_protocol::{PublicKey, SecretKey};
 use pixmarket_protocol::messages::FailReason;
+use pixmarket_protocol::{PublicKey, SecretKey};
 use pixmarket_testnet::adversary::{ProviderPlay, STALL_HEARTBEAT, quote_request};
 use pixmarket_tests::evil::{EvilProvider, RawPeer, wait_until};
 use pixmarket_tests::{TestNode, small_job, tiny_generator};

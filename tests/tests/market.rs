@@ -123,8 +123,17 @@ async fn insufficient_credit_is_refused_before_any_work() {
         ),
         "{err}"
     );
-    assert!(reasons[0].failure.message.contains("insufficient credit"), "{err}");
-    assert!(reasons[0].failure.message.contains("0.000000 are available"), "{err}");
+    assert!(
+        reasons[0].failure.message.contains("insufficient credit"),
+        "{err}"
+    );
+    assert!(
+        reasons[0]
+            .failure
+            .message
+            .contains("0.000000 are available"),
+        "{err}"
+    );
     assert!(
         !seen.iter().any(|p| matches!(p, JobProgress::Step { .. })),
         "no step ran: {seen:?}"
