@@ -91,7 +91,7 @@ pub(crate) fn job_json(s: &AppState, v: &View) -> Value {
                 "code": match kind {
                     FailKind::NoProviders => "no_providers",
                     FailKind::InsufficientCredit => "insufficient_credit",
-                    FailKind::Busy => "market_busy",
+                    FailKind::Busy { .. } => "market_busy",
                     FailKind::Invalid => "invalid_value",
                     FailKind::Other => "market_failed",
                 },

@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use libp2p::PeerId;
 use pixmarket_node::now_ms;
-use pixmarket_node::requester::{GenerateError, GenerateOptions, JobProgress, Requester};
+use pixmarket_node::requester::{
+    FailureKind, GenerateError, GenerateOptions, JobProgress, Requester,
+};
 use pixmarket_protocol::{JobParams, MicroTokens, Preview};
 use tokio::sync::{Semaphore, watch};
 
@@ -78,7 +80,10 @@ impl std::fmt::Display for ApiJobId {
 pub enum FailKind {
     NoProviders,
     InsufficientCredit,
-    Busy,
+    /// Every provider tried was busy; the soonest any said it would take more.
+    Busy {
+        retry_after_ms: u64,
+    },
     Invalid,
     Other,
 }
@@ -251,9 +256,12 @@ impl Jobs {
                 .filter(|e| !e.state.borrow().is_finished())
                 .count();
             if open >= MAX_OPEN_JOBS {
-                return Err(ApiError::MarketBusy(format!(
-                    "this node already has {open} jobs waiting or running (at most {MAX_OPEN_JOBS}); retry when one finishes"
-                )));
+                return Err(ApiError::MarketBusy {
+                    message: format!(
+                        "this node already has {open} jobs waiting or running (at most {MAX_OPEN_JOBS}); retry when one finishes"
+                    ),
+                    retry_after_s: None,
+                });
             }
             while t.entries.len() >= MAX_KEPT_JOBS {
                 let oldest = t
@@ -518,22 +526,29 @@ async fn run(
     });
 }
 
-/// The phrase `FailReason::InsufficientCredit` shows in a provider's refusal.
-const INSUFFICIENT_CREDIT: &str = "insufficient credit";
-/// The phrase `FailReason::Busy` shows in a provider's refusal.
-const BUSY: &str = "provider busy";
-
 fn classify(e: &GenerateError) -> FailKind {
     match e {
         GenerateError::NoProviders => FailKind::NoProviders,
         GenerateError::Invalid(_) => FailKind::Invalid,
-        // Every provider tried gave the same kind of refusal: that is what the client can act
-        // on (deposit, or wait); mixed reasons are a market failure.
-        GenerateError::AllFailed(reasons) if !reasons.is_empty() => {
-            if reasons.iter().all(|r| r.contains(INSUFFICIENT_CREDIT)) {
+        // Every provider tried failed the same way: that is what the client can act on
+        // (deposit, or wait); mixed reasons are a market failure.
+        GenerateError::AllFailed(attempts) if !attempts.is_empty() => {
+            let busy: Option<Vec<u64>> = attempts
+                .iter()
+                .map(|a| match a.kind() {
+                    FailureKind::Busy { retry_after_ms } => Some(*retry_after_ms),
+                    _ => None,
+                })
+                .collect();
+            if attempts
+                .iter()
+                .all(|a| matches!(a.kind(), FailureKind::InsufficientCredit { .. }))
+            {
                 FailKind::InsufficientCredit
-            } else if reasons.iter().all(|r| r.contains(BUSY)) {
-                FailKind::Busy
+            } else if let Some(waits) = busy {
+                FailKind::Busy {
+                    retry_after_ms: waits.into_iter().min().unwrap_or(0),
+                }
             } else {
                 FailKind::Other
             }
@@ -547,7 +562,10 @@ pub fn failure_error(kind: FailKind, reason: &str) -> ApiError {
     match kind {
         FailKind::NoProviders => ApiError::NoProviders(reason.to_owned()),
         FailKind::InsufficientCredit => ApiError::InsufficientCredit(reason.to_owned()),
-        FailKind::Busy => ApiError::MarketBusy(reason.to_owned()),
+        FailKind::Busy { retry_after_ms } => ApiError::MarketBusy {
+            message: reason.to_owned(),
+            retry_after_s: Some(retry_after_ms.div_ceil(1000).max(1)),
+        },
         FailKind::Invalid => ApiError::Invalid {
             param: None,
             message: reason.to_owned(),
@@ -572,20 +590,42 @@ mod tests {
 
     #[test]
     fn refusals_of_one_kind_become_their_status() {
-        let credit = pixmarket_protocol::messages::FailReason::InsufficientCredit {
+        use pixmarket_node::requester::{FailedAttempt, Failure};
+        let credit = FailureKind::InsufficientCredit {
             needed: MicroTokens(5),
             available: MicroTokens(0),
         };
-        let busy = pixmarket_protocol::messages::FailReason::Busy { retry_after_ms: 5 };
-        let all = |r: Vec<String>| classify(&GenerateError::AllFailed(r));
+        let busy = |ms| FailureKind::Busy { retry_after_ms: ms };
+        // The message plays no part: only the kind decides.
+        let attempt = |kind: FailureKind| FailedAttempt {
+            provider: PeerId::random(),
+            failure: Failure {
+                kind,
+                message: "insufficient credit, provider busy".into(),
+            },
+        };
+        let all = |r: Vec<FailureKind>| {
+            classify(&GenerateError::AllFailed(
+                r.into_iter().map(attempt).collect(),
+            ))
+        };
+        assert_eq!(all(vec![credit.clone()]), FailKind::InsufficientCredit);
         assert_eq!(
-            all(vec![format!("p: refused: {credit}")]),
-            FailKind::InsufficientCredit
+            all(vec![busy(2_500), busy(800)]),
+            FailKind::Busy {
+                retry_after_ms: 800
+            }
         );
-        assert_eq!(all(vec![format!("p: refused: {busy}")]), FailKind::Busy);
-        assert_eq!(
-            all(vec![format!("p: refused: {busy}"), format!("q: {credit}")]),
-            FailKind::Other
-        );
+        assert_eq!(all(vec![busy(5), credit]), FailKind::Other);
+        assert_eq!(all(vec![FailureKind::Unreachable]), FailKind::Other);
+        let ApiError::MarketBusy { retry_after_s, .. } = failure_error(
+            FailKind::Busy {
+                retry_after_ms: 1_200,
+            },
+            "busy",
+        ) else {
+            panic!("busy is not MarketBusy");
+        };
+        assert_eq!(retry_after_s, Some(2));
     }
 }
