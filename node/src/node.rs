@@ -93,6 +93,7 @@ pub struct Node {
     /// One permit per provider request being handled (each holds the ledger until it returns).
     handlers: Arc<Semaphore>,
     metrics_addr: Option<SocketAddr>,
+    metrics: Arc<Metrics>,
 }
 
 impl Node {
@@ -138,7 +139,7 @@ impl Node {
             client.clone(),
             requester.clone(),
             provider.clone(),
-            metrics,
+            metrics.clone(),
             handlers.clone(),
         ));
         Ok(Self {
@@ -150,6 +151,7 @@ impl Node {
             tasks,
             handlers,
             metrics_addr,
+            metrics,
         })
     }
 
@@ -181,6 +183,12 @@ impl Node {
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// The node's figures (jobs by outcome, queue, per-device busy and step time), which the
+    /// API's dashboard routes read.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Addresses the swarm listens on, with `/p2p/<peer id>` appended: what others dial.
