@@ -472,6 +472,7 @@ impl DishonestProvider {
                     peer,
                     request,
                     channel,
+                    ..
                 } = ev
                 else {
                     continue;
