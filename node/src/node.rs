@@ -307,7 +307,16 @@ async fn dispatch(
                 peer,
                 request,
                 channel,
+                via,
             } => {
+                // Before any work: a result the relayed circuit could not carry is refused now.
+                if provider.is_some()
+                    && let Some(reason) = network::path::relay_refusal(&request, via)
+                {
+                    tracing::info!(%peer, %reason, "refusing a job the relay cannot carry");
+                    let _ = client.respond(channel, Response::Refused(reason)).await;
+                    continue;
+                }
                 if let Err(wait) = limits.admit(peer, Kind::of(&request)) {
                     tracing::debug!(%peer, kind = request.kind(), "rate limited");
                     let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);

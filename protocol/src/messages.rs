@@ -578,6 +578,17 @@ pub enum FailReason {
     NotSettled,
     #[error("this provider does not run jobs that require exact computation (it runs {offered})")]
     ExactUnavailable { offered: StepCaching },
+    /// The requester reaches this provider only through a relay whose circuits carry fewer
+    /// bytes than the result would take; refused before any work. Hole punching, a public
+    /// address on either side, or a relay that carries results would lift it.
+    #[error(
+        "the result (up to {needed_bytes} bytes) cannot cross the relayed connection, which \
+         carries at most {circuit_bytes} bytes; hole punching did not connect us directly"
+    )]
+    RelayLimit {
+        circuit_bytes: u64,
+        needed_bytes: u64,
+    },
 }
 
 /// A [`ValidationError`] as it travels on the wire (owned field name).

@@ -493,6 +493,7 @@ impl DishonestProvider {
                     peer,
                     request,
                     channel,
+                    ..
                 } = ev
                 else {
                     continue;

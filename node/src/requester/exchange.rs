@@ -275,6 +275,10 @@ impl Requester {
             {
                 Ok(mut outcome) => {
                     outcome.attempts = attempt + 1;
+                    // Which path the job took (direct, hole-punched, relayed), for operators.
+                    if let Ok(path) = self.net.path_to(peer).await {
+                        tracing::info!(provider = %peer, path = path.as_str(), "job delivered");
+                    }
                     // Measured here, submission to images: the provider's claims play no part.
                     let took = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                     let units = outcome.receipt.verify().map(|r| r.units).ok();
