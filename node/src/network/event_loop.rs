@@ -105,11 +105,14 @@ struct Conn {
     dialed: Option<Multiaddr>,
 }
 
+/// Where the answer to one request goes.
+type Reply = oneshot::Sender<Result<Response, NetError>>;
+
 struct Held {
     deadline: tokio::time::Instant,
     /// The dial to the advertised addresses these wait for, if any.
     dial: Option<ConnectionId>,
-    requests: Vec<(Box<Request>, oneshot::Sender<Result<Response, NetError>>)>,
+    requests: Vec<(Box<Request>, Reply)>,
 }
 
 impl std::fmt::Debug for EventLoop {
