@@ -6,12 +6,13 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
 use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
-use crate::jobs::{ApiJobId, Asked, FailKind, Phase, View};
+use crate::jobs::{ApiJobId, Asked, FailKind, Phase, Shot, View};
 use crate::openai::{GenerationRequest, image_url, result_json};
 use crate::params;
 
@@ -73,6 +74,7 @@ pub(crate) fn job_json(s: &AppState, v: &View) -> Value {
             "provider": peer(*provider),
             "step": step,
             "steps": of,
+            "preview": v.latest_preview.as_deref().map_or(Value::Null, preview_json),
         }),
         Phase::Completed(done) => {
             let urls: Vec<Value> = (0..done.images.len())
@@ -89,7 +91,7 @@ pub(crate) fn job_json(s: &AppState, v: &View) -> Value {
                 "code": match kind {
                     FailKind::NoProviders => "no_providers",
                     FailKind::InsufficientCredit => "insufficient_credit",
-                    FailKind::Busy => "market_busy",
+                    FailKind::Busy { .. } => "market_busy",
                     FailKind::Invalid => "invalid_value",
                     FailKind::Other => "market_failed",
                 },
@@ -103,18 +105,30 @@ pub(crate) fn job_json(s: &AppState, v: &View) -> Value {
     j
 }
 
+/// The latest preview of a running job: its step, its size and the PNG inline.
+fn preview_json(shot: &Shot) -> Value {
+    json!({
+        "index": shot.index,
+        "step": shot.step,
+        "steps": shot.of,
+        "size": format!("{}x{}", shot.preview.width, shot.preview.height),
+        "b64_png": base64::engine::general_purpose::STANDARD.encode(&shot.preview.png),
+    })
+}
+
 /// `POST /api/v1/jobs`: the generation body of `/v1/images/generations` (without
 /// `response_format` and `stream`); answers 202 with the queued job.
 pub(crate) async fn submit(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<GenerationRequest>,
 ) -> Result<Response, ApiError> {
-    if req.stream.is_some() || req.partial_images.is_some() {
+    if req.stream.is_some() {
         return Err(ApiError::invalid(
             "stream",
-            "an async job does not stream; poll GET /api/v1/jobs/{id}",
+            "an async job does not stream; poll GET /api/v1/jobs/{id} (with partial_images, it shows the latest preview)",
         ));
     }
+    let previews = crate::openai::partial_images(req.partial_images)?;
     if req.response_format.is_some() {
         return Err(ApiError::invalid(
             "response_format",
@@ -122,7 +136,8 @@ pub(crate) async fn submit(
         ));
     }
     let output_format = crate::openai::OutputFormat::parse_opt(req.output_format.as_deref())?;
-    let (model, params, options) = params::build(req.spec(), &s.requester)?;
+    let (model, params, mut options) = params::build(req.spec(), &s.requester)?;
+    options.previews = previews;
     let id = s.jobs.submit(
         Asked {
             model,

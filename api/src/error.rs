@@ -34,8 +34,13 @@ pub enum ApiError {
     TooLarge { limit: usize },
     #[error("too many requests; retry after {retry_after_s} s")]
     RateLimited { retry_after_s: u64 },
-    #[error("{0}")]
-    MarketBusy(String),
+    /// Every provider (or this node's own job slots) is busy; `retry_after_s`, when known, is
+    /// the soonest a provider said it would take more.
+    #[error("{message}")]
+    MarketBusy {
+        message: String,
+        retry_after_s: Option<u64>,
+    },
     #[error("{0}")]
     InsufficientCredit(String),
     #[error("{0}")]
@@ -68,7 +73,9 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::RateLimited { .. } | ApiError::MarketBusy(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited { .. } | ApiError::MarketBusy { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::NoProviders(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Market(_) => StatusCode::BAD_GATEWAY,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -87,7 +94,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => ("invalid_request_error", "method_not_allowed"),
             ApiError::TooLarge { .. } => ("invalid_request_error", "body_too_large"),
             ApiError::RateLimited { .. } => ("rate_limit_error", "rate_limit_exceeded"),
-            ApiError::MarketBusy(_) => ("rate_limit_error", "market_busy"),
+            ApiError::MarketBusy { .. } => ("rate_limit_error", "market_busy"),
             ApiError::InsufficientCredit(_) => ("insufficient_quota", "insufficient_credit"),
             ApiError::NoProviders(_) => ("api_error", "no_providers"),
             ApiError::Market(_) => ("api_error", "market_failed"),
@@ -125,7 +132,12 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (self.status(), Json(body)).into_response();
-        if let ApiError::RateLimited { retry_after_s } = &self
+        let retry_after_s = match &self {
+            ApiError::RateLimited { retry_after_s } => Some(*retry_after_s),
+            ApiError::MarketBusy { retry_after_s, .. } => *retry_after_s,
+            _ => None,
+        };
+        if let Some(retry_after_s) = retry_after_s
             && let Ok(v) = HeaderValue::from_str(&retry_after_s.to_string())
         {
             response.headers_mut().insert(header::RETRY_AFTER, v);

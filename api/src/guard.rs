@@ -106,6 +106,17 @@ pub(crate) async fn guard(State(g): State<Arc<Guard>>, mut req: Request, next: N
     next.run(req).await
 }
 
+/// The rate limit alone, for the dashboard's static assets (they hold no data, so no token).
+pub(crate) async fn rate_only(State(g): State<Arc<Guard>>, req: Request, next: Next) -> Response {
+    match g.limiter.take() {
+        Ok(()) => next.run(req).await,
+        Err(wait) => ApiError::RateLimited {
+            retry_after_s: wait.as_secs().max(1),
+        }
+        .into_response(),
+    }
+}
+
 /// The scope check of one route group.
 pub(crate) async fn require(needed: Scope, req: Request, next: Next) -> Response {
     match req.extensions().get::<Grant>() {

@@ -3,7 +3,9 @@
 //!
 //! Data flow: submit → an entry (state `waiting` in this node's queue) and a task → the task
 //! takes one of [`MAX_RUNNING_JOBS`] slots → `Requester::generate`, whose progress (quote,
-//! provider queue, steps, fail-over) updates the entry's `watch` channel → the outcome (paid,
+//! provider queue, steps with their previews, fail-over) updates the entry's `watch` channel
+//! (a preview is stored in the entry before the step that carries it is sent, so a reader
+//! woken by the step finds it) → the outcome (paid,
 //! verified images with the receipt) or the reason it failed. Cancel aborts the task: nothing
 //! is acknowledged for an abandoned job, so nothing is paid (the provider credits a receipt it
 //! sends later). Finished entries keep their images for the URL lifetime, and the table keeps
@@ -15,8 +17,10 @@ use std::time::Duration;
 
 use libp2p::PeerId;
 use pixmarket_node::now_ms;
-use pixmarket_node::requester::{GenerateError, GenerateOptions, JobProgress, Requester};
-use pixmarket_protocol::{JobParams, MicroTokens};
+use pixmarket_node::requester::{
+    FailureKind, GenerateError, GenerateOptions, JobProgress, Requester,
+};
+use pixmarket_protocol::{JobParams, MicroTokens, Preview};
 use tokio::sync::{Semaphore, watch};
 
 use crate::error::ApiError;
@@ -32,6 +36,20 @@ pub const MAX_RUNNING_JOBS: usize = 8;
 pub const MAX_KEPT_JOBS: usize = 128;
 /// How long a finished job's images are kept (and their URLs answer) by default.
 pub const DEFAULT_IMAGE_TTL: Duration = Duration::from_secs(60 * 60);
+
+/// A preview of a running job's first image, as the provider sent it: at most
+/// [`pixmarket_protocol::preview::MAX_PREVIEWS`] a job (the requester passes no more), each
+/// at most [`pixmarket_protocol::preview::MAX_PREVIEW_BYTES`], so the table's previews are at
+/// most 128 × 3 × 56 KiB (21 MiB).
+#[derive(Debug)]
+pub struct Shot {
+    /// 0-based, in the order they came: OpenAI's `partial_image_index`.
+    pub index: usize,
+    pub step: u32,
+    pub of: u32,
+    pub received_ms: u64,
+    pub preview: Preview,
+}
 
 /// An API job's id: `job_` and 32 hex digits. It is not the protocol's job id (a job that
 /// fails over has one per provider tried); the receipt's id is in the job's result.
@@ -62,7 +80,10 @@ impl std::fmt::Display for ApiJobId {
 pub enum FailKind {
     NoProviders,
     InsufficientCredit,
-    Busy,
+    /// Every provider tried was busy; the soonest any said it would take more.
+    Busy {
+        retry_after_ms: u64,
+    },
     Invalid,
     Other,
 }
@@ -164,13 +185,19 @@ pub struct View {
     /// Jobs ahead of this one in this node's queue, while it waits there.
     pub node_queue_position: Option<usize>,
     pub images_expire_ms: Option<u64>,
+    /// The latest preview, if the job asked for previews and one has come.
+    pub latest_preview: Option<Arc<Shot>>,
 }
+
+/// A job's previews, shared by its task (which adds them) and the table's readers.
+type Shots = Arc<Mutex<Vec<Arc<Shot>>>>;
 
 struct Entry {
     seq: u64,
     created_ms: u64,
     asked: Arc<Asked>,
     state: Arc<watch::Sender<Phase>>,
+    shots: Shots,
     task: Option<tokio::task::AbortHandle>,
 }
 
@@ -220,6 +247,7 @@ impl Jobs {
         let asked = Arc::new(asked);
         let (tx, _) = watch::channel(Phase::Waiting);
         let state = Arc::new(tx);
+        let shots = Shots::default();
         {
             let mut t = self.lock()?;
             let open = t
@@ -228,9 +256,12 @@ impl Jobs {
                 .filter(|e| !e.state.borrow().is_finished())
                 .count();
             if open >= MAX_OPEN_JOBS {
-                return Err(ApiError::MarketBusy(format!(
-                    "this node already has {open} jobs waiting or running (at most {MAX_OPEN_JOBS}); retry when one finishes"
-                )));
+                return Err(ApiError::MarketBusy {
+                    message: format!(
+                        "this node already has {open} jobs waiting or running (at most {MAX_OPEN_JOBS}); retry when one finishes"
+                    ),
+                    retry_after_s: None,
+                });
             }
             while t.entries.len() >= MAX_KEPT_JOBS {
                 let oldest = t
@@ -254,6 +285,7 @@ impl Jobs {
                     created_ms: now,
                     asked: asked.clone(),
                     state: state.clone(),
+                    shots: shots.clone(),
                     task: None,
                 },
             );
@@ -264,6 +296,7 @@ impl Jobs {
             asked.params.clone(),
             options,
             state,
+            shots,
         ));
         if let Ok(mut t) = self.lock()
             && let Some(e) = t.entries.get_mut(&id)
@@ -282,6 +315,12 @@ impl Jobs {
     /// A receiver that sees each change of the job's phase.
     pub fn watch(&self, id: ApiJobId) -> Result<Option<watch::Receiver<Phase>>, ApiError> {
         Ok(self.lock()?.entries.get(&id).map(|e| e.state.subscribe()))
+    }
+
+    /// The previews job `id` has received so far, in order; `None` for an unknown id.
+    pub fn previews(&self, id: ApiJobId) -> Result<Option<Vec<Arc<Shot>>>, ApiError> {
+        let t = self.lock()?;
+        Ok(t.entries.get(&id).map(|e| shots_of(&e.shots)))
     }
 
     /// Every kept job, newest first.
@@ -380,8 +419,16 @@ impl Jobs {
             phase,
             node_queue_position,
             images_expire_ms,
+            latest_preview: shots_of(&e.shots).pop(),
         }
     }
+}
+
+fn shots_of(shots: &Shots) -> Vec<Arc<Shot>> {
+    shots
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_else(|p| p.into_inner().clone())
 }
 
 /// The job's task: a slot, then the market.
@@ -391,6 +438,7 @@ async fn run(
     params: JobParams,
     options: GenerateOptions,
     state: Arc<watch::Sender<Phase>>,
+    shots: Shots,
 ) {
     let Ok(_slot) = slots.acquire_owned().await else {
         return;
@@ -421,7 +469,22 @@ async fn run(
                     eta_ms,
                 }
             }
-            JobProgress::Step { step, of } => Phase::Running { provider, step, of },
+            JobProgress::Step { step, of, preview } => {
+                if let Some(preview) = preview {
+                    let mut s = shots
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let index = s.len();
+                    s.push(Arc::new(Shot {
+                        index,
+                        step,
+                        of,
+                        received_ms: now_ms(),
+                        preview,
+                    }));
+                }
+                Phase::Running { provider, step, of }
+            }
             JobProgress::FailingOver { .. } => Phase::Waiting,
         };
         progress_state.send_if_modified(|old| {
@@ -463,22 +526,29 @@ async fn run(
     });
 }
 
-/// The phrase `FailReason::InsufficientCredit` shows in a provider's refusal.
-const INSUFFICIENT_CREDIT: &str = "insufficient credit";
-/// The phrase `FailReason::Busy` shows in a provider's refusal.
-const BUSY: &str = "provider busy";
-
 fn classify(e: &GenerateError) -> FailKind {
     match e {
         GenerateError::NoProviders => FailKind::NoProviders,
         GenerateError::Invalid(_) => FailKind::Invalid,
-        // Every provider tried gave the same kind of refusal: that is what the client can act
-        // on (deposit, or wait); mixed reasons are a market failure.
-        GenerateError::AllFailed(reasons) if !reasons.is_empty() => {
-            if reasons.iter().all(|r| r.contains(INSUFFICIENT_CREDIT)) {
+        // Every provider tried failed the same way: that is what the client can act on
+        // (deposit, or wait); mixed reasons are a market failure.
+        GenerateError::AllFailed(attempts) if !attempts.is_empty() => {
+            let busy: Option<Vec<u64>> = attempts
+                .iter()
+                .map(|a| match a.kind() {
+                    FailureKind::Busy { retry_after_ms } => Some(*retry_after_ms),
+                    _ => None,
+                })
+                .collect();
+            if attempts
+                .iter()
+                .all(|a| matches!(a.kind(), FailureKind::InsufficientCredit { .. }))
+            {
                 FailKind::InsufficientCredit
-            } else if reasons.iter().all(|r| r.contains(BUSY)) {
-                FailKind::Busy
+            } else if let Some(waits) = busy {
+                FailKind::Busy {
+                    retry_after_ms: waits.into_iter().min().unwrap_or(0),
+                }
             } else {
                 FailKind::Other
             }
@@ -492,7 +562,10 @@ pub fn failure_error(kind: FailKind, reason: &str) -> ApiError {
     match kind {
         FailKind::NoProviders => ApiError::NoProviders(reason.to_owned()),
         FailKind::InsufficientCredit => ApiError::InsufficientCredit(reason.to_owned()),
-        FailKind::Busy => ApiError::MarketBusy(reason.to_owned()),
+        FailKind::Busy { retry_after_ms } => ApiError::MarketBusy {
+            message: reason.to_owned(),
+            retry_after_s: Some(retry_after_ms.div_ceil(1000).max(1)),
+        },
         FailKind::Invalid => ApiError::Invalid {
             param: None,
             message: reason.to_owned(),
@@ -517,20 +590,42 @@ mod tests {
 
     #[test]
     fn refusals_of_one_kind_become_their_status() {
-        let credit = pixmarket_protocol::messages::FailReason::InsufficientCredit {
+        use pixmarket_node::requester::{FailedAttempt, Failure};
+        let credit = FailureKind::InsufficientCredit {
             needed: MicroTokens(5),
             available: MicroTokens(0),
         };
-        let busy = pixmarket_protocol::messages::FailReason::Busy { retry_after_ms: 5 };
-        let all = |r: Vec<String>| classify(&GenerateError::AllFailed(r));
+        let busy = |ms| FailureKind::Busy { retry_after_ms: ms };
+        // The message plays no part: only the kind decides.
+        let attempt = |kind: FailureKind| FailedAttempt {
+            provider: PeerId::random(),
+            failure: Failure {
+                kind,
+                message: "insufficient credit, provider busy".into(),
+            },
+        };
+        let all = |r: Vec<FailureKind>| {
+            classify(&GenerateError::AllFailed(
+                r.into_iter().map(attempt).collect(),
+            ))
+        };
+        assert_eq!(all(vec![credit.clone()]), FailKind::InsufficientCredit);
         assert_eq!(
-            all(vec![format!("p: refused: {credit}")]),
-            FailKind::InsufficientCredit
+            all(vec![busy(2_500), busy(800)]),
+            FailKind::Busy {
+                retry_after_ms: 800
+            }
         );
-        assert_eq!(all(vec![format!("p: refused: {busy}")]), FailKind::Busy);
-        assert_eq!(
-            all(vec![format!("p: refused: {busy}"), format!("q: {credit}")]),
-            FailKind::Other
-        );
+        assert_eq!(all(vec![busy(5), credit]), FailKind::Other);
+        assert_eq!(all(vec![FailureKind::Unreachable]), FailKind::Other);
+        let ApiError::MarketBusy { retry_after_s, .. } = failure_error(
+            FailKind::Busy {
+                retry_after_ms: 1_200,
+            },
+            "busy",
+        ) else {
+            panic!("busy is not MarketBusy");
+        };
+        assert_eq!(retry_after_s, Some(2));
     }
 }

@@ -6,7 +6,11 @@
 //!   its ids with the OpenAI routes;
 //! - the operator's routes under `/api/v1` ([`operator`]): status, accounts, deposits, credit,
 //!   receipts, peers, providers, through the node's own ledger handle;
-//! - the OpenAPI document of `/api/v1` at `/api/v1/openapi.json`.
+//! - the dashboard's read-only figures under `/api/v1` ([`dashboard_data`]): earnings over time
+//!   and the node's activity (jobs by outcome, queue, per-device busy and step time);
+//! - the OpenAPI document of `/api/v1` at `/api/v1/openapi.json`;
+//! - the dashboard page at `/` ([`dashboard`]): static assets in the binary, served without the
+//!   token (they hold no data); the page calls the routes above with the token.
 //!
 //! Every request passes [`guard`] (rate limit, `Origin`, bearer token) and the scope its route
 //! needs; bodies are bounded ([`MAX_JSON_BODY`], [`MAX_EDIT_BODY`]); every error is one
@@ -18,6 +22,8 @@
 
 pub mod async_jobs;
 pub mod client;
+pub mod dashboard;
+pub mod dashboard_data;
 pub mod error;
 mod extract;
 pub mod guard;
@@ -124,6 +130,11 @@ pub(crate) struct AppState {
     pub(crate) key: Arc<SecretKey>,
     pub(crate) base_url: Arc<str>,
     pub(crate) info: Arc<NodeInfo>,
+    /// The provider service, for its queue in the node's status; `None` when not providing.
+    pub(crate) provider: Option<pixmarket_node::provider::Provider>,
+    pub(crate) metrics: Arc<pixmarket_node::metrics::Metrics>,
+    /// When the API started: the span the node's totals are read over.
+    pub(crate) started: tokio::time::Instant,
 }
 
 /// An amount for JSON: the token string people read and the exact micro-tokens scripts add.
@@ -150,7 +161,7 @@ fn scoped(scope: Scope, route: MethodRouter<AppState>) -> MethodRouter<AppState>
 
 fn router(state: AppState, guard: Arc<guard::Guard>) -> Router {
     use Scope::{Admin, Buy, Read};
-    Router::new()
+    let api = Router::new()
         .route(
             "/v1/images/generations",
             scoped(Buy, post(openai::generations)),
@@ -184,6 +195,10 @@ fn router(state: AppState, guard: Arc<guard::Guard>) -> Router {
             scoped(Admin, post(operator::deposit)),
         )
         .route(
+            "/api/v1/accounts/{peer}/prepaid",
+            scoped(Admin, post(operator::prepaid)),
+        )
+        .route(
             "/api/v1/accounts/{peer}/credit-limit",
             scoped(Admin, put(operator::credit_limit)),
         )
@@ -194,12 +209,30 @@ fn router(state: AppState, guard: Arc<guard::Guard>) -> Router {
         .route("/api/v1/receipts", scoped(Read, get(operator::receipts)))
         .route("/api/v1/peers", scoped(Read, get(operator::peers)))
         .route("/api/v1/providers", scoped(Read, get(operator::providers)))
+        .route(
+            "/api/v1/earnings",
+            scoped(Read, get(dashboard_data::earnings)),
+        )
+        .route(
+            "/api/v1/activity",
+            scoped(Read, get(dashboard_data::activity)),
+        )
         .route("/api/v1/openapi.json", scoped(Read, get(openapi)))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
-        .layer(axum::middleware::from_fn_with_state(guard, guard::guard))
-        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            guard.clone(),
+            guard::guard,
+        ))
+        .with_state(state);
+    // The page's assets hold no data: they pass the rate limit but not the token check.
+    dashboard::routes()
+        .layer(axum::middleware::from_fn_with_state(
+            guard,
+            guard::rate_only,
+        ))
+        .merge(api)
 }
 
 /// The OpenAPI document of `/api/v1` (and `/v1`), shipped with the crate.
@@ -266,6 +299,9 @@ impl Api {
                 devices: settings.devices.clone(),
                 data_dir: Some(settings.data_dir.clone()),
             }),
+            provider: node.provider().cloned(),
+            metrics: node.metrics().clone(),
+            started: tokio::time::Instant::now(),
         };
         let guard = Arc::new(guard::Guard {
             tokens,

@@ -3,8 +3,10 @@
 //! format points at. A generation is a job in the shared table ([`crate::jobs`]): the route
 //! submits it and waits for it to finish, so the same id shows its progress on `/api/v1/jobs`.
 //! The response carries what the market charged in the `pixmarket` extension field. With
-//! `stream`, the answer is server-sent events: the completed images only, as providers send no
-//! previews yet (`partial_images` above 0 is refused).
+//! `stream`, the answer is server-sent events: with `partial_images` (0 to 3), one
+//! `<prefix>.partial_image` event per preview the provider sends (a small PNG or JPEG of the
+//! first image's predicted picture at evenly spaced steps, see `pixmarket_protocol::preview`),
+//! then one `<prefix>.completed` event per image.
 
 use std::io::Cursor;
 
@@ -16,14 +18,16 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use futures::StreamExt as _;
 use pixmarket_protocol::Mode;
+use pixmarket_protocol::preview;
 use pixmarket_protocol::validate as v;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio::sync::watch;
 
 use crate::AppState;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
-use crate::jobs::{ApiJobId, Asked, Completed, Done, Phase, failure_error};
+use crate::jobs::{ApiJobId, Asked, Completed, Done, Phase, Shot, failure_error};
 use crate::params::{self, MASKED_STRENGTH_PERMILLE, Spec};
 
 /// The image encodings a response may ask for.
@@ -201,16 +205,37 @@ impl GenerationRequest {
     }
 }
 
-/// Streaming as this node offers it: the `image_generation.completed` event only. Partial
-/// images need previews that providers do not send yet, so asking for them is refused.
-fn stream_wanted(stream: Option<bool>, partial_images: Option<u32>) -> Result<bool, ApiError> {
-    if partial_images.is_some_and(|n| n > 0) {
-        return Err(ApiError::invalid(
+/// How a generation answers: streamed or not, and with how many partial images (previews,
+/// asked of the provider only for a stream, as OpenAI sends partial images only in one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Streaming {
+    stream: bool,
+    previews: u8,
+}
+
+/// `partial_images` as OpenAI allows it: 0 to 3.
+pub(crate) fn partial_images(n: Option<u32>) -> Result<u8, ApiError> {
+    match n.map(u8::try_from) {
+        None => Ok(0),
+        Some(Ok(n)) if n <= preview::MAX_PREVIEWS => Ok(n),
+        Some(_) => Err(ApiError::invalid(
             "partial_images",
-            "invalid partial_images: previews are not sent by providers yet; allowed: 0 (stream only the completed image), or leave it out; follow a job's steps on /api/v1/jobs/{id}",
-        ));
+            format!(
+                "invalid partial_images: got {}; allowed: 0..={}",
+                n.unwrap_or_default(),
+                preview::MAX_PREVIEWS
+            ),
+        )),
     }
-    Ok(stream == Some(true))
+}
+
+fn stream_wanted(stream: Option<bool>, partial: Option<u32>) -> Result<Streaming, ApiError> {
+    let previews = partial_images(partial)?;
+    let stream = stream == Some(true);
+    Ok(Streaming {
+        stream,
+        previews: if stream { previews } else { 0 },
+    })
 }
 
 pub(crate) async fn generations(
@@ -239,10 +264,11 @@ async fn submit_and_answer(
     spec: Spec,
     output_format: OutputFormat,
     response_format: ResponseFormat,
-    stream: bool,
+    streaming: Streaming,
     prefix: &'static str,
 ) -> Result<Response, ApiError> {
-    let (model, params, options) = params::build(spec, &s.requester)?;
+    let (model, params, mut options) = params::build(spec, &s.requester)?;
+    options.previews = streaming.previews;
     let id = s.jobs.submit(
         Asked {
             model,
@@ -251,47 +277,140 @@ async fn submit_and_answer(
         },
         options,
     )?;
-    if stream {
+    if streaming.stream {
         Ok(sse(s, id, prefix).into_response())
     } else {
         finish(&s, id, response_format).await
     }
 }
 
-/// The stream of one job: comments keep the connection alive while it waits, then one
-/// `<prefix>.completed` event per image (OpenAI's fields, and the `pixmarket` extension), or
-/// one `error` event in OpenAI's error shape.
+/// Where a job's stream stands: the previews sent so far, and whether it has ended.
+struct Follow {
+    s: AppState,
+    id: ApiJobId,
+    prefix: &'static str,
+    rx: Option<watch::Receiver<Phase>>,
+    sent: usize,
+    ended: bool,
+}
+
+/// The stream of one job: comments keep the connection alive while it waits, one
+/// `<prefix>.partial_image` event per preview as it comes, then one `<prefix>.completed`
+/// event per image (OpenAI's fields, and the `pixmarket` extension), or one `error` event in
+/// OpenAI's error shape.
 fn sse(s: AppState, id: ApiJobId, prefix: &'static str) -> impl IntoResponse {
-    let events = futures::stream::once(async move {
-        let events: Vec<Result<Event, std::convert::Infallible>> = match completed(&s, id).await {
-            Ok((asked, done)) => done
-                .images
-                .iter()
-                .map(|png| {
-                    let data = match asked.output_format.encode(png) {
-                        Ok(bytes) => json!({
-                            "type": format!("{prefix}.completed"),
-                            "b64_json": base64::engine::general_purpose::STANDARD.encode(bytes),
-                            "created_at": done.finished_ms / 1000,
-                            "size": format!("{}x{}", asked.params.width, asked.params.height),
-                            "output_format": asked.output_format.name(),
-                            "pixmarket": result_json(&s, id, &asked, &done),
-                        }),
-                        Err(e) => error_event(&e),
-                    };
-                    Ok(Event::default()
-                        .event(format!("{prefix}.completed"))
-                        .data(data.to_string()))
-                })
-                .collect(),
-            Err(e) => vec![Ok(Event::default()
-                .event("error")
-                .data(error_event(&e).to_string()))],
-        };
-        futures::stream::iter(events)
+    let rx = s.jobs.watch(id).ok().flatten();
+    let follow = Follow {
+        s,
+        id,
+        prefix,
+        rx,
+        sent: 0,
+        ended: false,
+    };
+    let events = futures::stream::unfold(follow, |mut f| async move {
+        if f.ended {
+            return None;
+        }
+        let batch = next_events(&mut f).await;
+        Some((futures::stream::iter(batch), f))
     })
     .flatten();
     Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+/// The next events of a followed job: its new previews, or, once it has ended and every
+/// preview is out, its images (or its error). Waits for a change when there is nothing new.
+async fn next_events(f: &mut Follow) -> Vec<Result<Event, std::convert::Infallible>> {
+    loop {
+        let Some(rx) = f.rx.as_mut() else {
+            f.ended = true;
+            let e = ApiError::internal("the job vanished from the table");
+            return vec![Ok(Event::default()
+                .event("error")
+                .data(error_event(&e).to_string()))];
+        };
+        let phase = rx.borrow_and_update().clone();
+        let shots = f.s.jobs.previews(f.id).ok().flatten().unwrap_or_default();
+        if shots.len() > f.sent {
+            let asked = f.s.jobs.get(f.id).ok().flatten().map(|v| v.asked);
+            let new = &shots[f.sent..];
+            f.sent = shots.len();
+            if let Some(asked) = asked {
+                return new
+                    .iter()
+                    .map(|shot| Ok(partial_event(f.id, f.prefix, &asked, shot)))
+                    .collect();
+            }
+        }
+        if phase.is_finished() {
+            f.ended = true;
+            return completed_events(&f.s, f.id, f.prefix, outcome(&f.s, f.id, phase));
+        }
+        if rx.changed().await.is_err() {
+            let last = rx.borrow().clone();
+            f.ended = true;
+            return completed_events(&f.s, f.id, f.prefix, outcome(&f.s, f.id, last));
+        }
+    }
+}
+
+/// One preview as OpenAI's partial image event; `size` is the preview's own.
+fn partial_event(id: ApiJobId, prefix: &'static str, asked: &Asked, shot: &Shot) -> Event {
+    let name = format!("{prefix}.partial_image");
+    let data = match asked.output_format.encode(&shot.preview.png) {
+        Ok(bytes) => json!({
+            "type": name,
+            "b64_json": base64::engine::general_purpose::STANDARD.encode(bytes),
+            "created_at": shot.received_ms / 1000,
+            "size": format!("{}x{}", shot.preview.width, shot.preview.height),
+            "output_format": asked.output_format.name(),
+            "partial_image_index": shot.index,
+            // OpenAI's fields for the settings this market does not have.
+            "background": "opaque",
+            "quality": "auto",
+            "pixmarket": {
+                "job_id": id.to_string(),
+                "step": shot.step,
+                "steps": shot.of,
+            },
+        }),
+        Err(e) => error_event(&e),
+    };
+    Event::default().event(name).data(data.to_string())
+}
+
+fn completed_events(
+    s: &AppState,
+    id: ApiJobId,
+    prefix: &'static str,
+    outcome: Result<Completed, ApiError>,
+) -> Vec<Result<Event, std::convert::Infallible>> {
+    match outcome {
+        Ok((asked, done)) => done
+            .images
+            .iter()
+            .map(|png| {
+                let data = match asked.output_format.encode(png) {
+                    Ok(bytes) => json!({
+                        "type": format!("{prefix}.completed"),
+                        "b64_json": base64::engine::general_purpose::STANDARD.encode(bytes),
+                        "created_at": done.finished_ms / 1000,
+                        "size": format!("{}x{}", asked.params.width, asked.params.height),
+                        "output_format": asked.output_format.name(),
+                        "pixmarket": result_json(s, id, &asked, &done),
+                    }),
+                    Err(e) => error_event(&e),
+                };
+                Ok(Event::default()
+                    .event(format!("{prefix}.completed"))
+                    .data(data.to_string()))
+            })
+            .collect(),
+        Err(e) => vec![Ok(Event::default()
+            .event("error")
+            .data(error_event(&e).to_string()))],
+    }
 }
 
 fn error_event(e: &ApiError) -> Value {
@@ -312,6 +431,11 @@ async fn completed(s: &AppState, id: ApiJobId) -> Result<Completed, ApiError> {
             break rx.borrow().clone();
         }
     };
+    outcome(s, id, phase)
+}
+
+/// A finished job's images, or the error its end answers.
+fn outcome(s: &AppState, id: ApiJobId, phase: Phase) -> Result<Completed, ApiError> {
     match phase {
         Phase::Completed(_) => s
             .jobs

@@ -11,6 +11,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use pixmarket_ledger::{Ledger, Role};
+use pixmarket_node::provider::QueueStatus;
 use pixmarket_protocol::validate as v;
 use pixmarket_protocol::{DepositNote, MicroTokens, PublicKey, Signed};
 use serde::Deserialize;
@@ -129,9 +130,50 @@ pub(crate) async fn node(State(s): State<AppState>) -> Result<Json<Value>, ApiEr
             "running": count(|p| p.status() == "running"),
             "kept": jobs.len(),
         },
+        "provider_queue": s.provider.as_ref().map_or(Value::Null, |p| provider_queue(&p.queue_status())),
         "earnings": crate::amount(earned),
         "spent": crate::amount(spent),
     })))
+}
+
+/// The provider's queue as JSON: the jobs on its devices with their step, and the waiting
+/// ones in order with their wait so far and estimated finish.
+fn provider_queue(q: &QueueStatus) -> Value {
+    let running: Vec<Value> = q
+        .running
+        .iter()
+        .map(|r| {
+            json!({
+                "job_id": r.job_id.to_string(),
+                "requester": r.requester.to_string(),
+                "step": r.step,
+                "steps": r.of,
+            })
+        })
+        .collect();
+    let waiting: Vec<Value> = q
+        .waiting
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            json!({
+                "position": i,
+                "job_id": w.job_id.to_string(),
+                "requester": w.requester.to_string(),
+                "size": format!("{}x{}", w.width, w.height),
+                "num_inference_steps": w.steps,
+                "n": w.images,
+                "waited_ms": w.waited_ms,
+                "eta_ms": w.eta_ms,
+            })
+        })
+        .collect();
+    json!({
+        "running": running,
+        "waiting": waiting,
+        "depth": q.waiting.len(),
+        "max_queue": q.max_queue,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -231,6 +273,48 @@ pub(crate) async fn deposit(
         l.deposit(&signed)
             .map_err(|e| ApiError::Conflict(format!("deposit refused: {e}")))?;
         Ok(l.account(Role::Provider, &peer)
+            .map_err(ApiError::internal)?
+            .unwrap_or_default())
+    })
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "deposit_id": deposit_id,
+            "amount": crate::amount(amount),
+            "account": account_json(&peer, &account),
+        })),
+    )
+        .into_response())
+}
+
+/// `POST /api/v1/accounts/{peer}/prepaid`: records that this node prepaid the provider `peer`
+/// `tokens` (a note signed by this node, on the requester side), as `pixmarket ledger prepaid`
+/// does, so this node's mirror of that account shows what it may still spend there.
+pub(crate) async fn prepaid(
+    State(s): State<AppState>,
+    Path(peer): Path<String>,
+    ApiJson(body): ApiJson<DepositBody>,
+) -> Result<Response, ApiError> {
+    let peer = parse_peer("peer", &peer)?;
+    let amount = parse_tokens(&body.tokens)?;
+    v::text("memo", &body.memo, 0, v::MAX_MEMO_CHARS)
+        .map_err(|e| ApiError::invalid("memo", e.to_string()))?;
+    let note = DepositNote {
+        deposit_id: rand::random(),
+        account: peer,
+        amount,
+        memo: body.memo,
+        recorded_at_ms: pixmarket_node::now_ms(),
+    };
+    note.validate()
+        .map_err(|e| ApiError::invalid(e.field, e.to_string()))?;
+    let signed = Signed::sign(&s.key, &note).map_err(ApiError::internal)?;
+    let deposit_id = hex::encode(note.deposit_id);
+    let account = books(&s.ledger, move |l| {
+        l.prepaid(&signed)
+            .map_err(|e| ApiError::Conflict(format!("prepayment refused: {e}")))?;
+        Ok(l.account(Role::Requester, &peer)
             .map_err(ApiError::internal)?
             .unwrap_or_default())
     })

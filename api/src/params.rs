@@ -198,6 +198,7 @@ pub(crate) fn build(
         mode: spec.mode.unwrap_or(Mode::TextToImage),
         exact: spec.exact,
         lora: None,
+        latents: None,
     };
     // The provider's own check, so nothing it would refuse is sent.
     params.validate().map_err(|e| invalid(&e))?;

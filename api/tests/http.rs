@@ -458,6 +458,89 @@ async fn openai_generation_is_an_async_job_and_a_running_deposit_sticks() {
     assert_eq!(status["status"], "completed", "{status}");
     assert_eq!(status["result"]["receipt"], done["pixmarket"]["receipt"]);
     assert!(step >= 1);
+    // The buyer records what it prepaid the seller: its mirror shows what is left to spend.
+    let seller_peer = provider.key.to_peer_id().to_string();
+    let p = buyer
+        .call(
+            Method::POST,
+            &format!("/api/v1/accounts/{seller_peer}/prepaid"),
+            Some(&json!({"tokens": "100", "memo": "paid by transfer"})),
+        )
+        .await
+        .unwrap();
+    let charged = p["account"]["charged"]["micro"].as_u64().unwrap();
+    assert!(charged > 0, "{p}");
+    assert_eq!(p["account"]["deposits"]["tokens"], "100.000000", "{p}");
+    assert_eq!(
+        p["account"]["available"]["micro"],
+        100_000_000 - charged,
+        "{p}"
+    );
+
+    // An async job with previews: while it runs, its status shows the latest one (a real
+    // 16×16 PNG of the 64×64 image), and the seller's node status shows the job in the
+    // provider's own queue with its step.
+    let j = buyer
+        .call(
+            Method::POST,
+            "/api/v1/jobs",
+            Some(&json!({"prompt": "a yellow star", "num_inference_steps": 100, "partial_images": 3})),
+        )
+        .await
+        .unwrap();
+    let pid = j["id"].as_str().unwrap().to_owned();
+    let on_device = until("the job on the provider's device", async || {
+        let n = seller
+            .call(Method::GET, "/api/v1/node", None)
+            .await
+            .unwrap();
+        let running = n["provider_queue"]["running"].as_array()?.first()?.clone();
+        (running["step"].as_u64()? >= 1).then_some((n, running))
+    })
+    .await;
+    assert_eq!(
+        on_device.1["requester"],
+        requester.key.to_string(),
+        "{on_device:?}"
+    );
+    assert_eq!(on_device.1["steps"], 100);
+    assert_eq!(
+        on_device.0["provider_queue"]["max_queue"]
+            .as_u64()
+            .map(|m| m > 0),
+        Some(true)
+    );
+    let buyer_node = buyer.call(Method::GET, "/api/v1/node", None).await.unwrap();
+    assert!(buyer_node["provider_queue"].is_null(), "{buyer_node}");
+    let (preview, at_step) = until("a preview on the async route", async || {
+        let job = buyer
+            .call(Method::GET, &format!("/api/v1/jobs/{pid}"), None)
+            .await
+            .unwrap();
+        let p = job["preview"].as_object()?.clone();
+        (job["status"] == "running").then(|| (p, job["step"].as_u64().unwrap()))
+    })
+    .await;
+    assert_eq!(preview["size"], "16x16");
+    assert!(
+        [25, 50, 75].contains(&preview["step"].as_u64().unwrap()),
+        "{preview:?}"
+    );
+    assert!(at_step >= preview["step"].as_u64().unwrap());
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(preview["b64_png"].as_str().unwrap())
+        .unwrap();
+    let img = image::load_from_memory_with_format(&png, image::ImageFormat::Png).unwrap();
+    assert_eq!((img.width(), img.height()), (16, 16));
+    let done = until("the previewed job done", async || {
+        let job = buyer
+            .call(Method::GET, &format!("/api/v1/jobs/{pid}"), None)
+            .await
+            .unwrap();
+        (job["status"] == "completed").then_some(job)
+    })
+    .await;
+    assert!(done["result"]["receipt"].is_string(), "{done}");
 
     // A job submitted on the async route, cancelled while it waits or runs.
     let j = buyer
@@ -513,4 +596,143 @@ async fn openai_generation_is_an_async_job_and_a_running_deposit_sticks() {
         .unwrap();
     assert_eq!(a.deposits.to_string(), "102.500000");
     ledger.verify().unwrap();
+}
+
+/// The dashboard's page is served without the token (it holds no data) under a policy that
+/// lets it talk to this origin only; its figures come from `/api/v1/earnings` and
+/// `/api/v1/activity`, which need the token, refuse parameters out of range, and after a
+/// purchase show the receipt's cost in the current bucket on both sides and the seller's
+/// device busy with steps run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_page_and_its_figures() {
+    let provider = TestNode::start(35, vec![], Some(tiny_generator())).await;
+    let requester = TestNode::start(36, vec![provider.addr.clone()], None).await;
+    provider.deposit_from(35, requester.key, 100);
+    let buyer_api = start_api(&requester, 36).await;
+    let seller_api = start_api(&provider, 35).await;
+    let buyer = client(&buyer_api);
+    let seller = client(&seller_api);
+
+    // The page and its assets: no token needed, no data in them, this origin only.
+    let mut s = tokio::net::TcpStream::connect(seller_api.addr())
+        .await
+        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).await.unwrap();
+    let page = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(page.starts_with("http/1.1 200"), "{page}");
+    assert!(page.contains("content-type: text/html"), "{page}");
+    assert!(
+        page.contains("content-security-policy: default-src 'none'; script-src 'self'"),
+        "{page}"
+    );
+    assert!(page.contains("<script src=\"/dashboard.js\""), "{page}");
+    for asset in ["/dashboard.js", "/dashboard.css"] {
+        let (status, _) = raw(seller_api.addr(), &format!("GET {asset} HTTP/1.1"), b"").await;
+        assert_eq!(status, 200, "{asset}");
+    }
+    // The data routes still need the token, and unknown paths are still behind it.
+    for path in ["/api/v1/earnings", "/api/v1/activity", "/dashboard.json"] {
+        let (status, body) = raw(seller_api.addr(), &format!("GET {path} HTTP/1.1"), b"").await;
+        assert_eq!(status, 401, "{path}: {body}");
+    }
+
+    // Out of range or unknown parameters: one 400 naming the parameter.
+    let auth = format!("Authorization: Bearer {}", seller_api.token());
+    for (query, param) in [
+        ("bucket_s=0", "bucket_s"),
+        ("bucket_s=604801", "bucket_s"),
+        ("buckets=0", "buckets"),
+        ("buckets=289", "buckets"),
+    ] {
+        let (status, body) = raw(
+            seller_api.addr(),
+            &format!("GET /api/v1/earnings?{query} HTTP/1.1\r\n{auth}"),
+            b"",
+        )
+        .await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert_eq!(body["error"]["param"], param, "{query}: {body}");
+    }
+    let (status, body) = raw(
+        seller_api.addr(),
+        &format!("GET /api/v1/earnings?window=5 HTTP/1.1\r\n{auth}"),
+        b"",
+    )
+    .await;
+    assert_eq!(status, 400, "an unknown parameter: {body}");
+
+    // Before any purchase: nothing earned, the device up and idle.
+    let e = seller
+        .call(Method::GET, "/api/v1/earnings?bucket_s=60&buckets=5", None)
+        .await
+        .unwrap();
+    assert_eq!(e["earned"].as_array().unwrap().len(), 5);
+    assert_eq!(e["earned_total"]["micro"], 0);
+    let a = seller
+        .call(Method::GET, "/api/v1/activity", None)
+        .await
+        .unwrap();
+    assert_eq!(a["providing"], true);
+    assert_eq!(a["devices"][0]["up"], true, "{a}");
+    assert_eq!(a["devices"][0]["steps"], 0, "{a}");
+
+    until("an advert", async || {
+        let v = buyer.call(Method::GET, "/v1/models", None).await.unwrap();
+        v["data"][0]["id"].as_str().map(str::to_owned)
+    })
+    .await;
+    let v = buyer
+        .call(
+            Method::POST,
+            "/v1/images/generations",
+            Some(&json!({"prompt": "a chart", "size": "64x64", "num_inference_steps": 6})),
+        )
+        .await
+        .unwrap();
+    let cost = v["pixmarket"]["cost"]["micro"].as_u64().unwrap();
+    assert!(cost > 0);
+
+    let e = seller
+        .call(Method::GET, "/api/v1/earnings?bucket_s=60&buckets=5", None)
+        .await
+        .unwrap();
+    assert_eq!(e["earned"][4]["micro"], cost, "{e}");
+    assert_eq!(e["earned_total"]["micro"], cost, "{e}");
+    assert_eq!(e["spent_total"]["micro"], 0, "{e}");
+    let e = buyer
+        .call(Method::GET, "/api/v1/earnings?bucket_s=60&buckets=5", None)
+        .await
+        .unwrap();
+    assert_eq!(e["spent"][4]["micro"], cost, "{e}");
+    assert_eq!(e["earned_total"]["micro"], 0, "{e}");
+    let a = until("the seller's completed job in its figures", async || {
+        let a = seller
+            .call(Method::GET, "/api/v1/activity", None)
+            .await
+            .unwrap();
+        (a["jobs"]["completed"].as_u64() == Some(1)).then_some(a)
+    })
+    .await;
+    let d = &a["devices"][0];
+    assert!(d["steps"].as_u64().unwrap() >= 6, "{a}");
+    assert!(d["mean_step_ms"].as_f64().unwrap() > 0.0, "{a}");
+    assert!(d["busy_ms"].as_u64().is_some(), "{a}");
+    let f = d["busy_fraction"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&f), "{a}");
+    let a = buyer
+        .call(Method::GET, "/api/v1/activity", None)
+        .await
+        .unwrap();
+    assert_eq!(a["providing"], false);
+    assert_eq!(a["jobs"]["paid"], 1, "{a}");
+    assert_eq!(a["devices"], json!([]), "{a}");
+
+    buyer_api.shutdown().await;
+    seller_api.shutdown().await;
+    provider.node.shutdown().await;
+    requester.node.shutdown().await;
 }

@@ -11,8 +11,8 @@ mod usage;
 
 /// A peer-to-peer market for GPU image generation (Qwen-Image).
 ///
-/// Exit status: 0 on success, 2 when the command line is wrong (nothing was spent), 1 for any
-/// other failure.
+/// Exit status: 0 on success, 2 when the command line is wrong (nothing was spent), 130 when
+/// Ctrl-C stopped a bought job (it is cancelled at the provider), 1 for any other failure.
 #[derive(Debug, Parser)]
 #[command(
     name = "pixmarket",

@@ -1,6 +1,7 @@
 //! Argument errors and the exit codes (README "Exit codes"): clap's own parse errors and every
 //! [`UsageError`] (a flag or value the command cannot use, found before anything is spent) exit
-//! with [`EXIT_USAGE`]; every other failure with [`EXIT_FAILURE`]. A closed stdout (`| head -1`)
+//! with [`EXIT_USAGE`]; a bought job stopped by Ctrl-C with [`EXIT_INTERRUPTED`]; every other
+//! failure with [`EXIT_FAILURE`]. A closed stdout (`| head -1`)
 //! ends the command quietly with success: the reader has what it wanted.
 
 use std::fmt;
@@ -10,6 +11,21 @@ use std::io::Write;
 pub(crate) const EXIT_USAGE: u8 = 2;
 /// Anything else that failed: the network, the ledger, the model, the disk.
 pub(crate) const EXIT_FAILURE: u8 = 1;
+/// Stopped by Ctrl-C (SIGINT) midway: 128 + 2, what a shell reports for a process SIGINT
+/// killed, so scripts that test for it keep working.
+pub(crate) const EXIT_INTERRUPTED: u8 = 130;
+
+/// The command was stopped by Ctrl-C; the message says what became of the work under way.
+#[derive(Debug)]
+pub(crate) struct Interrupted(pub(crate) String);
+
+impl fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Interrupted {}
 
 /// The command line asks for something the command cannot do; the message says what is allowed.
 #[derive(Debug)]
@@ -38,7 +54,9 @@ pub(crate) fn exit_code(e: &anyhow::Error) -> u8 {
             || c.downcast_ref::<pixmarket_node::launch::LaunchError>()
                 .is_some_and(pixmarket_node::launch::LaunchError::is_flag_error)
     };
-    if e.chain().any(flag) {
+    if e.chain().any(|c| c.is::<Interrupted>()) {
+        EXIT_INTERRUPTED
+    } else if e.chain().any(flag) {
         EXIT_USAGE
     } else {
         EXIT_FAILURE

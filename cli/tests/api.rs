@@ -1,5 +1,5 @@
 //! `pixmarket node --api` run as a person runs it: real processes on loopback with the tiny
-//! model. `ledger deposit|credit-limit|default-credit|balance|receipts` go through the running
+//! model. `ledger deposit|prepaid|credit-limit|default-credit|balance|receipts` go through the running
 //! node's API (its ledger is locked by the node, so only the API can have done it); a deposit
 //! recorded while the node runs survives its stop and verifies; stale API files left by a
 //! killed node fall back to the ledger. The `openai` Python client's run is
@@ -143,8 +143,15 @@ fn ledger_commands_go_through_the_running_node_and_its_books_survive() {
     assert!(o.contains("they now have 5.000000 available"), "{o}");
     ok(&["ledger", "credit-limit", &buyer, "1.5", "--data-dir", d]);
     ok(&["ledger", "default-credit", "0.25", "--data-dir", d]);
+    // What this node prepaid the peer as a provider: its requester-side mirror.
+    let o = ok(&["ledger", "prepaid", &buyer, "2", "--data-dir", d]);
+    assert!(o.contains("2.000000 tokens left to spend there"), "{o}");
     let b = ok(&["ledger", "balance", "--json", "--data-dir", d]);
     let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(
+        v["accounts"]["requester"][0]["deposits"]["tokens"],
+        "2.000000"
+    );
     assert_eq!(v["default_credit"]["tokens"], "0.250000");
     assert_eq!(
         v["accounts"]["provider"][0]["deposits"]["tokens"],

@@ -7,11 +7,17 @@
 use std::io::{BufRead, BufReader, Lines};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::sync::mpsc;
 
 /// The exit status of a wrong command line (README "Exit codes").
 const USAGE: i32 = 2;
 /// The exit status of every other failure.
 const FAILURE: i32 = 1;
+/// Log lines of a node kept unread at most: a debug log of one test's few jobs is a few
+/// hundred lines.
+const LOG_LINES: usize = 100_000;
+/// The exit status of a bought job stopped by Ctrl-C.
+const INTERRUPTED: i32 = 130;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pixmarket"));
@@ -76,19 +82,62 @@ fn dead_port() -> u16 {
 struct Node {
     child: Child,
     lines: Lines<BufReader<ChildStdout>>,
+    /// Its log lines (stderr), when started with [`Node::start_logged`]: drained by a thread,
+    /// so a chatty log never fills the pipe and stalls the node.
+    log: Option<mpsc::Receiver<String>>,
 }
 
 impl Node {
     fn start(args: &[&str]) -> Self {
-        let mut child = bin()
-            .arg("node")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        Self::spawn(args, None)
+    }
+
+    /// Starts it with `RUST_LOG=filter` and its log read by [`Node::wait_for_log`].
+    fn start_logged(args: &[&str], filter: &str) -> Self {
+        Self::spawn(args, Some(filter))
+    }
+
+    fn spawn(args: &[&str], log: Option<&str>) -> Self {
+        let mut cmd = bin();
+        cmd.arg("node").args(args).stdout(Stdio::piped());
+        match log {
+            Some(filter) => cmd
+                .env("RUST_LOG", filter)
+                .env("NO_COLOR", "1")
+                .stderr(Stdio::piped()),
+            None => cmd.stderr(Stdio::null()),
+        };
+        let mut child = cmd.spawn().unwrap();
         let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        Self { child, lines }
+        let log = child.stderr.take().map(|err| {
+            let (tx, rx) = mpsc::sync_channel(LOG_LINES);
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    match tx.try_send(line) {
+                        // Never blocks the pipe: past the bound a line is dropped.
+                        Ok(()) | Err(mpsc::TrySendError::Full(_)) => {}
+                        Err(mpsc::TrySendError::Disconnected(_)) => break,
+                    }
+                }
+            });
+            rx
+        });
+        Self { child, lines, log }
+    }
+
+    /// Reads the log until a line contains every one of `needles`; returns that line. Fails
+    /// on a line containing `never` first.
+    fn wait_for_log(&mut self, needles: &[&str], never: &str) -> String {
+        let log = self.log.as_ref().expect("started with start_logged");
+        loop {
+            let line = log
+                .recv()
+                .unwrap_or_else(|_| panic!("node exited before logging {needles:?}"));
+            assert!(!line.contains(never), "logged {never:?} first: {line}");
+            if needles.iter().all(|n| line.contains(n)) {
+                return line;
+            }
+        }
     }
 
     /// Reads stdout until a line starts with `prefix`; returns the rest of it.
@@ -123,11 +172,21 @@ impl Drop for Node {
 }
 
 fn provider(dir: &Path, requester: &str, deposit: &str) -> (Node, String, String) {
+    provider_with_log(dir, requester, deposit, None)
+}
+
+/// [`provider`], its log at `filter` read by [`Node::wait_for_log`] when given.
+fn provider_with_log(
+    dir: &Path,
+    requester: &str,
+    deposit: &str,
+    filter: Option<&str>,
+) -> (Node, String, String) {
     let p = init(dir, "provider");
     let rid = ok(&["id", "--data-dir", requester]).trim().to_owned();
     ok(&["ledger", "deposit", &rid, deposit, "--data-dir", &p]);
     // Two CPU workers: one engine each, as `--device cuda:0 --device cuda:1` would be.
-    let mut node = Node::start(&[
+    let args = [
         "--data-dir",
         &p,
         "--provide",
@@ -140,7 +199,11 @@ fn provider(dir: &Path, requester: &str, deposit: &str) -> (Node, String, String
         "--listen",
         "/ip4/127.0.0.1/tcp/0",
         "--no-mdns",
-    ]);
+    ];
+    let mut node = match filter {
+        Some(f) => Node::start_logged(&args, f),
+        None => Node::start(&args),
+    };
     let addr = node.wait_for("listening on ");
     node.wait_for("providing");
     (node, addr, p)
@@ -460,6 +523,210 @@ fn buying_checks_the_output_first_and_says_which_peer_failed() {
         .collect();
     assert_eq!(receipts.len(), 3, "{receipts:?}");
     assert!(receipts.iter().all(|x| x["acked"] == true));
+
+    // The buyer's mirror of the provider's account is overdrawn until it records what it
+    // prepaid there; then it shows what is left, charged and all.
+    let mirror = |b: &serde_json::Value| b["accounts"]["requester"][0].clone();
+    let before = json(&ok(&["ledger", "balance", "--json", "--data-dir", &r]));
+    assert!(mirror(&before)["available"].is_null(), "{before}");
+    let table = ok(&["ledger", "balance", "--data-dir", &r]);
+    assert!(table.contains("ledger prepaid PROVIDER TOKENS"), "{table}");
+    let said = ok(&["ledger", "prepaid", pid, "50", "--data-dir", &r]);
+    assert!(
+        said.starts_with("recorded a prepayment of 50.000000 tokens"),
+        "{said}"
+    );
+    let after = json(&ok(&["ledger", "balance", "--json", "--data-dir", &r]));
+    let m = mirror(&after);
+    let charged = m["charged"]["micro"].as_u64().unwrap();
+    assert!(charged > 0, "{after}");
+    assert_eq!(m["deposits"]["micro"], 50_000_000, "{after}");
+    assert_eq!(m["available"]["micro"], 50_000_000 - charged, "{after}");
+    assert!(ok(&["ledger", "verify", "--data-dir", &r]).starts_with("ok: "));
+    // Its own word only: a second record of the same payment is a new entry, never an edit;
+    // a negative or malformed amount is refused before anything is written.
+    fails(
+        &run(&["ledger", "prepaid", pid, "-5", "--data-dir", &r]),
+        USAGE,
+        "negative",
+    );
+    fails(
+        &run(&["ledger", "prepaid", "nobody", "5", "--data-dir", &r]),
+        USAGE,
+        "not a peer id",
+    );
+}
+
+/// Ctrl-C on a bought job: the CLI cancels it at the provider, waits for the answer and exits
+/// 130; the provider stops computing it (its log says so and it never sells it) and neither
+/// side's books owe anything.
+#[test]
+fn ctrl_c_on_a_bought_job_cancels_it_at_the_provider() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = init(tmp.path(), "requester");
+    let (mut node, addr, p) =
+        provider_with_log(tmp.path(), &r, "100", Some("warn,pixmarket_node=debug"));
+    let out = tmp.path().join("never.png");
+    // 100 steps at 512²: seconds of work for the tiny model, so the cancel lands midway.
+    let buyer = bin()
+        .args([
+            "generate",
+            "a slow lighthouse",
+            "--data-dir",
+            &r,
+            "--peer",
+            &addr,
+        ])
+        .args(["--width", "512", "--height", "512", "--steps", "100"])
+        .arg("-o")
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let running = node.wait_for_log(&["running job"], "sold a job");
+    let job = running
+        .split("job=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let pid = buyer.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let o = buyer.wait_with_output().unwrap();
+    fails(&o, INTERRUPTED, "confirmed the cancel");
+    assert!(stderr(&o).contains(&job), "{}", stderr(&o));
+    assert!(!out.exists());
+    // The provider stops at its next step, voids the hold and tells its operator.
+    let ended = node.wait_for_log(&["job ended without a charge", &job], "sold a job");
+    assert!(ended.contains("cancelled"), "{ended}");
+    node.stop();
+
+    let provider_books = ok(&["ledger", "verify", "--data-dir", &p]);
+    assert!(
+        provider_books.contains("0 receipts") && provider_books.contains("0 open holds"),
+        "{provider_books}"
+    );
+    let theirs = json(&ok(&["ledger", "balance", "--json", "--data-dir", &p]));
+    assert_eq!(theirs["accounts"]["provider"][0]["charged"]["micro"], 0);
+    assert_eq!(theirs["accounts"]["provider"][0]["held"]["micro"], 0);
+    assert_eq!(
+        ok(&["ledger", "receipts", "--data-dir", &r]).trim(),
+        "no receipts"
+    );
+    let mine = json(&ok(&["ledger", "balance", "--json", "--data-dir", &r]));
+    let owed: u64 = mine["accounts"]["requester"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["charged"]["micro"].as_u64().unwrap())
+        .sum();
+    assert_eq!(owed, 0, "{mine}");
+}
+
+/// A safetensors file holding one f32 tensor `latents` of `shape`, written by hand (the format
+/// is a little-endian u64 header length, the JSON header, then the raw data).
+fn write_latents(path: &Path, shape: [usize; 4], values: &[f32]) {
+    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let header = format!(
+        r#"{{"latents":{{"dtype":"F32","shape":[{},{},{},{}],"data_offsets":[0,{}]}}}}"#,
+        shape[0],
+        shape[1],
+        shape[2],
+        shape[3],
+        data.len()
+    );
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// `--latents` on the market: the job carries the noise, so the bought PNG is the very one
+/// `--local` makes from the same latents, and not the seed's picture.
+#[test]
+fn latents_bought_on_the_market_give_the_local_picture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = init(tmp.path(), "requester");
+    let (node, addr, _p) = provider(tmp.path(), &r, "50");
+    // A fixed, noise-like pattern: 16 × 8 × 8 values for 64².
+    let values: Vec<f32> = (0..16 * 8 * 8u16)
+        .map(|i| (f32::from(i) * 12.9898).sin() * 2.0)
+        .collect();
+    let latents = tmp.path().join("noise.safetensors");
+    write_latents(&latents, [1, 16, 8, 8], &values);
+    let latents = latents.to_str().unwrap();
+    let png = |name: &str| tmp.path().join(name).to_string_lossy().into_owned();
+    let generate = |extra: &[&str]| {
+        let mut v = vec![
+            "generate",
+            "a red circle",
+            "--width",
+            "64",
+            "--height",
+            "64",
+        ];
+        v.extend_from_slice(&["--steps", "4", "--true-cfg-scale", "1", "--seed", "3"]);
+        v.extend_from_slice(&["--data-dir", &r]);
+        v.extend_from_slice(extra);
+        run(&v)
+    };
+    let succeeds = |o: Output| {
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let bought = png("bought.png");
+    let said = succeeds(generate(&[
+        "--peer",
+        &addr,
+        "--latents",
+        latents,
+        "-o",
+        &bought,
+    ]));
+    assert!(said.contains("seed: none (the given latents)"), "{said}");
+    let seeded = png("seeded.png");
+    succeeds(generate(&["--peer", &addr, "-o", &seeded]));
+    let local = png("local.png");
+    succeeds(generate(&[
+        "--local",
+        "--model",
+        "tiny",
+        "--latents",
+        latents,
+        "-o",
+        &local,
+    ]));
+    let read = |path: &str| std::fs::read(path).unwrap();
+    assert_eq!(
+        read(&bought),
+        read(&local),
+        "the provider ignored the latents"
+    );
+    assert_ne!(read(&bought), read(&seeded));
+
+    // Latents for another size are refused before anything is bought.
+    let wrong = tmp.path().join("wrong.safetensors");
+    write_latents(&wrong, [1, 16, 8, 16], &[0.5; 16 * 8 * 16]);
+    let w = png("w.png");
+    let o = generate(&[
+        "--peer",
+        &addr,
+        "--latents",
+        wrong.to_str().unwrap(),
+        "-o",
+        &w,
+    ]);
+    fails(&o, USAGE, "needs [1, 16, 8, 8]");
+    node.stop();
+    let receipts = ok(&["ledger", "receipts", "--data-dir", &r, "--json"]);
+    assert_eq!(receipts.lines().count(), 2, "{receipts}");
 }
 
 /// The port case: two node processes.

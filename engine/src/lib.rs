@@ -25,6 +25,7 @@ pub mod noise;
 mod ops;
 pub mod pipeline;
 pub mod placement;
+pub mod preview;
 pub mod prompt_meter;
 pub mod quant;
 pub mod rope;

@@ -40,12 +40,14 @@ use crate::error::EngineError;
 use crate::guidance::true_cfg;
 use crate::image_io;
 use crate::latents::{pack, unpack};
+use crate::preview::{StepPreview, preview_of};
 use crate::scheduler::FlowMatchEuler;
 use crate::step_cache::{StepCache, StepCacheMode, may_reuse};
 use crate::text_encoder::QwenTextEncoder;
 use crate::tokenizer::PromptTokenizer;
 use crate::transformer::{ForwardInputs, QwenImageTransformer};
 use crate::vae::{AutoencoderKLQwenImage, image_to_rgb8, rgb8_to_image};
+use pixmarket_protocol::preview::preview_steps;
 
 /// Bytes of one f32: the VAE's decode is estimated in f32 whatever the model dtype.
 const F32_BYTES: u64 = 4;
@@ -202,6 +204,33 @@ pub fn load_latents(path: &Path) -> Result<Tensor, EngineError> {
         )));
     }
     t.to_dtype(DType::F32).map_err(|e| bad(format!("{e}")))
+}
+
+/// Starting latents `[1, 16, height/8, width/8]` (f32 on the CPU) from their values in
+/// row-major order, as a market job carries them (`JobParams::latents`).
+pub fn latents_from_f32(values: Vec<f32>, width: u32, height: u32) -> Result<Tensor, EngineError> {
+    let (h, w) = (height as usize / 8, width as usize / 8);
+    if values.len() != LATENT_CHANNELS * h * w {
+        return Err(EngineError::InvalidRequest(format!(
+            "{} latent values; a {width}×{height} image needs [1, 16, {h}, {w}] = {}",
+            values.len(),
+            LATENT_CHANNELS * h * w
+        )));
+    }
+    Ok(Tensor::from_vec(
+        values,
+        (1, LATENT_CHANNELS, h, w),
+        &Device::Cpu,
+    )?)
+}
+
+/// The values of latents in row-major order, as f32 (the inverse of [`latents_from_f32`]).
+pub fn latents_to_f32(latents: &Tensor) -> Result<Vec<f32>, EngineError> {
+    Ok(latents
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
 }
 
 /// `model_index.json`: the pipeline class and which components exist.
@@ -857,7 +886,21 @@ impl QwenImage {
         step_cache: StepCacheMode,
         progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<(Vec<GeneratedImage>, RunStats), EngineError> {
-        let (latents, stats) = self.generate_latents_with(requests, step_cache, progress)?;
+        self.generate_previewing(requests, step_cache, &[], &mut |p, _| progress(p))
+    }
+
+    /// [`Self::generate_with`] that also makes previews ([`crate::preview`]): request `i` gets
+    /// one after each step [`preview_steps`]`(its steps run, previews[i])` names (a request
+    /// past the end of `previews` gets none). `progress` receives, with each step, the
+    /// previews made at it.
+    pub fn generate_previewing(
+        &self,
+        requests: &[GenerateRequest],
+        step_cache: StepCacheMode,
+        previews: &[u8],
+        progress: &mut dyn FnMut(Progress, Vec<StepPreview>) -> ControlFlow<()>,
+    ) -> Result<(Vec<GeneratedImage>, RunStats), EngineError> {
+        let (latents, stats) = self.latents_previewing(requests, step_cache, previews, progress)?;
         let images = requests
             .iter()
             .zip(latents)
@@ -918,6 +961,16 @@ impl QwenImage {
         step_cache: StepCacheMode,
         progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
     ) -> Result<(Vec<Tensor>, RunStats), EngineError> {
+        self.latents_previewing(requests, step_cache, &[], &mut |p, _| progress(p))
+    }
+
+    fn latents_previewing(
+        &self,
+        requests: &[GenerateRequest],
+        step_cache: StepCacheMode,
+        previews: &[u8],
+        progress: &mut dyn FnMut(Progress, Vec<StepPreview>) -> ControlFlow<()>,
+    ) -> Result<(Vec<Tensor>, RunStats), EngineError> {
         for (i, r) in requests.iter().enumerate() {
             self.validate(i, r)?;
         }
@@ -943,14 +996,27 @@ impl QwenImage {
         let mut stats = RunStats::default();
         for (key, members) in &groups {
             let reqs: Vec<&GenerateRequest> = members.iter().map(|&i| &requests[i]).collect();
-            let finals = self.run_group(key, &reqs, step_cache, &mut stats, &mut |step_time| {
-                done += 1;
-                progress(Progress {
-                    step: done,
-                    total,
-                    step_time,
+            let plans: Vec<(usize, Vec<u32>)> = members
+                .iter()
+                .map(|&i| {
+                    (
+                        i,
+                        preview_steps(key.run, previews.get(i).copied().unwrap_or(0)),
+                    )
                 })
-            })?;
+                .collect();
+            let on_step = &mut |step_time: Duration, made: Vec<StepPreview>| {
+                done += 1;
+                progress(
+                    Progress {
+                        step: done,
+                        total,
+                        step_time,
+                    },
+                    made,
+                )
+            };
+            let finals = self.run_group(key, &reqs, &plans, step_cache, &mut stats, on_step)?;
             for (&i, l) in members.iter().zip(finals) {
                 out[i] = Some(l);
             }
@@ -991,9 +1057,10 @@ impl QwenImage {
         &self,
         key: &GroupKey,
         reqs: &[&GenerateRequest],
+        plans: &[(usize, Vec<u32>)],
         step_cache: StepCacheMode,
         stats: &mut RunStats,
-        on_step: &mut dyn FnMut(Duration) -> ControlFlow<()>,
+        on_step: &mut dyn FnMut(Duration, Vec<StepPreview>) -> ControlFlow<()>,
     ) -> Result<Vec<Tensor>, EngineError> {
         let n = reqs.len();
         let (lat_h, lat_w) = reqs[0].latent_hw();
@@ -1113,6 +1180,37 @@ impl QwenImage {
                 });
             }
             let pred = Tensor::cat(&preds, 0)?;
+            // This step's previews, from the prediction before the step is taken.
+            let local = u32::try_from(i - start + 1).unwrap_or(u32::MAX);
+            let mut made = Vec::new();
+            let previewing = Instant::now();
+            for (j, (request, plan)) in plans.iter().enumerate() {
+                if !plan.contains(&local) {
+                    continue;
+                }
+                // x₀ = x_t − σ_t·v, the flow-matching estimate of the clean latents.
+                let v = pred.narrow(0, j, 1)?;
+                let mut x0 = (x.narrow(0, j, 1)? - (v * f64::from(sigmas[i]))?)?;
+                if let (Some(z), Some(m)) = (&images[j], &masks[j]) {
+                    // An inpaint keeps the init image outside the mask.
+                    x0 = ((m.affine(-1.0, 1.0)? * z)? + (m * x0)?)?;
+                }
+                let rgb = self.decode_to_rgb8(&unpack(&x0, grid)?)?;
+                let r = reqs[j];
+                if let Some(preview) = preview_of(&rgb, r.width, r.height)? {
+                    made.push(StepPreview {
+                        request: *request,
+                        step: local,
+                        preview,
+                    });
+                }
+            }
+            // The step's time is the denoising's own, without the previews' decodes.
+            let preview_time = if made.is_empty() {
+                Duration::ZERO
+            } else {
+                previewing.elapsed()
+            };
             x = sched.step(&pred, &x, i)?;
             if key.inpaint {
                 let mut blended = Vec::with_capacity(n);
@@ -1133,7 +1231,7 @@ impl QwenImage {
                 }
                 x = Tensor::cat(&blended, 0)?;
             }
-            if on_step(t0.elapsed()).is_break() {
+            if on_step(t0.elapsed().saturating_sub(preview_time), made).is_break() {
                 return Err(EngineError::Cancelled);
             }
         }

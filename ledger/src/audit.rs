@@ -413,6 +413,7 @@ fn summary(op: &Op, peers: &[PublicKey]) -> OpSummary {
     let (kind, tokens) = match op {
         Op::SetDefaultCredit { amount } => ("set-default-credit", Some(*amount)),
         Op::Deposit { note } => ("deposit", note.verify().ok().map(|n| n.amount)),
+        Op::Prepaid { note } => ("prepaid", note.verify().ok().map(|n| n.amount)),
         Op::SetCreditLimit { role, amount, .. } => (
             match role {
                 Role::Provider => "set-credit-limit",

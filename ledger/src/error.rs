@@ -117,6 +117,10 @@ pub enum LedgerError {
         signer: String,
         account: String,
     },
+    /// A prepayment is this node's own statement of what it paid a provider: only its own
+    /// signature counts.
+    #[error("a prepayment note must be signed by this node ({owner}), not by {signer}")]
+    PrepaidNotOurs { owner: String, signer: String },
     #[error("a node cannot hold, deposit or extend credit to itself")]
     SelfAccount,
     #[error(

@@ -297,6 +297,14 @@ impl Ledger {
         self.commit(&Op::Deposit { note: note.clone() })
     }
 
+    /// Records what this node prepaid the provider `note.account` (requester side): a note
+    /// signed by this node, counted once, that raises the mirror's deposits. A provider's own
+    /// signed deposit note for the same payment ([`Ledger::deposit`]) would count it again:
+    /// record the one or the other.
+    pub fn prepaid(&self, note: &Signed<DepositNote>) -> Result<(), LedgerError> {
+        self.commit(&Op::Prepaid { note: note.clone() })
+    }
+
     /// Sets what `peer` may owe me beyond its deposits. Refused if below what it already uses.
     pub fn set_credit_limit(
         &self,

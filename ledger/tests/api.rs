@@ -236,6 +236,74 @@ fn requester_mirror_records_receipts_with_acks() {
     l.verify().unwrap();
 }
 
+/// `ledger prepaid`: the requester's own signed word of what it paid a provider raises its
+/// mirror's deposits, once, survives a reopen, verifies, exports and imports; a note signed by
+/// anyone else, for itself, or with a bad amount changes nothing.
+#[test]
+fn a_prepayment_makes_the_requester_mirror_true_and_counts_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger");
+    let (me, prov) = (requester(0), provider());
+    {
+        let l = Ledger::open(&path, me.public()).unwrap();
+        let rc = receipt_with(
+            &prov,
+            me.public(),
+            job(1),
+            20,
+            mirror_link(&l, &prov.public()),
+        );
+        l.record_receipt(&rc, &ack(&me, &rc)).unwrap();
+        let a = l.account(Role::Requester, &prov.public()).unwrap().unwrap();
+        assert_eq!(a.available(), None, "charged with nothing recorded as paid");
+
+        let note = deposit_note(&me, prov.public(), 1, tokens(25));
+        l.prepaid(&note).unwrap();
+        let a = l.account(Role::Requester, &prov.public()).unwrap().unwrap();
+        assert_eq!((a.deposits, a.available()), (tokens(25), Some(tokens(15))));
+        // The provider's side is untouched: my word is no deposit with me.
+        assert_eq!(l.account(Role::Provider, &prov.public()).unwrap(), None);
+        assert!(matches!(
+            l.prepaid(&note),
+            Err(LedgerError::DuplicateDeposit { .. })
+        ));
+        // The same note cannot count again as a deposit either (one id per signer).
+        assert!(matches!(
+            l.deposit(&note),
+            Err(LedgerError::DuplicateDeposit { .. })
+        ));
+        assert!(matches!(
+            l.prepaid(&deposit_note(&prov, me.public(), 2, tokens(5))),
+            Err(LedgerError::PrepaidNotOurs { .. })
+        ));
+        assert!(matches!(
+            l.prepaid(&deposit_note(&me, me.public(), 3, tokens(5))),
+            Err(LedgerError::SelfAccount)
+        ));
+        let mut long = deposit_note(&me, prov.public(), 4, tokens(5))
+            .verify()
+            .unwrap();
+        long.memo = "x".repeat(1000);
+        assert!(matches!(
+            l.prepaid(&sign(&me, &long)),
+            Err(LedgerError::Invalid { .. })
+        ));
+        // A second payment is a second entry.
+        l.prepaid(&deposit_note(&me, prov.public(), 5, tokens(5)))
+            .unwrap();
+    }
+    let l = Ledger::open(&path, me.public()).unwrap();
+    let a = l.account(Role::Requester, &prov.public()).unwrap().unwrap();
+    assert_eq!((a.deposits, a.available()), (tokens(30), Some(tokens(20))));
+    let verified = l.verify().unwrap();
+    let mut whole = Vec::new();
+    l.export(Some(&prov.public()), &mut whole).unwrap();
+    let text = String::from_utf8(whole.clone()).unwrap();
+    assert_eq!(text.matches("\"prepaid\"").count(), 2, "{text}");
+    let imported = import(&mut whole.as_slice()).unwrap();
+    assert_eq!(imported.accounts, verified.accounts);
+}
+
 #[test]
 fn expire_holds_releases_only_expired_holds() {
     let l = Ledger::with_store(Arc::new(MemStore::new()), provider().public()).unwrap();
@@ -556,11 +624,13 @@ fn hold_request_checks_the_signed_request_and_binds_the_receipt_to_it() {
                     mode: Mode::TextToImage,
                     exact: false,
                     lora: None,
+                    latents: None,
                 },
                 max_cost: tokens(20),
                 created_at_ms: 0,
                 expires_at_ms: 10_000,
                 quote_id: None,
+                previews: 0,
             },
         )
         .unwrap()

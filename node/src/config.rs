@@ -34,6 +34,14 @@ pub enum ConfigError {
     },
 }
 
+/// The smallest circuit a relay may offer: DCUtR's coordination and identify need a few KiB.
+pub const MIN_CIRCUIT_BYTES: u64 = 16 * 1024;
+/// The largest: a 64 MiB result and its framing, with room.
+pub const MAX_CIRCUIT_BYTES: u64 = 256 * 1024 * 1024;
+/// `max_connections` above this would undo the point of the bound (each connection costs
+/// buffers and a yamux session); a relay serving many NATed nodes may need up to this.
+pub const MAX_MAX_CONNECTIONS: u32 = 4096;
+
 /// The whole node configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -49,6 +57,16 @@ pub struct NodeConfig {
     /// Serve the HTTP API on this `HOST:PORT` (e.g. "127.0.0.1:7878"); empty = off. A
     /// non-loopback address also needs `--api-public`.
     pub api: String,
+    /// Serve as a relay for nodes behind NAT (`--relay`); only useful on a public address.
+    pub relay: bool,
+    /// As a relay, the bytes one circuit may carry. The default (131072) is enough for a hole
+    /// punch's coordination and a quote, not for results; raise it (e.g. 67108864) to let
+    /// results travel through this relay when hole punching fails.
+    pub relay_circuit_bytes: u64,
+    /// Ask the router for a port mapping over UPnP (`--upnp`).
+    pub upnp: bool,
+    /// Connections kept at most; past it new ones are denied.
+    pub max_connections: u32,
     pub provider: ProviderConfig,
     /// Named API tokens beside the cookie token the node writes at each start.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -137,6 +155,10 @@ impl Default for NodeConfig {
             mdns: true,
             metrics: String::new(),
             api: String::new(),
+            relay: false,
+            relay_circuit_bytes: crate::network::COORDINATION_CIRCUIT_BYTES,
+            upnp: false,
+            max_connections: crate::network::DEFAULT_MAX_CONNECTIONS,
             provider: ProviderConfig::default(),
             api_tokens: Vec::new(),
         }
@@ -271,6 +293,20 @@ impl NodeConfig {
                 key: "api",
                 got: format!("{:?}", self.api),
                 allowed: "HOST:PORT such as 127.0.0.1:7878, or empty for off".into(),
+            });
+        }
+        if !(MIN_CIRCUIT_BYTES..=MAX_CIRCUIT_BYTES).contains(&self.relay_circuit_bytes) {
+            return Err(ConfigError::Invalid {
+                key: "relay_circuit_bytes",
+                got: self.relay_circuit_bytes.to_string(),
+                allowed: format!("{MIN_CIRCUIT_BYTES} to {MAX_CIRCUIT_BYTES} bytes"),
+            });
+        }
+        if !(1..=MAX_MAX_CONNECTIONS).contains(&self.max_connections) {
+            return Err(ConfigError::Invalid {
+                key: "max_connections",
+                got: self.max_connections.to_string(),
+                allowed: format!("1 to {MAX_MAX_CONNECTIONS}"),
             });
         }
         let p = &self.provider;

@@ -11,10 +11,11 @@ use std::sync::{Mutex, RwLock};
 use pixmarket_engine::StepCacheMode;
 use pixmarket_engine::pipeline::{self, GenerateRequest, QwenImage};
 use pixmarket_engine::placement::{self, LoadOptions, TextEncoderPlace};
+use pixmarket_engine::preview::StepPreview;
 use pixmarket_protocol::{Hash, JobParams, LoraOffer, StepCaching};
 
 use crate::engine_loras::{Applied, OfferedLora};
-use crate::generator::{CacheStats, GenError, Generator, GeneratorInfo};
+use crate::generator::{CacheStats, GenError, Generator, GeneratorInfo, StepReport};
 
 /// The provider's caching settings (from `config.toml`'s `[provider]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,24 +234,41 @@ impl EngineGenerator {
         Ok(())
     }
 
-    /// Runs jobs that share one step-caching mode.
+    /// Runs jobs that share one step-caching mode and one LoRA; `jobs` pairs each job with its index in
+    /// the whole call and its previews (of its first image), and reports name that index.
     fn run(
         &self,
-        jobs: &[&JobParams],
+        jobs: &[(usize, &JobParams, u8)],
         mode: StepCaching,
-        progress: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
+        progress: &mut dyn FnMut(StepReport) -> ControlFlow<()>,
     ) -> Result<Vec<Vec<Vec<u8>>>, GenError> {
         let mut requests = Vec::new();
         let mut counts = Vec::with_capacity(jobs.len());
-        for job in jobs {
+        // Per engine request: its job's index in the call, and the previews it makes.
+        let mut owners = Vec::new();
+        let mut previews = Vec::new();
+        for &(index, job, wanted) in jobs {
             counts.push(job.images as usize);
-            requests.extend((0..job.images).map(|i| to_request(job, i)));
+            for i in 0..job.images {
+                requests.push(to_request(job, i)?);
+                owners.push(index);
+                previews.push(if i == 0 { wanted } else { 0 });
+            }
         }
-        let mut cb = |p: pipeline::Progress| progress(p.step, p.total);
-        self.apply(jobs.first().and_then(|j| j.lora))?;
+        let mut cb = |p: pipeline::Progress, made: Vec<StepPreview>| {
+            progress(StepReport {
+                step: p.step,
+                of: p.total,
+                previews: made
+                    .into_iter()
+                    .filter_map(|m| Some((*owners.get(m.request)?, m.preview)))
+                    .collect(),
+            })
+        };
+        self.apply(jobs.first().and_then(|&(_, j, _)| j.lora))?;
         let model = self.model.read().map_err(|_| poisoned())?;
         let (images, stats) = model
-            .generate_with(&requests, engine_mode(mode), &mut cb)
+            .generate_previewing(&requests, engine_mode(mode), &previews, &mut cb)
             .map_err(|e| match e {
                 pixmarket_engine::error::EngineError::Cancelled => GenError::Cancelled,
                 other => GenError::Failed(other.to_string()),
@@ -288,8 +306,16 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn to_request(p: &JobParams, image: u32) -> GenerateRequest {
-    GenerateRequest {
+fn to_request(p: &JobParams, image: u32) -> Result<GenerateRequest, GenError> {
+    // Validated at admission: 16 × (H/8) × (W/8) finite values, and only with one image.
+    let latents = match p.latents_f32() {
+        None => None,
+        Some(values) => Some(
+            pipeline::latents_from_f32(values, p.width, p.height)
+                .map_err(|e| GenError::Failed(e.to_string()))?,
+        ),
+    };
+    Ok(GenerateRequest {
         prompt: p.prompt.clone(),
         negative_prompt: p.negative_prompt.clone(),
         width: p.width,
@@ -298,9 +324,9 @@ fn to_request(p: &JobParams, image: u32) -> GenerateRequest {
         true_cfg_scale: p.true_cfg_scale,
         // Image i of a job uses seed + i, so a 4-image job is four distinct pictures.
         seed: p.seed.wrapping_add(u64::from(image)),
-        latents: None,
+        latents,
         mode: p.mode.clone(),
-    }
+    })
 }
 
 impl Generator for EngineGenerator {
@@ -355,11 +381,22 @@ impl Generator for EngineGenerator {
         jobs: &[JobParams],
         progress: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
     ) -> Result<Vec<Vec<Vec<u8>>>, GenError> {
+        self.generate_previewing(jobs, &[], &mut |r| progress(r.step, r.of))
+    }
+
+    fn generate_previewing(
+        &self,
+        jobs: &[JobParams],
+        previews: &[u8],
+        progress: &mut dyn FnMut(StepReport) -> ControlFlow<()>,
+    ) -> Result<Vec<Vec<Vec<u8>>>, GenError> {
+        let wanted = |i: usize| previews.get(i).copied().unwrap_or(0);
         // The provider batches only jobs with one LoRA; a mixed batch runs job by job.
         if jobs.iter().any(|j| j.lora != jobs[0].lora) {
             let mut out = Vec::with_capacity(jobs.len());
-            for j in jobs {
-                out.extend(self.generate(std::slice::from_ref(j), progress)?);
+            for (i, j) in jobs.iter().enumerate() {
+                let m = self.caching.step_caching.for_job(j.exact);
+                out.extend(self.run(&[(i, j, wanted(i))], m, progress)?);
             }
             return Ok(out);
         }
@@ -368,7 +405,11 @@ impl Generator for EngineGenerator {
         let mode = |j: &JobParams| self.caching.step_caching.for_job(j.exact);
         let first = jobs.first().map(mode);
         if jobs.iter().all(|j| Some(mode(j)) == first) {
-            let all: Vec<&JobParams> = jobs.iter().collect();
+            let all: Vec<(usize, &JobParams, u8)> = jobs
+                .iter()
+                .enumerate()
+                .map(|(i, j)| (i, j, wanted(i)))
+                .collect();
             return self.run(&all, first.unwrap_or(StepCaching::Exact), progress);
         }
         let mut out: Vec<Option<Vec<Vec<u8>>>> = vec![None; jobs.len()];
@@ -376,7 +417,8 @@ impl Generator for EngineGenerator {
             let idx: Vec<usize> = (0..jobs.len())
                 .filter(|&i| jobs[i].exact == exact)
                 .collect();
-            let part: Vec<&JobParams> = idx.iter().map(|&i| &jobs[i]).collect();
+            let part: Vec<(usize, &JobParams, u8)> =
+                idx.iter().map(|&i| (i, &jobs[i], wanted(i))).collect();
             let m = self.caching.step_caching.for_job(exact);
             for (i, pngs) in idx.into_iter().zip(self.run(&part, m, progress)?) {
                 out[i] = Some(pngs);

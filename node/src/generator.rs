@@ -4,7 +4,7 @@
 
 use std::ops::ControlFlow;
 
-use pixmarket_protocol::{JobParams, StepCaching};
+use pixmarket_protocol::{JobParams, Preview, StepCaching};
 
 /// A generator failed (the message is shown to the requester as `FailReason::Engine`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,6 +44,17 @@ pub struct CacheStats {
     pub reused_forwards: u64,
 }
 
+/// One step of a [`Generator::generate_previewing`] call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepReport {
+    /// Steps finished so far, over the whole call.
+    pub step: u32,
+    /// Steps the whole call runs.
+    pub of: u32,
+    /// Previews made at this step: the index of the job in the call, and its preview.
+    pub previews: Vec<(usize, Preview)>,
+}
+
 /// Runs jobs. Shared between the admission path (token counting) and the worker thread.
 pub trait Generator: Send + Sync + 'static {
     fn info(&self) -> GeneratorInfo;
@@ -78,6 +89,26 @@ pub trait Generator: Send + Sync + 'static {
         jobs: &[JobParams],
         progress: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
     ) -> Result<Vec<Vec<Vec<u8>>>, GenError>;
+
+    /// [`Self::generate`] that also makes previews: job `i` asks for `previews[i]` of its first
+    /// image (at the steps [`pixmarket_protocol::preview::preview_steps`] names), and each
+    /// step's report carries the ones made at it. A generator that cannot preview runs
+    /// [`Self::generate`] and reports none.
+    fn generate_previewing(
+        &self,
+        jobs: &[JobParams],
+        previews: &[u8],
+        progress: &mut dyn FnMut(StepReport) -> ControlFlow<()>,
+    ) -> Result<Vec<Vec<Vec<u8>>>, GenError> {
+        let _ = previews;
+        self.generate(jobs, &mut |step, of| {
+            progress(StepReport {
+                step,
+                of,
+                previews: Vec::new(),
+            })
+        })
+    }
 
     /// Totals of what the caches saved; a generator without caches reports zeros.
     fn cache_stats(&self) -> CacheStats {

@@ -34,8 +34,13 @@ pub struct Overrides {
     pub metrics: Option<String>,
     /// Turn mDNS off.
     pub no_mdns: bool,
-    /// A short-lived client (e.g. one `generate`): listens nowhere.
+    /// A short-lived client (e.g. one `generate`): listens only on ports the system picks
+    /// (hole punching dials from a listening port), without mDNS.
     pub client_only: bool,
+    /// Serve as a relay (overrides `relay`).
+    pub relay: bool,
+    /// Ask the router for a port mapping (overrides `upnp`).
+    pub upnp: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,8 +157,13 @@ pub async fn start(dir: &DataDir, overrides: &Overrides) -> Result<Node, LaunchE
         config.listen = overrides.listen.clone();
     }
     if overrides.client_only {
-        config.listen.clear();
+        config.listen = vec![
+            "/ip4/0.0.0.0/tcp/0".into(),
+            "/ip4/0.0.0.0/udp/0/quic-v1".into(),
+        ];
     }
+    config.relay |= overrides.relay;
+    config.upnp |= overrides.upnp;
     config.bootstrap.extend(overrides.bootstrap.iter().cloned());
     if let Some(m) = &overrides.metrics {
         config.metrics = m.clone();
@@ -254,10 +264,23 @@ pub async fn start(dir: &DataDir, overrides: &Overrides) -> Result<Node, LaunchE
             listen,
             bootstrap,
             mdns: config.mdns,
+            max_connections: config.max_connections,
+            relay_server: config.relay.then_some(crate::network::RelayServerLimits {
+                max_circuit_bytes: config.relay_circuit_bytes,
+                ..crate::network::RelayServerLimits::default()
+            }),
+            upnp: config.upnp,
+            // A short-lived client is reached over the connection it opens; it needs no relay.
+            reserve_on_relays: !overrides.client_only,
             ..NetConfig::default()
         },
         provide,
         metrics,
     };
-    Ok(Node::start(options).await?)
+    let node = Node::start(options).await?;
+    tokio::spawn(crate::reach_file::keep_written(
+        node.client().clone(),
+        dir.root().to_path_buf(),
+    ));
+    Ok(node)
 }

@@ -17,6 +17,7 @@ pub mod network;
 pub mod node;
 pub mod provider;
 pub mod rate_limit;
+pub mod reach_file;
 pub mod requester;
 pub mod token_check;
 

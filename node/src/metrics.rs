@@ -2,8 +2,10 @@
 //! `device` label, its index in the node's device list) busy time, step time, memory and
 //! whether it serves; tokens earned and spent, peers; plus libp2p's own metrics, registered by the
 //! network. Served by a minimal HTTP endpoint (`GET /metrics`) with a bounded number of
-//! concurrent connections.
+//! concurrent connections. The same figures are kept as plain [`Totals`] for the API's
+//! dashboard routes, which read them through [`Metrics::totals`].
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +47,37 @@ fn step_histogram() -> Histogram {
     ))
 }
 
+/// One device's figures since the node started, as the dashboard reads them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceTotals {
+    /// The device's name as its engine reports it.
+    pub name: String,
+    /// Its memory as its engine reports it (0: not known).
+    pub memory_mib: u64,
+    /// Whether it serves (false once its engine failed).
+    pub up: bool,
+    /// Time its generator spent running batches.
+    pub busy_ms: u64,
+    /// Denoising steps run, and their summed wall time.
+    pub steps: u64,
+    pub step_us_total: u64,
+    /// The wall time of the last step.
+    pub last_step_us: Option<u64>,
+}
+
+/// The node's figures since it started, as plain values. Its maps are bounded: the outcomes
+/// are the fixed names the node counts, and the devices at most
+/// [`crate::provider::MAX_DEVICES`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Jobs by outcome, as the `pixmarket_jobs` counter.
+    pub jobs: BTreeMap<String, u64>,
+    /// Jobs waiting for a device now.
+    pub queue: usize,
+    /// By the device's label (its index in the node's device list).
+    pub devices: BTreeMap<String, DeviceTotals>,
+}
+
 /// The node's own metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -61,6 +94,7 @@ pub struct Metrics {
     forwards: Family<Outcome, Counter>,
     /// The generator's totals at the last [`Metrics::cache`] call, so counters get deltas.
     cache_seen: std::sync::Mutex<CacheStats>,
+    totals: std::sync::Mutex<Totals>,
 }
 
 impl Metrics {
@@ -78,6 +112,7 @@ impl Metrics {
             prompt_cache: Family::default(),
             forwards: Family::default(),
             cache_seen: std::sync::Mutex::new(CacheStats::default()),
+            totals: std::sync::Mutex::new(Totals::default()),
         };
         let r = registry.sub_registry_with_prefix("pixmarket");
         r.register(
@@ -169,22 +204,44 @@ impl Metrics {
         *seen = totals;
     }
 
+    /// The figures since the node started.
+    pub fn totals(&self) -> Totals {
+        self.totals.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Totals)) {
+        if let Ok(mut t) = self.totals.lock() {
+            f(&mut t);
+        }
+    }
+
+    fn device_totals<'a>(t: &'a mut Totals, device: &str) -> &'a mut DeviceTotals {
+        t.devices.entry(device.to_owned()).or_default()
+    }
+
     pub fn job(&self, outcome: &str) {
         self.jobs
             .get_or_create(&Outcome {
                 outcome: outcome.to_owned(),
             })
             .inc();
+        self.update(|t| *t.jobs.entry(outcome.to_owned()).or_default() += 1);
     }
     pub fn set_queue(&self, n: usize) {
         self.queue.set(i64::try_from(n).unwrap_or(i64::MAX));
+        self.update(|t| t.queue = n);
     }
     pub fn busy(&self, device: &str, d: Duration) {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         self.busy_ms
             .get_or_create(&DeviceLabel {
                 device: device.to_owned(),
             })
-            .inc_by(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            .inc_by(ms);
+        self.update(|t| {
+            let dev = Self::device_totals(t, device);
+            dev.busy_ms = dev.busy_ms.saturating_add(ms);
+        });
     }
     pub fn step(&self, device: &str, d: Duration) {
         self.step_seconds
@@ -192,6 +249,13 @@ impl Metrics {
                 device: device.to_owned(),
             })
             .observe(d.as_secs_f64());
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.update(|t| {
+            let dev = Self::device_totals(t, device);
+            dev.steps = dev.steps.saturating_add(1);
+            dev.step_us_total = dev.step_us_total.saturating_add(us);
+            dev.last_step_us = Some(us);
+        });
     }
     /// A device's engine is loaded and its worker starts.
     pub fn device_started(&self, device: &str, info: &crate::generator::GeneratorInfo) {
@@ -207,6 +271,12 @@ impl Metrics {
         self.device_up.get_or_create(&label).set(1);
         // Present from the start, so rate() over a device that never ran is 0, not missing.
         let _ = self.busy_ms.get_or_create(&label);
+        self.update(|t| {
+            let dev = Self::device_totals(t, device);
+            dev.name.clone_from(&info.device_name);
+            dev.memory_mib = info.device_memory_mib;
+            dev.up = true;
+        });
     }
     /// A device's engine failed; its worker serves no more.
     pub fn device_down(&self, device: &str) {
@@ -215,6 +285,7 @@ impl Metrics {
                 device: device.to_owned(),
             })
             .set(0);
+        self.update(|t| Self::device_totals(t, device).up = false);
     }
     pub fn earned(&self, amount: MicroTokens) {
         self.earned_micro.inc_by(amount.0);
@@ -275,6 +346,29 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn totals_follow_the_counters() {
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry);
+        m.job("completed");
+        m.job("completed");
+        m.job("refused");
+        m.set_queue(3);
+        m.busy("0", Duration::from_millis(250));
+        m.busy("0", Duration::from_millis(50));
+        m.step("0", Duration::from_micros(1500));
+        m.step("0", Duration::from_micros(500));
+        m.device_down("1");
+        let t = m.totals();
+        assert_eq!(t.jobs["completed"], 2);
+        assert_eq!(t.jobs["refused"], 1);
+        assert_eq!(t.queue, 3);
+        let d0 = &t.devices["0"];
+        assert_eq!((d0.busy_ms, d0.steps, d0.step_us_total), (300, 2, 2000));
+        assert_eq!(d0.last_step_us, Some(500));
+        assert!(!t.devices["1"].up);
+    }
 
     #[test]
     fn cache_counters_follow_the_generator_s_totals() {

@@ -93,6 +93,7 @@ pub struct Node {
     /// One permit per provider request being handled (each holds the ledger until it returns).
     handlers: Arc<Semaphore>,
     metrics_addr: Option<SocketAddr>,
+    metrics: Arc<Metrics>,
 }
 
 impl Node {
@@ -138,7 +139,7 @@ impl Node {
             client.clone(),
             requester.clone(),
             provider.clone(),
-            metrics,
+            metrics.clone(),
             handlers.clone(),
         ));
         Ok(Self {
@@ -150,6 +151,7 @@ impl Node {
             tasks,
             handlers,
             metrics_addr,
+            metrics,
         })
     }
 
@@ -169,8 +171,24 @@ impl Node {
         self.provider.is_some()
     }
 
+    /// The provider's queue now; `None` when this node does not provide.
+    pub fn provider_queue(&self) -> Option<crate::provider::QueueStatus> {
+        self.provider.as_ref().map(Provider::queue_status)
+    }
+
+    /// The provider service, when this node provides (cheap to clone).
+    pub fn provider(&self) -> Option<&Provider> {
+        self.provider.as_ref()
+    }
+
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// The node's figures (jobs by outcome, queue, per-device busy and step time), which the
+    /// API's dashboard routes read.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Addresses the swarm listens on, with `/p2p/<peer id>` appended: what others dial.
@@ -289,7 +307,16 @@ async fn dispatch(
                 peer,
                 request,
                 channel,
+                via,
             } => {
+                // Before any work: a result the relayed circuit could not carry is refused now.
+                if provider.is_some()
+                    && let Some(reason) = network::path::relay_refusal(&request, via)
+                {
+                    tracing::info!(%peer, %reason, "refusing a job the relay cannot carry");
+                    let _ = client.respond(channel, Response::Refused(reason)).await;
+                    continue;
+                }
                 if let Err(wait) = limits.admit(peer, Kind::of(&request)) {
                     tracing::debug!(%peer, kind = request.kind(), "rate limited");
                     let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);

@@ -19,7 +19,7 @@ use pixmarket_node::network::{
     self, Client, LinkFaults, NetConfig, NetError, NetEvent, Request, Response,
 };
 use pixmarket_node::provider::ProviderSettings;
-use pixmarket_node::requester::{GenerateError, GenerateOptions};
+use pixmarket_node::requester::{FailureKind, GenerateError, GenerateOptions};
 use pixmarket_node::{Node, NodeOptions};
 use pixmarket_protocol::{
     DepositNote, JobId, JobParams, MicroTokens, PriceSchedule, SecretKey, Signed,
@@ -172,7 +172,15 @@ async fn a_partition_fails_jobs_at_once_and_heals() {
     let GenerateError::AllFailed(reasons) = &err else {
         panic!("{err}");
     };
-    assert!(reasons[0].contains("partition"), "{reasons:?}");
+    assert!(
+        reasons[0].failure.message.contains("partition"),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        reasons[0].failure.kind,
+        FailureKind::Unreachable,
+        "{reasons:?}"
+    );
     assert!(faults.stats().refused_requests >= 1);
 
     // Dialling across is denied too, and nothing reconnects or gossips across on its own.

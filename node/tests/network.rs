@@ -249,3 +249,68 @@ async fn a_peer_that_sends_an_invalid_advert_is_pruned_from_the_mesh() {
     a.shutdown().await;
     m.shutdown().await;
 }
+
+/// A peer that forwards stale adverts (here, it publishes them: signed and well formed, but
+/// issued a minute ago, past the 30 s lifetime) is ignored, not penalised: an honest forwarder
+/// may hold a delayed advert. Its score does not fall, it stays in the advert mesh, and its
+/// next fresh advert is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_sends_stale_adverts_keeps_its_score_and_mesh_place() {
+    let (a, mut a_events, a_addr, _) = start(7, vec![]).await;
+    let (m, _m_events, _m_addr, m_key) = start(8, vec![a_addr]).await;
+    let m_peer = m.local_peer_id();
+
+    let mut seq = 0u64;
+    let mut heard = false;
+    for _ in 0..40 {
+        seq += 1;
+        m.publish(Signed::sign(&m_key, &advert(seq)).unwrap())
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, a_events.recv()).await {
+            if matches!(ev, NetEvent::Advert { .. }) {
+                heard = true;
+                break;
+            }
+        }
+        if heard {
+            break;
+        }
+    }
+    assert!(heard, "the valid advert arrived over gossip");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !a.gossip_standing(m_peer).await.unwrap().in_mesh {
+        assert!(tokio::time::Instant::now() < deadline, "m joined a's mesh");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Five stale adverts, each with a newer sequence number: none is delivered.
+    for _ in 0..5 {
+        seq += 1;
+        let mut stale = advert(seq);
+        stale.issued_at_ms = now_ms() - 60_000;
+        m.publish(Signed::sign(&m_key, &stale).unwrap())
+            .await
+            .unwrap();
+    }
+    // A fresh one after them is delivered, and it is the fresh one.
+    seq += 1;
+    m.publish(Signed::sign(&m_key, &advert(seq)).unwrap())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let delivered = loop {
+        match tokio::time::timeout_at(deadline, a_events.recv()).await {
+            Ok(Some(NetEvent::Advert { advert, .. })) => break advert,
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => panic!("the fresh advert after the stale ones never arrived"),
+        }
+    };
+    assert_eq!(delivered.seq, seq, "a stale advert was delivered");
+    let standing = a.gossip_standing(m_peer).await.unwrap();
+    assert!(standing.in_mesh, "{standing:?}");
+    assert!(standing.score.is_none_or(|s| s >= 0.0), "{standing:?}");
+    a.shutdown().await;
+    m.shutdown().await;
+}

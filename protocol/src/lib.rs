@@ -10,6 +10,7 @@ pub mod exchange;
 pub mod identity;
 pub mod messages;
 pub mod metering;
+pub mod preview;
 pub mod signed;
 pub mod validate;
 
@@ -22,6 +23,7 @@ pub use messages::{
     Receipt, ReceiptAck, StepCaching, effective_steps,
 };
 pub use metering::{MeterError, MeteredUnits, MicroTokens, PriceSchedule, TokenAmountError};
+pub use preview::Preview;
 pub use signed::{Message, Signed, VerifyError};
 pub use validate::ValidationError;
 

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::exchange::JobVoid;
 use crate::identity::{Hash, PublicKey};
 use crate::metering::{self, MeterError, MeteredUnits, MicroTokens, PriceSchedule};
+use crate::preview::Preview;
 use crate::signed::{Message, Signed};
 use crate::validate::{self as v, ValidationError};
 
@@ -238,6 +239,10 @@ pub struct JobParams {
     /// A LoRA the provider offers, applied to the transformer for this job.
     #[serde(default)]
     pub lora: Option<LoraChoice>,
+    /// The starting noise instead of the seed's: `[1, 16, height/8, width/8]` as little-endian
+    /// f32 in row-major order, every value finite; only with `images == 1`. Signed with the
+    /// request like every field; the price does not depend on it.
+    pub latents: Option<Vec<u8>>,
 }
 
 impl JobParams {
@@ -269,7 +274,59 @@ impl JobParams {
         if let Some(l) = &self.lora {
             l.validate()?;
         }
+        if let Some(latents) = &self.latents {
+            self.validate_latents(latents)?;
+        }
         self.mode.validate()
+    }
+
+    /// The latents' byte length for this size: 16 × (H/8) × (W/8) f32.
+    pub fn latents_len(&self) -> usize {
+        v::LATENT_CHANNELS as usize * (self.height as usize / 8) * (self.width as usize / 8) * 4
+    }
+
+    fn validate_latents(&self, latents: &[u8]) -> Result<(), ValidationError> {
+        if self.images != 1 {
+            return Err(ValidationError::new(
+                "latents",
+                format!("latents with images = {}", self.images),
+                "latents only with images = 1 (each image needs its own noise)",
+            ));
+        }
+        let want = self.latents_len();
+        if latents.len() != want {
+            return Err(ValidationError::new(
+                "latents",
+                format!("{} bytes", latents.len()),
+                format!(
+                    "{want} bytes: [1, 16, {}, {}] little-endian f32 for {}×{}",
+                    self.height / 8,
+                    self.width / 8,
+                    self.width,
+                    self.height
+                ),
+            ));
+        }
+        if let Some(i) = latents
+            .chunks_exact(4)
+            .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
+        {
+            return Err(ValidationError::new(
+                "latents",
+                format!("a NaN or infinite value at index {i}"),
+                "finite f32 values",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The latents as f32 values (for the engine), when given.
+    pub fn latents_f32(&self) -> Option<Vec<f32>> {
+        self.latents.as_ref().map(|b| {
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        })
     }
 
     /// The job's work against one standard image (1024², 50 steps, one image, no true CFG), in
@@ -511,11 +568,21 @@ pub struct JobRequest {
     pub created_at_ms: u64,
     pub expires_at_ms: u64,
     pub quote_id: Option<QuoteId>,
+    /// Previews of the first image wanted with the progress events, 0 to
+    /// [`crate::preview::MAX_PREVIEWS`]; free, and bounded to thumbnails (see
+    /// [`crate::preview`]). Not part of [`JobParams`]: they do not change the picture.
+    pub previews: u8,
 }
 
 impl JobRequest {
     pub fn validate(&self, now_ms: u64) -> Result<(), ValidationError> {
         self.params.validate()?;
+        v::range(
+            "previews",
+            u64::from(self.previews),
+            0,
+            u64::from(crate::preview::MAX_PREVIEWS),
+        )?;
         v::expiry("expires_at", self.expires_at_ms, now_ms)
     }
 }
@@ -581,6 +648,17 @@ pub enum FailReason {
     /// The job names a LoRA this provider does not offer.
     #[error("this provider does not offer the LoRA with hash {}", hex::encode(hash.as_bytes()))]
     LoraUnavailable { hash: Hash },
+    /// The requester reaches this provider only through a relay whose circuits carry fewer
+    /// bytes than the result would take; refused before any work. Hole punching, a public
+    /// address on either side, or a relay that carries results would lift it.
+    #[error(
+        "the result (up to {needed_bytes} bytes) cannot cross the relayed connection, which \
+         carries at most {circuit_bytes} bytes; hole punching did not connect us directly"
+    )]
+    RelayLimit {
+        circuit_bytes: u64,
+        needed_bytes: u64,
+    },
 }
 
 /// A [`ValidationError`] as it travels on the wire (owned field name).
@@ -624,9 +702,13 @@ pub enum JobEventKind {
         queue_position: u32,
         eta_ms: u64,
     },
+    /// `step` of `of` steps are done; `preview` is a picture of the job's first image at this
+    /// step, sent only at the steps [`crate::preview::preview_steps`] names when the request
+    /// asked for previews.
     Progress {
         step: u32,
         of: u32,
+        preview: Option<Preview>,
     },
     /// The provider-signed receipt (with the images' hashes), sent once it is durable. The
     /// images themselves are released only against the requester's signed acknowledgement.
@@ -761,8 +843,9 @@ impl Message for Quote {
 }
 impl Message for JobRequest {
     const DOMAIN: &'static str = "pixmarket/v1/job-request";
-    /// Two input images (init and mask) plus the texts.
-    const MAX_ENCODED: usize = 2 * (v::MAX_INPUT_IMAGE_BYTES + 8) + JOB_TEXT_BUDGET;
+    /// Two input images (init and mask), the starting latents, plus the texts.
+    const MAX_ENCODED: usize =
+        2 * (v::MAX_INPUT_IMAGE_BYTES + 8) + v::MAX_LATENTS_BYTES + 8 + JOB_TEXT_BUDGET;
 }
 impl Message for Receipt {
     const DOMAIN: &'static str = "pixmarket/v1/receipt";
@@ -770,8 +853,9 @@ impl Message for Receipt {
 }
 impl Message for JobEvent {
     const DOMAIN: &'static str = "pixmarket/v1/job-event";
-    /// A signed receipt or a signed void, with room for a failure's message.
-    const MAX_ENCODED: usize = 8 * KIB;
+    /// A signed receipt or a signed void, with room for a failure's message, or progress with
+    /// a preview.
+    const MAX_ENCODED: usize = crate::preview::MAX_PREVIEW_BYTES + 8 * KIB;
 }
 impl Message for ReceiptAck {
     const DOMAIN: &'static str = "pixmarket/v1/receipt-ack";

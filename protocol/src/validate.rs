@@ -22,6 +22,12 @@ pub const MAX_EXPIRY_AHEAD_MS: u64 = 60 * 60 * 1000;
 /// An input image (init image or mask) as PNG/JPEG bytes: a 2048² RGB PNG is at most ~12 MiB
 /// uncompressed; 16 MiB leaves room for PNG overhead.
 pub const MAX_INPUT_IMAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Channels of the model's latent space (Qwen-Image's VAE): the starting noise of a job is
+/// `[1, LATENT_CHANNELS, H/8, W/8]`.
+pub const LATENT_CHANNELS: u32 = 16;
+/// A job's starting latents at the largest size: 16 × 256 × 256 little-endian f32, 4 MiB.
+pub const MAX_LATENTS_BYTES: usize =
+    LATENT_CHANNELS as usize * (MAX_DIMENSION as usize / 8) * (MAX_DIMENSION as usize / 8) * 4;
 /// A generated PNG at 2048² is under 12.6 MiB even incompressible.
 pub const MAX_OUTPUT_IMAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Price factors up to 1000×; keeps the metering arithmetic far inside u128.

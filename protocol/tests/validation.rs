@@ -25,6 +25,7 @@ fn params() -> JobParams {
         mode: Mode::TextToImage,
         exact: false,
         lora: None,
+        latents: None,
     }
 }
 
@@ -37,6 +38,7 @@ fn request(params: JobParams) -> JobRequest {
         created_at_ms: NOW,
         expires_at_ms: NOW + 60_000,
         quote_id: None,
+        previews: 0,
     }
 }
 
@@ -185,6 +187,61 @@ fn each_bad_field_is_named_with_its_range() {
         assert_eq!(got_field, field, "{msg}");
         assert!(msg.contains(allowed), "{msg} should mention {allowed}");
     }
+}
+
+/// Starting latents: exactly the size's noise, finite, one image; the largest signs and fits
+/// the job's size cap.
+#[test]
+fn latents_must_fit_the_size_be_finite_and_come_with_one_image() {
+    let small = |latents: Vec<u8>, images: u32| JobParams {
+        width: 64,
+        height: 128,
+        images,
+        latents: Some(latents),
+        ..params()
+    };
+    let noise = |n: usize| -> Vec<u8> { (0..n).flat_map(|i| (i as f32).to_le_bytes()).collect() };
+    // [1, 16, 16, 8] for 64 wide and 128 high.
+    let good = small(noise(16 * 16 * 8), 1);
+    good.validate().unwrap();
+    assert_eq!(good.latents_len(), 16 * 16 * 8 * 4);
+    assert_eq!(good.latents_f32().unwrap()[5], 5.0);
+
+    let (field, text) = field_of(small(noise(16 * 8 * 8), 1));
+    assert_eq!(field, "latents");
+    assert!(text.contains("8192 bytes: [1, 16, 16, 8]"), "{text}");
+    let (_, text) = field_of(small(noise(16 * 16 * 8), 2));
+    assert!(text.contains("only with images = 1"), "{text}");
+    let mut bad = noise(16 * 16 * 8);
+    bad[40..44].copy_from_slice(&f32::NAN.to_le_bytes());
+    let (_, text) = field_of(small(bad, 1));
+    assert!(text.contains("index 10"), "{text}");
+    let mut bad = noise(16 * 16 * 8);
+    bad[0..4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    assert_eq!(field_of(small(bad, 1)).0, "latents");
+    let (_, text) = field_of(small(vec![0; 3], 1));
+    assert!(text.contains("3 bytes"), "{text}");
+
+    // The largest job: 2048², latents and both input images at their limits, signs.
+    let side = validate::MAX_DIMENSION;
+    let biggest = JobParams {
+        width: side,
+        height: side,
+        latents: Some(vec![0; validate::MAX_LATENTS_BYTES]),
+        mode: Mode::Inpaint {
+            init_image: vec![1; validate::MAX_INPUT_IMAGE_BYTES],
+            mask: vec![2; validate::MAX_INPUT_IMAGE_BYTES],
+            strength_permille: 500,
+        },
+        ..params()
+    };
+    biggest.validate().unwrap();
+    let key = SecretKey::from_seed(&[9; 32]);
+    let signed = Signed::sign(&key, &request(biggest)).unwrap();
+    assert_eq!(
+        signed.verify().unwrap().params.latents.unwrap().len(),
+        4 << 20
+    );
 }
 
 #[test]

@@ -105,6 +105,7 @@ fn arb_params() -> impl Strategy<Value = JobParams> {
                     mode,
                     exact: seed.is_multiple_of(2),
                     lora: None,
+                    latents: None,
                 }
             },
         )
@@ -128,6 +129,7 @@ fn arb_job_request() -> impl Strategy<Value = JobRequest> {
                 created_at_ms: created,
                 expires_at_ms: expires,
                 quote_id: quoted.then_some(QuoteId(id)),
+                previews: 0,
             },
         )
 }
@@ -247,7 +249,24 @@ fn arb_event() -> impl Strategy<Value = JobEvent> {
             queue_position,
             eta_ms
         }),
-        any::<(u32, u32)>().prop_map(|(step, of)| JobEventKind::Progress { step, of }),
+        any::<(u32, u32)>().prop_map(|(step, of)| JobEventKind::Progress {
+            step,
+            of,
+            preview: None
+        }),
+        (
+            any::<(u32, u32, u32)>(),
+            proptest::collection::vec(any::<u8>(), 0..2048)
+        )
+            .prop_map(|((step, of, side), png)| JobEventKind::Progress {
+                step,
+                of,
+                preview: Some(pixmarket_protocol::Preview {
+                    width: side,
+                    height: side,
+                    png
+                })
+            }),
         receipt.prop_map(|receipt| JobEventKind::Completed { receipt }),
         (arb_fail_reason(), arb_void()).prop_map(|(reason, v)| JobEventKind::Failed {
             reason,

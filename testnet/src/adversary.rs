@@ -20,6 +20,10 @@
 //!   record counts the images it received and what its providers' books charge it.
 //! - [`AdversaryKind::Forger`] sends requests signed by another key over its own connection,
 //!   requests with a corrupted signature, and requests addressed to another provider.
+//! - [`AdversaryKind::Flooder`] and [`AdversaryKind::Hog`] attack a node's resources (quotes,
+//!   jobs and events at line rate; stalled maximum-length frames on every stream and connection
+//!   the limits allow), and [`AdversaryKind::Sybil`] advertises many fresh keys claiming 1 ms
+//!   over real gossip: see [`crate::hostile`].
 //!
 //! Data flow of one adversary:
 //! - swarm events → [`spawn_event_pump`] (requester side: progress answered, other job events
@@ -55,6 +59,7 @@ use pixmarket_protocol::{
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::hostile;
 use crate::record::AdversaryRecord;
 
 /// A provider-side adversary re-publishes its advert this often, so requesters learn it within
@@ -87,15 +92,25 @@ pub enum AdversaryKind {
     Silent,
     /// A requester that takes what it can and acknowledges nothing.
     Freerider,
+    /// A requester that sends quotes, jobs and events at line rate.
+    Flooder,
+    /// A requester that holds every stream and connection the limits allow with stalled
+    /// frames of the largest declared length.
+    Hog,
+    /// A provider-side peer advertising many fresh keys that claim 1 ms per image.
+    Sybil,
 }
 
 impl AdversaryKind {
-    pub const ALL: [AdversaryKind; 5] = [
+    pub const ALL: [AdversaryKind; 8] = [
         AdversaryKind::Overcharger,
         AdversaryKind::Replayer,
         AdversaryKind::Forger,
         AdversaryKind::Silent,
         AdversaryKind::Freerider,
+        AdversaryKind::Flooder,
+        AdversaryKind::Hog,
+        AdversaryKind::Sybil,
     ];
 
     pub fn name(self) -> &'static str {
@@ -105,12 +120,18 @@ impl AdversaryKind {
             AdversaryKind::Forger => "forger",
             AdversaryKind::Silent => "silent",
             AdversaryKind::Freerider => "freerider",
+            AdversaryKind::Flooder => "flooder",
+            AdversaryKind::Hog => "hog",
+            AdversaryKind::Sybil => "sybil",
         }
     }
 
     /// Whether it sells (honest requesters come to it) rather than buys (it attacks providers).
     pub fn is_provider(self) -> bool {
-        matches!(self, AdversaryKind::Overcharger | AdversaryKind::Silent)
+        matches!(
+            self,
+            AdversaryKind::Overcharger | AdversaryKind::Silent | AdversaryKind::Sybil
+        )
     }
 }
 
@@ -123,7 +144,7 @@ impl fmt::Display for AdversaryKind {
 /// A name that is not an adversary kind.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown adversary {got:?}: expected one of overcharger, replayer, forger, silent, freerider"
+    "unknown adversary {got:?}: expected one of overcharger, replayer, forger, silent, freerider, flooder, hog, sybil"
 )]
 pub struct UnknownAdversary {
     pub got: String,
@@ -473,6 +494,7 @@ impl DishonestProvider {
                     peer,
                     request,
                     channel,
+                    ..
                 } = ev
                 else {
                     continue;
@@ -748,6 +770,7 @@ pub fn job_request(provider: PublicKey, params: JobParams, max_cost: MicroTokens
         created_at_ms: now,
         expires_at_ms: now + REQUEST_VALIDITY_MS,
         quote_id: None,
+        previews: 0,
     }
 }
 
@@ -853,6 +876,7 @@ pub fn small_job(prompt: &str) -> JobParams {
         mode: Mode::TextToImage,
         exact: false,
         lora: None,
+        latents: None,
     }
 }
 
@@ -868,6 +892,11 @@ pub struct Adversary {
     waiters: Waiters,
     /// Requester side: every job it asked for itself.
     bought: Bought,
+    /// Where it can dial providers directly (a hog opens its own connections): its bootstrap
+    /// peers, and whatever [`Adversary::learn_address`] adds.
+    addresses: Mutex<BTreeMap<PeerId, Multiaddr>>,
+    /// A sybil's advertised keys.
+    sybils: Vec<PublicKey>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -892,7 +921,27 @@ impl Adversary {
         bootstrap: Vec<Multiaddr>,
         generator: Arc<dyn Generator>,
     ) -> anyhow::Result<Adversary> {
+        Self::start_with(kind, name, key, bootstrap, generator, hostile::SYBIL_KEYS).await
+    }
+
+    /// [`Adversary::start`], a sybil advertising `sybil_keys` keys (others ignore it).
+    pub async fn start_with(
+        kind: AdversaryKind,
+        name: String,
+        key: SecretKey,
+        bootstrap: Vec<Multiaddr>,
+        generator: Arc<dyn Generator>,
+        sybil_keys: usize,
+    ) -> anyhow::Result<Adversary> {
         let secret = Arc::new(key);
+        let addresses: BTreeMap<PeerId, Multiaddr> = bootstrap
+            .iter()
+            .filter_map(|a| match a.iter().last() {
+                Some(Protocol::P2p(peer)) => Some((peer, a.clone())),
+                _ => None,
+            })
+            .collect();
+        let mut sybils = Vec::new();
         let bare = start_bare(&secret, bootstrap)
             .await
             .with_context(|| format!("adversary {name}"))?;
@@ -924,7 +973,23 @@ impl Adversary {
                 };
                 tasks.push(provider.spawn(bare.events));
             }
-            AdversaryKind::Replayer | AdversaryKind::Forger | AdversaryKind::Freerider => {
+            AdversaryKind::Sybil => {
+                // It serves nothing: requests to its own key get a typed refusal.
+                let (tx, _rx) = mpsc::channel(1);
+                tasks.push(spawn_event_pump(bare.client.clone(), bare.events, tx));
+                tasks.push(hostile::spawn_sybil_adverts(
+                    bare.client.clone(),
+                    secret.public(),
+                    sybil_keys,
+                    tally.clone(),
+                ));
+                sybils = hostile::sybil_keys(&secret.public(), sybil_keys);
+            }
+            AdversaryKind::Replayer
+            | AdversaryKind::Forger
+            | AdversaryKind::Freerider
+            | AdversaryKind::Flooder
+            | AdversaryKind::Hog => {
                 let (tx, rx) = mpsc::channel(EVENT_QUEUE);
                 tasks.push(spawn_event_pump(bare.client.clone(), bare.events, tx));
                 tasks.push(spawn_router(
@@ -945,8 +1010,26 @@ impl Adversary {
             tally,
             waiters,
             bought,
+            addresses: Mutex::new(addresses),
+            sybils,
             tasks,
         })
+    }
+
+    /// Tells it where a provider listens (`addr` ends in `/p2p/<peer id>`), for attacks that
+    /// open their own connections.
+    pub fn learn_address(&self, addr: Multiaddr) {
+        if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+            self.addresses
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(peer, addr);
+        }
+    }
+
+    /// The keys a sybil advertises (empty for every other kind).
+    pub fn sybil_keys(&self) -> &[PublicKey] {
+        &self.sybils
     }
 
     pub fn kind(&self) -> AdversaryKind {
@@ -996,7 +1079,26 @@ impl Adversary {
                 AdversaryKind::Replayer => self.replay_round(provider, params).await,
                 AdversaryKind::Forger => self.forge_round(provider, params).await,
                 AdversaryKind::Freerider => self.freeride_round(provider, params).await,
-                AdversaryKind::Overcharger | AdversaryKind::Silent => bail!(
+                AdversaryKind::Flooder => {
+                    hostile::flood_round(&self.client, &self.secret, provider, params, &self.tally)
+                        .await
+                }
+                AdversaryKind::Hog => {
+                    let addr = self
+                        .addresses
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .get(&provider.to_peer_id())
+                        .cloned();
+                    match addr {
+                        Some(addr) => hostile::hog_round(&self.secret, &addr, &self.tally).await,
+                        None => Err(anyhow!(
+                            "the hog knows no address of {}; tell it with learn_address",
+                            provider.fmt_short()
+                        )),
+                    }
+                }
+                AdversaryKind::Overcharger | AdversaryKind::Silent | AdversaryKind::Sybil => bail!(
                     "a {} cheats the requesters that choose it; it has no attack to launch",
                     self.kind
                 ),

@@ -249,6 +249,7 @@ pub async fn run(config: &DemoConfig, log: &mut dyn FnMut(String)) -> anyhow::Re
             mode: Mode::TextToImage,
             exact: false,
             lora: None,
+            latents: None,
         };
         let t = Instant::now();
         let outcome = requester

@@ -5,6 +5,7 @@ pub mod adversary;
 pub mod books;
 pub mod demo;
 pub mod experiment;
+pub mod hostile;
 pub mod record;
 pub mod report;
 pub mod run;

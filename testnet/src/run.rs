@@ -917,6 +917,11 @@ pub async fn run(
             continue;
         }
         let target = market.provider_keys[i % market.provider_keys.len()];
+        // A hog dials its target itself.
+        if let Some(slot) = market.providers.get(i % market.providers.len()) {
+            let listen = slot.lock().await.listen.clone();
+            a.learn_address(listen.with(libp2p::multiaddr::Protocol::P2p(target.to_peer_id())));
+        }
         let a = a.clone();
         attacks.spawn(async move { a.attack(target, 3).await });
     }

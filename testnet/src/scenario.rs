@@ -221,6 +221,7 @@ fn random_params(rng: &mut ChaCha8Rng, mix: JobMix, index: usize) -> JobParams {
         mode: Mode::TextToImage,
         exact: false,
         lora: None,
+        latents: None,
     }
 }
 
@@ -462,6 +463,7 @@ fn read_trace(path: &Path, requesters: usize) -> Result<Vec<(u64, usize, JobPara
             mode: Mode::TextToImage,
             exact: false,
             lora: None,
+            latents: None,
         };
         params.validate().map_err(|e| bad(e.to_string()))?;
         out.push((to_ms(t.at_s * 1000.0), requester, params));

@@ -399,6 +399,7 @@ mod tests {
             mode: Mode::TextToImage,
             exact: false,
             lora: None,
+            latents: None,
         }
     }
 

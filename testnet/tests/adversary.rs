@@ -29,6 +29,9 @@ use pixmarket_protocol::{
     ChainEntry, DepositNote, JobId, MicroTokens, PriceSchedule, PublicKey, SecretKey, Signed,
 };
 use pixmarket_testnet::adversary::{Adversary, AdversaryKind, honest_meter, small_job};
+use pixmarket_testnet::hostile::{
+    FLOOD_EVENTS, FLOOD_JOBS, FLOOD_QUOTES, HOG_CONNECTIONS, HOG_STREAMS,
+};
 use pixmarket_testnet::record::AdversaryRecord;
 
 /// How long a test waits for gossip or for an adversary's tally to catch up.
@@ -401,5 +404,285 @@ async fn a_freerider_gets_no_images_and_is_charged_nothing() {
     assert!(books.holds().unwrap().is_empty());
 
     freerider.shutdown().await;
+    provider.node.shutdown().await;
+}
+
+/// An honest requester buys `n` small jobs from `provider`, one after another, and each
+/// completes there at the first try.
+async fn honest_jobs(requester: &Honest, provider: &Honest, n: usize) -> Vec<MicroTokens> {
+    let mut costs = Vec::with_capacity(n);
+    for i in 0..n {
+        let outcome = requester
+            .node
+            .requester()
+            .generate(
+                small_job(&format!("honest job {i} under attack")),
+                GenerateOptions {
+                    provider: Some(provider.key.to_peer_id()),
+                    ..GenerateOptions::default()
+                },
+                &mut |_| {},
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (outcome.provider, outcome.attempts),
+            (provider.key.to_peer_id(), 1)
+        );
+        assert_eq!(outcome.images.len(), 1);
+        costs.push(outcome.cost);
+    }
+    costs
+}
+
+/// The books of both honest sides balance: the requester was charged what it paid, every
+/// receipt is acknowledged, nothing is held, and neither ledger knows the adversary.
+fn books_balanced(
+    provider: &Honest,
+    requester: &Honest,
+    costs: &[MicroTokens],
+    adversary: &PublicKey,
+) {
+    let paid = MicroTokens(costs.iter().map(|c| c.0).sum());
+    let books = provider.node.ledger();
+    let acct = books
+        .account(Role::Provider, &requester.key)
+        .unwrap()
+        .unwrap();
+    assert_eq!((acct.charged, acct.held), (paid, MicroTokens::ZERO));
+    assert_eq!(books.account(Role::Provider, adversary).unwrap(), None);
+    assert!(books.holds().unwrap().is_empty());
+    assert!(
+        books
+            .receipts(None)
+            .unwrap()
+            .iter()
+            .all(|r| r.ack.is_some())
+    );
+    books.verify().unwrap();
+    requester.node.ledger().verify().unwrap();
+}
+
+/// A flooder sends quotes, jobs and events at line rate while an honest requester buys from
+/// the same provider: the flood is answered `Busy` past the per-peer burst, none of its jobs
+/// is admitted, and every honest job completes at the first try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooder_is_answered_busy_and_honest_jobs_complete_meanwhile() {
+    let provider = Honest::start(60, vec![], true).await;
+    let requester = Honest::start(62, vec![provider.addr.clone()], false).await;
+    provider.deposit_from(requester.key, 100);
+    let flooder = Arc::new(
+        Adversary::start(
+            AdversaryKind::Flooder,
+            "flooder-1".into(),
+            key(61),
+            vec![provider.addr.clone()],
+            tiny(),
+        )
+        .await
+        .unwrap(),
+    );
+    let rounds = 3;
+    let attack = {
+        let (f, target) = (flooder.clone(), provider.key);
+        tokio::spawn(async move { f.attack(target, rounds).await })
+    };
+    let costs = honest_jobs(&requester, &provider, 3).await;
+    attack.await.unwrap().unwrap();
+
+    let r = flooder.record();
+    let per_round = FLOOD_QUOTES + FLOOD_JOBS + FLOOD_EVENTS;
+    assert_eq!(
+        r.attempts,
+        u32::try_from(per_round).unwrap() * rounds,
+        "{r:?}"
+    );
+    assert_eq!(r.gained_micros, 0, "{r:?}");
+    assert_eq!(r.images_received, 0, "{r:?}");
+    assert!(r.detail.contains("quotes answered busy"), "{r:?}");
+    assert!(r.detail.contains("events answered busy"), "{r:?}");
+    assert!(!r.detail.contains("jobs admitted"), "{r:?}");
+    // Far more was refused than served: the per-peer burst, not the flood, sets the pace.
+    assert!(r.refused * 2 > r.attempts, "{r:?}");
+    books_balanced(&provider, &requester, &costs, &flooder.public());
+
+    Arc::try_unwrap(flooder).unwrap().shutdown().await;
+    requester.node.shutdown().await;
+    provider.node.shutdown().await;
+}
+
+/// A hog opens the most connections a provider keeps with one peer, and on each the most
+/// streams it serves, every one declaring the largest frame its variant allows and stalling
+/// before the last byte. An honest requester's jobs complete meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hog_on_every_stream_and_connection_does_not_stop_honest_jobs() {
+    let provider = Honest::start(70, vec![], true).await;
+    let requester = Honest::start(72, vec![provider.addr.clone()], false).await;
+    provider.deposit_from(requester.key, 100);
+    let hog = Arc::new(
+        Adversary::start(
+            AdversaryKind::Hog,
+            "hog-1".into(),
+            key(71),
+            vec![provider.addr.clone()],
+            tiny(),
+        )
+        .await
+        .unwrap(),
+    );
+    let attack = {
+        let (h, target) = (hog.clone(), provider.key);
+        tokio::spawn(async move { h.attack(target, 1).await })
+    };
+    // The hog's connections are up before the honest jobs start.
+    let hog_peer = hog.peer_id();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let peers = provider.node.client().connected_peers().await.unwrap();
+        if peers.contains(&hog_peer) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the hog never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let costs = honest_jobs(&requester, &provider, 2).await;
+    attack.await.unwrap().unwrap();
+
+    let r = hog.record();
+    assert_eq!(
+        r.attempts,
+        u32::try_from(HOG_STREAMS).unwrap() * HOG_CONNECTIONS,
+        "{r:?}"
+    );
+    assert_eq!(r.gained_micros, 0, "{r:?}");
+    books_balanced(&provider, &requester, &costs, &hog.public());
+    // The provider still serves after the hog let go.
+    honest_jobs(&requester, &provider, 1).await;
+
+    Arc::try_unwrap(hog).unwrap().shutdown().await;
+    requester.node.shutdown().await;
+    provider.node.shutdown().await;
+}
+
+/// A sybil publishes, over real gossip, adverts for two thousand fresh keys claiming 1 ms and an
+/// empty queue. A requester that has measured the honest provider keeps buying there at the
+/// first try; a fresh requester tries each sybil key at most once, and both keep the honest
+/// provider in their tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sybil_adverts_over_gossip_win_no_job_from_a_measured_provider() {
+    const KEYS: usize = 2_000;
+    let provider = Honest::start(80, vec![], true).await;
+    let measured = Honest::start(82, vec![provider.addr.clone()], false).await;
+    let fresh = Honest::start(83, vec![provider.addr.clone()], false).await;
+    provider.deposit_from(measured.key, 100);
+    provider.deposit_from(fresh.key, 100);
+    let mut costs = honest_jobs(&measured, &provider, 1).await;
+
+    let sybil = Adversary::start_with(
+        AdversaryKind::Sybil,
+        "sybil-1".into(),
+        key(81),
+        vec![provider.addr.clone()],
+        tiny(),
+        KEYS,
+    )
+    .await
+    .unwrap();
+    let sybils: std::collections::BTreeSet<PublicKey> =
+        sybil.sybil_keys().iter().copied().collect();
+    for node in [&measured, &fresh] {
+        let client = node.node.requester().clone();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let heard = client
+                .providers()
+                .iter()
+                .filter(|p| sybils.contains(&p.key))
+                .count();
+            if heard == KEYS {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {heard} of {KEYS} sybil adverts arrived over gossip"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // The measured requester, choosing freely, buys from the honest provider at once (once
+    // its advert says it is idle again: a busy known provider rightly loses a job to an idle
+    // one that claims its speed).
+    for i in 0..3 {
+        let client = measured.node.requester().clone();
+        wait_until("an idle advert from the honest provider", || {
+            client
+                .providers()
+                .iter()
+                .any(|p| p.key == provider.key && p.advert.queue_depth == 0)
+        })
+        .await;
+        let outcome = measured
+            .node
+            .requester()
+            .generate(
+                small_job(&format!("a free choice {i}")),
+                GenerateOptions::default(),
+                &mut |_| {},
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (outcome.provider, outcome.attempts),
+            (provider.key.to_peer_id(), 1)
+        );
+        costs.push(outcome.cost);
+    }
+
+    // The fresh requester believes the claims at first: each try at a sybil fails at once (it
+    // cannot be reached) and ranks that key last, so no key is tried twice.
+    let mut tried = Vec::new();
+    for i in 0..4 {
+        let _ = fresh
+            .node
+            .requester()
+            .generate(
+                small_job(&format!("a fresh choice {i}")),
+                GenerateOptions::default(),
+                &mut |p| {
+                    if let JobProgress::FailingOver { provider, .. } = p {
+                        tried.push(provider);
+                    }
+                },
+            )
+            .await;
+    }
+    let distinct: std::collections::BTreeSet<_> = tried.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        tried.len(),
+        "a sybil key was tried twice: {tried:?}"
+    );
+    for node in [&measured, &fresh] {
+        assert!(
+            node.node
+                .requester()
+                .providers()
+                .iter()
+                .any(|p| p.key == provider.key),
+            "the honest provider left a table"
+        );
+    }
+    let r = sybil.record();
+    assert_eq!(r.gained_micros, 0, "{r:?}");
+    assert!(r.detail.contains("adverts published"), "{r:?}");
+    books_balanced(&provider, &measured, &costs, &sybil.public());
+
+    sybil.shutdown().await;
+    fresh.node.shutdown().await;
+    measured.node.shutdown().await;
     provider.node.shutdown().await;
 }

@@ -28,7 +28,7 @@ use pixmarket_node::network::codec::{MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES};
 use pixmarket_node::network::{NetError, Request, Response};
 use pixmarket_node::now_ms;
 use pixmarket_node::requester::{
-    GenerateError, GenerateOptions, JobProgress, check_images, check_receipt,
+    FailureKind, GenerateError, GenerateOptions, JobProgress, check_images, check_receipt,
 };
 use pixmarket_protocol::messages::{FailReason, JobEventKind};
 use pixmarket_protocol::{
@@ -304,8 +304,15 @@ async fn pinned_requester_refuses(seed: u8, cheat: Cheat, expected: &str) {
         panic!("{err}")
     };
     assert_eq!(reasons.len(), 1, "{err}");
-    assert!(reasons[0].contains("bad receipt"), "{cheat:?}: {err}");
-    assert!(reasons[0].contains(expected), "{cheat:?}: {err}");
+    assert_eq!(reasons[0].failure.kind, FailureKind::BadReceipt, "{err}");
+    assert!(
+        reasons[0].failure.message.contains("bad receipt"),
+        "{cheat:?}: {err}"
+    );
+    assert!(
+        reasons[0].failure.message.contains(expected),
+        "{cheat:?}: {err}"
+    );
     let evil_id = evil.peer_id().to_string();
     warnings
         .expect(&["refusing receipt", &evil_id, expected])

@@ -19,9 +19,12 @@ use pixmarket_ledger::Role;
 use pixmarket_node::network::{Request, Response};
 use pixmarket_node::now_ms;
 use pixmarket_node::rate_limit::QUOTES_PER_SECOND;
-use pixmarket_node::requester::{GenerateError, GenerateOptions, JobProgress, MAX_PROVIDERS};
-use pixmarket_protocol::SecretKey;
+use pixmarket_node::requester::{
+    FailureKind, GenerateError, GenerateOptions, JobProgress, MAX_PROVIDERS,
+};
+use pixmarket_protocol::messages::DeviceCapacity;
 use pixmarket_protocol::messages::FailReason;
+use pixmarket_protocol::{PublicKey, SecretKey};
 use pixmarket_testnet::adversary::{ProviderPlay, STALL_HEARTBEAT, quote_request};
 use pixmarket_tests::evil::{EvilProvider, RawPeer, wait_until};
 use pixmarket_tests::{TestNode, small_job, tiny_generator};
@@ -55,9 +58,13 @@ async fn a_provider_that_heartbeats_forever_cannot_hold_a_job_past_its_expiry() 
     };
     assert_eq!(reasons.len(), 1, "{err}");
     assert!(
-        reasons[0].contains("the request expired before the provider delivered a result"),
+        reasons[0]
+            .failure
+            .message
+            .contains("the request expired before the provider delivered a result"),
         "{err}"
     );
+    assert_eq!(reasons[0].failure.kind, FailureKind::Expired, "{err}");
     // The provider kept saying it was busy, faster than the idle timeout: many times over
     // the request's lifetime (2 s of validity and the 5 s margin past it).
     assert!(heartbeats >= 10, "only {heartbeats} heartbeats heard");
@@ -159,6 +166,35 @@ async fn sybil_adverts_claiming_1_ms_do_not_displace_a_provider_that_delivered()
         "the failed sybil ranks last"
     );
     assert!(client.providers().iter().any(|p| p.key == honest.key));
+
+    // A claim of a thousand devices behind a deep queue buys a key that has not delivered
+    // nothing: its queue counts as one device's. The measured provider with one job ahead
+    // (two rounds) outranks it (a thousand rounds); counting the claim, it would have been one.
+    let mut busy = template.clone();
+    busy.queue_depth = 1;
+    let many = sybil_key(20_000);
+    let mut fake = template.clone();
+    fake.ms_per_standard_image = 1;
+    fake.queue_depth = 999;
+    fake.devices = vec![
+        DeviceCapacity {
+            name: "claimed".into(),
+            memory_mib: 80_000,
+            ms_per_standard_image: 1,
+        };
+        1_000
+    ];
+    client.on_advert(many, fake);
+    client.on_advert(honest.key, busy);
+    let ranked = client.providers();
+    let place = |k: PublicKey| ranked.iter().position(|p| p.key == k).unwrap();
+    assert!(
+        place(honest.key) < place(many),
+        "the measured provider at {} of {}, the claimed thousand devices at {}",
+        place(honest.key),
+        ranked.len(),
+        place(many)
+    );
 
     requester.node.shutdown().await;
     honest.node.shutdown().await;

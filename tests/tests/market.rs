@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use pixmarket_ledger::Role;
-use pixmarket_node::requester::{GenerateError, GenerateOptions, JobProgress};
+use pixmarket_node::requester::{FailureKind, GenerateError, GenerateOptions, JobProgress};
 use pixmarket_protocol::{MicroTokens, metering};
 use pixmarket_tests::{TestNode, small_job, tiny_generator};
 
@@ -37,7 +37,7 @@ async fn one_job_end_to_end_leaves_the_same_doubly_signed_receipt() {
     assert!(outcome.images[0].starts_with(b"\x89PNG"));
     assert!(
         seen.iter()
-            .any(|p| matches!(p, JobProgress::Step { step: 2, of: 2 })),
+            .any(|p| matches!(p, JobProgress::Step { step: 2, of: 2, .. })),
         "{seen:?}"
     );
     let receipt = outcome.receipt.verify().unwrap();
@@ -116,8 +116,24 @@ async fn insufficient_credit_is_refused_before_any_work() {
     let GenerateError::AllFailed(reasons) = &err else {
         panic!("{err}")
     };
-    assert!(reasons[0].contains("insufficient credit"), "{err}");
-    assert!(reasons[0].contains("0.000000 are available"), "{err}");
+    assert!(
+        matches!(
+            reasons[0].failure.kind,
+            FailureKind::InsufficientCredit { available, .. } if available == MicroTokens::ZERO
+        ),
+        "{err}"
+    );
+    assert!(
+        reasons[0].failure.message.contains("insufficient credit"),
+        "{err}"
+    );
+    assert!(
+        reasons[0]
+            .failure
+            .message
+            .contains("0.000000 are available"),
+        "{err}"
+    );
     assert!(
         !seen.iter().any(|p| matches!(p, JobProgress::Step { .. })),
         "no step ran: {seen:?}"

@@ -1,5 +1,6 @@
 //! Provider behaviour a requester relies on, over loopback with the tiny engine: cancellation
-//! (queued and running) releases the hold and charges nothing; a full queue answers `Busy` with
+//! (queued and running, and by a dropped `generate`) releases the hold and charges nothing,
+//! and only the job's requester can cancel it; a full queue answers `Busy` with
 //! a retry time and holds nothing; holds left by a provider that died are released at start.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use pixmarket_ledger::{HoldTerms, JobOutcome, Ledger, Role};
 use pixmarket_node::network::{NetConfig, Request, Response};
 use pixmarket_node::provider::ProviderSettings;
+use pixmarket_node::requester::{GenerateOptions, JobProgress};
 use pixmarket_node::{Node, NodeOptions, now_ms};
 use pixmarket_protocol::messages::{FailReason, JobEventKind};
 use pixmarket_protocol::{JobId, JobParams, MicroTokens, PriceSchedule, SecretKey, Signed};
@@ -116,6 +118,91 @@ async fn cancelling_a_running_and_a_queued_job_charges_nothing() {
     );
     ledger.verify().unwrap();
     raw.shutdown().await;
+    provider.node.shutdown().await;
+}
+
+/// A `Cancel` carries no signature of its own: the provider honours it only from the job's
+/// requester's own connection. Another peer that learned the job id cannot stop the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_from_another_peer_is_ignored_and_the_job_completes() {
+    let provider = TestNode::start(37, vec![], Some(tiny_generator())).await;
+    let mut owner = RawPeer::start(38, vec![provider.addr.clone()]).await;
+    let stranger = RawPeer::start(39, vec![provider.addr.clone()]).await;
+    provider.deposit_from(37, owner.public(), 100);
+    let job = RawPeer::job_request(
+        provider.key,
+        long_job(256),
+        MicroTokens::from_tokens(20).unwrap(),
+    );
+    let signed = Signed::sign(&owner.secret(), &job).unwrap();
+    let to = provider.key.to_peer_id();
+    let answer = owner.request(to, Request::Job(signed)).await.unwrap();
+    assert!(matches!(answer, Response::Accepted { .. }), "{answer:?}");
+    // Queued or running by now; the stranger's cancel is answered and changes nothing.
+    let answer = stranger
+        .request(to, Request::Cancel(job.job_id))
+        .await
+        .unwrap();
+    assert_eq!(answer, Response::Ok);
+    let (event, _channel) = owner.next_event("the job's end").await;
+    assert_eq!(event.job_id, job.job_id);
+    assert!(
+        matches!(event.kind, JobEventKind::Completed { .. }),
+        "{:?}",
+        event.kind
+    );
+    stranger.shutdown().await;
+    owner.shutdown().await;
+    provider.node.shutdown().await;
+}
+
+/// A `generate` call dropped midway (Ctrl-C, a timeout, an aborted API task) tells the
+/// provider at once: it stops computing, voids the hold, and nobody owes anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_generate_cancels_its_job_at_the_provider() {
+    let provider = TestNode::start(40, vec![], Some(tiny_generator())).await;
+    let requester = TestNode::start(41, vec![provider.addr.clone()], None).await;
+    provider.deposit_from(40, requester.key, 100);
+    let (step_tx, mut step_rx) = tokio::sync::mpsc::channel(1);
+    let mut on_progress = |p: JobProgress| {
+        if matches!(p, JobProgress::Step { .. }) {
+            let _ = step_tx.try_send(());
+        }
+    };
+    let generating = requester.node.requester().generate(
+        long_job(256),
+        GenerateOptions {
+            provider: Some(provider.key.to_peer_id()),
+            ..GenerateOptions::default()
+        },
+        &mut on_progress,
+    );
+    tokio::select! {
+        r = generating => panic!("the job ended before it was abandoned: {r:?}"),
+        _ = step_rx.recv() => {}
+    }
+    // The select dropped `generating` once its first step was reported.
+    let sent = requester.node.requester().abandoned().await;
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].provider, provider.key.to_peer_id());
+    assert!(sent[0].answered, "{sent:?}");
+    let job = sent[0].job;
+    let ledger = provider.node.ledger().clone();
+    pixmarket_tests::evil::wait_until(
+        std::time::Duration::from_secs(30),
+        "the provider voiding the abandoned job",
+        || ledger.job(Role::Provider, job).unwrap() == Some(JobOutcome::Voided),
+    )
+    .await;
+    assert!(ledger.holds().unwrap().is_empty());
+    assert!(
+        ledger.receipts(None).unwrap().is_empty(),
+        "it was never sold"
+    );
+    assert!(requester.node.ledger().receipts(None).unwrap().is_empty());
+    // Nothing is left to wait for.
+    assert!(requester.node.requester().abandoned().await.is_empty());
+    requester.node.shutdown().await;
     provider.node.shutdown().await;
 }
 

@@ -139,9 +139,10 @@ async fn a_provider_that_does_not_serve_exact_refuses_at_the_quote() {
         panic!("{err:?}");
     };
     assert!(
-        reasons
-            .iter()
-            .any(|r| r.contains("does not run jobs that require exact computation")),
+        reasons.iter().any(|r| r
+            .failure
+            .message
+            .contains("does not run jobs that require exact computation")),
         "{reasons:?}"
     );
     for node in [&provider.node, &requester.node] {

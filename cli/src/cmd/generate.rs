@@ -106,8 +106,9 @@ pub(crate) struct LocalArgs {
     /// named tiny.
     #[arg(long, value_name = "DIR|tiny")]
     model: Option<String>,
-    /// Initial noise: a safetensors file with a tensor `latents` of shape [1, 16, H/8, W/8].
-    /// Local only: the market's job message has no field for it.
+    /// Initial noise instead of the seed's: a safetensors file with a tensor `latents` of
+    /// shape [1, 16, H/8, W/8]. On the market the job carries it (one image, finite values),
+    /// so the provider starts from the same noise as --local would.
     #[arg(long, value_name = "FILE")]
     latents: Option<PathBuf>,
     /// Compute precision: f32, bf16 or f16; on --device cpu the VAE still runs in f32
@@ -241,8 +242,8 @@ fn parse_true_cfg(s: &str) -> Result<f32, String> {
     Ok(x)
 }
 
-/// The engine's request for the job's params: the same fields (the local-only latents are set by
-/// the caller).
+/// The engine's request for the job's params: the same fields (the latents, a tensor here and
+/// bytes in the params, are set by the caller).
 fn engine_request(p: &JobParams) -> GenerateRequest {
     GenerateRequest {
         prompt: p.prompt.clone(),
@@ -257,13 +258,30 @@ fn engine_request(p: &JobParams) -> GenerateRequest {
     }
 }
 
-pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    if !args.local.local && args.local.latents.is_some() {
-        // JobParams has no field for starting noise: bought images always start from the seed.
+/// Checks `--latents`' shape against the picture's size.
+fn check_latents_shape(
+    path: &std::path::Path,
+    dims: &[usize],
+    params: &JobParams,
+) -> anyhow::Result<()> {
+    let want = [
+        1,
+        pixmarket_engine::pipeline::LATENT_CHANNELS,
+        params.height as usize / 8,
+        params.width as usize / 8,
+    ];
+    if dims != want {
         return Err(usage!(
-            "--latents works only with --local: a market job carries a --seed, not latents"
+            "--latents {} has shape {dims:?}; a {}×{} image needs {want:?}",
+            path.display(),
+            params.width,
+            params.height
         ));
     }
+    Ok(())
+}
+
+pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if !args.local.local {
         // How to run it here means nothing to a bought image: say so rather than ignore it.
         for (flag, given) in [
@@ -300,6 +318,17 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
         let lora = market_lora(&args.local.lora, args.local.preset.as_deref())?;
         let mut params = job::build(&job_args, Form::Market)?;
         params.exact = args.market.exact;
+        if let Some(path) = &args.local.latents {
+            // The job carries the noise itself, so the provider starts where --local would.
+            let l = load_latents(path).map_err(|e| usage!("{e}"))?;
+            check_latents_shape(path, l.dims(), &params)?;
+            let values = pixmarket_engine::pipeline::latents_to_f32(&l)
+                .with_context(|| format!("--latents {}", path.display()))?;
+            params.latents = Some(values.iter().flat_map(|v| v.to_le_bytes()).collect());
+            params
+                .validate()
+                .map_err(|e| usage!("--latents {}: {e}", path.display()))?;
+        }
         return super::market::run(
             params,
             lora,
@@ -352,21 +381,7 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
         None => None,
         Some(p) => {
             let l = load_latents(p).map_err(|e| usage!("{e}"))?;
-            let want = [
-                1,
-                pixmarket_engine::pipeline::LATENT_CHANNELS,
-                params.height as usize / 8,
-                params.width as usize / 8,
-            ];
-            if l.dims() != want {
-                return Err(usage!(
-                    "--latents {} has shape {:?}; a {}×{} image needs {want:?}",
-                    p.display(),
-                    l.dims(),
-                    params.width,
-                    params.height
-                ));
-            }
+            check_latents_shape(p, l.dims(), &params)?;
             Some(l)
         }
     };

@@ -211,6 +211,7 @@ pub(crate) fn build(job: &JobArgs, form: Form) -> anyhow::Result<JobParams> {
         mode,
         exact: false,
         lora: None,
+        latents: None,
     };
     if form == Form::Market {
         // The provider's own check, so nothing it would refuse is sent.

@@ -1,5 +1,5 @@
 //! `pixmarket ledger ...`: the node's books on the command line. `balance`, `receipts`,
-//! `deposit`, `credit-limit` and `default-credit` go through the HTTP API of the node that runs
+//! `deposit`, `prepaid`, `credit-limit` and `default-credit` go through the HTTP API of the node that runs
 //! in the data folder (found through its `api.token` and `api.addr` files), so a running
 //! node's books change without a restart; when no node answers there, and for the other
 //! subcommands, the command opens the data folder's ledger itself (refusing a locked, corrupt,
@@ -73,6 +73,18 @@ enum LedgerCommand {
         #[arg(allow_hyphen_values = true)]
         tokens: String,
         /// A note kept with the deposit (at most 256 characters).
+        #[arg(long, default_value = "")]
+        memo: String,
+    },
+    /// Record that this node prepaid tokens to a provider (a note signed by this node), so
+    /// `ledger balance` shows what is left to spend there instead of "overdrawn".
+    Prepaid {
+        /// The provider's peer id (12D3KooW...).
+        provider: String,
+        /// Tokens, a non-negative decimal with up to 6 places, e.g. 15 or 0.25.
+        #[arg(allow_hyphen_values = true)]
+        tokens: String,
+        /// A note kept with the prepayment (at most 256 characters).
         #[arg(long, default_value = "")]
         memo: String,
     },
@@ -157,6 +169,15 @@ fn through_api(
             "the node running in this data folder (API at {}) did not do it",
             api.addr()
         ))),
+    }
+}
+
+/// An `available` amount: its token string, "overdrawn" where it is null.
+fn available_of(v: &Value) -> String {
+    if v.is_null() {
+        "overdrawn".to_owned()
+    } else {
+        tokens_of(v)
     }
 }
 
@@ -290,6 +311,49 @@ pub(crate) fn run(args: LedgerArgs) -> anyhow::Result<()> {
             )?;
             Ok(())
         }
+        LedgerCommand::Prepaid {
+            provider,
+            tokens,
+            memo,
+        } => {
+            let peer = parse_peer(&provider)?;
+            let amount = parse_tokens(&tokens)?;
+            let body = serde_json::json!({ "tokens": amount.to_string(), "memo": memo });
+            let path = format!("/api/v1/accounts/{}/prepaid", show_peer(&peer));
+            let via_api = match &api {
+                Some(api) => through_api(api, Method::POST, &path, Some(&body))?,
+                None => None,
+            };
+            let available = match via_api {
+                Some(v) => v
+                    .pointer("/account/available")
+                    .map_or_else(|| "overdrawn".to_owned(), available_of),
+                None => {
+                    let o = open(&data_dir)?;
+                    let note = DepositNote {
+                        deposit_id: rand::random(),
+                        account: peer,
+                        amount,
+                        memo,
+                        recorded_at_ms: now_ms(),
+                    };
+                    note.validate().context("invalid prepayment")?;
+                    let signed = Signed::sign(&o.key, &note)?;
+                    o.ledger.prepaid(&signed).context("prepayment refused")?;
+                    let a = o
+                        .ledger
+                        .account(Role::Requester, &peer)?
+                        .unwrap_or_default();
+                    a.available()
+                        .map_or_else(|| "overdrawn".to_owned(), |m| m.to_string())
+                }
+            };
+            out!(
+                "recorded a prepayment of {amount} tokens to {}; {available} tokens left to spend there",
+                show_peer(&peer),
+            )?;
+            Ok(())
+        }
         LedgerCommand::CreditLimit { peer, tokens } => {
             let peer = parse_peer(&peer)?;
             let amount = parse_tokens(&tokens)?;
@@ -368,7 +432,7 @@ fn print_balance(v: &Value) -> anyhow::Result<()> {
             "AVAILABLE",
             "RECEIPTS"
         )?;
-        for a in accounts {
+        for a in &accounts {
             let field = |k: &str| a.get(k).map_or_else(String::new, tokens_of);
             let available = match a.get("available") {
                 Some(Value::Null) | None => "overdrawn".to_owned(),
@@ -383,6 +447,15 @@ fn print_balance(v: &Value) -> anyhow::Result<()> {
                 field("held"),
                 available,
                 a.get("chain_entries").and_then(Value::as_u64).unwrap_or(0)
+            )?;
+        }
+        let overdrawn = accounts
+            .iter()
+            .any(|a| matches!(a.get("available"), Some(Value::Null) | None));
+        if role == Role::Requester && overdrawn {
+            out!(
+                "  (overdrawn: charged more than this node recorded paying; record a prepayment \
+                 with `pixmarket ledger prepaid PROVIDER TOKENS`)"
             )?;
         }
     }

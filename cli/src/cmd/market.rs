@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use pixmarket_ledger::Role;
 use pixmarket_node::DataDir;
 use pixmarket_node::launch::{self, Overrides};
 use pixmarket_node::requester::{GenerateOptions, JobProgress};
@@ -17,7 +18,7 @@ use pixmarket_node::token_check;
 use pixmarket_protocol::{Hash, JobParams, LoraChoice, MicroTokens, PublicKey};
 
 use super::output::Output;
-use crate::usage::{out, usage};
+use crate::usage::{Interrupted, out, usage};
 
 /// How long to wait for provider adverts (the first one heard, or `--peer`'s): providers
 /// publish every 3 s, so two rounds and some gossip latency.
@@ -172,6 +173,42 @@ fn resolve_lora(
     }
 }
 
+/// After Ctrl-C dropped the job: waits for the provider's answer to the cancel (at most
+/// `pixmarket_node::requester::CANCEL_TIMEOUT`) and says what is owed, from this node's books.
+async fn interrupted(node: &pixmarket_node::Node) -> String {
+    let sent = node.requester().abandoned().await;
+    let Some(cancel) = sent.first() else {
+        return "interrupted before a job was sent; nothing was bought".to_owned();
+    };
+    let paid = node
+        .ledger()
+        .receipt(Role::Requester, cancel.job)
+        .ok()
+        .flatten()
+        .filter(|r| r.ack.is_some())
+        .and_then(|r| r.receipt.verify().ok());
+    if let Some(receipt) = paid {
+        return format!(
+            "interrupted after job {} was paid ({} tokens to {}); its images were not fetched",
+            cancel.job, receipt.cost, cancel.provider
+        );
+    }
+    if cancel.answered {
+        format!(
+            "interrupted: provider {} confirmed the cancel of job {}; nothing is owed",
+            cancel.provider, cancel.job
+        )
+    } else {
+        format!(
+            "interrupted: provider {} did not answer the cancel of job {} within {} s; nothing \
+             is owed (an unacknowledged job is never paid)",
+            cancel.provider,
+            cancel.job,
+            pixmarket_node::requester::CANCEL_TIMEOUT.as_secs()
+        )
+    }
+}
+
 pub(crate) fn run(
     mut params: JobParams,
     lora: Option<WantedLora>,
@@ -213,7 +250,8 @@ pub(crate) fn run(
     };
     let quiet = super::quiet() || json;
     // Printed with the result, so the same picture can be bought (or made locally) again.
-    let seed = params.seed;
+    // None when the job carries its own starting noise (--latents): the seed plays no part.
+    let seed = params.latents.is_none().then_some(params.seed);
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async {
         let node = launch::start(&dir, &overrides)
@@ -301,7 +339,7 @@ pub(crate) fn run(
             JobProgress::Queued { position, .. } => {
                 bar.set_message(format!("queued at position {position}"))
             }
-            JobProgress::Step { step, of } => {
+            JobProgress::Step { step, of, .. } => {
                 bar.set_length(u64::from(of));
                 bar.set_position(u64::from(step));
                 bar.set_message("generating");
@@ -317,10 +355,21 @@ pub(crate) fn run(
             provider,
             ..GenerateOptions::default()
         };
-        let result = node
-            .requester()
-            .generate(params, options, &mut on_progress)
-            .await;
+        // Ctrl-C while the job is out drops it, which sends the provider a cancel (see
+        // `pixmarket_node::requester::SentCancel`); its answer is awaited before exiting.
+        let mut generating = Box::pin(node.requester().generate(params, options, &mut on_progress));
+        let result = tokio::select! {
+            r = &mut generating => Some(r),
+            _ = tokio::signal::ctrl_c() => None,
+        };
+        // Dropped here, before anything else: on Ctrl-C this sends the cancel.
+        drop(generating);
+        let Some(result) = result else {
+            bar.finish_and_clear();
+            let told = interrupted(&node).await;
+            node.shutdown().await;
+            return Err(anyhow::Error::new(Interrupted(told)));
+        };
         bar.finish_and_clear();
         let outcome = match result {
             Ok(o) => o,
@@ -364,7 +413,10 @@ pub(crate) fn run(
             out!("wrote {}", written.display())?;
             out!("provider: {}", outcome.provider)?;
             out!("cost: {} tokens", outcome.cost)?;
-            out!("seed: {seed}")?;
+            match seed {
+                Some(seed) => out!("seed: {seed}")?,
+                None => out!("seed: none (the given latents)")?,
+            }
             out!("receipt: job {job} (receipt {})", outcome.receipt.digest())?;
             out!("computation: {}", receipt.step_caching)?;
             if !checked && !quiet {

@@ -7,6 +7,7 @@ use clap::{Args, Subcommand};
 
 mod completions;
 mod demo;
+mod doctor;
 mod generate;
 mod id;
 mod init;
@@ -26,6 +27,9 @@ pub(crate) enum Command {
     Init(init::InitArgs),
     /// Print this node's peer id.
     Id(id::IdArgs),
+    /// How reachable the node running from this data folder is (per address: public, behind
+    /// NAT, hole-punchable, relayed only), what it tried, and what to do about it.
+    Doctor(doctor::DoctorArgs),
     /// Print what a job costs under the metering function.
     Price(price::PriceArgs),
     /// The books: balances, receipts, deposits, credit limits, verify, export and audit.
@@ -52,6 +56,7 @@ pub(crate) fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Init(a) => init::run(a),
         Command::Id(a) => id::run(a),
+        Command::Doctor(a) => doctor::run(a),
         Command::Price(a) => price::run(a),
         Command::Ledger(a) => ledger::run(a),
         Command::Generate(a) => generate::run(*a),

@@ -51,6 +51,13 @@ pub(crate) struct NodeArgs {
     /// put TLS in front.
     #[arg(long)]
     api_public: bool,
+    /// Serve as a relay for nodes behind NAT (on a public address). Circuits carry a hole
+    /// punch's coordination only, unless `relay_circuit_bytes` in config.toml allows results.
+    #[arg(long)]
+    relay: bool,
+    /// Ask the router for a port mapping over UPnP.
+    #[arg(long)]
+    upnp: bool,
 }
 
 /// How long a node gives its bootstrap peers to answer before it reports the ones it could not
@@ -155,6 +162,8 @@ pub(crate) fn run(a: NodeArgs) -> anyhow::Result<()> {
         metrics: a.metrics,
         no_mdns: a.no_mdns,
         client_only: false,
+        relay: a.relay,
+        upnp: a.upnp,
     };
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async {

@@ -80,7 +80,8 @@ pub(crate) struct TestnetArgs {
     /// Split the network in two for the middle fifth of the run.
     #[arg(long)]
     partition: bool,
-    /// Adversaries to add, comma-separated: overcharger, replayer, forger, silent, freerider.
+    /// Adversaries to add, comma-separated: overcharger, replayer, forger, silent, freerider,
+    /// flooder, hog, sybil.
     #[arg(long, value_delimiter = ',')]
     adversaries: Vec<AdversaryKind>,
     /// How requesters choose: `finish` (estimated finish time, the market's rule) or `random`.

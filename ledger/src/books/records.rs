@@ -261,6 +261,12 @@ pub enum Op {
         job: JobId,
         reason: String,
     },
+    /// As requester: what I prepaid the provider `note.account`, in my own signed note (the
+    /// provider's own record of it is its deposit note, in its books). Raises my mirror's
+    /// deposits, so its `available` is true.
+    Prepaid {
+        note: Signed<DepositNote>,
+    },
 }
 
 impl Op {
@@ -275,6 +281,7 @@ impl Op {
                     vec![note.signer()]
                 }
             }
+            Op::Prepaid { note } => note.verify().map(|n| vec![n.account]).unwrap_or_default(),
             Op::SetCreditLimit { peer, .. } => vec![*peer],
             Op::Hold { terms, .. } => vec![terms.requester],
             Op::Settle { receipt, .. } => receipt
@@ -308,7 +315,10 @@ impl Op {
                 note.verify().ok().map(|n| n.job_id)
             }
             Op::RecordReceipt { ack, .. } => ack.verify().ok().map(|a| a.job_id),
-            Op::SetDefaultCredit { .. } | Op::Deposit { .. } | Op::SetCreditLimit { .. } => None,
+            Op::SetDefaultCredit { .. }
+            | Op::Deposit { .. }
+            | Op::Prepaid { .. }
+            | Op::SetCreditLimit { .. } => None,
         }
     }
 }

@@ -12,7 +12,8 @@
 use std::fmt;
 
 use pixmarket_protocol::{
-    CreditNote, Hash, JobId, MicroTokens, PublicKey, Receipt, ReceiptAck, Signed, ValidationError,
+    CreditNote, DepositNote, Hash, JobId, MicroTokens, PublicKey, Receipt, ReceiptAck, Signed,
+    ValidationError,
 };
 
 use super::keys::*;
@@ -258,6 +259,33 @@ fn release(txn: &dyn Txn, job: JobId) -> Result<Hold, Abort> {
 
 /// Applies `op` for the ledger owned by `owner`: checks every rule and signature, then writes.
 /// A refusal returns `Abort::Refused` and the caller discards the transaction.
+/// Adds a deposit note's amount to `peer`'s account on `role`'s side, once per note (signer ‖
+/// deposit id, shared by deposits and prepayments, so one note never counts twice).
+fn count_deposit(
+    txn: &dyn Txn,
+    owner: &PublicKey,
+    role: Role,
+    peer: &PublicKey,
+    signer: &PublicKey,
+    body: &DepositNote,
+) -> Result<(), Abort> {
+    if peer == owner {
+        return Err(LedgerError::SelfAccount.into());
+    }
+    let dkey = deposit_key(signer, &body.deposit_id);
+    if txn.get(TreeId::Deposits, &dkey)?.is_some() {
+        return Err(LedgerError::DuplicateDeposit {
+            signer: signer.to_peer_id().to_string(),
+            deposit_id: hex::encode(body.deposit_id),
+        }
+        .into());
+    }
+    let mut acct = account(txn, role, peer)?;
+    acct.deposits = add(acct.deposits, body.amount, "the deposit total")?;
+    put_account(txn, role, peer, &acct)?;
+    txn.insert(TreeId::Deposits, &dkey, &[])
+}
+
 pub(crate) fn apply(txn: &dyn Txn, owner: &PublicKey, op: &Op) -> Result<(), Abort> {
     match op {
         Op::SetDefaultCredit { amount } => put(txn, TreeId::Settings, DEFAULT_CREDIT_KEY, amount),
@@ -281,21 +309,24 @@ pub(crate) fn apply(txn: &dyn Txn, owner: &PublicKey, op: &Op) -> Result<(), Abo
                 }
                 .into());
             };
-            if peer == *owner {
-                return Err(LedgerError::SelfAccount.into());
-            }
-            let dkey = deposit_key(&signer, &body.deposit_id);
-            if txn.get(TreeId::Deposits, &dkey)?.is_some() {
-                return Err(LedgerError::DuplicateDeposit {
+            count_deposit(txn, owner, role, &peer, &signer, &body)
+        }
+
+        Op::Prepaid { note } => {
+            let body = verify("prepayment note", note)?;
+            body.validate().map_err(|source| LedgerError::Invalid {
+                what: "prepayment note",
+                source,
+            })?;
+            let signer = note.signer();
+            if signer != *owner {
+                return Err(LedgerError::PrepaidNotOurs {
+                    owner: owner.to_peer_id().to_string(),
                     signer: signer.to_peer_id().to_string(),
-                    deposit_id: hex::encode(body.deposit_id),
                 }
                 .into());
             }
-            let mut acct = account(txn, role, &peer)?;
-            acct.deposits = add(acct.deposits, body.amount, "the deposit total")?;
-            put_account(txn, role, &peer, &acct)?;
-            txn.insert(TreeId::Deposits, &dkey, &[])
+            count_deposit(txn, owner, Role::Requester, &body.account, &signer, &body)
         }
 
         Op::SetCreditLimit { role, peer, amount } => {

@@ -1,8 +1,10 @@
 //! The composed libp2p behaviour: identify and ping for liveness and addresses, Kademlia for
 //! discovery through bootstrap peers, mDNS on a LAN (optional), gossipsub for adverts (every
 //! message validated by the application before it is forwarded), the RPC request-response
-//! protocol, connection limits (in total, per peer, and per remote address), and a block list
-//! (empty unless fault injection partitions the network; see [`super::faults`]).
+//! protocol, connection limits (in total, per peer, and per remote address), a block list
+//! (empty unless fault injection partitions the network; see [`super::faults`]), and
+//! reachability: the circuit relay v2 client (every node) and server (opt-in), DCUtR hole
+//! punching, AutoNAT v2 (client and server) and UPnP port mapping (opt-in).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
@@ -11,8 +13,8 @@ use libp2p::identity::Keypair;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    StreamProtocol, allow_block_list, connection_limits, gossipsub, identify, kad, mdns, ping,
-    request_response,
+    StreamProtocol, allow_block_list, autonat, connection_limits, dcutr, gossipsub, identify, kad,
+    mdns, ping, relay, request_response, upnp,
 };
 
 use super::codec::{RPC_PROTOCOL, RpcCodec};
@@ -25,9 +27,10 @@ pub const ADVERT_TOPIC: &str = "pixmarket/adverts/v1";
 /// A signed advert is at most 16 KiB of body (`CapacityAdvert::MAX_ENCODED`); 20 KiB covers
 /// the envelope and gossipsub framing.
 pub const MAX_GOSSIP_BYTES: usize = 20 * 1024;
-/// Enough for a small market on one machine and a real one on a home connection; each
-/// connection costs a few buffers and a yamux session.
-pub const MAX_ESTABLISHED: u32 = 256;
+/// The default of [`super::NetConfig::max_connections`]: a gossip mesh of up to 12 peers, a few
+/// Kademlia lookups in flight, a relay or two, and the jobs of the moment fit in 32, whatever
+/// the market's size. Past it a new connection is denied; idle ones close after the idle timeout.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 32;
 pub const MAX_PENDING: u32 = 64;
 pub const MAX_PER_PEER: u32 = 4;
 /// Jobs take seconds to minutes, but every RPC answers at once (progress travels as separate
@@ -86,6 +89,49 @@ pub struct Behaviour {
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     pub gossipsub: gossipsub::Behaviour,
     pub rpc: request_response::Behaviour<RpcCodec>,
+    /// Reserves on relays and dials through them; fed by the transport the swarm builder made.
+    pub relay_client: relay::client::Behaviour,
+    /// Serves reservations and circuits, with `--relay` only.
+    pub relay_server: Toggle<relay::Behaviour>,
+    pub dcutr: dcutr::Behaviour,
+    pub autonat: autonat::v2::client::Behaviour,
+    /// Every node answers AutoNAT probes: a probe costs one dial back, rate-limited by libp2p.
+    pub autonat_server: autonat::v2::server::Behaviour,
+    pub upnp: Toggle<upnp::tokio::Behaviour>,
+}
+
+/// What a relay this node runs lets through one circuit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelayServerLimits {
+    /// Bytes one circuit may carry (both ways together, as libp2p counts them).
+    pub max_circuit_bytes: u64,
+    /// How long one circuit may stay open.
+    pub max_circuit_duration: Duration,
+}
+
+/// Enough for a hole punch's coordination (identify, DCUtR's two messages) and a quote, not for
+/// results: libp2p's own default. An operator who will carry results raises it.
+pub const COORDINATION_CIRCUIT_BYTES: u64 = 128 * 1024;
+/// libp2p's default; a hole punch takes seconds.
+pub const COORDINATION_CIRCUIT_DURATION: Duration = Duration::from_secs(120);
+
+impl Default for RelayServerLimits {
+    fn default() -> Self {
+        Self {
+            max_circuit_bytes: COORDINATION_CIRCUIT_BYTES,
+            max_circuit_duration: COORDINATION_CIRCUIT_DURATION,
+        }
+    }
+}
+
+/// The behaviour's settings that come from [`super::NetConfig`].
+#[derive(Clone, Copy, Debug)]
+pub struct BehaviourSettings {
+    pub mdns: bool,
+    pub request_timeout: Duration,
+    pub max_connections: u32,
+    pub relay_server: Option<RelayServerLimits>,
+    pub upnp: bool,
 }
 
 #[derive(Debug)]
@@ -97,6 +143,43 @@ pub enum BehaviourEvent {
     Mdns(mdns::Event),
     Gossipsub(gossipsub::Event),
     Rpc(request_response::Event<super::codec::Request, super::codec::Response>),
+    RelayClient(relay::client::Event),
+    RelayServer(Box<relay::Event>),
+    Dcutr(dcutr::Event),
+    Autonat(autonat::v2::client::Event),
+    AutonatServer(autonat::v2::server::Event),
+    Upnp(upnp::Event),
+}
+
+impl From<relay::client::Event> for BehaviourEvent {
+    fn from(e: relay::client::Event) -> Self {
+        Self::RelayClient(e)
+    }
+}
+impl From<relay::Event> for BehaviourEvent {
+    fn from(e: relay::Event) -> Self {
+        Self::RelayServer(Box::new(e))
+    }
+}
+impl From<dcutr::Event> for BehaviourEvent {
+    fn from(e: dcutr::Event) -> Self {
+        Self::Dcutr(e)
+    }
+}
+impl From<autonat::v2::client::Event> for BehaviourEvent {
+    fn from(e: autonat::v2::client::Event) -> Self {
+        Self::Autonat(e)
+    }
+}
+impl From<autonat::v2::server::Event> for BehaviourEvent {
+    fn from(e: autonat::v2::server::Event) -> Self {
+        Self::AutonatServer(e)
+    }
+}
+impl From<upnp::Event> for BehaviourEvent {
+    fn from(e: upnp::Event) -> Self {
+        Self::Upnp(e)
+    }
 }
 
 /// connection_limits emits no events; its event type is uninhabited.
@@ -151,12 +234,19 @@ pub enum BehaviourError {
 impl Behaviour {
     pub fn new(
         key: &Keypair,
-        enable_mdns: bool,
-        request_timeout: Duration,
+        relay_client: relay::client::Behaviour,
+        settings: BehaviourSettings,
     ) -> Result<Self, BehaviourError> {
+        let BehaviourSettings {
+            mdns: enable_mdns,
+            request_timeout,
+            max_connections,
+            relay_server,
+            upnp: enable_upnp,
+        } = settings;
         let peer_id = key.public().to_peer_id();
         let limits = connection_limits::ConnectionLimits::default()
-            .with_max_established(Some(MAX_ESTABLISHED))
+            .with_max_established(Some(max_connections))
             .with_max_pending_incoming(Some(MAX_PENDING))
             .with_max_pending_outgoing(Some(MAX_PENDING))
             .with_max_established_per_peer(Some(MAX_PER_PEER));
@@ -234,6 +324,23 @@ impl Behaviour {
                     .with_request_timeout(request_timeout)
                     .with_max_concurrent_streams(MAX_CONCURRENT_STREAMS),
             ),
+            relay_client,
+            relay_server: relay_server
+                .map(|l| {
+                    relay::Behaviour::new(
+                        peer_id,
+                        relay::Config {
+                            max_circuit_bytes: l.max_circuit_bytes,
+                            max_circuit_duration: l.max_circuit_duration,
+                            ..relay::Config::default()
+                        },
+                    )
+                })
+                .into(),
+            dcutr: dcutr::Behaviour::new(peer_id),
+            autonat: autonat::v2::client::Behaviour::default(),
+            autonat_server: autonat::v2::server::Behaviour::default(),
+            upnp: enable_upnp.then(upnp::tokio::Behaviour::default).into(),
         })
     }
 }

@@ -371,7 +371,11 @@ mod tests {
                 "event",
                 Request::Event(JobEvent {
                     job_id: JobId([1; 16]),
-                    kind: JobEventKind::Progress { step: 1, of: 2 },
+                    kind: JobEventKind::Progress {
+                        step: 1,
+                        of: 2,
+                        preview: None,
+                    },
                 }),
             ),
             ("cancel", Request::Cancel(JobId([1; 16]))),

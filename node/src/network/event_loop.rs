@@ -4,6 +4,11 @@
 //! Under fault injection it also keeps the swarm's block list equal to the peers the current
 //! partition cuts this node off from (closing their connections, denying new ones), and redials
 //! them when the partition heals.
+//!
+//! Reachability: it reserves on relays (see [`super::relays`]), records what AutoNAT, identify,
+//! DCUtR and UPnP report in a [`Reachability`], holds a request to a peer reached only through
+//! a relay until the hole punch ends (at most [`HOLE_PUNCH_WAIT`]), and once a hole punch
+//! connected it directly, closes the relayed connection as soon as no request of ours uses it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -12,18 +17,22 @@ use futures::StreamExt;
 use libp2p::metrics::{Metrics, Recorder};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId};
-use libp2p::swarm::{ConnectionDenied, DialError, ListenError, SwarmEvent};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionDenied, ConnectionId, DialError, ListenError, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, Swarm, SwarmBuilder, allow_block_list, gossipsub, identify, mdns, noise,
-    tcp, yamux,
+    Multiaddr, PeerId, Swarm, SwarmBuilder, allow_block_list, dcutr, gossipsub, identify, mdns,
+    noise, relay, tcp, upnp, yamux,
 };
 use pixmarket_protocol::messages::FailReason;
 use pixmarket_protocol::{CapacityAdvert, PublicKey, SecretKey, Signed};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::LinkFaults;
-use super::behaviour::{ADVERT_TOPIC, Behaviour, BehaviourEvent, KAD_PROTOCOL};
+use super::behaviour::{ADVERT_TOPIC, Behaviour, BehaviourEvent, BehaviourSettings, KAD_PROTOCOL};
 use super::codec::{Request, Response};
+use super::path::{PathKind, Via};
+use super::reachability::{Reachability, RelayState};
+use super::relays::{RelayAction, Relays};
 use super::{Command, NetConfig, NetError, NetEvent};
 
 /// Highest advert sequence seen per provider, so a replayed older advert is ignored. Bounded:
@@ -36,6 +45,16 @@ const BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(60);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// What a refused inbound request tells the peer when our services are saturated.
 const BUSY_RETRY_MS: u64 = 1_000;
+/// How long a request to a peer reached only through a relay waits for the hole punch before
+/// it goes over the relay. A punch between two home NATs takes a round trip or two; the
+/// requester's quote gives up after 3 s, so the wait stays below it.
+const HOLE_PUNCH_WAIT: Duration = Duration::from_secs(2);
+/// Requests held for one peer while its hole punch runs; past it they go over the relay.
+const MAX_HELD_PER_PEER: usize = 32;
+/// Peers whose advertised addresses are kept (the size of the requester's provider table).
+const MAX_ADVERT_ADDRS: usize = 1_000;
+/// How often the relay watchdog and the hold deadlines are looked at.
+const HOUSEKEEPING: Duration = Duration::from_millis(250);
 
 use crate::now_ms;
 
@@ -55,6 +74,45 @@ pub struct EventLoop {
     faults: Option<LinkFaults>,
     /// Peers the current partition cuts this node off from (the swarm's block list).
     cut_off: BTreeSet<PeerId>,
+    reach: Reachability,
+    relays: Relays,
+    reserve_on_relays: bool,
+    /// Every open connection: whose, and whether relayed.
+    connections: HashMap<ConnectionId, Conn>,
+    /// Requests waiting for a hole punch (or the first connection) to `peer`, until the deadline.
+    held: HashMap<PeerId, Held>,
+    /// Peers a hole punch connected directly whose relayed connections close once no request
+    /// of ours is pending on them.
+    retire_relayed: BTreeSet<PeerId>,
+    /// Peers whose relayed connections are being closed: requests to them wait until the
+    /// swarm reports them closed, or request-response could still pick one.
+    closing_relayed: BTreeSet<PeerId>,
+    /// Peers reached only through a relay whose hole punch may still report, until when.
+    punch_until: HashMap<PeerId, tokio::time::Instant>,
+    /// Peers connected by a hole punch (for [`PathKind::HolePunched`]).
+    punched: BTreeSet<PeerId>,
+    /// Addresses providers advertised, to dial them by.
+    advert_addrs: BTreeMap<PeerId, Vec<Multiaddr>>,
+    /// Circuit limits learnt when a peer opened a circuit to us (what its relay lets through).
+    circuit_limits: HashMap<PeerId, Option<u64>>,
+}
+
+#[derive(Debug, Clone)]
+struct Conn {
+    peer: PeerId,
+    relayed: bool,
+    /// The address this node dialled, for a direct outbound connection.
+    dialed: Option<Multiaddr>,
+}
+
+/// Where the answer to one request goes.
+type Reply = oneshot::Sender<Result<Response, NetError>>;
+
+struct Held {
+    deadline: tokio::time::Instant,
+    /// The dial to the advertised addresses these wait for, if any.
+    dial: Option<ConnectionId>,
+    requests: Vec<(Box<Request>, Reply)>,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -75,8 +133,13 @@ impl EventLoop {
     ) -> Result<Self, NetError> {
         let mut scratch = prometheus_client::registry::Registry::default();
         let registry = registry.unwrap_or(&mut scratch);
-        let mdns = config.mdns;
-        let request_timeout = config.request_timeout;
+        let settings = BehaviourSettings {
+            mdns: config.mdns,
+            request_timeout: config.request_timeout,
+            max_connections: config.max_connections,
+            relay_server: config.relay_server,
+            upnp: config.upnp,
+        };
         let transport = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
         let mut swarm = SwarmBuilder::with_existing_identity(key.to_libp2p_keypair())
             .with_tokio()
@@ -87,9 +150,11 @@ impl EventLoop {
             )
             .map_err(|e| transport(&e))?
             .with_quic()
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| transport(&e))?
             .with_bandwidth_metrics(registry)
-            .with_behaviour(|k| {
-                Behaviour::new(k, mdns, request_timeout)
+            .with_behaviour(|k, relay_client| {
+                Behaviour::new(k, relay_client, settings)
                     .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
             })
             .map_err(|e| transport(&e))?
@@ -122,7 +187,23 @@ impl EventLoop {
             responses_in_flight: 0,
             faults: config.faults.clone(),
             cut_off: BTreeSet::new(),
+            reach: Reachability::default(),
+            relays: Relays::default(),
+            reserve_on_relays: config.reserve_on_relays && config.relay_server.is_none(),
+            connections: HashMap::new(),
+            held: HashMap::new(),
+            retire_relayed: BTreeSet::new(),
+            closing_relayed: BTreeSet::new(),
+            punched: BTreeSet::new(),
+            punch_until: HashMap::new(),
+            advert_addrs: BTreeMap::new(),
+            circuit_limits: HashMap::new(),
         };
+        this.reach.peer_id = this.swarm.local_peer_id().to_string();
+        this.reach.relay_server_circuit_bytes = config.relay_server.map(|l| l.max_circuit_bytes);
+        this.reach.upnp = config
+            .upnp
+            .then(|| "asked the router for a mapping".to_owned());
         for addr in config.bootstrap.clone() {
             this.dial(addr)?;
         }
@@ -133,6 +214,8 @@ impl EventLoop {
     /// responses in flight reach their peers (at most [`DRAIN_TIMEOUT`]) and closes.
     pub async fn run(mut self) {
         let mut bootstrap = tokio::time::interval(BOOTSTRAP_INTERVAL);
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut partition = self.faults.as_ref().map(LinkFaults::subscribe);
         self.apply_partition();
         loop {
@@ -148,6 +231,7 @@ impl EventLoop {
                     // Fails only when the routing table is empty; the next tick retries.
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
+                _ = housekeeping.tick() => self.housekeeping(),
             }
         }
         let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
@@ -167,6 +251,14 @@ impl EventLoop {
             match tokio::time::timeout_at(deadline, self.swarm.select_next_some()).await {
                 Ok(event) => self.on_swarm_event(event),
                 Err(_) => break,
+            }
+        }
+        for (peer, held) in self.held.drain() {
+            for (_, reply) in held.requests {
+                let _ = reply.send(Err(NetError::Request {
+                    peer,
+                    reason: "node stopped".into(),
+                }));
             }
         }
         for (_, (peer, reply)) in self.pending.drain() {
@@ -258,8 +350,7 @@ impl EventLoop {
                     }));
                     return;
                 }
-                let id = self.swarm.behaviour_mut().rpc.send_request(&peer, *request);
-                self.pending.insert(id, (peer, reply));
+                self.request(peer, request, reply);
             }
             Command::Respond { channel, response } => {
                 // Fails only if the peer went away or the stream timed out: nothing to do.
@@ -298,6 +389,17 @@ impl EventLoop {
             Command::ConnectedPeers { reply } => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }
+            Command::Reachability { reply } => {
+                let mut r = self.reach.clone();
+                r.updated_at_ms = now_ms();
+                let _ = reply.send(r);
+            }
+            Command::AdvertisedAddrs { reply } => {
+                let _ = reply.send(self.advertised_addrs());
+            }
+            Command::PathTo { peer, reply } => {
+                let _ = reply.send(self.path_to(&peer));
+            }
             Command::GossipStanding { peer, reply } => {
                 let gossip = &self.swarm.behaviour().gossipsub;
                 let topic = gossipsub::IdentTopic::new(super::behaviour::ADVERT_TOPIC).hash();
@@ -327,13 +429,55 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => {
                 self.metrics.record(&*e);
-                if let identify::Event::Received { peer_id, info, .. } = *e
-                    && info.protocols.contains(&KAD_PROTOCOL)
+                if let identify::Event::Received {
+                    peer_id,
+                    info,
+                    connection_id,
+                } = *e
                 {
-                    for addr in info.listen_addrs {
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    self.on_identified(peer_id, connection_id, &info);
+                    if info.protocols.contains(&KAD_PROTOCOL) {
+                        for addr in info.listen_addrs {
+                            self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                        }
                     }
                 }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(e)) => self.on_relay_client(e),
+            SwarmEvent::Behaviour(BehaviourEvent::RelayServer(e)) => {
+                tracing::debug!(event = ?e, "relay");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(e)) => self.on_dcutr(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(e)) => {
+                tracing::debug!(addr = %e.tested_addr, server = %e.server, ok = e.result.is_ok(), "autonat probe");
+                self.reach.tested(
+                    &e.tested_addr,
+                    e.server.to_string(),
+                    e.result.map_err(|e| e.to_string()),
+                );
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::AutonatServer(e)) => {
+                tracing::debug!(client = %e.client, addr = %e.tested_addr, ok = e.result.is_ok(), "served autonat probe");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Upnp(e)) => self.on_upnp(e),
+            SwarmEvent::NewExternalAddrCandidate { address } => self.reach.candidate(&address),
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                if let Some(relay) = self.relays.closed(listener_id, tokio::time::Instant::now()) {
+                    let reason = match reason {
+                        Ok(()) => "the relay closed the reservation".to_owned(),
+                        Err(e) => e.to_string(),
+                    };
+                    tracing::info!(%relay, %reason, "relay reservation lost; asking again");
+                    self.set_relay_state(&relay, RelayState::Lost { reason });
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                let a = address.to_string();
+                self.reach.listen.retain(|l| *l != a);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {
@@ -352,21 +496,88 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(_)) => {}
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
+                let relayed = address.iter().any(|p| p == Protocol::P2pCircuit);
+                if !relayed && self.reach.listen.len() < super::reachability::MAX_ADDRESSES {
+                    self.reach.listen.push(address.to_string());
+                }
                 let _ = self.events.try_send(NetEvent::Listening(address));
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
+                endpoint,
                 num_established,
                 ..
-            } if num_established.get() == 1 => {
-                let _ = self.events.try_send(NetEvent::PeerConnected(peer_id));
+            } => {
+                let relayed = endpoint.is_relayed();
+                let direct_before = self
+                    .connections
+                    .values()
+                    .any(|c| c.peer == peer_id && !c.relayed);
+                if relayed && !direct_before {
+                    // DCUtR starts on a new relayed connection at once.
+                    self.punch_until
+                        .insert(peer_id, tokio::time::Instant::now() + HOLE_PUNCH_WAIT);
+                }
+                self.connections.insert(
+                    connection_id,
+                    Conn {
+                        peer: peer_id,
+                        relayed,
+                        dialed: match &endpoint {
+                            libp2p::core::ConnectedPoint::Dialer { address, .. } if !relayed => {
+                                Some(address.clone())
+                            }
+                            _ => None,
+                        },
+                    },
+                );
+                if let Some(held) = self.held.get_mut(&peer_id) {
+                    if relayed {
+                        // Give the hole punch its moment; DCUtR's outcome releases them earlier.
+                        held.deadline = tokio::time::Instant::now() + HOLE_PUNCH_WAIT;
+                    } else {
+                        self.release(peer_id);
+                    }
+                }
+                if num_established.get() == 1 {
+                    let _ = self.events.try_send(NetEvent::PeerConnected(peer_id));
+                }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
+                cause,
                 ..
             } => {
-                let _ = self.events.try_send(NetEvent::PeerDisconnected(peer_id));
+                self.connections.remove(&connection_id);
+                if self.closing_relayed.contains(&peer_id)
+                    && !self
+                        .connections
+                        .values()
+                        .any(|c| c.peer == peer_id && c.relayed)
+                {
+                    self.closing_relayed.remove(&peer_id);
+                    self.release(peer_id);
+                }
+                if num_established == 0 {
+                    self.circuit_limits.remove(&peer_id);
+                    self.punched.remove(&peer_id);
+                    self.punch_until.remove(&peer_id);
+                    self.retire_relayed.remove(&peer_id);
+                    if let Some(listener) = self.relays.lost(&peer_id, tokio::time::Instant::now())
+                    {
+                        self.swarm.remove_listener(listener);
+                        let reason = match cause {
+                            Some(e) => format!("the connection to the relay closed: {e}"),
+                            None => "the connection to the relay closed".to_owned(),
+                        };
+                        tracing::info!(relay = %peer_id, %reason, "relay reservation lost; asking again");
+                        self.set_relay_state(&peer_id, RelayState::Lost { reason });
+                    }
+                    let _ = self.events.try_send(NetEvent::PeerDisconnected(peer_id));
+                }
             }
             SwarmEvent::IncomingConnectionError {
                 error,
@@ -379,23 +590,52 @@ impl EventLoop {
                 tracing::debug!(%send_back_addr, %error, "incoming connection failed");
             }
             SwarmEvent::OutgoingConnectionError {
-                error: DialError::Denied { cause },
-                ..
-            } => self.note_denied(&cause),
+                error,
+                peer_id,
+                connection_id,
+            } => {
+                if let DialError::Denied { cause } = &error {
+                    self.note_denied(cause);
+                }
+                // Our dial to the advertised addresses failed: the held requests go out now and
+                // fail (or dial again) with the real reason. Another dial's failure (Kademlia's)
+                // leaves ours running.
+                if let Some(peer) = peer_id
+                    && !self.swarm.is_connected(&peer)
+                    && self
+                        .held
+                        .get(&peer)
+                        .is_some_and(|h| h.dial == Some(connection_id))
+                {
+                    tracing::debug!(%peer, %error, "dial to the advertised addresses failed");
+                    self.release(peer);
+                }
+            }
             _ => {}
         }
     }
 
     fn on_rpc(&mut self, event: request_response::Event<Request, Response>) {
         match event {
-            request_response::Event::Message { peer, message, .. } => match message {
+            request_response::Event::Message {
+                peer,
+                message,
+                connection_id,
+            } => match message {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
+                    let via = match self.connections.get(&connection_id) {
+                        Some(c) if c.relayed => Via::Relayed {
+                            circuit_bytes: self.circuit_limits.get(&peer).copied().flatten(),
+                        },
+                        _ => Via::Direct,
+                    };
                     let event = NetEvent::Request {
                         peer,
                         request: Box::new(request),
                         channel,
+                        via,
                     };
                     if let Err(e) = self.events.try_send(event) {
                         let (reason, event) = match e {
@@ -424,8 +664,9 @@ impl EventLoop {
                     request_id,
                     response,
                 } => {
-                    if let Some((_, reply)) = self.pending.remove(&request_id) {
+                    if let Some((peer, reply)) = self.pending.remove(&request_id) {
                         let _ = reply.send(Ok(response));
+                        self.maybe_retire(peer);
                     }
                 }
             },
@@ -436,6 +677,7 @@ impl EventLoop {
                 ..
             } => {
                 if let Some((_, reply)) = self.pending.remove(&request_id) {
+                    self.maybe_retire(peer);
                     let reason = error.to_string();
                     let _ = reply.send(Err(
                         if matches!(error, request_response::OutboundFailure::Timeout) {
@@ -482,6 +724,7 @@ impl EventLoop {
             .gossipsub
             .report_message_validation_result(&id, &source, acceptance);
         if let Ok((signed, advert)) = verdict {
+            self.note_advert_addrs(signed.signer().to_peer_id(), &advert.listen_addrs);
             // Adverts repeat every few seconds: dropping one when the node is busy is harmless.
             let _ = self.events.try_send(NetEvent::Advert {
                 advert: Box::new(advert),
@@ -527,6 +770,324 @@ impl EventLoop {
         self.advert_seq
             .insert(signer, (advert.seq, advert.issued_at_ms));
         Ok((signed, advert))
+    }
+}
+
+impl EventLoop {
+    /// Sends `request` to `peer`, or holds it while a hole punch to the peer runs (or while the
+    /// first connection to a provider known by its advert is being made).
+    fn request(
+        &mut self,
+        peer: PeerId,
+        request: Box<Request>,
+        reply: oneshot::Sender<Result<Response, NetError>>,
+    ) {
+        if let Some(held) = self.held.get_mut(&peer)
+            && held.requests.len() < MAX_HELD_PER_PEER
+        {
+            held.requests.push((request, reply));
+            return;
+        }
+        let connected = self.swarm.is_connected(&peer);
+        let relayed_only = connected
+            && !self
+                .connections
+                .values()
+                .any(|c| c.peer == peer && !c.relayed);
+        let punching = (relayed_only
+            && self
+                .punch_until
+                .get(&peer)
+                .is_some_and(|t| *t > tokio::time::Instant::now()))
+            || self.closing_relayed.contains(&peer);
+        if !connected && let Some(addrs) = self.advert_addrs.get(&peer) {
+            // Even while another dial runs (Kademlia's, to addresses it learnt, which behind a
+            // NAT are private ones): ours uses the addresses the provider advertised.
+            let opts = DialOpts::peer_id(peer)
+                .condition(PeerCondition::Disconnected)
+                .addresses(addrs.clone())
+                .build();
+            let dial = opts.connection_id();
+            if self.swarm.dial(opts).is_ok() {
+                self.held.insert(
+                    peer,
+                    Held {
+                        // Until the first connection; a relayed one then gives the punch its wait.
+                        deadline: tokio::time::Instant::now() + HOLE_PUNCH_WAIT,
+                        dial: Some(dial),
+                        requests: vec![(request, reply)],
+                    },
+                );
+                return;
+            }
+        }
+        if punching {
+            self.held.insert(
+                peer,
+                Held {
+                    deadline: tokio::time::Instant::now() + HOLE_PUNCH_WAIT,
+                    dial: None,
+                    requests: vec![(request, reply)],
+                },
+            );
+            return;
+        }
+        self.send_now(peer, request, reply);
+    }
+
+    fn send_now(
+        &mut self,
+        peer: PeerId,
+        request: Box<Request>,
+        reply: oneshot::Sender<Result<Response, NetError>>,
+    ) {
+        let id = self.swarm.behaviour_mut().rpc.send_request(&peer, *request);
+        self.pending.insert(id, (peer, reply));
+    }
+
+    /// Sends every request held for `peer`.
+    fn release(&mut self, peer: PeerId) {
+        if let Some(held) = self.held.remove(&peer) {
+            for (request, reply) in held.requests {
+                self.send_now(peer, request, reply);
+            }
+        }
+    }
+
+    /// The relay watchdog and the held requests' deadlines.
+    fn housekeeping(&mut self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<PeerId> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.deadline <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in due {
+            self.release(peer);
+        }
+        for action in self.relays.due(now) {
+            match action {
+                RelayAction::Reserve { relay, circuit } => {
+                    match self.swarm.listen_on(circuit.clone()) {
+                        Ok(id) => {
+                            tracing::debug!(%relay, "asking for a relay reservation");
+                            self.relays.listening(relay, id, now);
+                            self.reach.reserving(relay.to_string(), circuit.to_string());
+                        }
+                        Err(e) => {
+                            self.relays.lost(&relay, now);
+                            self.set_relay_state(
+                                &relay,
+                                RelayState::Lost {
+                                    reason: e.to_string(),
+                                },
+                            );
+                        }
+                    }
+                }
+                RelayAction::Drop { relay, listener } => {
+                    self.swarm.remove_listener(listener);
+                    self.relays.lost(&relay, now);
+                    self.set_relay_state(
+                        &relay,
+                        RelayState::Lost {
+                            reason: format!(
+                                "no answer to the reservation within {} s",
+                                super::relays::RESERVE_TIMEOUT.as_secs()
+                            ),
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    fn set_relay_state(&mut self, relay: &PeerId, state: RelayState) {
+        if let Some(r) = self.reach.relay_mut(&relay.to_string()) {
+            r.state = state;
+        }
+    }
+
+    /// A peer told us who it is: where it saw us (on a direct connection), and whether it
+    /// serves as a relay we should reserve on.
+    fn on_identified(&mut self, peer: PeerId, connection: ConnectionId, info: &identify::Info) {
+        let Some(conn) = self.connections.get(&connection).cloned() else {
+            return;
+        };
+        if conn.relayed {
+            return;
+        }
+        self.reach
+            .observed_by(peer.to_string(), &info.observed_addr);
+        if self.reserve_on_relays
+            && info.protocols.contains(&relay::HOP_PROTOCOL_NAME)
+            && let Some(addr) = conn.dialed
+            && self.relays.want(peer, &addr, tokio::time::Instant::now())
+        {
+            tracing::info!(relay = %peer, "reserving on relay");
+            self.housekeeping();
+        }
+    }
+
+    fn on_relay_client(&mut self, event: relay::client::Event) {
+        match event {
+            relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                limit,
+                renewal,
+            } => {
+                if !renewal {
+                    tracing::info!(relay = %relay_peer_id, "relay reservation accepted");
+                }
+                self.relays.accepted(&relay_peer_id);
+                self.set_relay_state(
+                    &relay_peer_id,
+                    RelayState::Reserved {
+                        circuit_bytes: limit.and_then(|l| l.data_in_bytes()),
+                        circuit_secs: limit.and_then(|l| l.duration()).map(|d| d.as_secs()),
+                    },
+                );
+            }
+            relay::client::Event::InboundCircuitEstablished { src_peer_id, limit } => {
+                // One entry per connected peer; removed when its last connection closes.
+                self.circuit_limits
+                    .insert(src_peer_id, limit.and_then(|l| l.data_in_bytes()));
+            }
+            relay::client::Event::OutboundCircuitEstablished { .. } => {}
+        }
+    }
+
+    fn on_dcutr(&mut self, event: dcutr::Event) {
+        let peer = event.remote_peer_id;
+        self.punch_until.remove(&peer);
+        match event.result {
+            Ok(_) => {
+                tracing::info!(%peer, "hole punch connected directly");
+                self.reach.hole_punches.succeeded =
+                    self.reach.hole_punches.succeeded.saturating_add(1);
+                self.punched.insert(peer);
+                self.retire_relayed.insert(peer);
+            }
+            Err(e) => {
+                tracing::info!(%peer, error = %e, "hole punch failed; staying relayed");
+                self.reach.hole_punches.failed = self.reach.hole_punches.failed.saturating_add(1);
+                self.reach.hole_punches.last_error = Some(e.to_string());
+            }
+        }
+        // Closing the relayed connections first keeps the held requests off them.
+        self.maybe_retire(peer);
+        if !self.closing_relayed.contains(&peer) {
+            self.release(peer);
+        }
+    }
+
+    /// Closes the relayed connections to a hole-punched peer once no request of ours is
+    /// pending (request-response spreads requests over a peer's connections, and a relayed
+    /// one would carry only a coordination-sized share).
+    fn maybe_retire(&mut self, peer: PeerId) {
+        if !self.retire_relayed.contains(&peer)
+            || self.held.contains_key(&peer)
+            || self.pending.values().any(|(p, _)| *p == peer)
+        {
+            return;
+        }
+        self.retire_relayed.remove(&peer);
+        let relayed: Vec<ConnectionId> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| c.peer == peer && c.relayed)
+            .map(|(id, _)| *id)
+            .collect();
+        if relayed.is_empty() {
+            return;
+        }
+        for id in relayed {
+            self.swarm.close_connection(id);
+        }
+        self.closing_relayed.insert(peer);
+        if let Some(held) = self.held.get_mut(&peer) {
+            held.deadline = tokio::time::Instant::now() + HOLE_PUNCH_WAIT;
+        }
+    }
+
+    fn on_upnp(&mut self, event: upnp::Event) {
+        let note = match event {
+            upnp::Event::NewExternalAddr {
+                external_addr,
+                local_addr,
+            } => {
+                self.reach.candidate(&external_addr);
+                format!("mapped {local_addr} to {external_addr}")
+            }
+            upnp::Event::ExpiredExternalAddr { external_addr, .. } => {
+                format!("the mapping to {external_addr} expired")
+            }
+            upnp::Event::GatewayNotFound => "no UPnP gateway answered".to_owned(),
+            upnp::Event::NonRoutableGateway => {
+                "the UPnP gateway is itself behind another NAT".to_owned()
+            }
+        };
+        tracing::info!(%note, "upnp");
+        self.reach.upnp = Some(note);
+    }
+
+    /// Confirmed direct addresses and reserved circuit addresses, `/p2p/<self>` appended, as
+    /// many as an advert carries.
+    fn advertised_addrs(&self) -> Vec<Multiaddr> {
+        let me = *self.swarm.local_peer_id();
+        let direct = self
+            .swarm
+            .external_addresses()
+            .filter(|a| !a.iter().any(|p| p == Protocol::P2pCircuit));
+        let relayed = self
+            .swarm
+            .listeners()
+            .filter(|a| a.iter().any(|p| p == Protocol::P2pCircuit));
+        direct
+            .chain(relayed)
+            .map(|a| {
+                let mut a = a.clone();
+                if !matches!(a.iter().last(), Some(Protocol::P2p(p)) if p == me) {
+                    a.push(Protocol::P2p(me));
+                }
+                a
+            })
+            .filter(|a| {
+                a.to_string().chars().count() <= pixmarket_protocol::validate::MAX_ADDR_CHARS
+            })
+            .take(pixmarket_protocol::validate::MAX_LISTEN_ADDRS)
+            .collect()
+    }
+
+    fn path_to(&self, peer: &PeerId) -> PathKind {
+        let mut relayed = false;
+        for c in self.connections.values().filter(|c| c.peer == *peer) {
+            if !c.relayed {
+                return if self.punched.contains(peer) {
+                    PathKind::HolePunched
+                } else {
+                    PathKind::Direct
+                };
+            }
+            relayed = true;
+        }
+        if relayed {
+            PathKind::Relayed
+        } else {
+            PathKind::NotConnected
+        }
+    }
+
+    fn note_advert_addrs(&mut self, peer: PeerId, addrs: &[String]) {
+        let parsed: Vec<Multiaddr> = addrs.iter().filter_map(|a| a.parse().ok()).collect();
+        if parsed.is_empty() {
+            return;
+        }
+        if self.advert_addrs.len() >= MAX_ADVERT_ADDRS && !self.advert_addrs.contains_key(&peer) {
+            self.advert_addrs.pop_first();
+        }
+        self.advert_addrs.insert(peer, parsed);
     }
 }
 

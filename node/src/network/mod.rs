@@ -8,6 +8,11 @@
 //! - gossip advert → verified (signature, freshness, sequence) in the loop → accepted and
 //!   forwarded to `NetEvent::Advert`, or rejected (the forwarding peer loses score).
 //!
+//! - reachability: every node reserves on relays it learns (bootstrap peers that serve as
+//!   relays) unless AutoNAT confirmed it public, keeps the reservation alive ([`relays`]), hole
+//!   punches relayed connections (DCUtR) and tracks what it knows in a [`Reachability`]; a
+//!   request to a peer reached only through a relay waits a moment for the hole punch.
+//!
 //! - with [`NetConfig::faults`] (testnets only): outgoing requests and responses may be lost or
 //!   delayed, and partitions cut peers off; see [`faults`].
 //!
@@ -19,6 +24,9 @@ pub mod codec;
 mod event_loop;
 pub mod faults;
 pub mod ip_limits;
+pub mod path;
+pub mod reachability;
+pub mod relays;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,10 +35,15 @@ use libp2p::{Multiaddr, PeerId};
 use pixmarket_protocol::{CapacityAdvert, SecretKey, Signed};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-pub use behaviour::{ADVERT_TOPIC, BehaviourError, RPC_TIMEOUT};
+pub use behaviour::{
+    ADVERT_TOPIC, BehaviourError, COORDINATION_CIRCUIT_BYTES, DEFAULT_MAX_CONNECTIONS, RPC_TIMEOUT,
+    RelayServerLimits,
+};
 pub use codec::{Request, Response};
 pub use event_loop::EventLoop;
 pub use faults::{FaultError, FaultStats, LinkFaults};
+pub use path::{PathKind, Via};
+pub use reachability::{Reachability, Verdict};
 
 use faults::Fate;
 
@@ -75,6 +88,8 @@ pub enum NetEvent {
         peer: PeerId,
         request: Box<Request>,
         channel: ResponseChannel,
+        /// Directly or through a relay (and what the relay lets through).
+        via: Via,
     },
     /// A verified, fresh advert from a provider.
     Advert {
@@ -115,6 +130,16 @@ enum Command {
     ConnectedPeers {
         reply: oneshot::Sender<Vec<PeerId>>,
     },
+    Reachability {
+        reply: oneshot::Sender<Reachability>,
+    },
+    AdvertisedAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    PathTo {
+        peer: PeerId,
+        reply: oneshot::Sender<PathKind>,
+    },
     GossipStanding {
         peer: PeerId,
         reply: oneshot::Sender<GossipStanding>,
@@ -154,6 +179,14 @@ pub struct NetConfig {
     pub request_timeout: Duration,
     /// Fault injection shared by a testnet's nodes; `None` (production): no faults.
     pub faults: Option<LinkFaults>,
+    /// Connections kept at most (in total); past it new ones are denied. Must be more than zero.
+    pub max_connections: u32,
+    /// Serve as a relay (`--relay`) with these limits per circuit; `None`: not a relay.
+    pub relay_server: Option<RelayServerLimits>,
+    /// Reserve on relays learnt from bootstrap peers unless this node is confirmed public.
+    pub reserve_on_relays: bool,
+    /// Ask the router for a port mapping over UPnP.
+    pub upnp: bool,
 }
 
 impl Default for NetConfig {
@@ -165,6 +198,10 @@ impl Default for NetConfig {
             idle_timeout: Duration::from_secs(60),
             request_timeout: RPC_TIMEOUT,
             faults: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            relay_server: None,
+            reserve_on_relays: true,
+            upnp: false,
         }
     }
 }
@@ -178,6 +215,12 @@ pub fn new(
     if config.request_timeout.is_zero() {
         return Err(NetError::InvalidConfig {
             field: "request_timeout",
+            reason: "must be more than zero".into(),
+        });
+    }
+    if config.max_connections == 0 {
+        return Err(NetError::InvalidConfig {
+            field: "max_connections",
             reason: "must be more than zero".into(),
         });
     }
@@ -386,6 +429,22 @@ impl Client {
 
     pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetError> {
         self.call(|reply| Command::ConnectedPeers { reply }).await
+    }
+
+    /// What this node knows about its own reachability.
+    pub async fn reachability(&self) -> Result<Reachability, NetError> {
+        self.call(|reply| Command::Reachability { reply }).await
+    }
+
+    /// The addresses a requester can use to reach this node: those AutoNAT confirmed, and the
+    /// circuit addresses of the relays holding a reservation, each ending in `/p2p/<self>`.
+    pub async fn advertised_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
+        self.call(|reply| Command::AdvertisedAddrs { reply }).await
+    }
+
+    /// How this node is connected to `peer` now.
+    pub async fn path_to(&self, peer: PeerId) -> Result<PathKind, NetError> {
+        self.call(|reply| Command::PathTo { peer, reply }).await
     }
 
     /// How the advert gossip sees `peer`: its score and whether it is in our advert mesh.

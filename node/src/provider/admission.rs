@@ -263,6 +263,7 @@ impl Provider {
             requester: signed.signer(),
             request: signed.clone(),
             params: req.params,
+            previews: req.previews,
             units,
             cost,
             expires_at_ms: req.expires_at_ms,

@@ -34,6 +34,7 @@ impl Provider {
         Some(CapacityAdvert {
             seq,
             issued_at_ms: now_ms(),
+            // Filled in by the advert loop, which asks the network.
             listen_addrs: Vec::new(),
             gpu_name: info
                 .device_name
@@ -126,8 +127,17 @@ impl Provider {
             if self.lock().stopping {
                 return;
             }
+            // Where requesters can reach us: confirmed public addresses and relayed ones.
+            let listen_addrs: Vec<String> = match self.inner.net.advertised_addrs().await {
+                Ok(addrs) => addrs.iter().map(ToString::to_string).collect(),
+                Err(_) => return,
+            };
             // A provider with no device left says nothing: its last advert expires.
-            match self.advert().map(|a| Signed::sign(&self.inner.key, &a)) {
+            let advert = self.advert().map(|mut a| {
+                a.listen_addrs = listen_addrs;
+                a
+            });
+            match advert.map(|a| Signed::sign(&self.inner.key, &a)) {
                 None => {}
                 Some(Ok(signed)) => {
                     if let Err(e) = self.inner.net.publish(signed).await {

@@ -237,11 +237,15 @@ impl Provider {
         pngs: Vec<Vec<u8>>,
         run_ms: u64,
         mode: StepCaching,
+        progress: Option<tokio::task::JoinHandle<()>>,
     ) {
         let me = self.clone();
         self.inner
             .deliveries
             .spawn(&self.inner.runtime, async move {
+                // The job's progress (and its previews) reaches the requester before its
+                // receipt.
+                super::progress::drained(progress).await;
                 me.settle_and_offer(job, pngs, run_ms, mode).await
             });
     }

@@ -34,7 +34,9 @@ mod admission;
 mod adverts;
 mod delivery;
 mod devices;
+mod progress;
 mod queue;
+mod status;
 mod worker;
 
 use std::collections::VecDeque;
@@ -54,6 +56,7 @@ use crate::network::{Client, Request, Response};
 use crate::now_ms;
 
 pub use delivery::{ACK_DEADLINE, MAX_RETAINED_BYTES, RESULT_RETENTION};
+pub use status::{QueueStatus, RunningJob, WaitingJob};
 
 /// How often a provider re-publishes its advert (receivers expire them after 30 s).
 pub const ADVERT_INTERVAL: Duration = Duration::from_secs(3);

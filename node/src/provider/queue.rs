@@ -17,6 +17,8 @@ pub(super) struct QueuedJob {
     pub requester: PublicKey,
     pub request: Signed<JobRequest>,
     pub params: JobParams,
+    /// Previews the signed request asked for (validated: at most `MAX_PREVIEWS`).
+    pub previews: u8,
     pub units: MeteredUnits,
     pub cost: MicroTokens,
     pub expires_at_ms: u64,

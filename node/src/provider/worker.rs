@@ -1,6 +1,7 @@
 //! The worker threads, one per device: they only compute. A free worker takes the next batch
-//! from the shared queue, runs its device's generator, hands progress to bounded async sends
-//! (a slow peer delays nobody), and hands each result to the delivery lane of its requester;
+//! from the shared queue, runs its device's generator, hands each job's progress (with the
+//! previews its request asked for) to that job's bounded lane ([`super::progress`]; a slow
+//! peer delays nobody else), and hands each result to the delivery lane of its requester;
 //! a failed, cancelled or missing result voids its hold. An engine error takes the device out:
 //! its batch is voided (never rerun elsewhere, so nothing is charged twice), the worker exits,
 //! and when it was the last device up the waiting jobs are voided too.
@@ -9,13 +10,13 @@ use std::collections::BTreeSet;
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use libp2p::PeerId;
 use pixmarket_protocol::messages::{FailReason, JobEventKind};
 use pixmarket_protocol::{JobEvent, JobId, JobParams};
 
+use super::progress::ProgressLane;
 use super::queue::{QueuedJob, work_ppm};
 use super::{Provider, send_with_timeout};
-use crate::generator::GenError;
+use crate::generator::{GenError, StepReport};
 use crate::network::Request;
 
 /// Progress events of one batch are sent at most this often (plus the first and last step).
@@ -23,8 +24,6 @@ const PROGRESS_MIN_GAP: Duration = Duration::from_millis(250);
 /// Progress sends in flight at once, node-wide (all workers together); past this a progress event is dropped (the
 /// next step's follows, and a requester that hears nothing asks for the status).
 pub(super) const MAX_PROGRESS_IN_FLIGHT: usize = 64;
-/// A progress event that is not answered in this long is given up on: it is news, not money.
-const PROGRESS_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a void's notice waits for its answer; the requester can also ask for the status.
 const NOTICE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -93,23 +92,6 @@ impl Provider {
         self.inner.changed.notify_one();
     }
 
-    fn send_progress(&self, peer: PeerId, event: JobEvent) {
-        let Ok(permit) = self.inner.progress_slots.clone().try_acquire_owned() else {
-            return;
-        };
-        let me = self.clone();
-        self.inner.runtime.spawn(async move {
-            // Progress of a job that has ended since is stale: its requester has its receipt
-            // (or gave up), and would only refuse it.
-            if me.lock().running.contains_key(&event.job_id) {
-                let _ =
-                    send_with_timeout(&me.inner.net, peer, Request::Event(event), PROGRESS_TIMEOUT)
-                        .await;
-            }
-            drop(permit);
-        });
-    }
-
     /// Runs one batch on `device`; `Break` when the device failed and its worker must stop.
     fn run_batch(&self, device: usize, batch: Vec<QueuedJob>) -> ControlFlow<()> {
         let Some(dev) = self.inner.devices.get(device) else {
@@ -121,9 +103,22 @@ impl Provider {
         let started = Instant::now();
         let params: Vec<JobParams> = batch.iter().map(|j| j.params.clone()).collect();
         let ids: Vec<JobId> = batch.iter().map(|j| j.job_id).collect();
+        for id in &ids {
+            tracing::debug!(job = %id, device = %dev.label, "running job");
+        }
+        let previews: Vec<u8> = batch.iter().map(|j| j.previews).collect();
+        let lanes: Vec<ProgressLane> = batch
+            .iter()
+            .map(|j| ProgressLane::open(self, j.peer))
+            .collect();
         let mut last_step = Instant::now();
         let mut last_sent = Instant::now();
-        let mut progress = |step: u32, of: u32| {
+        let mut progress = |report: StepReport| {
+            let StepReport {
+                step,
+                of,
+                previews: mut made,
+            } = report;
             if self.crashed() {
                 return ControlFlow::Break(());
             }
@@ -141,15 +136,22 @@ impl Provider {
             };
             // The first step (the job has started), the last, and in between at most one per
             // PROGRESS_MIN_GAP: fast steps would otherwise cost a message each.
+            // A preview goes out at its step whatever the gap: there are at most three a job.
             let due = step <= 1 || step >= of || last_sent.elapsed() >= PROGRESS_MIN_GAP;
             if due {
                 last_sent = Instant::now();
-                for j in &batch {
+            }
+            for (i, (j, lane)) in batch.iter().zip(&lanes).enumerate() {
+                let preview = made
+                    .iter()
+                    .position(|(k, _)| *k == i)
+                    .map(|at| made.swap_remove(at).1);
+                if due || preview.is_some() {
                     let ev = JobEvent {
                         job_id: j.job_id,
-                        kind: JobEventKind::Progress { step, of },
+                        kind: JobEventKind::Progress { step, of, preview },
                     };
-                    self.send_progress(j.peer, ev);
+                    lane.push(ev);
                 }
             }
             if all_cancelled {
@@ -158,7 +160,12 @@ impl Provider {
                 ControlFlow::Continue(())
             }
         };
-        let result = dev.generator.generate(&params, &mut progress);
+        let result = dev
+            .generator
+            .generate_previewing(&params, &previews, &mut progress);
+        // Each job's queued progress still goes out; its receipt waits for it (see
+        // `progress`).
+        let mut lanes = lanes.into_iter().map(ProgressLane::close);
         if self.crashed() {
             // The batch is abandoned as a killed process would abandon it.
             return ControlFlow::Break(());
@@ -185,6 +192,7 @@ impl Provider {
                 let mut images = images.into_iter();
                 for job in batch {
                     let pngs = images.next();
+                    let lane = lanes.next();
                     if cancelled.contains(&job.job_id) {
                         self.finish_failed(&job, FailReason::Cancelled);
                         continue;
@@ -193,7 +201,7 @@ impl Provider {
                         Some(pngs) if pngs.len() == job.params.images as usize => {
                             // The mode the device ran it in: the rule its generator applies.
                             let mode = dev.info.step_caching.for_job(job.params.exact);
-                            self.deliver(job, pngs, run_ms, mode);
+                            self.deliver(job, pngs, run_ms, mode, lane);
                         }
                         other => {
                             let got = other.map_or(0, |p| p.len());
@@ -246,6 +254,13 @@ impl Provider {
             Err(e) => tracing::error!(job = %job.job_id, error = %e, "cannot void hold"),
         }
         self.lock().running.remove(&job.job_id);
+        // The operator's one line for a job that ended unpaid (a sold one logs "sold a job").
+        tracing::info!(
+            job = %job.job_id,
+            buyer = %job.requester.fmt_short(),
+            reason = %why,
+            "job ended without a charge"
+        );
         self.inner.metrics.job(if reason == FailReason::Cancelled {
             "cancelled"
         } else {

@@ -148,6 +148,7 @@ mod tests {
             mode: Mode::TextToImage,
             exact,
             lora: None,
+            latents: None,
         };
         let units: MeteredUnits = params.metered_units(2);
         let schedule = PriceSchedule::default();
@@ -160,6 +161,7 @@ mod tests {
             created_at_ms: 0,
             expires_at_ms: 1,
             quote_id: None,
+            previews: 0,
         };
         let signed = Signed::sign(&requester, &request).unwrap();
         let quote = Quote {

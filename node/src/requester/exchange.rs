@@ -8,13 +8,17 @@ use std::time::Duration;
 use libp2p::PeerId;
 use pixmarket_ledger::{LedgerError, Role};
 use pixmarket_protocol::messages::{FailReason, JobEventKind};
+use pixmarket_protocol::preview;
 use pixmarket_protocol::{
     ChainEntry, JobEvent, JobId, JobParams, JobRequest, JobStatus, PublicKey, Quote, QuoteId,
     QuoteRequest, Receipt, ReceiptAck, ReceiptRefusal, Signed, StepCaching,
 };
 use tokio::sync::mpsc;
 
+use super::cancel::CancelOnDrop;
 use super::check::{check_images, check_receipt};
+use super::failure::{FailedAttempt, Failure, FailureKind};
+use super::previews::PreviewGate;
 use super::{
     GenerateError, GenerateOptions, JOB_EVENT_QUEUE, JobProgress, Outcome, Requester, RouteGuard,
     standing,
@@ -80,6 +84,24 @@ enum QuoteError {
     NotExact(StepCaching),
 }
 
+impl From<QuoteError> for Failure {
+    fn from(e: QuoteError) -> Self {
+        let message = e.to_string();
+        match e {
+            QuoteError::Refused(r) => Failure::refused(r, message),
+            QuoteError::NoAnswer(u) => Failure::new(u.kind, message),
+            QuoteError::Sign(_) => Failure::new(FailureKind::Local, message),
+            QuoteError::Unexpected(_)
+            | QuoteError::BadSignature(_)
+            | QuoteError::OtherRequest
+            | QuoteError::Price(_)
+            | QuoteError::Units { .. }
+            | QuoteError::InflatedTokens { .. }
+            | QuoteError::NotExact(_) => Failure::new(FailureKind::BadAnswer, message),
+        }
+    }
+}
+
 /// Why a checked receipt could not be stored with our ack.
 #[derive(Debug, thiserror::Error)]
 enum RecordError {
@@ -96,6 +118,8 @@ enum RecordError {
 struct Unanswered {
     /// The last try timed out: the message may have been lost, or the answer.
     timed_out: bool,
+    /// `Busy` (the last answer), `Unreachable`, or `Local` (this node stopped).
+    kind: FailureKind,
     reason: String,
 }
 
@@ -103,6 +127,7 @@ impl Unanswered {
     fn gone(reason: &str) -> Self {
         Self {
             timed_out: false,
+            kind: FailureKind::Local,
             reason: reason.into(),
         }
     }
@@ -117,13 +142,19 @@ impl std::fmt::Display for Unanswered {
 /// Why an attempt at one provider ended without a result, and whether failing over is safe.
 pub(super) enum Attempt {
     /// Nothing is owed: try the next provider.
-    FailOver(String),
+    FailOver(Failure),
     /// The provider took our ack and sent no images: one job's cost is lost; stop here.
     Undelivered(Box<GenerateError>),
 }
 
-fn fail(reason: impl Into<String>) -> Attempt {
-    Attempt::FailOver(reason.into())
+fn fail(kind: FailureKind, reason: impl Into<String>) -> Attempt {
+    Attempt::FailOver(Failure::new(kind, reason))
+}
+
+/// A typed refusal from the provider, shown as `refused: {reason}`.
+fn refused(reason: FailReason) -> Attempt {
+    let message = format!("refused: {reason}");
+    Attempt::FailOver(Failure::refused(reason, message))
 }
 
 impl Requester {
@@ -220,12 +251,7 @@ impl Requester {
         let candidates: Vec<PeerId> = match options.provider {
             Some(p) => vec![p],
             // Only providers that offer the job's LoRA (by its file's hash) can run it.
-            None => self
-                .ranked(options.selection)
-                .iter()
-                .filter(|e| params.lora.is_none_or(|l| e.advert.lora(&l.hash).is_some()))
-                .map(|e| e.key.to_peer_id())
-                .collect(),
+            None => self.candidates(options.selection, params.lora.as_ref().map(|l| l.hash)),
         };
         if candidates.is_empty() {
             return Err(GenerateError::NoProviders);
@@ -237,7 +263,10 @@ impl Requester {
             .enumerate()
         {
             let Ok(key) = PublicKey::from_peer_id(&peer) else {
-                reasons.push(format!("{peer}: not an ed25519 peer id"));
+                reasons.push(FailedAttempt {
+                    provider: peer,
+                    failure: Failure::new(FailureKind::NotAProvider, "not an ed25519 peer id"),
+                });
                 continue;
             };
             let started = tokio::time::Instant::now();
@@ -247,6 +276,10 @@ impl Requester {
             {
                 Ok(mut outcome) => {
                     outcome.attempts = attempt + 1;
+                    // Which path the job took (direct, hole-punched, relayed), for operators.
+                    if let Ok(path) = self.net.path_to(peer).await {
+                        tracing::info!(provider = %peer, path = path.as_str(), "job delivered");
+                    }
                     // Measured here, submission to images: the provider's claims play no part.
                     let took = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                     let units = outcome.receipt.verify().map(|r| r.units).ok();
@@ -263,14 +296,17 @@ impl Requester {
                     });
                     return Err(*e);
                 }
-                Err(Attempt::FailOver(reason)) => {
-                    tracing::warn!(%peer, %reason, "provider failed; failing over");
+                Err(Attempt::FailOver(failure)) => {
+                    tracing::warn!(%peer, reason = %failure, "provider failed; failing over");
                     self.note_failure(&key);
                     progress(JobProgress::FailingOver {
                         provider: peer,
-                        reason: reason.clone(),
+                        reason: failure.message.clone(),
                     });
-                    reasons.push(format!("{peer}: {reason}"));
+                    reasons.push(FailedAttempt {
+                        provider: peer,
+                        failure,
+                    });
                 }
             }
         }
@@ -291,6 +327,7 @@ impl Requester {
         let mut backoff = FIRST_BACKOFF;
         let mut last = Unanswered {
             timed_out: true,
+            kind: FailureKind::Unreachable,
             reason: "no answer".into(),
         };
         for _ in 0..SEND_ATTEMPTS {
@@ -308,6 +345,7 @@ impl Requester {
                     {
                         last = Unanswered {
                             timed_out: true,
+                            kind: FailureKind::Busy { retry_after_ms },
                             reason: format!("busy (retry after {retry_after_ms} ms)"),
                         };
                         Duration::from_millis(retry_after_ms)
@@ -320,6 +358,7 @@ impl Requester {
                         let timed_out = matches!(e, crate::network::NetError::Timeout { .. });
                         last = Unanswered {
                             timed_out,
+                            kind: FailureKind::Unreachable,
                             reason: e.to_string(),
                         };
                         // Refused, partitioned, no route: not a lost message. A timeout is retried.
@@ -331,6 +370,7 @@ impl Requester {
                     Err(_) => {
                         last = Unanswered {
                             timed_out: true,
+                            kind: FailureKind::Unreachable,
                             reason: format!("no answer within {} s", limit.as_secs()),
                         };
                         backoff
@@ -399,6 +439,8 @@ impl Requester {
         Ok(quote)
     }
 
+    /// One attempt at `peer`. Dropped before it ends (Ctrl-C, a caller's timeout, an aborted
+    /// task), it tells the provider to cancel the submitted job ([`CancelOnDrop`]).
     pub(super) async fn try_provider(
         &self,
         peer: PeerId,
@@ -407,17 +449,37 @@ impl Requester {
         options: &GenerateOptions,
         progress: &mut (dyn FnMut(JobProgress) + Send),
     ) -> Result<Outcome, Attempt> {
+        let mut cancel = CancelOnDrop::new(self.net.clone(), self.cancels.clone());
+        let ended = self
+            .attempt(peer, key, params, options, progress, &mut cancel)
+            .await;
+        cancel.disarm();
+        ended
+    }
+
+    async fn attempt(
+        &self,
+        peer: PeerId,
+        key: PublicKey,
+        params: &JobParams,
+        options: &GenerateOptions,
+        progress: &mut (dyn FnMut(JobProgress) + Send),
+        cancel: &mut CancelOnDrop,
+    ) -> Result<Outcome, Attempt> {
         let quote = self
             .quote(peer, key, params)
             .await
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| Attempt::FailOver(e.into()))?;
         if let Some(max) = options.max_cost
             && quote.cost > max
         {
-            return Err(fail(format!(
-                "quoted {} tokens, more than --max-cost {max}",
-                quote.cost
-            )));
+            return Err(fail(
+                FailureKind::OverBudget {
+                    quoted: quote.cost,
+                    max_cost: max,
+                },
+                format!("quoted {} tokens, more than --max-cost {max}", quote.cost),
+            ));
         }
         progress(JobProgress::Quoted {
             provider: peer,
@@ -443,8 +505,10 @@ impl Requester {
             created_at_ms: now,
             expires_at_ms: now.saturating_add(validity),
             quote_id: Some(quote.quote_id),
+            previews: options.previews.min(preview::MAX_PREVIEWS),
         };
-        let signed = Signed::sign(&self.key, &request).map_err(|e| fail(e.to_string()))?;
+        let signed = Signed::sign(&self.key, &request)
+            .map_err(|e| fail(FailureKind::Local, e.to_string()))?;
         let (tx, mut rx) = mpsc::channel(JOB_EVENT_QUEUE);
         if let Ok(mut r) = self.routes.lock() {
             r.insert(request.job_id, (peer, tx));
@@ -455,6 +519,7 @@ impl Requester {
             routes: &self.routes,
             job: request.job_id,
         };
+        cancel.arm(peer, request.job_id);
         let job = Job {
             peer,
             key,
@@ -482,8 +547,13 @@ impl Requester {
                 }
             }
             // A refusal of the submission: nothing was held.
-            Ok(Response::Refused(r)) => return Err(fail(format!("refused: {r}"))),
-            Ok(other) => return Err(fail(format!("unexpected answer to a job: {other:?}"))),
+            Ok(Response::Refused(r)) => return Err(refused(r)),
+            Ok(other) => {
+                return Err(fail(
+                    FailureKind::BadAnswer,
+                    format!("unexpected answer to a job: {other:?}"),
+                ));
+            }
             // Unreachable: it may have been admitted, but it can charge only what we ack, and
             // we ack nothing of an abandoned job. Ask it to let go, and fail over.
             Err(e) => {
@@ -492,11 +562,16 @@ impl Requester {
                     self.net.request(peer, Request::Cancel(request.job_id)),
                 )
                 .await;
-                return Err(fail(format!("no answer to the job request: {e}")));
+                return Err(fail(
+                    e.kind.clone(),
+                    format!("no answer to the job request: {e}"),
+                ));
             }
         }
         // Idle periods in a row in which the provider could not be reached at all.
         let mut unreachable = 0u32;
+        // Previews still to pass on: the request's number, however many the provider sends.
+        let mut previews = PreviewGate::for_request(&request);
         // The job ends by its request's expiry, however often the provider says it is still
         // busy: a heartbeat or progress resets the idle wait, never this.
         let ends_at_ms = request.expires_at_ms.saturating_add(EXPIRY_MARGIN_MS);
@@ -509,7 +584,7 @@ impl Requester {
             let (event, channel) = match tokio::time::timeout(wait, rx.recv()).await {
                 Ok(Some(e)) => e,
                 // Our route was dropped: this node stopped (see `Requester::stop`).
-                Ok(None) => return Err(fail("this node stopped")),
+                Ok(None) => return Err(fail(FailureKind::Local, "this node stopped")),
                 Err(_) => {
                     // Silence: ask where the job stands before anything else.
                     let status = match self
@@ -543,15 +618,21 @@ impl Requester {
                                 self.net.request(peer, Request::Cancel(request.job_id)),
                             )
                             .await;
-                            return Err(fail(format!(
-                                "no word for {} s and {}",
-                                options.idle_timeout.as_secs(),
-                                if unreachable >= UNREACHABLE_ROUNDS {
-                                    "the provider does not answer (unreachable or refusing)"
-                                } else {
-                                    "the request has expired"
-                                }
-                            )));
+                            let (kind, why) = if unreachable >= UNREACHABLE_ROUNDS {
+                                (
+                                    FailureKind::Unreachable,
+                                    "the provider does not answer (unreachable or refusing)",
+                                )
+                            } else {
+                                (FailureKind::Expired, "the request has expired")
+                            };
+                            return Err(fail(
+                                kind,
+                                format!(
+                                    "no word for {} s and {why}",
+                                    options.idle_timeout.as_secs()
+                                ),
+                            ));
                         }
                         None => {}
                     }
@@ -571,20 +652,27 @@ impl Requester {
                         eta_ms,
                     });
                 }
-                JobEventKind::Progress { step, of } => {
+                JobEventKind::Progress { step, of, preview } => {
                     let _ = self.net.respond(channel, Response::EventAck(None)).await;
-                    progress(JobProgress::Step { step, of });
+                    let preview = previews.admit(preview);
+                    progress(JobProgress::Step { step, of, preview });
                 }
                 JobEventKind::Failed { reason, void } => {
                     let _ = self.net.respond(channel, Response::EventAck(None)).await;
                     if job.is_void(&void) {
-                        return Err(fail(format!("failed: {reason}")));
+                        return Err(fail(
+                            FailureKind::ProviderFailed,
+                            format!("failed: {reason}"),
+                        ));
                     }
                 }
                 JobEventKind::Cancelled { void } => {
                     let _ = self.net.respond(channel, Response::EventAck(None)).await;
                     if job.is_void(&void) {
-                        return Err(fail("cancelled by the provider"));
+                        return Err(fail(
+                            FailureKind::ProviderFailed,
+                            "cancelled by the provider",
+                        ));
                     }
                 }
                 JobEventKind::Completed { receipt } => {
@@ -614,6 +702,7 @@ impl Requester {
         )
         .await;
         Err(fail(
+            FailureKind::Expired,
             "the request expired before the provider delivered a result (it can no longer \
              charge for it)",
         ))
@@ -637,7 +726,11 @@ impl Requester {
             }
             JobStatus::Running { step, of } => {
                 if of > 0 {
-                    progress(JobProgress::Step { step, of });
+                    progress(JobProgress::Step {
+                        step,
+                        of,
+                        preview: None,
+                    });
                 }
                 None
             }
@@ -646,11 +739,12 @@ impl Requester {
             JobStatus::Unknown => {
                 if now_ms() + EXPIRY_MARGIN_MS >= job.request.expires_at_ms {
                     return Some(Err(fail(
+                        FailureKind::Expired,
                         "the provider does not know the job and it expired",
                     )));
                 }
                 match self.ask(job.peer, Request::Job(job.signed.clone())).await {
-                    Some(Response::Refused(r)) => Some(Err(fail(format!("refused: {r}")))),
+                    Some(Response::Refused(r)) => Some(Err(refused(r))),
                     _ => None,
                 }
             }
@@ -660,14 +754,20 @@ impl Requester {
             JobStatus::Credited { note } => {
                 if note.signer() == job.key {
                     self.sync_chain(job.peer, job.key).await;
-                    Some(Err(fail("the provider credited the job back")))
+                    Some(Err(fail(
+                        FailureKind::ProviderFailed,
+                        "the provider credited the job back",
+                    )))
                 } else {
                     None
                 }
             }
-            JobStatus::Voided(void) => job
-                .is_void(&void)
-                .then(|| Err(fail("the provider voided the job"))),
+            JobStatus::Voided(void) => job.is_void(&void).then(|| {
+                Err(fail(
+                    FailureKind::ProviderFailed,
+                    "the provider voided the job",
+                ))
+            }),
         }
     }
 
@@ -689,7 +789,10 @@ impl Requester {
                 ) {
                     let _ = self.net.respond(channel, Response::ReceiptRefused(r)).await;
                 }
-                return Err(fail(format!("bad receipt: {problem}")));
+                return Err(fail(
+                    FailureKind::BadReceipt,
+                    format!("bad receipt: {problem}"),
+                ));
             }
         };
         let ack = match self.stored_ack(body.job_id, &receipt) {
@@ -704,7 +807,11 @@ impl Requester {
                     ) {
                         let _ = self.net.respond(channel, Response::ReceiptRefused(r)).await;
                     }
-                    return Err(fail(format!("receipt refused by the ledger: {e}")));
+                    let kind = match &e {
+                        RecordError::Stopped | RecordError::Sign(_) => FailureKind::Local,
+                        RecordError::Ledger(_) => FailureKind::BadReceipt,
+                    };
+                    return Err(fail(kind, format!("receipt refused by the ledger: {e}")));
                 }
             },
         };
@@ -784,7 +891,10 @@ impl Requester {
                 }
                 Ok(Ok(Response::Refused(FailReason::Credited))) => {
                     self.sync_chain(job.peer, job.key).await;
-                    return Err(fail("the provider credited the job back before our ack"));
+                    return Err(fail(
+                        FailureKind::ProviderFailed,
+                        "the provider credited the job back before our ack",
+                    ));
                 }
                 Ok(Ok(Response::Refused(FailReason::ResultGone))) => {
                     break "the provider no longer has the images".to_owned();

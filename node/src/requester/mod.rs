@@ -16,16 +16,23 @@
 //!   acknowledged once, so one image is never paid twice.
 //! - A provider that took our ack and did not deliver leaves a signed record (its receipt,
 //!   our ack, marked undelivered in the ledger) that ranks it last from then on.
+//! - A `generate` call dropped before its attempt ends sends that provider a `Cancel`
+//!   ([`cancel`]); [`Requester::abandoned`] waits for the answers.
 //!
 //! Selection policies ([`Selection`]): `EstimatedFinish` (the default) ranks by past failures,
 //! then the finish time of one standard image behind the queue (the advertised depth, or the
-//! jobs this node has in flight there if more), in steps of half the fastest standard image,
-//! then the price factor, then at random; `Random { seed }` shuffles the fresh providers (taken in public-key order) with
+//! jobs this node has in flight there if more, spread over the advertised devices only once the
+//! provider has delivered to us), in steps of half the fastest standard image, then the price
+//! factor, then at random, and a job tries at most one provider that has not delivered to us
+//! when one that has is ranked; `Random { seed }` shuffles the fresh providers (taken in public-key order) with
 //! a ChaCha8 generator seeded with `seed`, ignoring speed, queue, price and failures, so a given
 //! seed and provider table always give the same order (testnets use it as a naive baseline).
 
+mod cancel;
 mod check;
 mod exchange;
+mod failure;
+mod previews;
 mod standing;
 
 use std::collections::BTreeMap;
@@ -35,7 +42,7 @@ use std::time::Duration;
 use libp2p::PeerId;
 use pixmarket_ledger::Ledger;
 use pixmarket_protocol::{
-    CapacityAdvert, JobEvent, JobId, MicroTokens, PublicKey, Receipt, ReceiptAck, SecretKey,
+    CapacityAdvert, Hash, JobEvent, JobId, MicroTokens, PublicKey, Receipt, ReceiptAck, SecretKey,
     Signed, validate,
 };
 use rand::SeedableRng;
@@ -47,8 +54,10 @@ use crate::metrics::Metrics;
 use crate::network::{Client, NetError, ResponseChannel};
 use crate::now_ms;
 
+pub use cancel::{CANCEL_TIMEOUT, SentCancel};
 pub use check::{ReceiptProblem, check_images, check_receipt};
 pub use exchange::FETCH_DEADLINE;
+pub use failure::{FailedAttempt, Failure, FailureKind};
 pub use standing::Standing;
 use standing::Standings;
 
@@ -77,6 +86,21 @@ pub const DEFAULT_MAX_ATTEMPTS: usize = 3;
 /// the advert arrived, so an advert dated in the future buys nothing, and neither do claimed
 /// speed or capacity.
 pub const MAX_PROVIDERS: usize = 10_000;
+
+/// Providers that have not delivered to us tried at most in one job, when one that has is
+/// among the candidates: one, so a newcomer (honest or not) is still tried, first when it ranks
+/// first, but a crowd of fresh keys claiming the best speed costs each job one failed try, not
+/// all of them, and the job goes on to a provider that delivered.
+const MAX_UNTRIED_PER_JOB: usize = 1;
+
+/// The devices a provider's queue is spread over in ranking: its advert's claim once it has
+/// delivered to us (its measured speed then governs, and a failure drops it below the rest),
+/// else one, which is all this requester has seen of it. A fresh key claiming a thousand
+/// devices behind a deep queue so ranks by that whole queue and cannot beat a known-good
+/// provider with a shorter one.
+fn ranked_devices(advert: &CapacityAdvert, known_good: bool) -> u32 {
+    if known_good { advert.device_count() } else { 1 }
+}
 
 /// One provider as the requester knows it.
 #[derive(Clone, Debug)]
@@ -134,6 +158,9 @@ pub struct GenerateOptions {
     /// How long the images are asked for after our ack before the job is recorded as
     /// undelivered against the provider ([`FETCH_DEADLINE`] by default).
     pub fetch_deadline: Duration,
+    /// Previews of the first image to ask the provider for, 0 to
+    /// [`pixmarket_protocol::preview::MAX_PREVIEWS`] (more is the maximum); 0 by default.
+    pub previews: u8,
 }
 
 impl Default for GenerateOptions {
@@ -146,6 +173,7 @@ impl Default for GenerateOptions {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             request_validity: DEFAULT_REQUEST_VALIDITY,
             fetch_deadline: FETCH_DEADLINE,
+            previews: 0,
         }
     }
 }
@@ -165,6 +193,10 @@ pub enum JobProgress {
     Step {
         step: u32,
         of: u32,
+        /// A picture of the job's first image at this step, when previews were asked for
+        /// ([`GenerateOptions::previews`]) and this step has one; checked against the
+        /// protocol's bounds ([`pixmarket_protocol::preview`]), free, and not the image.
+        preview: Option<pixmarket_protocol::Preview>,
     },
     FailingOver {
         provider: PeerId,
@@ -202,8 +234,9 @@ pub enum GenerateError {
     NoProviders,
     #[error("invalid request: {0}")]
     Invalid(#[from] validate::ValidationError),
-    #[error("every provider failed: {}", .0.join("; "))]
-    AllFailed(Vec<String>),
+    /// Each provider tried, in order, with its typed failure.
+    #[error("every provider failed: {}", failure::joined(.0))]
+    AllFailed(Vec<FailedAttempt>),
     #[error(transparent)]
     Net(#[from] NetError),
 }
@@ -237,6 +270,8 @@ pub struct Requester {
     /// This node's own token counters, by the model id providers advertise.
     counters: Arc<Mutex<BTreeMap<String, TokenCounter>>>,
     metrics: Arc<Metrics>,
+    /// Cancels sent for jobs whose `generate` call was dropped midway ([`cancel`]).
+    cancels: cancel::PendingCancels,
 }
 
 impl std::fmt::Debug for Requester {
@@ -265,7 +300,14 @@ impl Requester {
             standings: Arc::new(Mutex::new(standings)),
             counters: Arc::default(),
             metrics,
+            cancels: Arc::default(),
         }
+    }
+
+    /// Waits for the answers to the cancels sent for jobs abandoned midway (a dropped
+    /// [`Requester::generate`]), each at most [`CANCEL_TIMEOUT`], and says what each found.
+    pub async fn abandoned(&self) -> Vec<SentCancel> {
+        cancel::collect(&self.cancels).await
     }
 
     /// Counts prompts with `counter` for providers that advertise `model_id`: their quotes
@@ -460,14 +502,15 @@ impl Requester {
                         .queue_depth
                         .max(mine.get(&e.key.to_peer_id()).copied().unwrap_or(0));
                     let ms = speed.get(&e.key).copied().unwrap_or(u64::MAX);
-                    let rounds = u64::from(depth / a.device_count()).saturating_add(1);
+                    let known_good = good.get(&e.key).copied().unwrap_or(false);
+                    let rounds = u64::from(depth / ranked_devices(a, known_good)).saturating_add(1);
                     let finish = ms.saturating_mul(rounds);
                     (
                         e.standing.failures.saturating_add(
                             e.standing.undelivered.saturating_mul(UNDELIVERED_WEIGHT),
                         ),
                         finish / grain,
-                        !good.get(&e.key).copied().unwrap_or(false),
+                        !known_good,
                         a.schedule.price_factor_ppm,
                         rand::Rng::r#gen::<u64>(&mut rng),
                     )
@@ -476,6 +519,33 @@ impl Requester {
             Selection::Random { seed } => list.shuffle(&mut ChaCha8Rng::seed_from_u64(seed)),
         }
         list
+    }
+
+    /// The providers a job tries, in order: the ranking's, with at most
+    /// [`MAX_UNTRIED_PER_JOB`] that have not delivered to us when any that has is ranked
+    /// (`Random` is a naive baseline and takes the ranking as it is); with `lora`, only those
+    /// that offer that LoRA file.
+    pub(crate) fn candidates(&self, selection: Selection, lora: Option<Hash>) -> Vec<PeerId> {
+        let mut list = self.ranked(selection);
+        list.retain(|e| lora.is_none_or(|h| e.advert.lora(&h).is_some()));
+        let Ok(standings) = self.standings.lock() else {
+            return Vec::new();
+        };
+        let any_good = list.iter().any(|e| standings.known_good(&e.key));
+        if matches!(selection, Selection::Random { .. }) || !any_good {
+            return list.iter().map(|e| e.key.to_peer_id()).collect();
+        }
+        let mut untried = 0;
+        list.iter()
+            .filter(|e| {
+                if standings.known_good(&e.key) {
+                    return true;
+                }
+                untried += 1;
+                untried <= MAX_UNTRIED_PER_JOB
+            })
+            .map(|e| e.key.to_peer_id())
+            .collect()
     }
 
     fn note_failure(&self, key: &PublicKey) {

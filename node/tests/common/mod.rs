@@ -70,5 +70,6 @@ pub fn job_with_steps(prompt: &str, steps: u32) -> JobParams {
         mode: Mode::TextToImage,
         exact: false,
         lora: None,
+        latents: None,
     }
 }

@@ -1,0 +1,651 @@
+//! Reachability across real NATs: the test builds Linux network namespaces (an "internet", two
+//! home routers that masquerade with nftables, a home behind each), runs real `pixmarket`
+//! processes in them, and checks which path each job took and what `pixmarket doctor` says.
+//!
+//! - internet (11.0.0.1): a relay (`--relay`) and a second public node, the bootstrap peers.
+//! - home 1 (192.168.1.2 behind 11.0.1.2): the provider (`--provide`, the random-weights tiny
+//!   model, whose noise makes a 1024² result several MB).
+//! - home 2 (192.168.2.2 behind 11.0.2.2): the requester (`pixmarket generate --bootstrap`).
+//!
+//! Topologies, each with its verdict and its job's path:
+//! 1. both NATs endpoint-independent (`masquerade`): "behind NAT, hole-punchable"; a multi-MB
+//!    result arrives hole-punched; the relay restarts and the provider holds a reservation
+//!    again within [`REACHABLE_AGAIN`].
+//! 2. the provider's NAT endpoint-dependent (`masquerade random`), coordination-only relay:
+//!    "relayed only"; the job is refused at the quote with the relay's limit, nothing paid.
+//! 3. the same NAT, a relay whose operator allows results: the job arrives relayed.
+//! 4. the provider on the internet itself: "public"; the job arrives directly.
+//! 5. the provider behind a NAT with no relay to bootstrap from: "unreachable".
+//!
+//! Needs root, `ip` (iproute2) and `nft` (nftables): `.ci/run` installs them and runs this test
+//! explicitly (`cargo test -p pixmarket-cli --test netns -- --ignored`). Without root it fails
+//! and says why rather than passing without having tested anything.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the provider may take to hold a reservation again after the relay restarts: the
+/// relay client's longest backoff (8 s) plus a dial, with margin (the README's "within 15 s").
+const REACHABLE_AGAIN: Duration = Duration::from_secs(15);
+/// Waits for a node to reach a state (a verdict, a reservation) give up after this: AutoNAT
+/// probes every 5 s and a reservation takes one round trip, so a minute is ample.
+const STATE_WAIT: Duration = Duration::from_secs(60);
+/// The hole-punched result's side: 1024² of the noise model's pixels after 4 steps is about
+/// 2.4 MB of PNG (one step draws a flat picture).
+const BIG_SIDE: &str = "1024";
+/// The other jobs' side: 256² still needs more than a coordination-only circuit carries.
+const SMALL_SIDE: &str = "256";
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_pixmarket")
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let o = cmd.output().unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+fn sh(args: &[&str]) {
+    run(Command::new(args[0]).args(&args[1..]));
+}
+
+/// The namespaces of one test run; deleting them removes their links and rules too.
+struct Net {
+    prefix: String,
+}
+
+impl Net {
+    fn ns(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn build() -> Net {
+        let net = Net {
+            prefix: format!("pmx{}", std::process::id() % 100_000),
+        };
+        let p = &net.prefix;
+        for n in ["inet", "nat1", "home1", "nat2", "home2"] {
+            sh(&["ip", "netns", "add", &net.ns(n)]);
+            sh(&["ip", "-n", &net.ns(n), "link", "set", "lo", "up"]);
+        }
+        let inet = net.ns("inet");
+        sh(&["ip", "-n", &inet, "addr", "add", "11.0.0.1/32", "dev", "lo"]);
+        for i in ["1", "2"] {
+            let nat = net.ns(&format!("nat{i}"));
+            let home = net.ns(&format!("home{i}"));
+            let (up_in, up_nat) = (format!("{p}i{i}"), format!("{p}n{i}"));
+            let (lan_nat, lan_home) = (format!("{p}l{i}"), format!("{p}h{i}"));
+            sh(&[
+                "ip", "link", "add", &up_in, "netns", &inet, "type", "veth", "peer", "name",
+                &up_nat, "netns", &nat,
+            ]);
+            sh(&[
+                "ip", "link", "add", &lan_nat, "netns", &nat, "type", "veth", "peer", "name",
+                &lan_home, "netns", &home,
+            ]);
+            let wan = format!("11.0.{i}.2/24");
+            let lan = format!("192.168.{i}.1/24");
+            for (ns, dev, addr) in [
+                (&inet, &up_in, format!("11.0.{i}.1/24")),
+                (&nat, &up_nat, wan),
+                (&nat, &lan_nat, lan),
+                (&home, &lan_home, format!("192.168.{i}.2/24")),
+            ] {
+                sh(&["ip", "-n", ns, "addr", "add", &addr, "dev", dev]);
+                sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
+            }
+            sh(&[
+                "ip",
+                "-n",
+                &nat,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("11.0.{i}.1"),
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                &home,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("192.168.{i}.1"),
+            ]);
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &nat,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ]);
+            net.set_nat(i, false);
+        }
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &inet,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
+        net
+    }
+
+    /// Home router `i` masquerades its LAN: keeping ports (endpoint-independent, hole-punchable)
+    /// or with `random` (a fresh port per connection: endpoint-dependent, "symmetric"), and
+    /// drops unsolicited packets from outside.
+    fn set_nat(&self, i: &str, symmetric: bool) {
+        let nat = self.ns(&format!("nat{i}"));
+        let wan = format!("{}n{i}", self.prefix);
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &nat, "nft", "delete", "table", "ip", "pmx"])
+            .output();
+        let nft = |rule: &[&str]| {
+            let mut args = vec!["ip", "netns", "exec", &nat, "nft"];
+            args.extend_from_slice(rule);
+            sh(&args);
+        };
+        nft(&["add", "table", "ip", "pmx"]);
+        nft(&["add chain ip pmx post { type nat hook postrouting priority 100 ; }"]);
+        let mut rule = vec![
+            "add",
+            "rule",
+            "ip",
+            "pmx",
+            "post",
+            "oifname",
+            &wan,
+            "masquerade",
+        ];
+        if symmetric {
+            rule.push("random");
+        }
+        nft(&rule);
+        // Like a home router, drop what nobody inside asked for. Dropped here, an unsolicited
+        // packet (a peer's half of a hole punch arriving first) leaves no conntrack entry that
+        // would make the masquerade pick another port for our own half.
+        nft(&["add chain ip pmx in { type filter hook input priority 0 ; }"]);
+        nft(&[
+            "add", "rule", "ip", "pmx", "in", "iifname", &wan, "ct", "state", "new", "drop",
+        ]);
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for n in ["inet", "nat1", "home1", "nat2", "home2"] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(n)])
+                .output();
+        }
+    }
+}
+
+/// A `pixmarket` process in a namespace, killed when dropped; its stderr goes to a log file
+/// that a failing assertion prints.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn in_ns(ns: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, bin()]);
+    c.env_remove("PIXMARKET_DATA_DIR");
+    c
+}
+
+fn pixmarket(ns: &str, args: &[&str]) -> String {
+    String::from_utf8(run(in_ns(ns).args(args)).stdout).unwrap()
+}
+
+/// Starts `pixmarket node ARGS` in `ns` and waits for its first "listening on" line.
+fn node(ns: &str, dir: &Path, args: &[&str]) -> Proc {
+    let log = dir.with_extension("log");
+    let mut child = in_ns(ns)
+        .arg("node")
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--no-mdns"])
+        .args(args)
+        .env("RUST_LOG", "warn,pixmarket_node=info,libp2p_kad=error")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.starts_with("listening on ") => break,
+            Some(_) => {}
+            None => panic!("node in {ns} exited: {}", read(&log)),
+        }
+    }
+    // Keep draining stdout so the node never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Proc { child, log }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+fn init(dir: &Path) -> String {
+    let d = dir.to_str().unwrap();
+    run(Command::new(bin()).args(["init", "--data-dir", d]));
+    String::from_utf8(run(Command::new(bin()).args(["id", "--data-dir", d])).stdout)
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// `pixmarket doctor` for `dir`, until its verdict line is `want` (or [`STATE_WAIT`] passes).
+fn await_verdict(dir: &Path, want: &str, logs: &[&Proc]) -> String {
+    let start = Instant::now();
+    loop {
+        let o = Command::new(bin())
+            .args(["doctor", "--data-dir", dir.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        if text.lines().any(|l| l == format!("verdict: {want}")) {
+            return text;
+        }
+        assert!(
+            start.elapsed() < STATE_WAIT,
+            "verdict never became {want:?}:\n{text}{}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            logs.iter()
+                .map(|p| read(&p.log))
+                .collect::<Vec<_>>()
+                .join("\n---\n")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Waits until the requester in `ns` hears `provider`'s advert with an address containing
+/// `want` (a relayed provider advertises its `/p2p-circuit` address only once it holds a
+/// reservation, and a requester that heard an older advert would dial the wrong addresses).
+fn await_advert(ns: &str, requester: &Path, bootstrap: &str, provider: &str, want: &str) {
+    let start = Instant::now();
+    loop {
+        let o = in_ns(ns)
+            .args(["providers", "--data-dir", requester.to_str().unwrap()])
+            .args(["--bootstrap", bootstrap])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        if text
+            .lines()
+            .any(|l| l.contains(provider) && l.contains(want))
+        {
+            return;
+        }
+        assert!(
+            start.elapsed() < STATE_WAIT,
+            "no advert of {provider} with {want}:\n{text}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+/// Buys one image from the market in `ns`; returns (succeeded, stdout+stderr).
+fn buy(ns: &str, dir: &Path, bootstrap: &str, side: &str, out: &Path) -> (bool, String) {
+    let o = in_ns(ns)
+        .args([
+            "generate",
+            "a lighthouse at dusk",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--bootstrap",
+            bootstrap,
+            "--width",
+            side,
+            "--height",
+            side,
+            "--steps",
+            "4",
+            "--max-cost",
+            "50",
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .env(
+            "RUST_LOG",
+            std::env::var("PMX_BUY_LOG")
+                .unwrap_or("warn,pixmarket_node=info,libp2p_kad=error".into()),
+        )
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), text)
+}
+
+/// `text` without terminal colour sequences (`ESC [ … m`).
+fn plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The path the requester's log names for the delivered job.
+fn path_of(log: &str) -> &'static str {
+    let log = plain(log);
+    let line = log
+        .lines()
+        .find(|l| l.contains("job delivered"))
+        .unwrap_or_else(|| panic!("no delivered job in:\n{log}"));
+    for p in ["hole-punched", "relayed", "direct"] {
+        if line.contains(&format!("path=\"{p}\"")) || line.contains(&format!("path={p}")) {
+            return p;
+        }
+    }
+    panic!("no path in {line}");
+}
+
+struct Relay {
+    dir: PathBuf,
+    addr: String,
+}
+
+fn start_relay(ns: &str, relay: &Relay) -> Proc {
+    node(
+        ns,
+        &relay.dir,
+        &[
+            "--relay",
+            "--listen",
+            "/ip4/0.0.0.0/udp/4001/quic-v1",
+            "--listen",
+            "/ip4/0.0.0.0/tcp/4001",
+        ],
+    )
+}
+
+/// A provider's data folder with credit for `requester` and a fresh key.
+fn provider_dir(root: &Path, name: &str, requester: &str) -> (PathBuf, String) {
+    let dir = root.join(name);
+    let id = init(&dir);
+    run(Command::new(bin()).args([
+        "ledger",
+        "deposit",
+        requester,
+        "1000",
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ]));
+    (dir, id)
+}
+
+/// Writes the random-weights tiny model: its pictures are noise, so a 1024² PNG is megabytes.
+fn noise_model(root: &Path) -> PathBuf {
+    let dir = root.join("noise-model");
+    run(Command::new(bin()).args(["model", "tiny", "--random", "--out", dir.to_str().unwrap()]));
+    dir
+}
+
+fn provider(ns: &str, dir: &Path, model: &Path, port: u16, bootstrap: &[&str]) -> Proc {
+    let quic = format!("/ip4/0.0.0.0/udp/{port}/quic-v1");
+    let tcp = format!("/ip4/0.0.0.0/tcp/{port}");
+    let model = model.to_str().unwrap();
+    let mut args = vec![
+        "--provide",
+        "--model",
+        model,
+        "--listen",
+        &quic,
+        "--listen",
+        &tcp,
+    ];
+    for b in bootstrap {
+        args.extend(["--bootstrap", b]);
+    }
+    node(ns, dir, &args)
+}
+
+#[test]
+#[ignore = "needs root, iproute2 and nftables; .ci/run installs them and runs it"]
+fn jobs_cross_home_nats_by_hole_punching_or_a_relay_and_doctor_tells_which() {
+    let root_ok = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    assert!(
+        root_ok,
+        "this test builds network namespaces and NAT rules, which needs root: run it as root \
+         (`.ci/run` does), with iproute2 and nftables installed"
+    );
+    for tool in ["ip", "nft"] {
+        assert!(
+            Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false),
+            "`{tool}` is missing: apt-get install -y iproute2 nftables"
+        );
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let net = Net::build();
+    let model = noise_model(tmp.path());
+    let inet = net.ns("inet");
+    let (home1, home2) = (net.ns("home1"), net.ns("home2"));
+
+    let requester = tmp.path().join("requester");
+    let requester_id = init(&requester);
+    let relay = Relay {
+        dir: tmp.path().join("relay"),
+        addr: String::new(),
+    };
+    let relay_id = init(&relay.dir);
+    let relay = Relay {
+        addr: format!("/ip4/11.0.0.1/udp/4001/quic-v1/p2p/{relay_id}"),
+        ..relay
+    };
+    let public = tmp.path().join("public");
+    let public_id = init(&public);
+    let public_addr = format!("/ip4/11.0.0.1/udp/4002/quic-v1/p2p/{public_id}");
+    let mut relay_proc = start_relay(&inet, &relay);
+    let public_proc = node(
+        &inet,
+        &public,
+        &[
+            "--listen",
+            "/ip4/0.0.0.0/udp/4002/quic-v1",
+            "--bootstrap",
+            &relay.addr,
+        ],
+    );
+
+    // 1. Two endpoint-independent NATs: hole punching.
+    let (p1, id1) = provider_dir(tmp.path(), "provider1", &requester_id);
+    let prov = provider(&home1, &p1, &model, 4101, &[&relay.addr, &public_addr]);
+    let report = await_verdict(&p1, "behind NAT, hole-punchable", &[&prov, &relay_proc]);
+    assert!(report.contains("relayed: reservation held"), "{report}");
+    assert!(report.contains("endpoint-independent"), "{report}");
+    await_advert(&home2, &requester, &relay.addr, &id1, "p2p-circuit");
+    let out = tmp.path().join("punched.png");
+    let (ok, log) = buy(&home2, &requester, &relay.addr, BIG_SIDE, &out);
+    assert!(ok, "{log}\n{}", read(&prov.log));
+    assert_eq!(path_of(&log), "hole-punched", "{log}");
+    let bytes = std::fs::read(&out).unwrap();
+    assert!(bytes.starts_with(b"\x89PNG"));
+    assert!(
+        bytes.len() > 1_000_000,
+        "a multi-MB result: {} bytes",
+        bytes.len()
+    );
+    eprintln!("1. hole-punched: {} bytes arrived", bytes.len());
+
+    // The relay restarts: the provider holds a reservation on it again in time.
+    drop(relay_proc);
+    let start = Instant::now();
+    relay_proc = start_relay(&inet, &relay);
+    let report = loop {
+        let r = pixmarket_doctor_json(&p1);
+        let again = r["relays"].as_array().is_some_and(|rs| {
+            rs.iter()
+                .any(|x| x["state"]["state"] == "reserved" && x["attempts"].as_u64() >= Some(2))
+        });
+        if again {
+            break r;
+        }
+        assert!(
+            start.elapsed() < REACHABLE_AGAIN,
+            "no reservation {REACHABLE_AGAIN:?} after the relay restarted: {r:#}\n{}",
+            read(&prov.log)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    eprintln!(
+        "1b. reserved again {:?} after the relay restarted: {}",
+        start.elapsed(),
+        report["relays"]
+    );
+    drop(prov);
+
+    // 2. An endpoint-dependent NAT and a relay for coordination only: refused up front.
+    net.set_nat("1", true);
+    let (p2, id2) = provider_dir(tmp.path(), "provider2", &requester_id);
+    let prov = provider(&home1, &p2, &model, 4102, &[&relay.addr, &public_addr]);
+    let report = await_verdict(&p2, "relayed only", &[&prov, &relay_proc]);
+    assert!(report.contains("endpoint-dependent"), "{report}");
+    await_advert(&home2, &requester, &relay.addr, &id2, "p2p-circuit");
+    let before = pixmarket(
+        &home2,
+        &[
+            "ledger",
+            "receipts",
+            "--data-dir",
+            requester.to_str().unwrap(),
+        ],
+    );
+    let (ok, log) = buy(
+        &home2,
+        &requester,
+        &relay.addr,
+        SMALL_SIDE,
+        &tmp.path().join("refused.png"),
+    );
+    assert!(!ok, "bought through a coordination-only relay:\n{log}");
+    assert!(log.contains("cannot cross the relayed connection"), "{log}");
+    let after = pixmarket(
+        &home2,
+        &[
+            "ledger",
+            "receipts",
+            "--data-dir",
+            requester.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(before, after, "nothing is paid for a refused job");
+    assert!(read(&prov.log).contains("refusing a job the relay cannot carry"));
+    eprintln!("2. relayed only, coordination relay: refused before any work");
+    drop(prov);
+
+    // 3. The relay's operator allows results: relayed.
+    drop(relay_proc);
+    let config = relay.dir.join("config.toml");
+    let text = read(&config).replace(
+        "relay_circuit_bytes = 131072",
+        "relay_circuit_bytes = 67108864",
+    );
+    std::fs::write(&config, text).unwrap();
+    relay_proc = start_relay(&inet, &relay);
+    let (p3, id3) = provider_dir(tmp.path(), "provider3", &requester_id);
+    let prov = provider(&home1, &p3, &model, 4103, &[&relay.addr, &public_addr]);
+    let report = await_verdict(&p3, "relayed only", &[&prov, &relay_proc]);
+    assert!(report.contains("67108864 bytes"), "{report}");
+    await_advert(&home2, &requester, &relay.addr, &id3, "p2p-circuit");
+    let out = tmp.path().join("relayed.png");
+    let (ok, log) = buy(&home2, &requester, &relay.addr, SMALL_SIDE, &out);
+    assert!(ok, "{log}\n{}", read(&prov.log));
+    assert_eq!(path_of(&log), "relayed", "{log}");
+    eprintln!(
+        "3. relayed: {} bytes arrived",
+        std::fs::read(&out).unwrap().len()
+    );
+    drop(prov);
+
+    // 4. A provider on the internet: public, direct.
+    let (p4, id4) = provider_dir(tmp.path(), "provider4", &requester_id);
+    let prov = provider(&inet, &p4, &model, 4104, &[&relay.addr, &public_addr]);
+    await_verdict(&p4, "public", &[&prov]);
+    await_advert(
+        &home2,
+        &requester,
+        &relay.addr,
+        &id4,
+        "/ip4/11.0.0.1/udp/4104",
+    );
+    let (ok, log) = buy(
+        &home2,
+        &requester,
+        &relay.addr,
+        SMALL_SIDE,
+        &tmp.path().join("direct.png"),
+    );
+    assert!(ok, "{log}\n{}", read(&prov.log));
+    assert_eq!(path_of(&log), "direct", "{log}");
+    eprintln!("4. public: direct");
+    drop(prov);
+
+    // 5. Behind a NAT with no relay to bootstrap from (the relay is stopped, so Kademlia
+    // cannot lead the provider to it either): unreachable.
+    drop(relay_proc);
+    let (p5, _) = provider_dir(tmp.path(), "provider5", &requester_id);
+    let prov = provider(&home1, &p5, &model, 4105, &[&public_addr]);
+    let report = await_verdict(&p5, "unreachable", &[&prov, &public_proc]);
+    assert!(report.contains("could not dial back"), "{report}");
+    eprintln!("5. unreachable without a relay");
+    drop(prov);
+    drop(public_proc);
+}
+
+fn pixmarket_doctor_json(dir: &Path) -> serde_json::Value {
+    let o = Command::new(bin())
+        .args(["doctor", "--json", "--data-dir", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null)
+}
