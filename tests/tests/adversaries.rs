@@ -11,7 +11,7 @@
 //! logged, the requester's books do not change, and with an honest provider also on the market
 //! the requester fails over and pays the honest one exactly once.
 //!
-//! Against the RPC framing (a peer writing raw bytes on real `/pixmarket/rpc/2` streams): an
+//! Against the RPC framing (a peer writing raw bytes on real `/pixmarket/rpc/3` streams): an
 //! absurd length prefix, one just past the limit, a cancel claiming far more than a cancel's
 //! own limit, garbage of the stated length and a truncated
 //! body are each dropped without an answer, while a well-formed frame on the same connection is

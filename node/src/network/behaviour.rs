@@ -21,8 +21,10 @@ use super::codec::{RPC_PROTOCOL, RpcCodec};
 
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/pixmarket/kad/1.0.0");
 pub const IDENTIFY_PROTOCOL: &str = "/pixmarket/1.0.0";
-/// The gossip topic adverts travel on; the version matches the advert's signing domain.
-pub const ADVERT_TOPIC: &str = "pixmarket/adverts/v1";
+/// The gossip topic adverts travel on. Version 2: adverts list devices, step caching, LoRA
+/// offers and reachable addresses, which a version-1 node cannot decode; on separate topics
+/// the two never score each other's adverts as invalid.
+pub const ADVERT_TOPIC: &str = "pixmarket/adverts/v2";
 
 /// A signed advert is at most 16 KiB of body (`CapacityAdvert::MAX_ENCODED`); 20 KiB covers
 /// the envelope and gossipsub framing.

@@ -1,4 +1,4 @@
-//! The node-to-node RPC protocol `/pixmarket/rpc/2`: one request, one response, each a frame of
+//! The node-to-node RPC protocol `/pixmarket/rpc/3`: one request, one response, each a frame of
 //! a 4-byte big-endian length and the canonical postcard bytes of a [`Request`] or [`Response`].
 //! Each message variant has its own limit, checked against the length prefix and the first
 //! body byte (the variant) before anything else is buffered; a frame's buffer grows with the
@@ -21,7 +21,10 @@ use pixmarket_protocol::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
-pub const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/pixmarket/rpc/2");
+/// Version 3: job requests carry previews, latents and a LoRA, events carry previews, and
+/// refusals name relay, size and LoRA limits; a node of version 2 cannot decode them, so the
+/// two never negotiate a stream.
+pub const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/pixmarket/rpc/3");
 
 /// The largest request: a job with its two input images (init and mask) dominates.
 pub const MAX_REQUEST_BYTES: usize = Signed::<JobRequest>::max_encoded() + 64;
