@@ -110,6 +110,7 @@ pub(crate) async fn node(State(s): State<AppState>) -> Result<Json<Value>, ApiEr
         })
         .collect();
     let peers = s.net.connected_peers().await.map_err(ApiError::internal)?;
+    let reach = s.net.reachability().await.map_err(ApiError::internal)?;
     let (earned, spent) = books(&s.ledger, |l| {
         Ok((
             sum_charged(l, Role::Provider)?,
@@ -123,6 +124,14 @@ pub(crate) async fn node(State(s): State<AppState>) -> Result<Json<Value>, ApiEr
         "peer_id": peer_id.to_string(),
         "addresses": addrs,
         "connected_peers": peers.len(),
+        // What `pixmarket doctor` says: the verdict, one sentence of advice, and per address
+        // what AutoNAT found.
+        "reachability": {
+            "verdict": reach.verdict().as_str(),
+            "advice": reach.advice(),
+            "addresses": reach.addresses,
+            "relays": reach.relays,
+        },
         "providing": s.info.providing,
         "devices": s.info.devices,
         "api_jobs": {

@@ -123,6 +123,8 @@ async function main() {
     check((await page.locator("#p-chart svg rect.earned").count()) > 0, "the earnings chart has a bar");
     check((await page.textContent("#p-jobs")).includes("completed"), "jobs by outcome list the completed job");
     check((await page.textContent("#p-devices")).includes("serving"), "the device is listed as serving");
+    const reach = await page.textContent("#p-reach");
+    check(/Reachability: (public|behind NAT, hole-punchable|relayed only|unreachable|unknown)/.test(reach), "the provider view says the node's reachability: " + reach);
 
     const buyerRow = () => page.evaluate((peer) => {
       for (const tr of document.querySelectorAll("#p-accounts tbody tr")) {

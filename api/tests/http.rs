@@ -512,6 +512,22 @@ async fn openai_generation_is_an_async_job_and_a_running_deposit_sticks() {
     );
     let buyer_node = buyer.call(Method::GET, "/api/v1/node", None).await.unwrap();
     assert!(buyer_node["provider_queue"].is_null(), "{buyer_node}");
+    // Both say what `pixmarket doctor` would: a verdict from its fixed words and advice.
+    for n in [&on_device.0, &buyer_node] {
+        let verdict = n["reachability"]["verdict"].as_str().unwrap_or_default();
+        assert!(
+            [
+                "public",
+                "behind NAT, hole-punchable",
+                "relayed only",
+                "unreachable",
+                "unknown"
+            ]
+            .contains(&verdict),
+            "{n}"
+        );
+        assert!(n["reachability"]["advice"].as_str().is_some(), "{n}");
+    }
     let (preview, at_step) = until("a preview on the async route", async || {
         let job = buyer
             .call(Method::GET, &format!("/api/v1/jobs/{pid}"), None)

@@ -274,8 +274,10 @@ async function refreshProvider() {
   const addrs = $("p-addrs");
   addrs.replaceChildren(...n.addresses.map((a) => wrapLi(mono(a))));
   if (n.addresses.length === 0) addrs.append(el("li", "not listening", "bad"));
+  const reach = n.reachability || {};
   $("p-reach").textContent =
-    "Connected to " + n.connected_peers + " peer(s). This node's API does not report whether it is reachable from outside; a peer that bought from it reached it.";
+    "Connected to " + n.connected_peers + " peer(s). Reachability: " + (reach.verdict || "unknown") +
+    (reach.advice ? ". " + reach.advice : ".");
   $("p-peerlist").replaceChildren(...peers.data.map((p) => wrapLi(mono(p))));
 
   $("p-default-credit").textContent = tok(accounts.default_credit);
@@ -480,9 +482,12 @@ async function generate(ev) {
   if (seed) body.seed = Number(seed);
   const max = $("g-max-cost").value.trim();
   if (max) body.max_cost = max;
+  // Free, small previews decoded from the latents while the job runs (at most 3).
+  body.partial_images = 3;
   $("g-submit").disabled = true;
   $("j-figure").hidden = true;
   $("j-progress-box").hidden = true;
+  $("j-preview").hidden = true;
   $("j-status").className = "";
   $("j-status").textContent = "Submitting…";
   try {
@@ -532,10 +537,16 @@ function showJob(j) {
       $("j-progress").max = j.steps || 1;
       $("j-progress").value = j.step || 0;
       $("j-step").textContent = "step " + j.step + " of " + j.steps;
+      if (j.preview) {
+        $("j-preview").src = "data:image/png;base64," + j.preview.b64_png;
+        $("j-preview").title = "preview at step " + j.preview.step + " of " + j.preview.steps;
+        $("j-preview").hidden = false;
+      }
       status.textContent = "Running on " + shortPeer(j.provider) + "." + quote;
       return false;
     case "completed":
       $("j-progress-box").hidden = true;
+      $("j-preview").hidden = true;
       status.textContent = "Done.";
       showResult(j);
       return true;
