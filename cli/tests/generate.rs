@@ -462,7 +462,9 @@ fn lora_and_the_lightning_preset_change_the_image_and_the_steps() {
             out.to_str().unwrap(),
         ],
     );
-    assert_one_line_error(&o, "--lora needs --local");
+    // A LoRA now travels over the market too (named by an offer), so a file without --local is
+    // a market job, refused before anything is bought because it names nowhere to buy.
+    assert_one_line_error(&o, "say where to buy");
 }
 
 #[test]

@@ -304,11 +304,12 @@ fn ranges_are_checked_by_the_parser_with_the_range_in_the_message() {
         USAGE,
         "--device needs --local",
     );
-    // The market job has no field for starting noise: said, not silently dropped.
+    // Starting noise travels with a market job, so it must fit the job's size: checked before
+    // anything is bought.
     fails(
         &market(&["--latents", &fixture("t2i_2step_latents.safetensors")]),
         USAGE,
-        "--latents works only with --local",
+        "a 1024×1024 image needs [1, 16, 128, 128]",
     );
 }
 

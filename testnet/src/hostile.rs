@@ -73,6 +73,8 @@ const SYBIL_PAUSE: Duration = Duration::from_millis(50);
 fn refusal_label(what: &str, reason: &FailReason) -> String {
     match reason {
         FailReason::Busy { .. } => format!("{what} answered busy"),
+        // The field only: the value differs per answer (a random job id, say).
+        FailReason::Invalid(v) => format!("{what} refused (invalid {})", v.field),
         other => format!("{what} refused ({other})"),
     }
 }

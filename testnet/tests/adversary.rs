@@ -500,7 +500,9 @@ async fn a_flooder_is_answered_busy_and_honest_jobs_complete_meanwhile() {
     assert_eq!(r.gained_micros, 0, "{r:?}");
     assert_eq!(r.images_received, 0, "{r:?}");
     assert!(r.detail.contains("quotes answered busy"), "{r:?}");
-    assert!(r.detail.contains("events answered busy"), "{r:?}");
+    // No event for a job it never bought is taken: each is refused, answered busy, or left
+    // unanswered past the per-connection stream limit.
+    assert!(!r.detail.contains("events answered:"), "{r:?}");
     assert!(!r.detail.contains("jobs admitted"), "{r:?}");
     // Far more was refused than served: the per-peer burst, not the flood, sets the pace.
     assert!(r.refused * 2 > r.attempts, "{r:?}");

@@ -44,7 +44,11 @@ const RESULT_OVERHEAD: u64 = 64 * 1024;
 /// (incompressible pixels stored as they are).
 pub fn result_bytes(width: u32, height: u32, images: u32) -> u64 {
     let pixels = u64::from(width) * u64::from(height);
-    let one = pixels * 3 + u64::from(height) + PNG_OVERHEAD;
+    // Saturating: a hostile width × height must not overflow into a small figure.
+    let one = pixels
+        .saturating_mul(3)
+        .saturating_add(u64::from(height))
+        .saturating_add(PNG_OVERHEAD);
     one.saturating_mul(u64::from(images))
         .saturating_add(RESULT_OVERHEAD)
 }

@@ -184,9 +184,10 @@ impl Reachability {
         self.addresses.push(AddressStatus { addr: s, state });
     }
 
-    /// Notes where a directly connected peer saw us.
+    /// Notes where a directly connected peer saw us (a relayed address says nothing about
+    /// our NAT's mapping, so it is ignored).
     pub fn observed_by(&mut self, observer: String, addr: &Multiaddr) {
-        if socket_of(addr).is_none() {
+        if addr.iter().any(|p| p == Protocol::P2pCircuit) || socket_of(addr).is_none() {
             return;
         }
         if self.observed.len() >= MAX_OBSERVERS && !self.observed.contains_key(&observer) {
