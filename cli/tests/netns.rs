@@ -443,7 +443,7 @@ fn provider(ns: &str, dir: &Path, model: &Path, port: u16, bootstrap: &[&str]) -
 }
 
 #[test]
-#[ignore = "needs root, iproute2 and nftables; .ci/run installs them and runs it"]
+#[ignore = "needs root, iproute2 and nftables; not yet in .ci/run: the hole-punched purchase passes, the relay-restart stage does not yet (issue 15)"]
 fn jobs_cross_home_nats_by_hole_punching_or_a_relay_and_doctor_tells_which() {
     let root_ok = Command::new("id")
         .arg("-u")
