@@ -263,38 +263,7 @@ pub(crate) async fn deposit(
     Path(peer): Path<String>,
     ApiJson(body): ApiJson<DepositBody>,
 ) -> Result<Response, ApiError> {
-    let peer = parse_peer("peer", &peer)?;
-    let amount = parse_tokens(&body.tokens)?;
-    v::text("memo", &body.memo, 0, v::MAX_MEMO_CHARS)
-        .map_err(|e| ApiError::invalid("memo", e.to_string()))?;
-    let note = DepositNote {
-        deposit_id: rand::random(),
-        account: peer,
-        amount,
-        memo: body.memo,
-        recorded_at_ms: pixmarket_node::now_ms(),
-    };
-    note.validate()
-        .map_err(|e| ApiError::invalid(e.field, e.to_string()))?;
-    let signed = Signed::sign(&s.key, &note).map_err(ApiError::internal)?;
-    let deposit_id = hex::encode(note.deposit_id);
-    let account = books(&s.ledger, move |l| {
-        l.deposit(&signed)
-            .map_err(|e| ApiError::Conflict(format!("deposit refused: {e}")))?;
-        Ok(l.account(Role::Provider, &peer)
-            .map_err(ApiError::internal)?
-            .unwrap_or_default())
-    })
-    .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({
-            "deposit_id": deposit_id,
-            "amount": crate::amount(amount),
-            "account": account_json(&peer, &account),
-        })),
-    )
-        .into_response())
+    record_note(s, &peer, body, NoteSide::Deposit).await
 }
 
 /// `POST /api/v1/accounts/{peer}/prepaid`: records that this node prepaid the provider `peer`
@@ -305,7 +274,27 @@ pub(crate) async fn prepaid(
     Path(peer): Path<String>,
     ApiJson(body): ApiJson<DepositBody>,
 ) -> Result<Response, ApiError> {
-    let peer = parse_peer("peer", &peer)?;
+    record_note(s, &peer, body, NoteSide::Prepaid).await
+}
+
+/// Which side of the books a signed note of money paid goes to.
+#[derive(Debug, Clone, Copy)]
+enum NoteSide {
+    /// The peer paid us: our provider account with it.
+    Deposit,
+    /// We paid the peer: our requester mirror of its account.
+    Prepaid,
+}
+
+/// Signs a note of `body.tokens` for `peer`, records it on `side`, and answers 201 with the
+/// account as it now stands.
+async fn record_note(
+    s: AppState,
+    peer: &str,
+    body: DepositBody,
+    side: NoteSide,
+) -> Result<Response, ApiError> {
+    let peer = parse_peer("peer", peer)?;
     let amount = parse_tokens(&body.tokens)?;
     v::text("memo", &body.memo, 0, v::MAX_MEMO_CHARS)
         .map_err(|e| ApiError::invalid("memo", e.to_string()))?;
@@ -321,9 +310,19 @@ pub(crate) async fn prepaid(
     let signed = Signed::sign(&s.key, &note).map_err(ApiError::internal)?;
     let deposit_id = hex::encode(note.deposit_id);
     let account = books(&s.ledger, move |l| {
-        l.prepaid(&signed)
-            .map_err(|e| ApiError::Conflict(format!("prepayment refused: {e}")))?;
-        Ok(l.account(Role::Requester, &peer)
+        let role = match side {
+            NoteSide::Deposit => {
+                l.deposit(&signed)
+                    .map_err(|e| ApiError::Conflict(format!("deposit refused: {e}")))?;
+                Role::Provider
+            }
+            NoteSide::Prepaid => {
+                l.prepaid(&signed)
+                    .map_err(|e| ApiError::Conflict(format!("prepayment refused: {e}")))?;
+                Role::Requester
+            }
+        };
+        Ok(l.account(role, &peer)
             .map_err(ApiError::internal)?
             .unwrap_or_default())
     })

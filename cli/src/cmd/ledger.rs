@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use pixmarket_api::client::Method;
 use pixmarket_api::client::{ApiClient, ClientError};
-use pixmarket_ledger::{Ledger, Role};
+use pixmarket_ledger::{Account, Ledger, Role};
 use pixmarket_node::DataDir;
 use pixmarket_protocol::{DepositNote, MicroTokens, PublicKey, Signed};
 use serde_json::Value;
@@ -181,6 +181,38 @@ fn available_of(v: &Value) -> String {
     }
 }
 
+/// Signs a note of `amount` paid and records it in the ledger directly (no node runs): as a
+/// deposit from `peer` on the provider side, or as this node's prepayment to `peer` on the
+/// requester side. Returns the account as it now stands.
+fn record_note(
+    data_dir: &Path,
+    peer: PublicKey,
+    amount: MicroTokens,
+    memo: String,
+    role: Role,
+) -> anyhow::Result<Account> {
+    let o = open(data_dir)?;
+    let note = DepositNote {
+        deposit_id: rand::random(),
+        account: peer,
+        amount,
+        memo,
+        recorded_at_ms: now_ms(),
+    };
+    let (invalid, refused) = match role {
+        Role::Provider => ("invalid deposit", "deposit refused"),
+        Role::Requester => ("invalid prepayment", "prepayment refused"),
+    };
+    note.validate().context(invalid)?;
+    let signed = Signed::sign(&o.key, &note)?;
+    match role {
+        Role::Provider => o.ledger.deposit(&signed),
+        Role::Requester => o.ledger.prepaid(&signed),
+    }
+    .context(refused)?;
+    Ok(o.ledger.account(role, &peer)?.unwrap_or_default())
+}
+
 /// A JSON amount's token string.
 fn tokens_of(v: &Value) -> String {
     v.get("tokens")
@@ -290,18 +322,7 @@ pub(crate) fn run(args: LedgerArgs) -> anyhow::Result<()> {
                     .pointer("/account/available")
                     .map_or_else(|| "overdrawn".to_owned(), tokens_of),
                 None => {
-                    let o = open(&data_dir)?;
-                    let note = DepositNote {
-                        deposit_id: rand::random(),
-                        account: peer,
-                        amount,
-                        memo,
-                        recorded_at_ms: now_ms(),
-                    };
-                    note.validate().context("invalid deposit")?;
-                    let signed = Signed::sign(&o.key, &note)?;
-                    o.ledger.deposit(&signed).context("deposit refused")?;
-                    let a = o.ledger.account(Role::Provider, &peer)?.unwrap_or_default();
+                    let a = record_note(&data_dir, peer, amount, memo, Role::Provider)?;
                     a.available().unwrap_or_default().to_string()
                 }
             };
@@ -329,21 +350,7 @@ pub(crate) fn run(args: LedgerArgs) -> anyhow::Result<()> {
                     .pointer("/account/available")
                     .map_or_else(|| "overdrawn".to_owned(), available_of),
                 None => {
-                    let o = open(&data_dir)?;
-                    let note = DepositNote {
-                        deposit_id: rand::random(),
-                        account: peer,
-                        amount,
-                        memo,
-                        recorded_at_ms: now_ms(),
-                    };
-                    note.validate().context("invalid prepayment")?;
-                    let signed = Signed::sign(&o.key, &note)?;
-                    o.ledger.prepaid(&signed).context("prepayment refused")?;
-                    let a = o
-                        .ledger
-                        .account(Role::Requester, &peer)?
-                        .unwrap_or_default();
+                    let a = record_note(&data_dir, peer, amount, memo, Role::Requester)?;
                     a.available()
                         .map_or_else(|| "overdrawn".to_owned(), |m| m.to_string())
                 }
