@@ -820,14 +820,20 @@ type Waiters = Arc<Mutex<BTreeMap<JobId, oneshot::Sender<(JobEvent, ResponseChan
 /// cheating request was served, and a `Completed` one was charged: that is a gain.
 /// Job ids a requester-side adversary asked for itself (bounded: the oldest go first).
 type Bought = Arc<Mutex<BTreeSet<JobId>>>;
-/// Job ids remembered in [`Bought`].
+/// Job ids remembered in [`Bought`], and receipts in [`Paid`].
 const MAX_BOUGHT: usize = 10_000;
+/// Digests of the signed requests a replayer sent for its own legitimate jobs (bounded by
+/// [`MAX_BOUGHT`]): a receipt naming one (offered late, after the round gave up waiting, or
+/// again because our ack was lost) is not a cheating request served. A replay re-signed over
+/// other parameters has another digest, so a receipt for it still counts as a gain.
+type Paid = Arc<Mutex<BTreeSet<pixmarket_protocol::Hash>>>;
 
 fn spawn_router(
     client: Client,
     mut events: mpsc::Receiver<(JobEvent, ResponseChannel)>,
     waiters: Waiters,
     bought: Bought,
+    paid: Paid,
     tally: Arc<Tally>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -850,7 +856,15 @@ fn spawn_router(
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .contains(&event.job_id);
+                let asked = |request: &pixmarket_protocol::Hash| {
+                    paid.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .contains(request)
+                };
                 match receipt.verify() {
+                    Ok(r) if asked(&r.request_hash) => {
+                        tally.note("receipts for our legitimate jobs offered late or again")
+                    }
                     Ok(_) if own => tally.note("receipts offered again, not acknowledged"),
                     Ok(r) => tally.gained(r.cost, "cheating requests served and charged"),
                     Err(_) => tally.note("unverifiable receipts for cheating requests"),
@@ -892,6 +906,8 @@ pub struct Adversary {
     waiters: Waiters,
     /// Requester side: every job it asked for itself.
     bought: Bought,
+    /// Requester side: the signed requests of its own legitimate jobs.
+    paid: Paid,
     /// Where it can dial providers directly (a hog opens its own connections): its bootstrap
     /// peers, and whatever [`Adversary::learn_address`] adds.
     addresses: Mutex<BTreeMap<PeerId, Multiaddr>>,
@@ -948,6 +964,7 @@ impl Adversary {
         let tally = Arc::new(Tally::default());
         let waiters: Waiters = Arc::default();
         let bought: Bought = Arc::default();
+        let paid: Paid = Arc::default();
         let mut tasks = vec![bare.task];
         match kind {
             AdversaryKind::Overcharger | AdversaryKind::Silent => {
@@ -997,6 +1014,7 @@ impl Adversary {
                     rx,
                     waiters.clone(),
                     bought.clone(),
+                    paid.clone(),
                     tally.clone(),
                 ));
             }
@@ -1010,6 +1028,7 @@ impl Adversary {
             tally,
             waiters,
             bought,
+            paid,
             addresses: Mutex::new(addresses),
             sybils,
             tasks,
@@ -1155,6 +1174,13 @@ impl Adversary {
         let mut req = job_request(provider, params.clone(), quote.cost);
         req.quote_id = Some(quote.quote_id);
         let signed = Signed::sign(&self.secret, &req)?;
+        {
+            let mut paid = self.paid.lock().unwrap_or_else(PoisonError::into_inner);
+            if paid.len() >= MAX_BOUGHT {
+                paid.pop_first();
+            }
+            paid.insert(signed.digest());
+        }
         let (tx, rx) = oneshot::channel();
         self.waiters
             .lock()
