@@ -35,7 +35,22 @@ fn main() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     let png_dir = args.get(4).map(PathBuf::from);
     let model = QwenImage::load(&dir, DType::F32, &Device::Cpu)?;
-    let scenes = held_out_set(0x4845_4c44, n);
+    // `EVAL_SET=train`: single-shape scenes of seen triples instead (underfitting vs not
+    // generalising).
+    let scenes = if std::env::var("EVAL_SET").as_deref() == Ok("train") {
+        let mut rng = pixmarket_engine::noise::SplitMix64::new(7);
+        let mut v = Vec::new();
+        while v.len() < n {
+            let mut s = pixmarket_engine::scenes::Scene::random_train(&mut rng);
+            if s.second.is_none() && s.background2.is_none() {
+                s.jitter = [(0.0, 0.0); 2];
+                v.push(s);
+            }
+        }
+        v
+    } else {
+        held_out_set(0x4845_4c44, n)
+    };
     for s in scenes.iter().take(5) {
         println!("{}", s.caption(Lang::En));
     }

@@ -9,7 +9,7 @@
 //!
 //! The folder is an ordinary diffusers Qwen-Image folder and loads through
 //! [`crate::pipeline::QwenImage::load`] like any other:
-//! - `transformer/`: 3 blocks, 4 heads × 32 (RoPE axes 8 + 12 + 12), joint width 32, trained;
+//! - `transformer/`: 2 blocks, 4 heads × 32 (RoPE axes 8 + 12 + 12), joint width 32, trained;
 //! - `vae/`: the real block structure (`dim_mult` [1, 2, 4, 4]) at base width 8 with one
 //!   residual block per level, trained as an autoencoder; `latents_mean` / `latents_std` are
 //!   measured on encoded scenes;

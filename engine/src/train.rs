@@ -70,6 +70,11 @@ pub struct TrainOptions {
     pub transformer_lr: f64,
     /// Training scenes encoded once for the transformer phase.
     pub pool: usize,
+    /// Shift of the σ drawn per example: σ = s·u / (1 + (s − 1)·u) for u uniform, as the
+    /// scheduler shifts its steps (1 = σ uniform). Above 1 more of the training lands at high
+    /// noise, where the sampler's first steps decide the layout.
+    #[serde(default = "default_sigma_shift")]
+    pub sigma_shift: f64,
     /// Seed of every scene, noise and σ drawn.
     pub seed: u64,
     /// Steps between checkpoints.
@@ -90,6 +95,7 @@ impl Default for TrainOptions {
             transformer_batch: 16,
             transformer_lr: 1e-3,
             pool: 4000,
+            sigma_shift: 1.0,
             seed: 19,
             checkpoint_every: 100,
         }
@@ -98,6 +104,15 @@ impl Default for TrainOptions {
 
 fn default_decoder_batch() -> usize {
     4
+}
+
+fn default_sigma_shift() -> f64 {
+    1.0
+}
+
+/// σ for a uniform draw `u` in (0, 1), shifted by `shift` (see [`TrainOptions::sigma_shift`]).
+fn shifted_sigma(u: f64, shift: f64) -> f64 {
+    shift * u / (1.0 + (shift - 1.0) * u)
 }
 
 /// Which phase a progress report is about.
@@ -203,6 +218,24 @@ fn zero_where(
             Ok((n, t))
         })
         .collect()
+}
+
+/// Sets every variable of `varmap` from the file at `path`, converted to the variable's dtype:
+/// a shipped folder stores f16 (`drawn::export_for_shipping`), training runs in f32, so
+/// training can go on from the shipped weights.
+fn load_vars(varmap: &VarMap, path: &Path) -> Result<(), TrainError> {
+    let file = candle_core::safetensors::load(path, &Device::Cpu)?;
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::msg("var map lock poisoned"))?;
+    for (name, var) in data.iter() {
+        let t = file
+            .get(name)
+            .ok_or_else(|| candle_core::Error::msg(format!("{} has no {name}", path.display())))?;
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
 }
 
 fn save_vars(varmap: &VarMap, path: &Path) -> Result<(), TrainError> {
@@ -321,11 +354,11 @@ fn train_vae(
     // Residual branches start at zero (their last conv, and the attention's output projection),
     // so the untrained VAE is a shallow network and every block starts as the identity: a deep
     // random stack learned measurably slower.
-    let mut varmap = varmap_from(zero_where(init, |n| {
+    let varmap = varmap_from(zero_where(init, |n| {
         n.contains(".conv2.") || (n.contains("attentions.") && n.contains(".proj."))
     })?)?;
     if state.vae_steps_done > 0 {
-        varmap.load(out.join(VAE_WEIGHTS))?;
+        load_vars(&varmap, &out.join(VAE_WEIGHTS))?;
     }
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let mut opt = AdamW::new(
@@ -409,8 +442,8 @@ fn train_decoder(
 ) -> Result<(), TrainError> {
     let vc = drawn::vae_config();
     let init = initial_tensors(|vb| AutoencoderKLQwenImage::new(&vc, vb).map(drop))?;
-    let mut varmap = varmap_from(init)?;
-    varmap.load(out.join(VAE_WEIGHTS))?;
+    let varmap = varmap_from(init)?;
+    load_vars(&varmap, &out.join(VAE_WEIGHTS))?;
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let vars = {
         let data = varmap
@@ -507,9 +540,9 @@ fn train_transformer(
     let init = initial_tensors(|vb| QwenImageTransformer::new(&tc, vb).map(drop))?;
     // adaLN-Zero (DiT): the modulations start at zero, so every block's gates are closed and
     // each block starts as the identity.
-    let mut varmap = varmap_from(zero_where(init, |n| n.contains("_mod."))?)?;
+    let varmap = varmap_from(zero_where(init, |n| n.contains("_mod."))?)?;
     if state.transformer_steps_done > 0 {
-        varmap.load(out.join(TRANSFORMER_WEIGHTS))?;
+        load_vars(&varmap, &out.join(TRANSFORMER_WEIGHTS))?;
     }
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let mut opt = AdamW::new(
@@ -540,7 +573,7 @@ fn train_transformer(
                 ex.zh.clone()
             });
             // σ in (0.001, 0.999): both ends of the schedule, never exactly clean or pure noise.
-            sigmas.push((0.001 + 0.998 * rng.next_f64()) as f32);
+            sigmas.push(shifted_sigma(0.001 + 0.998 * rng.next_f64(), opts.sigma_shift) as f32);
         }
         let x0 = Tensor::cat(&lats, 0)?; // [B, S, 64]
         let noise = Tensor::from_vec(
