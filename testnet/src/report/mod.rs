@@ -13,11 +13,13 @@
 mod chart;
 mod files;
 mod font;
+mod network;
 mod summary;
 mod text;
 
 pub use chart::{CHART_HEIGHT, CHART_WIDTH, MAX_PROVIDER_LINES};
 pub use files::{ReportError, Written, write_experiment, write_run};
+pub use network::{Connections, NetworkSummary, summarize_network};
 pub use summary::{
     Percentiles, ProviderSummary, Summary, nearest_rank, summarize, utilization_series,
 };

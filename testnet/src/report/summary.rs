@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::network::{NetworkSummary, summarize_network};
 use super::text::tokens;
 use crate::record::{JobOutcome, RunRecord};
 
@@ -84,6 +85,9 @@ pub struct Summary {
     pub faults: usize,
     /// [`crate::record::BooksCheck::ok`].
     pub books_ok: bool,
+    /// Connections, memory and advert propagation.
+    #[serde(default)]
+    pub network: NetworkSummary,
 }
 
 /// The nearest-rank percentile of an ascending list: the smallest sample such that at least
@@ -203,6 +207,7 @@ pub fn summarize(record: &RunRecord) -> Summary {
             .collect(),
         faults: record.faults.len(),
         books_ok: record.books.ok(),
+        network: summarize_network(&record.network),
     }
 }
 

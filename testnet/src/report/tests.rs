@@ -75,6 +75,7 @@ fn record(providers: usize, duration_ms: u64) -> RunRecord {
         books: BooksCheck::default(),
         wall_seconds: 1.0,
         peak_rss_bytes: None,
+        network: Default::default(),
     }
 }
 

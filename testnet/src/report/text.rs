@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use super::network::{Connections, NetworkSummary};
 use super::summary::summarize;
 use crate::record::{ExperimentRecord, RunRecord};
 
@@ -148,12 +149,73 @@ pub fn table(record: &RunRecord) -> String {
             let _ = writeln!(out, "  - {problem}");
         }
     }
+    for line in network_lines(&s.network) {
+        let _ = writeln!(out, "{line}");
+    }
     let _ = writeln!(
         out,
         "{}",
         resources(record.wall_seconds, record.peak_rss_bytes)
     );
     out
+}
+
+/// The network part of the report: nothing for a record that has none (an older one).
+pub(super) fn network_lines(n: &NetworkSummary) -> Vec<String> {
+    if n.nodes == 0 {
+        return Vec::new();
+    }
+    let opt = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
+    let conns = |c: &Connections| {
+        format!(
+            "avg {:.1}, p50 {}, max {} ({} samples)",
+            c.avg,
+            opt(c.p50),
+            opt(c.max),
+            c.samples
+        )
+    };
+    let kib = |b: Option<u64>| {
+        b.map_or_else(
+            || "-".to_string(),
+            |b| format!("{}.{} KiB", b / 1024, (b % 1024) * 10 / 1024),
+        )
+    };
+    vec![
+        format!(
+            "network: {} nodes, at most {} connections each",
+            n.nodes, n.max_connections
+        ),
+        format!(
+            "  connections per node during the run: {}",
+            conns(&n.connections)
+        ),
+        format!(
+            "  connections per node at the end: {}",
+            conns(&n.final_connections)
+        ),
+        format!(
+            "  advert propagation (wall ms, provider to requester table): p50 {}, p99 {} ({} adverts seen)",
+            opt(n.advert_delay_ms.p50),
+            opt(n.advert_delay_ms.p99),
+            n.advert_delay_ms.samples
+        ),
+        format!(
+            "  adverts published while the plan ran: {:.1} per wall second, market-wide",
+            n.adverts_per_s_during_plan
+        ),
+        format!(
+            "  discovery: every requester knew every provider {} ms after the last started",
+            n.discovery_ms
+        ),
+        format!(
+            "  memory per node {}; signed advert {} bytes; background traffic {} per node per s, {} per node per advert",
+            kib(n.memory_per_node_bytes),
+            opt(n.advert_bytes),
+            kib(n.background_bytes_per_node_per_s),
+            kib(n.background_bytes_per_node_per_advert)
+        ),
+    ]
 }
 
 /// The terminal report of the utilization experiment: one row per arm, then the note.

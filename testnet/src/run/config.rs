@@ -93,7 +93,16 @@ pub struct TestnetConfig {
     pub max_batch: u32,
     /// Wall time allowed after the plan's end for the last jobs to finish.
     pub drain_limit: Duration,
+    /// Each node's bound on established connections (the node's `max_connections`).
+    pub max_connections: u32,
+    /// Wall time between set-up and the plan's start in which no job runs and the loopback
+    /// traffic is measured (the market's background: gossip, Kademlia, identify, ping); zero:
+    /// none.
+    pub quiet_window: Duration,
 }
+
+/// The longest quiet window a run may ask for: a few advert intervals are enough.
+pub const MAX_QUIET_WINDOW: Duration = Duration::from_secs(600);
 
 impl TestnetConfig {
     /// A small default: 3 providers, 2 requesters, the tiny engine, a steady minute.
@@ -119,6 +128,8 @@ impl TestnetConfig {
             max_queue: 16,
             max_batch: 2,
             drain_limit: Duration::from_secs(120),
+            max_connections: pixmarket_node::network::DEFAULT_MAX_CONNECTIONS,
+            quiet_window: Duration::ZERO,
         }
     }
 
@@ -156,6 +167,20 @@ impl TestnetConfig {
         }
         if self.gpu_kinds.is_empty() {
             bail!("the GPU table is empty");
+        }
+        if !(1..=pixmarket_node::config::MAX_MAX_CONNECTIONS).contains(&self.max_connections) {
+            bail!(
+                "max connections {}: allowed is 1..={}",
+                self.max_connections,
+                pixmarket_node::config::MAX_MAX_CONNECTIONS
+            );
+        }
+        if self.quiet_window > MAX_QUIET_WINDOW {
+            bail!(
+                "quiet window {} s: allowed is at most {} s",
+                self.quiet_window.as_secs(),
+                MAX_QUIET_WINDOW.as_secs()
+            );
         }
         if self.max_queue == 0 || self.max_batch == 0 {
             bail!("max queue and max batch must be at least 1");

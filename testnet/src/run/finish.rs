@@ -15,7 +15,7 @@ use super::faults::fault;
 use super::job::{JobRun, unfinished};
 use super::market::Market;
 use crate::books::{self, Books};
-use crate::record::{EngineLabel, FaultRecord, RunRecord};
+use crate::record::{EngineLabel, FaultRecord, NetworkRecord, RunRecord};
 use crate::scenario::Plan;
 
 /// How long a stopping provider's deliveries in flight may still be acknowledged at the end.
@@ -36,6 +36,7 @@ pub(super) async fn finish(
     market: Market,
     mut runs: Vec<JobRun>,
     faults: Vec<FaultRecord>,
+    network: NetworkRecord,
     t0: u64,
     end_ms: u64,
     wall_start: Instant,
@@ -205,5 +206,6 @@ pub(super) async fn finish(
         books,
         wall_seconds: wall_start.elapsed().as_secs_f64(),
         peak_rss_bytes: peak_rss_bytes(),
+        network,
     })
 }

@@ -52,6 +52,7 @@ pub(super) struct ProviderSlot {
     pub(super) settings: ProviderSettings,
     pub(super) listen: Multiaddr,
     pub(super) bootstrap: Vec<Multiaddr>,
+    pub(super) max_connections: u32,
 }
 
 pub(super) struct Market {
@@ -63,10 +64,20 @@ pub(super) struct Market {
     pub(super) busy: BusyLog,
     pub(super) clock: ModelClock,
     pub(super) records: Vec<ProviderRecord>,
+    /// The seed the keys were derived from.
+    pub(super) seed: u64,
+    /// Wall time from the last requester starting to every requester knowing every provider.
+    pub(super) discovery: Duration,
 }
 
-fn net_config(listen: Multiaddr, bootstrap: Vec<Multiaddr>, faults: &LinkFaults) -> NetConfig {
+fn net_config(
+    listen: Multiaddr,
+    bootstrap: Vec<Multiaddr>,
+    faults: &LinkFaults,
+    max_connections: u32,
+) -> NetConfig {
     NetConfig {
+        max_connections,
         listen: vec![listen],
         bootstrap,
         faults: Some(faults.clone()),
@@ -107,7 +118,7 @@ pub(super) async fn start_provider_node(
     Ok(Node::start(NodeOptions {
         key,
         ledger,
-        net: net_config(listen, slot.bootstrap.clone(), faults),
+        net: net_config(listen, slot.bootstrap.clone(), faults, slot.max_connections),
         provide: Some((slot.generators.clone(), slot.settings.clone())),
         metrics: None,
     })
@@ -119,6 +130,31 @@ fn listen_part(addr: &Multiaddr) -> Multiaddr {
     addr.iter()
         .filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
         .collect()
+}
+
+/// Bootstrap peers a market node gets: two earlier providers, the one just before `i` and the
+/// one at half its index (a binary tree over the start order). Each provider is then the
+/// bootstrap peer of about three others; when every node bootstrapped from the same two, those
+/// two reached their connection bound and denied every later node, which then knew no one (a
+/// 90-node market's requesters knew none of its 80 providers).
+fn bootstrap_peers(started: &[Multiaddr], i: usize) -> Vec<Multiaddr> {
+    let n = started.len().min(i);
+    let mut out: Vec<Multiaddr> = Vec::new();
+    for j in [n.checked_sub(1), n.checked_sub(1).map(|k| k / 2)]
+        .into_iter()
+        .flatten()
+    {
+        if let Some(a) = started.get(j).filter(|a| !out.contains(a)) {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
+/// The start position the `i`-th requester or adversary bootstraps as, among `n` providers:
+/// spread over the start order so no provider takes them all.
+fn spread(i: usize, n: usize) -> usize {
+    1 + i.wrapping_mul(7_919).wrapping_add(1) % n.max(1)
 }
 
 pub(super) async fn start_market(
@@ -138,7 +174,8 @@ pub(super) async fn start_market(
     // per model id), so an inflated quote would be refused.
     let mut counters: BTreeMap<String, Arc<dyn Generator>> = BTreeMap::new();
     let mut records = Vec::new();
-    let mut bootstrap: Vec<Multiaddr> = Vec::new();
+    // Every provider's address, in start order: later nodes bootstrap from earlier ones.
+    let mut started: Vec<Multiaddr> = Vec::new();
     for i in 0..config.providers {
         let key = derived_key(config.seed, "provider", i).public();
         let name = format!("provider-{}", i + 1);
@@ -213,15 +250,14 @@ pub(super) async fn start_market(
             generators,
             settings,
             listen: "/ip4/127.0.0.1/tcp/0".parse()?,
-            bootstrap: bootstrap.clone(),
+            bootstrap: bootstrap_peers(&started, i),
+            max_connections: config.max_connections,
         };
         let node = start_provider_node(&slot, slot.listen.clone(), &faults).await?;
         let addr = first_address(&node).await?;
         slot.listen = listen_part(&addr);
         slot.node = Some(node);
-        if bootstrap.len() < 2 {
-            bootstrap.push(addr);
-        }
+        started.push(addr);
         records.push(ProviderRecord {
             index: i,
             name,
@@ -245,7 +281,12 @@ pub(super) async fn start_market(
         let node = Node::start(NodeOptions {
             key: secret,
             ledger,
-            net: net_config("/ip4/127.0.0.1/tcp/0".parse()?, bootstrap.clone(), &faults),
+            net: net_config(
+                "/ip4/127.0.0.1/tcp/0".parse()?,
+                bootstrap_peers(&started, spread(r, started.len())),
+                &faults,
+                config.max_connections,
+            ),
             provide: None,
             metrics: None,
         })
@@ -260,6 +301,7 @@ pub(super) async fn start_market(
         requesters.push((name, key, node));
     }
     log(format!("{} requesters up", config.requesters));
+    let requesters_up = Instant::now();
 
     let mut adversaries = Vec::new();
     for (i, kind) in config.adversaries.iter().enumerate() {
@@ -272,7 +314,7 @@ pub(super) async fn start_market(
             *kind,
             format!("{}-{}", kind.name(), i + 1),
             derived_key(config.seed, "adversary", i),
-            bootstrap.clone(),
+            bootstrap_peers(&started, spread(i, started.len())),
             generator,
         )
         .await?;
@@ -309,7 +351,11 @@ pub(super) async fn start_market(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    log(format!("every requester knows all {advertisers} providers"));
+    let discovery = requesters_up.elapsed();
+    log(format!(
+        "every requester knows all {advertisers} providers ({} ms after the last requester started)",
+        discovery.as_millis()
+    ));
     Ok(Market {
         providers,
         provider_keys,
@@ -319,5 +365,7 @@ pub(super) async fn start_market(
         busy,
         clock,
         records,
+        seed: config.seed,
+        discovery,
     })
 }

@@ -16,9 +16,13 @@ mod faults;
 mod finish;
 mod job;
 mod market;
+mod sample;
 
-pub use config::{EngineKind, SelectionRule, TestnetConfig};
+pub use config::{EngineKind, MAX_QUIET_WINDOW, SelectionRule, TestnetConfig};
 pub use finish::peak_rss_bytes;
+pub use sample::{
+    MAX_ADVERT_DELAYS, MAX_CONNECTION_SAMPLES, SAMPLE_INTERVAL, loopback_counters, rss_bytes,
+};
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -34,6 +38,7 @@ use faults::inject_faults;
 use finish::finish;
 use job::run_job;
 use market::start_market;
+use sample::Sampler;
 
 /// Jobs in flight at once; beyond this, submissions wait (and their wait counts).
 const MAX_JOBS_IN_FLIGHT: usize = 4096;
@@ -61,9 +66,25 @@ pub async fn run(
     ));
     std::fs::create_dir_all(&config.work_dir)
         .with_context(|| format!("cannot create {}", config.work_dir.display()))?;
+    let rss_before = rss_bytes();
     let market = start_market(config, log).await?;
+    if !config.quiet_window.is_zero() {
+        log(format!(
+            "measuring {} s of background traffic",
+            config.quiet_window.as_secs()
+        ));
+    }
+    let setup = sample::measure_setup(
+        &market,
+        rss_before,
+        market.discovery,
+        config.quiet_window,
+        config.max_connections,
+    )
+    .await;
     let clock = market.clock;
     let t0 = clock.now_ms();
+    let sampler = Sampler::start(&market, t0, setup);
     let shared = Arc::new(config.clone());
 
     // Partition groups: the first half of the providers with the even requesters, and the rest.
@@ -171,8 +192,9 @@ pub async fn run(
     while attacks.join_next().await.is_some() {}
     // Let the last acknowledgements land before the nodes stop.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let network = sampler.finish().await;
     finish(
-        config, plan, market, runs, faults, t0, end_ms, wall_start, log,
+        config, plan, market, runs, faults, network, t0, end_ms, wall_start, log,
     )
     .await
 }
