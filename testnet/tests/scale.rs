@@ -60,7 +60,9 @@ fn check(r: &RunRecord) {
 }
 
 /// The "Done when": a 90-node market (80 providers, 10 requesters) keeps the average
-/// node at ≤ 40 connections, with the books OK. About two minutes of wall time on 2 cores.
+/// node at ≤ 40 connections, with the books OK. It FAILS today at set-up with the node's
+/// default bound (the requesters learn no provider: docs/testnet.md says why);
+/// `PIXMARKET_SCALE_MAX_CONNECTIONS` overrides the bound to see how many connections nodes want.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "90 nodes in one process: about two minutes on 2 cores; run with --ignored"]
 async fn ninety_nodes_keep_connections_bounded_and_the_books_agree() {
@@ -69,6 +71,12 @@ async fn ninety_nodes_keep_connections_bounded_and_the_books_agree() {
     c.duration_ms = 300_000;
     c.load = Load::Steady { per_minute: 30.0 };
     c.quiet_window = Duration::from_secs(10);
+    if let Some(m) = std::env::var("PIXMARKET_SCALE_MAX_CONNECTIONS")
+        .ok()
+        .and_then(|m| m.parse().ok())
+    {
+        c.max_connections = m;
+    }
     let r = run::run(&c, &mut |l| eprintln!("{l}")).await.unwrap();
     check(&r);
 }

@@ -62,7 +62,7 @@ pub struct NetworkSummary {
 /// Summarizes the network part of a run. Never panics; an empty record gives zeros.
 pub fn summarize_network(n: &NetworkRecord) -> NetworkSummary {
     let nodes = u64::try_from(n.nodes).unwrap_or(u64::MAX);
-    let per_node = |x: u64| (nodes > 0).then(|| x / nodes);
+    let per_node = |x: u64| x.checked_div(nodes);
     let quiet = n.quiet.as_ref();
     NetworkSummary {
         nodes: n.nodes,
