@@ -205,6 +205,65 @@ pub struct RunRecord {
     pub wall_seconds: f64,
     /// Peak resident memory of the whole process (`VmHWM`), when the OS reports it.
     pub peak_rss_bytes: Option<u64>,
+    /// Connections, memory, advert propagation and gossip traffic of the market's nodes.
+    #[serde(default)]
+    pub network: NetworkRecord,
+}
+
+/// What the market's network looked like, sampled by [`crate::run`] while the plan ran.
+/// Nodes are the honest providers and requesters (adversaries are not counted).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    /// Providers and requesters.
+    pub nodes: usize,
+    /// Each node's configured bound on established connections.
+    pub max_connections: u32,
+    /// One per sample: each running node's established connections, as its swarm counts them.
+    pub connection_samples: Vec<ConnectionSample>,
+    /// Each running node's established connections when the last job had ended, before any
+    /// node stopped.
+    pub final_connections: Vec<u32>,
+    /// Wall milliseconds from a provider dating an advert (`issued_at_ms`, just before it is
+    /// signed and published) to a requester's table holding it: one sample per requester,
+    /// provider and advert sequence number seen (the sampler sees the latest advert of each
+    /// provider at each sample; one replaced between two samples is not counted).
+    pub advert_delay_ms: Vec<u64>,
+    /// Wall milliseconds from the last requester starting to every requester knowing every
+    /// provider (discovery through bootstrap, Kademlia and the gossip mesh).
+    pub discovery_ms: u64,
+    /// Resident memory of the process before the first node started and once every node had
+    /// joined and learnt the market; their difference over `nodes` is the memory per node.
+    pub rss_before_bytes: Option<u64>,
+    pub rss_after_bytes: Option<u64>,
+    /// Bytes of one signed advert as gossip carries it (the gossip message's data).
+    pub advert_bytes: Option<u64>,
+    /// Loopback traffic over a quiet window with no jobs (gossip, Kademlia, identify, ping).
+    pub quiet: Option<QuietWindow>,
+    /// Adverts the providers published while the plan ran (from their sequence numbers as
+    /// the first requester saw them), and the wall time that took.
+    pub adverts_during_plan: u64,
+    pub plan_wall_ms: u64,
+}
+
+/// One sample of every node's connections.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionSample {
+    /// Model time of the sample.
+    pub at_ms: u64,
+    pub counts: Vec<u32>,
+}
+
+/// Loopback bytes over a window of wall time in which no job ran: every node of the market
+/// is in this process and talks over loopback, so this is the market's background traffic
+/// (each byte counted once, as received), framing and TCP/IP headers included.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuietWindow {
+    pub wall_ms: u64,
+    pub loopback_bytes: u64,
+    pub loopback_packets: u64,
+    /// Adverts the providers published in the window (their advert interval over the window,
+    /// counted from the adverts' sequence numbers at the window's two ends).
+    pub adverts_published: u64,
 }
 
 /// The utilization experiment: the same bursty load on several fleets and selection rules.

@@ -99,6 +99,7 @@ fn empty_record(simulated: bool) -> RunRecord {
         books: BooksCheck::default(),
         wall_seconds: 0.0,
         peak_rss_bytes: None,
+        network: Default::default(),
     }
 }
 

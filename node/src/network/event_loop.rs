@@ -389,6 +389,10 @@ impl EventLoop {
             Command::ConnectedPeers { reply } => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }
+            Command::ConnectionCount { reply } => {
+                let info = self.swarm.network_info();
+                let _ = reply.send(info.connection_counters().num_established());
+            }
             Command::Reachability { reply } => {
                 let mut r = self.reach.clone();
                 r.updated_at_ms = now_ms();

@@ -130,6 +130,9 @@ enum Command {
     ConnectedPeers {
         reply: oneshot::Sender<Vec<PeerId>>,
     },
+    ConnectionCount {
+        reply: oneshot::Sender<u32>,
+    },
     Reachability {
         reply: oneshot::Sender<Reachability>,
     },
@@ -429,6 +432,11 @@ impl Client {
 
     pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetError> {
         self.call(|reply| Command::ConnectedPeers { reply }).await
+    }
+
+    /// Established connections, as the swarm counts them (several to one peer count each).
+    pub async fn connection_count(&self) -> Result<u32, NetError> {
+        self.call(|reply| Command::ConnectionCount { reply }).await
     }
 
     /// What this node knows about its own reachability.

@@ -1,0 +1,211 @@
+//! The end of a run: stopping the nodes in order, checking every book, and the [`RunRecord`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use libp2p::PeerId;
+use pixmarket_ledger::Role;
+use pixmarket_protocol::PublicKey;
+use tokio::task::JoinSet;
+
+use super::config::{EngineKind, TestnetConfig};
+use super::faults::fault;
+use super::job::{JobRun, unfinished};
+use super::market::Market;
+use crate::books::{self, Books};
+use crate::record::{EngineLabel, FaultRecord, NetworkRecord, RunRecord};
+use crate::scenario::Plan;
+
+/// How long a stopping provider's deliveries in flight may still be acknowledged at the end.
+const PROVIDER_STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// Peak resident memory of this process (`VmHWM` on Linux), if the OS reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn finish(
+    config: &TestnetConfig,
+    plan: Plan,
+    market: Market,
+    mut runs: Vec<JobRun>,
+    faults: Vec<FaultRecord>,
+    network: NetworkRecord,
+    t0: u64,
+    end_ms: u64,
+    wall_start: Instant,
+    log: &mut (dyn FnMut(String) + Send),
+) -> anyhow::Result<RunRecord> {
+    let Market {
+        providers,
+        provider_keys,
+        requesters,
+        adversaries,
+        faults: link_faults,
+        busy,
+        records,
+        ..
+    } = market;
+    let mut adversary_records: Vec<_> = adversaries.iter().map(|a| a.record()).collect();
+    let adversary_keys: Vec<PublicKey> = adversaries.iter().map(|a| a.public()).collect();
+    for a in adversaries {
+        // The attack tasks have ended, so this is the last handle.
+        if let Ok(a) = Arc::try_unwrap(a) {
+            a.shutdown().await;
+        }
+    }
+    // Providers stop selling first, with every network still up: deliveries in flight get a
+    // grace, receipts never acknowledged are credited back, and each requester then learns the
+    // credit notes it missed by asking for its chains, as it would on its next exchange.
+    for slot in &providers {
+        let s = slot.lock().await;
+        if let Some(node) = &s.node {
+            node.stop_providing(tokio::time::Instant::now() + PROVIDER_STOP_GRACE)
+                .await;
+        }
+    }
+    let mut learned = 0usize;
+    for (_, _, node) in &requesters {
+        for key in &provider_keys {
+            learned += node.requester().sync_chain(key.to_peer_id(), *key).await;
+        }
+    }
+    if learned > 0 {
+        log(format!(
+            "requesters learned {learned} credit notes at the end"
+        ));
+    }
+    // Nodes stop side by side: each may wait a few seconds for its last responses to go out.
+    let mut stopping = JoinSet::new();
+    let mut requester_books = Vec::new();
+    for (name, key, node) in requesters {
+        requester_books.push(Books {
+            name,
+            key,
+            ledger: node.ledger().clone(),
+        });
+        stopping.spawn(node.shutdown());
+    }
+    while stopping.join_next().await.is_some() {}
+    let mut provider_books = Vec::new();
+    for slot in &providers {
+        let mut s = slot.lock().await;
+        if let Some(node) = s.node.take() {
+            stopping.spawn(node.shutdown());
+        }
+        if let Some(ledger) = s.ledger.clone() {
+            provider_books.push(Books {
+                name: s.name.clone(),
+                key: provider_keys[s.index],
+                ledger,
+            });
+        }
+    }
+    while stopping.join_next().await.is_some() {}
+    let stats = link_faults.stats();
+    let mut faults = faults;
+    if plan.drop_ppm > 0
+        || plan.ack_drop_ppm > 0
+        || plan.delay_ms.is_some()
+        || !plan.faults.is_empty()
+    {
+        faults.push(fault(end_ms, "network", format!("{stats:?}")));
+    }
+
+    // Jobs aborted at the drain limit have no record of their own.
+    let seen: BTreeSet<usize> = runs.iter().map(|r| r.record.index).collect();
+    for job in plan.jobs.iter().filter(|j| !seen.contains(&j.index)) {
+        runs.push(JobRun {
+            record: unfinished(job, job.at_ms, "still running when the run ended"),
+            paid: None,
+            images: Vec::new(),
+        });
+    }
+    runs.sort_by_key(|r| r.record.index);
+    let index_of: BTreeMap<PeerId, usize> = provider_keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (k.to_peer_id(), i))
+        .collect();
+    let mut delivered = BTreeSet::new();
+    let mut jobs = Vec::with_capacity(runs.len());
+    for r in runs {
+        delivered.extend(r.images.iter().copied());
+        let mut rec = r.record;
+        rec.provider = r.paid.and_then(|p| index_of.get(&p).copied());
+        jobs.push(rec);
+    }
+    // What the honest providers' books charge each requester-side adversary: only what it
+    // acknowledged (a freerider: nothing).
+    for (rec, key) in adversary_records.iter_mut().zip(&adversary_keys) {
+        rec.charged_micros = provider_books
+            .iter()
+            .filter_map(|b| b.ledger.account(Role::Provider, key).ok().flatten())
+            .map(|a| a.charged.0)
+            .sum();
+    }
+    let books = tokio::task::spawn_blocking(move || {
+        books::check(&provider_books, &requester_books, &delivered, 0)
+    })
+    .await
+    .context("the books check stopped")?;
+    log(format!(
+        "books: {}",
+        if books.ok() { "OK" } else { "FAILED" }
+    ));
+
+    let (intervals, _) = busy.snapshot();
+    let duration_ms = end_ms.max(plan.duration_ms);
+    let busy: Vec<_> = intervals
+        .into_iter()
+        .filter_map(|mut b| {
+            // Model time zero is the plan's start; set-up time is not counted.
+            b.start_ms = b.start_ms.saturating_sub(t0);
+            b.end_ms = b.end_ms.saturating_sub(t0);
+            (b.end_ms > b.start_ms).then_some(b)
+        })
+        .collect();
+    let simulated = config.engine == EngineKind::Simulated;
+    Ok(RunRecord {
+        name: config.name.clone(),
+        engine: EngineLabel {
+            kind: config.engine.name().into(),
+            simulated,
+            note: if simulated {
+                format!(
+                    "{}; images are flat stand-ins",
+                    config
+                        .gpu_kinds
+                        .first()
+                        .map_or("no kinds", |k| k.source.as_str())
+                )
+            } else {
+                "the real Qwen-Image code with the built-in tiny model (trained on drawn \
+                 scenes)"
+                    .into()
+            },
+        },
+        seed: config.seed,
+        plan_hash: plan.hash(),
+        speedup: config.speedup,
+        duration_ms,
+        plan_ms: plan.duration_ms,
+        selection: config.selection.name().into(),
+        providers: records,
+        requesters: config.requesters,
+        jobs,
+        busy,
+        faults,
+        adversaries: adversary_records,
+        books,
+        wall_seconds: wall_start.elapsed().as_secs_f64(),
+        peak_rss_bytes: peak_rss_bytes(),
+        network,
+    })
+}

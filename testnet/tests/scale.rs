@@ -1,0 +1,100 @@
+//! The market's network at scale: every node keeps its connections bounded whatever the
+//! market's size, adverts reach every requester, and the books agree. Real nodes on loopback
+//! with the simulated engine; the 300-node run is behind `--ignored` (figures in
+//! docs/testnet.md).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use pixmarket_testnet::record::{JobOutcome, RunRecord};
+use pixmarket_testnet::report;
+use pixmarket_testnet::run::{self, EngineKind, TestnetConfig};
+use pixmarket_testnet::scenario::Load;
+
+/// The bound: the average node keeps at most this many connections.
+const AVG_CONNECTIONS_BOUND: f64 = 40.0;
+
+fn market(dir: std::path::PathBuf, providers: usize, requesters: usize) -> TestnetConfig {
+    let mut c = TestnetConfig::new(dir);
+    c.name = format!("scale {providers}+{requesters}");
+    c.engine = EngineKind::Simulated;
+    c.providers = providers;
+    c.requesters = requesters;
+    c.speedup = 10.0;
+    c.max_batch = 1;
+    c.max_queue = 64;
+    c
+}
+
+fn check(r: &RunRecord) {
+    let s = report::summarize(r);
+    let table = report::table(r);
+    eprintln!("{table}");
+    assert!(r.books.ok(), "books failed: {:#?}\n{table}", r.books);
+    let n = &s.network;
+    assert_eq!(n.nodes, r.providers.len() + r.requesters);
+    assert!(n.connections.samples >= n.nodes, "{table}");
+    assert_eq!(n.final_connections.samples, n.nodes, "{table}");
+    assert!(n.connections.avg <= AVG_CONNECTIONS_BOUND, "{table}");
+    assert!(n.final_connections.avg <= AVG_CONNECTIONS_BOUND, "{table}");
+    // The node's own bound holds for every node at every sample.
+    assert!(
+        n.connections.max.unwrap() <= u64::from(n.max_connections),
+        "{table}"
+    );
+    // Adverts went on reaching the requesters while the plan ran.
+    assert!(
+        n.advert_delay_ms.samples >= r.requesters * r.providers.len(),
+        "{table}"
+    );
+    let completed = r
+        .jobs
+        .iter()
+        .filter(|j| j.outcome == JobOutcome::Completed)
+        .count();
+    assert!(
+        !r.jobs.is_empty() && completed * 10 >= r.jobs.len() * 9,
+        "{table}"
+    );
+}
+
+/// The "Done when": a 90-node market (80 providers, 10 requesters) keeps the average
+/// node at ≤ 40 connections, with the books OK. It FAILS today at set-up with the node's
+/// default bound (the requesters learn no provider: docs/testnet.md says why);
+/// `PIXMARKET_SCALE_MAX_CONNECTIONS` overrides the bound to see how many connections nodes want.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "90 nodes in one process: about two minutes on 2 cores; run with --ignored"]
+async fn ninety_nodes_keep_connections_bounded_and_the_books_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = market(dir.path().to_owned(), 80, 10);
+    c.duration_ms = 300_000;
+    c.load = Load::Steady { per_minute: 30.0 };
+    c.quiet_window = Duration::from_secs(10);
+    if let Some(m) = std::env::var("PIXMARKET_SCALE_MAX_CONNECTIONS")
+        .ok()
+        .and_then(|m| m.parse().ok())
+    {
+        c.max_connections = m;
+    }
+    let r = run::run(&c, &mut |l| eprintln!("{l}")).await.unwrap();
+    check(&r);
+}
+
+/// The scale run of docs/testnet.md: 250 providers and 50 requesters.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "300 nodes in one process: several minutes; run with --ignored, figures in docs/testnet.md"]
+async fn three_hundred_nodes_keep_connections_bounded_and_the_books_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = market(dir.path().to_owned(), 250, 50);
+    c.duration_ms = 600_000;
+    c.load = Load::Steady { per_minute: 60.0 };
+    c.quiet_window = Duration::from_secs(30);
+    c.drain_limit = Duration::from_secs(300);
+    let r = run::run(&c, &mut |l| eprintln!("{l}")).await.unwrap();
+    let out = std::env::var_os("PIXMARKET_SCALE_REPORT").map(std::path::PathBuf::from);
+    if let Some(out) = out {
+        report::write_run(&r, &out).unwrap();
+    }
+    check(&r);
+}
