@@ -6,10 +6,11 @@
 //! watchdog: no listener, or a reservation asked for and not accepted within
 //! [`RESERVE_TIMEOUT`], and the reservation is asked for again after a backoff.
 //!
-//! A relay that has just restarted refuses reservations until AutoNAT confirmed its public
-//! address (rust-libp2p's relay server stops advertising its protocol without one), so a retry
-//! in that window is refused and the backoff grows. When the relay then announces the relay
-//! protocol again (identify), [`Relays::ready`] asks at once instead of waiting the backoff out.
+//! rust-libp2p's relay server refuses reservations (and stops announcing its protocol) until it
+//! knows an external address: at once for a relay listening on a public IP, only after AutoNAT
+//! confirmed one for a relay behind a 1:1 NAT. A retry in that window is refused and the backoff
+//! grows; when the relay then announces the relay protocol (identify), [`Relays::ready`] asks at
+//! once instead of waiting the backoff out.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
