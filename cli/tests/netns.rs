@@ -18,7 +18,7 @@
 //! 5. the provider behind a NAT with no relay to bootstrap from: "unreachable".
 //!
 //! Needs root, `ip` (iproute2) and `nft` (nftables): `.ci/run` installs them and runs this test
-//! explicitly (`cargo test -p pixmarket-cli --test netns -- --ignored`). Without root it fails
+//! explicitly (`cargo test --workspace --locked --test netns -- --ignored`). Without root it fails
 //! and says why rather than passing without having tested anything.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -28,9 +28,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// How long the provider may take to hold a reservation again after the relay restarts: the
-/// relay client's longest backoff (8 s) plus a dial, with margin (the README's "within 15 s").
-const REACHABLE_AGAIN: Duration = Duration::from_secs(15);
+/// How long the provider may take to hold a reservation again after the relay restarts. A
+/// killed relay sends no QUIC close, so the provider notices only when QUIC gives the
+/// connection up (its 10 s idle timeout, later when quinn's loss timers run longer) and asks
+/// again after the first backoff (1 s); the restarted relay serves at once (it takes its public
+/// listen addresses as external), and if a try still lands before that, the relay's identify
+/// announcement brings the next one forward. Measured (1b. in the output): 13.8 s and 15.0 s on
+/// a loaded 2-core machine (14.5 s a third time), so 30 s leaves room for a slower one.
+const REACHABLE_AGAIN: Duration = Duration::from_secs(30);
 /// Waits for a node to reach a state (a verdict, a reservation) give up after this: AutoNAT
 /// probes every 5 s and a reservation takes one round trip, so a minute is ample.
 const STATE_WAIT: Duration = Duration::from_secs(60);
@@ -367,19 +372,13 @@ fn plain(text: &str) -> String {
     out
 }
 
-/// The path the requester's log names for the delivered job.
-fn path_of(log: &str) -> &'static str {
+/// The path `generate`'s report names for the delivered job (its `path: …` line).
+fn path_of(log: &str) -> String {
     let log = plain(log);
-    let line = log
-        .lines()
-        .find(|l| l.contains("job delivered"))
-        .unwrap_or_else(|| panic!("no delivered job in:\n{log}"));
-    for p in ["hole-punched", "relayed", "direct"] {
-        if line.contains(&format!("path=\"{p}\"")) || line.contains(&format!("path={p}")) {
-            return p;
-        }
-    }
-    panic!("no path in {line}");
+    log.lines()
+        .find_map(|l| l.strip_prefix("path: "))
+        .unwrap_or_else(|| panic!("no path in the report:\n{log}"))
+        .to_owned()
 }
 
 struct Relay {
@@ -443,7 +442,7 @@ fn provider(ns: &str, dir: &Path, model: &Path, port: u16, bootstrap: &[&str]) -
 }
 
 #[test]
-#[ignore = "needs root, iproute2 and nftables; not yet in .ci/run: the hole-punched purchase passes, the relay-restart stage does not yet (issue 15)"]
+#[ignore = "needs root, iproute2 and nftables; .ci/run installs them and runs it"]
 fn jobs_cross_home_nats_by_hole_punching_or_a_relay_and_doctor_tells_which() {
     let root_ok = Command::new("id")
         .arg("-u")
@@ -586,7 +585,9 @@ fn jobs_cross_home_nats_by_hole_punching_or_a_relay_and_doctor_tells_which() {
     // 3. The relay's operator allows results: relayed.
     drop(relay_proc);
     let config = relay.dir.join("config.toml");
-    let text = read(&config).replace(
+    let text = read(&config);
+    assert!(text.contains("relay_circuit_bytes = 131072"), "{text}");
+    let text = text.replace(
         "relay_circuit_bytes = 131072",
         "relay_circuit_bytes = 67108864",
     );

@@ -407,11 +407,13 @@ pub(crate) fn run(
                     "seed": seed,
                     "receipt": outcome.receipt.digest().to_string(),
                     "computation": receipt.step_caching.to_string(),
+                    "path": outcome.path.as_str(),
                 })
             )?;
         } else {
             out!("wrote {}", written.display())?;
             out!("provider: {}", outcome.provider)?;
+            out!("path: {}", outcome.path.as_str())?;
             out!("cost: {} tokens", outcome.cost)?;
             match seed {
                 Some(seed) => out!("seed: {seed}")?,

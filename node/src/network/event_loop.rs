@@ -501,6 +501,13 @@ impl EventLoop {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
                 let relayed = address.iter().any(|p| p == Protocol::P2pCircuit);
+                if !relayed
+                    && self.reach.relay_server_circuit_bytes.is_some()
+                    && super::reachability::is_public_ip(&address)
+                {
+                    // A relay serves reservations only once it knows an external address.
+                    self.swarm.add_external_address(address.clone());
+                }
                 if !relayed && self.reach.listen.len() < super::reachability::MAX_ADDRESSES {
                     self.reach.listen.push(address.to_string());
                 }
@@ -924,10 +931,16 @@ impl EventLoop {
         }
         self.reach
             .observed_by(peer.to_string(), &info.observed_addr);
-        if self.reserve_on_relays
-            && info.protocols.contains(&relay::HOP_PROTOCOL_NAME)
-            && let Some(addr) = conn.dialed
-            && self.relays.want(peer, &addr, tokio::time::Instant::now())
+        if !self.reserve_on_relays || !info.protocols.contains(&relay::HOP_PROTOCOL_NAME) {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        if self.relays.is_wanted(&peer) {
+            // A relay back from a restart announces the protocol once it can serve again.
+            self.relays.ready(&peer, now);
+            self.housekeeping();
+        } else if let Some(addr) = conn.dialed
+            && self.relays.want(peer, &addr, now)
         {
             tracing::info!(relay = %peer, "reserving on relay");
             self.housekeeping();

@@ -149,6 +149,29 @@ fn socket_of(addr: &Multiaddr) -> Option<(&'static str, String, u16)> {
     None
 }
 
+/// Whether `addr`'s IP is a public one (not loopback, private, link-local, shared or
+/// documentation space). A relay takes such listen addresses as its external ones at once: its
+/// operator put it on a public address, and libp2p's relay server refuses reservations until it
+/// knows an external address, which AutoNAT would otherwise take seconds to confirm after every
+/// start.
+pub fn is_public_ip(addr: &Multiaddr) -> bool {
+    match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => {
+            let [a, b, ..] = ip.octets();
+            !(ip.is_private()
+                || ip.is_loopback()
+                || ip.is_link_local()
+                || ip.is_unspecified()
+                || ip.is_broadcast()
+                || ip.is_documentation()
+                || (a == 100 && (b & 0xc0) == 64))
+        }
+        // Global unicast, 2000::/3.
+        Some(Protocol::Ip6(ip)) => (ip.segments()[0] & 0xe000) == 0x2000,
+        _ => false,
+    }
+}
+
 impl Reachability {
     /// Notes an AutoNAT v2 result.
     pub fn tested(&mut self, addr: &Multiaddr, server: String, result: Result<(), String>) {
@@ -383,6 +406,24 @@ mod tests {
             Err("dial back failed".into()),
         );
         assert_eq!(r.verdict(), Verdict::Unreachable);
+    }
+
+    #[test]
+    fn only_public_ips_count_as_public() {
+        assert!(is_public_ip(&addr("/ip4/11.0.0.1/udp/4001/quic-v1")));
+        assert!(is_public_ip(&addr("/ip6/2001:db9::1/tcp/4001")));
+        for a in [
+            "/ip4/127.0.0.1/tcp/1",
+            "/ip4/192.168.1.2/tcp/1",
+            "/ip4/10.1.2.3/tcp/1",
+            "/ip4/100.64.0.1/tcp/1",
+            "/ip4/169.254.0.1/tcp/1",
+            "/ip6/::1/tcp/1",
+            "/ip6/fe80::1/tcp/1",
+            "/dns4/example.com/tcp/1",
+        ] {
+            assert!(!is_public_ip(&addr(a)), "{a}");
+        }
     }
 
     #[test]

@@ -5,6 +5,12 @@
 //! that closed, or not at all when the relay never answers. So each wanted relay has a
 //! watchdog: no listener, or a reservation asked for and not accepted within
 //! [`RESERVE_TIMEOUT`], and the reservation is asked for again after a backoff.
+//!
+//! rust-libp2p's relay server refuses reservations (and stops announcing its protocol) until it
+//! knows an external address: at once for a relay listening on a public IP, only after AutoNAT
+//! confirmed one for a relay behind a 1:1 NAT. A retry in that window is refused and the backoff
+//! grows; when the relay then announces the relay protocol (identify), [`Relays::ready`] asks at
+//! once instead of waiting the backoff out.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -21,8 +27,9 @@ pub const MAX_RESERVED_RELAYS: usize = 2;
 pub const RESERVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The first wait before asking again after a loss; it doubles up to [`MAX_RESERVE_BACKOFF`].
 pub const FIRST_RESERVE_BACKOFF: Duration = Duration::from_secs(1);
-/// The longest wait between two tries: a relay back from a restart is used again within this
-/// plus one dial (the README's "within 15 s").
+/// The longest wait between two tries: it bounds how long a relay that comes back unannounced
+/// (no identify after its restart) waits to be used again, and 8 s keeps a relay that refuses
+/// or is down to one try per 8 s from each of its clients.
 pub const MAX_RESERVE_BACKOFF: Duration = Duration::from_secs(8);
 
 #[derive(Debug)]
@@ -149,6 +156,19 @@ impl Relays {
         listener
     }
 
+    /// `relay` announced (identify) that it serves reservations: a lost one is asked for again
+    /// now rather than after the backoff, but never sooner than [`FIRST_RESERVE_BACKOFF`] after
+    /// the last try, however often a relay announces itself.
+    pub fn ready(&mut self, relay: &PeerId, now: Instant) {
+        if let Some(w) = self.wanted.get_mut(relay)
+            && w.listener.is_none()
+        {
+            w.next_try = w
+                .next_try
+                .min((w.asked_at + FIRST_RESERVE_BACKOFF).max(now));
+        }
+    }
+
     pub fn relay_of(&self, listener: &ListenerId) -> Option<PeerId> {
         self.listeners.get(listener).copied()
     }
@@ -201,6 +221,38 @@ mod tests {
         assert!(r.due(now + RESERVE_TIMEOUT * 10).is_empty());
         r.closed(l, now);
         assert_eq!(r.due(now + FIRST_RESERVE_BACKOFF).len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_relay_that_announces_itself_again_is_asked_at_once_but_not_more_often() {
+        let mut r = Relays::default();
+        let relay = PeerId::random();
+        let t0 = Instant::now();
+        assert!(r.want(relay, &Multiaddr::empty(), t0));
+        // Refused three times in a row (a relay just back, its address not confirmed yet): the
+        // next try waits 4 s.
+        let mut last = t0;
+        for wait in [0, 1, 2] {
+            let now = last + FIRST_RESERVE_BACKOFF * wait;
+            assert_eq!(r.due(now).len(), 1, "due after {wait} s");
+            let l = ListenerId::next();
+            r.listening(relay, l, now);
+            assert_eq!(r.closed(l, now), Some(relay));
+            last = now;
+        }
+        assert!(r.due(last + Duration::from_secs(3)).is_empty());
+        // It announces the relay protocol: asked again once the minimum spacing has passed.
+        r.ready(&relay, last);
+        assert!(
+            r.due(last + FIRST_RESERVE_BACKOFF - Duration::from_millis(1))
+                .is_empty()
+        );
+        let now = last + FIRST_RESERVE_BACKOFF;
+        assert_eq!(r.due(now).len(), 1);
+        // With a listener in flight, an announcement changes nothing.
+        r.listening(relay, ListenerId::next(), now);
+        r.ready(&relay, now);
+        assert!(r.due(now).is_empty());
     }
 
     #[test]

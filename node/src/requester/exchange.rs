@@ -278,8 +278,9 @@ impl Requester {
                     outcome.attempts = attempt + 1;
                     // Which path the job took (direct, hole-punched, relayed), for operators.
                     if let Ok(path) = self.net.path_to(peer).await {
-                        tracing::info!(provider = %peer, path = path.as_str(), "job delivered");
+                        outcome.path = path;
                     }
+                    tracing::info!(provider = %peer, path = outcome.path.as_str(), "job delivered");
                     // Measured here, submission to images: the provider's claims play no part.
                     let took = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                     let units = outcome.receipt.verify().map(|r| r.units).ok();
@@ -882,6 +883,7 @@ impl Requester {
                                 receipt,
                                 ack,
                                 attempts: 1,
+                                path: crate::network::PathKind::NotConnected,
                             });
                         }
                         Err(problem) => {

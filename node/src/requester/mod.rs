@@ -214,6 +214,9 @@ pub struct Outcome {
     pub cost: MicroTokens,
     /// Providers tried, this one included.
     pub attempts: usize,
+    /// How we were connected to the provider when the images arrived (direct, hole-punched,
+    /// relayed).
+    pub path: crate::network::PathKind,
 }
 
 /// Why a `generate` call produced nothing. Nothing was paid, except in `Undelivered`: the
