@@ -191,7 +191,9 @@ impl request_response::Codec for HogCodec {
         // stream, so a cut is seen as one.
         loop {
             tokio::time::sleep(HOG_PROBE).await;
-            io.write(&[]).await?;
+            if io.write(&[]).await? != 0 {
+                return Err(io::Error::other("an empty write wrote bytes"));
+            }
         }
     }
 
