@@ -52,6 +52,8 @@ pub const HOG_CONNECTIONS: u32 = MAX_PER_PEER;
 /// How long a hog holds its streams when the provider does not cut them first: past the small
 /// frames' read timeout, short of a test's patience.
 pub const HOG_HOLD: Duration = Duration::from_secs(20);
+/// How often a hog checks that a stalled stream is still open.
+const HOG_PROBE: Duration = Duration::from_millis(250);
 /// The bytes a hog writes at a time while it fills a declared frame.
 const HOG_CHUNK: usize = 64 * 1024;
 /// What a hog writes: shared by every stream, so thousands of them cost the hog no memory.
@@ -184,8 +186,15 @@ impl request_response::Codec for HogCodec {
             left -= n;
         }
         io.flush().await?;
-        // Hold the stream until the provider cuts it or our own request timeout ends it.
-        std::future::pending::<io::Result<()>>().await
+        // Hold the stream until the provider cuts it or our own request timeout ends it. An
+        // empty write carries no byte of the frame and fails once the provider has reset the
+        // stream, so a cut is seen as one.
+        loop {
+            tokio::time::sleep(HOG_PROBE).await;
+            if io.write(&[]).await? != 0 {
+                return Err(io::Error::other("an empty write wrote bytes"));
+            }
+        }
     }
 
     async fn write_response<T>(&mut self, _: &StreamProtocol, _: &mut T, _: ()) -> io::Result<()>

@@ -2,7 +2,8 @@
 //! a 4-byte big-endian length and the canonical postcard bytes of a [`Request`] or [`Response`].
 //! Each message variant has its own limit, checked against the length prefix and the first
 //! body byte (the variant) before anything else is buffered; a frame's buffer grows with the
-//! bytes that arrive, within byte budgets shared by all of the node's streams.
+//! bytes that arrive, within byte budgets per connection and node-wide
+//! ([`super::inbound_budget`]); a stream carries one frame each way and then ends.
 //!
 //! Version 2 is the fair exchange (docs/protocol.md): `Completed` carries the receipt without
 //! the images, and the images are the answer to a `Fetch` that carries the signed ack.
@@ -20,6 +21,8 @@ use pixmarket_protocol::{
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
+
+use super::inbound_budget::{self, ConnectionBudget, NodeBudget};
 
 /// Version 3: job requests carry previews, latents and a LoRA, events carry previews, and
 /// refusals name relay, size and LoRA limits; a node of version 2 cannot decode them, so the
@@ -133,50 +136,79 @@ const KIB: usize = 1024;
 const SMALL_BYTES: usize = KIB;
 /// The limit of a job event.
 pub const MAX_EVENT_BYTES: usize = 64 * KIB;
-/// Frames up to this size are read from the small-frame budget, larger ones from the large.
+/// Frames up to this size are small: every request but a job with input images, every
+/// response but the images answering a `Fetch`. Requests are read within the budgets of
+/// [`super::inbound_budget`]; responses within [`SMALL_RESPONSE_BUDGET`] and
+/// [`LARGE_RESPONSE_BUDGET`].
 pub const SMALL_FRAME_BYTES: usize = 64 * KIB;
-/// Bytes of small inbound frames being read at once, over every peer and stream: 256 frames
-/// of the largest small size. Together with [`LARGE_FRAME_BUDGET`] it bounds what the node
-/// buffers for frames not yet decoded, however many streams peers open.
-pub const SMALL_FRAME_BUDGET: usize = 256 * SMALL_FRAME_BYTES;
-/// Bytes of large inbound frames being read at once: one job with both input images at the
-/// largest size, or one full `Fetch` answer, and room for small img2img inputs beside it. A
-/// large frame waits for its whole declared length to be free before any byte is read, so
-/// frames never hold parts of the budget against each other; a peer that declares large
-/// frames and sends slowly delays only other large frames (img2img inputs and image
-/// answers), by at most the RPC timeout, never quotes, text-to-image jobs, events or acks.
-pub const LARGE_FRAME_BUDGET: usize = MAX_RESPONSE_BYTES + 8 * 1024 * KIB;
-/// A small frame's body must arrive within this of its length prefix (64 KiB take well under a
-/// second on any link that can use the market): a peer that announces a frame and then stalls
-/// holds its share of [`SMALL_FRAME_BUDGET`] this long at most. Large frames are bounded by
-/// the RPC timeout.
+/// Bytes of small response frames being read at once, over every peer: 256 of the largest.
+/// Responses arrive only for requests this node sent, and an answer to anything but a `Fetch`
+/// must be a small frame.
+pub const SMALL_RESPONSE_BUDGET: usize = 256 * SMALL_FRAME_BYTES;
+/// Bytes of large response frames being read at once: one full `Fetch` answer, and room for
+/// small image answers beside it. A large frame waits for its whole declared length to be free
+/// before any byte is read, so frames never hold parts of the budget against each other.
+pub const LARGE_RESPONSE_BUDGET: usize = MAX_RESPONSE_BYTES + 8 * 1024 * KIB;
+/// A small frame's body, and the end of stream after any frame, must arrive within this of its
+/// length prefix (64 KiB take well under a second on any link that can use the market): a peer
+/// that announces a frame and then stalls holds its share of a budget this long at most. Large
+/// frames are bounded by the RPC timeout.
 pub const SMALL_FRAME_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-/// A frame buffer's first allocation: it then grows with the bytes that arrive, never with
-/// what the length prefix claims.
+/// How much of a frame is read at a time: its buffer grows with the bytes that arrive (never
+/// past the declared length), never with what the length prefix claims.
 const READ_CHUNK: usize = 64 * KIB;
 
-/// The byte budgets inbound frames are read under, shared by every connection of a node.
-#[derive(Clone, Debug)]
-struct Budgets {
+/// The byte budgets inbound responses are read under, shared by every connection of a node.
+#[derive(Debug)]
+struct ResponseBudgets {
     small: Arc<Semaphore>,
     large: Arc<Semaphore>,
 }
 
-impl Default for Budgets {
+impl Default for ResponseBudgets {
     fn default() -> Self {
         Self {
-            small: Arc::new(Semaphore::new(SMALL_FRAME_BUDGET)),
-            large: Arc::new(Semaphore::new(LARGE_FRAME_BUDGET)),
+            small: Arc::new(Semaphore::new(SMALL_RESPONSE_BUDGET)),
+            large: Arc::new(Semaphore::new(LARGE_RESPONSE_BUDGET)),
         }
     }
 }
 
 /// Length-prefixed postcard frames with a size limit per message variant, read within the
-/// node's byte budgets. One codec is built per node; libp2p clones it for every connection,
-/// and the clones share the budgets.
-#[derive(Clone, Debug, Default)]
+/// node's and the connection's byte budgets.
+///
+/// One codec is built per node. libp2p's request-response clones the behaviour's codec once
+/// for each connection and that copy once for each stream (a stream's request and its
+/// response go through one copy). So a clone of the node's codec starts a connection's
+/// budget, and a clone of a connection's copy shares it; the node's budgets are shared by all.
+/// `behaviour_clones_share_the_node_and_split_connections` below, and the hostile-peer tests
+/// over real libp2p, hold this to what libp2p does.
+#[derive(Debug, Default)]
 pub struct RpcCodec {
-    budgets: Budgets,
+    node: Arc<NodeBudget>,
+    responses: Arc<ResponseBudgets>,
+    /// `None` in the node's own codec; a connection's copies share one.
+    connection: Option<Arc<ConnectionBudget>>,
+    /// Whether the request this copy wrote was a `Fetch` (the only request with a large answer);
+    /// `None` before it wrote one.
+    asked_fetch: Option<bool>,
+}
+
+impl Clone for RpcCodec {
+    fn clone(&self) -> Self {
+        Self {
+            node: self.node.clone(),
+            responses: self.responses.clone(),
+            connection: Some(self.connection.clone().unwrap_or_default()),
+            asked_fetch: None,
+        }
+    }
+}
+
+impl RpcCodec {
+    fn connection(&mut self) -> Arc<ConnectionBudget> {
+        self.connection.get_or_insert_with(Arc::default).clone()
+    }
 }
 
 /// The limit of the variant `tag` names, or why the frame is refused.
@@ -201,14 +233,14 @@ fn limit_of(
     Ok((variant, max))
 }
 
-async fn read_frame<T, R>(
+/// A frame's declared length and variant, checked against the variant's limit; nothing of the
+/// body is read.
+async fn read_header<R>(
     io: &mut R,
     what: &'static str,
     limits: &[(&'static str, usize)],
-    budgets: &Budgets,
-) -> io::Result<T>
+) -> io::Result<(usize, Tag, usize)>
 where
-    T: Serialize + serde::de::DeserializeOwned,
     R: AsyncRead + Unpin + Send,
 {
     let mut len = [0u8; 4];
@@ -223,6 +255,108 @@ where
     let mut tag = [0u8; 1];
     io.read_exact(&mut tag).await?;
     let (_, max) = limit_of(what, limits, tag[0], len)?;
+    Ok((len, tag[0], max))
+}
+
+/// The rest of a frame of `len` bytes whose first is `tag`, then the sender's end of stream
+/// (one request or response per stream; bytes after the frame are refused). The buffer grows
+/// with what arrives, at most doubling, and never past `len`.
+async fn read_body<R>(io: &mut R, what: &'static str, len: usize, tag: Tag) -> io::Result<Vec<u8>>
+where
+    R: AsyncRead + Unpin + Send,
+{
+    let mut buf = Vec::with_capacity(len.min(READ_CHUNK));
+    buf.push(tag);
+    let body = async {
+        while buf.len() < len {
+            let filled = buf.len();
+            let want = (len - filled).min(READ_CHUNK);
+            if buf.capacity() < filled + want {
+                let target = (buf.capacity() * 2).clamp(filled + want, len);
+                buf.reserve_exact(target - filled);
+            }
+            buf.resize(filled + want, 0);
+            let n = io.read(&mut buf[filled..]).await?;
+            buf.truncate(filled + n);
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{what} frame ended after {filled} of {len} bytes"),
+                ));
+            }
+        }
+        Ok(())
+    };
+    if len <= SMALL_FRAME_BYTES {
+        tokio::time::timeout(SMALL_FRAME_READ_TIMEOUT, body)
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "{what} frame of {len} bytes not received within {} s",
+                        SMALL_FRAME_READ_TIMEOUT.as_secs()
+                    ),
+                )
+            })??;
+    } else {
+        body.await?;
+    }
+    let mut after = [0u8; 1];
+    let end = tokio::time::timeout(SMALL_FRAME_READ_TIMEOUT, io.read(&mut after))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "{what} stream not closed within {} s of its frame",
+                    SMALL_FRAME_READ_TIMEOUT.as_secs()
+                ),
+            )
+        })??;
+    if end != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{what} stream carries bytes after its frame of {len} bytes"),
+        ));
+    }
+    Ok(buf)
+}
+
+async fn read_request<R>(
+    io: &mut R,
+    connection: &ConnectionBudget,
+    node: &NodeBudget,
+) -> io::Result<Request>
+where
+    R: AsyncRead + Unpin + Send,
+{
+    let what = "rpc request";
+    let (len, tag, max) = read_header(io, what, &REQUEST_LIMITS).await?;
+    let _permit = inbound_budget::admit(what, len, connection, node).await?;
+    let buf = read_body(io, what, len, tag).await?;
+    codec::decode(what, &buf, max).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+async fn read_response<R>(
+    io: &mut R,
+    budgets: &ResponseBudgets,
+    asked_fetch: Option<bool>,
+) -> io::Result<Response>
+where
+    R: AsyncRead + Unpin + Send,
+{
+    let what = "rpc response";
+    let (len, tag, max) = read_header(io, what, &RESPONSE_LIMITS).await?;
+    if asked_fetch == Some(false) && len > SMALL_FRAME_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{what} frame of {len} bytes exceeds {SMALL_FRAME_BYTES}, the most an answer \
+                 to anything but a fetch may be"
+            ),
+        ));
+    }
     let budget = if len <= SMALL_FRAME_BYTES {
         &budgets.small
     } else {
@@ -234,32 +368,7 @@ where
         .acquire_many(permits)
         .await
         .map_err(|_| io::Error::other("the node is stopping"))?;
-    let mut buf = Vec::with_capacity(len.min(READ_CHUNK));
-    buf.push(tag[0]);
-    let rest = u64::try_from(len - 1).unwrap_or(u64::MAX);
-    let mut body = io.take(rest);
-    let read = body.read_to_end(&mut buf);
-    let got = if len <= SMALL_FRAME_BYTES {
-        tokio::time::timeout(SMALL_FRAME_READ_TIMEOUT, read)
-            .await
-            .map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "{what} frame of {len} bytes not received within {} s",
-                        SMALL_FRAME_READ_TIMEOUT.as_secs()
-                    ),
-                )
-            })??
-    } else {
-        read.await?
-    };
-    if u64::try_from(got).unwrap_or(u64::MAX) != rest {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("{what} frame ended after {} of {len} bytes", got + 1),
-        ));
-    }
+    let buf = read_body(io, what, len, tag).await?;
     codec::decode(what, &buf, max).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
@@ -295,14 +404,15 @@ impl libp2p::request_response::Codec for RpcCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_frame(io, "rpc request", &REQUEST_LIMITS, &self.budgets).await
+        let connection = self.connection();
+        read_request(io, &connection, &self.node).await
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Response>
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_frame(io, "rpc response", &RESPONSE_LIMITS, &self.budgets).await
+        read_response(io, &self.responses, self.asked_fetch).await
     }
 
     async fn write_request<T>(
@@ -314,6 +424,7 @@ impl libp2p::request_response::Codec for RpcCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
+        self.asked_fetch = Some(matches!(req, Request::Fetch(_)));
         write_frame(io, "rpc request", &req, &REQUEST_LIMITS).await
     }
 
@@ -461,8 +572,11 @@ mod tests {
         assert_eq!(REQUEST_LIMITS.len(), requests().len() + 1);
         assert_eq!(RESPONSE_LIMITS.len(), responses().len());
         // Every limit fits the budget it is read from, so a frame can always be granted.
-        for (_, max) in REQUEST_LIMITS.iter().chain(RESPONSE_LIMITS.iter()) {
-            assert!(*max <= LARGE_FRAME_BUDGET);
+        for (_, max) in REQUEST_LIMITS {
+            assert!(max <= inbound_budget::LARGE_REQUEST_BUDGET);
+        }
+        for (_, max) in RESPONSE_LIMITS {
+            assert!(max <= LARGE_RESPONSE_BUDGET);
         }
     }
 
@@ -517,11 +631,137 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         assert!(err.to_string().contains("ended after 11 of"), "{err}");
         // The budget it held is back: the whole of it can be granted again.
-        let all = u32::try_from(LARGE_FRAME_BUDGET).unwrap();
-        let permit = codec.budgets.large.try_acquire_many(all).unwrap();
-        drop(permit);
-        let small = u32::try_from(SMALL_FRAME_BUDGET).unwrap();
-        assert!(codec.budgets.small.try_acquire_many(small).is_ok());
+        let connection = codec.connection();
+        let again = inbound_budget::admit("t", MAX_REQUEST_BYTES, &connection, &codec.node).await;
+        assert!(again.is_ok());
+    }
+
+    /// Yields `bytes`, then never anything more: a peer that stalls with its stream open.
+    struct Stall {
+        bytes: Vec<u8>,
+        at: usize,
+    }
+
+    impl AsyncRead for Stall {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            out: &mut [u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let at = self.at;
+            let n = out.len().min(self.bytes.len() - at);
+            if n == 0 {
+                return std::task::Poll::Pending;
+            }
+            out[..n].copy_from_slice(&self.bytes[at..at + n]);
+            self.at += n;
+            std::task::Poll::Ready(Ok(n))
+        }
+    }
+
+    #[test]
+    fn behaviour_clones_share_the_node_and_split_connections() {
+        // As request-response clones: the node's codec once per connection, each connection's
+        // copy once per stream.
+        let node = RpcCodec::default();
+        let mut a = node.clone();
+        let mut a_stream = a.clone();
+        let mut b = node.clone();
+        assert!(Arc::ptr_eq(&a.connection(), &a_stream.connection()));
+        assert!(!Arc::ptr_eq(&a.connection(), &b.connection()));
+        assert!(Arc::ptr_eq(&a.node, &b.node) && Arc::ptr_eq(&a_stream.node, &node.node));
+        assert!(Arc::ptr_eq(&a.responses, &b.responses));
+    }
+
+    #[tokio::test]
+    async fn a_connection_stalling_at_its_budget_does_not_block_another() {
+        let node = RpcCodec::default();
+        let hog = node.clone();
+        // The hog declares events of the largest small size and stalls one byte short, on
+        // as many streams as its connection's share holds.
+        let stalled = frame(u32::try_from(MAX_EVENT_BYTES).unwrap(), &[2; 100]);
+        let mut held = Vec::new();
+        for _ in 0..inbound_budget::CONNECTION_SMALL_BYTES / MAX_EVENT_BYTES {
+            let mut stream = hog.clone();
+            let mut io = Stall {
+                bytes: stalled.clone(),
+                at: 0,
+            };
+            held.push(tokio::spawn(async move {
+                stream.read_request(&RPC_PROTOCOL, &mut io).await
+            }));
+        }
+        // Wait until every one of them holds its share.
+        let mut probe = hog.clone();
+        let refusal = loop {
+            let small = frame(1, &[3]);
+            match probe
+                .read_request(&RPC_PROTOCOL, &mut small.as_slice())
+                .await
+            {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break e,
+                _ => tokio::task::yield_now().await,
+            }
+        };
+        assert!(
+            refusal.to_string().contains("this connection already has"),
+            "{refusal}"
+        );
+        // Another peer's connection is served: a cancel, read whole.
+        let mut honest = node.clone();
+        let req = Request::Cancel(JobId([7; 16]));
+        let mut buf = Vec::new();
+        honest
+            .write_request(&RPC_PROTOCOL, &mut buf, req.clone())
+            .await
+            .unwrap();
+        let back = honest
+            .read_request(&RPC_PROTOCOL, &mut buf.as_slice())
+            .await
+            .unwrap();
+        assert_eq!(back, req);
+        // When the hog's streams end, its share is back.
+        for h in held {
+            h.abort();
+            let _ = h.await;
+        }
+        let mut again = hog.clone();
+        let mut small = Vec::new();
+        again
+            .write_request(&RPC_PROTOCOL, &mut small, req.clone())
+            .await
+            .unwrap();
+        assert!(
+            again
+                .read_request(&RPC_PROTOCOL, &mut small.as_slice())
+                .await
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn bytes_after_a_frame_and_large_answers_to_small_questions_are_refused() {
+        let mut codec = RpcCodec::default().clone();
+        let mut buf = Vec::new();
+        let req = Request::Cancel(JobId([7; 16]));
+        codec
+            .write_request(&RPC_PROTOCOL, &mut buf, req)
+            .await
+            .unwrap();
+        buf.extend_from_slice(&[0; 1000]);
+        let err = codec
+            .read_request(&RPC_PROTOCOL, &mut buf.as_slice())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("bytes after its frame"), "{err}");
+        // This copy asked for a cancel; an `Images` answer of a megabyte is refused at its
+        // header, before anything is buffered.
+        let images = frame(1 << 20, &[5]);
+        let err = codec
+            .read_response(&RPC_PROTOCOL, &mut images.as_slice())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("anything but a fetch"), "{err}");
     }
 
     #[tokio::test]

@@ -23,6 +23,7 @@ pub mod behaviour;
 pub mod codec;
 mod event_loop;
 pub mod faults;
+pub mod inbound_budget;
 pub mod ip_limits;
 pub mod path;
 pub mod reachability;

@@ -35,6 +35,8 @@ use pixmarket_testnet::hostile::{HOG_CONNECTIONS, HOG_STREAMS, hog_round};
 const USAGE: &str = "usage: pixmarket-hostile-bench memory|flood [--jobs N]";
 /// Honest jobs per phase unless `--jobs` says otherwise.
 const DEFAULT_JOBS: usize = 20;
+/// What the flooder prints on its first line once it attacks.
+const FLOODING: &str = "flooding";
 /// How often the provider's resident memory is sampled while a hog holds its streams.
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
@@ -258,14 +260,20 @@ async fn flood(jobs: usize) -> anyhow::Result<()> {
             quiet.push(market.job(1_000 * block + i).await?);
         }
         let mut flooder = child("flooder", &market.provider_addr, 1)?;
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // The flooder says when its first round is under way (loading its model takes a while).
+        let mut out = std::io::BufReader::new(flooder.stdout.take().context("flooder output")?);
+        let mut ready = String::new();
+        tokio::task::block_in_place(|| std::io::BufRead::read_line(&mut out, &mut ready))?;
+        if ready.trim() != FLOODING {
+            bail!("the flooder did not start: {ready:?}");
+        }
         for i in 0..jobs / 2 {
             flooded.push(market.job(1_000 * block + 500 + i).await?);
         }
         drop(flooder.stdin.take());
-        let _ = flooder.kill();
-        let out = flooder.wait_with_output()?;
-        println!("flooder: {}", String::from_utf8_lossy(&out.stdout).trim());
+        let tally = tokio::task::block_in_place(|| std::io::read_to_string(out))?;
+        let _ = flooder.wait();
+        println!("flooder: {}", tally.trim());
     }
     quiet.sort();
     flooded.sort();
@@ -321,6 +329,7 @@ async fn flooder(addr: Multiaddr) -> anyhow::Result<()> {
         )
         .await?,
     );
+    println!("{FLOODING}");
     let attack = {
         let a = a.clone();
         tokio::spawn(async move {
