@@ -589,10 +589,8 @@ impl QwenImage {
         let te_dir = dir.join("text_encoder");
         let (text_encoder, text_encoder_config) = match opts.text_encoder {
             TextEncoderPlace::EncodeThenFree => {
-                let text = std::fs::read_to_string(te_dir.join("config.json"))
-                    .map_err(|e| not_model(format!("cannot read text_encoder/config.json: {e}")))?;
-                let cfg = crate::text_encoder::TextEncoderConfig::from_json(&text)
-                    .map_err(|e| not_model(format!("bad text_encoder/config.json: {e}")))?;
+                let cfg = QwenTextEncoder::read_config(&te_dir)
+                    .map_err(|e| EngineError::component("text_encoder", te_dir.clone(), e))?;
                 let slot = TextEncoderSlot::OnDemand {
                     dir: te_dir,
                     dtype,
