@@ -613,8 +613,10 @@ impl QwenImage {
         }
         transformer.set_working_memory(opts.working_memory);
         let vae_dtype = if device.is_cpu() { DType::F32 } else { dtype };
-        let vae = AutoencoderKLQwenImage::load(&dir.join("vae"), vae_dtype, device)
+        let mut vae = AutoencoderKLQwenImage::load(&dir.join("vae"), vae_dtype, device)
             .map_err(|e| EngineError::component("vae", dir.join("vae"), e))?;
+        // The mid-block attention's chunks shrink to the plan's working memory.
+        vae.set_working_memory(opts.working_memory);
         let sched_path = dir.join("scheduler").join("scheduler_config.json");
         let scheduler = FlowMatchEuler::from_file(&sched_path)
             .map_err(|e| EngineError::component("scheduler", dir.join("scheduler"), e))?;
