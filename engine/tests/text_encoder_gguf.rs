@@ -225,12 +225,12 @@ fn our_writer_q8_0_and_q4_k_are_close_to_f32_on_a_wider_encoder() -> Result<()> 
     let src = tmp.path().join("st");
     write_wide_encoder(&src)?;
     let st = load(&src)?;
-    let ids: Vec<Tensor> = [11usize, 40, 3]
+    let ids: Vec<Tensor> = [(0u32, 11u32), (1, 40), (2, 3)]
         .iter()
-        .enumerate()
-        .map(|(k, &len)| {
-            let v: Vec<u32> = (0..len).map(|i| ((i * 7 + k * 13) % 64) as u32).collect();
-            Tensor::from_vec(v, len, &Device::Cpu)
+        .map(|&(k, len)| {
+            let v: Vec<u32> = (0..len).map(|i| (i * 7 + k * 13) % 64).collect();
+            let n = v.len();
+            Tensor::from_vec(v, n, &Device::Cpu)
         })
         .collect::<candle_core::Result<_>>()?;
     for (format, quantized, bound) in [

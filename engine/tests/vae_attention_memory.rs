@@ -124,7 +124,8 @@ fn head_peak_is_bounded_by_the_chunk() {
     let z = latents();
     let mut v = vae();
     let cfg = v.config().clone();
-    let (w_px, h_px) = ((LATENT_W * 8) as u32, (LATENT_H * 8) as u32);
+    let w_px = u32::try_from(LATENT_W * 8).unwrap();
+    let h_px = u32::try_from(LATENT_H * 8).unwrap();
     let tokens = (LATENT_H * LATENT_W) as u64;
     // Two full score matrices are alive at once unchunked (the scaled scores, then the
     // probabilities beside them); the formula counts three to bound the softmax's temporaries.
