@@ -531,6 +531,71 @@ fn model_quantize_writes_a_folder_that_generates() {
 }
 
 #[test]
+fn model_quantize_text_encoder_writes_a_llama_cpp_gguf_that_generates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("q8te");
+    let model = engine_fixture("model");
+    let o = pixmarket(
+        tmp.path(),
+        &[
+            "model",
+            "quantize",
+            "--model",
+            model.to_str().unwrap(),
+            "--to",
+            "q8_0",
+            "--text-encoder",
+            "--out",
+            q.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("text_encoder/model.gguf in llama.cpp's layout"),
+        "{}",
+        stdout(&o)
+    );
+    let te = q.join("text_encoder");
+    assert!(te.join("model.gguf").is_file());
+    assert!(
+        std::fs::read_dir(&te)
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().contains(".safetensors"))
+    );
+    // The source keeps its own text encoder weights.
+    assert!(
+        std::fs::read_dir(model.join("text_encoder"))
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().contains(".safetensors"))
+    );
+    let out = tmp.path().join("q.png");
+    let o = pixmarket(
+        tmp.path(),
+        &[
+            "generate",
+            "A red cat",
+            "--local",
+            "--model",
+            q.to_str().unwrap(),
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--steps",
+            "2",
+            "--true-cfg-scale",
+            "1",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.is_file());
+}
+
+#[test]
 fn device_memory_prints_the_plan_and_refuses_what_does_not_fit() {
     let tmp = tempfile::tempdir().unwrap();
     let model = engine_fixture("model");

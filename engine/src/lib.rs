@@ -33,6 +33,7 @@ pub mod scenes;
 pub mod scheduler;
 pub mod step_cache;
 pub mod text_encoder;
+pub mod text_encoder_gguf;
 pub mod tiny;
 pub mod tokenizer;
 pub mod train;

@@ -173,19 +173,45 @@ pub fn vae_decode_bytes(width: u32, height: u32, base_dim: usize, dtype_bytes: u
 }
 
 /// Working memory of the head of a VAE decode of a `width`×`height` image (post-quant conv,
-/// `conv_in`, mid block, at latent resolution; [`crate::vae::AutoencoderKLQwenImage::decode_head`]):
-/// [`VAE_LIVE_TENSORS`] tensors of its width `base_dim · dim_mult[-1]`, plus one query chunk of
-/// the mid block's attention in f32 as three score-sized matrices (the scores, their scaled
-/// copy, the probabilities). Not bounded by a tile: the attention sees the whole frame.
+/// `conv_in`, mid block, at latent resolution; [`crate::vae::AutoencoderKLQwenImage::decode_head`])
+/// with the default chunk: [`vae_head_bytes_within`] with no working-memory bound.
 pub fn vae_head_bytes(
     width: u32,
     height: u32,
     cfg: &crate::vae::VaeConfig,
     dtype_bytes: u64,
 ) -> u64 {
+    vae_head_bytes_within(width, height, cfg, dtype_bytes, None)
+}
+
+/// The head's working memory when the mid-block attention's chunks are sized within `working`
+/// bytes ([`crate::vae::attention_rows`]; `None`: the default chunk): [`VAE_LIVE_TENSORS`]
+/// tensors of the head's width `base_dim · dim_mult[-1]` plus one query chunk in f32 as three
+/// score-sized matrices (the scores, their scaled copy, the probabilities), or, with a bound,
+/// the attention's [`crate::vae::ATTENTION_LIVE_TENSORS`] beside its smaller chunk. Not bounded by
+/// a tile: the attention sees the whole frame, but its chunk shrinks with the memory left.
+pub fn vae_head_bytes_within(
+    width: u32,
+    height: u32,
+    cfg: &crate::vae::VaeConfig,
+    dtype_bytes: u64,
+    working: Option<u64>,
+) -> u64 {
     let (tokens, head_out) = head_shape(width, height, cfg, dtype_bytes);
-    let chunk = tokens.min(crate::vae::ATTENTION_QUERY_CHUNK as u64);
-    head_out * VAE_LIVE_TENSORS + 3 * chunk * tokens * F32
+    let t = usize::try_from(tokens).unwrap_or(usize::MAX);
+    let score_bytes =
+        |rows: usize| crate::vae::ATTENTION_SCORE_MATRICES * rows as u64 * tokens * F32;
+    match working {
+        None => {
+            let rows = crate::vae::attention_rows(None, None, 0, 1, t);
+            head_out * VAE_LIVE_TENSORS + score_bytes(rows)
+        }
+        Some(_) => {
+            let live = head_out * crate::vae::ATTENTION_LIVE_TENSORS;
+            let rows = crate::vae::attention_rows(None, working, live, 1, t);
+            live + score_bytes(rows)
+        }
+    }
 }
 
 /// Latent tokens of a `width`×`height` image and the bytes of the head's output.

@@ -589,10 +589,8 @@ impl QwenImage {
         let te_dir = dir.join("text_encoder");
         let (text_encoder, text_encoder_config) = match opts.text_encoder {
             TextEncoderPlace::EncodeThenFree => {
-                let text = std::fs::read_to_string(te_dir.join("config.json"))
-                    .map_err(|e| not_model(format!("cannot read text_encoder/config.json: {e}")))?;
-                let cfg = crate::text_encoder::TextEncoderConfig::from_json(&text)
-                    .map_err(|e| not_model(format!("bad text_encoder/config.json: {e}")))?;
+                let cfg = QwenTextEncoder::read_config(&te_dir)
+                    .map_err(|e| EngineError::component("text_encoder", te_dir.clone(), e))?;
                 let slot = TextEncoderSlot::OnDemand {
                     dir: te_dir,
                     dtype,
@@ -615,8 +613,10 @@ impl QwenImage {
         }
         transformer.set_working_memory(opts.working_memory);
         let vae_dtype = if device.is_cpu() { DType::F32 } else { dtype };
-        let vae = AutoencoderKLQwenImage::load(&dir.join("vae"), vae_dtype, device)
+        let mut vae = AutoencoderKLQwenImage::load(&dir.join("vae"), vae_dtype, device)
             .map_err(|e| EngineError::component("vae", dir.join("vae"), e))?;
+        // The mid-block attention's chunks shrink to the plan's working memory.
+        vae.set_working_memory(opts.working_memory);
         let sched_path = dir.join("scheduler").join("scheduler_config.json");
         let scheduler = FlowMatchEuler::from_file(&sched_path)
             .map_err(|e| EngineError::component("scheduler", dir.join("scheduler"), e))?;

@@ -130,7 +130,8 @@ impl Footprint {
         }
     }
 
-    /// A folder's footprint in `dtype` (its transformer's GGUF file size if it has one).
+    /// A folder's footprint in `dtype` (its transformer's GGUF file size if it has one, its text
+    /// encoder's GGUF tensors as loaded if it has one).
     pub fn of_folder(dir: &Path, dtype: DType) -> Option<Self> {
         let m = FolderModel::read(dir)?;
         let bytes = dtype.size_in_bytes() as u64;
@@ -139,9 +140,18 @@ impl Footprint {
             Ok(meta) => meta.len(),
             Err(_) => transformer_weight_bytes(&m.transformer, WeightFormat::Float(bytes)),
         };
+        // A llama.cpp-layout text encoder: its linears as stored, the rest in `dtype`.
+        let te_gguf = crate::text_encoder_gguf::find_gguf(&dir.join("text_encoder")).ok()?;
+        let text_encoder = match te_gguf {
+            Some(path) => crate::text_encoder_gguf::open(&path)
+                .ok()?
+                .0
+                .loaded_bytes(bytes),
+            None => text_encoder_weight_bytes(&m.text_encoder, bytes),
+        };
         Some(Self {
             transformer,
-            text_encoder: text_encoder_weight_bytes(&m.text_encoder, bytes),
+            text_encoder,
             vae: vae_weight_bytes(&m.vae, bytes),
         })
     }
@@ -158,8 +168,8 @@ impl FolderModel {
     fn read(dir: &Path) -> Option<Self> {
         let transformer =
             TransformerConfig::from_file(&dir.join("transformer/config.json")).ok()?;
-        let te_text = std::fs::read_to_string(dir.join("text_encoder/config.json")).ok()?;
-        let text_encoder = TextEncoderConfig::from_json(&te_text).ok()?;
+        let text_encoder =
+            crate::text_encoder::QwenTextEncoder::read_config(&dir.join("text_encoder")).ok()?;
         let vae = crate::vae::AutoencoderKLQwenImage::load_config(&dir.join("vae")).ok()?;
         Some(Self {
             transformer,

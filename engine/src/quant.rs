@@ -15,10 +15,12 @@
 //! `time_text_embed`, `norm_out`, `proj_out`), where quality needs full precision and the bytes
 //! are < 0.5 % of the model.
 //!
-//! How a quantized weight reaches [`Proj`]: the backend answers a name `W#q8_0` (or `#q5_k`,
-//! `#q4_k`) with the raw GGML blocks of `W` as a `u8` tensor, which `Proj` rebuilds into a
-//! `QTensor` on the model's device. Asked for `W` itself, it dequantizes, so any layer that wants
-//! a plain tensor still gets the right values.
+//! How a quantized weight reaches [`Proj`]: the backend answers a name `W#q8_0` (or any other
+//! block type of [`BLOCK_TYPES`]: `#q4_k`, `#q6_k`, …) with the raw GGML blocks of `W` as a `u8`
+//! tensor, which `Proj` rebuilds into a `QTensor` on the model's device. Asked for `W` itself, it
+//! dequantizes, so any layer that wants a plain tensor still gets the right values. The same
+//! backend reads the text encoder's llama.cpp-layout file ([`crate::text_encoder_gguf`]) through
+//! a name map.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -67,6 +69,14 @@ pub enum QuantError {
         #[source]
         source: candle_core::Error,
     },
+    /// A component's `config.json` is unusable.
+    #[error("{}: {reason}", path.display())]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The output folder exists and is not empty.
     #[error("{} exists and is not empty", .0.display())]
     OutputExists(PathBuf),
@@ -113,15 +123,38 @@ impl QuantFormat {
         }
     }
 
-    fn of_ggml(t: GgmlDType) -> Option<Self> {
-        Self::ALL.into_iter().find(|f| f.ggml() == t)
-    }
-
     /// Stored bytes per weight, as a fraction `(bytes, weights)` of one block.
     pub fn bytes_per_block(self) -> (u64, u64) {
         let t = self.ggml();
         (t.type_size() as u64, t.block_size() as u64)
     }
+}
+
+/// The GGML block types a weight may be stored in and run by `QMatMul` without dequantizing
+/// (what community files use, e.g. Q6_K beside Q4_K in a `Q4_K_M` file), with the names their
+/// `#` markers use. F32, F16 and BF16 weights load as plain tensors.
+pub const BLOCK_TYPES: [(GgmlDType, &str); 10] = [
+    (GgmlDType::Q4_0, "q4_0"),
+    (GgmlDType::Q4_1, "q4_1"),
+    (GgmlDType::Q5_0, "q5_0"),
+    (GgmlDType::Q5_1, "q5_1"),
+    (GgmlDType::Q8_0, "q8_0"),
+    (GgmlDType::Q2K, "q2_k"),
+    (GgmlDType::Q3K, "q3_k"),
+    (GgmlDType::Q4K, "q4_k"),
+    (GgmlDType::Q5K, "q5_k"),
+    (GgmlDType::Q6K, "q6_k"),
+];
+
+fn block_type_named(name: &str) -> Option<GgmlDType> {
+    BLOCK_TYPES
+        .iter()
+        .find(|(_, n)| *n == name)
+        .map(|(t, _)| *t)
+}
+
+fn is_block_type(t: GgmlDType) -> bool {
+    BLOCK_TYPES.iter().any(|(b, _)| *b == t)
 }
 
 /// Whether the tensor `name` of `shape` is stored quantized in `format`.
@@ -244,8 +277,23 @@ pub struct GgufWeights {
 }
 
 impl GgufWeights {
-    /// Opens `path` and reads its header.
+    /// Opens `path` and reads its header; tensors keep their names, less a community prefix.
     pub fn open(path: &Path) -> Result<Self, QuantError> {
+        Self::open_mapped(path, &|n: &str| {
+            let ours = FOREIGN_PREFIXES
+                .iter()
+                .find_map(|p| n.strip_prefix(p))
+                .unwrap_or(n);
+            Some(ours.to_string())
+        })
+    }
+
+    /// Opens `path`; `rename` gives our name for each of the file's tensor names (`None`: the
+    /// tensor is not read).
+    pub fn open_mapped(
+        path: &Path,
+        rename: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, QuantError> {
         let file = File::open(path).map_err(io(path))?;
         let mut reader = BufReader::new(file);
         let content =
@@ -256,13 +304,7 @@ impl GgufWeights {
         let names = content
             .tensor_infos
             .keys()
-            .map(|n| {
-                let ours = FOREIGN_PREFIXES
-                    .iter()
-                    .find_map(|p| n.strip_prefix(p))
-                    .unwrap_or(n);
-                (ours.to_string(), n.clone())
-            })
+            .filter_map(|n| Some((rename(n)?, n.clone())))
             .collect();
         Ok(Self {
             path: path.to_path_buf(),
@@ -288,15 +330,50 @@ impl GgufWeights {
         self.content.tensor(&mut *reader, file_name, &Device::Cpu)
     }
 
-    /// `(name, format)` for a `W#format` name.
-    fn split_marker(name: &str) -> Option<(&str, QuantFormat)> {
+    /// `(name, block type)` for a `W#type` name.
+    fn split_marker(name: &str) -> Option<(&str, GgmlDType)> {
         let (base, fmt) = name.rsplit_once('#')?;
-        Some((base, QuantFormat::parse(fmt).ok()?))
+        Some((base, block_type_named(fmt)?))
     }
 
-    fn stored_format(&self, name: &str) -> Option<QuantFormat> {
+    /// The block type `name` is stored in, if it is one of [`BLOCK_TYPES`].
+    fn stored_block_type(&self, name: &str) -> Option<GgmlDType> {
         let info = self.content.tensor_infos.get(self.names.get(name)?)?;
-        QuantFormat::of_ggml(info.ggml_dtype)
+        is_block_type(info.ggml_dtype).then_some(info.ggml_dtype)
+    }
+
+    /// The file's metadata (architecture, sizes).
+    pub fn metadata(&self) -> &std::collections::HashMap<String, gguf_file::Value> {
+        &self.content.metadata
+    }
+
+    /// Our names of the tensors the file holds, with their shapes (outer dimension first) and
+    /// stored types.
+    pub fn shapes(&self) -> impl Iterator<Item = (&str, &[usize], GgmlDType)> {
+        self.names.iter().filter_map(|(ours, theirs)| {
+            let info = self.content.tensor_infos.get(theirs)?;
+            Some((ours.as_str(), info.shape.dims(), info.ggml_dtype))
+        })
+    }
+
+    /// Bytes the tensors take once loaded: block-type weights as stored, every other tensor at
+    /// `dtype_bytes` per element (they are dequantized to the model dtype).
+    pub fn loaded_bytes(&self, dtype_bytes: u64) -> u64 {
+        self.shapes()
+            .map(|(_, dims, t)| {
+                let n = dims.iter().product::<usize>() as u64;
+                if is_block_type(t) {
+                    n / t.block_size() as u64 * t.type_size() as u64
+                } else {
+                    n * dtype_bytes
+                }
+            })
+            .sum()
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 }
 
@@ -336,7 +413,7 @@ impl SimpleBackend for GgufWeights {
 
     fn contains_tensor(&self, name: &str) -> bool {
         match Self::split_marker(name) {
-            Some((base, fmt)) => self.stored_format(base) == Some(fmt),
+            Some((base, t)) => self.stored_block_type(base) == Some(t),
             None => self.names.contains_key(name),
         }
     }
@@ -362,8 +439,31 @@ pub enum Proj {
 /// or answer with something other than raw blocks, when the marker is fetched; then the plain
 /// weight is loaded, as from any backend without quantized tensors.
 pub fn linear(inp: usize, out: usize, vb: VarBuilder) -> candle_core::Result<Proj> {
-    for fmt in QuantFormat::ALL {
-        let marker = format!("weight#{}", fmt.name());
+    match quantized_weight(inp, out, &vb)? {
+        Some(weight) => Ok(Proj::Quantized {
+            weight,
+            bias: Some(vb.get(out, "bias")?),
+        }),
+        None => Ok(Proj::Plain(candle_nn::linear(inp, out, vb)?)),
+    }
+}
+
+/// [`linear`] without a bias (`candle_nn::linear_no_bias`).
+pub fn linear_no_bias(inp: usize, out: usize, vb: VarBuilder) -> candle_core::Result<Proj> {
+    match quantized_weight(inp, out, &vb)? {
+        Some(weight) => Ok(Proj::Quantized { weight, bias: None }),
+        None => Ok(Proj::Plain(candle_nn::linear_no_bias(inp, out, vb)?)),
+    }
+}
+
+/// The `[out, inp]` weight as a `QMatMul` when the backend holds it in a block type.
+fn quantized_weight(
+    inp: usize,
+    out: usize,
+    vb: &VarBuilder,
+) -> candle_core::Result<Option<QMatMul>> {
+    for (ggml, name) in BLOCK_TYPES {
+        let marker = format!("weight#{name}");
         if !vb.contains_tensor(&marker) {
             continue;
         }
@@ -372,18 +472,14 @@ pub fn linear(inp: usize, out: usize, vb: VarBuilder) -> candle_core::Result<Pro
             _ => continue,
         };
         let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
-            fmt.ggml(),
+            ggml,
             &raw,
             vec![out, inp],
             vb.device(),
         )?;
-        let bias = vb.get(out, "bias")?;
-        return Ok(Proj::Quantized {
-            weight: QMatMul::from_qtensor(q)?,
-            bias: Some(bias),
-        });
+        return Ok(Some(QMatMul::from_qtensor(q)?));
     }
-    Ok(Proj::Plain(candle_nn::linear(inp, out, vb)?))
+    Ok(None)
 }
 
 impl Module for Proj {

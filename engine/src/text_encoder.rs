@@ -18,9 +18,10 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor, bail};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
+use crate::quant::Proj;
 use crate::tokenizer::PromptTokens;
 use crate::weights::{ComponentWeights, WeightsError};
 
@@ -195,6 +196,14 @@ pub enum TextEncoderLoadError {
     /// The weight files could not be opened.
     #[error("cannot open the text-encoder weights")]
     Weights(#[from] WeightsError),
+    /// A llama.cpp-layout `.gguf` file is unusable ([`crate::text_encoder_gguf`]).
+    #[error("text encoder GGUF {}: {reason}", path.display())]
+    Gguf {
+        /// The file (or the folder, when it holds several).
+        path: PathBuf,
+        /// What is wrong, and what is allowed.
+        reason: String,
+    },
     /// A tensor is missing or misshapen.
     #[error("cannot build the text encoder from {}", dir.display())]
     Build {
@@ -236,10 +245,10 @@ impl Module for RmsNorm {
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -254,10 +263,10 @@ impl Attention {
         );
         let hidden = cfg.hidden_size;
         Ok(Self {
-            q_proj: candle_nn::linear(hidden, h * d, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear(hidden, kv * d, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(hidden, kv * d, vb.pp("v_proj"))?,
-            o_proj: candle_nn::linear_no_bias(h * d, hidden, vb.pp("o_proj"))?,
+            q_proj: crate::quant::linear(hidden, h * d, vb.pp("q_proj"))?,
+            k_proj: crate::quant::linear(hidden, kv * d, vb.pp("k_proj"))?,
+            v_proj: crate::quant::linear(hidden, kv * d, vb.pp("v_proj"))?,
+            o_proj: crate::quant::linear_no_bias(h * d, hidden, vb.pp("o_proj"))?,
             heads: h,
             kv_heads: kv,
             head_dim: d,
@@ -318,9 +327,9 @@ impl Attention {
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
 }
 
 impl Module for Mlp {
@@ -351,9 +360,9 @@ impl DecoderLayer {
                 vb.pp("post_attention_layernorm"),
             )?,
             mlp: Mlp {
-                gate_proj: candle_nn::linear_no_bias(hidden, inter, mlp.pp("gate_proj"))?,
-                up_proj: candle_nn::linear_no_bias(hidden, inter, mlp.pp("up_proj"))?,
-                down_proj: candle_nn::linear_no_bias(inter, hidden, mlp.pp("down_proj"))?,
+                gate_proj: crate::quant::linear_no_bias(hidden, inter, mlp.pp("gate_proj"))?,
+                up_proj: crate::quant::linear_no_bias(hidden, inter, mlp.pp("up_proj"))?,
+                down_proj: crate::quant::linear_no_bias(inter, hidden, mlp.pp("down_proj"))?,
             },
         })
     }
@@ -435,12 +444,17 @@ impl QwenTextEncoder {
 
     /// Loads a transformers `text_encoder/` folder (`config.json` + `model.safetensors` or
     /// `model.safetensors.index.json` with shards), accepting both key layouts
-    /// (`model.language_model.*` and `model.*`); only the language model is read.
+    /// (`model.language_model.*` and `model.*`); only the language model is read. A folder with
+    /// one `.gguf` file loads that instead, in llama.cpp's layout
+    /// ([`crate::text_encoder_gguf`]; its `config.json`, if any, is not read).
     pub fn load(
         dir: &Path,
         dtype: DType,
         device: &Device,
     ) -> std::result::Result<Self, TextEncoderLoadError> {
+        if let Some(gguf) = crate::text_encoder_gguf::find_gguf(dir)? {
+            return crate::text_encoder_gguf::load(&gguf, dtype, device);
+        }
         let path = dir.join("config.json");
         let text =
             std::fs::read_to_string(&path).map_err(|source| TextEncoderLoadError::ConfigRead {
@@ -461,6 +475,22 @@ impl QwenTextEncoder {
             dir: dir.to_path_buf(),
             source,
         })
+    }
+
+    /// The config of a `text_encoder/` folder without loading its weights: from the metadata of
+    /// its `.gguf` file if it has one, else from `config.json`.
+    pub fn read_config(dir: &Path) -> std::result::Result<TextEncoderConfig, TextEncoderLoadError> {
+        if let Some(gguf) = crate::text_encoder_gguf::find_gguf(dir)? {
+            return crate::text_encoder_gguf::open(&gguf).map(|(_, cfg)| cfg);
+        }
+        let path = dir.join("config.json");
+        let text =
+            std::fs::read_to_string(&path).map_err(|source| TextEncoderLoadError::ConfigRead {
+                path: path.clone(),
+                source,
+            })?;
+        TextEncoderConfig::from_json(&text)
+            .map_err(|source| TextEncoderLoadError::Config { path, source })
     }
 
     /// The config the model was built from.

@@ -23,9 +23,61 @@ use serde::Deserialize;
 
 use crate::weights::{WeightsError, component_var_builder};
 
-/// Query rows per chunk in the mid-block attention: at 1024² the full score matrix is
-/// 16384² (1 GiB in f32); 2048 rows keep it at 128 MiB while the matmuls stay large.
-pub(crate) const ATTENTION_QUERY_CHUNK: usize = 2048;
+/// Query rows per chunk of the mid-block attention when no byte budget is set: at 1024² the
+/// full score matrix is 16384² (1 GiB in f32); 2048 rows keep it at 128 MiB while the matmuls
+/// stay large. A working-memory bound ([`AutoencoderKLQwenImage::set_working_memory`]) only
+/// shrinks the chunk below this.
+pub const DEFAULT_ATTENTION_QUERY_ROWS: usize = 2048;
+
+/// Smallest chunk budget sized from working memory: 1 MiB still holds 21 query rows at 1024²
+/// (a budget below one row's cost is exceeded by that row: a row is the least attention can
+/// process).
+pub const MIN_ATTENTION_BUDGET: u64 = 1 << 20;
+
+/// Score-sized f32 matrices a chunk holds at once: the scores, the scaled scores, the
+/// probabilities.
+pub const ATTENTION_SCORE_MATRICES: u64 = 3;
+
+/// Frame-sized tensors `[B, C, h, w]` (compute dtype) alive beside the chunk, measured on the
+/// CPU (`tests/vae_attention_memory.rs`): the input, the norm's output and temporaries, its
+/// `[B, hw, C]` copy, `qkv` (three), q, kᵀ and v, the output chunks and their concatenation.
+pub const ATTENTION_LIVE_TENSORS: u64 = 12;
+
+/// Query rows whose [`ATTENTION_SCORE_MATRICES`] f32 matrices `[batch, rows, tokens]` fit in
+/// `budget`; at least 1, at most `tokens`.
+pub fn attention_query_chunk(budget: u64, batch: usize, tokens: usize) -> usize {
+    let per_row = (batch as u64)
+        .saturating_mul(tokens as u64)
+        .saturating_mul(4 * ATTENTION_SCORE_MATRICES)
+        .max(1);
+    let rows = usize::try_from(budget / per_row).unwrap_or(usize::MAX);
+    rows.clamp(1, tokens.max(1))
+}
+
+/// Query rows per chunk: [`DEFAULT_ATTENTION_QUERY_ROWS`], or what a byte `budget` holds when
+/// one is set; then, when `working` bytes bound the attention, no more than what is left beside
+/// its `live` frame-sized bytes holds (at least [`MIN_ATTENTION_BUDGET`]'s worth). Between 1 and
+/// `tokens`.
+pub fn attention_rows(
+    budget: Option<u64>,
+    working: Option<u64>,
+    live: u64,
+    batch: usize,
+    tokens: usize,
+) -> usize {
+    let cap = match budget {
+        None => DEFAULT_ATTENTION_QUERY_ROWS,
+        Some(b) => attention_query_chunk(b, batch, tokens),
+    };
+    let rows = match working {
+        None => cap,
+        Some(w) => {
+            let left = w.saturating_sub(live).max(MIN_ATTENTION_BUDGET);
+            cap.min(attention_query_chunk(left, batch, tokens))
+        }
+    };
+    rows.clamp(1, tokens.max(1))
+}
 
 /// `F.normalize`'s default epsilon: the L2 norm is clamped from below by it.
 const NORMALIZE_EPS: f64 = 1e-12;
@@ -295,6 +347,10 @@ struct AttentionBlock {
     /// `[C]`.
     proj_bias: Tensor,
     channels: usize,
+    /// Chunk budget in bytes (`None`: [`DEFAULT_ATTENTION_QUERY_ROWS`]).
+    budget: Option<u64>,
+    /// Working memory the chunks are sized within ([`attention_rows`]).
+    working: Option<u64>,
 }
 
 impl AttentionBlock {
@@ -319,6 +375,8 @@ impl AttentionBlock {
             proj_t,
             proj_bias: proj.get(c, "bias")?,
             channels: c,
+            budget: None,
+            working: None,
         })
     }
 }
@@ -341,10 +399,12 @@ impl Module for AttentionBlock {
         let v = qkv.narrow(D::Minus1, 2 * c, c)?.contiguous()?;
         let scale = 1.0 / (c as f64).sqrt();
         let tokens = h * w;
-        let mut outs = Vec::with_capacity(tokens.div_ceil(ATTENTION_QUERY_CHUNK));
+        let live = ATTENTION_LIVE_TENSORS * (b * c * tokens * x.dtype().size_in_bytes()) as u64;
+        let chunk = attention_rows(self.budget, self.working, live, b, tokens);
+        let mut outs = Vec::with_capacity(tokens.div_ceil(chunk));
         let mut start = 0;
         while start < tokens {
-            let len = ATTENTION_QUERY_CHUNK.min(tokens - start);
+            let len = chunk.min(tokens - start);
             let scores = (q.narrow(1, start, len)?.matmul(&k_t)? * scale)?; // [B, len, HW]
             let probs = crate::ops::softmax_last_dim(&scores)?;
             outs.push(probs.matmul(&v)?); // [B, len, C]
@@ -667,6 +727,20 @@ impl AutoencoderKLQwenImage {
     /// The config the model was built from.
     pub fn config(&self) -> &VaeConfig {
         &self.cfg
+    }
+
+    /// Sets the most bytes one query chunk of the mid-block attention may take, encoder and
+    /// decoder (`None`: [`DEFAULT_ATTENTION_QUERY_ROWS`]); results do not depend on it.
+    pub fn set_attention_budget(&mut self, bytes: Option<u64>) {
+        self.encoder.mid_block.attention.budget = bytes;
+        self.decoder.mid_block.attention.budget = bytes;
+    }
+
+    /// Shrinks the mid-block attention's chunks to fit `bytes` of working memory (`None`: no
+    /// bound), see [`attention_rows`].
+    pub fn set_working_memory(&mut self, bytes: Option<u64>) {
+        self.encoder.mid_block.attention.working = bytes;
+        self.decoder.mid_block.attention.working = bytes;
     }
 
     /// The dtype the model computes in.

@@ -10,6 +10,7 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use pixmarket_engine::drawn::{DRAWN_MODEL_ID, write_drawn_model};
 use pixmarket_engine::quant::{QuantFormat, quantize_model};
+use pixmarket_engine::text_encoder_gguf::{TEXT_ENCODER_GGUF_FILE, quantize_model_text_encoder};
 use pixmarket_engine::tiny::{TINY_MODEL_ID, write_tiny_model};
 use pixmarket_engine::train::{Phase, TrainOptions, train};
 
@@ -31,8 +32,9 @@ enum ModelCommand {
     /// an hour on two cores), writing a loadable model folder at every checkpoint.
     TrainTiny(TrainTinyArgs),
     /// Write a copy of a model folder whose transformer is quantized (GGUF: q8_0 ≈ 21.7 GB,
-    /// q5_k ≈ 14.1 GB, q4_k ≈ 11.5 GB for Qwen-Image); `--model DIR2` loads it. The text
-    /// encoder, VAE, tokenizer and scheduler are hard-linked (or copied) unchanged.
+    /// q5_k ≈ 14.1 GB, q4_k ≈ 11.5 GB for Qwen-Image); `--model DIR2` loads it. The VAE,
+    /// tokenizer and scheduler are hard-linked (or copied) unchanged, and so is the text
+    /// encoder unless `--text-encoder` quantizes it too.
     Quantize(QuantizeArgs),
 }
 
@@ -47,6 +49,11 @@ struct QuantizeArgs {
     /// The folder to write (must not exist, or be empty).
     #[arg(long, value_name = "DIR2")]
     out: PathBuf,
+    /// Also write the text encoder's linears in the same format, as one llama.cpp-layout GGUF
+    /// file (`text_encoder/model.gguf`, architecture qwen2vl; embedding and norms in f32)
+    /// instead of linking its safetensors.
+    #[arg(long)]
+    text_encoder: bool,
 }
 
 #[derive(Debug, Args)]
@@ -120,6 +127,25 @@ pub(crate) fn run(args: ModelArgs) -> anyhow::Result<()> {
                 report.kept,
                 report.bytes as f64 / 1e6
             )?;
+            if a.text_encoder {
+                let te =
+                    quantize_model_text_encoder(&a.model, &a.out, format).with_context(|| {
+                        format!(
+                            "cannot write the {} text encoder of {}",
+                            a.to,
+                            a.model.display()
+                        )
+                    })?;
+                out!(
+                    "wrote {}/text_encoder/{TEXT_ENCODER_GGUF_FILE} in llama.cpp's layout ({} \
+                     linears in {}, {} tensors kept in f32; {:.1} MB)",
+                    a.out.display(),
+                    te.quantized,
+                    a.to,
+                    te.kept,
+                    te.bytes as f64 / 1e6
+                )?;
+            }
             Ok(())
         }
     }
