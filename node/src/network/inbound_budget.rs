@@ -205,7 +205,7 @@ mod tests {
             WORST_CASE_INBOUND_BYTES,
             32 * 512 * KIB + 32 * 2 * 256 * KIB + MAX_REQUEST_BYTES
         );
-        assert!(WORST_CASE_INBOUND_BYTES < 100_000_000);
+        const { assert!(WORST_CASE_INBOUND_BYTES < 100_000_000) };
         assert_eq!(PEER_SMALL_BYTES, 2 * 1024 * KIB);
     }
 
