@@ -102,17 +102,29 @@ pub(super) fn scan_ttf(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// Why a font file could not be registered; displayed after the file's path.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum FontError {
+    /// The file could not be read.
+    #[error("cannot be read: {0}")]
+    Read(#[from] std::io::Error),
+    /// The file is over [`MAX_FONT_BYTES`].
+    #[error("is larger than {MAX_FONT_BYTES} bytes")]
+    TooLarge,
+    /// plotters refused the bytes.
+    #[error("is not a font plotters can use")]
+    NotAFont,
+}
+
 /// Reads a font file, leaks it (plotters' `ab_glyph` backend keeps `&'static` fonts; this runs
 /// at most a few times per process) and registers it under [`FONT_FAMILY`].
-pub(super) fn register(path: &Path) -> Result<(), String> {
-    let len = std::fs::metadata(path)
-        .map_err(|e| format!("cannot be read: {e}"))?
-        .len();
+pub(super) fn register(path: &Path) -> Result<(), FontError> {
+    let len = std::fs::metadata(path)?.len();
     if len > MAX_FONT_BYTES {
-        return Err(format!("is larger than {MAX_FONT_BYTES} bytes"));
+        return Err(FontError::TooLarge);
     }
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot be read: {e}"))?;
+    let bytes = std::fs::read(path)?;
     let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
     plotters::style::register_font(FONT_FAMILY, FontStyle::Normal, bytes)
-        .map_err(|_| "is not a font plotters can use".to_string())
+        .map_err(|_| FontError::NotAFont)
 }
