@@ -47,7 +47,7 @@ use std::time::Duration;
 use libp2p::PeerId;
 use pixmarket_ledger::{Ledger, LedgerError};
 use pixmarket_protocol::messages::FailReason;
-use pixmarket_protocol::{JobId, JobVoid, PriceSchedule, PublicKey, SecretKey, Signed};
+use pixmarket_protocol::{JobEvent, JobId, JobVoid, PriceSchedule, PublicKey, SecretKey, Signed};
 use tokio::sync::Notify;
 
 use crate::generator::Generator;
@@ -140,6 +140,9 @@ struct Inner {
     progress_slots: Arc<tokio::sync::Semaphore>,
     /// The signed voids of recently ended jobs, oldest first, for `Status` answers.
     voids: Mutex<VecDeque<(JobId, Signed<JobVoid>)>>,
+    /// The signed voids on their way to requesters (see `worker::finish_failed`): a stop
+    /// waits for them, since the network closes right after and would drop them unsent.
+    notices: Mutex<tokio::task::JoinSet<()>>,
 }
 
 /// The provider's own threads and task, kept so a crash can wait for them to let go of the
@@ -215,6 +218,7 @@ impl Provider {
             deliveries: delivery::Deliveries::default(),
             progress_slots: Arc::new(tokio::sync::Semaphore::new(worker::MAX_PROGRESS_IN_FLIGHT)),
             voids: Mutex::new(VecDeque::new()),
+            notices: Mutex::new(tokio::task::JoinSet::new()),
         });
         let provider = Self { inner };
         for d in provider.inner.devices.all() {
@@ -291,8 +295,9 @@ impl Provider {
     }
 
     /// After [`Provider::stop`]: waits until the workers have voided the holds they still
-    /// had and exited, and the deliveries in flight have finished (or `deadline` came, when
-    /// those still waiting for an ack are credited), or returns `StillRunning` at `deadline`.
+    /// had and exited, their requesters have answered the signed voids (or those sends gave
+    /// up), and the deliveries in flight have finished (or `deadline` came, when those still
+    /// waiting for an ack are credited), or returns `StillRunning` at `deadline`.
     pub async fn wait_stopped(&self, deadline: tokio::time::Instant) -> Result<(), StillRunning> {
         let workers = match self.inner.threads.lock() {
             Ok(mut t) => std::mem::take(&mut t.workers),
@@ -304,8 +309,41 @@ impl Provider {
                 result = Err(e);
             }
         }
+        if !self.notices_sent(deadline).await && result.is_ok() {
+            result = Err(StillRunning("void notices"));
+        }
         self.finish_deliveries(deadline).await;
         result
+    }
+
+    /// Sends `event` to `peer` on its own task, which a stop waits for. Finished sends are
+    /// reaped here, so the set holds only those in flight; each ends within `timeout`.
+    fn notify(&self, peer: PeerId, event: JobEvent, timeout: Duration) {
+        let net = self.inner.net.clone();
+        let send = async move {
+            let _ = send_with_timeout(&net, peer, Request::Event(event), timeout).await;
+        };
+        let mut notices = self
+            .inner
+            .notices
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while notices.try_join_next().is_some() {}
+        notices.spawn_on(send, &self.inner.runtime);
+    }
+
+    /// Waits until every notice in flight has been answered or has given up; `false` when
+    /// `deadline` came first (those still in flight are then abandoned).
+    async fn notices_sent(&self, deadline: tokio::time::Instant) -> bool {
+        let mut pending = std::mem::take(
+            &mut *self
+                .inner
+                .notices
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let all = async { while pending.join_next().await.is_some() {} };
+        tokio::time::timeout_at(deadline, all).await.is_ok()
     }
 
     /// Stops taking jobs, and stops the batch that runs at its next step: the node stops its

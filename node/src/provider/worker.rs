@@ -13,11 +13,10 @@ use std::time::{Duration, Instant};
 use pixmarket_protocol::messages::{FailReason, JobEventKind};
 use pixmarket_protocol::{JobEvent, JobId, JobParams};
 
+use super::Provider;
 use super::progress::ProgressLane;
 use super::queue::{QueuedJob, work_ppm};
-use super::{Provider, send_with_timeout};
 use crate::generator::{GenError, StepReport};
-use crate::network::Request;
 
 /// Progress events of one batch are sent at most this often (plus the first and last step).
 const PROGRESS_MIN_GAP: Duration = Duration::from_millis(250);
@@ -274,17 +273,11 @@ impl Provider {
         } else {
             JobEventKind::Failed { reason, void }
         };
-        let net = self.inner.net.clone();
-        let (peer, event) = (
-            job.peer,
-            JobEvent {
-                job_id: job.job_id,
-                kind,
-            },
-        );
-        self.inner.runtime.spawn(async move {
-            let _ = send_with_timeout(&net, peer, Request::Event(event), NOTICE_TIMEOUT).await;
-        });
+        let event = JobEvent {
+            job_id: job.job_id,
+            kind,
+        };
+        self.notify(job.peer, event, NOTICE_TIMEOUT);
     }
 }
 
