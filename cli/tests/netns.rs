@@ -16,10 +16,17 @@
 //! 3. the same NAT, a relay whose operator allows results: the job arrives relayed.
 //! 4. the provider on the internet itself: "public"; the job arrives directly.
 //! 5. the provider behind a NAT with no relay to bootstrap from: "unreachable".
+//! 6. that NAT running Debian's miniupnpd as the home's UPnP gateway, and the provider started
+//!    with `--upnp`: "public" through the mapped port; the job arrives directly.
 //!
-//! Needs root, `ip` (iproute2) and `nft` (nftables); run it by hand (`cargo test --workspace
-//! --locked --test netns -- --ignored`); it is not in `.ci/run` yet (see the note there). Without root it fails
-//! and says why rather than passing without having tested anything.
+//! Needs root, `ip` (iproute2), `nft` (nftables) and `miniupnpd` (miniupnpd-nftables); run it by hand (`cargo test --workspace
+//! --locked --test netns -- --ignored`); `.ci/run` runs it after the default tests, and says
+//! plainly when a machine cannot make a network namespace at all. Without root it fails and
+//! says why rather than passing without having tested anything.
+//!
+//! To look into a run: `PMX_NETNS_KEEP=1` keeps its folder (each node's log, each purchase's
+//! log beside its picture), and `PMX_NODE_LOG` / `PMX_BUY_LOG` replace the nodes' and the
+//! purchases' `RUST_LOG`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -192,6 +199,71 @@ impl Net {
     }
 }
 
+/// miniupnpd's nftables skeleton on a home router: the chains it fills with a forward accept
+/// and a DNAT per mapping (its own `nft_init.sh` makes the same ones, but with a forward policy
+/// of drop, which would cut the router's other traffic).
+const UPNP_TABLES: &str = "table inet filter {
+  chain forward { type filter hook forward priority 0; policy accept; jump miniupnpd; }
+  chain miniupnpd { }
+  chain prerouting { type nat hook prerouting priority -100; policy accept; jump prerouting_miniupnpd; }
+  chain postrouting { type nat hook postrouting priority 100; policy accept; jump postrouting_miniupnpd; }
+  chain prerouting_miniupnpd { }
+  chain postrouting_miniupnpd { }
+}
+";
+
+impl Net {
+    /// Starts Debian's miniupnpd (nftables build) on home router `i` as the home's UPnP
+    /// gateway: it answers SSDP on the LAN and maps ports of the home's hosts on its WAN side.
+    fn start_upnp(&self, i: &str, dir: &Path) -> Proc {
+        let nat = self.ns(&format!("nat{i}"));
+        let tables = dir.join(format!("upnp{i}.nft"));
+        std::fs::write(&tables, UPNP_TABLES).unwrap();
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &nat,
+            "nft",
+            "-f",
+            tables.to_str().unwrap(),
+        ]);
+        let config = dir.join(format!("miniupnpd{i}.conf"));
+        std::fs::write(
+            &config,
+            format!(
+                "ext_ifname={p}n{i}\nlistening_ip={p}l{i}\nhttp_port=0\nenable_natpmp=no\n\
+                 enable_upnp=yes\nsecure_mode=yes\nsystem_uptime=yes\n\
+                 uuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07{i}\n\
+                 allow 1024-65535 192.168.{i}.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n",
+                p = self.prefix
+            ),
+        )
+        .unwrap();
+        let log = dir.join(format!("miniupnpd{i}.log"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &nat, "miniupnpd", "-d", "-f"])
+            .arg(&config)
+            .arg("-P")
+            .arg(dir.join(format!("miniupnpd{i}.pid")))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let proc = Proc { child, log };
+        let start = Instant::now();
+        while !read(&proc.log).contains("HTTP listening on port") {
+            assert!(
+                start.elapsed() < STATE_WAIT,
+                "miniupnpd did not start: {}",
+                read(&proc.log)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        proc
+    }
+}
+
 impl Drop for Net {
     fn drop(&mut self) {
         for n in ["inet", "nat1", "home1", "nat2", "home2"] {
@@ -236,7 +308,11 @@ fn node(ns: &str, dir: &Path, args: &[&str]) -> Proc {
         .arg(dir)
         .args(["--no-mdns"])
         .args(args)
-        .env("RUST_LOG", "warn,pixmarket_node=info,libp2p_kad=error")
+        .env(
+            "RUST_LOG",
+            std::env::var("PMX_NODE_LOG")
+                .unwrap_or("warn,pixmarket_node=info,libp2p_kad=error".into()),
+        )
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -351,6 +427,8 @@ fn buy(ns: &str, dir: &Path, bootstrap: &str, side: &str, out: &Path) -> (bool, 
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
+    // Beside the picture, for a run kept with `PMX_NETNS_KEEP`.
+    std::fs::write(out.with_extension("log"), &text).unwrap();
     (o.status.success(), text)
 }
 
@@ -423,6 +501,17 @@ fn noise_model(root: &Path) -> PathBuf {
 }
 
 fn provider(ns: &str, dir: &Path, model: &Path, port: u16, bootstrap: &[&str]) -> Proc {
+    provider_with(ns, dir, model, port, bootstrap, &[])
+}
+
+fn provider_with(
+    ns: &str,
+    dir: &Path,
+    model: &Path,
+    port: u16,
+    bootstrap: &[&str],
+    extra: &[&str],
+) -> Proc {
     let quic = format!("/ip4/0.0.0.0/udp/{port}/quic-v1");
     let tcp = format!("/ip4/0.0.0.0/tcp/{port}");
     let model = model.to_str().unwrap();
@@ -438,11 +527,12 @@ fn provider(ns: &str, dir: &Path, model: &Path, port: u16, bootstrap: &[&str]) -
     for b in bootstrap {
         args.extend(["--bootstrap", b]);
     }
+    args.extend_from_slice(extra);
     node(ns, dir, &args)
 }
 
 #[test]
-#[ignore = "needs root, iproute2 and nftables; run by hand (see .ci/run)"]
+#[ignore = "needs root, iproute2, nftables and miniupnpd; .ci/run runs it"]
 fn jobs_cross_home_nats_by_hole_punching_or_a_relay_and_doctor_tells_which() {
     let root_ok = Command::new("id")
         .arg("-u")
@@ -452,19 +542,23 @@ fn jobs_cross_home_nats_by_hole_punching_or_a_relay_and_doctor_tells_which() {
     assert!(
         root_ok,
         "this test builds network namespaces and NAT rules, which needs root: run it as root \
-         with iproute2 and nftables installed"
+         with iproute2, nftables and miniupnpd-nftables installed"
     );
-    for tool in ["ip", "nft"] {
+    for tool in ["ip", "nft", "miniupnpd"] {
         assert!(
             Command::new("sh")
                 .args(["-c", &format!("command -v {tool}")])
                 .output()
                 .map(|o| o.status.success())
                 .unwrap_or(false),
-            "`{tool}` is missing: apt-get install -y iproute2 nftables"
+            "`{tool}` is missing: apt-get install -y iproute2 nftables miniupnpd-nftables"
         );
     }
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tempfile::Builder::new()
+        .disable_cleanup(std::env::var_os("PMX_NETNS_KEEP").is_some())
+        .tempdir()
+        .unwrap();
+    eprintln!("files and logs in {}", tmp.path().display());
     let net = Net::build();
     let model = noise_model(tmp.path());
     let inet = net.ns("inet");
@@ -640,6 +734,31 @@ fn jobs_cross_home_nats_by_hole_punching_or_a_relay_and_doctor_tells_which() {
     assert!(report.contains("could not dial back"), "{report}");
     eprintln!("5. unreachable without a relay");
     drop(prov);
+
+    // 6. The same endpoint-dependent NAT, now a UPnP gateway, and a provider that asks it for
+    // a mapping (`--upnp`): the mapped port is confirmed from outside, so it is public and the
+    // job arrives directly, still with no relay anywhere.
+    let upnp = net.start_upnp("1", tmp.path());
+    let (p6, id6) = provider_dir(tmp.path(), "provider6", &requester_id);
+    let prov = provider_with(&home1, &p6, &model, 4106, &[&public_addr], &["--upnp"]);
+    let report = await_verdict(&p6, "public", &[&prov, &upnp]);
+    assert!(
+        report.contains("upnp: mapped /ip4/192.168.1.2/"),
+        "{report}"
+    );
+    await_advert(&home2, &requester, &public_addr, &id6, "/ip4/11.0.1.2/");
+    let (ok, log) = buy(
+        &home2,
+        &requester,
+        &public_addr,
+        SMALL_SIDE,
+        &tmp.path().join("upnp.png"),
+    );
+    assert!(ok, "{log}\n{}\n{}", read(&prov.log), read(&upnp.log));
+    assert_eq!(path_of(&log), "direct", "{log}");
+    eprintln!("6. UPnP-mapped behind the endpoint-dependent NAT: public, direct");
+    drop(prov);
+    drop(upnp);
     drop(public_proc);
 }
 

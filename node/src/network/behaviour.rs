@@ -100,6 +100,8 @@ pub struct Behaviour {
     /// Every node answers AutoNAT probes: a probe costs one dial back, rate-limited by libp2p.
     pub autonat_server: autonat::v2::server::Behaviour,
     pub upnp: Toggle<upnp::tokio::Behaviour>,
+    /// Passes UPnP-mapped ports to AutoNAT as candidates to test (see `candidates`).
+    pub candidates: super::candidates::Behaviour,
 }
 
 /// What a relay this node runs lets through one circuit.
@@ -184,7 +186,8 @@ impl From<upnp::Event> for BehaviourEvent {
     }
 }
 
-/// connection_limits emits no events; its event type is uninhabited.
+/// connection_limits, the per-address limit and the candidates emit no events; their event
+/// type is uninhabited.
 impl From<std::convert::Infallible> for BehaviourEvent {
     fn from(v: std::convert::Infallible) -> Self {
         match v {}
@@ -343,6 +346,7 @@ impl Behaviour {
             autonat: autonat::v2::client::Behaviour::default(),
             autonat_server: autonat::v2::server::Behaviour::default(),
             upnp: enable_upnp.then(upnp::tokio::Behaviour::default).into(),
+            candidates: super::candidates::Behaviour::default(),
         })
     }
 }

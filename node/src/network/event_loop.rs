@@ -28,6 +28,7 @@ use pixmarket_protocol::{CapacityAdvert, PublicKey, SecretKey, Signed};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::LinkFaults;
+use super::addr_scope;
 use super::behaviour::{ADVERT_TOPIC, Behaviour, BehaviourEvent, BehaviourSettings, KAD_PROTOCOL};
 use super::codec::{Request, Response};
 use super::path::{PathKind, Via};
@@ -103,6 +104,9 @@ struct Conn {
     relayed: bool,
     /// The address this node dialled, for a direct outbound connection.
     dialed: Option<Multiaddr>,
+    /// The connection's far end: the address dialled, or the one an inbound connection came
+    /// from (for a peer behind NAT, its router's).
+    remote: Multiaddr,
 }
 
 /// Where the answer to one request goes.
@@ -440,9 +444,16 @@ impl EventLoop {
                 } = *e
                 {
                     self.on_identified(peer_id, connection_id, &info);
-                    if info.protocols.contains(&KAD_PROTOCOL) {
+                    if info.protocols.contains(&KAD_PROTOCOL)
+                        && let Some(conn) = self.connections.get(&connection_id)
+                    {
+                        // Only direct addresses that others who see the peer as we do can
+                        // dial: the routing table is shared with them (see `addr_scope`).
+                        let seen_at = conn.remote.clone();
                         for addr in info.listen_addrs {
-                            self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                            if addr_scope::for_routing_table(&seen_at, &addr) {
+                                self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                            }
                         }
                     }
                 }
@@ -541,6 +552,7 @@ impl EventLoop {
                             }
                             _ => None,
                         },
+                        remote: endpoint.get_remote_address().clone(),
                     },
                 );
                 if let Some(held) = self.held.get_mut(&peer_id) {
@@ -1035,6 +1047,11 @@ impl EventLoop {
                 local_addr,
             } => {
                 self.reach.candidate(&external_addr);
+                // UPnP declared it confirmed; AutoNAT tests it from outside all the same.
+                self.swarm
+                    .behaviour_mut()
+                    .candidates
+                    .propose(external_addr.clone());
                 format!("mapped {local_addr} to {external_addr}")
             }
             upnp::Event::ExpiredExternalAddr { external_addr, .. } => {

@@ -19,7 +19,9 @@
 //! Every channel is bounded. When the node's services fall behind, inbound requests are refused
 //! with `Busy` by the loop itself rather than queued without limit.
 
+pub mod addr_scope;
 pub mod behaviour;
+pub mod candidates;
 pub mod codec;
 mod event_loop;
 pub mod faults;
