@@ -414,7 +414,7 @@ fn lora_and_the_lightning_preset_change_the_image_and_the_steps() {
         ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("merged LoRA"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("applied LoRA"), "{}", stderr(&o));
     let text = png_text(&lit);
     assert!(text.contains(&("steps".into(), "4".into())), "{text:?}");
     assert!(
@@ -513,6 +513,37 @@ fn model_quantize_writes_a_folder_that_generates() {
         ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
+    // A LoRA on the quantized model runs beside its quantized matmuls and changes the picture.
+    let with_lora = tmp.path().join("q-lora.png");
+    let comfy = lora_fixture("comfy.safetensors");
+    let o = pixmarket(
+        tmp.path(),
+        &[
+            "generate",
+            "A red cat",
+            "--local",
+            "--model",
+            q.to_str().unwrap(),
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--steps",
+            "2",
+            "--true-cfg-scale",
+            "1",
+            "--lora",
+            &comfy,
+            "-o",
+            with_lora.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("applied LoRA"), "{}", stderr(&o));
+    assert_ne!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&with_lora).unwrap()
+    );
     // Again into the same folder: refused, nothing overwritten.
     let o = pixmarket(
         tmp.path(),

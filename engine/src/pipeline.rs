@@ -496,17 +496,10 @@ impl QwenImage {
         Ok(())
     }
 
-    /// Checks that `lora` can be merged into this transformer (reads the file, matches every
-    /// adapter to a layer) without loading any weights.
+    /// Checks that `lora` can be applied to this transformer, full-precision or quantized
+    /// (reads the file, matches every adapter to a layer) without loading any weights.
     pub fn check_lora(&self, lora: &crate::lora::LoraSpec) -> Result<(), EngineError> {
         let dir = self.dir.join("transformer");
-        if dir.join(crate::quant::GGUF_FILE).is_file() {
-            return Err(EngineError::component(
-                "transformer",
-                dir,
-                crate::transformer::LoadError::LoraOnQuantized,
-            ));
-        }
         crate::lora::LoraSet::load(std::slice::from_ref(lora), &self.transformer_config)
             .map_err(|e| EngineError::component("transformer", dir, e))?;
         Ok(())
@@ -531,7 +524,8 @@ impl QwenImage {
         Ok(())
     }
 
-    /// As [`Self::load`], with the LoRAs of `loras` merged into the transformer's weights.
+    /// As [`Self::load`], with the LoRAs of `loras` merged into the transformer's weights (run
+    /// beside the quantized matmuls of a quantized transformer, [`crate::lora_quant`]).
     pub fn load_with_loras(
         dir: &Path,
         dtype: DType,
