@@ -403,11 +403,13 @@ pub struct QwenImage {
 enum TextEncoderSlot {
     /// Loaded, on the model's device or the CPU.
     Resident(QwenTextEncoder),
-    /// Loaded from `dir` on `device` for each encoding and dropped after it.
+    /// Loaded from `dir` (the weights `which` names) on `device` for each encoding and dropped
+    /// after it.
     OnDemand {
         dir: PathBuf,
         dtype: DType,
         device: Device,
+        which: crate::text_encoder::TextEncoderWeights,
     },
 }
 
@@ -419,8 +421,13 @@ impl TextEncoderSlot {
     ) -> Result<T, EngineError> {
         match self {
             Self::Resident(te) => f(te),
-            Self::OnDemand { dir, dtype, device } => {
-                let te = QwenTextEncoder::load(dir, *dtype, device)
+            Self::OnDemand {
+                dir,
+                dtype,
+                device,
+                which,
+            } => {
+                let te = QwenTextEncoder::load_weights(dir, *dtype, device, *which)
                     .map_err(|e| EngineError::component("text_encoder", dir.clone(), e))?;
                 f(&te)
             }
@@ -589,12 +596,18 @@ impl QwenImage {
                     dir: te_dir,
                     dtype,
                     device: te_device,
+                    which: opts.text_encoder_weights,
                 };
                 (slot, cfg)
             }
             TextEncoderPlace::Device | TextEncoderPlace::Cpu => {
-                let te = QwenTextEncoder::load(&te_dir, dtype, &te_device)
-                    .map_err(|e| EngineError::component("text_encoder", te_dir.clone(), e))?;
+                let te = QwenTextEncoder::load_weights(
+                    &te_dir,
+                    dtype,
+                    &te_device,
+                    opts.text_encoder_weights,
+                )
+                .map_err(|e| EngineError::component("text_encoder", te_dir.clone(), e))?;
                 let cfg = te.config().clone();
                 (TextEncoderSlot::Resident(te), cfg)
             }
