@@ -188,8 +188,10 @@ pub fn vae_head_bytes(
 /// bytes ([`crate::vae::attention_rows`]; `None`: the default chunk): [`VAE_LIVE_TENSORS`]
 /// tensors of the head's width `base_dim · dim_mult[-1]` plus one query chunk in f32 as three
 /// score-sized matrices (the scores, their scaled copy, the probabilities), or, with a bound,
-/// the attention's [`crate::vae::ATTENTION_LIVE_TENSORS`] beside its smaller chunk. Not bounded by
-/// a tile: the attention sees the whole frame, but its chunk shrinks with the memory left.
+/// the attention's [`crate::vae::ATTENTION_LIVE_TENSORS`] beside its smaller chunk, counted at
+/// no fewer than [`crate::vae::MIN_PLANNED_ATTENTION_ROWS`] rows (so a size whose chunk would be
+/// thinner comes out above `working` and a plan does not admit it). Not bounded by a tile: the
+/// attention sees the whole frame, but its chunk shrinks with the memory left.
 pub fn vae_head_bytes_within(
     width: u32,
     height: u32,
@@ -208,7 +210,8 @@ pub fn vae_head_bytes_within(
         }
         Some(_) => {
             let live = head_out * crate::vae::ATTENTION_LIVE_TENSORS;
-            let rows = crate::vae::attention_rows(None, working, live, 1, t);
+            let rows = crate::vae::attention_rows(None, working, live, 1, t)
+                .max(crate::vae::MIN_PLANNED_ATTENTION_ROWS.min(t));
             live + score_bytes(rows)
         }
     }
@@ -247,15 +250,18 @@ pub fn vae_tiles_bytes(
 }
 
 /// Working memory of one VAE decode tiled by `tiling` ([`crate::vae_tiling::decode_tiled`]):
-/// the larger of its head ([`vae_head_bytes`]) and its tiles ([`vae_tiles_bytes`]).
+/// the larger of its head ([`vae_head_bytes_within`] `working`: the mid-block attention's chunk
+/// shrinks to the memory left, as the VAE sizes it at run time) and its tiles
+/// ([`vae_tiles_bytes`]).
 pub fn vae_tiled_decode_bytes(
     width: u32,
     height: u32,
     cfg: &crate::vae::VaeConfig,
     tiling: crate::vae_tiling::VaeTiling,
     dtype_bytes: u64,
+    working: Option<u64>,
 ) -> u64 {
-    vae_head_bytes(width, height, cfg, dtype_bytes).max(vae_tiles_bytes(
+    vae_head_bytes_within(width, height, cfg, dtype_bytes, working).max(vae_tiles_bytes(
         width,
         height,
         cfg,

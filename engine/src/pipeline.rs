@@ -831,7 +831,12 @@ impl QwenImage {
             let v = match self.vae_tiling {
                 Some(t) if t.applies(r.width, r.height, vae.base_dim, F32_BYTES) => {
                     crate::memory::vae_tiled_decode_bytes(
-                        r.width, r.height, vae, t.tiling, F32_BYTES,
+                        r.width,
+                        r.height,
+                        vae,
+                        t.tiling,
+                        F32_BYTES,
+                        self.working_memory,
                     )
                 }
                 _ => crate::memory::vae_decode_bytes(r.width, r.height, vae.base_dim, F32_BYTES),

@@ -264,9 +264,14 @@ impl Budget {
     fn decode(&self, width: u32, height: u32, tiling: Option<VaeTiling>) -> u64 {
         let whole = vae_decode_bytes(width, height, self.vae.base_dim, self.dtype_bytes);
         match tiling {
-            Some(t) if whole > self.free => {
-                vae_tiled_decode_bytes(width, height, &self.vae, t, self.dtype_bytes)
-            }
+            Some(t) if whole > self.free => vae_tiled_decode_bytes(
+                width,
+                height,
+                &self.vae,
+                t,
+                self.dtype_bytes,
+                Some(self.free),
+            ),
             _ => whole,
         }
     }
@@ -631,6 +636,48 @@ mod tests {
         assert_eq!(p.text_encoder, TextEncoderPlace::Device);
         assert!(p.largest_side.is_some_and(|s| s >= 1024), "{p}");
         assert!(p.batch_at_1024 >= 1, "{p}");
+    }
+
+    /// The plan counts the VAE's mid-block attention at the chunk the VAE sizes from the working
+    /// memory at run time (`vae::attention_rows`), no thinner than
+    /// `vae::MIN_PLANNED_ATTENTION_ROWS`: the tiny model on 1 GiB now reaches the largest side
+    /// (it stopped at 1904 while the head was counted at the default 2048-row chunk), and on
+    /// every memory the largest admitted side's chunk, as the VAE will size it, has at least
+    /// that many rows.
+    #[test]
+    fn vae_attention_is_planned_at_the_budgeted_chunk() {
+        assert_eq!(tiny_plan(GIB).largest_side, Some(crate::pipeline::MAX_SIDE));
+        let vae = crate::tiny::vae_config();
+        let f = vae.spatial_compression() as u64;
+        let head_width = (vae.base_dim * vae.dim_mult.last().copied().unwrap_or(1)) as u64;
+        let mut thinnest = usize::MAX;
+        for mib in [64u64, 96, 128, 192, 256, 384, 512, 768, 1024] {
+            let p = tiny_plan(mib << 20);
+            let Some(side) = p.largest_side else { continue };
+            if p.vae_tiling.is_none()
+                || !p
+                    .load_options()
+                    .vae_tiling
+                    .is_some_and(|t| t.applies(side, side, vae.base_dim, 4))
+            {
+                continue;
+            }
+            let tokens = (u64::from(side) / f).pow(2);
+            let live = tokens * head_width * 4 * crate::vae::ATTENTION_LIVE_TENSORS;
+            let t = usize::try_from(tokens).unwrap();
+            let rows = crate::vae::attention_rows(None, Some(p.working_memory), live, 1, t);
+            assert!(
+                rows >= crate::vae::MIN_PLANNED_ATTENTION_ROWS.min(t),
+                "{mib} MiB: {side}² runs {rows}-row chunks"
+            );
+            thinnest = thinnest.min(rows);
+        }
+        // At least one memory put the chunk below the default 2048 rows: the floor was met,
+        // not just untouched.
+        assert!(
+            thinnest < crate::vae::DEFAULT_ATTENTION_QUERY_ROWS,
+            "{thinnest}"
+        );
     }
 
     /// The batch bound: more images fit at smaller sizes, none above the largest side, and the
