@@ -561,9 +561,14 @@ mod tests {
     #[test]
     fn a_quantized_text_encoder_is_chosen_when_the_full_one_would_be_on_the_cpu() {
         let q4 = table_formats()[3].1;
-        // Q4_K's text encoder as loaded: 4.76 GB (docs/memory.md, from the real shapes).
+        // Q4_K's text encoder as loaded in bf16: 4.76 GB.
+        let te_q4 = crate::memory::text_encoder_quantized_bytes(
+            &TextEncoderConfig::qwen2_5_vl_7b(),
+            QuantFormat::Q4K,
+            2,
+        );
         let both = Footprint {
-            text_encoder_quantized: Some(4_760_000_000),
+            text_encoder_quantized: Some(te_q4),
             ..Footprint::qwen_image(q4)
         };
         let plan_with = |f: Footprint, memory: u64| {
