@@ -20,6 +20,7 @@ pub mod guidance;
 pub mod image_io;
 pub mod latents;
 pub mod lora;
+pub mod lora_quant;
 pub mod memory;
 pub mod noise;
 mod ops;

@@ -1,4 +1,5 @@
-//! LoRA adapters for the transformer, merged into its weights at load.
+//! LoRA adapters for the transformer, merged into its weights at load (full-precision weights;
+//! quantized ones run them beside the matmul, [`crate::lora_quant`]).
 //!
 //! Owns: parsing `FILE[:SCALE]`, reading a LoRA safetensors file in either key layout, checking
 //! every adapter against the model's linear layers, and the weights backend that returns
@@ -410,6 +411,27 @@ impl LoraSet {
     /// Number of weights changed.
     pub fn weights_adapted(&self) -> usize {
         self.deltas.len()
+    }
+
+    /// The adapters of weight `name` stacked for a side path, f32 on the CPU, if any adapter has
+    /// it: `down` `[Σ rank, in]` (each LoRA's down matrix, one under the other) and `up`
+    /// `[out, Σ rank]` (each up matrix times its `scale · alpha / rank`, side by side), so that
+    /// `up · down` is [`Self::delta`].
+    pub fn stacked(&self, name: &str) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        let Some(list) = self.deltas.get(name) else {
+            return Ok(None);
+        };
+        let downs: Vec<&Tensor> = list.iter().map(|d| &d.down).collect();
+        let ups = list
+            .iter()
+            .map(|d| d.up.affine(d.factor, 0.0))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Some((Tensor::cat(&downs, 0)?, Tensor::cat(&ups, 1)?)))
+    }
+
+    /// Whether an adapter changes weight `name`.
+    pub fn adapts(&self, name: &str) -> bool {
+        self.deltas.contains_key(name)
     }
 
     /// `Σ factor · up · down` for weight `name`, f32 `[out, in]` on the CPU, if any adapter has it.

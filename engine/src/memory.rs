@@ -143,6 +143,37 @@ pub fn text_encoder_weight_bytes(
     count_params(|vb| crate::text_encoder::QwenTextEncoder::new(cfg, vb).map(|_| ())) * dtype_bytes
 }
 
+/// Bytes of the text encoder's language model loaded from a llama.cpp-layout GGUF file in
+/// `format` ([`crate::text_encoder_gguf::write_text_encoder`]): the linears
+/// [`crate::text_encoder_gguf::quantizable`] picks at the format's bytes, every other tensor (the
+/// embedding, norms, biases) at `dtype_bytes` (dequantized to the model dtype at load), as
+/// [`crate::quant::GgufWeights::loaded_bytes`] counts a file.
+pub fn text_encoder_quantized_bytes(
+    cfg: &crate::text_encoder::TextEncoderConfig,
+    format: crate::quant::QuantFormat,
+    dtype_bytes: u64,
+) -> u64 {
+    let shapes = crate::weights::ShapeOnly::default();
+    let vb = shapes.var_builder(candle_core::DType::F32, &candle_core::Device::Cpu);
+    if crate::text_encoder::QwenTextEncoder::new(cfg, vb).is_err() {
+        return 0;
+    }
+    shapes
+        .seen()
+        .iter()
+        .filter(|(name, _)| !name.contains('#'))
+        .map(|(name, shape)| {
+            let n: u64 = shape.iter().map(|&x| x as u64).product();
+            if crate::text_encoder_gguf::quantizable(name, shape, format) {
+                let (bytes, block) = format.bytes_per_block();
+                n / block * bytes
+            } else {
+                n * dtype_bytes
+            }
+        })
+        .sum()
+}
+
 /// Working memory of one text-encoder pass over `tokens` tokens beyond its weights: per token
 /// the MLP's gate, up and product (`3 · intermediate_size`) and eight hidden-width tensors
 /// (residual, norm, q, k, v, attention output, projections) in f32, plus one layer's f32
@@ -188,8 +219,10 @@ pub fn vae_head_bytes(
 /// bytes ([`crate::vae::attention_rows`]; `None`: the default chunk): [`VAE_LIVE_TENSORS`]
 /// tensors of the head's width `base_dim · dim_mult[-1]` plus one query chunk in f32 as three
 /// score-sized matrices (the scores, their scaled copy, the probabilities), or, with a bound,
-/// the attention's [`crate::vae::ATTENTION_LIVE_TENSORS`] beside its smaller chunk. Not bounded by
-/// a tile: the attention sees the whole frame, but its chunk shrinks with the memory left.
+/// the attention's [`crate::vae::ATTENTION_LIVE_TENSORS`] beside its smaller chunk, counted at
+/// no fewer than [`crate::vae::MIN_PLANNED_ATTENTION_ROWS`] rows (so a size whose chunk would be
+/// thinner comes out above `working` and a plan does not admit it). Not bounded by a tile: the
+/// attention sees the whole frame, but its chunk shrinks with the memory left.
 pub fn vae_head_bytes_within(
     width: u32,
     height: u32,
@@ -208,7 +241,8 @@ pub fn vae_head_bytes_within(
         }
         Some(_) => {
             let live = head_out * crate::vae::ATTENTION_LIVE_TENSORS;
-            let rows = crate::vae::attention_rows(None, working, live, 1, t);
+            let rows = crate::vae::attention_rows(None, working, live, 1, t)
+                .max(crate::vae::MIN_PLANNED_ATTENTION_ROWS.min(t));
             live + score_bytes(rows)
         }
     }
@@ -247,15 +281,18 @@ pub fn vae_tiles_bytes(
 }
 
 /// Working memory of one VAE decode tiled by `tiling` ([`crate::vae_tiling::decode_tiled`]):
-/// the larger of its head ([`vae_head_bytes`]) and its tiles ([`vae_tiles_bytes`]).
+/// the larger of its head ([`vae_head_bytes_within`] `working`: the mid-block attention's chunk
+/// shrinks to the memory left, as the VAE sizes it at run time) and its tiles
+/// ([`vae_tiles_bytes`]).
 pub fn vae_tiled_decode_bytes(
     width: u32,
     height: u32,
     cfg: &crate::vae::VaeConfig,
     tiling: crate::vae_tiling::VaeTiling,
     dtype_bytes: u64,
+    working: Option<u64>,
 ) -> u64 {
-    vae_head_bytes(width, height, cfg, dtype_bytes).max(vae_tiles_bytes(
+    vae_head_bytes_within(width, height, cfg, dtype_bytes, working).max(vae_tiles_bytes(
         width,
         height,
         cfg,
@@ -300,6 +337,12 @@ mod tests {
         assert_eq!(text_encoder_weight_bytes(&te, 2) / 10_000_000, 1414);
         let vae = crate::vae::VaeConfig::default();
         assert_eq!(vae_weight_bytes(&vae, 2) / 10_000_000, 24);
+        // Its llama.cpp-layout GGUF as loaded in bf16 (rounded): Q8_0 8.02, Q5_K 5.58, Q4_K
+        // 4.76 GB.
+        let q = |f| (text_encoder_quantized_bytes(&te, f, 2) + 5_000_000) / 10_000_000;
+        assert_eq!(q(crate::quant::QuantFormat::Q8_0), 802);
+        assert_eq!(q(crate::quant::QuantFormat::Q5K), 558);
+        assert_eq!(q(crate::quant::QuantFormat::Q4K), 476);
     }
 
     #[test]

@@ -403,11 +403,13 @@ pub struct QwenImage {
 enum TextEncoderSlot {
     /// Loaded, on the model's device or the CPU.
     Resident(QwenTextEncoder),
-    /// Loaded from `dir` on `device` for each encoding and dropped after it.
+    /// Loaded from `dir` (the weights `which` names) on `device` for each encoding and dropped
+    /// after it.
     OnDemand {
         dir: PathBuf,
         dtype: DType,
         device: Device,
+        which: crate::text_encoder::TextEncoderWeights,
     },
 }
 
@@ -419,8 +421,13 @@ impl TextEncoderSlot {
     ) -> Result<T, EngineError> {
         match self {
             Self::Resident(te) => f(te),
-            Self::OnDemand { dir, dtype, device } => {
-                let te = QwenTextEncoder::load(dir, *dtype, device)
+            Self::OnDemand {
+                dir,
+                dtype,
+                device,
+                which,
+            } => {
+                let te = QwenTextEncoder::load_weights(dir, *dtype, device, *which)
                     .map_err(|e| EngineError::component("text_encoder", dir.clone(), e))?;
                 f(&te)
             }
@@ -496,17 +503,10 @@ impl QwenImage {
         Ok(())
     }
 
-    /// Checks that `lora` can be merged into this transformer (reads the file, matches every
-    /// adapter to a layer) without loading any weights.
+    /// Checks that `lora` can be applied to this transformer, full-precision or quantized
+    /// (reads the file, matches every adapter to a layer) without loading any weights.
     pub fn check_lora(&self, lora: &crate::lora::LoraSpec) -> Result<(), EngineError> {
         let dir = self.dir.join("transformer");
-        if dir.join(crate::quant::GGUF_FILE).is_file() {
-            return Err(EngineError::component(
-                "transformer",
-                dir,
-                crate::transformer::LoadError::LoraOnQuantized,
-            ));
-        }
         crate::lora::LoraSet::load(std::slice::from_ref(lora), &self.transformer_config)
             .map_err(|e| EngineError::component("transformer", dir, e))?;
         Ok(())
@@ -531,7 +531,8 @@ impl QwenImage {
         Ok(())
     }
 
-    /// As [`Self::load`], with the LoRAs of `loras` merged into the transformer's weights.
+    /// As [`Self::load`], with the LoRAs of `loras` merged into the transformer's weights (run
+    /// beside the quantized matmuls of a quantized transformer, [`crate::lora_quant`]).
     pub fn load_with_loras(
         dir: &Path,
         dtype: DType,
@@ -595,12 +596,18 @@ impl QwenImage {
                     dir: te_dir,
                     dtype,
                     device: te_device,
+                    which: opts.text_encoder_weights,
                 };
                 (slot, cfg)
             }
             TextEncoderPlace::Device | TextEncoderPlace::Cpu => {
-                let te = QwenTextEncoder::load(&te_dir, dtype, &te_device)
-                    .map_err(|e| EngineError::component("text_encoder", te_dir.clone(), e))?;
+                let te = QwenTextEncoder::load_weights(
+                    &te_dir,
+                    dtype,
+                    &te_device,
+                    opts.text_encoder_weights,
+                )
+                .map_err(|e| EngineError::component("text_encoder", te_dir.clone(), e))?;
                 let cfg = te.config().clone();
                 (TextEncoderSlot::Resident(te), cfg)
             }
@@ -824,7 +831,12 @@ impl QwenImage {
             let v = match self.vae_tiling {
                 Some(t) if t.applies(r.width, r.height, vae.base_dim, F32_BYTES) => {
                     crate::memory::vae_tiled_decode_bytes(
-                        r.width, r.height, vae, t.tiling, F32_BYTES,
+                        r.width,
+                        r.height,
+                        vae,
+                        t.tiling,
+                        F32_BYTES,
+                        self.working_memory,
                     )
                 }
                 _ => crate::memory::vae_decode_bytes(r.width, r.height, vae.base_dim, F32_BYTES),

@@ -2,7 +2,10 @@
 //!
 //! Owns [`LoadOptions`] (LoRAs, the text encoder's place, the attention budget, VAE tiling) and
 //! [`plan`]: from a folder's weight sizes and the device's memory it keeps the transformer and
-//! the VAE on the device and places the text encoder ([`TextEncoderPlace`]): on the device when
+//! the VAE on the device, chooses the text encoder's weights when the folder holds both a
+//! full-precision and a quantized one (the quantized one only when the full-precision one would
+//! be on the CPU and the quantized one fits the device), and places the text encoder
+//! ([`TextEncoderPlace`]): on the device when
 //! that costs the market nothing (the largest side up to the protocol's 2048 and the images per
 //! job at 1024² up to its 4 are the same as with it elsewhere); else loaded on the device only
 //! while prompts are encoded and freed before the transformer runs, when it fits beside the
@@ -25,7 +28,7 @@ use crate::memory::{
     vae_weight_bytes,
 };
 use crate::quant::{GGUF_FILE, QuantFormat};
-use crate::text_encoder::TextEncoderConfig;
+use crate::text_encoder::{TextEncoderConfig, TextEncoderWeights};
 use crate::transformer::DEFAULT_ATTENTION_BUDGET;
 use crate::vae::VaeConfig;
 use crate::vae_tiling::VaeTiling;
@@ -66,13 +69,20 @@ pub enum TextEncoderPlace {
     Cpu,
 }
 
+impl TextEncoderPlace {
+    /// Where, without the subject: `on the device`, `on the CPU`, ….
+    fn short(self) -> &'static str {
+        match self {
+            Self::Device => "on the device",
+            Self::EncodeThenFree => "loaded on the device to encode, then freed",
+            Self::Cpu => "on the CPU",
+        }
+    }
+}
+
 impl std::fmt::Display for TextEncoderPlace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Device => "text encoder on the device",
-            Self::EncodeThenFree => "text encoder loaded on the device to encode, then freed",
-            Self::Cpu => "text encoder on the CPU",
-        })
+        write!(f, "text encoder {}", self.short())
     }
 }
 
@@ -83,6 +93,9 @@ pub struct LoadOptions {
     pub loras: Vec<LoraSpec>,
     /// Where the text encoder runs.
     pub text_encoder: TextEncoderPlace,
+    /// Which of the text encoder's weights load (a folder may hold full-precision and
+    /// quantized ones).
+    pub text_encoder_weights: TextEncoderWeights,
     /// Bytes one attention chunk may take ([`DEFAULT_ATTENTION_BUDGET`] when `None`).
     pub attention_budget: Option<u64>,
     /// Working memory each forward's chunks are sized from (`None`: the budget alone).
@@ -114,8 +127,11 @@ impl TiledDecode {
 pub struct Footprint {
     /// The transformer (quantized if the folder's is).
     pub transformer: u64,
-    /// The text encoder's language model.
+    /// The text encoder's language model (full precision when the folder has both).
     pub text_encoder: u64,
+    /// The quantized text encoder's bytes as loaded, when the folder holds one beside the
+    /// full-precision weights (the plan may choose it).
+    pub text_encoder_quantized: Option<u64>,
     /// The VAE.
     pub vae: u64,
 }
@@ -126,12 +142,14 @@ impl Footprint {
         Self {
             transformer: transformer_weight_bytes(&TransformerConfig::qwen_image_20b(), format),
             text_encoder: text_encoder_weight_bytes(&TextEncoderConfig::qwen2_5_vl_7b(), 2),
+            text_encoder_quantized: None,
             vae: vae_weight_bytes(&VaeConfig::default(), 2),
         }
     }
 
     /// A folder's footprint in `dtype` (its transformer's GGUF file size if it has one, its text
-    /// encoder's GGUF tensors as loaded if it has one).
+    /// encoder's GGUF tensors as loaded if it has one: in [`Self::text_encoder_quantized`] when
+    /// full-precision weights are beside them, else in [`Self::text_encoder`]).
     pub fn of_folder(dir: &Path, dtype: DType) -> Option<Self> {
         let m = FolderModel::read(dir)?;
         let bytes = dtype.size_in_bytes() as u64;
@@ -141,17 +159,27 @@ impl Footprint {
             Err(_) => transformer_weight_bytes(&m.transformer, WeightFormat::Float(bytes)),
         };
         // A llama.cpp-layout text encoder: its linears as stored, the rest in `dtype`.
-        let te_gguf = crate::text_encoder_gguf::find_gguf(&dir.join("text_encoder")).ok()?;
-        let text_encoder = match te_gguf {
-            Some(path) => crate::text_encoder_gguf::open(&path)
-                .ok()?
-                .0
-                .loaded_bytes(bytes),
-            None => text_encoder_weight_bytes(&m.text_encoder, bytes),
+        let te_dir = dir.join("text_encoder");
+        let te_gguf = crate::text_encoder_gguf::find_gguf(&te_dir).ok()?;
+        let quantized = match te_gguf {
+            Some(path) => Some(
+                crate::text_encoder_gguf::open(&path)
+                    .ok()?
+                    .0
+                    .loaded_bytes(bytes),
+            ),
+            None => None,
+        };
+        let full = text_encoder_weight_bytes(&m.text_encoder, bytes);
+        let (text_encoder, text_encoder_quantized) = match quantized {
+            Some(q) if crate::text_encoder::has_full_precision(&te_dir) => (full, Some(q)),
+            Some(q) => (q, None),
+            None => (full, None),
         };
         Some(Self {
             transformer,
             text_encoder,
+            text_encoder_quantized,
             vae: vae_weight_bytes(&m.vae, bytes),
         })
     }
@@ -184,6 +212,13 @@ impl FolderModel {
 pub struct Plan {
     /// Where the text encoder goes.
     pub text_encoder: TextEncoderPlace,
+    /// Which text encoder weights: [`TextEncoderWeights::AsFolder`] when the folder has one
+    /// kind; else the full-precision ones, unless they would be on the CPU and the quantized
+    /// ones fit the device.
+    pub text_encoder_weights: TextEncoderWeights,
+    /// Where the full-precision text encoder would have gone, when the quantized one was chosen
+    /// instead (said in the summary).
+    pub full_precision_place: Option<TextEncoderPlace>,
     /// Weight bytes resident on the device.
     pub device_weights: u64,
     /// Device bytes left beside the resident weights: each forward's attention chunks and each
@@ -229,9 +264,14 @@ impl Budget {
     fn decode(&self, width: u32, height: u32, tiling: Option<VaeTiling>) -> u64 {
         let whole = vae_decode_bytes(width, height, self.vae.base_dim, self.dtype_bytes);
         match tiling {
-            Some(t) if whole > self.free => {
-                vae_tiled_decode_bytes(width, height, &self.vae, t, self.dtype_bytes)
-            }
+            Some(t) if whole > self.free => vae_tiled_decode_bytes(
+                width,
+                height,
+                &self.vae,
+                t,
+                self.dtype_bytes,
+                Some(self.free),
+            ),
             _ => whole,
         }
     }
@@ -297,6 +337,7 @@ impl Plan {
         LoadOptions {
             loras: Vec::new(),
             text_encoder: self.text_encoder,
+            text_encoder_weights: self.text_encoder_weights,
             attention_budget: None,
             working_memory: Some(self.working_memory),
             vae_tiling: self.vae_tiling.map(|tiling| TiledDecode {
@@ -325,24 +366,51 @@ pub fn plan(
         dtype_bytes,
         free,
     };
-    let with_te = budget_with(usable.saturating_sub(resident + footprint.text_encoder));
     let without_te = budget_with(usable.saturating_sub(resident));
-    let encode = footprint.text_encoder + text_encoder_encode_bytes(te, PLANNED_TEXT_TOKENS);
-    let reach = with_te.market_reach();
-    let text_encoder = if reach.0.is_some() && reach == without_te.market_reach() {
-        TextEncoderPlace::Device
-    } else if resident + encode <= usable {
-        TextEncoderPlace::EncodeThenFree
-    } else {
-        TextEncoderPlace::Cpu
+    let reach_without = without_te.market_reach();
+    // Where a text encoder of `te_bytes` goes, and the budget beside it.
+    let place = |te_bytes: u64| {
+        let with_te = budget_with(usable.saturating_sub(resident + te_bytes));
+        let encode = te_bytes + text_encoder_encode_bytes(te, PLANNED_TEXT_TOKENS);
+        let reach = with_te.market_reach();
+        if reach.0.is_some() && reach == reach_without {
+            (TextEncoderPlace::Device, with_te)
+        } else if resident + encode <= usable {
+            (TextEncoderPlace::EncodeThenFree, without_te.clone())
+        } else {
+            (TextEncoderPlace::Cpu, without_te.clone())
+        }
     };
-    let (device_weights, budget) = match text_encoder {
-        TextEncoderPlace::Device => (resident + footprint.text_encoder, with_te),
-        TextEncoderPlace::EncodeThenFree | TextEncoderPlace::Cpu => (resident, without_te),
+    let full = place(footprint.text_encoder);
+    let (text_encoder_weights, full_precision_place, te_bytes, (text_encoder, budget)) =
+        match footprint.text_encoder_quantized {
+            None => (
+                TextEncoderWeights::AsFolder,
+                None,
+                footprint.text_encoder,
+                full,
+            ),
+            Some(q) => match place(q) {
+                quantized if full.0 == TextEncoderPlace::Cpu && quantized.0 != full.0 => {
+                    (TextEncoderWeights::Quantized, Some(full.0), q, quantized)
+                }
+                _ => (
+                    TextEncoderWeights::FullPrecision,
+                    None,
+                    footprint.text_encoder,
+                    full,
+                ),
+            },
+        };
+    let device_weights = match text_encoder {
+        TextEncoderPlace::Device => resident + te_bytes,
+        TextEncoderPlace::EncodeThenFree | TextEncoderPlace::Cpu => resident,
     };
     let found = budget.largest();
     let mut plan = Plan {
         text_encoder,
+        text_encoder_weights,
+        full_precision_place,
         device_weights,
         working_memory: budget.free,
         vae_tiling: found.and_then(|f| f.1),
@@ -371,11 +439,17 @@ pub fn plan_folder(dir: &Path, dtype: DType, memory: u64) -> Option<Plan> {
 
 impl std::fmt::Display for Plan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.text_encoder_weights == TextEncoderWeights::Quantized {
+            f.write_str("quantized ")?;
+        }
+        write!(f, "{}", self.text_encoder)?;
+        if let Some(full) = self.full_precision_place {
+            write!(f, " (the full-precision one would be {})", full.short())?;
+        }
         write!(
             f,
-            "{}; {:.1} GB of weights on the device, {:.1} GB left for attention chunks and \
+            "; {:.1} GB of weights on the device, {:.1} GB left for attention chunks and \
              decodes; ",
-            self.text_encoder,
             self.device_weights as f64 / 1e9,
             self.working_memory as f64 / 1e9
         )?;
@@ -481,6 +555,67 @@ mod tests {
         );
     }
 
+    /// A folder with both text encoders: the full-precision one where it fits the device, the
+    /// quantized one where the full-precision one would be on the CPU and it is not, said in
+    /// the summary.
+    #[test]
+    fn a_quantized_text_encoder_is_chosen_when_the_full_one_would_be_on_the_cpu() {
+        let q4 = table_formats()[3].1;
+        // Q4_K's text encoder as loaded in bf16: 4.76 GB.
+        let te_q4 = crate::memory::text_encoder_quantized_bytes(
+            &TextEncoderConfig::qwen2_5_vl_7b(),
+            QuantFormat::Q4K,
+            2,
+        );
+        let both = Footprint {
+            text_encoder_quantized: Some(te_q4),
+            ..Footprint::qwen_image(q4)
+        };
+        let plan_with = |f: Footprint, memory: u64| {
+            let p = plan(
+                &TransformerConfig::qwen_image_20b(),
+                &TextEncoderConfig::qwen2_5_vl_7b(),
+                &VaeConfig::default(),
+                f,
+                2,
+                memory,
+            );
+            println!("{:.0} GiB: {p}", memory as f64 / GIB as f64);
+            p
+        };
+        let p = plan_with(both, 24 * GIB);
+        assert_eq!(p.text_encoder_weights, TextEncoderWeights::Quantized, "{p}");
+        assert_ne!(p.text_encoder, TextEncoderPlace::Cpu, "{p}");
+        assert_eq!(p.full_precision_place, Some(TextEncoderPlace::Cpu));
+        assert_eq!(
+            p.load_options().text_encoder_weights,
+            TextEncoderWeights::Quantized
+        );
+        let shown = p.to_string();
+        assert!(
+            shown.starts_with("quantized text encoder ")
+                && shown.contains("(the full-precision one would be on the CPU)"),
+            "{shown}"
+        );
+        // Without the quantized file the same card puts the text encoder on the CPU.
+        let p = plan_with(Footprint::qwen_image(q4), 24 * GIB);
+        assert_eq!(p.text_encoder, TextEncoderPlace::Cpu);
+        assert_eq!(p.text_encoder_weights, TextEncoderWeights::AsFolder);
+        // 80 GB: the full-precision one fits, and is kept.
+        let p = plan_with(both, 80 * GB);
+        assert_eq!(
+            p.text_encoder_weights,
+            TextEncoderWeights::FullPrecision,
+            "{p}"
+        );
+        assert_eq!(p.text_encoder, TextEncoderPlace::Device);
+        assert_eq!(p.full_precision_place, None);
+        // 12 GiB: the full one on the CPU, and the quantized one does not fit either: kept full.
+        let p = plan_with(both, 12 * GIB);
+        assert_eq!(p.text_encoder, TextEncoderPlace::Cpu, "{p}");
+        assert_eq!(p.text_encoder_weights, TextEncoderWeights::FullPrecision);
+    }
+
     fn tiny_plan(memory: u64) -> Plan {
         let t = crate::tiny::transformer_config();
         let te = crate::tiny::text_encoder_config();
@@ -488,6 +623,7 @@ mod tests {
         let f = Footprint {
             transformer: transformer_weight_bytes(&t, WeightFormat::Float(4)),
             text_encoder: text_encoder_weight_bytes(&te, 4),
+            text_encoder_quantized: None,
             vae: vae_weight_bytes(&vae, 4),
         };
         let p = plan(&t, &te, &vae, f, 4, memory);
@@ -505,6 +641,48 @@ mod tests {
         assert_eq!(p.text_encoder, TextEncoderPlace::Device);
         assert!(p.largest_side.is_some_and(|s| s >= 1024), "{p}");
         assert!(p.batch_at_1024 >= 1, "{p}");
+    }
+
+    /// The plan counts the VAE's mid-block attention at the chunk the VAE sizes from the working
+    /// memory at run time (`vae::attention_rows`), no thinner than
+    /// `vae::MIN_PLANNED_ATTENTION_ROWS`: the tiny model on 1 GiB now reaches the largest side
+    /// (it stopped at 1904 while the head was counted at the default 2048-row chunk), and on
+    /// every memory the largest admitted side's chunk, as the VAE will size it, has at least
+    /// that many rows.
+    #[test]
+    fn vae_attention_is_planned_at_the_budgeted_chunk() {
+        assert_eq!(tiny_plan(GIB).largest_side, Some(crate::pipeline::MAX_SIDE));
+        let vae = crate::tiny::vae_config();
+        let f = vae.spatial_compression() as u64;
+        let head_width = (vae.base_dim * vae.dim_mult.last().copied().unwrap_or(1)) as u64;
+        let mut thinnest = usize::MAX;
+        for mib in [64u64, 96, 128, 192, 256, 384, 512, 768, 1024] {
+            let p = tiny_plan(mib << 20);
+            let Some(side) = p.largest_side else { continue };
+            if p.vae_tiling.is_none()
+                || !p
+                    .load_options()
+                    .vae_tiling
+                    .is_some_and(|t| t.applies(side, side, vae.base_dim, 4))
+            {
+                continue;
+            }
+            let tokens = (u64::from(side) / f).pow(2);
+            let live = tokens * head_width * 4 * crate::vae::ATTENTION_LIVE_TENSORS;
+            let t = usize::try_from(tokens).unwrap();
+            let rows = crate::vae::attention_rows(None, Some(p.working_memory), live, 1, t);
+            assert!(
+                rows >= crate::vae::MIN_PLANNED_ATTENTION_ROWS.min(t),
+                "{mib} MiB: {side}² runs {rows}-row chunks"
+            );
+            thinnest = thinnest.min(rows);
+        }
+        // At least one memory put the chunk below the default 2048 rows: the floor was met,
+        // not just untouched.
+        assert!(
+            thinnest < crate::vae::DEFAULT_ATTENTION_QUERY_ROWS,
+            "{thinnest}"
+        );
     }
 
     /// The batch bound: more images fit at smaller sizes, none above the largest side, and the

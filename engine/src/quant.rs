@@ -18,7 +18,9 @@
 //! How a quantized weight reaches [`Proj`]: the backend answers a name `W#q8_0` (or any other
 //! block type of [`BLOCK_TYPES`]: `#q4_k`, `#q6_k`, …) with the raw GGML blocks of `W` as a `u8`
 //! tensor, which `Proj` rebuilds into a `QTensor` on the model's device. Asked for `W` itself, it
-//! dequantizes, so any layer that wants a plain tensor still gets the right values. The same
+//! dequantizes, so any layer that wants a plain tensor still gets the right values. LoRAs on a
+//! quantized model ride the same way: [`crate::lora_quant`]'s backend answers `W#lora_down` and
+//! `W#lora_up`, and `Proj` runs them beside the quantized matmul. The same
 //! backend reads the text encoder's llama.cpp-layout file ([`crate::text_encoder_gguf`]) through
 //! a name map.
 
@@ -337,7 +339,7 @@ impl GgufWeights {
     }
 
     /// The block type `name` is stored in, if it is one of [`BLOCK_TYPES`].
-    fn stored_block_type(&self, name: &str) -> Option<GgmlDType> {
+    pub(crate) fn stored_block_type(&self, name: &str) -> Option<GgmlDType> {
         let info = self.content.tensor_infos.get(self.names.get(name)?)?;
         is_block_type(info.ggml_dtype).then_some(info.ggml_dtype)
     }
@@ -419,8 +421,8 @@ impl SimpleBackend for GgufWeights {
     }
 }
 
-/// A linear layer whose weight is quantized (run by `QMatMul` in f32, result cast back to the
-/// input dtype, bias added in that dtype) or plain.
+/// A linear layer whose weight is quantized (run by `QMatMul` in f32, plus the LoRA side path
+/// if any, result cast back to the input dtype, bias added in that dtype) or plain.
 #[derive(Debug, Clone)]
 pub enum Proj {
     /// Full-precision weight.
@@ -431,7 +433,31 @@ pub enum Proj {
         weight: QMatMul,
         /// The bias, in the model dtype.
         bias: Option<Tensor>,
+        /// LoRAs applied beside the matmul ([`crate::lora_quant`]).
+        lora: Option<LoraSide>,
     },
+}
+
+/// The LoRAs of one quantized linear, kept in full precision beside its `QMatMul`:
+/// `x · downᵀ · upᵀ`, where `down` stacks every LoRA's `[rank, in]` down matrix and `up` every
+/// `[out, rank]` up matrix times its `scale · alpha / rank`, so the product is
+/// `Σ scale · (alpha / rank) · x · downᵢᵀ · upᵢᵀ` — the delta the merged path adds to the weight.
+#[derive(Debug, Clone)]
+pub struct LoraSide {
+    /// `downᵀ`: `[in, Σ rank]`, contiguous.
+    down_t: Tensor,
+    /// `upᵀ`: `[Σ rank, out]`, contiguous.
+    up_t: Tensor,
+}
+
+impl LoraSide {
+    /// `x · downᵀ · upᵀ` in the side path's dtype, returned in f32.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.to_dtype(self.down_t.dtype())?
+            .broadcast_matmul(&self.down_t)?
+            .broadcast_matmul(&self.up_t)?
+            .to_dtype(DType::F32)
+    }
 }
 
 /// `candle_nn::linear` that takes the quantized weight when the backend has one. Backends that
@@ -443,6 +469,7 @@ pub fn linear(inp: usize, out: usize, vb: VarBuilder) -> candle_core::Result<Pro
         Some(weight) => Ok(Proj::Quantized {
             weight,
             bias: Some(vb.get(out, "bias")?),
+            lora: lora_side(inp, out, &vb)?,
         }),
         None => Ok(Proj::Plain(candle_nn::linear(inp, out, vb)?)),
     }
@@ -451,7 +478,11 @@ pub fn linear(inp: usize, out: usize, vb: VarBuilder) -> candle_core::Result<Pro
 /// [`linear`] without a bias (`candle_nn::linear_no_bias`).
 pub fn linear_no_bias(inp: usize, out: usize, vb: VarBuilder) -> candle_core::Result<Proj> {
     match quantized_weight(inp, out, &vb)? {
-        Some(weight) => Ok(Proj::Quantized { weight, bias: None }),
+        Some(weight) => Ok(Proj::Quantized {
+            weight,
+            bias: None,
+            lora: lora_side(inp, out, &vb)?,
+        }),
         None => Ok(Proj::Plain(candle_nn::linear_no_bias(inp, out, vb)?)),
     }
 }
@@ -482,14 +513,46 @@ fn quantized_weight(
     Ok(None)
 }
 
+/// The LoRA side path of the quantized `[out, inp]` weight, when the backend has one (it answers
+/// [`crate::lora_quant::DOWN_MARKER`] and [`crate::lora_quant::UP_MARKER`]): in f32 on the CPU, in
+/// the model dtype elsewhere (on CUDA, the compute dtype the rest of the model runs in).
+fn lora_side(inp: usize, out: usize, vb: &VarBuilder) -> candle_core::Result<Option<LoraSide>> {
+    use crate::lora_quant::{DOWN_MARKER, UP_MARKER};
+    if !vb.contains_tensor(DOWN_MARKER) || !vb.contains_tensor(UP_MARKER) {
+        return Ok(None);
+    }
+    let dtype = if vb.device().is_cpu() {
+        DType::F32
+    } else {
+        vb.dtype()
+    };
+    let down = vb.get_unchecked_dtype(DOWN_MARKER, dtype)?;
+    let up = vb.get_unchecked_dtype(UP_MARKER, dtype)?;
+    match (down.dims(), up.dims()) {
+        (&[r, i], &[o, r2]) if r == r2 && i == inp && o == out => Ok(Some(LoraSide {
+            down_t: down.t()?.contiguous()?,
+            up_t: up.t()?.contiguous()?,
+        })),
+        _ => candle_core::bail!(
+            "LoRA side path of a [{out}, {inp}] weight has down {:?} and up {:?}",
+            down.dims(),
+            up.dims()
+        ),
+    }
+}
+
 impl Module for Proj {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Plain(l) => l.forward(x),
-            Self::Quantized { weight, bias } => {
-                let y = weight
-                    .forward(&x.to_dtype(DType::F32)?)?
-                    .to_dtype(x.dtype())?;
+            Self::Quantized { weight, bias, lora } => {
+                let x32 = x.to_dtype(DType::F32)?;
+                let y = weight.forward(&x32)?;
+                let y = match lora {
+                    Some(side) => (y + side.forward(x)?)?,
+                    None => y,
+                };
+                let y = y.to_dtype(x.dtype())?;
                 match bias {
                     Some(b) => y.broadcast_add(b),
                     None => Ok(y),

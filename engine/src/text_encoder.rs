@@ -172,6 +172,30 @@ struct RawConfig {
     text_config: Option<Box<RawConfig>>,
 }
 
+/// Which weights of a `text_encoder/` folder to load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TextEncoderWeights {
+    /// The folder's `.gguf` file if it has one, else its safetensors.
+    #[default]
+    AsFolder,
+    /// The safetensors, even beside a `.gguf` file.
+    FullPrecision,
+    /// The `.gguf` file (an error if there is none).
+    Quantized,
+}
+
+/// Whether the `text_encoder/` folder `dir` holds full-precision weights (`model*.safetensors`),
+/// whether or not a `.gguf` file is beside them.
+pub fn has_full_precision(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with("model") && n.contains(".safetensors"))
+        })
+    })
+}
+
 /// Why a `text_encoder/` folder could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum TextEncoderLoadError {
@@ -452,8 +476,29 @@ impl QwenTextEncoder {
         dtype: DType,
         device: &Device,
     ) -> std::result::Result<Self, TextEncoderLoadError> {
-        if let Some(gguf) = crate::text_encoder_gguf::find_gguf(dir)? {
-            return crate::text_encoder_gguf::load(&gguf, dtype, device);
+        Self::load_weights(dir, dtype, device, TextEncoderWeights::AsFolder)
+    }
+
+    /// As [`Self::load`], with the weights `which` names: a folder holding both a `.gguf` file
+    /// and safetensors loads either (the plan's choice, [`crate::placement`]).
+    pub fn load_weights(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        which: TextEncoderWeights,
+    ) -> std::result::Result<Self, TextEncoderLoadError> {
+        match (which, crate::text_encoder_gguf::find_gguf(dir)?) {
+            (TextEncoderWeights::FullPrecision, _) => {}
+            (TextEncoderWeights::AsFolder | TextEncoderWeights::Quantized, Some(gguf)) => {
+                return crate::text_encoder_gguf::load(&gguf, dtype, device);
+            }
+            (TextEncoderWeights::Quantized, None) => {
+                return Err(TextEncoderLoadError::Gguf {
+                    path: dir.to_path_buf(),
+                    reason: "no .gguf file, and the quantized text encoder was asked for".into(),
+                });
+            }
+            (TextEncoderWeights::AsFolder, None) => {}
         }
         let path = dir.join("config.json");
         let text =

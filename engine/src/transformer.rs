@@ -93,10 +93,6 @@ pub enum LoadError {
     /// A LoRA could not be read or does not fit this transformer.
     #[error("LoRA")]
     Lora(#[from] crate::lora::LoraError),
-    /// LoRAs were given for a quantized transformer: merging them needs full-precision weights
-    /// and applying them beside the quantized matmul is not implemented.
-    #[error("LoRAs need a full-precision transformer (safetensors), not a quantized one")]
-    LoraOnQuantized,
     /// The quantized weights file could not be read.
     #[error("quantized weights")]
     Quantized(#[from] crate::quant::QuantError),
@@ -556,7 +552,9 @@ impl QwenImageTransformer {
         Self::new(&cfg, vb).map_err(LoadError::Build)
     }
 
-    /// As [`Self::load`], with the LoRAs of `loras` merged into the weights (see [`crate::lora`]).
+    /// As [`Self::load`], with the LoRAs of `loras` merged into the weights (see [`crate::lora`]),
+    /// or, for a quantized transformer, applied beside each quantized matmul and merged into its
+    /// full-precision weights ([`crate::lora_quant`]).
     pub fn load_with_loras(
         dir: &Path,
         dtype: DType,
@@ -566,14 +564,17 @@ impl QwenImageTransformer {
         if loras.is_empty() {
             return Self::load(dir, dtype, device);
         }
-        if dir.join(crate::quant::GGUF_FILE).is_file() {
-            return Err(LoadError::LoraOnQuantized);
-        }
         let cfg = TransformerConfig::from_file(&dir.join("config.json"))?;
         let set = crate::lora::LoraSet::load(loras, &cfg)?;
-        let base = ComponentWeights::open(dir, "diffusion_pytorch_model")?;
-        let backend = crate::lora::MergedWeights::new(base, set);
-        let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+        let gguf = dir.join(crate::quant::GGUF_FILE);
+        let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = if gguf.is_file() {
+            let base = crate::quant::GgufWeights::open(&gguf)?;
+            Box::new(crate::lora_quant::LoraGgufWeights::new(base, set))
+        } else {
+            let base = ComponentWeights::open(dir, "diffusion_pytorch_model")?;
+            Box::new(crate::lora::MergedWeights::new(base, set))
+        };
+        let vb = VarBuilder::from_backend(backend, dtype, device.clone());
         Self::new(&cfg, vb).map_err(LoadError::Build)
     }
 

@@ -34,6 +34,14 @@ pub const DEFAULT_ATTENTION_QUERY_ROWS: usize = 2048;
 /// process).
 pub const MIN_ATTENTION_BUDGET: u64 = 1 << 20;
 
+/// Fewest query rows per mid-block attention chunk a memory plan counts on
+/// ([`crate::memory::vae_head_bytes_within`]): a size whose chunk, sized from the working
+/// memory, would be thinner is not admitted. Each chunk is a `[rows, C] × [C, tokens]` matmul
+/// and a softmax over its rows; below about 128 rows the matmul is thinner than a GPU's tiles
+/// (64–128 rows) and the chunk count (`tokens / rows`: 2048 at 4096², 128 at 1024²) makes
+/// per-chunk overhead dominate, while one-row chunks ran 262 144 of them at 4096².
+pub const MIN_PLANNED_ATTENTION_ROWS: usize = 128;
+
 /// Score-sized f32 matrices a chunk holds at once: the scores, the scaled scores, the
 /// probabilities.
 pub const ATTENTION_SCORE_MATRICES: u64 = 3;

@@ -3,13 +3,14 @@
 //! ([`pixmarket_engine::memory::forward_peak_bytes`]) for the chunk — far under the unchunked
 //! score matrices.
 //!
-//! The tests of this binary share one allocator counter, so they take [`SERIAL`] in turn.
+//! The tests of this binary share one allocator counter, so they take
+//! [`common::SERIAL`] in turn (the allocator is `tests/common`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
+mod common;
+
+use common::{SERIAL, measured_peak};
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -17,47 +18,6 @@ use pixmarket_engine::config::TransformerConfig;
 use pixmarket_engine::memory::{ForwardShape, attention_scores_bytes, forward_peak_bytes};
 use pixmarket_engine::noise::gaussian;
 use pixmarket_engine::transformer::QwenImageTransformer;
-
-/// Counts live heap bytes and their high-water mark.
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-static SERIAL: Mutex<()> = Mutex::new(());
-
-// A global allocator is the one way to see every heap byte candle's CPU kernels take; the trait
-// is unsafe by definition.
-// SAFETY: every call is forwarded to `System` unchanged; only counters are updated beside it.
-#[allow(unsafe_code)]
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded with the caller's layout.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = LIVE.fetch_add(layout.size(), Ordering::SeqCst) + layout.size();
-            PEAK.fetch_max(now, Ordering::SeqCst);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded with the caller's pointer and layout.
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::SeqCst);
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
-
-/// Heap bytes `f` peaks at beyond what was live when it started.
-fn measured_peak<T>(f: impl FnOnce() -> T) -> (T, u64) {
-    let base = LIVE.load(Ordering::SeqCst);
-    PEAK.store(base, Ordering::SeqCst);
-    let out = f();
-    let peak = PEAK.load(Ordering::SeqCst);
-    (out, (peak - base) as u64)
-}
 
 /// A scaled config: one block, 4 heads × 32 (width 128) — the real model's structure.
 fn scaled() -> TransformerConfig {

@@ -361,3 +361,70 @@ fn load_err(dir: &Path) -> Result<pixmarket_engine::text_encoder::TextEncoderLoa
         Err(e) => Ok(e),
     }
 }
+
+/// A folder holding both text encoders: the plan keeps the full-precision one while it fits the
+/// device and chooses the quantized one at a memory where it alone does; loading follows the
+/// plan (the image equals the quantized-only folder's under the same options, and differs from
+/// the full-precision encoder's).
+#[test]
+fn the_plan_chooses_the_quantized_text_encoder_when_the_full_one_would_not_fit() -> Result<()> {
+    use pixmarket_engine::placement::{Footprint, TextEncoderPlace, plan_folder};
+    use pixmarket_engine::text_encoder::TextEncoderWeights;
+    let src = fixtures().join("pipeline/model");
+    let tmp = tempfile::tempdir()?;
+    let only_q = tmp.path().join("only-q");
+    quantize_model(&src, &only_q, QuantFormat::Q8_0)?;
+    quantize_model_text_encoder(&src, &only_q, QuantFormat::Q8_0)?;
+    let both = tmp.path().join("both");
+    quantize_model(&src, &both, QuantFormat::Q8_0)?;
+    write_text_encoder(
+        &src.join("text_encoder"),
+        &both.join("text_encoder/model.gguf"),
+        Some(QuantFormat::Q8_0),
+    )?;
+    let fp = Footprint::of_folder(&both, DType::F32).context("footprint")?;
+    let q_bytes = fp.text_encoder_quantized.context("both kinds are seen")?;
+    assert!(q_bytes < fp.text_encoder, "{fp:?}");
+    assert_eq!(
+        Footprint::of_folder(&only_q, DType::F32)
+            .context("footprint")?
+            .text_encoder_quantized,
+        None
+    );
+
+    // The smallest memory (in 16 KiB steps) where the plan picks the quantized encoder.
+    let step = 16 << 10;
+    let mut chosen = None;
+    for k in 1..40_000u64 {
+        let p = plan_folder(&both, DType::F32, k * step).context("plan")?;
+        if p.text_encoder_weights == TextEncoderWeights::Quantized {
+            chosen = Some(p);
+            break;
+        }
+    }
+    let p = chosen.context("no memory made the plan choose the quantized text encoder")?;
+    println!("{p}");
+    assert_ne!(p.text_encoder, TextEncoderPlace::Cpu);
+    assert!(p.to_string().starts_with("quantized text encoder"), "{p}");
+    let big = plan_folder(&both, DType::F32, 1 << 30).context("plan")?;
+    assert_eq!(
+        big.text_encoder_weights,
+        TextEncoderWeights::FullPrecision,
+        "{big}"
+    );
+
+    let run = |dir: &Path, which: TextEncoderWeights| -> Result<Vec<u8>> {
+        let mut opts = p.load_options();
+        opts.text_encoder_weights = which;
+        let model = QwenImage::load_with(dir, DType::F32, &Device::Cpu, &opts)?;
+        let mut req =
+            GenerateRequest::text_to_image("a red circle on a blue background", 64, 48, 2);
+        req.seed = 5;
+        let images = model.generate(&[req], &mut |_| std::ops::ControlFlow::Continue(()))?;
+        Ok(images.into_iter().next().context("an image")?.rgb)
+    };
+    let planned = run(&both, p.text_encoder_weights)?;
+    assert_eq!(planned, run(&only_q, TextEncoderWeights::AsFolder)?);
+    assert_ne!(planned, run(&both, TextEncoderWeights::FullPrecision)?);
+    Ok(())
+}

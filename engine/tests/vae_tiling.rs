@@ -5,13 +5,14 @@
 //! at latent resolution (whose mid-block attention sees the whole frame, so no tile bounds it)
 //! stays under its own bound ([`vae_head_bytes`]).
 //!
-//! The tests of this binary share one allocator counter, so they take [`SERIAL`] in turn.
+//! The tests of this binary share one allocator counter, so they take
+//! [`common::SERIAL`] in turn (the allocator is `tests/common`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
+mod common;
+
+use common::{SERIAL, measured_peak};
 use std::path::Path;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 use pixmarket_engine::memory::{vae_decode_bytes, vae_head_bytes, vae_tiles_bytes};
@@ -23,47 +24,6 @@ use pixmarket_engine::vae_tiling::{VaeTiling, decode_tiled, decode_tiles, min_ov
 /// Every weighted pixel of a tile is the untiled value in exact arithmetic, so only float
 /// rounding of the weighted sum separates them: 1e-5 is 1/400 of one 8-bit level.
 const TOLERANCE: f32 = 1e-5;
-
-/// Counts live heap bytes and their high-water mark.
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-static SERIAL: Mutex<()> = Mutex::new(());
-
-// A global allocator is the one way to see every heap byte candle's CPU kernels take; the trait
-// is unsafe by definition.
-// SAFETY: every call is forwarded to `System` unchanged; only counters are updated beside it.
-#[allow(unsafe_code)]
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded with the caller's layout.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = LIVE.fetch_add(layout.size(), Ordering::SeqCst) + layout.size();
-            PEAK.fetch_max(now, Ordering::SeqCst);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded with the caller's pointer and layout.
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::SeqCst);
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
-
-/// Heap bytes `f` peaks at beyond what was live when it started.
-fn measured_peak<T>(f: impl FnOnce() -> T) -> (T, u64) {
-    let base = LIVE.load(Ordering::SeqCst);
-    PEAK.store(base, Ordering::SeqCst);
-    let out = f();
-    let peak = PEAK.load(Ordering::SeqCst);
-    (out, (peak - base) as u64)
-}
 
 fn vae() -> AutoencoderKLQwenImage {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vae");

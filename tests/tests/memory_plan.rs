@@ -152,8 +152,10 @@ async fn sizes_beyond_the_memory_plan_are_refused_at_the_quote_and_the_job() {
 }
 
 /// The engine's own plan of the tiny model for a 1 GiB device (which once found no size at all)
-/// gives the provider a largest size above 1024 and a bounded batch: a quote at that size is
-/// signed, one a step larger is refused with the plan's limits.
+/// gives the provider the market's largest side (since the VAE's attention is planned at the
+/// chunk it sizes from the memory left; at its default chunk the plan stopped at 1904) and a
+/// batch there below the protocol's 4: a quote at that size is signed, one for an image more is
+/// refused with the plan's limits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tiny_model_planned_for_one_gib_serves() {
     let dir = tempfile::tempdir().unwrap();
@@ -165,9 +167,12 @@ async fn the_tiny_model_planned_for_one_gib_serves() {
     };
     let g = EngineGenerator::load_with(&model, "f32", "cpu", placement).unwrap();
     let side = g.max_side();
-    assert!(side > 1024, "{side}");
+    assert_eq!(side, pixmarket_protocol::validate::MAX_DIMENSION);
     let at_largest = g.max_images(side, side);
-    assert!((1..u32::MAX).contains(&at_largest), "{at_largest}");
+    assert!(
+        (1..pixmarket_protocol::validate::MAX_IMAGES).contains(&at_largest),
+        "{at_largest}"
+    );
     assert!(g.max_images(256, 256) >= at_largest);
     let provider = TestNode::start(64, vec![], Some(Arc::new(g))).await;
     let peer = RawPeer::start(65, vec![provider.addr.clone()]).await;
@@ -180,18 +185,16 @@ async fn the_tiny_model_planned_for_one_gib_serves() {
         Response::Quote(q) => assert_eq!(q.signer(), provider.key),
         other => panic!("expected a quote, got {other:?}"),
     }
-    if side < pixmarket_protocol::validate::MAX_DIMENSION {
-        assert_eq!(
-            peer.request(to, quote_request(&peer, provider.key, side + 16, 1))
-                .await
-                .unwrap(),
-            Response::Refused(FailReason::TooLarge {
-                width: side + 16,
-                height: side + 16,
-                images: 1,
-                max_side: side,
-                max_images: 0,
-            })
-        );
-    }
+    assert_eq!(
+        peer.request(to, quote_request(&peer, provider.key, side, at_largest + 1))
+            .await
+            .unwrap(),
+        Response::Refused(FailReason::TooLarge {
+            width: side,
+            height: side,
+            images: at_largest + 1,
+            max_side: side,
+            max_images: at_largest,
+        })
+    );
 }

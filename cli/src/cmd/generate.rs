@@ -118,7 +118,8 @@ pub(crate) struct LocalArgs {
     /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`) [default: cpu].
     #[arg(long)]
     device: Option<String>,
-    /// With --local: merge a LoRA into the transformer at load, a safetensors file in the
+    /// With --local: merge a LoRA into the transformer at load (a quantized transformer runs it
+    /// beside its quantized matmuls instead), a safetensors file in the
     /// diffusers/PEFT key layout (`lora_A`/`lora_B`) or the kohya/ComfyUI one
     /// (`lora_down`/`lora_up` + `alpha`), at SCALE (-8..=8, default 1); repeatable, up to 8,
     /// their changes add. Over the market: one LoRA a provider offers, by the name or the
@@ -431,7 +432,7 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if !quiet {
         eprintln!("loaded {} in {:.1?}", model.description(), t_load.elapsed());
         for l in &local.lora {
-            eprintln!("merged LoRA {} at scale {}", l.path.display(), l.scale);
+            eprintln!("applied LoRA {} at scale {}", l.path.display(), l.scale);
         }
         eprintln!(
             "{} {}×{}, {} of {} steps, true CFG {}, seed {}",
