@@ -314,3 +314,61 @@ async fn a_peer_that_sends_stale_adverts_keeps_its_score_and_mesh_place() {
     a.shutdown().await;
     m.shutdown().await;
 }
+
+async fn start_bounded(
+    seed: u8,
+    bootstrap: Vec<Multiaddr>,
+    max_connections: u32,
+) -> (Client, mpsc::Receiver<NetEvent>, Multiaddr) {
+    let key = SecretKey::from_seed(&[seed; 32]);
+    let cfg = NetConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        bootstrap,
+        max_connections,
+        ..NetConfig::default()
+    };
+    let (client, mut events, event_loop) = network::new(&key, &cfg, None).unwrap();
+    tokio::spawn(event_loop.run());
+    let addr = loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            NetEvent::Listening(a) => break a,
+            _ => continue,
+        }
+    };
+    let full = addr.with(Protocol::P2p(client.local_peer_id()));
+    (client, events, full)
+}
+
+async fn connected(events: &mut mpsc::Receiver<NetEvent>, peer: libp2p::PeerId, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(NetEvent::PeerConnected(p))) if p == peer => return,
+            Ok(Some(_)) => continue,
+            other => panic!("{peer} did not connect within {within:?}: {other:?}"),
+        }
+    }
+}
+
+/// A node whose only bootstrap peer is at its connection bound when it starts is denied; it
+/// must join once the peer has room, not stay alone for good (two requesters of a 90-node
+/// testnet did: Kademlia forgets a peer it could not reach and never dials it again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_denied_by_a_full_bootstrap_peer_joins_once_it_has_room() {
+    let (a, mut a_events, a_addr) = start_bounded(31, vec![], 1).await;
+    let (b, _b_events, _) = start_bounded(32, vec![a_addr.clone()], 32).await;
+    connected(&mut a_events, b.local_peer_id(), Duration::from_secs(10)).await;
+    let (c, _c_events, _) = start_bounded(33, vec![a_addr], 32).await;
+    // The bound holds while b is there: a never admits c.
+    assert_eq!(a.connection_count().await.unwrap(), 1);
+    b.shutdown().await;
+    // Kademlia's own bootstrap next runs a minute after start; c must get in before that.
+    connected(&mut a_events, c.local_peer_id(), Duration::from_secs(30)).await;
+    assert!(c.connection_count().await.unwrap() >= 1);
+    a.shutdown().await;
+    c.shutdown().await;
+}

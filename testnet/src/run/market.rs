@@ -344,9 +344,20 @@ pub(super) async fn start_market(
             break;
         }
         if Instant::now() > deadline {
+            // Each requester's count and connections, so a lone isolated requester is told
+            // apart from adverts that reach no one.
+            let mut each = Vec::with_capacity(requesters.len());
+            for (name, _, n) in &requesters {
+                let conns = n.client().connection_count().await.ok();
+                each.push(format!(
+                    "{name}: {} known, {conns:?} connections",
+                    n.requester().providers().len()
+                ));
+            }
             bail!(
-                "after {} s a requester knew only {least} of {advertisers} providers",
-                limit.as_secs()
+                "after {} s a requester knew only {least} of {advertisers} providers ({})",
+                limit.as_secs(),
+                each.join("; ")
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
