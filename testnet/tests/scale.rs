@@ -60,8 +60,7 @@ fn check(r: &RunRecord) {
 }
 
 /// The "Done when": a 90-node market (80 providers, 10 requesters) keeps the average
-/// node at ≤ 40 connections, with the books OK. It FAILS today at set-up with the node's
-/// default bound (the requesters learn no provider: docs/testnet.md says why);
+/// node at ≤ 40 connections, with the books OK (figures in docs/testnet.md);
 /// `PIXMARKET_SCALE_MAX_CONNECTIONS` overrides the bound to see how many connections nodes want.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "90 nodes in one process: about two minutes on 2 cores; run with --ignored"]
