@@ -63,19 +63,29 @@ pub(super) async fn finish(
     // Providers stop selling first, with every network still up: deliveries in flight get a
     // grace, receipts never acknowledged are credited back, and each requester then learns the
     // credit notes it missed by asking for its chains, as it would on its next exchange.
-    for slot in &providers {
+    // All side by side, under one deadline: one after another, 80 providers' graces and
+    // 10 × 80 chain syncs took longer than a 90-node run's whole plan.
+    let stop_at = tokio::time::Instant::now() + PROVIDER_STOP_GRACE;
+    futures::future::join_all(providers.iter().map(|slot| async move {
         let s = slot.lock().await;
         if let Some(node) = &s.node {
-            node.stop_providing(tokio::time::Instant::now() + PROVIDER_STOP_GRACE)
-                .await;
+            node.stop_providing(stop_at).await;
         }
-    }
-    let mut learned = 0usize;
-    for (_, _, node) in &requesters {
-        for key in &provider_keys {
-            learned += node.requester().sync_chain(key.to_peer_id(), *key).await;
+    }))
+    .await;
+    let learned: usize = futures::future::join_all(requesters.iter().map(|(_, _, node)| {
+        let keys = &provider_keys;
+        async move {
+            let mut n = 0usize;
+            for key in keys {
+                n += node.requester().sync_chain(key.to_peer_id(), *key).await;
+            }
+            n
         }
-    }
+    }))
+    .await
+    .into_iter()
+    .sum();
     if learned > 0 {
         log(format!(
             "requesters learned {learned} credit notes at the end"
