@@ -27,9 +27,29 @@ fn market(dir: std::path::PathBuf, providers: usize, requesters: usize) -> Testn
     c
 }
 
+/// Failed jobs by reason, most frequent first: what a failing run most needs to say.
+fn failure_reasons(r: &RunRecord) -> String {
+    let mut by: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for j in &r.jobs {
+        if let JobOutcome::Failed { reason } = &j.outcome {
+            *by.entry(reason.as_str()).or_default() += 1;
+        }
+    }
+    let mut v: Vec<_> = by.into_iter().collect();
+    v.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
+    v.iter()
+        .map(|(reason, n)| format!("  {n} × {reason}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn check(r: &RunRecord) {
     let s = report::summarize(r);
-    let table = report::table(r);
+    let table = format!(
+        "{}\nfailed jobs by reason:\n{}",
+        report::table(r),
+        failure_reasons(r)
+    );
     eprintln!("{table}");
     assert!(r.books.ok(), "books failed: {:#?}\n{table}", r.books);
     let n = &s.network;
