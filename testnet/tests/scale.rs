@@ -1,7 +1,7 @@
 //! The market's network at scale: every node keeps its connections bounded whatever the
 //! market's size, adverts reach every requester, and the books agree. Real nodes on loopback
-//! with the simulated engine; the 300-node run is behind `--ignored` (figures in
-//! docs/testnet.md).
+//! with the simulated engine. All are behind `--ignored`; at 80 + 10 they fail today (no job
+//! gets a quote: dials denied at the connection bound), as docs/testnet.md records.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -27,9 +27,29 @@ fn market(dir: std::path::PathBuf, providers: usize, requesters: usize) -> Testn
     c
 }
 
+/// Failed jobs by reason, most frequent first: what a failing run most needs to say.
+fn failure_reasons(r: &RunRecord) -> String {
+    let mut by: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for j in &r.jobs {
+        if let JobOutcome::Failed { reason } = &j.outcome {
+            *by.entry(reason.as_str()).or_default() += 1;
+        }
+    }
+    let mut v: Vec<_> = by.into_iter().collect();
+    v.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
+    v.iter()
+        .map(|(reason, n)| format!("  {n} × {reason}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn check(r: &RunRecord) {
     let s = report::summarize(r);
-    let table = report::table(r);
+    let table = format!(
+        "{}\nfailed jobs by reason:\n{}",
+        report::table(r),
+        failure_reasons(r)
+    );
     eprintln!("{table}");
     assert!(r.books.ok(), "books failed: {:#?}\n{table}", r.books);
     let n = &s.network;
@@ -60,11 +80,10 @@ fn check(r: &RunRecord) {
 }
 
 /// The "Done when": a 90-node market (80 providers, 10 requesters) keeps the average
-/// node at ≤ 40 connections, with the books OK. It FAILS today at set-up with the node's
-/// default bound (the requesters learn no provider: docs/testnet.md says why);
+/// node at ≤ 40 connections, with the books OK (figures in docs/testnet.md);
 /// `PIXMARKET_SCALE_MAX_CONNECTIONS` overrides the bound to see how many connections nodes want.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "90 nodes in one process: about two minutes on 2 cores; run with --ignored"]
+#[ignore = "90 nodes in one process: about 8 minutes on 2 cores; fails today (docs/testnet.md)"]
 async fn ninety_nodes_keep_connections_bounded_and_the_books_agree() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = market(dir.path().to_owned(), 80, 10);
@@ -83,7 +102,7 @@ async fn ninety_nodes_keep_connections_bounded_and_the_books_agree() {
 
 /// The scale run of docs/testnet.md: 250 providers and 50 requesters.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "300 nodes in one process: several minutes; run with --ignored, figures in docs/testnet.md"]
+#[ignore = "300 nodes in one process: not run yet (docs/testnet.md); run with --ignored"]
 async fn three_hundred_nodes_keep_connections_bounded_and_the_books_agree() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = market(dir.path().to_owned(), 250, 50);
@@ -96,5 +115,29 @@ async fn three_hundred_nodes_keep_connections_bounded_and_the_books_agree() {
     if let Some(out) = out {
         report::write_run(&r, &out).unwrap();
     }
+    check(&r);
+}
+
+/// A probe for finding where set-up breaks: `PIXMARKET_SCALE_PROVIDERS` providers and
+/// `PIXMARKET_SCALE_REQUESTERS` requesters (default 21 + 3), a short plan.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a probe of variable size; run with --ignored"]
+async fn probe_market_of_variable_size() {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = market(
+        dir.path().to_owned(),
+        env("PIXMARKET_SCALE_PROVIDERS", 21),
+        env("PIXMARKET_SCALE_REQUESTERS", 3),
+    );
+    c.duration_ms = 60_000;
+    c.load = Load::Steady { per_minute: 30.0 };
+    c.quiet_window = Duration::from_secs(5);
+    let r = run::run(&c, &mut |l| eprintln!("{l}")).await.unwrap();
     check(&r);
 }

@@ -56,6 +56,12 @@ const MAX_HELD_PER_PEER: usize = 32;
 const MAX_ADVERT_ADDRS: usize = 1_000;
 /// How often the relay watchdog and the hold deadlines are looked at.
 const HOUSEKEEPING: Duration = Duration::from_millis(250);
+/// While the node has no connection at all, it dials its bootstrap peers again this often. A
+/// bootstrap peer at its connection bound denies the first dial, and Kademlia forgets a peer it
+/// could not reach, so without this a node whose bootstrap peers were full (or down) when it
+/// started stayed alone for good (two of a 90-node market's requesters did). Five seconds is a
+/// dial per bootstrap peer every few of the peer's own connection churns, not a flood.
+const BOOTSTRAP_REDIAL: Duration = Duration::from_secs(5);
 
 use crate::now_ms;
 
@@ -70,6 +76,11 @@ pub struct EventLoop {
     topic: gossipsub::IdentTopic,
     metrics: Metrics,
     bootstrap: Vec<Multiaddr>,
+    /// When the bootstrap peers were last dialed (see [`BOOTSTRAP_REDIAL`]).
+    bootstrap_dialed_at: tokio::time::Instant,
+    /// The bootstrap peers were dialed again after the node was alone: its next connection
+    /// starts a Kademlia bootstrap.
+    rejoining: bool,
     /// Responses given to the swarm and not yet reported sent or failed.
     responses_in_flight: usize,
     faults: Option<LinkFaults>,
@@ -188,6 +199,8 @@ impl EventLoop {
             topic,
             metrics,
             bootstrap: config.bootstrap.clone(),
+            bootstrap_dialed_at: tokio::time::Instant::now(),
+            rejoining: false,
             responses_in_flight: 0,
             faults: config.faults.clone(),
             cut_off: BTreeSet::new(),
@@ -566,6 +579,11 @@ impl EventLoop {
                 if num_established.get() == 1 {
                     let _ = self.events.try_send(NetEvent::PeerConnected(peer_id));
                 }
+                if std::mem::take(&mut self.rejoining) {
+                    // Back from being alone: look for the rest of the network now, not at the
+                    // next periodic bootstrap (up to a minute away).
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -878,8 +896,27 @@ impl EventLoop {
     }
 
     /// The relay watchdog and the held requests' deadlines.
+    /// Dials the bootstrap peers again when the node has no connection and none is being
+    /// made, at most every [`BOOTSTRAP_REDIAL`].
+    fn redial_bootstrap_if_alone(&mut self, now: tokio::time::Instant) {
+        let info = self.swarm.network_info();
+        let alone = info.num_peers() == 0 && info.connection_counters().num_pending() == 0;
+        if !alone || self.bootstrap.is_empty() || now < self.bootstrap_dialed_at + BOOTSTRAP_REDIAL
+        {
+            return;
+        }
+        self.bootstrap_dialed_at = now;
+        self.rejoining = true;
+        for addr in self.bootstrap.clone() {
+            if let Err(e) = self.dial(addr) {
+                tracing::debug!(error = %e, "bootstrap redial failed");
+            }
+        }
+    }
+
     fn housekeeping(&mut self) {
         let now = tokio::time::Instant::now();
+        self.redial_bootstrap_if_alone(now);
         let due: Vec<PeerId> = self
             .held
             .iter()

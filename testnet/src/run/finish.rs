@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 
 use super::config::{EngineKind, TestnetConfig};
 use super::faults::fault;
-use super::job::{JobRun, unfinished};
+use super::job::{DealtWith, JobRun, unfinished};
 use super::market::Market;
 use crate::books::{self, Books};
 use crate::record::{EngineLabel, FaultRecord, NetworkRecord, RunRecord};
@@ -35,6 +35,7 @@ pub(super) async fn finish(
     plan: Plan,
     market: Market,
     mut runs: Vec<JobRun>,
+    dealt_with: Vec<DealtWith>,
     faults: Vec<FaultRecord>,
     network: NetworkRecord,
     t0: u64,
@@ -63,25 +64,63 @@ pub(super) async fn finish(
     // Providers stop selling first, with every network still up: deliveries in flight get a
     // grace, receipts never acknowledged are credited back, and each requester then learns the
     // credit notes it missed by asking for its chains, as it would on its next exchange.
-    for slot in &providers {
+    // All side by side, under one deadline: one after another, 80 providers' graces and
+    // 10 × 80 chain syncs took longer than a 90-node run's whole plan.
+    let phase = Instant::now();
+    let stop_at = tokio::time::Instant::now() + PROVIDER_STOP_GRACE;
+    futures::future::join_all(providers.iter().map(|slot| async move {
         let s = slot.lock().await;
         if let Some(node) = &s.node {
-            node.stop_providing(tokio::time::Instant::now() + PROVIDER_STOP_GRACE)
-                .await;
+            node.stop_providing(stop_at).await;
         }
+    }))
+    .await;
+    let stopped_selling = phase.elapsed();
+    // Each requester syncs only with the providers it dealt with (that quoted one of its
+    // jobs): no other provider can hold anything of it, so there is nothing to learn there,
+    // and asking 80 providers it never met, most of them at their connection bound, cost each
+    // requester minutes of denied dials and re-sends. The books check below still reads every
+    // provider's and every requester's whole books, so a credit note missed here still fails it.
+    let phase = Instant::now();
+    let mut syncs = 0usize;
+    let mut sync_plan = Vec::with_capacity(requesters.len());
+    for (r, _) in requesters.iter().enumerate() {
+        let peers = dealt_with
+            .get(r)
+            .map(|d| {
+                d.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone()
+            })
+            .unwrap_or_default();
+        let keys: Vec<PublicKey> = provider_keys
+            .iter()
+            .filter(|k| peers.contains(&k.to_peer_id()))
+            .copied()
+            .collect();
+        syncs += keys.len();
+        sync_plan.push(keys);
     }
-    let mut learned = 0usize;
-    for (_, _, node) in &requesters {
-        for key in &provider_keys {
-            learned += node.requester().sync_chain(key.to_peer_id(), *key).await;
-        }
-    }
+    let learned: usize = futures::future::join_all(requesters.iter().zip(&sync_plan).map(
+        |((_, _, node), keys)| async move {
+            let mut n = 0usize;
+            for key in keys {
+                n += node.requester().sync_chain(key.to_peer_id(), *key).await;
+            }
+            n
+        },
+    ))
+    .await
+    .into_iter()
+    .sum();
+    let synced = phase.elapsed();
     if learned > 0 {
         log(format!(
             "requesters learned {learned} credit notes at the end"
         ));
     }
     // Nodes stop side by side: each may wait a few seconds for its last responses to go out.
+    let phase = Instant::now();
     let mut stopping = JoinSet::new();
     let mut requester_books = Vec::new();
     for (name, key, node) in requesters {
@@ -93,6 +132,8 @@ pub(super) async fn finish(
         stopping.spawn(node.shutdown());
     }
     while stopping.join_next().await.is_some() {}
+    let requesters_stopped = phase.elapsed();
+    let phase = Instant::now();
     let mut provider_books = Vec::new();
     for slot in &providers {
         let mut s = slot.lock().await;
@@ -108,6 +149,16 @@ pub(super) async fn finish(
         }
     }
     while stopping.join_next().await.is_some() {}
+    let providers_stopped = phase.elapsed();
+    log(format!(
+        "finish: providers stopped selling in {:.1} s; {syncs} chain syncs (each requester with \
+         the providers it dealt with) in {:.1} s; requesters stopped in {:.1} s, providers in \
+         {:.1} s",
+        stopped_selling.as_secs_f64(),
+        synced.as_secs_f64(),
+        requesters_stopped.as_secs_f64(),
+        providers_stopped.as_secs_f64()
+    ));
     let stats = link_faults.stats();
     let mut faults = faults;
     if plan.drop_ppm > 0
@@ -150,14 +201,16 @@ pub(super) async fn finish(
             .map(|a| a.charged.0)
             .sum();
     }
+    let phase = Instant::now();
     let books = tokio::task::spawn_blocking(move || {
         books::check(&provider_books, &requester_books, &delivered, 0)
     })
     .await
     .context("the books check stopped")?;
     log(format!(
-        "books: {}",
-        if books.ok() { "OK" } else { "FAILED" }
+        "books: {} (checked in {:.1} s)",
+        if books.ok() { "OK" } else { "FAILED" },
+        phase.elapsed().as_secs_f64()
     ));
 
     let (intervals, _) = busy.snapshot();

@@ -1,5 +1,6 @@
 //! Playing one planned job through the market, with resubmissions, into a [`JobRecord`].
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use libp2p::PeerId;
@@ -15,6 +16,12 @@ use crate::sim::ModelClock;
 /// long): room for lost messages, and about the longest a silent provider keeps a requester
 /// from failing over.
 const REQUEST_VALIDITY_IDLE_TIMEOUTS: u32 = 12;
+
+/// The providers one requester dealt with: every provider that quoted one of its jobs. A job
+/// request goes only to a provider that quoted it, so no other provider can hold a hold, a
+/// receipt or a credit note for this requester; the end of a run syncs chains with these
+/// alone. Filled as quotes arrive, so a job cut off at the drain limit still counts.
+pub(super) type DealtWith = Arc<Mutex<BTreeSet<PeerId>>>;
 
 /// Per job: what the job task learns.
 pub(super) struct JobRun {
@@ -60,6 +67,7 @@ pub(super) async fn run_job(
     clock: ModelClock,
     t0: u64,
     config: Arc<TestnetConfig>,
+    dealt_with: DealtWith,
 ) -> JobRun {
     let submitted_ms = clock.now_ms().saturating_sub(t0);
     let mut attempts = 0u32;
@@ -85,7 +93,13 @@ pub(super) async fn run_job(
         let first_step = started.clone();
         let mut tried = 0u32;
         let mut progress = |p: JobProgress| match p {
-            JobProgress::Quoted { .. } => tried += 1,
+            JobProgress::Quoted { provider, .. } => {
+                tried += 1;
+                dealt_with
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(provider);
+            }
             JobProgress::Step { .. } => {
                 let mut s = first_step
                     .lock()

@@ -157,6 +157,20 @@ fn spread(i: usize, n: usize) -> usize {
     1 + i.wrapping_mul(7_919).wrapping_add(1) % n.max(1)
 }
 
+/// A requester's bootstrap peers: those of two spread start positions, about four providers.
+/// It starts after every provider, when most hold nearly their bound of connections and a full
+/// gossip mesh (which refuses a newcomer's graft): with two, the first requesters of a 90-node
+/// market were denied or left out of every mesh and heard no advert.
+fn requester_bootstrap(started: &[Multiaddr], r: usize, requesters: usize) -> Vec<Multiaddr> {
+    let mut out = bootstrap_peers(started, spread(r, started.len()));
+    for a in bootstrap_peers(started, spread(r + requesters, started.len())) {
+        if !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    out
+}
+
 pub(super) async fn start_market(
     config: &TestnetConfig,
     log: &mut (dyn FnMut(String) + Send),
@@ -283,7 +297,7 @@ pub(super) async fn start_market(
             ledger,
             net: net_config(
                 "/ip4/127.0.0.1/tcp/0".parse()?,
-                bootstrap_peers(&started, spread(r, started.len())),
+                requester_bootstrap(&started, r, config.requesters),
                 &faults,
                 config.max_connections,
             ),
@@ -344,9 +358,20 @@ pub(super) async fn start_market(
             break;
         }
         if Instant::now() > deadline {
+            // Each requester's count and connections, so a lone isolated requester is told
+            // apart from adverts that reach no one.
+            let mut each = Vec::with_capacity(requesters.len());
+            for (name, _, n) in &requesters {
+                let conns = n.client().connection_count().await.ok();
+                each.push(format!(
+                    "{name}: {} known, {conns:?} connections",
+                    n.requester().providers().len()
+                ));
+            }
             bail!(
-                "after {} s a requester knew only {least} of {advertisers} providers",
-                limit.as_secs()
+                "after {} s a requester knew only {least} of {advertisers} providers ({})",
+                limit.as_secs(),
+                each.join("; ")
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

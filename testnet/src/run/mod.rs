@@ -36,7 +36,7 @@ use crate::record::RunRecord;
 use crate::scenario;
 use faults::inject_faults;
 use finish::finish;
-use job::run_job;
+use job::{DealtWith, run_job};
 use market::start_market;
 use sample::Sampler;
 
@@ -129,6 +129,11 @@ pub async fn run(
         attacks.spawn(async move { a.attack(target, 3).await });
     }
 
+    let dealt_with: Vec<DealtWith> = market
+        .requesters
+        .iter()
+        .map(|_| DealtWith::default())
+        .collect();
     let slots = Arc::new(Semaphore::new(MAX_JOBS_IN_FLIGHT));
     let mut jobs = JoinSet::new();
     let mut last_note = Instant::now();
@@ -141,8 +146,9 @@ pub async fn run(
         };
         let requester = market.requesters[job.requester].2.requester().clone();
         let config = shared.clone();
+        let dealt = dealt_with[job.requester].clone();
         jobs.spawn(async move {
-            let r = run_job(job, requester, clock, t0, config).await;
+            let r = run_job(job, requester, clock, t0, config, dealt).await;
             drop(permit);
             r
         });
@@ -194,7 +200,7 @@ pub async fn run(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let network = sampler.finish().await;
     finish(
-        config, plan, market, runs, faults, network, t0, end_ms, wall_start, log,
+        config, plan, market, runs, dealt_with, faults, network, t0, end_ms, wall_start, log,
     )
     .await
 }
