@@ -83,6 +83,10 @@ pub struct EventLoop {
     rejoining: bool,
     /// Responses given to the swarm and not yet reported sent or failed.
     responses_in_flight: usize,
+    /// The connection bound, for [`super::trim`].
+    max_connections: u32,
+    /// This node publishes adverts (a provider), for [`super::trim::target`].
+    publishing: bool,
     faults: Option<LinkFaults>,
     /// Peers the current partition cuts this node off from (the swarm's block list).
     cut_off: BTreeSet<PeerId>,
@@ -113,6 +117,10 @@ pub struct EventLoop {
 struct Conn {
     peer: PeerId,
     relayed: bool,
+    /// When it was opened or last carried a request or response (see [`super::trim`]).
+    last_used: tokio::time::Instant,
+    /// Requests that came in on it whose responses are not yet sent or failed.
+    answering: u32,
     /// The address this node dialled, for a direct outbound connection.
     dialed: Option<Multiaddr>,
     /// The connection's far end: the address dialled, or the one an inbound connection came
@@ -202,6 +210,8 @@ impl EventLoop {
             bootstrap_dialed_at: tokio::time::Instant::now(),
             rejoining: false,
             responses_in_flight: 0,
+            max_connections: config.max_connections,
+            publishing: false,
             faults: config.faults.clone(),
             cut_off: BTreeSet::new(),
             reach: Reachability::default(),
@@ -383,6 +393,7 @@ impl EventLoop {
                 }
             }
             Command::Publish { advert, reply } => {
+                self.publishing = true;
                 let r = match advert.to_bytes() {
                     Ok(bytes) => match self
                         .swarm
@@ -559,6 +570,8 @@ impl EventLoop {
                     Conn {
                         peer: peer_id,
                         relayed,
+                        last_used: tokio::time::Instant::now(),
+                        answering: 0,
                         dialed: match &endpoint {
                             libp2p::core::ConnectedPoint::Dialer { address, .. } if !relayed => {
                                 Some(address.clone())
@@ -657,6 +670,18 @@ impl EventLoop {
     }
 
     fn on_rpc(&mut self, event: request_response::Event<Request, Response>) {
+        if let request_response::Event::Message {
+            connection_id,
+            message,
+            ..
+        } = &event
+            && let Some(c) = self.connections.get_mut(connection_id)
+        {
+            c.last_used = tokio::time::Instant::now();
+            if matches!(message, request_response::Message::Request { .. }) {
+                c.answering = c.answering.saturating_add(1);
+            }
+        }
         match event {
             request_response::Event::Message {
                 peer,
@@ -729,7 +754,13 @@ impl EventLoop {
                     ));
                 }
             }
-            request_response::Event::InboundFailure { peer, error, .. } => {
+            request_response::Event::InboundFailure {
+                peer,
+                error,
+                connection_id,
+                ..
+            } => {
+                self.answered(connection_id);
                 // A response handed to the swarm ends as `ResponseSent` or as one of these; a
                 // request we never answered (omission, unsupported) was never counted. A
                 // timeout or a closed connection can also hit a request still being handled,
@@ -743,9 +774,27 @@ impl EventLoop {
                 }
                 tracing::debug!(%peer, %error, "inbound request failed");
             }
-            request_response::Event::ResponseSent { .. } => {
+            request_response::Event::ResponseSent { connection_id, .. } => {
+                self.answered(connection_id);
                 self.responses_in_flight = self.responses_in_flight.saturating_sub(1);
             }
+        }
+    }
+
+    /// Whether `peer` is a provider whose advert this node accepted. A peer that never
+    /// advertised is (most likely) a requester: one whose grafts providers with full meshes
+    /// refuse, so it hears adverts only through the IHAVE gossip of the peers it is connected
+    /// to. Closing those connections would cut it off the market, so trimming leaves them
+    /// alone.
+    fn advertised(&self, peer: &PeerId) -> bool {
+        PublicKey::from_peer_id(peer).is_ok_and(|k| self.advert_seq.contains_key(&k))
+    }
+
+    /// A request that came in on `connection` got its response out (or failed).
+    fn answered(&mut self, connection: ConnectionId) {
+        if let Some(c) = self.connections.get_mut(&connection) {
+            c.answering = c.answering.saturating_sub(1);
+            c.last_used = tokio::time::Instant::now();
         }
     }
 
@@ -841,6 +890,9 @@ impl EventLoop {
                 .get(&peer)
                 .is_some_and(|t| *t > tokio::time::Instant::now()))
             || self.closing_relayed.contains(&peer);
+        if !connected {
+            self.make_room_for_a_dial();
+        }
         if !connected && let Some(addrs) = self.advert_addrs.get(&peer) {
             // Even while another dial runs (Kademlia's, to addresses it learnt, which behind a
             // NAT are private ones): ours uses the addresses the provider advertised.
@@ -914,9 +966,64 @@ impl EventLoop {
         }
     }
 
+    /// Closes idle connections above [`super::trim::target`], so room stays for new ones.
+    fn trim_connections(&mut self, now: tokio::time::Instant) {
+        if self.connections.len() <= super::trim::target(self.max_connections, self.publishing) {
+            return;
+        }
+        let open = self.trim_candidates();
+        for id in super::trim::to_close(self.max_connections, self.publishing, &open, now) {
+            self.swarm.close_connection(id);
+        }
+    }
+
+    /// Before dialing a peer for a request: at the bound, one connection not in use goes, so
+    /// the dial is not denied by this node's own bound (a requester going from provider to
+    /// provider would otherwise wait out [`super::trim::RECENT_USE`] per dial).
+    fn make_room_for_a_dial(&mut self) {
+        let max = usize::try_from(self.max_connections).unwrap_or(usize::MAX);
+        if self.connections.len() < max {
+            return;
+        }
+        if let Some(id) = super::trim::for_a_dial(&self.trim_candidates()) {
+            self.swarm.close_connection(id);
+        }
+    }
+
+    /// Every open connection as [`super::trim`] sees it.
+    fn trim_candidates(&self) -> Vec<super::trim::Candidate> {
+        let mesh: BTreeSet<PeerId> = self
+            .swarm
+            .behaviour()
+            .gossipsub
+            .all_mesh_peers()
+            .copied()
+            .collect();
+        let waiting: BTreeSet<PeerId> = self
+            .pending
+            .values()
+            .map(|(p, _)| *p)
+            .chain(self.held.keys().copied())
+            .collect();
+        self.connections
+            .iter()
+            .map(|(id, c)| super::trim::Candidate {
+                id: *id,
+                last_used: c.last_used,
+                kept: c.relayed
+                    || c.answering > 0
+                    || !self.advertised(&c.peer)
+                    || mesh.contains(&c.peer)
+                    || waiting.contains(&c.peer)
+                    || self.relays.is_wanted(&c.peer),
+            })
+            .collect()
+    }
+
     fn housekeeping(&mut self) {
         let now = tokio::time::Instant::now();
         self.redial_bootstrap_if_alone(now);
+        self.trim_connections(now);
         let due: Vec<PeerId> = self
             .held
             .iter()

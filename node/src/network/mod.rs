@@ -30,6 +30,7 @@ pub mod ip_limits;
 pub mod path;
 pub mod reachability;
 pub mod relays;
+pub mod trim;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,155 @@
+//! Keeping room under the connection bound: which idle connections to close.
+//!
+//! The bound ([`super::NetConfig::max_connections`]) denies every connection past it, and
+//! nothing else ever closes one: gossipsub keeps a long-lived stream open to every peer it
+//! talks to, so the swarm's idle timeout never fires. Kademlia's lookups dial new peers, so
+//! every node filled up to the bound and stayed there; a requester could then neither dial a
+//! provider nor be let in by one, and in a 90-node market all 144 jobs failed that way. So
+//! above [`target`] the node closes the connections it has no use for: to a provider (a peer
+//! whose advert it accepted; requesters hear adverts only over their connections) not in its
+//! gossip mesh, with no request of its own waiting on it, not a relay it reserves on, not
+//! relayed, and not opened or used by a request within [`RECENT_USE`]. Kademlia keeps the
+//! peers' addresses, so they can be dialed again when needed. A provider keeps a quarter of
+//! its bound free for requesters; a requester, which hears adverts only over its connections,
+//! keeps [`REQUESTER_ROOM`].
+
+use std::time::Duration;
+
+use libp2p::swarm::ConnectionId;
+use tokio::time::Instant;
+
+/// A connection opened, or used by a request or response, within this long is kept: a job's
+/// messages come seconds apart (a requester asks a silent job's status after each idle
+/// timeout), and a Kademlia request ends within its 10 s timeout.
+pub const RECENT_USE: Duration = Duration::from_secs(30);
+
+/// Slots a node that does not advertise (a requester) keeps free: room to dial the providers
+/// its jobs choose, two at a time. More would cost it connections it hears adverts over
+/// (see the module doc).
+pub const REQUESTER_ROOM: usize = 2;
+
+/// The number of connections above which idle ones are closed. A provider keeps a quarter of
+/// its bound free for the requesters that dial it for jobs; a requester keeps
+/// [`REQUESTER_ROOM`] free for its own dials. Never below one connection.
+pub fn target(max_connections: u32, provider: bool) -> usize {
+    let max = usize::try_from(max_connections).unwrap_or(usize::MAX);
+    let room = if provider { max / 4 } else { REQUESTER_ROOM };
+    max.saturating_sub(room).max(1)
+}
+
+/// One open connection as the trimming sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate {
+    pub id: ConnectionId,
+    /// When it was opened or last carried a request or response.
+    pub last_used: Instant,
+    /// In use in a way an idle time does not show (mesh, pending request, relay, a requester).
+    pub kept: bool,
+}
+
+/// The connections to close so that at most [`target`] remain, least recently used first;
+/// fewer when not enough of them are idle.
+pub fn to_close(
+    max_connections: u32,
+    provider: bool,
+    open: &[Candidate],
+    now: Instant,
+) -> Vec<ConnectionId> {
+    let excess = open.len().saturating_sub(target(max_connections, provider));
+    if excess == 0 {
+        return Vec::new();
+    }
+    let mut idle: Vec<&Candidate> = open
+        .iter()
+        .filter(|c| !c.kept && now.saturating_duration_since(c.last_used) >= RECENT_USE)
+        .collect();
+    idle.sort_by_key(|c| (c.last_used, c.id));
+    idle.into_iter().take(excess).map(|c| c.id).collect()
+}
+
+/// The connection to close so that a dial this node is about to make fits under its bound:
+/// the least recently used one that is not kept, however recently used (the node needs the
+/// slot now). `None` when every open connection is kept; the bound then denies the dial and
+/// the request fails over as it would at any full peer.
+pub fn for_a_dial(open: &[Candidate]) -> Option<ConnectionId> {
+    open.iter()
+        .filter(|c| !c.kept)
+        .min_by_key(|c| (c.last_used, c.id))
+        .map(|c| c.id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidates(now: Instant, ages_s: &[(u64, bool)]) -> Vec<Candidate> {
+        ages_s
+            .iter()
+            .map(|&(age, kept)| Candidate {
+                id: ConnectionId::new_unchecked(usize::try_from(age).unwrap_or(0)),
+                last_used: now.checked_sub(Duration::from_secs(age)).unwrap_or(now),
+                kept,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_provider_keeps_a_quarter_free_and_a_requester_two_slots() {
+        assert_eq!(target(32, true), 24);
+        assert_eq!(target(4, true), 3);
+        // Below four, a quarter rounds to nothing: the bound alone.
+        assert_eq!(target(3, true), 3);
+        assert_eq!(target(1, true), 1);
+        assert_eq!(target(32, false), 30);
+        assert_eq!(target(2, false), 1);
+        assert_eq!(target(1, false), 1);
+    }
+
+    #[test]
+    fn under_the_target_nothing_closes() {
+        let now = Instant::now();
+        let open = candidates(now, &[(100, false), (200, false), (300, false)]);
+        assert!(to_close(4, true, &open, now).is_empty());
+    }
+
+    #[test]
+    fn the_least_recently_used_idle_ones_close_down_to_the_target() {
+        let now = Instant::now();
+        // Bound 4: target 3, five open, so two must go: the oldest idle ones, never a kept
+        // one or a recently used one.
+        let open = candidates(
+            now,
+            &[
+                (500, true),
+                (400, false),
+                (5, false),
+                (300, false),
+                (200, false),
+            ],
+        );
+        let closed = to_close(4, true, &open, now);
+        assert_eq!(
+            closed,
+            vec![
+                ConnectionId::new_unchecked(400),
+                ConnectionId::new_unchecked(300)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_dial_takes_the_least_recently_used_slot_that_is_not_kept() {
+        let now = Instant::now();
+        let open = candidates(now, &[(500, true), (2, false), (1, false)]);
+        assert_eq!(for_a_dial(&open), Some(ConnectionId::new_unchecked(2)));
+        let kept = candidates(now, &[(500, true), (400, true)]);
+        assert_eq!(for_a_dial(&kept), None);
+    }
+
+    #[test]
+    fn kept_and_recent_connections_stay_even_over_the_target() {
+        let now = Instant::now();
+        let open = candidates(now, &[(500, true), (400, true), (1, false), (2, false)]);
+        assert!(to_close(2, true, &open, now).is_empty());
+    }
+}
