@@ -303,11 +303,13 @@ impl Behaviour {
             None
         };
 
-        let mut kad = kad::Behaviour::with_config(
-            peer_id,
-            kad::store::MemoryStore::new(peer_id),
-            kad::Config::new(KAD_PROTOCOL),
-        );
+        let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+        // The event loop walks the table itself, and only while the node is short of peers:
+        // Kademlia's own walk every five minutes dials peers the node does not need, and the
+        // gossip streams then keep those connections open for good.
+        kad_config.set_periodic_bootstrap_interval(None);
+        let mut kad =
+            kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
         kad.set_mode(Some(kad::Mode::Server));
 
         Ok(Self {

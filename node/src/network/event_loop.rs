@@ -63,6 +63,15 @@ const HOUSEKEEPING: Duration = Duration::from_millis(250);
 /// dial per bootstrap peer every few of the peer's own connection churns, not a flood.
 const BOOTSTRAP_REDIAL: Duration = Duration::from_secs(5);
 
+/// A node walks Kademlia for more peers only below this many connections: half its bound. A
+/// gossip mesh wants 6 to 12 peers, so half of the default bound of 32 is ample, and the rest
+/// stays free for the connections jobs open.
+fn walk_below(max_connections: u32) -> usize {
+    usize::try_from(max_connections / 2)
+        .unwrap_or(usize::MAX)
+        .max(1)
+}
+
 use crate::now_ms;
 
 /// Owns the swarm; run it with [`EventLoop::run`] on its own task.
@@ -255,8 +264,12 @@ impl EventLoop {
                 Some(()) = partition_changed(&mut partition) => self.apply_partition(),
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 _ = bootstrap.tick(), if !self.bootstrap.is_empty() => {
-                    // Fails only when the routing table is empty; the next tick retries.
-                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    // A walk dials the peers it meets, and gossip keeps what it opened open:
+                    // walk only while the node has fewer connections than it wants.
+                    if self.connections.len() < walk_below(self.max_connections) {
+                        // Fails only when the routing table is empty; the next tick retries.
+                        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    }
                 }
                 _ = housekeeping.tick() => self.housekeeping(),
             }
