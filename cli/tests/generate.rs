@@ -467,24 +467,49 @@ fn lora_and_the_lightning_preset_change_the_image_and_the_steps() {
     assert_one_line_error(&o, "say where to buy");
 }
 
+/// `model quantize --model MODEL --to FORMAT [EXTRA…] --out OUT`.
+fn quantize(data_dir: &Path, model: &Path, format: &str, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "model",
+        "quantize",
+        "--model",
+        model.to_str().unwrap(),
+        "--to",
+        format,
+    ];
+    args.extend_from_slice(extra);
+    args.extend(["--out", out.to_str().unwrap()]);
+    pixmarket(data_dir, &args)
+}
+
+/// A small local image from `model` (64×48, 2 steps, CFG off) with `extra` arguments, to `out`.
+fn generate_small(data_dir: &Path, model: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "generate",
+        "A red cat",
+        "--local",
+        "--model",
+        model.to_str().unwrap(),
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--steps",
+        "2",
+        "--true-cfg-scale",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    args.extend(["-o", out.to_str().unwrap()]);
+    pixmarket(data_dir, &args)
+}
+
 #[test]
 fn model_quantize_writes_a_folder_that_generates() {
     let tmp = tempfile::tempdir().unwrap();
     let q = tmp.path().join("q8");
     let model = engine_fixture("model");
-    let o = pixmarket(
-        tmp.path(),
-        &[
-            "model",
-            "quantize",
-            "--model",
-            model.to_str().unwrap(),
-            "--to",
-            "q8_0",
-            "--out",
-            q.to_str().unwrap(),
-        ],
-    );
+    let o = quantize(tmp.path(), &model, "q8_0", &q, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         stdout(&o).contains("28 transformer tensors in q8_0"),
@@ -492,52 +517,12 @@ fn model_quantize_writes_a_folder_that_generates() {
         stdout(&o)
     );
     let out = tmp.path().join("q.png");
-    let o = pixmarket(
-        tmp.path(),
-        &[
-            "generate",
-            "A red cat",
-            "--local",
-            "--model",
-            q.to_str().unwrap(),
-            "--width",
-            "64",
-            "--height",
-            "48",
-            "--steps",
-            "2",
-            "--true-cfg-scale",
-            "1",
-            "-o",
-            out.to_str().unwrap(),
-        ],
-    );
+    let o = generate_small(tmp.path(), &q, &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     // A LoRA on the quantized model runs beside its quantized matmuls and changes the picture.
     let with_lora = tmp.path().join("q-lora.png");
     let comfy = lora_fixture("comfy.safetensors");
-    let o = pixmarket(
-        tmp.path(),
-        &[
-            "generate",
-            "A red cat",
-            "--local",
-            "--model",
-            q.to_str().unwrap(),
-            "--width",
-            "64",
-            "--height",
-            "48",
-            "--steps",
-            "2",
-            "--true-cfg-scale",
-            "1",
-            "--lora",
-            &comfy,
-            "-o",
-            with_lora.to_str().unwrap(),
-        ],
-    );
+    let o = generate_small(tmp.path(), &q, &with_lora, &["--lora", &comfy]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("applied LoRA"), "{}", stderr(&o));
     assert_ne!(
@@ -545,19 +530,7 @@ fn model_quantize_writes_a_folder_that_generates() {
         std::fs::read(&with_lora).unwrap()
     );
     // Again into the same folder: refused, nothing overwritten.
-    let o = pixmarket(
-        tmp.path(),
-        &[
-            "model",
-            "quantize",
-            "--model",
-            model.to_str().unwrap(),
-            "--to",
-            "q4_k",
-            "--out",
-            q.to_str().unwrap(),
-        ],
-    );
+    let o = quantize(tmp.path(), &model, "q4_k", &q, &[]);
     assert_one_line_error(&o, "exists and is not empty");
 }
 
@@ -566,20 +539,7 @@ fn model_quantize_text_encoder_writes_a_llama_cpp_gguf_that_generates() {
     let tmp = tempfile::tempdir().unwrap();
     let q = tmp.path().join("q8te");
     let model = engine_fixture("model");
-    let o = pixmarket(
-        tmp.path(),
-        &[
-            "model",
-            "quantize",
-            "--model",
-            model.to_str().unwrap(),
-            "--to",
-            "q8_0",
-            "--text-encoder",
-            "--out",
-            q.to_str().unwrap(),
-        ],
-    );
+    let o = quantize(tmp.path(), &model, "q8_0", &q, &["--text-encoder"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         stdout(&o).contains("text_encoder/model.gguf in llama.cpp's layout"),
@@ -602,26 +562,7 @@ fn model_quantize_text_encoder_writes_a_llama_cpp_gguf_that_generates() {
             .any(|e| e.file_name().to_string_lossy().contains(".safetensors"))
     );
     let out = tmp.path().join("q.png");
-    let o = pixmarket(
-        tmp.path(),
-        &[
-            "generate",
-            "A red cat",
-            "--local",
-            "--model",
-            q.to_str().unwrap(),
-            "--width",
-            "64",
-            "--height",
-            "48",
-            "--steps",
-            "2",
-            "--true-cfg-scale",
-            "1",
-            "-o",
-            out.to_str().unwrap(),
-        ],
-    );
+    let o = generate_small(tmp.path(), &q, &out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(out.is_file());
 }

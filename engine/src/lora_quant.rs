@@ -92,16 +92,7 @@ impl SimpleBackend for LoraGgufWeights {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.load(name, dtype, dev)?;
-        if t.dims() != s.dims() {
-            candle_core::bail!(
-                "{name} is {:?} in {}, expected {:?}",
-                t.dims(),
-                self.base.path().display(),
-                s.dims()
-            )
-        }
-        Ok(t)
+        crate::quant::expect_shape(self.load(name, dtype, dev)?, &s, name, self.base.path())
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

@@ -379,6 +379,25 @@ impl GgufWeights {
     }
 }
 
+/// `t`, a tensor `name` read from the GGUF file at `path`, if it has the shape the model asks
+/// for; otherwise the error names both shapes and the file.
+pub(crate) fn expect_shape(
+    t: Tensor,
+    s: &Shape,
+    name: &str,
+    path: &Path,
+) -> candle_core::Result<Tensor> {
+    if t.dims() != s.dims() {
+        candle_core::bail!(
+            "{name} is {:?} in {}, expected {:?}",
+            t.dims(),
+            path.display(),
+            s.dims()
+        )
+    }
+    Ok(t)
+}
+
 impl SimpleBackend for GgufWeights {
     fn get(
         &self,
@@ -388,16 +407,7 @@ impl SimpleBackend for GgufWeights {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.get_unchecked(name, dtype, dev)?;
-        if t.dims() != s.dims() {
-            candle_core::bail!(
-                "{name} is {:?} in {}, expected {:?}",
-                t.dims(),
-                self.path.display(),
-                s.dims()
-            )
-        }
-        Ok(t)
+        expect_shape(self.get_unchecked(name, dtype, dev)?, &s, name, &self.path)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

@@ -2,13 +2,13 @@
 //!
 //! rust-libp2p's AutoNAT v2 client probes only the addresses the swarm announced as candidates
 //! (`FromSwarm::NewExternalAddrCandidate`); identify raises those for the addresses peers saw
-//! us at. The UPnP behaviour instead declares the port it mapped confirmed at once, so AutoNAT
-//! tests the mapping only if peers happen to see us at that very address: the router must keep
-//! the mapped port for our outgoing connections too. miniupnpd in the namespace test does; a
-//! router that rewrites outgoing ports would leave the mapping untested, and `doctor` could not
-//! tell a mapping that works from one a second NAT in front of the gateway makes useless. So
-//! each mapped address is proposed here as well. This behaviour has no connections of its own
-//! and emits nothing but those candidates.
+//! us at. The UPnP behaviour instead declares the port it mapped confirmed at once, and the
+//! swarm drops every later candidate equal to a confirmed address. Left so, a mapping would be
+//! tested only if identify happened to propose it before the gateway answered (a race the
+//! namespace test once lost on a slow machine), and `doctor` could not tell a mapping that
+//! works from one a second NAT in front of the gateway makes useless. So the event loop takes
+//! UPnP's confirmation back and proposes each mapped address here. This behaviour has no
+//! connections of its own and emits nothing but those candidates.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;

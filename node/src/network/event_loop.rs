@@ -1204,7 +1204,11 @@ impl EventLoop {
                 local_addr,
             } => {
                 self.reach.candidate(&external_addr);
-                // UPnP declared it confirmed; AutoNAT tests it from outside all the same.
+                // UPnP has just declared the mapping confirmed, and the swarm passes no
+                // candidate on to AutoNAT that equals a confirmed address. Take the
+                // confirmation back and propose the address instead: it is advertised once
+                // AutoNAT has reached it from outside, whichever of UPnP and identify was first.
+                self.swarm.remove_external_address(&external_addr);
                 self.swarm
                     .behaviour_mut()
                     .candidates

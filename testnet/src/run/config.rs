@@ -27,16 +27,21 @@ impl EngineKind {
     }
 }
 
+/// An `--engine` value that names no engine.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "engine {0:?}: allowed are tiny (the real model code, the built-in tiny model) and simulated \
+     (a timing model per GPU kind)"
+)]
+pub struct UnknownEngine(pub String);
+
 impl std::str::FromStr for EngineKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownEngine;
+    fn from_str(s: &str) -> Result<Self, UnknownEngine> {
         match s {
             "tiny" => Ok(EngineKind::Tiny),
             "simulated" => Ok(EngineKind::Simulated),
-            other => Err(format!(
-                "engine {other:?}: allowed are tiny (the real model code, the built-in tiny model) \
-                 and simulated (a timing model per GPU kind)"
-            )),
+            other => Err(UnknownEngine(other.to_owned())),
         }
     }
 }

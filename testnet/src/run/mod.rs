@@ -18,7 +18,7 @@ mod job;
 mod market;
 mod sample;
 
-pub use config::{EngineKind, MAX_QUIET_WINDOW, SelectionRule, TestnetConfig};
+pub use config::{EngineKind, MAX_QUIET_WINDOW, SelectionRule, TestnetConfig, UnknownEngine};
 pub use finish::peak_rss_bytes;
 pub use sample::{
     MAX_ADVERT_DELAYS, MAX_CONNECTION_SAMPLES, SAMPLE_INTERVAL, loopback_counters, rss_bytes,
