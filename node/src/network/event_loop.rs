@@ -130,6 +130,8 @@ struct Conn {
     last_used: tokio::time::Instant,
     /// Requests that came in on it whose responses are not yet sent or failed.
     answering: u32,
+    /// This node has asked the swarm to close it (see [`EventLoop::close`]).
+    closing: bool,
     /// The address this node dialled, for a direct outbound connection.
     dialed: Option<Multiaddr>,
     /// The connection's far end: the address dialled, or the one an inbound connection came
@@ -585,6 +587,7 @@ impl EventLoop {
                         relayed,
                         last_used: tokio::time::Instant::now(),
                         answering: 0,
+                        closing: false,
                         dialed: match &endpoint {
                             libp2p::core::ConnectedPoint::Dialer { address, .. } if !relayed => {
                                 Some(address.clone())
@@ -981,13 +984,36 @@ impl EventLoop {
 
     /// Closes idle connections above [`super::trim::target`], so room stays for new ones.
     fn trim_connections(&mut self, now: tokio::time::Instant) {
-        if self.connections.len() <= super::trim::target(self.max_connections, self.publishing) {
+        if self.open_count() <= super::trim::target(self.max_connections, self.publishing) {
             return;
         }
         let open = self.trim_candidates();
         for id in super::trim::to_close(self.max_connections, self.publishing, &open, now) {
-            self.swarm.close_connection(id);
+            self.close(id);
         }
+    }
+
+    /// Closes connections not in use until [`super::trim::free_slots`] are free under the
+    /// bound, so a requester dialling in for a quote is let in.
+    fn keep_slots_free(&mut self, now: tokio::time::Instant) {
+        let open = self.trim_candidates();
+        for id in super::trim::to_free_slots(self.max_connections, &open, now) {
+            self.close(id);
+        }
+    }
+
+    /// Connections open and not being closed by this node.
+    fn open_count(&self) -> usize {
+        self.connections.values().filter(|c| !c.closing).count()
+    }
+
+    /// Starts closing `id`; until the swarm reports it closed it no longer counts as open for
+    /// the trimming, so one that is slow to close is not answered by closing another.
+    fn close(&mut self, id: ConnectionId) {
+        if let Some(c) = self.connections.get_mut(&id) {
+            c.closing = true;
+        }
+        self.swarm.close_connection(id);
     }
 
     /// Before dialing a peer for a request: at the bound, one connection not in use goes, so
@@ -995,11 +1021,11 @@ impl EventLoop {
     /// provider would otherwise wait out [`super::trim::RECENT_USE`] per dial).
     fn make_room_for_a_dial(&mut self) {
         let max = usize::try_from(self.max_connections).unwrap_or(usize::MAX);
-        if self.connections.len() < max {
+        if self.open_count() < max {
             return;
         }
         if let Some(id) = super::trim::for_a_dial(&self.trim_candidates()) {
-            self.swarm.close_connection(id);
+            self.close(id);
         }
     }
 
@@ -1020,6 +1046,7 @@ impl EventLoop {
             .collect();
         self.connections
             .iter()
+            .filter(|(_, c)| !c.closing)
             .map(|(id, c)| super::trim::Candidate {
                 id: *id,
                 last_used: c.last_used,
@@ -1037,6 +1064,7 @@ impl EventLoop {
         let now = tokio::time::Instant::now();
         self.redial_bootstrap_if_alone(now);
         self.trim_connections(now);
+        self.keep_slots_free(now);
         let due: Vec<PeerId> = self
             .held
             .iter()
