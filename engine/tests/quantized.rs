@@ -133,6 +133,18 @@ fn generate(model: &QwenImage) -> Vec<u8> {
         .rgb
 }
 
+/// The largest and the mean difference of two images' bytes, in levels.
+fn pixel_diff(a: &[u8], b: &[u8]) -> (u8, f64) {
+    let max = a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+    let mean = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(x.abs_diff(*y)))
+        .sum::<f64>()
+        / a.len() as f64;
+    (max, mean)
+}
+
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -168,13 +180,7 @@ fn check(format: QuantFormat, max_velocity: f64, max_levels: u8) {
     );
     let v_err = rel_err(&velocity(&q), &velocity(&full));
     let (a, b) = (image(&q), image(&full));
-    let levels = a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
-    let mean = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| f64::from(x.abs_diff(*y)))
-        .sum::<f64>()
-        / a.len() as f64;
+    let (levels, mean) = pixel_diff(&a, &b);
     println!(
         "{}: {} bytes; velocity rel err {v_err:.2e}; image max {levels} levels, mean {mean:.3}",
         format.name(),
@@ -372,19 +378,8 @@ fn a_lora_beside_q8_0_equals_merging_it_into_the_dequantized_weights() {
     // The image of the LoRA'd Q8_0 pipeline against the f32 pipeline with the LoRAs merged.
     let (a, b) = (image_with(&q, &loras), image_with(&full, &loras));
     let plain = image_with(&full, &[]);
-    let levels = a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
-    let changed = b
-        .iter()
-        .zip(&plain)
-        .map(|(x, y)| x.abs_diff(*y))
-        .max()
-        .unwrap();
-    let mean = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| f64::from(x.abs_diff(*y)))
-        .sum::<f64>()
-        / a.len() as f64;
+    let (levels, mean) = pixel_diff(&a, &b);
+    let (changed, _) = pixel_diff(&b, &plain);
     println!(
         "LoRA'd Q8_0 vs LoRA-merged f32 image: max {levels} levels, mean {mean:.3}; \
          the LoRAs move a pixel by up to {changed}"
