@@ -982,22 +982,22 @@ impl EventLoop {
         }
     }
 
-    /// Closes idle connections above [`super::trim::target`], so room stays for new ones.
+    /// Closes idle connections above [`super::trim::target`], then connections not in use until
+    /// [`super::trim::free_slots`] are free under the bound, so a requester dialling in for a
+    /// quote is let in. The candidates are gathered once, and only when either has work.
     fn trim_connections(&mut self, now: tokio::time::Instant) {
-        if self.open_count() <= super::trim::target(self.max_connections, self.publishing) {
+        let max = usize::try_from(self.max_connections).unwrap_or(usize::MAX);
+        let open = self.open_count();
+        if open <= super::trim::target(self.max_connections, self.publishing)
+            && open + super::trim::free_slots(max) <= max
+        {
             return;
         }
-        let open = self.trim_candidates();
-        for id in super::trim::to_close(self.max_connections, self.publishing, &open, now) {
-            self.close(id);
-        }
-    }
-
-    /// Closes connections not in use until [`super::trim::free_slots`] are free under the
-    /// bound, so a requester dialling in for a quote is let in.
-    fn keep_slots_free(&mut self, now: tokio::time::Instant) {
-        let open = self.trim_candidates();
-        for id in super::trim::to_free_slots(self.max_connections, &open, now) {
+        let mut candidates = self.trim_candidates();
+        let idle = super::trim::to_close(self.max_connections, self.publishing, &candidates, now);
+        candidates.retain(|c| !idle.contains(&c.id));
+        let for_slots = super::trim::to_free_slots(self.max_connections, &candidates, now);
+        for id in idle.into_iter().chain(for_slots) {
             self.close(id);
         }
     }
@@ -1064,7 +1064,6 @@ impl EventLoop {
         let now = tokio::time::Instant::now();
         self.redial_bootstrap_if_alone(now);
         self.trim_connections(now);
-        self.keep_slots_free(now);
         let due: Vec<PeerId> = self
             .held
             .iter()
