@@ -231,6 +231,13 @@ pub struct NetworkRecord {
     /// Wall milliseconds from the last requester starting to every requester knowing every
     /// provider (discovery through bootstrap, Kademlia and the gossip mesh).
     pub discovery_ms: u64,
+    /// The providers each requester knew when set-up's wait ended, out of
+    /// `discovery_providers`: all of them unless the run was let go on without (see
+    /// `TestnetConfig::discovery_must_complete`).
+    #[serde(default)]
+    pub discovery_known: Vec<usize>,
+    #[serde(default)]
+    pub discovery_providers: usize,
     /// Resident memory of the process before the first node started and once every node had
     /// joined and learnt the market; their difference over `nodes` is the memory per node.
     pub rss_before_bytes: Option<u64>,

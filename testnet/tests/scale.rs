@@ -1,8 +1,8 @@
 //! The market's network at scale: every node keeps its connections bounded whatever the
 //! market's size, adverts reach every requester, and the books agree. Real nodes on loopback
 //! with the simulated engine. All are behind `--ignored` (minutes each); at 80 + 10 they pass,
-//! and the 300-node one fails at set-up on two cores (adverts reach the requesters too
-//! slowly), as docs/testnet.md records.
+//! and the 300-node one fails on two cores (saturated, few adverts reach the requesters in
+//! time, few jobs complete), as docs/testnet.md records.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -103,7 +103,7 @@ async fn ninety_nodes_keep_connections_bounded_and_the_books_agree() {
 
 /// The scale run of docs/testnet.md: 250 providers and 50 requesters.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "300 nodes in one process: set-up fails on 2 cores, adverts reach requesters too slowly (docs/testnet.md)"]
+#[ignore = "300 nodes in one process: 2 cores are saturated, 2 of 604 jobs complete and the test fails (docs/testnet.md)"]
 async fn three_hundred_nodes_keep_connections_bounded_and_the_books_agree() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = market(dir.path().to_owned(), 250, 50);
@@ -111,6 +111,9 @@ async fn three_hundred_nodes_keep_connections_bounded_and_the_books_agree() {
     c.load = Load::Steady { per_minute: 60.0 };
     c.quiet_window = Duration::from_secs(30);
     c.drain_limit = Duration::from_secs(300);
+    // Two cores do not carry 300 nodes' gossip (docs/testnet.md): the plan runs with what the
+    // requesters learnt by set-up's deadline, and the report says how much that was.
+    c.discovery_must_complete = false;
     let r = run::run(&c, &mut |l| eprintln!("{l}")).await.unwrap();
     let out = std::env::var_os("PIXMARKET_SCALE_REPORT").map(std::path::PathBuf::from);
     if let Some(out) = out {

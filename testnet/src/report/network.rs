@@ -35,6 +35,29 @@ impl Connections {
     }
 }
 
+/// How many providers the requesters knew: the fewest, the median and the most.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Known {
+    pub min: Option<u64>,
+    pub p50: Option<u64>,
+    pub max: Option<u64>,
+}
+
+impl Known {
+    pub fn of(known: &[usize]) -> Self {
+        let mut v: Vec<u64> = known
+            .iter()
+            .map(|&k| u64::try_from(k).unwrap_or(u64::MAX))
+            .collect();
+        v.sort_unstable();
+        Self {
+            min: v.first().copied(),
+            p50: nearest_rank(&v, 50),
+            max: v.last().copied(),
+        }
+    }
+}
+
 /// The numbers of [`NetworkRecord`], computed by [`summarize_network`].
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct NetworkSummary {
@@ -47,6 +70,12 @@ pub struct NetworkSummary {
     /// Wall milliseconds from an advert's date to a requester's table.
     pub advert_delay_ms: Percentiles,
     pub discovery_ms: u64,
+    /// Providers known by the requester that knew fewest, the median one, and the one that
+    /// knew most when set-up's wait ended, out of `discovery_providers`.
+    #[serde(default)]
+    pub discovery_known: Known,
+    #[serde(default)]
+    pub discovery_providers: usize,
     /// `(rss_after − rss_before) / nodes`, when both were read.
     pub memory_per_node_bytes: Option<u64>,
     pub advert_bytes: Option<u64>,
@@ -75,6 +104,8 @@ pub fn summarize_network(n: &NetworkRecord) -> NetworkSummary {
         final_connections: Connections::of(n.final_connections.iter().copied()),
         advert_delay_ms: Percentiles::of(n.advert_delay_ms.clone()),
         discovery_ms: n.discovery_ms,
+        discovery_known: Known::of(&n.discovery_known),
+        discovery_providers: n.discovery_providers,
         memory_per_node_bytes: n
             .rss_before_bytes
             .zip(n.rss_after_bytes)

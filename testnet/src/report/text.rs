@@ -204,10 +204,7 @@ pub(super) fn network_lines(n: &NetworkSummary) -> Vec<String> {
             "  adverts published while the plan ran: {:.1} per wall second, market-wide",
             n.adverts_per_s_during_plan
         ),
-        format!(
-            "  discovery: every requester knew every provider {} ms after the last started",
-            n.discovery_ms
-        ),
+        discovery_line(n),
         format!(
             "  memory per node {}; signed advert {} bytes; background traffic {} per node per s, {} per node per advert",
             kib(n.memory_per_node_bytes),
@@ -378,4 +375,27 @@ pub(super) fn resources(wall_seconds: f64, peak_rss_bytes: Option<u64>) -> Strin
         let _ = write!(out, "peak memory {}.{} MiB", tenths / 10, tenths % 10);
     }
     out
+}
+
+/// Whether every requester learnt every provider before the plan, or what they knew when
+/// set-up gave up waiting.
+fn discovery_line(n: &NetworkSummary) -> String {
+    let opt = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
+    let k = &n.discovery_known;
+    let providers = u64::try_from(n.discovery_providers).unwrap_or(u64::MAX);
+    if k.min.is_none_or(|least| least >= providers) {
+        format!(
+            "  discovery: every requester knew every provider {} ms after the last started",
+            n.discovery_ms
+        )
+    } else {
+        format!(
+            "  discovery INCOMPLETE: {} ms after the last requester started, requesters knew {} / {} / {} (fewest / median / most) of {} providers; the plan ran anyway",
+            n.discovery_ms,
+            opt(k.min),
+            opt(k.p50),
+            opt(k.max),
+            n.discovery_providers
+        )
+    }
 }

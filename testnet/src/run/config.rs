@@ -104,6 +104,11 @@ pub struct TestnetConfig {
     /// traffic is measured (the market's background: gossip, Kademlia, identify, ping); zero:
     /// none.
     pub quiet_window: Duration,
+    /// Whether set-up fails when, at its deadline, some requester does not know every
+    /// provider. A run that measures a market past what the machine carries turns this off:
+    /// the plan then starts anyway, and the record says how many providers each requester
+    /// knew ([`crate::record::NetworkRecord::discovery_known`]).
+    pub discovery_must_complete: bool,
 }
 
 /// The longest quiet window a run may ask for: a few advert intervals are enough.
@@ -135,6 +140,7 @@ impl TestnetConfig {
             drain_limit: Duration::from_secs(120),
             max_connections: pixmarket_node::network::DEFAULT_MAX_CONNECTIONS,
             quiet_window: Duration::ZERO,
+            discovery_must_complete: true,
         }
     }
 

@@ -66,8 +66,13 @@ pub(super) struct Market {
     pub(super) records: Vec<ProviderRecord>,
     /// The seed the keys were derived from.
     pub(super) seed: u64,
-    /// Wall time from the last requester starting to every requester knowing every provider.
+    /// Wall time from the last requester starting to every requester knowing every provider,
+    /// or to set-up's deadline when the run goes on without (see
+    /// [`TestnetConfig::discovery_must_complete`]).
     pub(super) discovery: Duration,
+    /// The providers each requester knew when set-up's wait ended, and how many advertise.
+    pub(super) discovery_known: Vec<usize>,
+    pub(super) advertisers: usize,
 }
 
 fn net_config(
@@ -366,6 +371,13 @@ pub(super) async fn start_market(
         if least >= advertisers {
             break;
         }
+        if Instant::now() > deadline && !config.discovery_must_complete {
+            log(format!(
+                "set-up's {} s are up: the requester knowing fewest knew {least} of {advertisers} providers; the plan starts anyway",
+                limit.as_secs()
+            ));
+            break;
+        }
         if Instant::now() > deadline {
             // Each requester's count and connections, so a lone isolated requester is told
             // apart from adverts that reach no one.
@@ -386,10 +398,16 @@ pub(super) async fn start_market(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let discovery = requesters_up.elapsed();
-    log(format!(
-        "every requester knows all {advertisers} providers ({} ms after the last requester started)",
-        discovery.as_millis()
-    ));
+    let discovery_known: Vec<usize> = requesters
+        .iter()
+        .map(|(_, _, n)| n.requester().providers().len())
+        .collect();
+    if discovery_known.iter().all(|&k| k >= advertisers) {
+        log(format!(
+            "every requester knows all {advertisers} providers ({} ms after the last requester started)",
+            discovery.as_millis()
+        ));
+    }
     Ok(Market {
         providers,
         provider_keys,
@@ -401,5 +419,7 @@ pub(super) async fn start_market(
         records,
         seed: config.seed,
         discovery,
+        discovery_known,
+        advertisers,
     })
 }

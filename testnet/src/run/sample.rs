@@ -251,6 +251,8 @@ pub(super) async fn measure_setup(
         nodes: market.providers.len() + market.requesters.len(),
         max_connections,
         discovery_ms: u64::try_from(discovery.as_millis()).unwrap_or(u64::MAX),
+        discovery_known: market.discovery_known.clone(),
+        discovery_providers: market.advertisers,
         rss_before_bytes,
         rss_after_bytes: rss_bytes(),
         advert_bytes,
