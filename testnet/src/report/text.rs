@@ -165,7 +165,6 @@ pub(super) fn network_lines(n: &NetworkSummary) -> Vec<String> {
     if n.nodes == 0 {
         return Vec::new();
     }
-    let opt = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
     let conns = |c: &Connections| {
         format!(
             "avg {:.1}, p50 {}, max {} ({} samples)",
@@ -377,10 +376,14 @@ pub(super) fn resources(wall_seconds: f64, peak_rss_bytes: Option<u64>) -> Strin
     out
 }
 
+/// A number, or `-` when there is none.
+fn opt(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
 /// Whether every requester learnt every provider before the plan, or what they knew when
 /// set-up gave up waiting.
 fn discovery_line(n: &NetworkSummary) -> String {
-    let opt = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
     let k = &n.discovery_known;
     let providers = u64::try_from(n.discovery_providers).unwrap_or(u64::MAX);
     if k.min.is_none_or(|least| least >= providers) {

@@ -362,32 +362,35 @@ pub(super) async fn start_market(
             .count();
     let limit = Duration::from_secs(30 + u64::try_from(config.providers / 2).unwrap_or(0));
     let deadline = Instant::now() + limit;
-    loop {
-        let least = requesters
+    // The providers each requester knows when the wait ends: the loop's last count, so the
+    // record and the log say what the decision to start was made on.
+    let discovery_known = loop {
+        let known: Vec<usize> = requesters
             .iter()
             .map(|(_, _, n)| n.requester().providers().len())
-            .min()
-            .unwrap_or(0);
+            .collect();
+        let least = known.iter().copied().min().unwrap_or(0);
         if least >= advertisers {
-            break;
-        }
-        if Instant::now() > deadline && !config.discovery_must_complete {
             log(format!(
-                "set-up's {} s are up: the requester knowing fewest knew {least} of {advertisers} providers; the plan starts anyway",
-                limit.as_secs()
+                "every requester knows all {advertisers} providers ({} ms after the last requester started)",
+                requesters_up.elapsed().as_millis()
             ));
-            break;
+            break known;
         }
         if Instant::now() > deadline {
+            if !config.discovery_must_complete {
+                log(format!(
+                    "set-up's {} s are up: the requester knowing fewest knew {least} of {advertisers} providers; the plan starts anyway",
+                    limit.as_secs()
+                ));
+                break known;
+            }
             // Each requester's count and connections, so a lone isolated requester is told
             // apart from adverts that reach no one.
             let mut each = Vec::with_capacity(requesters.len());
-            for (name, _, n) in &requesters {
+            for ((name, _, n), k) in requesters.iter().zip(&known) {
                 let conns = n.client().connection_count().await.ok();
-                each.push(format!(
-                    "{name}: {} known, {conns:?} connections",
-                    n.requester().providers().len()
-                ));
+                each.push(format!("{name}: {k} known, {conns:?} connections"));
             }
             bail!(
                 "after {} s a requester knew only {least} of {advertisers} providers ({})",
@@ -396,18 +399,8 @@ pub(super) async fn start_market(
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
     let discovery = requesters_up.elapsed();
-    let discovery_known: Vec<usize> = requesters
-        .iter()
-        .map(|(_, _, n)| n.requester().providers().len())
-        .collect();
-    if discovery_known.iter().all(|&k| k >= advertisers) {
-        log(format!(
-            "every requester knows all {advertisers} providers ({} ms after the last requester started)",
-            discovery.as_millis()
-        ));
-    }
     Ok(Market {
         providers,
         provider_keys,
