@@ -432,6 +432,7 @@ fn summary(op: &Op, peers: &[PublicKey]) -> OpSummary {
             ("record-credit-note", note.verify().ok().map(|n| n.amount))
         }
         Op::Undelivered { .. } => ("undelivered", None),
+        Op::DeliveredLate { .. } => ("delivered-late", None),
         Op::RecordReceipt { receipt, .. } => {
             ("record-receipt", receipt.verify().ok().map(|r| r.cost))
         }

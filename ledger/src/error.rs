@@ -77,6 +77,10 @@ pub enum LedgerError {
     },
     #[error("job {job} has no settled receipt (it is unknown, held, voided or expired)")]
     NotSettled { job: JobId },
+    #[error(
+        "job {job} is not marked undelivered in the requester's books, so it cannot be delivered late"
+    )]
+    NotUndelivered { job: JobId },
     #[error("the receipt for job {job} is already acknowledged")]
     AlreadyAcked { job: JobId },
     /// The job's receipt was credited back (or refunded by a legacy rewind): it cannot be

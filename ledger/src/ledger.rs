@@ -504,6 +504,13 @@ impl Ledger {
         })
     }
 
+    /// As requester: the images of `job`, marked undelivered, came after all and match its
+    /// receipt; the job counts as delivered from now on (a new entry after the mark, which
+    /// stays in the log).
+    pub fn mark_delivered_late(&self, job: JobId) -> Result<(), LedgerError> {
+        self.commit(&Op::DeliveredLate { job })
+    }
+
     /// The credit note that took back a credited job's charge, on `role`'s side.
     pub fn credit_note(
         &self,

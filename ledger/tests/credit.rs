@@ -717,6 +717,81 @@ fn mark_undelivered_only_on_an_acked_settled_requester_job() {
     assert_eq!(mirror.verify().unwrap(), report);
 }
 
+#[test]
+fn a_late_delivery_settles_only_an_undelivered_job_once_and_survives_a_reopen() {
+    let l = provider_ledger();
+    let (p, r) = (provider(), requester(0));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger");
+    let mirror = Ledger::open(&path, r.public()).unwrap();
+    let (rc1, rc2, _, _) = settled_undelivered(&l);
+    mirror.record_receipt(&rc1, &ack(&r, &rc1)).unwrap();
+    mirror.record_receipt(&rc2, &ack(&r, &rc2)).unwrap();
+    let charged = |m: &Ledger| {
+        m.account(Role::Requester, &p.public())
+            .unwrap()
+            .unwrap()
+            .charged
+    };
+    let paid = charged(&mirror);
+
+    // Unknown, the provider's own job, and a job delivered in time: refused, nothing changes.
+    let before = state(&mirror, Role::Requester, &p.public());
+    for (books, j) in [(&mirror, job(9)), (&l, job(1)), (&mirror, job(2))] {
+        assert!(matches!(
+            books.mark_delivered_late(j),
+            Err(LedgerError::NotUndelivered { .. })
+        ));
+    }
+    assert_eq!(state(&mirror, Role::Requester, &p.public()), before);
+
+    // Marked undelivered, then delivered late: settled again at the same place in the chain,
+    // and the charge (paid once, at the ack) does not move either way.
+    mirror
+        .mark_undelivered(job(1), "no images within 2 s")
+        .unwrap();
+    assert_eq!(charged(&mirror), paid);
+    mirror.mark_delivered_late(job(1)).unwrap();
+    assert_eq!(
+        mirror.job(Role::Requester, job(1)).unwrap(),
+        Some(JobOutcome::Settled {
+            peer: p.public(),
+            index: 0
+        })
+    );
+    let stored = mirror.receipt(Role::Requester, job(1)).unwrap().unwrap();
+    assert_eq!(stored.undelivered, None);
+    assert!(stored.ack.is_some());
+    assert_eq!(charged(&mirror), paid);
+    // Once: a second late delivery is refused.
+    let delivered = state(&mirror, Role::Requester, &p.public());
+    assert!(matches!(
+        mirror.mark_delivered_late(job(1)),
+        Err(LedgerError::NotUndelivered { .. })
+    ));
+    assert_eq!(state(&mirror, Role::Requester, &p.public()), delivered);
+    // A credited job was never paid: nothing to deliver late.
+    mirror.mark_undelivered(job(2), "no images").unwrap();
+    let note2 = l.credit(job(2), &p, "no ack", 5_000).unwrap();
+    mirror.record_credit(None, &note2).unwrap();
+    assert!(matches!(
+        mirror.mark_delivered_late(job(2)),
+        Err(LedgerError::NotUndelivered { .. })
+    ));
+    assert_same_books(&l, &mirror);
+    let report = mirror.verify().unwrap();
+    assert_eq!(report.undelivered_receipts, 0);
+
+    // The log replays to the same books after a reopen; the mark and its correction both stay.
+    drop(mirror);
+    let mirror = Ledger::open(&path, r.public()).unwrap();
+    assert!(matches!(
+        mirror.job(Role::Requester, job(1)).unwrap(),
+        Some(JobOutcome::Settled { .. })
+    ));
+    assert_eq!(mirror.verify().unwrap(), report);
+}
+
 /// Both sides of a pair, with credit notes of both kinds and an undelivered mark.
 fn both_sides(provider_side: &Ledger, requester_side: &Ledger) {
     let (p, r) = (provider(), requester(0));

@@ -38,6 +38,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -466,6 +467,9 @@ pub struct DishonestProvider {
     pub tally: Arc<Tally>,
     /// The requester's answer to each delivery, for a test to inspect; dropped when full.
     pub answers: Option<mpsc::Sender<Result<Response, NetError>>>,
+    /// Once set, a [`Cheat::KeepImages`] provider answers `Fetch` with the images after all:
+    /// what a slow or cut-off honest provider looks like from the requester's side.
+    pub hand_over: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for DishonestProvider {
@@ -562,7 +566,10 @@ impl DishonestProvider {
                     }
                     Request::Status(_) => Response::Status(pixmarket_protocol::JobStatus::Unknown),
                     // Paid, and silent from here on: no answer at all.
-                    Request::Fetch(_) if me.play == ProviderPlay::Deliver(Cheat::KeepImages) => {
+                    Request::Fetch(_)
+                        if me.play == ProviderPlay::Deliver(Cheat::KeepImages)
+                            && !me.hand_over.load(Ordering::Relaxed) =>
+                    {
                         continue;
                     }
                     Request::Fetch(ack) => {
@@ -987,6 +994,7 @@ impl Adversary {
                     play,
                     tally: tally.clone(),
                     answers: None,
+                    hand_over: Arc::default(),
                 };
                 tasks.push(provider.spawn(bare.events));
             }

@@ -68,6 +68,10 @@ pub struct JobRecord {
     pub resubmissions: u32,
     /// What the requester paid, in micro-tokens (0 unless completed).
     pub cost_micros: u64,
+    /// Its images came only when asked again after the fetch deadline, so it had been marked
+    /// undelivered in the requester's books, then delivered late.
+    #[serde(default)]
+    pub delivered_late: bool,
     pub images: u32,
     pub width: u32,
     pub height: u32,

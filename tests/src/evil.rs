@@ -21,6 +21,7 @@
 
 use std::fmt::Write as _;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -155,6 +156,8 @@ pub struct EvilProvider {
     client: Client,
     /// The requester's answer to each `Completed` event, in order.
     answers: mpsc::Receiver<Result<Response, NetError>>,
+    /// See [`DishonestProvider::hand_over`].
+    hand_over: Arc<AtomicBool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -171,6 +174,7 @@ impl EvilProvider {
         let schedule = PriceSchedule::default();
         let (answer_tx, answers) = mpsc::channel(EVENT_QUEUE);
         let adverts = spawn_fast_adverts(bare.client.clone(), secret.clone(), schedule);
+        let hand_over = Arc::new(AtomicBool::new(false));
         let serve = DishonestProvider {
             client: bare.client.clone(),
             secret,
@@ -179,6 +183,7 @@ impl EvilProvider {
             play,
             tally: Arc::new(Tally::default()),
             answers: Some(answer_tx),
+            hand_over: hand_over.clone(),
         }
         .spawn(bare.events);
         Self {
@@ -186,12 +191,18 @@ impl EvilProvider {
             addr: bare.addr,
             client: bare.client,
             answers,
+            hand_over,
             tasks: vec![bare.task, adverts, serve],
         }
     }
 
     pub fn peer_id(&self) -> PeerId {
         self.key.to_peer_id()
+    }
+
+    /// From now on a [`Cheat::KeepImages`] provider answers `Fetch` with the images it kept.
+    pub fn hand_over_images(&self) {
+        self.hand_over.store(true, Ordering::Relaxed);
     }
 
     /// How the requester answered the next spoiled delivery.

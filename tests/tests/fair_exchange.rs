@@ -19,7 +19,9 @@ use std::time::Duration;
 use pixmarket_ledger::{JobOutcome, Role};
 use pixmarket_node::network::{Request, Response, ResponseChannel};
 use pixmarket_node::now_ms;
-use pixmarket_node::requester::{GenerateError, GenerateOptions, check_images, check_receipt};
+use pixmarket_node::requester::{
+    GenerateError, GenerateOptions, RefetchError, check_images, check_receipt,
+};
 use pixmarket_protocol::messages::{FailReason, JobEventKind};
 use pixmarket_protocol::{
     Hash, JobId, JobStatus, MicroTokens, Quote, Receipt, ReceiptAck, ReceiptRefusal, Signed,
@@ -412,5 +414,95 @@ async fn a_provider_that_takes_the_ack_and_keeps_the_images_leaves_a_signed_reco
 
     requester.node.shutdown().await;
     honest.node.shutdown().await;
+    evil.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_fetched_after_the_deadline_is_delivered_late_and_still_paid_once() {
+    let evil = EvilProvider::start(93, Cheat::KeepImages, tiny_generator()).await;
+    let requester = TestNode::start(94, vec![evil.addr.clone()], None).await;
+    let buyer = requester.node.requester();
+    let options = GenerateOptions {
+        provider: Some(evil.peer_id()),
+        fetch_deadline: Duration::from_secs(2),
+        ..GenerateOptions::default()
+    };
+    let err = buyer
+        .generate(small_job("a late picture"), options, &mut |_| {})
+        .await
+        .unwrap_err();
+    let GenerateError::Undelivered { job, cost, .. } = err else {
+        panic!("{err}")
+    };
+    let books = requester.node.ledger();
+    let charged = || {
+        books
+            .account(Role::Requester, &evil.key)
+            .unwrap()
+            .unwrap()
+            .charged
+    };
+    assert_eq!(charged(), cost, "paid at the ack");
+    assert_eq!(buyer.undelivered_by(&evil.key), 1);
+
+    // Still held back: the re-fetch fails, nothing moves, the mark stays.
+    let still = buyer
+        .refetch(job, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(still, RefetchError::Undelivered { job: j, .. } if j == job),
+        "{still}"
+    );
+    assert!(matches!(
+        books.job(Role::Requester, job).unwrap(),
+        Some(JobOutcome::Undelivered { .. })
+    ));
+    assert_eq!(charged(), cost);
+
+    // The provider hands them over (a slow or cut-off provider, seen from here): delivered
+    // late, the images are the receipt's, and the job counts as delivered, charged once.
+    evil.hand_over_images();
+    let late = buyer.refetch(job, Duration::from_secs(30)).await.unwrap();
+    assert!(late.delivered_late);
+    let body = late.outcome.receipt.verify().unwrap();
+    assert_eq!(body.job_id, job);
+    check_images(&body, &late.outcome.images).unwrap();
+    assert_eq!(late.outcome.cost, cost);
+    assert!(matches!(
+        books.job(Role::Requester, job).unwrap(),
+        Some(JobOutcome::Settled { peer, .. }) if peer == evil.key
+    ));
+    assert_eq!(
+        books
+            .receipt(Role::Requester, job)
+            .unwrap()
+            .unwrap()
+            .undelivered,
+        None
+    );
+    assert_eq!(charged(), cost);
+    assert_eq!(buyer.undelivered_by(&evil.key), 0);
+
+    // Asked again: the same images, no second charge, no second late delivery.
+    let again = buyer.refetch(job, Duration::from_secs(30)).await.unwrap();
+    assert!(!again.delivered_late);
+    assert_eq!(again.outcome.images, late.outcome.images);
+    assert_eq!(charged(), cost);
+
+    // A job this node never bought: a typed refusal naming it.
+    let unknown = JobId([7; 16]);
+    let err = buyer
+        .refetch(unknown, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RefetchError::Unknown(j) if j == unknown),
+        "{err}"
+    );
+    let report = books.verify().unwrap();
+    assert_eq!(report.undelivered_receipts, 0);
+
+    requester.node.shutdown().await;
     evil.shutdown().await;
 }

@@ -267,6 +267,12 @@ pub enum Op {
     Prepaid {
         note: Signed<DepositNote>,
     },
+    /// As requester: the images of `job`, marked [`Op::Undelivered`], came after all (the
+    /// provider still held them when it was asked again) and match its receipt. The job counts
+    /// as delivered from here on; the undelivered mark stays in the log before it.
+    DeliveredLate {
+        job: JobId,
+    },
 }
 
 impl Op {
@@ -291,13 +297,14 @@ impl Op {
             Op::RecordReceipt { receipt, .. } => vec![receipt.signer()],
             Op::Credit { note } => note.verify().map(|n| vec![n.requester]).unwrap_or_default(),
             Op::RecordCredit { note, .. } => vec![note.signer()],
-            // Void, expire, ack, refund and undelivered name a job; the export resolves its
+            // Void, expire, ack, refund, undelivered and delivered late name a job; the export resolves its
             // peer from the hold or the receipt.
             Op::Void { .. }
             | Op::Expire { .. }
             | Op::Ack { .. }
             | Op::Refund { .. }
-            | Op::Undelivered { .. } => Vec::new(),
+            | Op::Undelivered { .. }
+            | Op::DeliveredLate { .. } => Vec::new(),
         }
     }
 
@@ -310,7 +317,8 @@ impl Op {
             | Op::Expire { job, .. }
             | Op::Ack { job, .. }
             | Op::Refund { job, .. }
-            | Op::Undelivered { job, .. } => Some(*job),
+            | Op::Undelivered { job, .. }
+            | Op::DeliveredLate { job } => Some(*job),
             Op::Credit { note } | Op::RecordCredit { note, .. } => {
                 note.verify().ok().map(|n| n.job_id)
             }

@@ -694,5 +694,20 @@ pub(crate) fn apply(txn: &dyn Txn, owner: &PublicKey, op: &Op) -> Result<(), Abo
                 },
             )
         }
+
+        Op::DeliveredLate { job } => {
+            let jkey = job_key(Role::Requester, *job);
+            let Some(JobOutcome::Undelivered { peer, index, .. }) =
+                get::<JobOutcome>(txn, TreeId::Jobs, &jkey)?
+            else {
+                return Err(LedgerError::NotUndelivered { job: *job }.into());
+            };
+            put(
+                txn,
+                TreeId::Jobs,
+                &jkey,
+                &JobOutcome::Settled { peer, index },
+            )
+        }
     }
 }

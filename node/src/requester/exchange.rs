@@ -113,6 +113,27 @@ enum RecordError {
     Stopped,
 }
 
+/// How asking for an acknowledged job's images ended without them.
+#[derive(Debug)]
+pub(super) enum NoImages {
+    /// The provider credited the receipt back (it never got our ack), so nothing is owed; the
+    /// credit note is in our books once the chain sync that followed reached the provider.
+    Credited,
+    /// Why the images did not come: a mismatch, the provider no longer has them, or the
+    /// deadline passed.
+    Undelivered(String),
+}
+
+/// What one chain sync with a provider did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChainSync {
+    /// Credit notes recorded.
+    pub learned: usize,
+    /// The provider answered that nothing follows our head: our chain with it is whole. False
+    /// when it did not answer, or sent an entry our books refused.
+    pub caught_up: bool,
+}
+
 /// Why a request got no answer.
 #[derive(Debug)]
 struct Unanswered {
@@ -851,9 +872,8 @@ impl Requester {
         Ok(ack)
     }
 
-    /// Asks for the images with our ack until they come (and match the receipt), the provider
-    /// says the receipt was credited, or the job's fetch deadline passes: then the result is marked
-    /// undelivered in our books.
+    /// Asks for the images with our ack (see [`Requester::fetch_images`]); without them, the
+    /// result is marked undelivered in our books.
     async fn fetch(
         &self,
         job: &Job<'_>,
@@ -861,59 +881,28 @@ impl Requester {
         body: Receipt,
         ack: Signed<ReceiptAck>,
     ) -> Result<Outcome, Attempt> {
-        let deadline = tokio::time::Instant::now() + job.fetch_deadline;
-        let mut backoff = FIRST_BACKOFF;
-        let why = loop {
-            if self.net.is_stopped() {
-                break "this node stopped before the images came".to_owned();
+        let why = match self
+            .fetch_images(job.peer, job.key, job.fetch_deadline, &body, &ack)
+            .await
+        {
+            Ok(images) => {
+                return Ok(Outcome {
+                    provider: job.peer,
+                    images,
+                    cost: body.cost,
+                    receipt,
+                    ack,
+                    attempts: 1,
+                    path: crate::network::PathKind::NotConnected,
+                });
             }
-            let answer = tokio::time::timeout(
-                ATTEMPT_TIMEOUT,
-                self.net.request(job.peer, Request::Fetch(ack.clone())),
-            )
-            .await;
-            let wait = match answer {
-                Ok(Ok(Response::Images { job_id, images })) if job_id == body.job_id => {
-                    match check_images(&body, &images) {
-                        Ok(()) => {
-                            return Ok(Outcome {
-                                provider: job.peer,
-                                images,
-                                cost: body.cost,
-                                receipt,
-                                ack,
-                                attempts: 1,
-                                path: crate::network::PathKind::NotConnected,
-                            });
-                        }
-                        Err(problem) => {
-                            break format!("the images do not match the receipt: {problem}");
-                        }
-                    }
-                }
-                Ok(Ok(Response::Refused(FailReason::Credited))) => {
-                    self.sync_chain(job.peer, job.key).await;
-                    return Err(fail(
-                        FailureKind::ProviderFailed,
-                        "the provider credited the job back before our ack",
-                    ));
-                }
-                Ok(Ok(Response::Refused(FailReason::ResultGone))) => {
-                    break "the provider no longer has the images".to_owned();
-                }
-                Ok(Ok(Response::Refused(FailReason::Busy { retry_after_ms }))) => {
-                    Duration::from_millis(retry_after_ms).min(MAX_BUSY_WAIT)
-                }
-                _ => backoff,
-            };
-            if tokio::time::Instant::now() + wait >= deadline {
-                break format!(
-                    "no images within {} s of our ack",
-                    job.fetch_deadline.as_secs()
-                );
+            Err(NoImages::Credited) => {
+                return Err(fail(
+                    FailureKind::ProviderFailed,
+                    "the provider credited the job back before our ack",
+                ));
             }
-            tokio::time::sleep(wait).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            Err(NoImages::Undelivered(why)) => why,
         };
         let ledger = self.ledger.clone();
         let (job_id, why2) = (body.job_id, why.clone());
@@ -927,34 +916,101 @@ impl Requester {
         })))
     }
 
+    /// Asks `peer` for the images of `body` with our `ack` until they come and match the
+    /// receipt, the provider says the receipt was credited (then the pair's chain is synced, so
+    /// the credit note is in our books), or `fetch_deadline` passes. Changes nothing else in
+    /// our books.
+    pub(super) async fn fetch_images(
+        &self,
+        peer: PeerId,
+        key: PublicKey,
+        fetch_deadline: Duration,
+        body: &Receipt,
+        ack: &Signed<ReceiptAck>,
+    ) -> Result<Vec<Vec<u8>>, NoImages> {
+        let deadline = tokio::time::Instant::now() + fetch_deadline;
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            if self.net.is_stopped() {
+                return Err(NoImages::Undelivered(
+                    "this node stopped before the images came".to_owned(),
+                ));
+            }
+            let answer = tokio::time::timeout(
+                ATTEMPT_TIMEOUT,
+                self.net.request(peer, Request::Fetch(ack.clone())),
+            )
+            .await;
+            let wait = match answer {
+                Ok(Ok(Response::Images { job_id, images })) if job_id == body.job_id => {
+                    return match check_images(body, &images) {
+                        Ok(()) => Ok(images),
+                        Err(problem) => Err(NoImages::Undelivered(format!(
+                            "the images do not match the receipt: {problem}"
+                        ))),
+                    };
+                }
+                Ok(Ok(Response::Refused(FailReason::Credited))) => {
+                    self.sync_chain(peer, key).await;
+                    return Err(NoImages::Credited);
+                }
+                Ok(Ok(Response::Refused(FailReason::ResultGone))) => {
+                    return Err(NoImages::Undelivered(
+                        "the provider no longer has the images".to_owned(),
+                    ));
+                }
+                Ok(Ok(Response::Refused(FailReason::Busy { retry_after_ms }))) => {
+                    Duration::from_millis(retry_after_ms).min(MAX_BUSY_WAIT)
+                }
+                _ => backoff,
+            };
+            if tokio::time::Instant::now() + wait >= deadline {
+                return Err(NoImages::Undelivered(format!(
+                    "no images within {} s of our ack",
+                    fetch_deadline.as_secs()
+                )));
+            }
+            tokio::time::sleep(wait).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
     /// Learns the pair's chain entries after our head from the provider and records them:
     /// credit notes (with the receipts they credit that we never stored). Stops at the first
-    /// entry our books refuse; a later exchange tries again.
-    pub async fn sync_chain(&self, peer: PeerId, provider: PublicKey) -> usize {
+    /// entry our books refuse, or when the provider does not answer; a later exchange tries
+    /// again.
+    pub async fn sync_chain(&self, peer: PeerId, provider: PublicKey) -> ChainSync {
         let mut learned = 0;
+        let stopped = |learned| ChainSync {
+            learned,
+            caught_up: false,
+        };
         for _ in 0..MAX_CHAIN_PAGES {
             let Ok(head) = self.ledger.chain_head(Role::Requester, &provider) else {
-                return learned;
+                return stopped(learned);
             };
             let entries = match self.ask(peer, Request::Chain { after: head }).await {
                 Some(Response::Chain(entries)) => entries,
-                _ => return learned,
+                _ => return stopped(learned),
             };
             if entries.is_empty() {
-                return learned;
+                return ChainSync {
+                    learned,
+                    caught_up: true,
+                };
             }
             let mut pending: Option<Signed<Receipt>> = None;
             let mut progressed = false;
             for entry in entries {
                 if entry.signer() != provider {
-                    return learned;
+                    return stopped(learned);
                 }
                 match entry {
                     ChainEntry::Receipt(r) => {
                         // A receipt we do not hold can enter our chain only with the credit
                         // note that takes it back (we never acknowledged it).
                         if pending.is_some() {
-                            return learned;
+                            return stopped(learned);
                         }
                         pending = Some(r);
                     }
@@ -972,18 +1028,18 @@ impl Requester {
                             }
                             Ok(Err(e)) => {
                                 log_refused(&e);
-                                return learned;
+                                return stopped(learned);
                             }
-                            Err(_) => return learned,
+                            Err(_) => return stopped(learned),
                         }
                     }
                 }
             }
             if !progressed {
-                return learned;
+                return stopped(learned);
             }
         }
-        learned
+        stopped(learned)
     }
 }
 

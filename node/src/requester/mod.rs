@@ -33,6 +33,7 @@ mod check;
 mod exchange;
 mod failure;
 mod previews;
+mod refetch;
 mod standing;
 
 use std::collections::BTreeMap;
@@ -56,8 +57,9 @@ use crate::now_ms;
 
 pub use cancel::{CANCEL_TIMEOUT, SentCancel};
 pub use check::{ReceiptProblem, check_images, check_receipt};
-pub use exchange::FETCH_DEADLINE;
+pub use exchange::{ChainSync, FETCH_DEADLINE};
 pub use failure::{FailedAttempt, Failure, FailureKind};
+pub use refetch::{RESULT_KEPT, RefetchError, Refetched};
 pub use standing::Standing;
 use standing::Standings;
 
@@ -566,6 +568,12 @@ impl Requester {
     fn note_undelivered(&self, key: &PublicKey) {
         if let Ok(mut s) = self.standings.lock() {
             s.undelivered(*key);
+        }
+    }
+
+    fn note_delivered_late(&self, key: &PublicKey) {
+        if let Ok(mut s) = self.standings.lock() {
+            s.delivered_late(*key);
         }
     }
 }

@@ -126,6 +126,14 @@ impl Standings {
         e.undelivered = e.undelivered.saturating_add(1);
     }
 
+    /// A result counted undelivered came after all: a delivery now, as the books say (the job
+    /// is settled again), so the standing rebuilt from them after a restart is the same.
+    pub(crate) fn delivered_late(&mut self, key: PublicKey) {
+        let e = self.entry(key);
+        e.undelivered = e.undelivered.saturating_sub(1);
+        e.delivered = e.delivered.saturating_add(1);
+    }
+
     /// The speed assumed for a provider this requester has not measured: its advert's claim,
     /// but never faster than the slowest provider that has delivered to us. A new key (or a
     /// thousand of them claiming 1 ms) so ranks below every known-good provider at the same

@@ -59,6 +59,9 @@ pub struct Summary {
     pub jobs_failed: usize,
     /// Jobs for which [`crate::record::JobRecord::retried`] holds.
     pub jobs_retried: usize,
+    /// Completed jobs whose images came only when asked again after the fetch deadline.
+    #[serde(default)]
+    pub jobs_delivered_late: usize,
     /// Completed jobs that finished within the plan (`finished_ms ≤ plan_ms`): what a market
     /// under this load delivers, not counting the drain after the last submission.
     #[serde(default)]
@@ -170,6 +173,7 @@ pub fn summarize(record: &RunRecord) -> Summary {
         jobs_completed,
         jobs_failed: record.jobs.len() - jobs_completed,
         jobs_retried: record.jobs.iter().filter(|j| j.retried()).count(),
+        jobs_delivered_late: record.jobs.iter().filter(|j| j.delivered_late).count(),
         completed_in_plan,
         jobs_per_hour: if record.plan_ms == 0 {
             0.0

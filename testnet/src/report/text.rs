@@ -41,6 +41,13 @@ pub fn table(record: &RunRecord) -> String {
         "         {:>9} {:>9} {:>9} {:>9}",
         s.jobs_submitted, s.jobs_completed, s.jobs_failed, s.jobs_retried
     );
+    if s.jobs_delivered_late > 0 {
+        let _ = writeln!(
+            out,
+            "delivered late {} (marked undelivered at the fetch deadline, then fetched again)",
+            s.jobs_delivered_late
+        );
+    }
     if record.plan_ms > 0 {
         let _ = writeln!(
             out,

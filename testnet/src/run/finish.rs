@@ -20,6 +20,12 @@ use crate::scenario::Plan;
 
 /// How long a stopping provider's deliveries in flight may still be acknowledged at the end.
 const PROVIDER_STOP_GRACE: Duration = Duration::from_secs(3);
+/// How long the end's chain syncs are tried again for the pairs whose provider did not answer
+/// (a saturated market drops or times out some of them): a chain left short here fails the
+/// books check, though the requester would learn its credit notes on its next exchange.
+const SYNC_RETRY_DEADLINE: Duration = Duration::from_secs(60);
+/// The pause between two rounds of those retries, so a saturated node gets some air.
+const SYNC_RETRY_PAUSE: Duration = Duration::from_secs(2);
 
 /// Peak resident memory of this process (`VmHWM` on Linux), if the OS reports it.
 pub fn peak_rss_bytes() -> Option<u64> {
@@ -101,18 +107,39 @@ pub(super) async fn finish(
         syncs += keys.len();
         sync_plan.push(keys);
     }
-    let learned: usize = futures::future::join_all(requesters.iter().zip(&sync_plan).map(
-        |((_, _, node), keys)| async move {
-            let mut n = 0usize;
-            for key in keys {
-                n += node.requester().sync_chain(key.to_peer_id(), *key).await;
-            }
-            n
-        },
-    ))
-    .await
-    .into_iter()
-    .sum();
+    let retry_until = Instant::now() + SYNC_RETRY_DEADLINE;
+    let (learned, short): (Vec<usize>, Vec<usize>) =
+        futures::future::join_all(requesters.iter().zip(sync_plan).map(
+            |((_, _, node), keys)| async move {
+                let mut learned = 0usize;
+                let mut left = keys;
+                loop {
+                    let mut short = Vec::new();
+                    for key in left {
+                        let sync = node.requester().sync_chain(key.to_peer_id(), key).await;
+                        learned += sync.learned;
+                        if !sync.caught_up {
+                            short.push(key);
+                        }
+                    }
+                    if short.is_empty() || Instant::now() + SYNC_RETRY_PAUSE >= retry_until {
+                        return (learned, short.len());
+                    }
+                    tokio::time::sleep(SYNC_RETRY_PAUSE).await;
+                    left = short;
+                }
+            },
+        ))
+        .await
+        .into_iter()
+        .unzip();
+    let (learned, short): (usize, usize) = (learned.iter().sum(), short.iter().sum());
+    if short > 0 {
+        log(format!(
+            "{short} chain syncs did not reach their provider within {} s of retries",
+            SYNC_RETRY_DEADLINE.as_secs()
+        ));
+    }
     let synced = phase.elapsed();
     if learned > 0 {
         log(format!(

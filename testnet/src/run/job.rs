@@ -4,7 +4,9 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use libp2p::PeerId;
-use pixmarket_node::requester::{GenerateOptions, JobProgress, Requester, Selection};
+use pixmarket_node::requester::{
+    FETCH_DEADLINE, GenerateError, GenerateOptions, JobProgress, RESULT_KEPT, Requester, Selection,
+};
 use pixmarket_protocol::Hash;
 
 use super::config::{SelectionRule, TestnetConfig};
@@ -16,6 +18,12 @@ use crate::sim::ModelClock;
 /// long): room for lost messages, and about the longest a silent provider keeps a requester
 /// from failing over.
 const REQUEST_VALIDITY_IDLE_TIMEOUTS: u32 = 12;
+/// A job paid for whose images did not come within the fetch deadline is asked for once more,
+/// for as long again, as a user would before buying it a second time: the provider keeps a
+/// result for [`RESULT_KEPT`], longer than both fetches together.
+const REFETCH_DEADLINE: std::time::Duration = FETCH_DEADLINE;
+const _: () =
+    assert!(FETCH_DEADLINE.as_secs() + REFETCH_DEADLINE.as_secs() < RESULT_KEPT.as_secs());
 
 /// The providers one requester dealt with: every provider that quoted one of its jobs. A job
 /// request goes only to a provider that quoted it, so no other provider can hold a hold, a
@@ -49,6 +57,7 @@ pub(super) fn unfinished(job: &PlannedJob, submitted_ms: u64, reason: &str) -> J
         attempts: 0,
         resubmissions: 0,
         cost_micros: 0,
+        delivered_late: false,
         images: job.params.images,
         width: job.params.width,
         height: job.params.height,
@@ -119,6 +128,14 @@ pub(super) async fn run_job(
                 record.cost_micros = o.cost.0;
                 let images = o.images.iter().map(|i| Hash::of(i)).collect();
                 break (JobOutcome::Completed, Some(o.provider), images);
+            }
+            Err(GenerateError::Undelivered { job: paid_job, .. })
+                if let Ok(late) = requester.refetch(paid_job, REFETCH_DEADLINE).await =>
+            {
+                record.cost_micros = late.outcome.cost.0;
+                record.delivered_late = late.delivered_late;
+                let images = late.outcome.images.iter().map(|i| Hash::of(i)).collect();
+                break (JobOutcome::Completed, Some(late.outcome.provider), images);
             }
             Err(e) => {
                 let now = clock.now_ms().saturating_sub(t0);
