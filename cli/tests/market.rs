@@ -127,6 +127,61 @@ fn a_provider_and_a_requester_in_two_processes() {
         String::from_utf8_lossy(&refused.stderr)
     );
 
+    // The paid job's images, asked for again (as after an undelivered result): the same
+    // bytes, and nothing more is paid (the receipt count below stays one).
+    let job = o
+        .lines()
+        .find_map(|l| l.strip_prefix("receipt: job "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("generate prints the job id")
+        .to_owned();
+    let again = dir.path().join("fox-again.png");
+    let fetched = ok(&[
+        "fetch",
+        &job,
+        "--data-dir",
+        r,
+        "--peer",
+        &addr,
+        "--json",
+        "-o",
+        again.to_str().unwrap(),
+    ]);
+    let fetched: serde_json::Value = serde_json::from_str(&fetched).unwrap();
+    assert_eq!(fetched["job"], job.as_str());
+    assert_eq!(fetched["delivered_late"], false);
+    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(&out).unwrap());
+    // A job this folder never bought, and a job id that is not one: one clear error each.
+    let unknown = "00".repeat(16);
+    let fail = |args: &[&str]| {
+        let o = bin().args(args).output().unwrap();
+        assert!(!o.status.success(), "{args:?}");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let no_png = dir.path().join("none.png");
+    let err = fail(&[
+        "fetch",
+        &unknown,
+        "--data-dir",
+        r,
+        "--peer",
+        &addr,
+        "-o",
+        no_png.to_str().unwrap(),
+    ]);
+    assert!(err.contains("not a job this data folder bought"), "{err}");
+    let err = fail(&[
+        "fetch",
+        "f0x",
+        "--data-dir",
+        r,
+        "--peer",
+        &addr,
+        "-o",
+        no_png.to_str().unwrap(),
+    ]);
+    assert!(err.contains("32 hex digits"), "{err}");
+
     drop(node); // the provider's ledger is free again
     let receipts = ok(&["ledger", "receipts", "--data-dir", r]);
     assert_eq!(

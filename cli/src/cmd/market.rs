@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pixmarket_ledger::Role;
 use pixmarket_node::DataDir;
 use pixmarket_node::launch::{self, Overrides};
-use pixmarket_node::requester::{GenerateOptions, JobProgress};
+use pixmarket_node::requester::{GenerateError, GenerateOptions, JobProgress};
 use pixmarket_node::token_check;
 use pixmarket_protocol::{Hash, JobParams, LoraChoice, MicroTokens, PublicKey};
 
@@ -22,9 +22,9 @@ use crate::usage::{Interrupted, out, usage};
 
 /// How long to wait for provider adverts (the first one heard, or `--peer`'s): providers
 /// publish every 3 s, so two rounds and some gossip latency.
-const ADVERT_WAIT: Duration = Duration::from_secs(8);
+pub(crate) const ADVERT_WAIT: Duration = Duration::from_secs(8);
 /// How often to look for adverts while waiting for the first one.
-const ADVERT_POLL: Duration = Duration::from_millis(100);
+pub(crate) const ADVERT_POLL: Duration = Duration::from_millis(100);
 /// How long to wait for the `--peer` provider's connection before saying why it failed: a
 /// dial on loopback or a LAN connects in milliseconds, over the internet in about a second.
 const CONNECT_WAIT: Duration = Duration::from_secs(5);
@@ -60,7 +60,12 @@ pub(crate) struct MarketArgs {
 
 /// Writes the paid image to `output`, or, if that fails now, into the data folder, and says
 /// where it is.
-fn keep(output: Output, png: &[u8], data_dir: &Path, job: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn keep(
+    output: Output,
+    png: &[u8],
+    data_dir: &Path,
+    job: &str,
+) -> anyhow::Result<PathBuf> {
     let wanted = output.path().to_path_buf();
     match output.commit(png) {
         Ok(p) => Ok(p),
@@ -374,6 +379,20 @@ pub(crate) fn run(
         let outcome = match result {
             Ok(o) => o,
             Err(e) => {
+                if let GenerateError::Undelivered { job, .. } = &e {
+                    let again = format!(
+                        "ask for the images again, at no further cost, with `pixmarket fetch \
+                         {job} {}` while the provider keeps them ({} min after the job \
+                         completed)",
+                        market.peer.as_ref().map_or_else(
+                            || format!("--bootstrap {}", market.bootstrap.join(" --bootstrap ")),
+                            |p| format!("--peer {p}")
+                        ),
+                        pixmarket_node::requester::RESULT_KEPT.as_secs() / 60
+                    );
+                    node.shutdown().await;
+                    return Err(anyhow::Error::new(e).context(again));
+                }
                 let unreached = super::node::unreached_bootstrap(&node, &market.bootstrap).await;
                 node.shutdown().await;
                 if unreached.is_empty() {

@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 mod completions;
 mod demo;
 mod doctor;
+mod fetch;
 mod generate;
 mod id;
 mod init;
@@ -36,6 +37,9 @@ pub(crate) enum Command {
     Ledger(ledger::LedgerArgs),
     /// Generate an image (`--local`: on this machine, with a model folder or `--model tiny`).
     Generate(Box<generate::GenerateArgs>),
+    /// Ask the provider again for the images of a job this data folder paid for (one marked
+    /// undelivered, or whose image was lost here); nothing is paid again.
+    Fetch(fetch::FetchArgs),
     /// Model folders: `model tiny` writes the built-in tiny model (trained on drawn scenes;
     /// `--random` for the random-weights one), `model train-tiny` trains it.
     Model(model::ModelArgs),
@@ -60,6 +64,7 @@ pub(crate) fn run(command: Command) -> anyhow::Result<()> {
         Command::Price(a) => price::run(a),
         Command::Ledger(a) => ledger::run(a),
         Command::Generate(a) => generate::run(*a),
+        Command::Fetch(a) => fetch::run(a),
         Command::Model(a) => model::run(a),
         Command::Node(a) => node::run(a),
         Command::Providers(a) => providers::run(a),
