@@ -308,6 +308,11 @@ impl Behaviour {
         // Kademlia's own walk every five minutes dials peers the node does not need, and the
         // gossip streams then keep those connections open for good.
         kad_config.set_periodic_bootstrap_interval(None);
+        // The event loop inserts peers itself, and only where their bucket has room
+        // (`EventLoop::add_to_routing_table`): with the bound on connections most entries are
+        // disconnected, and Kademlia's own insert dials the oldest of a full bucket to see
+        // whether it is alive, one more connection (a handshake each side) per peer met.
+        kad_config.set_kbucket_inserts(kad::BucketInserts::Manual);
         let mut kad =
             kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
         kad.set_mode(Some(kad::Mode::Server));

@@ -491,7 +491,7 @@ impl EventLoop {
                         let seen_at = conn.remote.clone();
                         for addr in info.listen_addrs {
                             if addr_scope::for_routing_table(&seen_at, &addr) {
-                                self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                                self.add_to_routing_table(peer_id, addr);
                             }
                         }
                     }
@@ -839,16 +839,47 @@ impl EventLoop {
         }
     }
 
+    /// Gives Kademlia `addr` of `peer` if the peer is in its routing table already or its
+    /// bucket has room. Into a full bucket Kademlia would insert it pending and dial the
+    /// bucket's oldest entry to see whether it is still alive: under the connection bound that
+    /// entry is usually only disconnected, and each such dial is a handshake on both sides.
+    fn add_to_routing_table(&mut self, peer: PeerId, addr: Multiaddr) {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        let room = kad.kbucket(peer).is_some_and(|bucket| {
+            bucket.num_entries() < libp2p::kad::K_VALUE.get()
+                || bucket.iter().any(|e| *e.node.key.preimage() == peer)
+        });
+        if room {
+            kad.add_address(&peer, addr);
+        }
+    }
+
     fn check_advert(
         &mut self,
         data: &[u8],
     ) -> Result<(Signed<CapacityAdvert>, CapacityAdvert), AdvertVerdict> {
         let signed = Signed::<CapacityAdvert>::from_bytes(data)
             .map_err(|e| AdvertVerdict::Invalid(e.to_string()))?;
+        let now = now_ms();
+        // A signature check is most of an advert's cost, and under load many adverts arrive
+        // after a newer one from the same provider or past their lifetime: those are dropped
+        // unforwarded before it. Only the refusal rests on the unchecked body (a forged stale
+        // advert is ignored, not scored); everything accepted is checked below.
+        if let Ok(claimed) = signed.decode_unverified()
+            && (claimed
+                .issued_at_ms
+                .saturating_add(pixmarket_protocol::validate::ADVERT_TTL_MS)
+                < now
+                || self
+                    .advert_seq
+                    .get(&signed.signer())
+                    .is_some_and(|(seq, _)| claimed.seq <= *seq))
+        {
+            return Err(AdvertVerdict::Stale);
+        }
         let advert = signed
             .verify()
             .map_err(|e| AdvertVerdict::Invalid(e.to_string()))?;
-        let now = now_ms();
         if let Err(e) = advert.validate(now) {
             return Err(if e.field == "issued_at" {
                 AdvertVerdict::Stale
