@@ -6,7 +6,9 @@
 //! provider queue, steps with their previews, fail-over) updates the entry's `watch` channel
 //! (a preview is stored in the entry before the step that carries it is sent, so a reader
 //! woken by the step finds it) → the outcome (paid,
-//! verified images with the receipt) or the reason it failed. Cancel aborts the task: nothing
+//! verified images with the receipt) or the reason it failed; a paid job whose images missed
+//! the fetch deadline is asked for once more (`Requester::refetch`) before it is reported
+//! undelivered. Cancel aborts the task: nothing
 //! is acknowledged for an abandoned job, so nothing is paid (the provider credits a receipt it
 //! sends later). Finished entries keep their images for the URL lifetime, and the table keeps
 //! at most [`MAX_KEPT_JOBS`] entries, dropping the oldest finished first.
@@ -18,7 +20,7 @@ use std::time::Duration;
 use libp2p::PeerId;
 use pixmarket_node::now_ms;
 use pixmarket_node::requester::{
-    FailureKind, GenerateError, GenerateOptions, JobProgress, Requester,
+    FETCH_DEADLINE, FailureKind, GenerateError, GenerateOptions, JobProgress, Requester,
 };
 use pixmarket_protocol::{JobParams, MicroTokens, Preview};
 use tokio::sync::{Semaphore, watch};
@@ -213,6 +215,7 @@ pub struct Jobs {
     slots: Arc<Semaphore>,
     requester: Requester,
     image_ttl: Duration,
+    fetch_deadline: Duration,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -222,7 +225,9 @@ impl std::fmt::Debug for Jobs {
 }
 
 impl Jobs {
-    pub fn new(requester: Requester, image_ttl: Duration) -> Self {
+    /// `fetch_deadline`: how long a paid job's images are asked for before the first fetch
+    /// gives up (then they are asked for once more, for [`FETCH_DEADLINE`]).
+    pub fn new(requester: Requester, image_ttl: Duration, fetch_deadline: Duration) -> Self {
         Self {
             table: Arc::new(Mutex::new(Table {
                 next_seq: 0,
@@ -231,6 +236,7 @@ impl Jobs {
             slots: Arc::new(Semaphore::new(MAX_RUNNING_JOBS)),
             requester,
             image_ttl,
+            fetch_deadline,
         }
     }
 
@@ -242,6 +248,10 @@ impl Jobs {
 
     /// Queues a job and starts its task; 429 when [`MAX_OPEN_JOBS`] are open.
     pub fn submit(&self, asked: Asked, options: GenerateOptions) -> Result<ApiJobId, ApiError> {
+        let options = GenerateOptions {
+            fetch_deadline: self.fetch_deadline,
+            ..options
+        };
         let now = now_ms();
         let id = ApiJobId::random();
         let asked = Arc::new(asked);
@@ -495,7 +505,15 @@ async fn run(
             true
         });
     };
-    let result = requester.generate(params, options, &mut on_progress).await;
+    let mut result = requester.generate(params, options, &mut on_progress).await;
+    // Paid, and the images missed the fetch deadline: the provider keeps them for ten minutes,
+    // so they are asked for once more before the job is reported undelivered (a client of the
+    // API has no other way to get what it paid for).
+    if let Err(GenerateError::Undelivered { job, .. }) = &result
+        && let Ok(late) = requester.refetch(*job, FETCH_DEADLINE).await
+    {
+        result = Ok(late.outcome);
+    }
     let finished_ms = now_ms();
     let next = match result {
         Ok(outcome) => Phase::Completed(Arc::new(Done {

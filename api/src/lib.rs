@@ -73,6 +73,9 @@ pub struct ApiSettings {
     pub burst: u32,
     /// How long finished jobs' images (and their URLs) are kept.
     pub image_ttl: Duration,
+    /// How long a paid job's images are asked for before the first fetch gives up
+    /// ([`pixmarket_node::requester::FETCH_DEADLINE`] unless a test shortens it).
+    pub fetch_deadline: Duration,
     /// The data folder: where the token and address files go.
     pub data_dir: PathBuf,
     /// The devices the provider computes on, as configured (`cpu`, `cuda:0`); empty when the
@@ -89,6 +92,7 @@ impl ApiSettings {
             rate_per_second: guard::DEFAULT_RATE_PER_SECOND,
             burst: guard::DEFAULT_BURST,
             image_ttl: jobs::DEFAULT_IMAGE_TTL,
+            fetch_deadline: pixmarket_node::requester::FETCH_DEADLINE,
             data_dir,
             devices: Vec::new(),
         }
@@ -286,7 +290,11 @@ impl Api {
         if addr.ip().is_loopback() {
             own_origins.push(format!("http://localhost:{}", addr.port()));
         }
-        let jobs = jobs::Jobs::new(node.requester().clone(), settings.image_ttl);
+        let jobs = jobs::Jobs::new(
+            node.requester().clone(),
+            settings.image_ttl,
+            settings.fetch_deadline,
+        );
         let state = AppState {
             jobs: jobs.clone(),
             requester: node.requester().clone(),

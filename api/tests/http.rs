@@ -752,3 +752,88 @@ async fn the_dashboard_page_and_its_figures() {
     provider.node.shutdown().await;
     requester.node.shutdown().await;
 }
+
+/// A job paid for whose images miss the fetch deadline (the provider held them back, as a
+/// slow or cut-off one would) is asked for once more by the API before it is reported
+/// undelivered: the client gets its images, and the books charge it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paid_job_whose_images_come_late_still_completes_and_is_charged_once() {
+    use pixmarket_tests::evil::{Cheat, EvilProvider};
+    let evil = EvilProvider::start(37, Cheat::KeepImages, tiny_generator()).await;
+    let requester = TestNode::start(38, vec![evil.addr.clone()], None).await;
+    let mut settings = ApiSettings::new(
+        "127.0.0.1:0".parse().unwrap(),
+        requester.dir.path().to_owned(),
+    );
+    settings.fetch_deadline = std::time::Duration::from_secs(2);
+    let api = Api::start(
+        &requester.node,
+        pixmarket_protocol::SecretKey::from_seed(&[38; 32]),
+        settings,
+    )
+    .await
+    .unwrap();
+    let buyer = client(&api);
+    until("the provider's advert", async || {
+        let v = buyer.call(Method::GET, "/v1/models", None).await.unwrap();
+        v["data"][0]["id"].as_str().map(str::to_owned)
+    })
+    .await;
+    let job = buyer
+        .call(
+            Method::POST,
+            "/api/v1/jobs",
+            Some(
+                &json!({"prompt": "a late blue square", "size": "64x64", "num_inference_steps": 2}),
+            ),
+        )
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+
+    // Paid at the ack, and marked undelivered at the deadline; the job is not failed yet.
+    let books = requester.node.ledger();
+    let market_job = until("the undelivered mark", async || {
+        books
+            .receipts(Some(&evil.key))
+            .unwrap()
+            .iter()
+            .find(|r| r.undelivered.is_some())
+            .and_then(|r| r.receipt.verify().ok())
+            .map(|r| r.job_id)
+    })
+    .await;
+    let status = buyer
+        .call(Method::GET, &format!("/api/v1/jobs/{id}"), None)
+        .await
+        .unwrap();
+    assert_ne!(status["status"], "failed", "{status}");
+
+    evil.hand_over_images();
+    let done = until("the job completed", async || {
+        let v = buyer
+            .call(Method::GET, &format!("/api/v1/jobs/{id}"), None)
+            .await
+            .unwrap();
+        assert_ne!(v["status"], "failed", "{v}");
+        (v["status"] == "completed").then_some(v)
+    })
+    .await;
+    let stored = books.receipts(Some(&evil.key)).unwrap();
+    assert_eq!(stored.len(), 1, "one job, one receipt");
+    assert_eq!(stored[0].undelivered, None, "delivered late");
+    assert_eq!(
+        done["result"]["receipt"],
+        stored[0].receipt.digest().to_string()
+    );
+    let receipt = stored[0].receipt.verify().unwrap();
+    assert_eq!(receipt.job_id, market_job);
+    let account = books.account(Role::Requester, &evil.key).unwrap().unwrap();
+    assert_eq!(account.charged, receipt.cost, "charged once");
+    let url = done["images"][0]["url"].as_str().unwrap().to_owned();
+    assert!(url.contains(&id), "{url}");
+
+    api.shutdown().await;
+    requester.node.shutdown().await;
+    evil.shutdown().await;
+}

@@ -20,9 +20,10 @@ use crate::scenario::Plan;
 
 /// How long a stopping provider's deliveries in flight may still be acknowledged at the end.
 const PROVIDER_STOP_GRACE: Duration = Duration::from_secs(3);
-/// How long the end's chain syncs are tried again for the pairs whose provider did not answer
-/// (a saturated market drops or times out some of them): a chain left short here fails the
-/// books check, though the requester would learn its credit notes on its next exchange.
+/// How long, after a requester's first round of chain syncs at the end, the pairs whose
+/// provider did not answer are tried again (a saturated market drops or times out some of
+/// them): a chain left short here fails the books check, though the requester would learn its
+/// credit notes on its next exchange.
 const SYNC_RETRY_DEADLINE: Duration = Duration::from_secs(60);
 /// The pause between two rounds of those retries, so a saturated node gets some air.
 const SYNC_RETRY_PAUSE: Duration = Duration::from_secs(2);
@@ -107,12 +108,12 @@ pub(super) async fn finish(
         syncs += keys.len();
         sync_plan.push(keys);
     }
-    let retry_until = Instant::now() + SYNC_RETRY_DEADLINE;
     let (learned, short): (Vec<usize>, Vec<usize>) =
         futures::future::join_all(requesters.iter().zip(sync_plan).map(
             |((_, _, node), keys)| async move {
                 let mut learned = 0usize;
                 let mut left = keys;
+                let mut retry_until = None;
                 loop {
                     let mut short = Vec::new();
                     for key in left {
@@ -122,7 +123,9 @@ pub(super) async fn finish(
                             short.push(key);
                         }
                     }
-                    if short.is_empty() || Instant::now() + SYNC_RETRY_PAUSE >= retry_until {
+                    let until =
+                        *retry_until.get_or_insert_with(|| Instant::now() + SYNC_RETRY_DEADLINE);
+                    if short.is_empty() || Instant::now() + SYNC_RETRY_PAUSE >= until {
                         return (learned, short.len());
                     }
                     tokio::time::sleep(SYNC_RETRY_PAUSE).await;
@@ -136,7 +139,7 @@ pub(super) async fn finish(
     let (learned, short): (usize, usize) = (learned.iter().sum(), short.iter().sum());
     if short > 0 {
         log(format!(
-            "{short} chain syncs did not reach their provider within {} s of retries",
+            "{short} chain syncs did not reach their provider in {} s of retries",
             SYNC_RETRY_DEADLINE.as_secs()
         ));
     }
