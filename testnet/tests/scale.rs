@@ -103,7 +103,7 @@ async fn ninety_nodes_keep_connections_bounded_and_the_books_agree() {
 
 /// The scale run of docs/testnet.md: 250 providers and 50 requesters.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "300 nodes in one process: 2 cores are saturated, 2 of 604 jobs complete and the test fails (docs/testnet.md)"]
+#[ignore = "300 nodes in one process: 2 cores are saturated, 2 of 604 jobs complete (the books hold) and the test fails (docs/testnet.md)"]
 async fn three_hundred_nodes_keep_connections_bounded_and_the_books_agree() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = market(dir.path().to_owned(), 250, 50);
