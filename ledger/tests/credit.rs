@@ -611,16 +611,24 @@ fn record_credit_refuses_a_forged_note() {
     mirror.verify().unwrap();
 }
 
-#[test]
-fn mark_undelivered_only_on_an_acked_settled_requester_job() {
+/// The provider's books of [`settled_undelivered`] and the requester's, on disk at
+/// `dir/ledger`, holding both receipts with its acks (the second ack lost on its way).
+fn mirrored_pair() -> (Ledger, tempfile::TempDir, std::path::PathBuf, Ledger) {
     let l = provider_ledger();
-    let (p, r) = (provider(), requester(0));
+    let r = requester(0);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger");
     let mirror = Ledger::open(&path, r.public()).unwrap();
     let (rc1, rc2, _, _) = settled_undelivered(&l);
     mirror.record_receipt(&rc1, &ack(&r, &rc1)).unwrap();
-    mirror.record_receipt(&rc2, &ack(&r, &rc2)).unwrap(); // the ack is lost on the way
+    mirror.record_receipt(&rc2, &ack(&r, &rc2)).unwrap();
+    (l, dir, path, mirror)
+}
+
+#[test]
+fn mark_undelivered_only_on_an_acked_settled_requester_job() {
+    let (l, _dir, path, mirror) = mirrored_pair();
+    let p = provider();
     let before = state(&mirror, Role::Requester, &p.public());
     // Unknown here, and a job that is the provider's, not mine.
     assert!(matches!(
@@ -709,7 +717,7 @@ fn mark_undelivered_only_on_an_acked_settled_requester_job() {
 
     // Durable: kept across a reopen.
     drop(mirror);
-    let mirror = Ledger::open(&path, r.public()).unwrap();
+    let mirror = Ledger::open(&path, requester(0).public()).unwrap();
     assert!(matches!(
         mirror.job(Role::Requester, job(1)).unwrap(),
         Some(JobOutcome::Undelivered { .. })
@@ -719,14 +727,8 @@ fn mark_undelivered_only_on_an_acked_settled_requester_job() {
 
 #[test]
 fn a_late_delivery_settles_only_an_undelivered_job_once_and_survives_a_reopen() {
-    let l = provider_ledger();
-    let (p, r) = (provider(), requester(0));
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ledger");
-    let mirror = Ledger::open(&path, r.public()).unwrap();
-    let (rc1, rc2, _, _) = settled_undelivered(&l);
-    mirror.record_receipt(&rc1, &ack(&r, &rc1)).unwrap();
-    mirror.record_receipt(&rc2, &ack(&r, &rc2)).unwrap();
+    let (l, _dir, path, mirror) = mirrored_pair();
+    let p = provider();
     let charged = |m: &Ledger| {
         m.account(Role::Requester, &p.public())
             .unwrap()
@@ -784,7 +786,7 @@ fn a_late_delivery_settles_only_an_undelivered_job_once_and_survives_a_reopen() 
 
     // The log replays to the same books after a reopen; the mark and its correction both stay.
     drop(mirror);
-    let mirror = Ledger::open(&path, r.public()).unwrap();
+    let mirror = Ledger::open(&path, requester(0).public()).unwrap();
     assert!(matches!(
         mirror.job(Role::Requester, job(1)).unwrap(),
         Some(JobOutcome::Settled { .. })

@@ -12,11 +12,11 @@ use clap::Args;
 use pixmarket_ledger::Role;
 use pixmarket_node::DataDir;
 use pixmarket_node::launch::{self, Overrides};
-use pixmarket_node::requester::{FETCH_DEADLINE, RESULT_KEPT};
+use pixmarket_node::requester::{FETCH_DEADLINE, RESULT_KEPT, RefetchError};
 use pixmarket_protocol::{JobId, PublicKey};
 
 use super::DataDirArg;
-use super::market::{ADVERT_POLL, ADVERT_WAIT, keep};
+use super::market::{ADVERT_POLL, ADVERT_WAIT, paid_json, print_paid, write_paid};
 use super::output::Output;
 use crate::usage::{out, usage};
 
@@ -90,40 +90,29 @@ pub(crate) fn run(args: FetchArgs) -> anyhow::Result<()> {
             if peer.is_none() {
                 wait_for_advert(&node, &provider).await;
             }
-            Ok(node.requester().refetch(job, FETCH_DEADLINE).await?)
+            node.requester()
+                .refetch(job, FETCH_DEADLINE)
+                .await
+                .map_err(|e| match e {
+                    RefetchError::Undelivered { .. } => anyhow::Error::new(e).context(format!(
+                        "a provider keeps a result for {} min after it completes",
+                        RESULT_KEPT.as_secs() / 60
+                    )),
+                    other => other.into(),
+                })
         }
         .await;
         node.shutdown().await;
-        let refetched = result.map_err(|e: anyhow::Error| {
-            e.context(format!(
-                "a provider keeps a result for {} min after it completes",
-                RESULT_KEPT.as_secs() / 60
-            ))
-        })?;
+        let refetched = result?;
         let outcome = refetched.outcome;
-        let png = outcome
-            .images
-            .first()
-            .context("the provider delivered no image")?;
-        let written = keep(output, png, dir.root(), &job.to_string())?;
+        let job = job.to_string();
+        let written = write_paid(output, &outcome, dir.root(), &job)?;
         if args.json {
-            out!(
-                "{}",
-                serde_json::json!({
-                    "output": written.display().to_string(),
-                    "provider": outcome.provider.to_string(),
-                    "cost": outcome.cost.to_string(),
-                    "cost_micro": outcome.cost.0,
-                    "job": job.to_string(),
-                    "receipt": outcome.receipt.digest().to_string(),
-                    "delivered_late": refetched.delivered_late,
-                    "path": outcome.path.as_str(),
-                })
-            )?;
+            let mut v = paid_json(&written, &outcome, &job);
+            v["delivered_late"] = serde_json::json!(refetched.delivered_late);
+            out!("{v}")?;
         } else {
-            out!("wrote {}", written.display())?;
-            out!("provider: {}", outcome.provider)?;
-            out!("path: {}", outcome.path.as_str())?;
+            print_paid(&written, &outcome)?;
             out!(
                 "cost: {} tokens, paid once, at the ack (nothing more now)",
                 outcome.cost

@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pixmarket_ledger::Role;
 use pixmarket_node::DataDir;
 use pixmarket_node::launch::{self, Overrides};
-use pixmarket_node::requester::{GenerateError, GenerateOptions, JobProgress};
+use pixmarket_node::requester::{GenerateError, GenerateOptions, JobProgress, Outcome};
 use pixmarket_node::token_check;
 use pixmarket_protocol::{Hash, JobParams, LoraChoice, MicroTokens, PublicKey};
 
@@ -82,6 +82,41 @@ pub(crate) fn keep(
             )))
         }
     }
+}
+
+/// Writes a paid job's first image to `output` (or keeps it in the data folder, see [`keep`]).
+pub(crate) fn write_paid(
+    output: Output,
+    outcome: &Outcome,
+    data_dir: &Path,
+    job: &str,
+) -> anyhow::Result<PathBuf> {
+    let png = outcome
+        .images
+        .first()
+        .context("the provider delivered no image")?;
+    keep(output, png, data_dir, job)
+}
+
+/// The fields `--json` prints for every paid image; callers add their own.
+pub(crate) fn paid_json(written: &Path, outcome: &Outcome, job: &str) -> serde_json::Value {
+    serde_json::json!({
+        "output": written.display().to_string(),
+        "provider": outcome.provider.to_string(),
+        "cost": outcome.cost.to_string(),
+        "cost_micro": outcome.cost.0,
+        "job": job,
+        "receipt": outcome.receipt.digest().to_string(),
+        "path": outcome.path.as_str(),
+    })
+}
+
+/// The lines every paid image's report starts with: where it went, from whom, by which path.
+pub(crate) fn print_paid(written: &Path, outcome: &Outcome) -> anyhow::Result<()> {
+    out!("wrote {}", written.display())?;
+    out!("provider: {}", outcome.provider)?;
+    out!("path: {}", outcome.path.as_str())?;
+    Ok(())
 }
 
 /// What a plain TCP connect to a `--peer` address found.
@@ -408,31 +443,15 @@ pub(crate) fn run(
         let checked = provider_key.is_some_and(|k| node.requester().checks_tokens_of(&k));
         node.shutdown().await;
         let receipt = outcome.receipt.verify()?;
-        let png = outcome
-            .images
-            .first()
-            .context("the provider delivered no image")?;
         let job = receipt.job_id.to_string();
-        let written = keep(output, png, dir.root(), &job)?;
+        let written = write_paid(output, &outcome, dir.root(), &job)?;
         if json {
-            out!(
-                "{}",
-                serde_json::json!({
-                    "output": written.display().to_string(),
-                    "provider": outcome.provider.to_string(),
-                    "cost": outcome.cost.to_string(),
-                    "cost_micro": outcome.cost.0,
-                    "job": job,
-                    "seed": seed,
-                    "receipt": outcome.receipt.digest().to_string(),
-                    "computation": receipt.step_caching.to_string(),
-                    "path": outcome.path.as_str(),
-                })
-            )?;
+            let mut v = paid_json(&written, &outcome, &job);
+            v["seed"] = serde_json::json!(seed);
+            v["computation"] = serde_json::json!(receipt.step_caching.to_string());
+            out!("{v}")?;
         } else {
-            out!("wrote {}", written.display())?;
-            out!("provider: {}", outcome.provider)?;
-            out!("path: {}", outcome.path.as_str())?;
+            print_paid(&written, &outcome)?;
             out!("cost: {} tokens", outcome.cost)?;
             match seed {
                 Some(seed) => out!("seed: {seed}")?,
