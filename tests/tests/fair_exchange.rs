@@ -451,7 +451,11 @@ async fn a_result_fetched_after_the_deadline_is_delivered_late_and_still_paid_on
         .await
         .unwrap_err();
     assert!(
-        matches!(still, RefetchError::Undelivered { job: j, .. } if j == job),
+        matches!(still, RefetchError::Undelivered { job: j, marked: true, .. } if j == job),
+        "{still}"
+    );
+    assert!(
+        still.to_string().contains("stays marked undelivered"),
         "{still}"
     );
     assert!(matches!(

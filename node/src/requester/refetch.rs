@@ -32,13 +32,16 @@ pub enum RefetchError {
     )]
     Credited { provider: PeerId, job: JobId },
     #[error(
-        "provider {provider} still did not deliver the {cost} tokens' images of job {job} ({reason}); it stays marked undelivered"
+        "provider {provider} did not send the images of job {job}, paid {cost} tokens, again ({reason}){}",
+        if *.marked { "; it stays marked undelivered" } else { "" }
     )]
     Undelivered {
         provider: PeerId,
         job: JobId,
         cost: MicroTokens,
         reason: String,
+        /// The job was marked undelivered before this try (else it had been delivered once).
+        marked: bool,
     },
     #[error(transparent)]
     Ledger(#[from] LedgerError),
@@ -114,6 +117,7 @@ impl Requester {
                     job,
                     cost: body.cost,
                     reason,
+                    marked: was_undelivered,
                 });
             }
         };
