@@ -92,7 +92,7 @@ impl<T: Message> Signed<T> {
                 signer: self.signer.fmt_short(),
             });
         }
-        Ok(codec::decode(T::DOMAIN, &self.body, T::MAX_ENCODED)?)
+        Ok(self.decode_unverified()?)
     }
 
     /// Decodes the body without checking the signature: only to refuse a message cheaply

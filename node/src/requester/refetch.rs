@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use libp2p::PeerId;
-use pixmarket_ledger::{JobOutcome, LedgerError, Role};
+use pixmarket_ledger::{LedgerError, Role};
 use pixmarket_protocol::{JobId, MicroTokens};
 
 use super::exchange::NoImages;
@@ -70,14 +70,11 @@ impl Requester {
         fetch_deadline: Duration,
     ) -> Result<Refetched, RefetchError> {
         let ledger = self.ledger.clone();
-        let (stored, outcome) = tokio::task::spawn_blocking(move || {
-            Ok::<_, LedgerError>((
-                ledger.receipt(Role::Requester, job)?,
-                ledger.job(Role::Requester, job)?,
-            ))
-        })
-        .await
-        .map_err(|_| RefetchError::Stopped)??;
+        // The stored receipt carries the job's outcome: `refunded` when it was credited back,
+        // `undelivered` when it is marked so.
+        let stored = tokio::task::spawn_blocking(move || ledger.receipt(Role::Requester, job))
+            .await
+            .map_err(|_| RefetchError::Stopped)??;
         let Some(stored) = stored else {
             return Err(RefetchError::Unknown(job));
         };
@@ -85,21 +82,19 @@ impl Requester {
         let peer = provider.to_peer_id();
         // Our own books hold only receipts checked when they were stored.
         let body = stored.receipt.verify()?;
-        let (was_undelivered, ack) = match (&outcome, stored.ack) {
-            (Some(JobOutcome::Undelivered { .. }), Some(ack)) => (true, ack),
-            (Some(JobOutcome::Settled { .. }), Some(ack)) => (false, ack),
-            (other, ack) => {
-                let state = other
-                    .as_ref()
-                    .map_or_else(|| "unknown".to_owned(), ToString::to_string);
-                let state = if ack.is_none() {
-                    format!("{state}, never acknowledged")
-                } else {
-                    state
-                };
-                return Err(RefetchError::NotPaid { job, state });
-            }
+        if let Some(reason) = &stored.refunded {
+            return Err(RefetchError::NotPaid {
+                job,
+                state: format!("credited back: {reason}"),
+            });
+        }
+        let Some(ack) = stored.ack else {
+            return Err(RefetchError::NotPaid {
+                job,
+                state: "never acknowledged".to_owned(),
+            });
         };
+        let was_undelivered = stored.undelivered.is_some();
         let images = match self
             .fetch_images(peer, provider, fetch_deadline, &body, &ack)
             .await
