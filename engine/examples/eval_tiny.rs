@@ -80,6 +80,10 @@ fn main() -> anyhow::Result<()> {
                     let a = check_adherence(s, &img.rgb, DRAWN_SIDE);
                     ok += usize::from(a.ok());
                     bg += usize::from(a.background_ok);
+                    // `EVAL_VERBOSE=1`: every miss, with the shape's measured fraction.
+                    if !a.ok() && std::env::var_os("EVAL_VERBOSE").is_some() {
+                        println!("  miss {k}: {} {:?}", s.caption(lang), a.shape_fractions);
+                    }
                     if let Some(d) = &png_dir {
                         std::fs::create_dir_all(d)?;
                         std::fs::write(d.join(format!("{lang}-{st}-{cfg}-{k}.png")), img.png()?)?;

@@ -9,7 +9,7 @@
 //!
 //! The folder is an ordinary diffusers Qwen-Image folder and loads through
 //! [`crate::pipeline::QwenImage::load`] like any other:
-//! - `transformer/`: 2 blocks, 4 heads × 32 (RoPE axes 8 + 12 + 12), joint width 32, trained;
+//! - `transformer/`: 4 blocks (grown from 2 in training), 4 heads × 32 (RoPE axes 8 + 12 + 12), joint width 32, trained;
 //! - `vae/`: the real block structure (`dim_mult` [1, 2, 4, 4]) at base width 8 with one
 //!   residual block per level, trained as an autoencoder; `latents_mean` / `latents_std` are
 //!   measured on encoded scenes;
@@ -46,10 +46,19 @@ pub const DRAWN_CFG: f32 = 1.0;
 
 const TEXT_WIDTH: usize = 32;
 
-/// The drawn transformer's config.
+/// Transformer blocks of the shipped drawn model.
+pub const DRAWN_LAYERS: usize = 4;
+
+/// The shipped drawn transformer's config ([`DRAWN_LAYERS`] blocks).
 pub fn transformer_config() -> TransformerConfig {
+    transformer_config_with(DRAWN_LAYERS)
+}
+
+/// The drawn transformer's config with `layers` blocks (training can grow a model: see
+/// [`crate::train::TrainOptions::transformer_layers`]).
+pub fn transformer_config_with(layers: usize) -> TransformerConfig {
     TransformerConfig {
-        num_layers: 2,
+        num_layers: layers,
         attention_head_dim: 32,
         num_attention_heads: 4,
         joint_attention_dim: TEXT_WIDTH,
@@ -154,6 +163,25 @@ pub(crate) fn word_merges() -> Vec<(String, String)> {
     merges
 }
 
+/// Writes `transformer/config.json` for `tc` (created if needed).
+pub fn write_transformer_config(dir: &Path, tc: &TransformerConfig) -> Result<(), EngineError> {
+    let t = dir.join("transformer");
+    mkdir(&t)?;
+    write_json(
+        &t.join("config.json"),
+        &json!({
+            "_class_name": "QwenImageTransformer2DModel",
+            "_diffusers_version": "0.42.1",
+            "patch_size": tc.patch_size, "in_channels": tc.in_channels,
+            "out_channels": tc.out_channels, "num_layers": tc.num_layers,
+            "attention_head_dim": tc.attention_head_dim,
+            "num_attention_heads": tc.num_attention_heads,
+            "joint_attention_dim": tc.joint_attention_dim,
+            "guidance_embeds": false, "axes_dims_rope": tc.axes_dims_rope,
+        }),
+    )
+}
+
 /// Writes the drawn model's folder with everything but trained weights: `model_index.json`,
 /// the configs (`vae/config.json` with the given latent statistics), the frozen random text
 /// encoder, the tokenizer and the scheduler. Training then writes the transformer and VAE
@@ -162,6 +190,7 @@ pub fn write_untrained_model(
     dir: &Path,
     latents_mean: &[f32],
     latents_std: &[f32],
+    layers: usize,
 ) -> Result<(), EngineError> {
     mkdir(dir)?;
     write_json(
@@ -179,22 +208,7 @@ pub fn write_untrained_model(
             "vae": ["diffusers", "AutoencoderKLQwenImage"],
         }),
     )?;
-    let t = dir.join("transformer");
-    mkdir(&t)?;
-    let tc = transformer_config();
-    write_json(
-        &t.join("config.json"),
-        &json!({
-            "_class_name": "QwenImageTransformer2DModel",
-            "_diffusers_version": "0.42.1",
-            "patch_size": tc.patch_size, "in_channels": tc.in_channels,
-            "out_channels": tc.out_channels, "num_layers": tc.num_layers,
-            "attention_head_dim": tc.attention_head_dim,
-            "num_attention_heads": tc.num_attention_heads,
-            "joint_attention_dim": tc.joint_attention_dim,
-            "guidance_embeds": false, "axes_dims_rope": tc.axes_dims_rope,
-        }),
-    )?;
+    write_transformer_config(dir, &transformer_config_with(layers))?;
     let v = dir.join("vae");
     mkdir(&v)?;
     let vc = vae_config();

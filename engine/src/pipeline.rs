@@ -677,6 +677,11 @@ impl QwenImage {
         &self.model_id
     }
 
+    /// The transformer's config (as read from `transformer/config.json`).
+    pub fn transformer_config(&self) -> &crate::config::TransformerConfig {
+        &self.transformer_config
+    }
+
     /// One line for logs and adverts: name, sizes, dtype and device.
     pub fn description(&self) -> String {
         let t = &self.transformer_config;

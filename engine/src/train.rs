@@ -64,6 +64,12 @@ pub struct TrainOptions {
     pub decoder_batch: usize,
     /// Transformer optimiser steps.
     pub transformer_steps: usize,
+    /// Transformer blocks. A resumed run may ask for more blocks than its checkpoint has: the
+    /// trained blocks keep their weights and the new ones are appended with adaLN-Zero
+    /// modulations (each starts as the identity, so the grown model draws what the checkpoint
+    /// drew and training goes on from there). Fewer blocks than the checkpoint's are refused.
+    #[serde(default = "default_transformer_layers")]
+    pub transformer_layers: usize,
     /// Latents per transformer step.
     pub transformer_batch: usize,
     /// Peak transformer learning rate.
@@ -96,6 +102,7 @@ impl Default for TrainOptions {
             decoder_batch: 4,
             vae_lr: 3e-3,
             transformer_steps: 8000,
+            transformer_layers: drawn::DRAWN_LAYERS,
             transformer_batch: 32,
             transformer_lr: 1e-3,
             pool: 8000,
@@ -108,6 +115,11 @@ impl Default for TrainOptions {
 
 fn default_decoder_batch() -> usize {
     4
+}
+
+/// Blocks of runs recorded before the option existed.
+fn default_transformer_layers() -> usize {
+    2
 }
 
 fn default_sigma_shift() -> f64 {
@@ -156,6 +168,17 @@ pub enum TrainError {
     /// A tensor computation failed.
     #[error("training computation failed")]
     Compute(#[from] candle_core::Error),
+    /// A resumed run asked for fewer transformer blocks than its checkpoint has.
+    #[error(
+        "the checkpoint has {have} transformer blocks and {asked} were asked for: a run can \
+         grow the transformer, not shrink it"
+    )]
+    Shrink {
+        /// Blocks in the checkpoint.
+        have: usize,
+        /// Blocks asked for.
+        asked: usize,
+    },
     /// `train_state.json` could not be read.
     #[error("cannot resume from {}", path.display())]
     State {
@@ -242,6 +265,46 @@ fn load_vars(varmap: &VarMap, path: &Path) -> Result<(), TrainError> {
     Ok(())
 }
 
+/// The block index of a transformer tensor name (`transformer_blocks.{i}.…`).
+fn block_of(name: &str) -> Option<usize> {
+    name.strip_prefix("transformer_blocks.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// [`load_vars`] for a transformer of `layers` blocks from a checkpoint with `layers` or fewer:
+/// the blocks the checkpoint lacks keep their initial (identity) weights.
+fn grow_from(varmap: &VarMap, path: &Path, layers: usize) -> Result<(), TrainError> {
+    let file = candle_core::safetensors::load(path, &Device::Cpu)?;
+    let have = file
+        .keys()
+        .filter_map(|n| block_of(n))
+        .max()
+        .map_or(0, |i| i + 1);
+    if have > layers {
+        return Err(TrainError::Shrink {
+            have,
+            asked: layers,
+        });
+    }
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::msg("var map lock poisoned"))?;
+    for (name, var) in data.iter() {
+        if block_of(name).is_some_and(|i| i >= have) {
+            continue;
+        }
+        let t = file
+            .get(name)
+            .ok_or_else(|| candle_core::Error::msg(format!("{} has no {name}", path.display())))?;
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}
+
 fn save_vars(varmap: &VarMap, path: &Path) -> Result<(), TrainError> {
     let data = varmap
         .data()
@@ -320,8 +383,8 @@ pub fn train(
             st
         }
         _ => {
-            drawn::write_untrained_model(out, &[0.0; 16], &[1.0; 16])?;
-            let tc = drawn::transformer_config();
+            drawn::write_untrained_model(out, &[0.0; 16], &[1.0; 16], opts.transformer_layers)?;
+            let tc = drawn::transformer_config_with(opts.transformer_layers);
             let init = initial_tensors(|vb| QwenImageTransformer::new(&tc, vb).map(drop))?;
             save(&init, &out.join(TRANSFORMER_WEIGHTS))?;
             let st = TrainState {
@@ -432,7 +495,7 @@ fn train_vae(
         .zip(&sums)
         .map(|(q, s)| ((q / count - (s / count).powi(2)).max(1e-8).sqrt()) as f32)
         .collect();
-    drawn::write_untrained_model(out, &means, &stds)?;
+    drawn::write_untrained_model(out, &means, &stds, opts.transformer_layers)?;
     state.latent_stats = Some((means, stds));
     write_state(out, state)?;
     Ok(())
@@ -510,6 +573,23 @@ fn train_transformer(
     state: &mut TrainState,
     progress: &mut dyn FnMut(&TrainProgress),
 ) -> Result<(), TrainError> {
+    let tc = drawn::transformer_config_with(opts.transformer_layers);
+    let init = initial_tensors(|vb| QwenImageTransformer::new(&tc, vb).map(drop))?;
+    // adaLN-Zero (DiT): the modulations start at zero, so every block's gates are closed and
+    // each block starts as the identity.
+    let varmap = varmap_from(zero_where(init, |n| n.contains("_mod."))?)?;
+    if state.transformer_steps_done > 0 {
+        grow_from(
+            &varmap,
+            &out.join(TRANSFORMER_WEIGHTS),
+            opts.transformer_layers,
+        )?;
+    }
+    // The folder holds this many blocks from now on: weights first, then the config that
+    // names them (a config naming fewer blocks than the file holds still loads).
+    save_vars(&varmap, &out.join(TRANSFORMER_WEIGHTS))?;
+    drawn::write_transformer_config(out, &tc)?;
+
     let model = QwenImage::load(out, DType::F32, &Device::Cpu)?;
     let t0 = Instant::now();
     let mut rng = SplitMix64::new(opts.seed ^ 0x504f_4f4c);
@@ -539,15 +619,6 @@ fn train_transformer(
     }
     let empty = model.prompt_embeds("")?;
     let grid = (DRAWN_SIDE as usize / 16, DRAWN_SIDE as usize / 16);
-
-    let tc = drawn::transformer_config();
-    let init = initial_tensors(|vb| QwenImageTransformer::new(&tc, vb).map(drop))?;
-    // adaLN-Zero (DiT): the modulations start at zero, so every block's gates are closed and
-    // each block starts as the identity.
-    let varmap = varmap_from(zero_where(init, |n| n.contains("_mod."))?)?;
-    if state.transformer_steps_done > 0 {
-        load_vars(&varmap, &out.join(TRANSFORMER_WEIGHTS))?;
-    }
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let mut opt = AdamW::new(
         varmap.all_vars(),

@@ -82,6 +82,13 @@ struct TrainTinyArgs {
     /// Transformer optimiser steps [default: the shipped model's run].
     #[arg(long)]
     transformer_steps: Option<usize>,
+    /// Transformer blocks [default: the shipped model's]. With --resume it may be more than
+    /// the checkpoint has: the new blocks start as the identity and train from there.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    transformer_layers: Option<u16>,
+    /// Peak transformer learning rate [default: the shipped model's run].
+    #[arg(long, value_name = "LR")]
+    transformer_lr: Option<f64>,
 }
 
 pub(crate) fn run(args: ModelArgs) -> anyhow::Result<()> {
@@ -158,6 +165,17 @@ fn train_tiny(a: TrainTinyArgs) -> anyhow::Result<()> {
     }
     if let Some(n) = a.transformer_steps {
         opts.transformer_steps = n;
+    }
+    if let Some(n) = a.transformer_layers {
+        opts.transformer_layers = usize::from(n);
+    }
+    if let Some(lr) = a.transformer_lr {
+        if !(lr.is_finite() && lr > 0.0 && lr < 1.0) {
+            return Err(crate::usage::usage!(
+                "--transformer-lr {lr} is not a learning rate: give a number above 0 and below 1"
+            ));
+        }
+        opts.transformer_lr = lr;
     }
     let style = ProgressStyle::with_template(
         "{prefix:>12} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
