@@ -42,7 +42,7 @@ fn run(dir: &Path, opts: &TrainOptions, resume: bool) -> Result<Vec<usize>, Trai
 fn draw(dir: &Path) -> (usize, Vec<u8>) {
     let model = QwenImage::load(dir, DType::F32, &Device::Cpu).unwrap();
     let mut r = GenerateRequest::text_to_image(
-        "a small red circle on the left on a blue background".into(),
+        "a small red circle on the left on a blue background",
         DRAWN_SIDE,
         DRAWN_SIDE,
         2,
