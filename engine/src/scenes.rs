@@ -435,7 +435,12 @@ pub const SHAPE_FRACTION: f32 = 0.3;
 impl Adherence {
     /// Background right and every shape's color at its place.
     pub fn ok(&self) -> bool {
-        self.background_ok && self.shape_fractions.iter().all(|&f| f >= SHAPE_FRACTION)
+        self.background_ok && self.shapes_ok()
+    }
+
+    /// Every shape's color at its place, whatever the background.
+    pub fn shapes_ok(&self) -> bool {
+        self.shape_fractions.iter().all(|&f| f >= SHAPE_FRACTION)
     }
 }
 
