@@ -29,6 +29,7 @@ use crate::scenes::{COLORS, POSITIONS, RELATIONS, SHAPES, SIZES};
 use crate::text_encoder::{NESTED_PREFIX, QwenTextEncoder, TextEncoderConfig};
 use crate::tiny::{
     bpe_tokenizer_json, bpe_vocab_size, byte_level, initial_tensors, mkdir, save, write_json,
+    write_transformer_config,
 };
 
 /// `_name_or_path` of the drawn model's `model_index.json`, its model id.
@@ -161,25 +162,6 @@ pub(crate) fn word_merges() -> Vec<(String, String)> {
         chain(symbols, &mut merges);
     }
     merges
-}
-
-/// Writes `transformer/config.json` for `tc` (created if needed).
-pub fn write_transformer_config(dir: &Path, tc: &TransformerConfig) -> Result<(), EngineError> {
-    let t = dir.join("transformer");
-    mkdir(&t)?;
-    write_json(
-        &t.join("config.json"),
-        &json!({
-            "_class_name": "QwenImageTransformer2DModel",
-            "_diffusers_version": "0.42.1",
-            "patch_size": tc.patch_size, "in_channels": tc.in_channels,
-            "out_channels": tc.out_channels, "num_layers": tc.num_layers,
-            "attention_head_dim": tc.attention_head_dim,
-            "num_attention_heads": tc.num_attention_heads,
-            "joint_attention_dim": tc.joint_attention_dim,
-            "guidance_embeds": false, "axes_dims_rope": tc.axes_dims_rope,
-        }),
-    )
 }
 
 /// Writes the drawn model's folder with everything but trained weights: `model_index.json`,

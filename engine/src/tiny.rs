@@ -289,6 +289,25 @@ pub fn write_tiny_model(dir: &Path) -> Result<(), EngineError> {
     write_tiny_model_with(dir, &transformer_config())
 }
 
+/// Writes `transformer/config.json` for `tc` (created if needed).
+pub fn write_transformer_config(dir: &Path, tc: &TransformerConfig) -> Result<(), EngineError> {
+    let t = dir.join("transformer");
+    mkdir(&t)?;
+    write_json(
+        &t.join("config.json"),
+        &json!({
+            "_class_name": "QwenImageTransformer2DModel",
+            "_diffusers_version": "0.42.1",
+            "patch_size": tc.patch_size, "in_channels": tc.in_channels,
+            "out_channels": tc.out_channels, "num_layers": tc.num_layers,
+            "attention_head_dim": tc.attention_head_dim,
+            "num_attention_heads": tc.num_attention_heads,
+            "joint_attention_dim": tc.joint_attention_dim,
+            "guidance_embeds": false, "axes_dims_rope": tc.axes_dims_rope,
+        }),
+    )
+}
+
 /// [`write_tiny_model`] with another transformer config (same text width and latent channels):
 /// a deeper random pipeline for the step-caching bench, whose savings grow with the blocks.
 pub fn write_tiny_model_with(dir: &Path, tc: &TransformerConfig) -> Result<(), EngineError> {
@@ -311,23 +330,9 @@ pub fn write_tiny_model_with(dir: &Path, tc: &TransformerConfig) -> Result<(), E
 
     // Transformer.
     let t = dir.join("transformer");
-    mkdir(&t)?;
-    let tc = tc.clone();
-    write_json(
-        &t.join("config.json"),
-        &json!({
-            "_class_name": "QwenImageTransformer2DModel",
-            "_diffusers_version": "0.42.1",
-            "patch_size": tc.patch_size, "in_channels": tc.in_channels,
-            "out_channels": tc.out_channels, "num_layers": tc.num_layers,
-            "attention_head_dim": tc.attention_head_dim,
-            "num_attention_heads": tc.num_attention_heads,
-            "joint_attention_dim": tc.joint_attention_dim,
-            "guidance_embeds": false, "axes_dims_rope": tc.axes_dims_rope,
-        }),
-    )?;
+    write_transformer_config(dir, tc)?;
     let (vb, rec) = recorder_vb();
-    QwenImageTransformer::new(&tc, vb)?;
+    QwenImageTransformer::new(tc, vb)?;
     save(&rec.take(), &t.join("diffusion_pytorch_model.safetensors"))?;
 
     // VAE.

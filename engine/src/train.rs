@@ -23,7 +23,7 @@
 //! Learning rates: AdamW, linear warm-up over the first 5 % of a phase, then cosine decay to a
 //! tenth; no weight decay (the model is far smaller than its endless data).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -37,7 +37,7 @@ use crate::latents::pack;
 use crate::noise::{SplitMix64, gaussian};
 use crate::pipeline::{QwenImage, pad_text};
 use crate::scenes::{Lang, Scene};
-use crate::tiny::{initial_tensors, save, write_json};
+use crate::tiny::{initial_tensors, save, write_json, write_transformer_config};
 use crate::transformer::QwenImageTransformer;
 use crate::vae::{AutoencoderKLQwenImage, rgb8_to_image};
 
@@ -252,11 +252,22 @@ fn zero_where(
 /// training can go on from the shipped weights.
 fn load_vars(varmap: &VarMap, path: &Path) -> Result<(), TrainError> {
     let file = candle_core::safetensors::load(path, &Device::Cpu)?;
+    set_vars(varmap, &file, path, |_| false)
+}
+
+/// Sets every variable of `varmap` not `skip`ped from `file` (read from `path`), which must
+/// hold each of them.
+fn set_vars(
+    varmap: &VarMap,
+    file: &HashMap<String, Tensor>,
+    path: &Path,
+    skip: impl Fn(&str) -> bool,
+) -> Result<(), TrainError> {
     let data = varmap
         .data()
         .lock()
         .map_err(|_| candle_core::Error::msg("var map lock poisoned"))?;
-    for (name, var) in data.iter() {
+    for (name, var) in data.iter().filter(|(name, _)| !skip(name)) {
         let t = file
             .get(name)
             .ok_or_else(|| candle_core::Error::msg(format!("{} has no {name}", path.display())))?;
@@ -289,20 +300,9 @@ fn grow_from(varmap: &VarMap, path: &Path, layers: usize) -> Result<(), TrainErr
             asked: layers,
         });
     }
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| candle_core::Error::msg("var map lock poisoned"))?;
-    for (name, var) in data.iter() {
-        if block_of(name).is_some_and(|i| i >= have) {
-            continue;
-        }
-        let t = file
-            .get(name)
-            .ok_or_else(|| candle_core::Error::msg(format!("{} has no {name}", path.display())))?;
-        var.set(&t.to_dtype(var.dtype())?)?;
-    }
-    Ok(())
+    set_vars(varmap, &file, path, |name| {
+        block_of(name).is_some_and(|i| i >= have)
+    })
 }
 
 fn save_vars(varmap: &VarMap, path: &Path) -> Result<(), TrainError> {
@@ -586,9 +586,10 @@ fn train_transformer(
         )?;
     }
     // The folder holds this many blocks from now on: weights first, then the config that
-    // names them (a config naming fewer blocks than the file holds still loads).
+    // names them. Interrupted between the two, the folder still loads as the old depth: the
+    // loader reads only the tensors its config names.
     save_vars(&varmap, &out.join(TRANSFORMER_WEIGHTS))?;
-    drawn::write_transformer_config(out, &tc)?;
+    write_transformer_config(out, &tc)?;
 
     let model = QwenImage::load(out, DType::F32, &Device::Cpu)?;
     let t0 = Instant::now();
