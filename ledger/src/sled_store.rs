@@ -69,6 +69,9 @@ impl SledStore {
     /// one sled finds corrupt ([`OpenError::Corrupt`]). The caller checks the ledger marker.
     pub fn open(path: &Path) -> Result<(Self, Opened), OpenError> {
         let fresh = check_folder(path)?;
+        if !fresh {
+            remove_unfinished_snapshots(path)?;
+        }
         let started = Instant::now();
         let db = loop {
             match sled::Config::new().path(path).open() {
@@ -192,6 +195,46 @@ fn check_folder(path: &Path) -> Result<bool, OpenError> {
         });
     }
     Ok(false)
+}
+
+/// The suffix of a snapshot sled 0.34 is still writing; it renames the file without it once
+/// the file is complete and fsynced.
+const UNFINISHED_SNAPSHOT: &str = ".generating";
+
+/// Removes the snapshots a killed process left half-written, which sled 0.34 would otherwise
+/// read as its newest (its reader does not skip `snap.<lsn>.generating`, and that name sorts
+/// after the finished `snap.<lsn>` and every older one) and refuse as corrupt. A snapshot only
+/// summarises the log in `db`: without the unfinished one sled starts from the newest finished
+/// snapshot, or from the log's start, and replays the log from there, so nothing is lost.
+///
+/// Only while no live sled holds the folder: this takes the lock sled itself takes (`flock`
+/// on `db`) and, when a live process has it, leaves its snapshot alone and the opening below
+/// reports the folder locked. The lock is let go before sled opens, since a second `flock` in
+/// this process would conflict with it.
+fn remove_unfinished_snapshots(path: &Path) -> Result<(), OpenError> {
+    let db = File::open(path.join("db")).map_err(io(path))?;
+    match db.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Ok(()),
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(path)(e)),
+    }
+    let mut removed = false;
+    for entry in std::fs::read_dir(path).map_err(io(path))? {
+        let entry = entry.map_err(io(path))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(UNFINISHED_SNAPSHOT) {
+            std::fs::remove_file(entry.path()).map_err(io(path))?;
+            removed = true;
+        }
+    }
+    if removed {
+        File::open(path)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io(path))?;
+    }
+    drop(db); // closing the file lets the lock go
+    Ok(())
 }
 
 fn map_open_error(path: &Path, e: sled::Error) -> OpenError {

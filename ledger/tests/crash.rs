@@ -199,8 +199,12 @@ fn kill_loop(kills: usize, seed: u64) {
 }
 
 fn check(dir: &Path, expect: &Expect, kill: usize) {
-    let l = Ledger::open(dir, provider().public())
-        .unwrap_or_else(|e| panic!("kill {kill}: reopen failed: {e}"));
+    let l = Ledger::open(dir, provider().public()).unwrap_or_else(|e| {
+        panic!(
+            "kill {kill}: reopen failed: {e}; the folder holds {:?}",
+            folder_listing(dir)
+        )
+    });
     let report = l
         .verify()
         .unwrap_or_else(|e| panic!("kill {kill}: verify failed: {e}"));
@@ -285,6 +289,20 @@ fn check(dir: &Path, expect: &Expect, kill: usize) {
         );
     }
     assert_eq!(report.open_holds, holds.len());
+}
+
+/// Each file in `dir` with its size, to say what a failed reopen found.
+fn folder_listing(dir: &Path) -> Vec<(String, u64)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let size = e.metadata().map_or(0, |m| m.len());
+            (e.file_name().to_string_lossy().into_owned(), size)
+        })
+        .collect();
+    files.sort();
+    files
 }
 
 #[test]
