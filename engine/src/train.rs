@@ -88,11 +88,13 @@ pub struct TrainOptions {
 }
 
 impl Default for TrainOptions {
-    /// The longest phase of the run that made the shipped model (engine README, "The drawn
-    /// tiny model"): that run resumed several times, with fewer transformer steps, a batch of
-    /// 16, a pool of 4000 and σ uniform before this phase, and twice after it (to 11000 and
-    /// 13500 steps, peak rates 5·10⁻⁴ and 6·10⁻⁴), so one uninterrupted run with these options
-    /// trains the same way but does not give the same weights.
+    /// The longest 2-block phase of the run that made the shipped model (engine README, "The
+    /// drawn tiny model"), at the shipped depth of [`drawn::DRAWN_LAYERS`] blocks. That run
+    /// resumed several times: with fewer transformer steps, a batch of 16, a pool of 4000 and
+    /// σ uniform before this phase; twice after it (to 11000 and 13500 steps, peak rates
+    /// 5·10⁻⁴ and 6·10⁻⁴); then grown from 2 blocks to 4 and trained to 22500 steps on a pool
+    /// of 16000. One uninterrupted run with these options trains all four blocks from the
+    /// start, so it does not give the same weights.
     fn default() -> Self {
         Self {
             vae_steps: 700,
