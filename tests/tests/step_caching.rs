@@ -9,7 +9,7 @@
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
-use pixmarket_engine::drawn::{DRAWN_SIDE, DRAWN_STEPS};
+use pixmarket_engine::drawn::DRAWN_SIDE;
 use pixmarket_ledger::Role;
 use pixmarket_node::engine_generator::{CachingSettings, EngineGenerator};
 use pixmarket_node::generator::Generator;
@@ -30,12 +30,16 @@ fn generator(dir: &std::path::Path, caching: CachingSettings) -> Arc<EngineGener
     )
 }
 
-/// The drawn model's own size and steps: enough steps for the cache to reuse some.
+/// Steps of the test's jobs: enough for the cache to reuse some (the rule always computes the
+/// first two and the last), more than the drawn model's default of 4.
+const STEPS: u32 = 8;
+
+/// The drawn model's own size, at [`STEPS`].
 fn job(exact: bool) -> JobParams {
     JobParams {
         width: DRAWN_SIDE,
         height: DRAWN_SIDE,
-        steps: DRAWN_STEPS,
+        steps: STEPS,
         exact,
         ..small_job("a red circle in the centre on a blue background")
     }

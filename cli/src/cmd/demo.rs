@@ -91,7 +91,7 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
         out!("done in {:.1} s", report.total_seconds)?;
         out!(
             "The tiny model is trained on drawn scenes: it gets backgrounds right, and the named shape's\n\
-             color at its place about three times in four, as round blobs (engine/README.md has the\n\
+             color at its place about five times in six, as round blobs (engine/README.md has the\n\
              figures); the market around it is real.\n\
              For real pictures, run a provider with Qwen-Image weights saved by diffusers:\n\
              pixmarket node --provide --model /path/to/Qwen-Image (see README.md)."

@@ -331,23 +331,23 @@ mod tests {
         assert_eq!(image_size(mask, "mask").unwrap(), (256, 256));
     }
 
-    /// `--model tiny` is the drawn model: its trained size, measured steps and CFG off, unless
+    /// `--model tiny` is the drawn model: its trained size and measured steps and CFG, unless
     /// the flags say otherwise; real weights and the market keep the reference's defaults.
     #[test]
     fn tiny_defaults_are_the_drawn_models() {
         let job = flags(&[]);
         let p = build(&job, Form::Local { tiny: true }).unwrap();
-        assert_eq!((p.width, p.height, p.steps), (64, 64, 8));
-        assert_eq!(p.true_cfg_scale, 1.0);
+        assert_eq!((p.width, p.height, p.steps), (64, 64, 4));
+        assert_eq!(p.true_cfg_scale, 3.0);
         for form in [Form::Local { tiny: false }, Form::Market] {
             let p = build(&job, form).unwrap();
             assert_eq!((p.width, p.height, p.steps), (1024, 1024, 50), "{form:?}");
             assert_eq!(p.true_cfg_scale, 4.0, "{form:?}");
         }
-        let job = flags(&["--true-cfg-scale", "3", "--steps", "2", "--width", "128"]);
+        let job = flags(&["--true-cfg-scale", "1", "--steps", "2", "--width", "128"]);
         let p = build(&job, Form::Local { tiny: true }).unwrap();
         assert_eq!((p.width, p.height, p.steps), (128, 64, 2));
-        assert_eq!(p.true_cfg_scale, 3.0);
+        assert_eq!(p.true_cfg_scale, 1.0);
         // The drawn model's size is one the market takes too.
         let job = flags(&["--width", "64", "--height", "64"]);
         assert_eq!(build(&job, Form::Market).unwrap().width, 64);
