@@ -41,6 +41,7 @@ pub mod train;
 pub mod transformer;
 pub mod vae;
 pub mod vae_tiling;
+mod weight_average;
 pub mod weights;
 
 pub use error::EngineError;

@@ -20,8 +20,10 @@
 //!    (weights and step; AdamW's moments restart, which costs a few noisy steps) with the options
 //!    given to it, so a run can be lengthened.
 //!
-//! Learning rates: AdamW, linear warm-up over the first 5 % of a phase, then cosine decay to a
-//! tenth; no weight decay (the model is far smaller than its endless data).
+//! Learning rates: AdamW, linear warm-up over the first 5 % of a phase (of the transformer's
+//! steps from [`TrainOptions::schedule_start`]), then cosine decay to a tenth; no weight decay
+//! (the model is far smaller than its endless data). With [`TrainOptions::ema_decay`] the
+//! transformer the folder holds is the moving average of the optimiser's weights.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -40,6 +42,7 @@ use crate::scenes::{Lang, Scene};
 use crate::tiny::{initial_tensors, save, write_json, write_transformer_config};
 use crate::transformer::QwenImageTransformer;
 use crate::vae::{AutoencoderKLQwenImage, rgb8_to_image};
+use crate::weight_average::WeightAverage;
 
 /// How long and how hard to train.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,6 +84,19 @@ pub struct TrainOptions {
     /// noise, where the sampler's first steps decide the layout.
     #[serde(default = "default_sigma_shift")]
     pub sigma_shift: f64,
+    /// Decay of an exponential moving average of the transformer's weights, updated after
+    /// every step (`d · average + (1 − d) · weights`, `d` ramped in as `(1 + n)/(10 + n)`);
+    /// 0 for none. With an average the folder's
+    /// `transformer/` holds the average (what the model draws with) and
+    /// `transformer_online.safetensors` the optimiser's own weights, which `resume` goes on
+    /// from; without, `transformer/` holds the optimiser's weights.
+    #[serde(default)]
+    pub ema_decay: f64,
+    /// The transformer step the learning-rate schedule (warm-up, then cosine decay) starts
+    /// from: 0 spreads it over the whole run; a resumed run that sets it to the steps already
+    /// done gets a whole warm-up and decay of its own instead of the tail of the first run's.
+    #[serde(default)]
+    pub schedule_start: usize,
     /// Seed of every scene, noise and σ drawn.
     pub seed: u64,
     /// Steps between checkpoints.
@@ -109,6 +125,8 @@ impl Default for TrainOptions {
             transformer_lr: 1e-3,
             pool: 8000,
             sigma_shift: 2.0,
+            ema_decay: 0.0,
+            schedule_start: 0,
             seed: 19,
             checkpoint_every: 100,
         }
@@ -181,6 +199,9 @@ pub enum TrainError {
         /// Blocks asked for.
         asked: usize,
     },
+    /// [`TrainOptions::ema_decay`] was outside [0, 1).
+    #[error("ema_decay {0} is not a decay: give 0 (no average) or a number above 0 and below 1")]
+    Decay(f64),
     /// `train_state.json` could not be read.
     #[error("cannot resume from {}", path.display())]
     State {
@@ -206,6 +227,9 @@ struct TrainState {
 const STATE_FILE: &str = "train_state.json";
 const VAE_WEIGHTS: &str = "vae/diffusion_pytorch_model.safetensors";
 const TRANSFORMER_WEIGHTS: &str = "transformer/diffusion_pytorch_model.safetensors";
+/// The optimiser's transformer weights when the folder's `transformer/` holds their average
+/// ([`TrainOptions::ema_decay`]); the loader never reads it.
+const ONLINE_TRANSFORMER_WEIGHTS: &str = "transformer_online.safetensors";
 /// Scenes encoded to measure the latent statistics: enough that each channel's mean and std
 /// are stable to about 1 % (512 images × 64 latent cells).
 const STATS_SCENES: usize = 512;
@@ -219,6 +243,17 @@ fn lr_at(peak: f64, step: usize, total: usize) -> f64 {
     }
     let t = (step - warm) as f64 / (total - warm).max(1) as f64;
     peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()))
+}
+
+/// The transformer's learning rate at `step`: [`lr_at`] over the steps from
+/// [`TrainOptions::schedule_start`] (at most `step`) to the end of the run.
+fn transformer_lr_at(opts: &TrainOptions, step: usize) -> f64 {
+    let start = opts.schedule_start.min(step);
+    lr_at(
+        opts.transformer_lr,
+        step - start,
+        opts.transformer_steps.saturating_sub(start),
+    )
 }
 
 fn varmap_from(tensors: BTreeMap<String, Tensor>) -> Result<VarMap, TrainError> {
@@ -377,6 +412,9 @@ pub fn train(
     resume: bool,
     progress: &mut dyn FnMut(&TrainProgress),
 ) -> Result<(), TrainError> {
+    if !(0.0..1.0).contains(&opts.ema_decay) {
+        return Err(TrainError::Decay(opts.ema_decay));
+    }
     let mut state = match (resume, read_state(out)?) {
         (true, Some(mut st)) => {
             // The run goes on with the options given now (e.g. more transformer steps); the
@@ -579,18 +617,34 @@ fn train_transformer(
     let init = initial_tensors(|vb| QwenImageTransformer::new(&tc, vb).map(drop))?;
     // adaLN-Zero (DiT): the modulations start at zero, so every block's gates are closed and
     // each block starts as the identity.
-    let varmap = varmap_from(zero_where(init, |n| n.contains("_mod."))?)?;
+    let init = zero_where(init, |n| n.contains("_mod."))?;
+    let varmap = varmap_from(init.clone())?;
+    let folder_weights = out.join(TRANSFORMER_WEIGHTS);
+    let online_weights = out.join(ONLINE_TRANSFORMER_WEIGHTS);
     if state.transformer_steps_done > 0 {
-        grow_from(
-            &varmap,
-            &out.join(TRANSFORMER_WEIGHTS),
-            opts.transformer_layers,
-        )?;
+        // The optimiser's weights where an average was kept, else the folder's.
+        let from = if online_weights.is_file() {
+            &online_weights
+        } else {
+            &folder_weights
+        };
+        grow_from(&varmap, from, opts.transformer_layers)?;
     }
+    let mut average = if opts.ema_decay > 0.0 {
+        // Starts at the folder's weights: the average so far when there was one, else the
+        // optimiser's weights (a first run, or a run that kept no average).
+        let start = varmap_from(init)?;
+        if state.transformer_steps_done > 0 {
+            grow_from(&start, &folder_weights, opts.transformer_layers)?;
+        }
+        Some(WeightAverage::new(opts.ema_decay, start))
+    } else {
+        None
+    };
     // The folder holds this many blocks from now on: weights first, then the config that
     // names them. Interrupted between the two, the folder still loads as the old depth: the
     // loader reads only the tensors its config names.
-    save_vars(&varmap, &out.join(TRANSFORMER_WEIGHTS))?;
+    save_transformer(out, &varmap, average.as_ref())?;
     write_transformer_config(out, &tc)?;
 
     let model = QwenImage::load(out, DType::F32, &Device::Cpu)?;
@@ -634,7 +688,7 @@ fn train_transformer(
     let t0 = Instant::now();
     let b = opts.transformer_batch;
     for step in state.transformer_steps_done..opts.transformer_steps {
-        opt.set_learning_rate(lr_at(opts.transformer_lr, step, opts.transformer_steps));
+        opt.set_learning_rate(transformer_lr_at(opts, step));
         let mut rng =
             SplitMix64::new(opts.seed ^ (step as u64).wrapping_mul(0xA24B_AED4_963E_E407));
         let mut lats = Vec::with_capacity(b);
@@ -669,6 +723,9 @@ fn train_transformer(
         let pred = transformer.forward(&xt, &txt, mask.as_ref(), &sigma, grid)?;
         let loss = (pred - target)?.sqr()?.mean_all()?;
         opt.backward_step(&loss)?;
+        if let Some(a) = average.as_mut() {
+            a.update(&varmap)?;
+        }
         let done = step + 1;
         progress(&TrainProgress {
             phase: Phase::Transformer,
@@ -678,10 +735,64 @@ fn train_transformer(
             elapsed: t0.elapsed(),
         });
         if done % opts.checkpoint_every == 0 || done == opts.transformer_steps {
-            save_vars(&varmap, &out.join(TRANSFORMER_WEIGHTS))?;
+            save_transformer(out, &varmap, average.as_ref())?;
             state.transformer_steps_done = done;
             write_state(out, state)?;
         }
     }
     Ok(())
+}
+
+/// Writes the transformer's weights into `out`: the optimiser's into `transformer/`, or, with an
+/// average, the average there and the optimiser's beside it (the optimiser's first, so an
+/// interrupted checkpoint leaves the two files at most one checkpoint apart). A run without an
+/// average removes an older run's optimiser file, which would otherwise be resumed from.
+fn save_transformer(
+    out: &Path,
+    varmap: &VarMap,
+    average: Option<&WeightAverage>,
+) -> Result<(), TrainError> {
+    let online = out.join(ONLINE_TRANSFORMER_WEIGHTS);
+    match average {
+        Some(a) => {
+            save_vars(varmap, &online)?;
+            save_vars(a.weights(), &out.join(TRANSFORMER_WEIGHTS))
+        }
+        None => {
+            save_vars(varmap, &out.join(TRANSFORMER_WEIGHTS))?;
+            match std::fs::remove_file(&online) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(EngineError::io(&online, e).into())
+                }
+                _ => Ok(()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restarted_schedule_warms_up_and_decays_over_its_own_steps() {
+        let opts = TrainOptions {
+            transformer_steps: 300,
+            transformer_lr: 1.0,
+            schedule_start: 100,
+            ..TrainOptions::default()
+        };
+        // 200 steps of its own: a warm-up of 10, then cosine down to a tenth.
+        assert!((transformer_lr_at(&opts, 100) - 0.1).abs() < 1e-12);
+        assert!((transformer_lr_at(&opts, 109) - 1.0).abs() < 1e-12);
+        assert!((transformer_lr_at(&opts, 299) - 0.1).abs() < 1e-3);
+        // Without a restart the same step is deep in the first run's decay.
+        let whole = TrainOptions {
+            schedule_start: 0,
+            ..opts.clone()
+        };
+        // (past its warm-up of 15, 30 % into the cosine: 0.1 + 0.45·(1 + cos 0.298π) ≈ 0.82).
+        assert!((transformer_lr_at(&whole, 100) - 0.82).abs() < 0.01);
+        assert!(transformer_lr_at(&whole, 250) < 0.3);
+    }
 }

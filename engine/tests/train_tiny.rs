@@ -88,3 +88,70 @@ fn a_trained_folder_loads_resumes_and_grows_but_does_not_shrink() {
     }
     assert_eq!(draw(&out).0, 3, "the refused run left the folder as it was");
 }
+
+/// The folder's transformer tensors, by name, in f32.
+fn weights(path: &Path) -> std::collections::HashMap<String, Vec<f32>> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+fn max_diff(
+    a: &std::collections::HashMap<String, Vec<f32>>,
+    b: &std::collections::HashMap<String, Vec<f32>>,
+) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .flat_map(|(k, v)| v.iter().zip(&b[k]).map(|(x, y)| (x - y).abs()))
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn an_averaged_run_draws_with_the_average_and_resumes_from_the_optimiser() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tiny");
+    let folder = out.join("transformer/diffusion_pytorch_model.safetensors");
+    let online = out.join("transformer_online.safetensors");
+
+    assert_eq!(run(&out, &short_run(2, 2, 1e-3), false).unwrap(), [1, 2]);
+    assert!(
+        !online.exists(),
+        "a run without an average writes no optimiser file"
+    );
+    for bad in [1.0, -0.1, f64::NAN] {
+        let opts = TrainOptions {
+            ema_decay: bad,
+            ..short_run(2, 4, 1e-2)
+        };
+        assert!(matches!(run(&out, &opts, true), Err(TrainError::Decay(_))));
+    }
+
+    // Two steps with an average, restarting the schedule: the folder holds the average,
+    // which lags the optimiser's weights, and still loads and draws.
+    let averaged = TrainOptions {
+        ema_decay: 0.9,
+        schedule_start: 2,
+        ..short_run(2, 4, 1e-2)
+    };
+    assert_eq!(run(&out, &averaged, true).unwrap(), [3, 4]);
+    let (avg, opt) = (weights(&folder), weights(&online));
+    assert!(
+        max_diff(&avg, &opt) > 1e-6,
+        "the average is the optimiser's weights"
+    );
+    assert_eq!(draw(&out).0, 2);
+
+    // Resumed without an average, at a rate too small to move a weight: training went on from
+    // the optimiser's weights (not the average), which the folder now holds, and the
+    // optimiser file is gone.
+    assert_eq!(run(&out, &short_run(2, 5, 1e-12), true).unwrap(), [5]);
+    assert!(!online.exists());
+    let after = weights(&folder);
+    assert!(
+        max_diff(&after, &opt) < 1e-6,
+        "did not resume from the optimiser's weights"
+    );
+    assert!(max_diff(&after, &avg) > 1e-6);
+}
