@@ -8,8 +8,10 @@
 //!    `MSE(decode(mean), image)` plus `1e-3 · mean²` to keep the latents small — from the random
 //!    tiny model's initialisation with residual branches at zero; per-channel `latents_mean` /
 //!    `latents_std` measured on encoded scenes go into `vae/config.json`; then, when
-//!    `decoder_steps` > 0, the **decoder** alone on whole 64×64 scenes (the encoder, and so every latent, stays as it is), which
-//!    removes what the windows left (blur from borders and a smaller attention field);
+//!    `decoder_steps` > 0, the **decoder** alone on whole 64×64 scenes (the encoder, and so
+//!    every latent, stays as it is), which removes what the windows left (blur from borders and
+//!    a smaller attention field) and, with `decoder_noise`, learns to decode latents a little
+//!    off the encoder's, as a transformer draws them;
 //! 3. **transformer**: a pool of training scenes is encoded once (VAE posterior mean,
 //!    normalised; the English and Chinese caption through the frozen text encoder), then flow
 //!    matching as the scheduler samples it: `x_σ = σ·noise + (1 − σ)·x₀`, σ uniform in (0, 1),
@@ -58,13 +60,19 @@ pub struct TrainOptions {
     /// Peak VAE learning rate.
     pub vae_lr: f64,
     /// Decoder optimiser steps after the VAE phase: whole scenes (no windows), encoder frozen,
-    /// so the latents — and so the transformer's training data — do not change. 0 for the
-    /// shipped model: at ≈ 4 s a step on this machine it did not fit the training budget.
+    /// so the latents — and so the transformer's training data — do not change, and a trained
+    /// model's decoder can be trained again without touching its transformer.
     #[serde(default)]
     pub decoder_steps: usize,
     /// Scenes per decoder step.
     #[serde(default = "default_decoder_batch")]
     pub decoder_batch: usize,
+    /// Noise added to the latents the decoder phase decodes, in latent standard deviations:
+    /// each scene's latents get `u · decoder_noise · std` of Gaussian noise per channel (`u`
+    /// uniform in [0, 1) per scene), so the decoder learns to forgive a transformer's small
+    /// errors as well as to reproduce clean latents. 0 decodes the encoder's latents as they are.
+    #[serde(default)]
+    pub decoder_noise: f64,
     /// Transformer optimiser steps.
     pub transformer_steps: usize,
     /// Transformer blocks. A resumed run may ask for more blocks than its checkpoint has: the
@@ -105,19 +113,22 @@ pub struct TrainOptions {
 
 impl Default for TrainOptions {
     /// The longest 2-block phase of the run that made the shipped model (engine README, "The
-    /// drawn tiny model"), at the shipped depth of [`drawn::DRAWN_LAYERS`] blocks. That run
-    /// resumed several times: with fewer transformer steps, a batch of 16, a pool of 4000 and
-    /// σ uniform before this phase; twice after it (to 11000 and 13500 steps, peak rates
-    /// 5·10⁻⁴ and 6·10⁻⁴); then grown from 2 blocks to 4 and trained to 22500 steps on a pool
-    /// of 16000. One uninterrupted run with these options trains all four blocks from the
+    /// drawn tiny model"), at the shipped depth of [`drawn::DRAWN_LAYERS`] blocks, with its
+    /// last phase, 600 decoder steps of 8 scenes at latent noise 0.3. That run resumed several
+    /// times: with fewer transformer steps, a batch of 16, a pool of 4000 and σ uniform before
+    /// this phase; twice after it (to 11000 and 13500 steps, peak rates 5·10⁻⁴ and 6·10⁻⁴);
+    /// then grown from 2 blocks to 4 and trained to 22500 steps on a pool of 16000; then to
+    /// 29000 with a schedule of its own (peak 3·10⁻⁴) and a weight average (decay 0.999); the
+    /// decoder last. One uninterrupted run with these options trains all four blocks from the
     /// start, so it does not give the same weights.
     fn default() -> Self {
         Self {
             vae_steps: 700,
             vae_batch: 8,
             vae_crop: 32,
-            decoder_steps: 0,
-            decoder_batch: 4,
+            decoder_steps: 600,
+            decoder_batch: 8,
+            decoder_noise: 0.3,
             vae_lr: 3e-3,
             transformer_steps: 8000,
             transformer_layers: drawn::DRAWN_LAYERS,
@@ -199,6 +210,12 @@ pub enum TrainError {
         /// Blocks asked for.
         asked: usize,
     },
+    /// [`TrainOptions::decoder_noise`] was negative or not a number.
+    #[error(
+        "decoder_noise {0} is not a noise level: give 0 (clean latents) or a positive number of \
+         latent standard deviations"
+    )]
+    DecoderNoise(f64),
     /// [`TrainOptions::ema_decay`] was outside [0, 1).
     #[error("ema_decay {0} is not a decay: give 0 (no average) or a number above 0 and below 1")]
     Decay(f64),
@@ -415,6 +432,9 @@ pub fn train(
     if !(0.0..1.0).contains(&opts.ema_decay) {
         return Err(TrainError::Decay(opts.ema_decay));
     }
+    if !(opts.decoder_noise.is_finite() && opts.decoder_noise >= 0.0) {
+        return Err(TrainError::DecoderNoise(opts.decoder_noise));
+    }
     let mut state = match (resume, read_state(out)?) {
         (true, Some(mut st)) => {
             // The run goes on with the options given now (e.g. more transformer steps); the
@@ -580,6 +600,11 @@ fn train_decoder(
         let x = scene_images(&scenes, DRAWN_SIDE)?;
         let vae = AutoencoderKLQwenImage::new(&vc, vb.clone())?;
         let z = vae.encode(&x)?.mean.detach();
+        let z = if opts.decoder_noise > 0.0 {
+            noisy_latents(&z, &state.latent_stats, opts.decoder_noise, &mut rng)?
+        } else {
+            z
+        };
         let rec = vae.decode_unclamped(&z)?;
         let loss = (&rec - &x)?.sqr()?.mean_all()?;
         opt.backward_step(&loss)?;
@@ -598,6 +623,31 @@ fn train_decoder(
         }
     }
     Ok(())
+}
+
+/// `z` ([B, 16, h, w]) plus, for each scene, `u · level · std` of Gaussian noise per channel,
+/// `u` uniform in [0, 1) per scene ([`TrainOptions::decoder_noise`]). Without latent statistics
+/// (not measured yet) the channels count as unit-std.
+fn noisy_latents(
+    z: &Tensor,
+    stats: &Option<(Vec<f32>, Vec<f32>)>,
+    level: f64,
+    rng: &mut SplitMix64,
+) -> Result<Tensor, TrainError> {
+    let (b, c, _, _) = z.dims4()?;
+    let std = match stats {
+        Some((_, std)) if std.len() == c => std.clone(),
+        _ => vec![1.0; c],
+    };
+    let std = Tensor::from_vec(std, (1, c, 1, 1), z.device())?;
+    let scale: Vec<f32> = (0..b).map(|_| (rng.next_f64() * level) as f32).collect();
+    let scale = Tensor::from_vec(scale, (b, 1, 1, 1), z.device())?;
+    let noise = Tensor::from_vec(
+        gaussian(rng.next_u64(), z.elem_count()),
+        z.shape(),
+        z.device(),
+    )?;
+    Ok((z + noise.broadcast_mul(&std)?.broadcast_mul(&scale)?)?)
 }
 
 /// One training example of the transformer: packed latents and both captions' embeddings.
@@ -773,6 +823,40 @@ fn save_transformer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decoder_noise_scales_with_each_channels_std_and_each_scenes_draw() {
+        let z = Tensor::zeros((64, 2, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        let stats = Some((vec![0.0, 0.0], vec![1.0, 10.0]));
+        let noisy = |seed| {
+            noisy_latents(&z, &stats, 0.3, &mut SplitMix64::new(seed))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let a = noisy(3);
+        assert_eq!(a, noisy(3), "the same draw gives the same noise");
+        assert_ne!(a, noisy(4));
+        // Per channel, the RMS over all scenes: about level · std / √3 (u uniform in [0, 1)).
+        let rms = |c: usize| {
+            let v: Vec<f32> = a
+                .chunks(16)
+                .enumerate()
+                .filter(|(i, _)| i % 2 == c)
+                .flat_map(|(_, x)| x.iter().copied())
+                .collect();
+            (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt()
+        };
+        let expected = 0.3 / 3f32.sqrt();
+        assert!((rms(0) / expected - 1.0).abs() < 0.25, "{}", rms(0));
+        assert!(
+            (rms(1) / (10.0 * expected) - 1.0).abs() < 0.25,
+            "{}",
+            rms(1)
+        );
+    }
 
     #[test]
     fn a_restarted_schedule_warms_up_and_decays_over_its_own_steps() {

@@ -18,6 +18,8 @@ fn short_run(layers: usize, transformer_steps: usize, lr: f64) -> TrainOptions {
     TrainOptions {
         vae_steps: 2,
         vae_batch: 2,
+        decoder_steps: 2,
+        decoder_batch: 1,
         transformer_steps,
         transformer_layers: layers,
         transformer_batch: 2,
@@ -126,6 +128,16 @@ fn an_averaged_run_draws_with_the_average_and_resumes_from_the_optimiser() {
             ..short_run(2, 4, 1e-2)
         };
         assert!(matches!(run(&out, &opts, true), Err(TrainError::Decay(_))));
+    }
+    for bad in [-0.1, f64::NAN, f64::INFINITY] {
+        let opts = TrainOptions {
+            decoder_noise: bad,
+            ..short_run(2, 4, 1e-2)
+        };
+        assert!(matches!(
+            run(&out, &opts, true),
+            Err(TrainError::DecoderNoise(_))
+        ));
     }
 
     // Two steps with an average, restarting the schedule: the folder holds the average,
