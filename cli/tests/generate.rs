@@ -467,6 +467,30 @@ fn lora_and_the_lightning_preset_change_the_image_and_the_steps() {
     assert_one_line_error(&o, "say where to buy");
 }
 
+#[test]
+fn train_tiny_refuses_a_decay_or_schedule_start_it_cannot_use_before_writing_anything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("trained");
+    let train = |extra: &[&str]| {
+        let mut args = vec!["model", "train-tiny", "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        pixmarket(tmp.path(), &args)
+    };
+    for d in ["1", "-0.5", "NaN"] {
+        let o = train(&[&format!("--ema-decay={d}")]);
+        assert_one_line_error(&o, "is not a decay");
+        assert!(stderr(&o).contains(d), "{}", stderr(&o));
+    }
+    let o = train(&["--transformer-steps", "100", "--schedule-start", "100"]);
+    assert_one_line_error(&o, "--schedule-start 100 leaves no steps to schedule");
+    assert!(
+        stderr(&o).contains("100 transformer steps"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists(), "a refused run wrote {}", out.display());
+}
+
 /// `model quantize --model MODEL --to FORMAT [EXTRA…] --out OUT`.
 fn quantize(data_dir: &Path, model: &Path, format: &str, out: &Path, extra: &[&str]) -> Output {
     let mut args = vec![

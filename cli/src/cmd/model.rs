@@ -89,6 +89,16 @@ struct TrainTinyArgs {
     /// Peak transformer learning rate [default: the shipped model's run].
     #[arg(long, value_name = "LR")]
     transformer_lr: Option<f64>,
+    /// Keep a moving average of the transformer's weights with this decay (above 0 and below
+    /// 1; 0, the default, keeps none): the folder then draws with the average, and --resume
+    /// goes on from the optimiser's own weights, kept beside it.
+    #[arg(long, value_name = "D")]
+    ema_decay: Option<f64>,
+    /// The transformer step the learning-rate warm-up and cosine decay start from [default: 0,
+    /// the whole run]. With --resume, the steps already done give the resumed steps a schedule
+    /// of their own instead of the tail of the first run's.
+    #[arg(long, value_name = "STEP")]
+    schedule_start: Option<usize>,
 }
 
 pub(crate) fn run(args: ModelArgs) -> anyhow::Result<()> {
@@ -176,6 +186,25 @@ fn train_tiny(a: TrainTinyArgs) -> anyhow::Result<()> {
             ));
         }
         opts.transformer_lr = lr;
+    }
+    if let Some(d) = a.ema_decay {
+        if !(d.is_finite() && (0.0..1.0).contains(&d)) {
+            return Err(crate::usage::usage!(
+                "--ema-decay {d} is not a decay: give 0 (no average) or a number above 0 and \
+                 below 1"
+            ));
+        }
+        opts.ema_decay = d;
+    }
+    if let Some(n) = a.schedule_start {
+        if n >= opts.transformer_steps {
+            return Err(crate::usage::usage!(
+                "--schedule-start {n} leaves no steps to schedule: give a step below the run's \
+                 {} transformer steps (--transformer-steps)",
+                opts.transformer_steps
+            ));
+        }
+        opts.schedule_start = n;
     }
     let style = ProgressStyle::with_template(
         "{prefix:>12} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
