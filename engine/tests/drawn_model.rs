@@ -23,23 +23,24 @@ use pixmarket_engine::{GenerateRequest, Mode, QwenImage};
 
 /// Held-out prompts per language: the floor.
 const N: usize = 50;
-/// Held-out prompts per language the shipped model must get fully right (background and shape):
-/// below its measured figures (43 English, 41 Chinese at the defaults, 4 steps with CFG 3), not
-/// the 90 % (see the engine README).
-const MIN_FULLY_RIGHT: usize = 39;
+/// Share of held-out prompts, per language, that must be fully right (background and shape):
+/// the bar of 90 %, 45 of 50. The shipped model measures 47 in English and 47 in
+/// Chinese at the defaults, 4 steps with CFG 3 (see the engine README).
+const MIN_FULLY_RIGHT_PERCENT: usize = 90;
 /// img2img inputs (held-out scenes), each prompted with another scene's caption.
 const IMG2IMG_INPUTS: usize = 20;
 /// Of those, how many must keep every shape at its place in its color at strength 0.3
-/// (measured 12 at the defaults, where 0.3 runs 2 of 4 steps; the background mostly follows the
+/// (measured 11 at the defaults, where 0.3 runs 2 of 4 steps; the background mostly follows the
 /// other prompt, see the engine README).
 const IMG2IMG_MIN_KEPT: usize = 10;
 /// At strength 1.0 the input is ignored; its shapes' places then show by chance in at most
 /// this many (measured 4), so the floor above measures the strength, not luck.
 const IMG2IMG_CONTROL_MAX: usize = 6;
-/// Largest mean |Δ| (levels) beyond the inpainting border, any of the 10 images (measured 18.4).
-const INPAINT_OUTSIDE_MAX: f32 = 24.0;
+/// Largest mean |Δ| (levels) beyond the inpainting border, any of the 10 images (measured 8.8;
+/// 18.4 before the decoder's own training phase).
+const INPAINT_OUTSIDE_MAX: f32 = 14.0;
 /// Of the 10 inpainted images, how many must show the prompt's shape inside the mask
-/// (measured 9).
+/// (measured 10).
 const INPAINT_MIN_DRAWN: usize = 7;
 /// Seed of the held-out set (the README's figures are for this set).
 const HELD_OUT_SEED: u64 = 0x4845_4c44;
@@ -114,10 +115,9 @@ fn held_out_prompts_are_drawn_in_english_and_chinese() {
             backgrounds * 10 >= N * 9,
             "{lang}: {backgrounds}/{N} backgrounds"
         );
-        // Background and shape both right: the shipped model is below the 90 % (engine
-        // README); this floor is what it reaches, so a regression shows.
+        // Background and shape both right: the bar.
         assert!(
-            correct >= MIN_FULLY_RIGHT,
+            correct * 100 >= N * MIN_FULLY_RIGHT_PERCENT,
             "{lang}: {correct}/{N}; failed: {failed:#?}"
         );
     }
