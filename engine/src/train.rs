@@ -111,6 +111,20 @@ pub struct TrainOptions {
     pub checkpoint_every: usize,
 }
 
+impl TrainOptions {
+    /// Refuses options no run can use ([`TrainError::Decay`], [`TrainError::DecoderNoise`]);
+    /// [`train`] calls it before it reads or writes anything.
+    pub fn check(&self) -> Result<(), TrainError> {
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            return Err(TrainError::Decay(self.ema_decay));
+        }
+        if !(self.decoder_noise.is_finite() && self.decoder_noise >= 0.0) {
+            return Err(TrainError::DecoderNoise(self.decoder_noise));
+        }
+        Ok(())
+    }
+}
+
 impl Default for TrainOptions {
     /// The longest 2-block phase of the run that made the shipped model (engine README, "The
     /// drawn tiny model"), at the shipped depth of [`drawn::DRAWN_LAYERS`] blocks, with its
@@ -429,12 +443,7 @@ pub fn train(
     resume: bool,
     progress: &mut dyn FnMut(&TrainProgress),
 ) -> Result<(), TrainError> {
-    if !(0.0..1.0).contains(&opts.ema_decay) {
-        return Err(TrainError::Decay(opts.ema_decay));
-    }
-    if !(opts.decoder_noise.is_finite() && opts.decoder_noise >= 0.0) {
-        return Err(TrainError::DecoderNoise(opts.decoder_noise));
-    }
+    opts.check()?;
     let mut state = match (resume, read_state(out)?) {
         (true, Some(mut st)) => {
             // The run goes on with the options given now (e.g. more transformer steps); the
@@ -590,6 +599,13 @@ fn train_decoder(
             ..ParamsAdamW::default()
         },
     )?;
+    // Per-channel latent std, [1, 16, 1, 1], for the noise; `train` runs the VAE phase, which
+    // measures the statistics, before this one, so the unit fallback is for a state file
+    // without them.
+    let latent_std = match &state.latent_stats {
+        Some((_, std)) => Tensor::from_vec(std.clone(), (1, std.len(), 1, 1), &Device::Cpu)?,
+        None => Tensor::ones((1, 16, 1, 1), DType::F32, &Device::Cpu)?,
+    };
     let t0 = Instant::now();
     for step in state.decoder_steps_done..opts.decoder_steps {
         opt.set_learning_rate(lr_at(opts.vae_lr / 3.0, step, opts.decoder_steps));
@@ -601,7 +617,7 @@ fn train_decoder(
         let vae = AutoencoderKLQwenImage::new(&vc, vb.clone())?;
         let z = vae.encode(&x)?.mean.detach();
         let z = if opts.decoder_noise > 0.0 {
-            noisy_latents(&z, &state.latent_stats, opts.decoder_noise, &mut rng)?
+            noisy_latents(&z, &latent_std, opts.decoder_noise, &mut rng)?
         } else {
             z
         };
@@ -625,21 +641,15 @@ fn train_decoder(
     Ok(())
 }
 
-/// `z` ([B, 16, h, w]) plus, for each scene, `u · level · std` of Gaussian noise per channel,
-/// `u` uniform in [0, 1) per scene ([`TrainOptions::decoder_noise`]). Without latent statistics
-/// (not measured yet) the channels count as unit-std.
+/// `z` ([B, C, h, w]) plus, for each scene, `u · level · std` of Gaussian noise per channel
+/// (`std`: [1, C, 1, 1]), `u` uniform in [0, 1) per scene ([`TrainOptions::decoder_noise`]).
 fn noisy_latents(
     z: &Tensor,
-    stats: &Option<(Vec<f32>, Vec<f32>)>,
+    std: &Tensor,
     level: f64,
     rng: &mut SplitMix64,
 ) -> Result<Tensor, TrainError> {
-    let (b, c, _, _) = z.dims4()?;
-    let std = match stats {
-        Some((_, std)) if std.len() == c => std.clone(),
-        _ => vec![1.0; c],
-    };
-    let std = Tensor::from_vec(std, (1, c, 1, 1), z.device())?;
+    let b = z.dim(0)?;
     let scale: Vec<f32> = (0..b).map(|_| (rng.next_f64() * level) as f32).collect();
     let scale = Tensor::from_vec(scale, (b, 1, 1, 1), z.device())?;
     let noise = Tensor::from_vec(
@@ -647,7 +657,7 @@ fn noisy_latents(
         z.shape(),
         z.device(),
     )?;
-    Ok((z + noise.broadcast_mul(&std)?.broadcast_mul(&scale)?)?)
+    Ok((z + noise.broadcast_mul(std)?.broadcast_mul(&scale)?)?)
 }
 
 /// One training example of the transformer: packed latents and both captions' embeddings.
@@ -827,9 +837,9 @@ mod tests {
     #[test]
     fn decoder_noise_scales_with_each_channels_std_and_each_scenes_draw() {
         let z = Tensor::zeros((64, 2, 4, 4), DType::F32, &Device::Cpu).unwrap();
-        let stats = Some((vec![0.0, 0.0], vec![1.0, 10.0]));
+        let std = Tensor::from_vec(vec![1f32, 10.0], (1, 2, 1, 1), &Device::Cpu).unwrap();
         let noisy = |seed| {
-            noisy_latents(&z, &stats, 0.3, &mut SplitMix64::new(seed))
+            noisy_latents(&z, &std, 0.3, &mut SplitMix64::new(seed))
                 .unwrap()
                 .flatten_all()
                 .unwrap()

@@ -188,12 +188,6 @@ fn train_tiny(a: TrainTinyArgs) -> anyhow::Result<()> {
         opts.transformer_lr = lr;
     }
     if let Some(d) = a.ema_decay {
-        if !(d.is_finite() && (0.0..1.0).contains(&d)) {
-            return Err(crate::usage::usage!(
-                "--ema-decay {d} is not a decay: give 0 (no average) or a number above 0 and \
-                 below 1"
-            ));
-        }
         opts.ema_decay = d;
     }
     if let Some(n) = a.schedule_start {
@@ -206,6 +200,8 @@ fn train_tiny(a: TrainTinyArgs) -> anyhow::Result<()> {
         }
         opts.schedule_start = n;
     }
+    // The engine's own refusal of options no run can use, as a usage error.
+    opts.check().map_err(|e| crate::usage::usage!("{e}"))?;
     let style = ProgressStyle::with_template(
         "{prefix:>12} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
     )
